@@ -1,0 +1,1 @@
+"""Triton kernels, one file per op family. Importing this package imports triton."""

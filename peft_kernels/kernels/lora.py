@@ -1,0 +1,348 @@
+"""Fused LoRA linear: Triton kernels and their launchers.
+
+Forward, 2 launches:
+  1. ``_shrink_kernel``   S = drop(x)·Aᵀ / (1-p), fp32 [M, R]      (dropout mask made in-kernel)
+  2. ``_fwd_gemm_kernel`` Y = x·Wᵀ + s·S·Bᵀ + b, with S·Bᵀ accumulated into the base GEMM's tile
+Backward, at most 3 launches:
+  1. ``_bwd_dy_kernel``   reads each dY tile once for dS = s·dY·B (fp32 [M, R]) and for
+                          per-M-block partials of dB = s·dYᵀ·S
+  2. ``_bwd_dx_kernel``   dX = dY·W + mask ⊙ (dS·A)/(1-p) in one GEMM (skipped if x needs no grad)
+  3. ``_bwd_da_kernel``   dA = dSᵀ·drop(x)/(1-p) (mask regenerated), plus the deterministic
+                          fixed-order reduction of the dB partials in extra programs
+The dropout mask is never stored: every kernel regenerates it from (seed, row, col) with Philox.
+All dots accumulate in fp32. The LoRA dots run in the adapter's dtype (fp32 adapters on a half
+base compute the branch in fp32, as HF PEFT does).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRETED, dropout_keep, f32_precision, mma, next_pow2, upcast_needed
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, s_ptr, M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak,
+    seed, p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        xt = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
+                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        if HAS_DROPOUT:
+            xt = tl.where(dropout_keep(seed, rm[:, None], kk[None, :], K, p), xt, 0.0)
+        at = tl.load(a_ptr + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
+                     mask=(rr[None, :] < R) & (kk[:, None] < K), other=0.0)
+        acc = mma(xt.to(at.dtype), at, acc, UPCAST, F32_PREC)
+    if HAS_DROPOUT:
+        acc = acc * keep_scale
+    tl.store(s_ptr + rm[:, None] * R + rr[None, :], acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+
+@triton.jit
+def _fwd_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr, M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_ym, stride_yn,
+    scaling,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # grouped launch order: GROUP_M row-blocks share W tiles in L2
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    gsize = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % gsize)
+    pid_n = (pid % (GROUP_M * num_n)) // gsize
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    # LoRA expand first, so its tile becomes the base GEMM's accumulator: s · S[BM, R] · Bᵀ[R, BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rr0 = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + rr0
+        st = tl.load(s_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & (rr[None, :] < R), other=0.0)
+        bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
+                     mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
+        acc = mma(st.to(bt.dtype), bt, acc, UPCAST, F32_PREC)
+    acc = acc * scaling
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        xt = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
+                     mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+        wt = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
+                     mask=n_ok[None, :] & (kk[:, None] < K), other=0.0)
+        acc = mma(xt, wt, acc, UPCAST, F32_PREC)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _bwd_dy_kernel(
+    dy_ptr, b_ptr, s_ptr, ds_ptr, dbp_ptr, M, N, R,
+    stride_dym, stride_dyn, stride_bn, stride_br,
+    scaling,
+    COMPUTE_DB: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # one program per (M-block, R-chunk); R ≤ BLOCK_R (the usual case) reads dY exactly once.
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rn0 = tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    r_ok = rr < R
+    st = tl.load(s_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + rn0
+        n_ok = rn < N
+        dyt = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        bt = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
+                     mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        dyc = dyt.to(bt.dtype)
+        ds = mma(dyc, bt, ds, UPCAST, F32_PREC)
+        if COMPUTE_DB:
+            # partial dB[n, r] over this M-block (rows past M load as zero)
+            dbt = mma(tl.trans(dyc), st.to(bt.dtype), tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
+                      UPCAST, F32_PREC)
+            tl.store(dbp_ptr + (pid_m * N + rn[:, None]) * R + rr[None, :], dbt * scaling,
+                     mask=n_ok[:, None] & r_ok[None, :])
+    tl.store(ds_ptr + rm[:, None] * R + rr[None, :], ds * scaling, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _bwd_dx_kernel(
+    dy_ptr, w_ptr, ds_ptr, a_ptr, x_ptr, dx_ptr, M, N, K, R,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    seed, p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_k = tl.cdiv(K, BLOCK_K)
+    group = pid // (GROUP_M * num_k)
+    first_m = group * GROUP_M
+    gsize = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % gsize)
+    pid_k = (pid % (GROUP_M * num_k)) // gsize
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rn0 = tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    k_ok = rk < K
+    # LoRA term first (masked), then the base GEMM accumulates into it: fewer live registers
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    rr0 = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + rr0
+        dst = tl.load(ds_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & (rr[None, :] < R), other=0.0)
+        at = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
+                     mask=(rr[:, None] < R) & k_ok[None, :], other=0.0)
+        acc = mma(dst.to(at.dtype), at, acc, UPCAST, F32_PREC)
+    if HAS_DROPOUT:
+        acc = tl.where(dropout_keep(seed, rm[:, None], rk[None, :], K, p), acc * keep_scale, 0.0)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + rn0
+        dyt = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                      mask=m_ok[:, None] & (rn[None, :] < N), other=0.0)
+        wt = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
+                     mask=(rn[:, None] < N) & k_ok[None, :], other=0.0)
+        acc = mma(dyt, wt, acc, UPCAST, F32_PREC)
+    tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _bwd_da_kernel(
+    ds_ptr, x_ptr, da_ptr, dbp_ptr, db_ptr, M, N, K, R, P,
+    stride_xm, stride_xk, stride_dar, stride_dak, stride_dbn, stride_dbr,
+    seed, p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, COMPUTE_DA: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    num_k = tl.cdiv(K, BLOCK_K) if COMPUTE_DA else 0
+    if pid < num_k:
+        # dA[r, k] = Σ_m dS[m, r] · drop(x)[m, k] / (1-p)
+        rk = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        rm0 = tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            rm = m0 + rm0
+            m_ok = rm < M
+            dst = tl.load(ds_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if HAS_DROPOUT:
+                xt = tl.where(dropout_keep(seed, rm[:, None], rk[None, :], K, p), xt, 0.0)
+            xc = xt.to(da_ptr.dtype.element_ty)
+            acc = mma(tl.trans(dst.to(xc.dtype)), xc, acc, UPCAST, F32_PREC)
+        if HAS_DROPOUT:
+            acc = acc * keep_scale
+        tl.store(da_ptr + rr[:, None] * stride_dar + rk[None, :] * stride_dak, acc.to(da_ptr.dtype.element_ty),
+                 mask=r_ok[:, None] & k_ok[None, :])
+    else:
+        # dB: fixed-order sum of the per-M-block partials (deterministic, no atomics)
+        rn = (pid - num_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+        msk = (rn[:, None] < N) & r_ok[None, :]
+        db_acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for i in range(0, P):
+            db_acc += tl.load(dbp_ptr + (i * N + rn[:, None]) * R + rr[None, :], mask=msk, other=0.0)
+        tl.store(db_ptr + rn[:, None] * stride_dbn + rr[None, :] * stride_dbr, db_acc.to(db_ptr.dtype.element_ty),
+                 mask=msk)
+
+
+# --------------------------------------------------------------------------------------------
+# launch configurations (one per kernel and shape class; no autotuning, no per-GPU tables)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int = 0  # the GEMM's second output dim (N for forward, K for dX)
+    block_k: int = 0  # the reduction dim
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def block_r(R: int, cap: int = 128) -> int:
+    """Rank tile: the next power of two ≥ max(R, 16), capped (larger ranks loop or tile)."""
+    return min(next_pow2(R), cap)
+
+
+def configs(dtype: torch.dtype, R: int, interpreted: bool = INTERPRETED) -> dict:
+    """The launch config of every kernel for inputs of ``dtype`` and rank ``R``.
+
+    Under the interpreter small tiles keep tests multi-block and fast. On GPU: 128×128 GEMM
+    tiles (BLOCK_K 64 for 16-bit, 32 for fp32), 8 warps, 3 stages; the AOT test compiles each of
+    these for sm_80 and sm_90 and requires 0 spills.
+    """
+    br = block_r(R)
+    if interpreted:
+        g = Config(32, 32, 32)
+        return {"shrink": g, "gemm": g, "dy": g, "dx": g, "da": g, "block_r": br, "gemm_block_r": min(br, 64)}
+    bk = 32 if dtype == torch.float32 else 64
+    small_r = br <= 32
+    return {
+        "shrink": Config(64, 0, bk, num_warps=4, num_stages=3),
+        "gemm": Config(128, 128, bk, num_warps=8, num_stages=3),
+        "dy": Config(64 if small_r else 32, 64, 0, num_warps=4, num_stages=2),
+        "dx": Config(128, 128, bk, num_warps=8, num_stages=3),
+        "da": Config(64 if small_r else 32, 64, 64, num_warps=4, num_stages=2),
+        "block_r": br,
+        "gemm_block_r": min(br, 64),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# launchers (2-D inputs; the autograd Function in ops/lora.py reshapes and validates)
+# --------------------------------------------------------------------------------------------
+def _flags(x: torch.Tensor, A: torch.Tensor) -> dict:
+    return {"UPCAST": upcast_needed(x.dtype, A.dtype), "F32_PREC": f32_precision()}
+
+
+def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed: int):
+    """Returns (y [M, N] in x.dtype, S [M, R] fp32 with the 1/(1-p) scale folded in)."""
+    M, K = x.shape
+    N, R = weight.shape[0], A.shape[0]
+    cfg = configs(x.dtype, R)
+    fl = _flags(x, A)
+    keep_scale = 1.0 / (1.0 - p)
+    S = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    c, br = cfg["shrink"], cfg["block_r"]
+    _shrink_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(R, br))](
+        x, A, S, M, K, R, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
+        seed, p, keep_scale, HAS_DROPOUT=p > 0, BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_R=br,
+        num_warps=c.num_warps, num_stages=c.num_stages, **fl)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    c = cfg["gemm"]
+    _fwd_gemm_kernel[(triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n),)](
+        x, weight, bias if bias is not None else y, S, B, y, M, N, K, R,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), B.stride(0), B.stride(1),
+        y.stride(0), y.stride(1), scaling,
+        HAS_BIAS=bias is not None, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages, **fl)
+    return y, S
+
+
+def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed: int,
+                  need_dx: bool, need_da: bool, need_db: bool):
+    """Returns (dx or None, dA or None, dB or None). ``S`` is the fp32 tensor from forward."""
+    M, K = x.shape
+    N, R = weight.shape[0], A.shape[0]
+    cfg = configs(x.dtype, R)
+    fl = _flags(x, A)
+    keep_scale = 1.0 / (1.0 - p)
+    br = cfg["block_r"]
+    # 1. dS (fp32) and dB partials, reading dY once
+    c = cfg["dy"]
+    P = triton.cdiv(M, c.block_m)
+    dS = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    dbp = torch.empty((P, N, R), dtype=torch.float32, device=x.device) if need_db else dS
+    _bwd_dy_kernel[(P, triton.cdiv(R, br))](
+        dy, B, S, dS, dbp, M, N, R, dy.stride(0), dy.stride(1), B.stride(0), B.stride(1), scaling,
+        COMPUTE_DB=need_db, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=br,
+        num_warps=c.num_warps, num_stages=c.num_stages, **fl)
+    dx = None
+    if need_dx:
+        # 2. dX = dY·W + mask ⊙ (dS·A)/(1-p)
+        c = cfg["dx"]
+        dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
+        _bwd_dx_kernel[(triton.cdiv(M, c.block_m) * triton.cdiv(K, c.block_n),)](
+            dy, weight, dS, A, x, dx, M, N, K, R,
+            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), A.stride(0), A.stride(1),
+            dx.stride(0), dx.stride(1), seed, p, keep_scale,
+            HAS_DROPOUT=p > 0, BLOCK_M=c.block_m, BLOCK_K=c.block_n, BLOCK_N=c.block_k,
+            BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages, **fl)
+    dA = dB = None
+    if need_da or need_db:
+        # 3. dA, and the dB reduction in extra programs of the same launch
+        c = cfg["da"]
+        dA = torch.empty_like(A) if need_da else None
+        dB = torch.empty_like(B) if need_db else None
+        num_k = triton.cdiv(K, c.block_k) if need_da else 0
+        num_n = triton.cdiv(N, c.block_n) if need_db else 0
+        da_t = dA if dA is not None else A
+        db_t = dB if dB is not None else B
+        _bwd_da_kernel[(num_k + num_n, triton.cdiv(R, br))](
+            dS, x, da_t, dbp, db_t, M, N, K, R, P,
+            x.stride(0), x.stride(1), da_t.stride(0), da_t.stride(1), db_t.stride(0), db_t.stride(1),
+            seed, p, keep_scale, HAS_DROPOUT=p > 0, COMPUTE_DA=need_da,
+            BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_R=br, BLOCK_N=c.block_n,
+            num_warps=c.num_warps, num_stages=c.num_stages, **fl)
+    return dx, dA, dB

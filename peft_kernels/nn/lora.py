@@ -1,0 +1,154 @@
+"""``LoRALinear``: a drop-in ``nn.Linear`` with a fused LoRA update."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import dispatch
+from ..ops.lora import lora_linear
+
+
+class LoRALinear(nn.Module):
+    """Frozen ``nn.Linear`` plus a trainable low-rank update, HF PEFT semantics.
+
+    ``y = x·Wᵀ + b + scaling · B·A·dropout(x)``, ``scaling = lora_alpha / r`` (or
+    ``lora_alpha / sqrt(r)`` with ``use_rslora``).
+
+    Parameters keep nn.Linear's names, so an ``nn.Linear`` checkpoint loads into the base:
+    ``weight`` [out, in] and ``bias`` [out] (frozen), plus trainable ``lora_A`` [r, in] and
+    ``lora_B`` [out, r] (the HF PEFT layouts of ``lora_A.weight`` / ``lora_B.weight``).
+
+    ``init_lora_weights``: True (kaiming-uniform A, zero B: the layer starts equal to the base),
+    ``"gaussian"`` (A ~ N(0, 1/r²)·, zero B), or False (random A and B, for tests).
+    ``lora_dtype``: dtype of the LoRA parameters (default: the base weight's dtype; float32 on a
+    half-precision base mirrors HF PEFT's ``autocast_adapter_dtype``).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        bias: bool = True,
+        use_rslora: bool = False,
+        init_lora_weights: Union[bool, str] = True,
+        device=None,
+        dtype=None,
+        backend: str = "auto",
+        lora_dtype: Optional[torch.dtype] = None,
+        *,
+        _base: Optional[nn.Linear] = None,
+    ):
+        super().__init__()
+        if _base is None:
+            _base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._check_hparams(r, lora_alpha, lora_dropout, init_lora_weights, backend)
+        self.in_features = _base.in_features
+        self.out_features = _base.out_features
+        self.weight = _base.weight
+        self.bias = _base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.r = int(r)
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = float(lora_dropout)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.backend = backend
+        ldtype = lora_dtype if lora_dtype is not None else self.weight.dtype
+        dev = self.weight.device
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=dev, dtype=ldtype))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, device=dev, dtype=ldtype))
+        self.init_lora_weights = init_lora_weights
+        self.merged = False
+        self.reset_lora_parameters()
+
+    @staticmethod
+    def _check_hparams(r, lora_alpha, lora_dropout, init_lora_weights, backend):
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
+            raise TypeError(f"lora_alpha must be a number, got {lora_alpha!r}")
+        if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        if backend not in dispatch.BACKENDS:
+            raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
+                    backend: str = "auto", lora_dtype: Optional[torch.dtype] = None) -> "LoRALinear":
+        """Wrap ``linear``: its own weight/bias Parameters are reused (no copy) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        return cls(linear.in_features, linear.out_features, r=r, lora_alpha=lora_alpha,
+                   lora_dropout=lora_dropout, use_rslora=use_rslora, init_lora_weights=init_lora_weights,
+                   backend=backend, lora_dtype=lora_dtype, _base=linear)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        init = self.init_lora_weights
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    # ---------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                           dropout_p=self.lora_dropout, training=self.training, backend=self.backend)
+
+    # ------------------------------------------------------------------------------------ merge
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling · B·A`` in fp32 (for merging)."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False) -> None:
+        """Fold the LoRA update into ``weight`` (forward then runs the plain linear)."""
+        if self.merged:
+            raise RuntimeError("LoRALinear.merge(): already merged; call unmerge() first")
+        new = (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
+        if safe_merge and not torch.isfinite(new).all():
+            raise ValueError("LoRALinear.merge(safe_merge=True): merging would produce NaN/Inf weights; "
+                             "the layer was left unmerged")
+        self.weight.copy_(new)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("LoRALinear.unmerge(): the layer is not merged")
+        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        self.merged = False
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A new plain ``nn.Linear`` with the LoRA update merged in (this layer is unchanged)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        w = self.weight.float() if self.merged else self.weight.float() + self.delta_weight()
+        lin.weight.copy_(w.to(self.weight.dtype))
+        if self.bias is not None:
+            lin.bias.copy_(self.bias)
+        return lin
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
+                f"use_rslora={self.use_rslora}, backend={self.backend!r}, merged={self.merged}")

@@ -1,0 +1,240 @@
+"""``lora_linear``: frozen linear + one LoRA update, fused, with autograd.
+
+    y = x·Wᵀ + b + s · (drop(x)·Aᵀ)·Bᵀ
+
+Saved-tensor policy (the one place it is written down): ``x`` as given (never a dropped copy),
+``S = drop(x)·Aᵀ`` (M×r), the frozen ``weight`` and the LoRA parameters (parameters, not
+activations), and the dropout seed as a Python int. The mask is regenerated in backward.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import dispatch
+from . import _torch_dropout
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+def _name_dtypes() -> str:
+    return "float32, float16 or bfloat16 (float64 on the torch backend only)"
+
+
+def _op_reason(x: torch.Tensor):
+    def reason(name: str):
+        if name == "triton" and x.dtype not in _KERNEL_FLOATS:
+            return f"the Triton kernels take float32/float16/bfloat16, got {x.dtype}"
+        return None
+    return reason
+
+
+def validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+    """Raise ValueError/TypeError naming the bad argument and what was expected."""
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
+    if not math.isfinite(float(scaling)):
+        raise ValueError(f"scaling must be finite, got {scaling}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must have last dim in_features={K} (weight is {tuple(weight.shape)}), "
+                         f"got x of shape {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must have shape ({N},) = (out_features,), got {tuple(bias.shape)}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != K:
+        raise ValueError(f"lora_A must have shape [r, in_features={K}], got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if r <= 0:
+        raise ValueError(f"LoRA rank r must be >= 1, got lora_A of shape {tuple(lora_A.shape)}")
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B must have shape [out_features={N}, r={r}] (r from lora_A), "
+                         f"got {tuple(lora_B.shape)}")
+    # dtypes
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be {_name_dtypes()}, got {t.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must have the same dtype")
+    if lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"lora_A/lora_B must be x's dtype ({x.dtype}) or float32 (an fp32 adapter on a "
+                        f"half-precision base, as HF PEFT keeps them), got {lora_A.dtype}")
+    # devices
+    dev = x.device
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t is not None and t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but x is on {dev}: all tensors must be on one device")
+
+
+# --------------------------------------------------------------------------------------------
+# torch backend (any device; the CPU hot path)
+# --------------------------------------------------------------------------------------------
+def _torch_forward(x, weight, bias, A, B, scaling: float, p: float, seed: int):
+    cdt = A.dtype
+    if p > 0:
+        keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device)
+        xd = torch.where(keep, x, 0.0)
+        S = torch.mm(xd.to(cdt), A.t())
+        S.mul_(_torch_dropout.keep_scale(p))  # M×r: folding 1/(1-p) here costs nothing
+    else:
+        S = torch.mm(x.to(cdt), A.t())
+    # addmm-style fusion: the small LoRA expand (plus bias) is the GEMM's C, the base GEMM adds into it
+    if bias is not None:
+        y = torch.addmm(bias.to(cdt), S, B.t(), alpha=scaling)
+    else:
+        y = torch.mm(S, B.t()).mul_(scaling) if scaling != 1.0 else torch.mm(S, B.t())
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    y.addmm_(x, weight.t())
+    return y, S
+
+
+def _torch_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed: int,
+                    need_dx: bool, need_da: bool, need_db: bool):
+    cdt = A.dtype
+    dyc = dy.to(cdt) if dy.dtype != cdt else dy
+    dS = torch.mm(dyc, B).mul_(scaling)  # M×r
+    dB = torch.mm(dyc.t(), S.to(cdt)).mul_(scaling) if need_db else None
+    keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device) if p > 0 and (need_dx or need_da) else None
+    dA = None
+    if need_da:
+        xd = x if keep is None else torch.where(keep, x, 0.0)
+        dA = torch.mm((dS * _torch_dropout.keep_scale(p)).t() if keep is not None else dS.t(), xd.to(cdt))
+    dx = None
+    if need_dx:
+        if keep is not None:
+            dx = torch.mm(dS.mul_(_torch_dropout.keep_scale(p)), A)
+            dx.mul_(keep)
+        else:
+            dx = torch.mm(dS, A)
+        if dx.dtype != x.dtype:
+            dx = dx.to(x.dtype)
+        dx.addmm_(dy, weight)  # the base dX GEMM accumulates into the LoRA term: no extra pass
+    return dx, dA, dB
+
+
+def _triton_forward(*args):
+    from ..kernels import lora as K
+
+    return K.lora_forward(*args)
+
+
+def _triton_backward(*args, **kw):
+    from ..kernels import lora as K
+
+    return K.lora_backward(*args, **kw)
+
+
+_BACKENDS = {"torch": (_torch_forward, _torch_backward), "triton": (_triton_forward, _triton_backward)}
+
+
+# --------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoRACall:
+    """Non-tensor arguments of one lora_linear call."""
+
+    scaling: float
+    dropout_p: float
+    seed: int
+    backend: str
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, call: LoRACall):
+        K = x.shape[-1]
+        x2d = x.reshape(-1, K)
+        fwd, _ = _BACKENDS[call.backend]
+        y, S = fwd(x2d, weight, bias, lora_A, lora_B, call.scaling, call.dropout_p, call.seed)
+        ctx.save_for_backward(x2d, S, weight, lora_A, lora_B)
+        ctx.call = call
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x2d, S, weight, A, B = ctx.saved_tensors
+        call: LoRACall = ctx.call
+        need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
+        dy2d = dy.reshape(-1, weight.shape[0])
+        _, bwd = _BACKENDS[call.backend]
+        dx, dA, dB = bwd(dy2d, x2d, weight, A, B, S, call.scaling, call.dropout_p, call.seed,
+                         need_dx=need_x, need_da=need_a, need_db=need_bb)
+        # the frozen base's grads, when someone unfroze it: correct, not fused
+        dW = torch.mm(dy2d.t(), x2d) if need_w else None
+        db = dy2d.sum(0) if (need_b and ctx.has_bias) else None
+        if dx is not None:
+            dx = dx.view(ctx.x_shape)
+        return dx, dW, db, dA, dB, None
+
+
+def _draw_seed() -> int:
+    # From torch's global CPU generator, so torch.manual_seed() makes dropout reproducible.
+    return int(torch.randint(0, 2 ** 62, (1,)).item())
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused ``x·Wᵀ + b + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ`` with autograd.
+
+    Args:
+        x: ``[..., in_features]``, float32/float16/bfloat16.
+        weight: ``[out_features, in_features]`` (frozen base, same dtype as x). bias: ``[out]`` or None.
+        lora_A: ``[r, in_features]``; lora_B: ``[out_features, r]``; x's dtype or float32.
+        scaling: the LoRA scale (``lora_alpha / r``, or ``/ sqrt(r)`` for rsLoRA).
+        dropout_p: dropout on the LoRA input, in [0, 1); applied only when ``training``.
+        backend: "auto" | "torch" | "triton" (``PEFT_KERNELS_BACKEND`` overrides; see
+            ``peft_kernels.dispatch.explain``).
+    """
+    validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    name = dispatch.resolve(backend, x.device, _op_reason(x))
+    p = float(dropout_p) if training else 0.0
+    seed = _draw_seed() if p > 0 else 0
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, LoRACall(float(scaling), p, seed, name))
+
+
+def dropout_mask(backend: str, seed: int, shape2d, p: float, device) -> torch.Tensor:
+    """The mask (0 or 1/(1-p) factors, fp32, [M, K]) that ``backend`` applies for ``seed``.
+
+    The reference takes it as ``dropout_mask`` so every backend is checked with dropout on.
+    """
+    if backend == "torch":
+        return _torch_dropout.dropout_mask(seed, tuple(shape2d), p, device)
+    if backend == "triton":
+        from ..kernels import _common
+
+        return _common.dropout_mask(tuple(shape2d), p, seed, device)
+    raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")

@@ -1,0 +1,47 @@
+"""Shared test helpers: backend/dtype parametrization and verbose, reference-relative allclose."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_kernels import dispatch
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+
+def backend_params(device="cpu"):
+    """Every concrete backend; one that cannot run here is skipped with dispatch's reason."""
+    out = []
+    for name in dispatch.BACKENDS[1:]:
+        why = dispatch.unavailable_reason(name, torch.device(device))
+        marks = [pytest.mark.skip(reason=f"{name}: {why}")] if why else []
+        out.append(pytest.param(name, id=name, marks=marks))
+    return out
+
+
+def dtype_params():
+    return [pytest.param(d, id=i) for d, i in zip(DTYPES, DTYPE_IDS)]
+
+
+def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return (a.detach().double() - ref.detach().double()).abs().max().item()
+
+
+def assert_close(actual, ref64, same_prec, name: str, mult: float = 4.0):
+    """Require ``actual`` (a kernel's output) to be as close to the fp64 ``ref64`` as plain PyTorch
+    at the same precision (``same_prec``) gets, within a small multiple.
+
+    The floor is one ulp of the output dtype at the reference's scale, so a lucky same-precision
+    result can't make the bound absurdly tight. No blanket atol.
+    """
+    assert actual.shape == ref64.shape, f"{name}: shape {tuple(actual.shape)} != reference {tuple(ref64.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    scale = ref64.abs().max().item()
+    ulp = torch.finfo(actual.dtype).eps * scale
+    err = max_err(actual, ref64)
+    base = max_err(same_prec, ref64) if same_prec is not None else 0.0
+    bound = mult * max(base, ulp)
+    assert err <= bound, (
+        f"{name}: max |err| = {err:.3e} vs fp64 reference exceeds {mult}× max(same-precision torch error "
+        f"{base:.3e}, 1 ulp {ulp:.3e}) = {bound:.3e} (dtype {actual.dtype}, ref scale {scale:.3e})")

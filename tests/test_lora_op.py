@@ -1,0 +1,180 @@
+"""lora_linear, every backend against the reference: forward and all gradients."""
+import math
+
+import pytest
+import torch
+
+import peft_kernels as pk
+from peft_kernels.ops.lora import _draw_seed, dropout_mask
+from peft_kernels.reference import lora_linear_ref
+
+from helpers import assert_close, backend_params, dtype_params
+
+# (leading dims, K, N, r, bias, layout): M, K, N are odd / not multiples of any block
+CASES = [
+    pytest.param((70,), 75, 45, 19, True, "contig", id="M70-K75-N45-r19-bias"),
+    pytest.param((2, 9), 37, 29, 1, False, "contig", id="3d-r1-nobias"),
+    pytest.param((33,), 53, 67, 128, True, "contig", id="r128"),
+    pytest.param((17,), 40, 24, 160, False, "contig", id="r160-rank-chunks"),
+    pytest.param((3, 11), 45, 31, 8, True, "strided", id="3d-noncontig-stride2"),
+    pytest.param((5, 7), 33, 21, 4, True, "transposed", id="3d-transposed"),
+]
+
+
+def make_inputs(lead, K, N, r, bias, layout, dtype, adapter_dtype=None):
+    g = torch.Generator().manual_seed(1234)
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(*lead, K, generator=g, **f64)
+    W = torch.randn(N, K, generator=g, **f64) / math.sqrt(K)
+    b = torch.randn(N, generator=g, **f64) if bias else None
+    A = torch.randn(r, K, generator=g, **f64) / math.sqrt(K)
+    B = torch.randn(N, r, generator=g, **f64) / math.sqrt(r)
+    dy = torch.randn(*lead, N, generator=g, **f64)
+    adt = adapter_dtype or dtype
+    xl = x.to(dtype)
+    if layout == "strided":  # last-dim stride 2
+        xl = torch.stack([xl, torch.zeros_like(xl)], dim=-1).flatten(-2)[..., ::2]
+        assert not xl.is_contiguous()
+    elif layout == "transposed":  # a non-contiguous 3-D view whose 2-D reshape needs a copy
+        xl = xl.transpose(0, 1).contiguous().transpose(0, 1)
+        assert not xl.is_contiguous()
+    return dict(x=xl, W=W.to(dtype), b=None if b is None else b.to(dtype), A=A.to(adt), B=B.to(adt),
+                dy=dy.to(dtype))
+
+
+def run_and_compare(backend, t, scaling, p, grads_for_base=False, mult=4.0):
+    """Run the op, then the reference in fp64 (on the same rounded inputs) and in the same low
+    precision; compare output and every gradient."""
+    x = t["x"].detach().clone().requires_grad_()
+    W = t["W"].detach().clone().requires_grad_(grads_for_base)
+    b = None if t["b"] is None else t["b"].detach().clone().requires_grad_(grads_for_base)
+    A = t["A"].detach().clone().requires_grad_()
+    B = t["B"].detach().clone().requires_grad_()
+    torch.manual_seed(77)
+    y = pk.lora_linear(x, W, b, A, B, scaling, dropout_p=p, training=True, backend=backend)
+    y.backward(t["dy"])
+    M, K = x.numel() // x.shape[-1], x.shape[-1]
+    mask = None
+    if p > 0:
+        torch.manual_seed(77)
+        mask = dropout_mask(backend, _draw_seed(), (M, K), p, x.device).view(x.shape)
+
+    def ref(dtype_of):
+        ins = [None if v is None else v.detach().to(dtype_of(v)).requires_grad_(v.requires_grad)
+               for v in (x, W, b, A, B)]
+        m = None if mask is None else mask.to(dtype_of(x))
+        out = lora_linear_ref(ins[0], ins[1], ins[2], ins[3], ins[4], scaling, m)
+        out.backward(t["dy"].to(out.dtype))
+        return out, ins
+
+    y64, i64 = ref(lambda v: torch.float64)
+    ylp, ilp = ref(lambda v: v.dtype)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], W.shape[0])
+    assert_close(y, y64, ylp, "y", mult)
+    names = ["dx", "dW", "db", "dA", "dB"]
+    for name, got, r64, rlp in zip(names, (x, W, b, A, B), i64, ilp):
+        if got is None or not got.requires_grad:
+            continue
+        assert got.grad is not None, f"{name} missing"
+        assert got.grad.dtype == got.dtype, f"{name} dtype {got.grad.dtype} != {got.dtype}"
+        assert_close(got.grad, r64.grad, rlp.grad, name, mult)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("lead,K,N,r,bias,layout", CASES)
+@pytest.mark.parametrize("p", [0.0, 0.2], ids=["p0", "p0.2"])
+def test_against_reference(backend, dtype, lead, K, N, r, bias, layout, p):
+    t = make_inputs(lead, K, N, r, bias, layout, dtype)
+    run_and_compare(backend, t, scaling=0.75, p=p)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_fp32_adapter_on_half_base(backend, dtype):
+    """HF PEFT keeps adapters in fp32 on a half-precision base; the branch computes in fp32."""
+    t = make_inputs((41,), 38, 27, 6, True, "contig", dtype, adapter_dtype=torch.float32)
+    run_and_compare(backend, t, scaling=2.0, p=0.1)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_unfrozen_base_gets_gradients(backend):
+    t = make_inputs((2, 13), 29, 19, 3, True, "contig", torch.float32)
+    run_and_compare(backend, t, scaling=0.5, p=0.2, grads_for_base=True)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_only_requested_grads(backend):
+    t = make_inputs((19,), 23, 17, 2, False, "contig", torch.float32)
+    x = t["x"].clone()  # no grad for x: the dX GEMM is skipped
+    A = t["A"].clone().requires_grad_()
+    B = t["B"].clone()
+    y = pk.lora_linear(x, t["W"], None, A, B, 1.0, backend=backend)
+    y.sum().backward()
+    assert A.grad is not None and B.grad is None and x.grad is None
+    A64 = t["A"].double().requires_grad_()
+    lora_linear_ref(x.double(), t["W"].double(), None, A64, B.double(), 1.0).sum().backward()
+    assert_close(A.grad, A64.grad, None, "dA only")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_eval_mode_ignores_dropout(backend):
+    t = make_inputs((21,), 30, 20, 4, True, "contig", torch.float32)
+    args = (t["x"], t["W"], t["b"], t["A"], t["B"], 0.5)
+    y_eval = pk.lora_linear(*args, dropout_p=0.5, training=False, backend=backend)
+    y_nodrop = pk.lora_linear(*args, backend=backend)
+    y_train = pk.lora_linear(*args, dropout_p=0.5, training=True, backend=backend)
+    assert torch.equal(y_eval, y_nodrop)
+    assert not torch.allclose(y_train, y_nodrop), "dropout in training mode changed nothing"
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_dropout_reproducible_with_manual_seed(backend):
+    t = make_inputs((21,), 30, 20, 4, True, "contig", torch.float32)
+    args = (t["x"], t["W"], t["b"], t["A"], t["B"], 0.5)
+    torch.manual_seed(3)
+    y1 = pk.lora_linear(*args, dropout_p=0.3, training=True, backend=backend)
+    torch.manual_seed(3)
+    y2 = pk.lora_linear(*args, dropout_p=0.3, training=True, backend=backend)
+    y3 = pk.lora_linear(*args, dropout_p=0.3, training=True, backend=backend)
+    assert torch.equal(y1, y2)
+    assert not torch.equal(y2, y3), "two calls without reseeding used the same dropout mask"
+
+
+def test_gradcheck_fp64_torch_with_dropout():
+    """Reseeding inside the function gives every call the same mask; gradcheck then passes only
+    if backward regenerates forward's mask (it is never stored)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 11, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(9, 11, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, generator=g, requires_grad=True)
+    A = torch.randn(3, 11, dtype=torch.float64, generator=g, requires_grad=True)
+    B = torch.randn(9, 3, dtype=torch.float64, generator=g, requires_grad=True)
+
+    def f(x, W, b, A, B):
+        torch.manual_seed(11)
+        return pk.lora_linear(x, W, b, A, B, 0.8, dropout_p=0.3, training=True, backend="torch")
+
+    assert torch.autograd.gradcheck(f, (x, W, b, A, B))
+    # and the mask really is active: the output differs from the no-dropout one
+    assert not torch.allclose(f(x, W, b, A, B), pk.lora_linear(x, W, b, A, B, 0.8, backend="torch"))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keep_rate(backend, p):
+    M, K = 384, 512
+    mask = dropout_mask(backend, 12345, (M, K), p, "cpu")
+    kept = mask > 0
+    n = kept.numel()
+    rate = kept.double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(rate - (1 - p)) < 5 * sigma, f"keep rate {rate:.5f} vs {1 - p} (5σ = {5 * sigma:.2e})"
+    vals = torch.unique(mask)
+    assert len(vals) == 2 and vals[0] == 0, f"mask values {vals}"
+    assert abs(vals[1].item() - 1 / (1 - p)) < 1e-3, "inverted-dropout scale"
+    assert abs(mask.double().mean().item() - 1.0) < 6 * sigma / (1 - p), "mask is biased"
+    # rows and columns are not correlated copies of each other
+    assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[:, 0], kept[:, 1])
+    assert torch.equal(mask, dropout_mask(backend, 12345, (M, K), p, "cpu"))
+    assert not torch.equal(mask, dropout_mask(backend, 12346, (M, K), p, "cpu"))

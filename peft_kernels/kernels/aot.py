@@ -66,13 +66,14 @@ class Compiled:
     spill_stores: int
     spill_loads: int
     shared_bytes: int
+    dtype: str = ""
 
     @property
     def spills(self) -> int:
         return self.spill_stores + self.spill_loads
 
     def row(self) -> str:
-        return (f"sm_{self.arch} {self.name:18s} warps={self.num_warps} stages={self.num_stages} "
+        return (f"sm_{self.arch} {self.name:18s} {self.dtype:5s} warps={self.num_warps} stages={self.num_stages} "
                 f"regs={self.registers:3d} spills={self.spills} smem={self.shared_bytes / 1024:.1f}KiB "
                 f"{self.constexprs}")
 
@@ -107,5 +108,102 @@ def compile_launch(launch: Launch, arch: int) -> Compiled:
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
     regs, st, ld, _ = _ptxas_stats(ck.asm["ptx"], arch)
     named = {k.arg_names[i[0]]: v for i, v in constexprs.items() if k.arg_names[i[0]].isupper()}
+    # the input dtype: that of x (or dY where a kernel has no x)
+    data = signature.get("x_ptr", signature.get("dy_ptr", "?"))
     return Compiled(k.__name__, arch, options.num_warps, options.num_stages, named, regs, st, ld,
-                    ck.metadata.shared)
+                    ck.metadata.shared, data.lstrip("*"))
+
+
+# --------------------------------------------------------------------------------------------
+# the shipped configs: every launch the LoRA launchers make for these representative inputs
+# --------------------------------------------------------------------------------------------
+def lora_launch_matrix():
+    """(dtype, rank, dropout p, M, K, N) classes that cover every shipped config and constexpr set:
+    each dtype, rank tiles 16/64/128 (and rank > 128, which loops/tiles), dropout on and off, plus
+    odd sizes (no divisibility-by-16 hints, as the JIT would see for K=4095)."""
+    import torch
+
+    out = []
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for R in (16, 64, 128, 256):
+            for p in (0.0, 0.1):
+                out.append((dt, R, p, 512, 4096, 4096))
+    out.append((torch.float16, 16, 0.1, 511, 4095, 4097))
+    out.append((torch.bfloat16, 128, 0.1, 511, 4095, 4097))
+    return out
+
+
+def record_lora_launches():
+    import torch
+
+    from . import lora as L
+
+    kernels = [L._shrink_kernel, L._fwd_gemm_kernel, L._bwd_dy_kernel, L._bwd_dx_kernel, L._bwd_da_kernel]
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    with record_launches(kernels) as calls:
+        for (dt, R, p, M, K, N), use_tf32 in [(c, False) for c in lora_launch_matrix()] + [
+                (c, True) for c in lora_launch_matrix() if c[0] == torch.float32]:
+            torch.backends.cuda.matmul.allow_tf32 = use_tf32  # fp32 kernels follow torch's TF32 setting
+            x = torch.empty(M, K, dtype=dt)
+            W = torch.empty(N, K, dtype=dt)
+            b = torch.empty(N, dtype=dt)
+            A = torch.empty(R, K, dtype=dt)
+            B = torch.empty(N, R, dtype=dt)
+            S = torch.empty(M, R)
+            L.lora_forward(x, W, b, A, B, 0.5, p, 1234)
+            L.lora_backward(torch.empty(M, N, dtype=dt), x, W, A, B, S, 0.5, p, 1234, True, True, True)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    return calls
+
+
+def _launch_key(c: Launch, arch: int):
+    import torch
+
+    backend = triton.compiler.make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(c.kernel.signature, c.kernel.params, backend)
+    kw = dict(c.kwargs, debug=False, instrumentation_mode="")
+    _, spec, opts = binder(*c.args, **kw)
+    return (c.kernel.__name__, repr(spec), repr(opts))
+
+
+def check_all(archs=(80, 90), verbose=True):
+    """Compile every distinct shipped launch; return (rows, problems)."""
+    calls = record_lora_launches()
+    rows, problems = [], []
+    for arch in archs:
+        seen = set()
+        for c in calls:
+            key = _launch_key(c, arch)
+            if key in seen:
+                continue
+            seen.add(key)
+            r = compile_launch(c, arch)
+            rows.append(r)
+            if verbose:
+                print(r.row(), flush=True)
+            if r.spills:
+                problems.append(f"{r.name} on sm_{arch} spills {r.spills} bytes: {r.constexprs}")
+            if r.shared_bytes > SMEM_LIMIT[arch]:
+                problems.append(f"{r.name} on sm_{arch} uses {r.shared_bytes} B shared memory "
+                                f"> {SMEM_LIMIT[arch]}: {r.constexprs}")
+    return rows, problems
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m peft_kernels.kernels.aot",
+                                 description="AOT-compile every shipped Triton config; fail on spills/smem")
+    ap.add_argument("--arch", type=int, action="append", help="80 and/or 90 (default both)")
+    args = ap.parse_args(argv)
+    rows, problems = check_all(tuple(args.arch or (80, 90)))
+    print(f"{len(rows)} kernel variants compiled; max registers "
+          f"{max(r.registers for r in rows)}, max shared {max(r.shared_bytes for r in rows) / 1024:.1f} KiB, "
+          f"total spills {sum(r.spills for r in rows)} bytes")
+    for p in problems:
+        print("PROBLEM:", p)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

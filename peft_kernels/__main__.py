@@ -1,0 +1,39 @@
+"""``python -m peft_kernels info``: versions, what was built, and which backend runs where."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import sys
+
+
+def info() -> str:
+    import torch
+
+    from . import __version__, dispatch
+
+    lines = [f"peft_kernels {__version__}", f"python {platform.python_version()}  torch {torch.__version__}"]
+    tri = importlib.util.find_spec("triton")
+    if tri is not None:
+        import triton
+
+        lines.append(f"triton {triton.__version__}  (interpreter {'on' if dispatch.interpreting() else 'off'})")
+    else:
+        lines.append("triton not installed")
+    lines.append(f"CUDA available: {torch.cuda.is_available()}")
+    lines.append("compiled extension (csrc/): not built in this release (pure Python + Triton)")
+    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        lines.append(dispatch.explain("auto", dev))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m peft_kernels")
+    ap.add_argument("command", choices=["info"], nargs="?", default="info")
+    ap.parse_args(argv)
+    print(info())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

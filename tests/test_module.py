@@ -1,0 +1,126 @@
+"""LoRALinear: drop-in behaviour, parameter names, init, merge/unmerge, training."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import peft_kernels as pk
+from peft_kernels.reference import lora_linear_ref
+
+from helpers import assert_close, backend_params
+
+
+def test_from_linear_reuses_and_freezes_base():
+    lin = nn.Linear(12, 7)
+    m = pk.LoRALinear.from_linear(lin, r=3, lora_alpha=6)
+    assert m.weight is lin.weight and m.bias is lin.bias
+    assert not m.weight.requires_grad and not m.bias.requires_grad
+    assert m.lora_A.shape == (3, 12) and m.lora_B.shape == (7, 3)
+    assert m.scaling == 2.0
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+
+
+def test_linear_checkpoint_loads_into_base():
+    lin = nn.Linear(10, 6)
+    m = pk.LoRALinear(10, 6, r=2)
+    res = m.load_state_dict(lin.state_dict(), strict=False)
+    assert sorted(res.missing_keys) == ["lora_A", "lora_B"] and res.unexpected_keys == []
+    assert torch.equal(m.weight, lin.weight) and torch.equal(m.bias, lin.bias)
+    assert set(m.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
+
+
+def test_default_init_starts_equal_to_base():
+    lin = nn.Linear(16, 9)
+    m = pk.LoRALinear.from_linear(lin, r=4)
+    assert torch.count_nonzero(m.lora_B) == 0 and torch.count_nonzero(m.lora_A) > 0
+    x = torch.randn(3, 5, 16)
+    assert torch.allclose(m(x), lin(x), rtol=0, atol=1e-6)
+    bound = 1 / math.sqrt(16)  # kaiming_uniform(a=sqrt(5)) on fan_in=16
+    assert m.lora_A.abs().max() <= bound
+
+
+def test_gaussian_and_random_init():
+    g = pk.LoRALinear(256, 8, r=4, init_lora_weights="gaussian")
+    assert abs(g.lora_A.std().item() - 1 / 4) < 0.02 and torch.count_nonzero(g.lora_B) == 0
+    f = pk.LoRALinear(16, 8, r=4, init_lora_weights=False)
+    assert torch.count_nonzero(f.lora_B) > 0
+
+
+def test_rslora_scaling():
+    assert pk.LoRALinear(8, 8, r=16, lora_alpha=8, use_rslora=True).scaling == 8 / 4
+    assert pk.LoRALinear(8, 8, r=16, lora_alpha=8).scaling == 0.5
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_forward_matches_reference_any_leading_dims(backend, dtype):
+    m = pk.LoRALinear(23, 17, r=5, lora_alpha=10, init_lora_weights=False, dtype=dtype, backend=backend)
+    x = torch.randn(2, 3, 4, 23).to(dtype)
+    y = m(x)
+    assert y.shape == (2, 3, 4, 17) and y.dtype == dtype
+    args = [t.double() for t in (x, m.weight, m.bias, m.lora_A, m.lora_B)]
+    y64 = lora_linear_ref(*args, m.scaling)
+    ylp = lora_linear_ref(x, m.weight, m.bias, m.lora_A, m.lora_B, m.scaling)
+    assert_close(y, y64, ylp, "module y")
+
+
+@pytest.mark.parametrize("safe", [False, True])
+def test_merge_unmerge_to_linear(safe):
+    m = pk.LoRALinear(20, 11, r=3, lora_alpha=3, init_lora_weights=False)
+    x = torch.randn(6, 20)
+    w0 = m.weight.detach().clone()
+    y = m(x)
+    lin = m.to_linear()
+    assert isinstance(lin, nn.Linear) and not m.merged
+    assert torch.allclose(lin(x), y, atol=1e-5, rtol=1e-5)
+    m.merge(safe_merge=safe)
+    assert m.merged
+    assert torch.allclose(m(x), y, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(m.to_linear()(x), y, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="already merged"):
+        m.merge()
+    m.unmerge()
+    assert not m.merged and torch.allclose(m.weight, w0, atol=1e-6)
+    with pytest.raises(RuntimeError, match="not merged"):
+        m.unmerge()
+
+
+def test_safe_merge_refuses_non_finite_and_changes_nothing():
+    m = pk.LoRALinear(6, 5, r=2, init_lora_weights=False)
+    with torch.no_grad():
+        m.lora_B[0, 0] = float("inf")
+    w0 = m.weight.detach().clone()
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        m.merge(safe_merge=True)
+    assert not m.merged and torch.equal(m.weight, w0)
+
+
+def test_dropout_only_in_training():
+    m = pk.LoRALinear(32, 16, r=4, lora_dropout=0.5, init_lora_weights=False)
+    x = torch.randn(8, 32)
+    m.eval()
+    assert torch.equal(m(x), m(x))
+    m.train()
+    assert not torch.equal(m(x), m(x))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_trains_inside_a_model(backend):
+    """Swap nn.Linear layers of an existing model; only LoRA params train and the loss drops."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.GELU(), nn.Linear(24, 3))
+    for i in (0, 2):
+        model[i] = pk.LoRALinear.from_linear(model[i], r=4, lora_alpha=8, lora_dropout=0.1, backend=backend)
+    x, target = torch.randn(64, 12), torch.randn(64, 3)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2)
+    frozen = [p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad]
+    losses = []
+    for _ in range(25):
+        loss = nn.functional.mse_loss(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert all(torch.equal(a, b) for a, b in zip(frozen, [p for p in model.parameters() if not p.requires_grad]))

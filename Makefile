@@ -10,7 +10,7 @@ DEPS   := torch==2.13.0 triton==3.8.0 numpy pytest ninja peft==0.21.0 setuptools
 
 venv: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml Makefile
+$(STAMP): setup.py pyproject.toml Makefile $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/include/peft_kernels/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(DEPS)
 	$(BIN)/python -m pip install --quiet --no-build-isolation -e .
@@ -19,7 +19,7 @@ $(STAMP): setup.py pyproject.toml Makefile
 # Runs the whole suite on CPU (Triton kernels under TRITON_INTERPRET=1, set by tests/conftest.py).
 # pytest exit code 5 ("no tests collected") is turned into a failure: an empty suite is a defect.
 test: $(STAMP)
-	@$(BIN)/python -m pytest -q tests $(PYTEST_ARGS); rc=$$?; \
+	@PEFT_KERNELS_REQUIRE_EXT=1 $(BIN)/python -m pytest -q tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; exit 1; fi; \
 	exit $$rc
 

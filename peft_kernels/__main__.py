@@ -21,7 +21,12 @@ def info() -> str:
     else:
         lines.append("triton not installed")
     lines.append(f"CUDA available: {torch.cuda.is_available()}")
-    lines.append("compiled extension (csrc/): not built in this release (pure Python + Triton)")
+    from . import _ext
+
+    why = _ext.unavailable_reason()
+    lines.append("compiled extension peft_kernels._C (csrc/, CPU ops: fused LoRA dropout passes): "
+                 + ("loaded" if why is None else f"not available: {why}"))
+    lines.append("CUDA extension: not part of this release")
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         lines.append(dispatch.explain("auto", dev))
     return "\n".join(lines)

@@ -1,40 +1,79 @@
-"""Seeded dropout masks for the torch backend, cheap enough for the CPU hot path.
+"""The torch backend's dropout mask: a keyed hash of each element's index, regenerated on demand.
 
-The mask is a pure function of (seed, shape, p, device): forward and backward both regenerate it,
-so it is never stored. Each int64 drawn from a seeded ``torch.Generator`` gives four 16-bit
-lanes, and an element is kept when its lane is ≥ a 16-bit threshold. That is ~4× fewer generator
-calls than ``bernoulli_`` and yields a bool mask with no float pass.
+``keep(m, k) = hash(m·K + k) ≥ thr``, where ``hash`` is three murmur3 ``fmix32`` rounds keyed by
+three 32-bit round keys derived from the seed, and ``thr = round(p·2³²)``. The inverted-dropout
+scale uses the exact keep probability, ``2³² / (2³² − thr)``. The mask depends only on
+(seed, row, col), never on strides or tiling, so backward regenerates forward's mask exactly.
 
-``p`` is quantized to ``t/65536`` (``t = round(p·65536)``); the inverted-dropout scale uses the
-exact keep probability, ``65536/(65536 - t)``, so the mask stays unbiased.
+Two implementations that agree bit for bit (tested):
+  * the C++ kernels in ``csrc/`` (``csrc/include/peft_kernels/dropout_hash.h``), which generate
+    the mask inside the fused CPU LoRA passes, so it is never materialised;
+  * ``keep_mask`` below, in plain torch integer ops, for any device and when the extension
+    is not built.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-_LANES = 65536
+_M32 = 0xFFFFFFFF
+_TWO32 = 1 << 32
+
+
+class Keys(NamedTuple):
+    k0: int
+    k1: int
+    k2: int
+    thr: int
+
+
+def _fmix32(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M32
+    h ^= h >> 16
+    return h
 
 
 def threshold(p: float) -> int:
-    return min(int(round(p * _LANES)), _LANES - 1)
+    return min(int(round(p * _TWO32)), _TWO32 - 1)
+
+
+def keys(seed: int, p: float) -> Keys:
+    s = int(seed) & ((1 << 64) - 1)
+    k0 = _fmix32((s & _M32) ^ 0x9E3779B9)
+    k1 = _fmix32((s >> 32) ^ k0 ^ 0x85EBCA77)
+    k2 = _fmix32(k1 ^ 0xC2B2AE3D)
+    return Keys(k0, k1, k2, threshold(p))
 
 
 def keep_scale(p: float) -> float:
-    """Inverted-dropout scale for the torch backend's mask (exact keep probability)."""
-    return _LANES / (_LANES - threshold(p))
+    """Inverted-dropout scale for this mask (exact keep probability)."""
+    return _TWO32 / (_TWO32 - threshold(p))
 
 
-def keep_mask(seed: int, shape, p: float, device) -> torch.Tensor:
-    """Bool keep-mask of ``shape`` for ``seed``; keep probability ``1 - threshold(p)/65536``."""
+def _fmix32_t(h: torch.Tensor) -> torch.Tensor:  # int64 tensor holding uint32 values
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def keep_mask(seed: int, shape, p: float, device, offset: int = 0) -> torch.Tensor:
+    """Bool keep-mask of ``shape`` (last dim = K) in plain torch ops, for element indices
+    ``offset + flat index``."""
+    k = keys(seed, p)
     n = 1
     for d in shape:
         n *= int(d)
-    g = torch.Generator(device=device)
-    g.manual_seed(int(seed))
-    words = torch.empty(((n + 3) // 4,), dtype=torch.int64, device=device)
-    words.random_(-(2 ** 63), None, generator=g)  # the full 64-bit range: four uniform int16 lanes
-    lanes = words.view(torch.int16)[:n].view(shape)
-    return lanes >= (threshold(p) - _LANES // 2)
+    idx = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
+    h = _fmix32_t((idx & _M32) ^ k.k0)
+    h = _fmix32_t(h ^ (idx >> 32) ^ k.k1)
+    h = _fmix32_t(h ^ k.k2)
+    return (h >= k.thr).view(tuple(shape))
 
 
 def dropout_mask(seed: int, shape, p: float, device) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .. import dispatch
+from .. import _ext, dispatch
 from . import _torch_dropout
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -88,12 +88,21 @@ def validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
 # --------------------------------------------------------------------------------------------
 # torch backend (any device; the CPU hot path)
 # --------------------------------------------------------------------------------------------
+def _use_ext(x: torch.Tensor, A: torch.Tensor, p: float) -> bool:
+    """The fused C++ CPU dropout passes (csrc/cpu) run for fp32 CPU tensors when built."""
+    return p > 0 and x.device.type == "cpu" and x.dtype == torch.float32 and A.dtype == torch.float32 \
+        and _ext.available()
+
+
 def _torch_forward(x, weight, bias, A, B, scaling: float, p: float, seed: int):
     cdt = A.dtype
     if p > 0:
-        keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device)
-        xd = torch.where(keep, x, 0.0)
-        S = torch.mm(xd.to(cdt), A.t())
+        ks = _torch_dropout.keys(seed, p)
+        if _use_ext(x, A, p):  # mask made, applied and consumed in one pass: never materialised
+            S = _ext.ops().lora_dropout_shrink(x, A, *ks)
+        else:
+            keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device)
+            S = torch.mm(torch.where(keep, x, 0.0).to(cdt), A.t())
         S.mul_(_torch_dropout.keep_scale(p))  # M×r: folding 1/(1-p) here costs nothing
     else:
         S = torch.mm(x.to(cdt), A.t())
@@ -114,18 +123,24 @@ def _torch_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed: int,
     dyc = dy.to(cdt) if dy.dtype != cdt else dy
     dS = torch.mm(dyc, B).mul_(scaling)  # M×r
     dB = torch.mm(dyc.t(), S.to(cdt)).mul_(scaling) if need_db else None
-    keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device) if p > 0 and (need_dx or need_da) else None
-    dA = None
-    if need_da:
-        xd = x if keep is None else torch.where(keep, x, 0.0)
-        dA = torch.mm((dS * _torch_dropout.keep_scale(p)).t() if keep is not None else dS.t(), xd.to(cdt))
-    dx = None
-    if need_dx:
-        if keep is not None:
-            dx = torch.mm(dS.mul_(_torch_dropout.keep_scale(p)), A)
-            dx.mul_(keep)
-        else:
+    if p > 0:
+        dS.mul_(_torch_dropout.keep_scale(p))  # both dX and dA carry the inverted-dropout scale
+    dA = dx = None
+    if p > 0 and _use_ext(x, A, p):
+        ks = _torch_dropout.keys(seed, p)
+        if need_da:
+            dA = _ext.ops().lora_dropout_da(dS, x, *ks)
+        if need_dx:
+            dx = _ext.ops().lora_dropout_dx(dS, A, *ks)
+    else:
+        keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device) if p > 0 and (need_dx or need_da) else None
+        if need_da:
+            dA = torch.mm(dS.t(), (x if keep is None else torch.where(keep, x, 0.0)).to(cdt))
+        if need_dx:
             dx = torch.mm(dS, A)
+            if keep is not None:
+                dx.mul_(keep)
+    if dx is not None:
         if dx.dtype != x.dtype:
             dx = dx.to(x.dtype)
         dx.addmm_(dy, weight)  # the base dX GEMM accumulates into the LoRA term: no extra pass

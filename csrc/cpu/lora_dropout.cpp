@@ -1,0 +1,174 @@
+// CPU kernels for LoRA with dropout (float32): the mask is generated on the fly from a hash of
+// the element index, applied, and consumed in the same pass, so no mask and no dropped copy of x
+// is ever materialised.
+//   lora_dropout_shrink: S[m, j]  = Σ_k keep(m,k) x[m,k] A[j,k]
+//   lora_dropout_dx:     dX[m, k] = keep(m,k) Σ_j dS[m,j] A[j,k]
+//   lora_dropout_da:     dA[j, k] = Σ_m dS[m,j] keep(m,k) x[m,k]
+// The inverted-dropout scale is folded into S / dS by the caller. Hot loops are compiled for
+// AVX2+FMA and baseline x86-64 (GCC target_clones picks at load time).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "peft_kernels/dropout_hash.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define PK_CLONES __attribute__((target_clones("avx2,fma", "default")))
+#else
+#define PK_CLONES
+#endif
+
+namespace peft_kernels {
+namespace cpu {
+namespace {
+
+// out[k] = keep(base + k) ? x[k] : 0, for k in [0, n); idx = base + k split into 32-bit halves.
+PK_CLONES void masked_copy(const float* __restrict x, float* __restrict out, int64_t n, uint64_t base,
+                           DropoutKeys keys) {
+  const uint32_t lo0 = static_cast<uint32_t>(base);
+  const uint32_t hi0 = static_cast<uint32_t>(base >> 32);
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t lo = lo0 + static_cast<uint32_t>(k);
+    const uint32_t hi = hi0 + (lo < lo0 ? 1u : 0u);
+    out[k] = dropout_hash(lo, hi, keys) >= keys.thr ? x[k] : 0.0f;
+  }
+}
+
+// y[k] = keep(base + k) ? y[k] : 0
+PK_CLONES void mask_inplace(float* __restrict y, int64_t n, uint64_t base, DropoutKeys keys) {
+  const uint32_t lo0 = static_cast<uint32_t>(base);
+  const uint32_t hi0 = static_cast<uint32_t>(base >> 32);
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t lo = lo0 + static_cast<uint32_t>(k);
+    const uint32_t hi = hi0 + (lo < lo0 ? 1u : 0u);
+    y[k] = dropout_hash(lo, hi, keys) >= keys.thr ? y[k] : 0.0f;
+  }
+}
+
+DropoutKeys make_keys(int64_t k0, int64_t k1, int64_t k2, int64_t thr) {
+  TORCH_CHECK(k0 >= 0 && k0 < (int64_t(1) << 32) && k1 >= 0 && k1 < (int64_t(1) << 32) && k2 >= 0 &&
+                  k2 < (int64_t(1) << 32) && thr >= 0 && thr < (int64_t(1) << 32),
+              "peft_kernels: dropout keys and threshold must be uint32 values");
+  return DropoutKeys{static_cast<uint32_t>(k0), static_cast<uint32_t>(k1), static_cast<uint32_t>(k2),
+                     static_cast<uint32_t>(thr)};
+}
+
+void check_f32_2d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "peft_kernels: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "peft_kernels: ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2, "peft_kernels: ", name, " must be 2-D, got ", t.dim(), "-D");
+}
+
+}  // namespace
+
+at::Tensor dropout_keep_mask(int64_t M, int64_t K, int64_t k0, int64_t k1, int64_t k2, int64_t thr,
+                             int64_t offset) {
+  TORCH_CHECK(M >= 0 && K >= 0 && offset >= 0, "peft_kernels: M, K and offset must be >= 0");
+  const DropoutKeys keys = make_keys(k0, k1, k2, thr);
+  at::Tensor ones = at::ones({K}, at::kFloat);
+  at::Tensor out = at::empty({M, K}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  const float* one = ones.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m)
+      masked_copy(one, o + m * K, K, static_cast<uint64_t>(offset) + static_cast<uint64_t>(m) * K, keys);
+  });
+  return out.to(at::kBool);
+}
+
+// Inputs are detached first: at::parallel_for's worker threads do not inherit the caller's
+// grad-mode state, and the at::mm_out calls below must never see tensors that require grad.
+//
+// Row tiles of x are masked into a cache-resident buffer and multiplied there (ATen's BLAS), so
+// the dropped copy of x never reaches memory. Tiles are independent: threads split them.
+constexpr int64_t kRowTile = 16;
+
+at::Tensor lora_dropout_shrink(const at::Tensor& x_, const at::Tensor& A_, int64_t k0, int64_t k1, int64_t k2,
+                               int64_t thr) {
+  check_f32_2d(x_, "x");
+  check_f32_2d(A_, "lora_A");
+  TORCH_CHECK(x_.size(1) == A_.size(1), "peft_kernels: x has ", x_.size(1), " columns but lora_A has ", A_.size(1));
+  const DropoutKeys keys = make_keys(k0, k1, k2, thr);
+  const at::Tensor x = x_.detach().contiguous(), At = A_.detach().t();
+  const int64_t M = x.size(0), K = x.size(1), R = A_.size(0);
+  at::Tensor S = at::empty({M, R}, at::kFloat);
+  const float* xp = x.data_ptr<float>();
+  const int64_t ntiles = (M + kRowTile - 1) / kRowTile;
+  at::parallel_for(0, ntiles, 1, [&](int64_t b, int64_t e) {
+    at::Tensor buf = at::empty({kRowTile, K}, at::kFloat);
+    float* bp = buf.data_ptr<float>();
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t m0 = t * kRowTile, rows = std::min(kRowTile, M - m0);
+      for (int64_t i = 0; i < rows; ++i)
+        masked_copy(xp + (m0 + i) * K, bp + i * K, K, static_cast<uint64_t>(m0 + i) * K, keys);
+      at::Tensor out = S.narrow(0, m0, rows);
+      at::mm_out(out, buf.narrow(0, 0, rows), At);
+    }
+  });
+  return S;
+}
+
+at::Tensor lora_dropout_dx(const at::Tensor& dS_, const at::Tensor& A_, int64_t k0, int64_t k1, int64_t k2,
+                           int64_t thr) {
+  check_f32_2d(dS_, "dS");
+  check_f32_2d(A_, "lora_A");
+  TORCH_CHECK(dS_.size(1) == A_.size(0), "peft_kernels: dS has ", dS_.size(1), " columns but lora_A has ",
+              A_.size(0), " rows");
+  const DropoutKeys keys = make_keys(k0, k1, k2, thr);
+  const at::Tensor dS = dS_.detach().contiguous(), A = A_.detach().contiguous();
+  const int64_t M = dS.size(0), K = A.size(1);
+  at::Tensor dX = at::empty({M, K}, at::kFloat);
+  float* dxp = dX.data_ptr<float>();
+  const int64_t ntiles = (M + kRowTile - 1) / kRowTile;
+  at::parallel_for(0, ntiles, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t m0 = t * kRowTile, rows = std::min(kRowTile, M - m0);
+      at::Tensor out = dX.narrow(0, m0, rows);  // contiguous rows
+      at::mm_out(out, dS.narrow(0, m0, rows), A);
+      for (int64_t i = 0; i < rows; ++i)  // mask while the tile is still in cache
+        mask_inplace(dxp + (m0 + i) * K, K, static_cast<uint64_t>(m0 + i) * K, keys);
+    }
+  });
+  return dX;
+}
+
+// Column slabs of x (all rows, in row chunks) are masked into a buffer and multiplied by dSᵀ.
+// Each slab of dA belongs to one task: no cross-thread reduction, deterministic results.
+at::Tensor lora_dropout_da(const at::Tensor& dS_, const at::Tensor& x_, int64_t k0, int64_t k1, int64_t k2,
+                           int64_t thr) {
+  check_f32_2d(dS_, "dS");
+  check_f32_2d(x_, "x");
+  TORCH_CHECK(dS_.size(0) == x_.size(0), "peft_kernels: dS has ", dS_.size(0), " rows but x has ", x_.size(0));
+  const DropoutKeys keys = make_keys(k0, k1, k2, thr);
+  const at::Tensor x = x_.detach().contiguous(), dSt = dS_.detach().t();
+  const int64_t M = x.size(0), K = x.size(1), R = dS_.size(1);
+  at::Tensor dA = at::empty({R, K}, at::kFloat);
+  const float* xp = x.data_ptr<float>();
+  constexpr int64_t CW = 128, MC = 512;  // slab width; rows per chunk (buffer ≤ 256 KiB)
+  const int64_t nslabs = (K + CW - 1) / CW;
+  at::parallel_for(0, nslabs, 1, [&](int64_t b, int64_t e) {
+    at::Tensor buf = at::empty({std::min(MC, std::max<int64_t>(M, 1)), CW}, at::kFloat);
+    float* bp = buf.data_ptr<float>();
+    for (int64_t c = b; c < e; ++c) {
+      const int64_t kc = c * CW, n = std::min(CW, K - kc);
+      at::Tensor acc = at::zeros({R, n}, at::kFloat);
+      for (int64_t m0 = 0; m0 < M; m0 += MC) {
+        const int64_t rows = std::min(MC, M - m0);
+        for (int64_t i = 0; i < rows; ++i)
+          masked_copy(xp + (m0 + i) * K + kc, bp + i * n, n, static_cast<uint64_t>(m0 + i) * K + kc, keys);
+        at::Tensor tile = buf.view({-1}).narrow(0, 0, rows * n).view({rows, n});
+        acc.addmm_(dSt.narrow(1, m0, rows), tile);
+      }
+      dA.narrow(1, kc, n).copy_(acc);
+    }
+  });
+  return dA;
+}
+
+}  // namespace cpu
+}  // namespace peft_kernels

@@ -1,0 +1,41 @@
+// TORCH_LIBRARY schemas for peft_kernels' compiled ops, with the CPU implementations.
+// (The CUDA kernels and their registrations are a later milestone.)
+#include <Python.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace peft_kernels {
+namespace cpu {
+at::Tensor dropout_keep_mask(int64_t M, int64_t K, int64_t k0, int64_t k1, int64_t k2, int64_t thr,
+                             int64_t offset);
+at::Tensor lora_dropout_shrink(const at::Tensor& x, const at::Tensor& A, int64_t k0, int64_t k1, int64_t k2,
+                               int64_t thr);
+at::Tensor lora_dropout_dx(const at::Tensor& dS, const at::Tensor& A, int64_t k0, int64_t k1, int64_t k2,
+                           int64_t thr);
+at::Tensor lora_dropout_da(const at::Tensor& dS, const at::Tensor& x, int64_t k0, int64_t k1, int64_t k2,
+                           int64_t thr);
+}  // namespace cpu
+}  // namespace peft_kernels
+
+TORCH_LIBRARY(peft_kernels, m) {
+  // keep-mask of the torch backend's dropout for element indices offset + m*K + k (tests, debugging)
+  m.def("dropout_keep_mask(int M, int K, int k0, int k1, int k2, int thr, int offset=0) -> Tensor");
+  m.def("lora_dropout_shrink(Tensor x, Tensor lora_A, int k0, int k1, int k2, int thr) -> Tensor");
+  m.def("lora_dropout_dx(Tensor dS, Tensor lora_A, int k0, int k1, int k2, int thr) -> Tensor");
+  m.def("lora_dropout_da(Tensor dS, Tensor x, int k0, int k1, int k2, int thr) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
+  m.impl("lora_dropout_shrink", &peft_kernels::cpu::lora_dropout_shrink);
+  m.impl("lora_dropout_dx", &peft_kernels::cpu::lora_dropout_dx);
+  m.impl("lora_dropout_da", &peft_kernels::cpu::lora_dropout_da);
+}
+
+TORCH_LIBRARY_IMPL(peft_kernels, CompositeExplicitAutograd, m) {
+  m.impl("dropout_keep_mask", &peft_kernels::cpu::dropout_keep_mask);
+}
+
+// A plain CPython module, so `import peft_kernels._C` loads the library and runs the
+// registrations above (no pybind11 needed).
+static struct PyModuleDef pk_module = {PyModuleDef_HEAD_INIT, "_C", "peft_kernels compiled ops", -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&pk_module); }

@@ -1,0 +1,1 @@
+"""Benchmark library: ``python -m peft_kernels.bench`` (``make bench``)."""

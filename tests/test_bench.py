@@ -1,0 +1,43 @@
+"""The benchmark runs end to end (tiny shapes) and its memory accounting is right.
+
+No timing assertions here: speed targets live in the benchmark report, never in tests.
+"""
+import json
+
+import torch
+
+from peft_kernels.bench import lora
+from peft_kernels.bench.__main__ import main
+from peft_kernels.bench.common import saved_activation_bytes
+
+
+def test_cli_quick_runs(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert main(["--quick", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    for name in ("nn.Linear (frozen)", "PEFT LoRA", "reference", "ours (torch)"):
+        assert name in text
+    rows = json.loads(out.read_text())["rows"]
+    timed = [r for r in rows if "skipped" not in r]
+    assert {r["mode"] for r in timed} == {"fwd", "fwd+bwd"} and {r["p"] for r in timed} == {0.0, 0.1}
+    assert all(r["median_ms"] > 0 and r["ratio_to_frozen"] > 0 for r in timed)
+
+
+def test_saved_bytes_accounting():
+    """Ours saves x + S only (at any p); PEFT saves an extra dropped copy at p > 0; frozen saves none."""
+    M, K, N, r = 48, 40, 24, 4
+    rows = lora.run(M, K, N, r, rounds=1, warmup=0, modes=("fwd",), backends=("torch",))
+    saved = {(row["provider"], row["p"]): row["saved_bytes"] for row in rows if "skipped" not in row}
+    xb = M * K * 4
+    for p in (0.0, 0.1):
+        assert saved[(lora.FROZEN, p)] == 0
+        assert saved[("ours (torch)", p)] == xb + M * r * 4
+    assert saved[("PEFT LoRA", 0.1)] >= 2 * xb
+
+
+def test_saved_bytes_dedups_views_and_skips_params():
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+    # x is saved twice through views; w is a parameter
+    n = saved_activation_bytes(lambda: (x[:2] * x[2:]).sum() + (x @ w).sum(), [w])
+    assert n == x.numel() * 4

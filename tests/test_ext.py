@@ -1,0 +1,90 @@
+"""The compiled CPU extension (csrc/): its dropout mask is the torch backend's mask bit for bit,
+and its fused passes match plain torch on the same mask. Both torch paths (with and without the
+extension) are checked against the reference in test_lora_op.py / below."""
+import os
+
+import pytest
+import torch
+
+from peft_kernels import _ext
+from peft_kernels.ops import _torch_dropout as D
+
+from test_lora_op import CASES, make_inputs, run_and_compare
+
+
+def test_extension_built_when_required():
+    """`make test` sets PEFT_KERNELS_REQUIRE_EXT=1: a silently failed C++ build must fail CI."""
+    if os.environ.get("PEFT_KERNELS_REQUIRE_EXT") != "1":
+        pytest.skip("PEFT_KERNELS_REQUIRE_EXT is not set (make test sets it)")
+    assert _ext.available(), _ext.unavailable_reason()
+
+
+needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"extension: {_ext.unavailable_reason()}")
+
+
+@needs_ext
+@pytest.mark.parametrize("M,K,offset", [(37, 53, 0), (5, 4097, 123), (3, 7, 2 ** 32 - 10), (2, 9, 2 ** 40 + 1)])
+@pytest.mark.parametrize("seed", [0, 1, 2 ** 31 + 5, 2 ** 62 - 1])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.999])
+def test_cpp_mask_equals_torch_twin(M, K, offset, seed, p):
+    ks = D.keys(seed, p)
+    a = D.keep_mask(seed, (M, K), p, "cpu", offset=offset)
+    b = _ext.ops().dropout_keep_mask(M, K, *ks, offset)
+    assert torch.equal(a, b)
+
+
+@needs_ext
+@pytest.mark.parametrize("M,K,R", [(37, 53, 3), (70, 75, 19), (100, 200, 128), (1100, 300, 5), (1, 1, 1)])
+def test_fused_passes_match_torch(M, K, R):
+    g = torch.Generator().manual_seed(0)
+    x, A, dS = (torch.randn(*s, generator=g) for s in ((M, K), (R, K), (M, R)))
+    ks = D.keys(99, 0.3)
+    keep = D.keep_mask(99, (M, K), 0.3, "cpu").double()
+    ops = _ext.ops()
+    ref = {"S": (x.double() * keep) @ A.double().t(), "dx": (dS.double() @ A.double()) * keep,
+           "dA": dS.double().t() @ (x.double() * keep)}
+    got = {"S": ops.lora_dropout_shrink(x, A, *ks), "dx": ops.lora_dropout_dx(dS, A, *ks),
+           "dA": ops.lora_dropout_da(dS, x, *ks)}
+    plain = {"S": (x * keep.float()) @ A.t(), "dx": (dS @ A) * keep.float(), "dA": dS.t() @ (x * keep.float())}
+    from helpers import assert_close
+
+    for k in ref:
+        assert_close(got[k], ref[k], plain[k], k)
+
+
+@needs_ext
+def test_fused_passes_non_contiguous_and_errors():
+    x = torch.randn(20, 30).t()  # [30, 20], non-contiguous
+    A = torch.randn(4, 20)
+    ks = D.keys(1, 0.2)
+    keep = D.keep_mask(1, (30, 20), 0.2, "cpu")
+    torch.testing.assert_close(_ext.ops().lora_dropout_shrink(x, A, *ks), (x * keep) @ A.t())
+    with pytest.raises(RuntimeError, match="float32"):
+        _ext.ops().lora_dropout_shrink(x.double(), A, *ks)
+    with pytest.raises(RuntimeError, match="columns"):
+        _ext.ops().lora_dropout_shrink(x, torch.randn(4, 21), *ks)
+    with pytest.raises(RuntimeError, match="uint32"):
+        _ext.ops().lora_dropout_shrink(x, A, -1, 0, 0, 0)
+
+
+@pytest.mark.parametrize("lead,K,N,r,bias,layout", CASES[:3] + CASES[4:5])
+def test_torch_backend_without_extension(monkeypatch, lead, K, N, r, bias, layout):
+    """The pure-torch fallback (no compiler, or other devices) gives the same results."""
+    monkeypatch.setenv("PEFT_KERNELS_DISABLE_EXT", "1")
+    assert not _ext.available()
+    t = make_inputs(lead, K, N, r, bias, layout, torch.float32)
+    run_and_compare("torch", t, scaling=0.75, p=0.2)
+
+
+def test_same_mask_with_and_without_extension(monkeypatch):
+    """The torch backend's output does not depend on whether the extension is built."""
+    import peft_kernels as pk
+
+    t = make_inputs((33,), 41, 19, 5, True, "contig", torch.float32)
+    args = (t["x"], t["W"], t["b"], t["A"], t["B"], 0.5)
+    torch.manual_seed(4)
+    y1 = pk.lora_linear(*args, dropout_p=0.3, training=True, backend="torch")
+    monkeypatch.setenv("PEFT_KERNELS_DISABLE_EXT", "1")
+    torch.manual_seed(4)
+    y2 = pk.lora_linear(*args, dropout_p=0.3, training=True, backend="torch")
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)

@@ -37,7 +37,8 @@ def _ext_modules():
     if platform.system() == "Linux":
         cxx.append("-fopenmp")  # at::parallel_for; libgomp is the one torch already loaded
         link.append("-fopenmp")
-    sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) + [os.path.join("csrc", "ops.cpp")]
+    sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources += [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "python_module.cpp")]
     ext = CppExtension("peft_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc", "include")],
                        extra_compile_args={"cxx": cxx}, extra_link_args=link)
 

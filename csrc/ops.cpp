@@ -1,6 +1,5 @@
 // TORCH_LIBRARY schemas for peft_kernels' compiled ops, with the CPU implementations.
 // (The CUDA kernels and their registrations are a later milestone.)
-#include <Python.h>
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -34,8 +33,3 @@ TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
 TORCH_LIBRARY_IMPL(peft_kernels, CompositeExplicitAutograd, m) {
   m.impl("dropout_keep_mask", &peft_kernels::cpu::dropout_keep_mask);
 }
-
-// A plain CPython module, so `import peft_kernels._C` loads the library and runs the
-// registrations above (no pybind11 needed).
-static struct PyModuleDef pk_module = {PyModuleDef_HEAD_INIT, "_C", "peft_kernels compiled ops", -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&pk_module); }

@@ -34,15 +34,33 @@ def saved_activation_bytes(fn: Callable[[], torch.Tensor], params) -> int:
     return sum(seen.values())
 
 
-def time_once(fn: Callable[[], None], device: torch.device) -> float:
-    """Seconds for one call of ``fn``."""
+class _CpuTimer:
+    """One torch.utils.benchmark.Timer per provider, timed one call at a time.
+
+    ``Timer.timeit(n)`` runs two untimed warm-up calls before every measurement, which would
+    triple the cost of an interleaved round; providers are warmed once up front instead, and each
+    round times a single call with the Timer's own clock and thread setting.
+    """
+
+    def __init__(self, fn):
+        from torch.utils import benchmark
+
+        self.timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+
+    def __call__(self) -> float:
+        t = self.timer
+        if hasattr(t, "_timeit"):
+            return t._timeit(1)
+        return t.timeit(1).median
+
+
+def make_timer(fn: Callable[[], None], device: torch.device) -> Callable[[], float]:
+    """A callable that times one call of ``fn`` in seconds (CUDA: do_bench's median)."""
     if device.type == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") / 1e3
-    from torch.utils import benchmark
-
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).timeit(1).median
+        return lambda: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") / 1e3
+    return _CpuTimer(fn)
 
 
 @dataclass
@@ -60,6 +78,14 @@ class Result:
     def ratio(self) -> float:
         return statistics.median(self.ratios)
 
+    @property
+    def ratio_iqr(self) -> float:
+        """Interquartile range of the per-round ratios: how much to trust ``ratio``."""
+        if len(self.ratios) < 4:
+            return float("nan")
+        q = statistics.quantiles(self.ratios, n=4)
+        return q[2] - q[0]
+
 
 def interleaved(providers: Dict[str, Callable[[], None]], baseline: str, rounds: int, warmup: int,
                 device: torch.device, seed: int = 0) -> Dict[str, Result]:
@@ -70,10 +96,11 @@ def interleaved(providers: Dict[str, Callable[[], None]], baseline: str, rounds:
         for n in names:
             providers[n]()
     results = {n: Result(n) for n in names}
+    timers = {n: make_timer(providers[n], device) for n in names}
     for _ in range(rounds):
         order = names[:]
         rng.shuffle(order)
-        t = {n: time_once(providers[n], device) for n in order}
+        t = {n: timers[n]() for n in order}
         for n in names:
             results[n].times.append(t[n])
             results[n].ratios.append(t[n] / t[baseline])

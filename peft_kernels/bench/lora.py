@@ -96,7 +96,7 @@ def run(M=512, K=4096, N=4096, r=16, dtype=torch.float32, device="cpu", rounds=2
             res = interleaved({n: make(m) for n, m in mods.items()}, FROZEN, rounds, warmup, device)
             for n, rsl in res.items():
                 rows.append(dict(provider=n, mode=mode, p=p, M=M, K=K, N=N, r=r, dtype=str(dtype).split(".")[-1],
-                                 device=str(device), median_ms=rsl.median_ms, ratio_to_frozen=rsl.ratio,
+                                 device=str(device), median_ms=rsl.median_ms, ratio_to_frozen=rsl.ratio, ratio_iqr=rsl.ratio_iqr,
                                  saved_bytes=saved[n], rounds=rounds))
         for n, why in skipped.items():
             rows.append(dict(provider=n, p=p, skipped=why))
@@ -106,7 +106,8 @@ def run(M=512, K=4096, N=4096, r=16, dtype=torch.float32, device="cpu", rounds=2
 def format_table(rows: List[dict], M, K, r) -> str:
     x_bytes = None
     lines = []
-    hdr = f"{'provider':30s} {'mode':8s} {'p':>4s} {'median ms':>10s} {'× frozen':>9s} {'saved for bwd':>14s}"
+    hdr = (f"{'provider':30s} {'mode':8s} {'p':>4s} {'median ms':>10s} {'× frozen':>9s} {'IQR':>6s} "
+           f"{'saved for bwd':>14s}")
     lines.append(hdr)
     lines.append("-" * len(hdr))
     for row in rows:
@@ -115,7 +116,7 @@ def format_table(rows: List[dict], M, K, r) -> str:
             continue
         mib = row["saved_bytes"] / 2 ** 20
         lines.append(f"{row['provider']:30s} {row['mode']:8s} {row['p']:4.2f} {row['median_ms']:10.2f} "
-                     f"{row['ratio_to_frozen']:9.3f} {mib:11.2f} MiB")
+                     f"{row['ratio_to_frozen']:9.3f} {row['ratio_iqr']:6.3f} {mib:11.2f} MiB")
         x_bytes = row["M"] * row["K"] * {"float32": 4, "float16": 2, "bfloat16": 2}[row["dtype"]]
     if x_bytes:
         lines.append(f"(bytes(x) = {x_bytes / 2 ** 20:.2f} MiB; target for ours: ≤ bytes(x) + M·r·4 = "

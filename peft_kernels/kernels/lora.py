@@ -29,6 +29,33 @@ from ._common import INTERPRETED, dropout_keep, f32_precision, mma, next_pow2, u
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(row-block, col-block) of program ``pid`` in grouped order: GROUP_M row-blocks share the
+    second operand's tiles in L2."""
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    gsize = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % gsize), (pid % (GROUP_M * num_n)) // gsize
+
+
+@triton.jit
+def _low_rank_tile(s_ptr, rm, m_ok, R, w_ptr, rc, c_ok, stride_wr, stride_wc,
+                   UPCAST: tl.constexpr, F32_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+    """fp32 [BM, BC] tile of ``S[rm, :R] · W[:R, rc]`` with S an fp32 [M, R] row-major buffer and
+    W read through (stride_wr, stride_wc); S is cast to W's dtype for the dot, as in PyTorch."""
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    rr0 = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + rr0
+        st = tl.load(s_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & (rr[None, :] < R), other=0.0)
+        wt = tl.load(w_ptr + rr[:, None] * stride_wr + rc[None, :] * stride_wc,
+                     mask=(rr[:, None] < R) & c_ok[None, :], other=0.0)
+        acc = mma(st.to(wt.dtype), wt, acc, UPCAST, F32_PREC)
+    return acc
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, s_ptr, M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak,
@@ -65,15 +92,7 @@ def _fwd_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # grouped launch order: GROUP_M row-blocks share W tiles in L2
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    gsize = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % gsize)
-    pid_n = (pid % (GROUP_M * num_n)) // gsize
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -81,15 +100,8 @@ def _fwd_gemm_kernel(
     m_ok = rm < M
     n_ok = rn < N
     # LoRA expand first, so its tile becomes the base GEMM's accumulator: s · S[BM, R] · Bᵀ[R, BN]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    rr0 = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + rr0
-        st = tl.load(s_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & (rr[None, :] < R), other=0.0)
-        bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
-                     mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
-        acc = mma(st.to(bt.dtype), bt, acc, UPCAST, F32_PREC)
-    acc = acc * scaling
+    acc = _low_rank_tile(s_ptr, rm, m_ok, R, b_ptr, rn, n_ok, stride_br, stride_bn,
+                         UPCAST, F32_PREC, BLOCK_M, BLOCK_R, BLOCK_N) * scaling
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         xt = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
@@ -148,14 +160,7 @@ def _bwd_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_k = tl.cdiv(K, BLOCK_K)
-    group = pid // (GROUP_M * num_k)
-    first_m = group * GROUP_M
-    gsize = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % gsize)
-    pid_k = (pid % (GROUP_M * num_k)) // gsize
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -163,14 +168,8 @@ def _bwd_dx_kernel(
     m_ok = rm < M
     k_ok = rk < K
     # LoRA term first (masked), then the base GEMM accumulates into it: fewer live registers
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    rr0 = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + rr0
-        dst = tl.load(ds_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & (rr[None, :] < R), other=0.0)
-        at = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
-                     mask=(rr[:, None] < R) & k_ok[None, :], other=0.0)
-        acc = mma(dst.to(at.dtype), at, acc, UPCAST, F32_PREC)
+    acc = _low_rank_tile(ds_ptr, rm, m_ok, R, a_ptr, rk, k_ok, stride_ar, stride_ak,
+                         UPCAST, F32_PREC, BLOCK_M, BLOCK_R, BLOCK_K)
     if HAS_DROPOUT:
         acc = tl.where(dropout_keep(seed, rm[:, None], rk[None, :], K, p), acc * keep_scale, 0.0)
     for n0 in range(0, N, BLOCK_N):

@@ -178,3 +178,70 @@ def test_dropout_keep_rate(backend, p):
     assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[:, 0], kept[:, 1])
     assert torch.equal(mask, dropout_mask(backend, 12345, (M, K), p, "cpu"))
     assert not torch.equal(mask, dropout_mask(backend, 12346, (M, K), p, "cpu"))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_saved_for_backward_is_x_and_S_only(backend, p):
+    """Autograd keeps x itself (same storage, never a dropped copy) and the M×r S; nothing else
+    but parameters. The dropout mask is never saved."""
+    t = make_inputs((3, 17), 29, 23, 5, True, "contig", torch.float32)
+    x = t["x"].clone().requires_grad_()
+    params = [t["W"], t["b"], t["A"].requires_grad_(), t["B"].requires_grad_()]
+    param_ptrs = {q.untyped_storage().data_ptr() for q in params}
+    saved = []
+
+    def pack(v):
+        if v.untyped_storage().data_ptr() not in param_ptrs:
+            saved.append(v)
+        return v
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+        y = pk.lora_linear(x, t["W"], t["b"], t["A"], t["B"], 1.0, dropout_p=p, training=True, backend=backend)
+    storages = {v.untyped_storage().data_ptr(): v for v in saved}
+    assert x.untyped_storage().data_ptr() in storages, "x itself is not what was saved"
+    others = [v for ptr, v in storages.items() if ptr != x.untyped_storage().data_ptr()]
+    assert len(others) == 1 and tuple(others[0].shape) == (51, 5), [tuple(v.shape) for v in others]
+    y.sum().backward()  # and backward works from exactly that
+    assert x.grad is not None
+
+
+def test_triton_launch_counts(monkeypatch):
+    """Forward is 2 kernel launches; backward at most 3 (and 2 when x needs no grad)."""
+    from peft_kernels.kernels import lora as K
+
+    kernels = [K._shrink_kernel, K._fwd_gemm_kernel, K._bwd_dy_kernel, K._bwd_dx_kernel, K._bwd_da_kernel]
+    launches = []
+    for k in kernels:
+        real = k.run
+
+        def counting(*a, _real=real, _name=k.__name__, **kw):
+            launches.append(_name)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(k, "run", counting)
+    t = make_inputs((37,), 45, 33, 6, True, "contig", torch.float32)
+    x = t["x"].clone().requires_grad_()
+    A, B = t["A"].clone().requires_grad_(), t["B"].clone().requires_grad_()
+    y = pk.lora_linear(x, t["W"], t["b"], A, B, 1.0, dropout_p=0.2, training=True, backend="triton")
+    assert launches == ["_shrink_kernel", "_fwd_gemm_kernel"]
+    launches.clear()
+    y.sum().backward()
+    assert sorted(launches) == sorted(["_bwd_dy_kernel", "_bwd_dx_kernel", "_bwd_da_kernel"])
+    launches.clear()
+    pk.lora_linear(t["x"], t["W"], t["b"], A, B, 1.0, backend="triton").sum().backward()
+    assert sorted(launches) == sorted(["_shrink_kernel", "_fwd_gemm_kernel", "_bwd_dy_kernel", "_bwd_da_kernel"])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_empty_batch(backend, p):
+    """No tokens: an empty output and zero LoRA gradients, not a crash."""
+    x = torch.randn(2, 0, 8, requires_grad=True)
+    W = torch.randn(5, 8)
+    A, B = torch.randn(2, 8, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+    y = pk.lora_linear(x, W, None, A, B, 1.0, dropout_p=p, training=True, backend=backend)
+    assert y.shape == (2, 0, 5)
+    y.sum().backward()
+    assert torch.equal(A.grad, torch.zeros_like(A)) and torch.equal(B.grad, torch.zeros_like(B))
+    assert x.grad.shape == x.shape

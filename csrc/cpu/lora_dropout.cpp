@@ -84,9 +84,10 @@ at::Tensor dropout_keep_mask(int64_t M, int64_t K, int64_t k0, int64_t k1, int64
 // Inputs are detached first: at::parallel_for's worker threads do not inherit the caller's
 // grad-mode state, and the at::mm_out calls below must never see tensors that require grad.
 //
-// Row tiles of x are masked into a cache-resident buffer and multiplied there (ATen's BLAS), so
-// the dropped copy of x never reaches memory. Tiles are independent: threads split them.
-constexpr int64_t kRowTile = 16;
+// Row tiles of x are masked into a cache-resident buffer (about 1 MiB) and multiplied there
+// (ATen's BLAS), so the dropped copy of x never reaches memory. Tiles are independent: threads
+// split them.
+static int64_t row_tile(int64_t K) { return std::min<int64_t>(64, std::max<int64_t>(8, (int64_t(1) << 18) / std::max<int64_t>(K, 1))); }
 
 at::Tensor lora_dropout_shrink(const at::Tensor& x_, const at::Tensor& A_, int64_t k0, int64_t k1, int64_t k2,
                                int64_t thr) {
@@ -98,12 +99,12 @@ at::Tensor lora_dropout_shrink(const at::Tensor& x_, const at::Tensor& A_, int64
   const int64_t M = x.size(0), K = x.size(1), R = A_.size(0);
   at::Tensor S = at::empty({M, R}, at::kFloat);
   const float* xp = x.data_ptr<float>();
-  const int64_t ntiles = (M + kRowTile - 1) / kRowTile;
+  const int64_t TM = row_tile(K), ntiles = (M + TM - 1) / TM;
   at::parallel_for(0, ntiles, 1, [&](int64_t b, int64_t e) {
-    at::Tensor buf = at::empty({kRowTile, K}, at::kFloat);
+    at::Tensor buf = at::empty({TM, K}, at::kFloat);
     float* bp = buf.data_ptr<float>();
     for (int64_t t = b; t < e; ++t) {
-      const int64_t m0 = t * kRowTile, rows = std::min(kRowTile, M - m0);
+      const int64_t m0 = t * TM, rows = std::min(TM, M - m0);
       for (int64_t i = 0; i < rows; ++i)
         masked_copy(xp + (m0 + i) * K, bp + i * K, K, static_cast<uint64_t>(m0 + i) * K, keys);
       at::Tensor out = S.narrow(0, m0, rows);
@@ -124,10 +125,10 @@ at::Tensor lora_dropout_dx(const at::Tensor& dS_, const at::Tensor& A_, int64_t 
   const int64_t M = dS.size(0), K = A.size(1);
   at::Tensor dX = at::empty({M, K}, at::kFloat);
   float* dxp = dX.data_ptr<float>();
-  const int64_t ntiles = (M + kRowTile - 1) / kRowTile;
+  const int64_t TM = row_tile(K), ntiles = (M + TM - 1) / TM;
   at::parallel_for(0, ntiles, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      const int64_t m0 = t * kRowTile, rows = std::min(kRowTile, M - m0);
+      const int64_t m0 = t * TM, rows = std::min(TM, M - m0);
       at::Tensor out = dX.narrow(0, m0, rows);  // contiguous rows
       at::mm_out(out, dS.narrow(0, m0, rows), A);
       for (int64_t i = 0; i < rows; ++i)  // mask while the tile is still in cache

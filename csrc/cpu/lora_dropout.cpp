@@ -138,37 +138,37 @@ at::Tensor lora_dropout_dx(const at::Tensor& dS_, const at::Tensor& A_, int64_t 
   return dX;
 }
 
-// Column slabs of x (all rows, in row chunks) are masked into a buffer and multiplied by dSᵀ.
-// Each slab of dA belongs to one task: no cross-thread reduction, deterministic results.
+// Column slabs of x (all rows, in row chunks) are masked into a buffer and multiplied with dS,
+// writing dAᵀ's rows for that slab directly (contiguous, so BLAS writes in place). Each slab
+// belongs to one task: no cross-thread reduction, deterministic results.
 at::Tensor lora_dropout_da(const at::Tensor& dS_, const at::Tensor& x_, int64_t k0, int64_t k1, int64_t k2,
                            int64_t thr) {
   check_f32_2d(dS_, "dS");
   check_f32_2d(x_, "x");
   TORCH_CHECK(dS_.size(0) == x_.size(0), "peft_kernels: dS has ", dS_.size(0), " rows but x has ", x_.size(0));
   const DropoutKeys keys = make_keys(k0, k1, k2, thr);
-  const at::Tensor x = x_.detach().contiguous(), dSt = dS_.detach().t();
-  const int64_t M = x.size(0), K = x.size(1), R = dS_.size(1);
-  at::Tensor dA = at::empty({R, K}, at::kFloat);
+  const at::Tensor x = x_.detach().contiguous(), dS = dS_.detach().contiguous();
+  const int64_t M = x.size(0), K = x.size(1), R = dS.size(1);
+  at::Tensor dAt = at::zeros({K, R}, at::kFloat);
   const float* xp = x.data_ptr<float>();
-  constexpr int64_t CW = 128, MC = 512;  // slab width; rows per chunk (buffer ≤ 256 KiB)
+  constexpr int64_t CW = 256, MC = 512;  // slab width; rows per chunk (buffer ≤ 512 KiB)
   const int64_t nslabs = (K + CW - 1) / CW;
   at::parallel_for(0, nslabs, 1, [&](int64_t b, int64_t e) {
-    at::Tensor buf = at::empty({std::min(MC, std::max<int64_t>(M, 1)), CW}, at::kFloat);
+    at::Tensor buf = at::empty({std::min(MC, std::max<int64_t>(M, 1)) * CW}, at::kFloat);
     float* bp = buf.data_ptr<float>();
     for (int64_t c = b; c < e; ++c) {
       const int64_t kc = c * CW, n = std::min(CW, K - kc);
-      at::Tensor acc = at::zeros({R, n}, at::kFloat);
+      at::Tensor out = dAt.narrow(0, kc, n);  // [n, R], contiguous rows of dAᵀ
       for (int64_t m0 = 0; m0 < M; m0 += MC) {
         const int64_t rows = std::min(MC, M - m0);
         for (int64_t i = 0; i < rows; ++i)
           masked_copy(xp + (m0 + i) * K + kc, bp + i * n, n, static_cast<uint64_t>(m0 + i) * K + kc, keys);
-        at::Tensor tile = buf.view({-1}).narrow(0, 0, rows * n).view({rows, n});
-        acc.addmm_(dSt.narrow(1, m0, rows), tile);
+        const at::Tensor tile = buf.narrow(0, 0, rows * n).view({rows, n});
+        out.addmm_(tile.t(), dS.narrow(0, m0, rows));
       }
-      dA.narrow(1, kc, n).copy_(acc);
     }
   });
-  return dA;
+  return dAt.t().contiguous();
 }
 
 }  // namespace cpu

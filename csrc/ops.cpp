@@ -9,10 +9,9 @@ at::Tensor dropout_keep_mask(int64_t M, int64_t K, int64_t k0, int64_t k1, int64
                              int64_t offset);
 at::Tensor lora_dropout_shrink(const at::Tensor& x, const at::Tensor& A, int64_t k0, int64_t k1, int64_t k2,
                                int64_t thr);
-at::Tensor lora_dropout_dx(const at::Tensor& dS, const at::Tensor& A, int64_t k0, int64_t k1, int64_t k2,
-                           int64_t thr);
-at::Tensor lora_dropout_da(const at::Tensor& dS, const at::Tensor& x, int64_t k0, int64_t k1, int64_t k2,
-                           int64_t thr);
+std::tuple<at::Tensor, at::Tensor> lora_dropout_bwd(const at::Tensor& dS, const at::Tensor& x, const at::Tensor& A,
+                                                    int64_t k0, int64_t k1, int64_t k2, int64_t thr, bool need_dx,
+                                                    bool need_da);
 }  // namespace cpu
 }  // namespace peft_kernels
 
@@ -20,14 +19,14 @@ TORCH_LIBRARY(peft_kernels, m) {
   // keep-mask of the torch backend's dropout for element indices offset + m*K + k (tests, debugging)
   m.def("dropout_keep_mask(int M, int K, int k0, int k1, int k2, int thr, int offset=0) -> Tensor");
   m.def("lora_dropout_shrink(Tensor x, Tensor lora_A, int k0, int k1, int k2, int thr) -> Tensor");
-  m.def("lora_dropout_dx(Tensor dS, Tensor lora_A, int k0, int k1, int k2, int thr) -> Tensor");
-  m.def("lora_dropout_da(Tensor dS, Tensor x, int k0, int k1, int k2, int thr) -> Tensor");
+  // (dX, dA); an output not asked for is an empty tensor
+  m.def("lora_dropout_bwd(Tensor dS, Tensor x, Tensor lora_A, int k0, int k1, int k2, int thr, bool need_dx, "
+        "bool need_da) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
   m.impl("lora_dropout_shrink", &peft_kernels::cpu::lora_dropout_shrink);
-  m.impl("lora_dropout_dx", &peft_kernels::cpu::lora_dropout_dx);
-  m.impl("lora_dropout_da", &peft_kernels::cpu::lora_dropout_da);
+  m.impl("lora_dropout_bwd", &peft_kernels::cpu::lora_dropout_bwd);
 }
 
 TORCH_LIBRARY_IMPL(peft_kernels, CompositeExplicitAutograd, m) {

@@ -43,8 +43,12 @@ def test_fused_passes_match_torch(M, K, R):
     ops = _ext.ops()
     ref = {"S": (x.double() * keep) @ A.double().t(), "dx": (dS.double() @ A.double()) * keep,
            "dA": dS.double().t() @ (x.double() * keep)}
-    got = {"S": ops.lora_dropout_shrink(x, A, *ks), "dx": ops.lora_dropout_dx(dS, A, *ks),
-           "dA": ops.lora_dropout_da(dS, x, *ks)}
+    dx, dA = ops.lora_dropout_bwd(dS, x, A, *ks, True, True)
+    got = {"S": ops.lora_dropout_shrink(x, A, *ks), "dx": dx, "dA": dA}
+    only_dx, no_da = ops.lora_dropout_bwd(dS, x, A, *ks, True, False)
+    no_dx, only_da = ops.lora_dropout_bwd(dS, x, A, *ks, False, True)
+    assert no_da.numel() == 0 and no_dx.numel() == 0
+    assert torch.equal(only_dx, dx) and torch.equal(only_da, dA)
     plain = {"S": (x * keep.float()) @ A.t(), "dx": (dS @ A) * keep.float(), "dA": dS.t() @ (x * keep.float())}
     from helpers import assert_close
 

@@ -11,6 +11,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "peft_kernels/dropout_hash.h"
@@ -114,61 +117,61 @@ at::Tensor lora_dropout_shrink(const at::Tensor& x_, const at::Tensor& A_, int64
   return S;
 }
 
-at::Tensor lora_dropout_dx(const at::Tensor& dS_, const at::Tensor& A_, int64_t k0, int64_t k1, int64_t k2,
-                           int64_t thr) {
-  check_f32_2d(dS_, "dS");
-  check_f32_2d(A_, "lora_A");
-  TORCH_CHECK(dS_.size(1) == A_.size(0), "peft_kernels: dS has ", dS_.size(1), " columns but lora_A has ",
-              A_.size(0), " rows");
-  const DropoutKeys keys = make_keys(k0, k1, k2, thr);
-  const at::Tensor dS = dS_.detach().contiguous(), A = A_.detach().contiguous();
-  const int64_t M = dS.size(0), K = A.size(1);
-  at::Tensor dX = at::empty({M, K}, at::kFloat);
-  float* dxp = dX.data_ptr<float>();
-  const int64_t TM = row_tile(K), ntiles = (M + TM - 1) / TM;
-  at::parallel_for(0, ntiles, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t m0 = t * TM, rows = std::min(TM, M - m0);
-      at::Tensor out = dX.narrow(0, m0, rows);  // contiguous rows
-      at::mm_out(out, dS.narrow(0, m0, rows), A);
-      for (int64_t i = 0; i < rows; ++i)  // mask while the tile is still in cache
-        mask_inplace(dxp + (m0 + i) * K, K, static_cast<uint64_t>(m0 + i) * K, keys);
-    }
-  });
-  return dX;
-}
-
-// Column slabs of x (all rows, in row chunks) are masked into a buffer and multiplied with dS,
-// writing dAᵀ's rows for that slab directly (contiguous, so BLAS writes in place). Each slab
-// belongs to one task: no cross-thread reduction, deterministic results.
-at::Tensor lora_dropout_da(const at::Tensor& dS_, const at::Tensor& x_, int64_t k0, int64_t k1, int64_t k2,
-                           int64_t thr) {
+// Backward, one pass over row tiles (threads split the tiles):
+//   dX rows  = keep ⊙ (dS_tile · A)           written in place, masked while in cache
+//   dA      += dS_tileᵀ · (keep ⊙ x_tile)      into a per-thread-range partial
+// The partials are summed in range order afterwards, so for a given thread count the result is
+// deterministic (the same property as the BLAS calls themselves).
+std::tuple<at::Tensor, at::Tensor> lora_dropout_bwd(const at::Tensor& dS_, const at::Tensor& x_, const at::Tensor& A_,
+                                                    int64_t k0, int64_t k1, int64_t k2, int64_t thr, bool need_dx,
+                                                    bool need_da) {
   check_f32_2d(dS_, "dS");
   check_f32_2d(x_, "x");
+  check_f32_2d(A_, "lora_A");
   TORCH_CHECK(dS_.size(0) == x_.size(0), "peft_kernels: dS has ", dS_.size(0), " rows but x has ", x_.size(0));
+  TORCH_CHECK(dS_.size(1) == A_.size(0), "peft_kernels: dS has ", dS_.size(1), " columns but lora_A has ",
+              A_.size(0), " rows");
+  TORCH_CHECK(x_.size(1) == A_.size(1), "peft_kernels: x has ", x_.size(1), " columns but lora_A has ", A_.size(1));
   const DropoutKeys keys = make_keys(k0, k1, k2, thr);
-  const at::Tensor x = x_.detach().contiguous(), dS = dS_.detach().contiguous();
+  const at::Tensor x = x_.detach().contiguous(), dS = dS_.detach().contiguous(), A = A_.detach().contiguous();
   const int64_t M = x.size(0), K = x.size(1), R = dS.size(1);
-  at::Tensor dAt = at::zeros({K, R}, at::kFloat);
+  at::Tensor dX = need_dx ? at::empty({M, K}, at::kFloat) : at::empty({0}, at::kFloat);
   const float* xp = x.data_ptr<float>();
-  constexpr int64_t CW = 256, MC = 512;  // slab width; rows per chunk (buffer ≤ 512 KiB)
-  const int64_t nslabs = (K + CW - 1) / CW;
-  at::parallel_for(0, nslabs, 1, [&](int64_t b, int64_t e) {
-    at::Tensor buf = at::empty({std::min(MC, std::max<int64_t>(M, 1)) * CW}, at::kFloat);
-    float* bp = buf.data_ptr<float>();
-    for (int64_t c = b; c < e; ++c) {
-      const int64_t kc = c * CW, n = std::min(CW, K - kc);
-      at::Tensor out = dAt.narrow(0, kc, n);  // [n, R], contiguous rows of dAᵀ
-      for (int64_t m0 = 0; m0 < M; m0 += MC) {
-        const int64_t rows = std::min(MC, M - m0);
+  float* dxp = need_dx ? dX.data_ptr<float>() : nullptr;
+  const int64_t TM = row_tile(K), ntiles = (M + TM - 1) / TM;
+  std::vector<std::pair<int64_t, at::Tensor>> partials;  // (first tile, partial dA)
+  std::mutex mu;
+  at::parallel_for(0, ntiles, 1, [&](int64_t b, int64_t e) {
+    at::Tensor buf = need_da ? at::empty({TM, K}, at::kFloat) : at::Tensor();
+    at::Tensor part = need_da ? at::zeros({R, K}, at::kFloat) : at::Tensor();
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t m0 = t * TM, rows = std::min(TM, M - m0);
+      const at::Tensor dS_t = dS.narrow(0, m0, rows);
+      if (need_da) {
+        float* bp = buf.data_ptr<float>();
         for (int64_t i = 0; i < rows; ++i)
-          masked_copy(xp + (m0 + i) * K + kc, bp + i * n, n, static_cast<uint64_t>(m0 + i) * K + kc, keys);
-        const at::Tensor tile = buf.narrow(0, 0, rows * n).view({rows, n});
-        out.addmm_(tile.t(), dS.narrow(0, m0, rows));
+          masked_copy(xp + (m0 + i) * K, bp + i * K, K, static_cast<uint64_t>(m0 + i) * K, keys);
+        part.addmm_(dS_t.t(), buf.narrow(0, 0, rows));
+      }
+      if (need_dx) {
+        at::Tensor out = dX.narrow(0, m0, rows);  // contiguous rows
+        at::mm_out(out, dS_t, A);
+        for (int64_t i = 0; i < rows; ++i)
+          mask_inplace(dxp + (m0 + i) * K, K, static_cast<uint64_t>(m0 + i) * K, keys);
       }
     }
+    if (need_da) {
+      std::lock_guard<std::mutex> g(mu);
+      partials.emplace_back(b, part);
+    }
   });
-  return dAt.t().contiguous();
+  at::Tensor dA = at::empty({0}, at::kFloat);
+  if (need_da) {
+    std::sort(partials.begin(), partials.end(), [](const auto& l, const auto& r) { return l.first < r.first; });
+    dA = partials.empty() ? at::zeros({R, K}, at::kFloat) : partials[0].second;
+    for (size_t i = 1; i < partials.size(); ++i) dA.add_(partials[i].second);
+  }
+  return {dX, dA};
 }
 
 }  // namespace cpu

@@ -127,11 +127,9 @@ def _torch_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed: int,
         dS.mul_(_torch_dropout.keep_scale(p))  # both dX and dA carry the inverted-dropout scale
     dA = dx = None
     if p > 0 and _use_ext(x, A, p):
-        ks = _torch_dropout.keys(seed, p)
-        if need_da:
-            dA = _ext.ops().lora_dropout_da(dS, x, *ks)
-        if need_dx:
-            dx = _ext.ops().lora_dropout_dx(dS, A, *ks)
+        if need_dx or need_da:
+            dx, dA = _ext.ops().lora_dropout_bwd(dS, x, A, *_torch_dropout.keys(seed, p), need_dx, need_da)
+            dx, dA = (dx if need_dx else None), (dA if need_da else None)
     else:
         keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device) if p > 0 and (need_dx or need_da) else None
         if need_da:

@@ -29,8 +29,8 @@ namespace cpu {
 namespace {
 
 // out[k] = keep(base + k) ? x[k] : 0, for k in [0, n); idx = base + k split into 32-bit halves.
-PK_CLONES void masked_copy(const float* __restrict x, float* __restrict out, int64_t n, uint64_t base,
-                           DropoutKeys keys) {
+// out may be x (masking in place): each element is read before it is written.
+PK_CLONES void masked_copy(const float* x, float* out, int64_t n, uint64_t base, DropoutKeys keys) {
   const uint32_t lo0 = static_cast<uint32_t>(base);
   const uint32_t hi0 = static_cast<uint32_t>(base >> 32);
 #pragma omp simd
@@ -38,18 +38,6 @@ PK_CLONES void masked_copy(const float* __restrict x, float* __restrict out, int
     const uint32_t lo = lo0 + static_cast<uint32_t>(k);
     const uint32_t hi = hi0 + (lo < lo0 ? 1u : 0u);
     out[k] = dropout_hash(lo, hi, keys) >= keys.thr ? x[k] : 0.0f;
-  }
-}
-
-// y[k] = keep(base + k) ? y[k] : 0
-PK_CLONES void mask_inplace(float* __restrict y, int64_t n, uint64_t base, DropoutKeys keys) {
-  const uint32_t lo0 = static_cast<uint32_t>(base);
-  const uint32_t hi0 = static_cast<uint32_t>(base >> 32);
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) {
-    const uint32_t lo = lo0 + static_cast<uint32_t>(k);
-    const uint32_t hi = hi0 + (lo < lo0 ? 1u : 0u);
-    y[k] = dropout_hash(lo, hi, keys) >= keys.thr ? y[k] : 0.0f;
   }
 }
 
@@ -157,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> lora_dropout_bwd(const at::Tensor& dS_, const
         at::Tensor out = dX.narrow(0, m0, rows);  // contiguous rows
         at::mm_out(out, dS_t, A);
         for (int64_t i = 0; i < rows; ++i)
-          mask_inplace(dxp + (m0 + i) * K, K, static_cast<uint64_t>(m0 + i) * K, keys);
+          masked_copy(dxp + (m0 + i) * K, dxp + (m0 + i) * K, K, static_cast<uint64_t>(m0 + i) * K, keys);
       }
     }
     if (need_da) {

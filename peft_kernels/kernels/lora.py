@@ -56,6 +56,21 @@ def _low_rank_tile(s_ptr, rm, m_ok, R, w_ptr, rc, c_ok, stride_wr, stride_wc,
 
 
 @triton.jit
+def _gemm_mainloop(acc, a_ptr, rm, m_ok, stride_am, stride_ak, b_ptr, rc, c_ok, stride_bk, stride_bc, KD,
+                   UPCAST: tl.constexpr, F32_PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc + a[rm, :KD] · b[:KD, rc]``, both operands read through their strides."""
+    rk0 = tl.arange(0, BLOCK_K)
+    for k0 in range(0, KD, BLOCK_K):
+        rk = k0 + rk0
+        at = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
+                     mask=m_ok[:, None] & (rk[None, :] < KD), other=0.0)
+        bt = tl.load(b_ptr + rk[:, None] * stride_bk + rc[None, :] * stride_bc,
+                     mask=(rk[:, None] < KD) & c_ok[None, :], other=0.0)
+        acc = mma(at, bt, acc, UPCAST, F32_PREC)
+    return acc
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, s_ptr, M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak,
@@ -96,19 +111,13 @@ def _fwd_gemm_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
     # LoRA expand first, so its tile becomes the base GEMM's accumulator: s · S[BM, R] · Bᵀ[R, BN]
     acc = _low_rank_tile(s_ptr, rm, m_ok, R, b_ptr, rn, n_ok, stride_br, stride_bn,
                          UPCAST, F32_PREC, BLOCK_M, BLOCK_R, BLOCK_N) * scaling
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        xt = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-                     mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
-        wt = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
-                     mask=n_ok[None, :] & (kk[:, None] < K), other=0.0)
-        acc = mma(xt, wt, acc, UPCAST, F32_PREC)
+    acc = _gemm_mainloop(acc, x_ptr, rm, m_ok, stride_xm, stride_xk, w_ptr, rn, n_ok, stride_wk, stride_wn, K,
+                         UPCAST, F32_PREC, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -164,7 +173,6 @@ def _bwd_dx_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    rn0 = tl.arange(0, BLOCK_N)
     m_ok = rm < M
     k_ok = rk < K
     # LoRA term first (masked), then the base GEMM accumulates into it: fewer live registers
@@ -172,13 +180,8 @@ def _bwd_dx_kernel(
                          UPCAST, F32_PREC, BLOCK_M, BLOCK_R, BLOCK_K)
     if HAS_DROPOUT:
         acc = tl.where(dropout_keep(seed, rm[:, None], rk[None, :], K, p), acc * keep_scale, 0.0)
-    for n0 in range(0, N, BLOCK_N):
-        rn = n0 + rn0
-        dyt = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
-                      mask=m_ok[:, None] & (rn[None, :] < N), other=0.0)
-        wt = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
-                     mask=(rn[:, None] < N) & k_ok[None, :], other=0.0)
-        acc = mma(dyt, wt, acc, UPCAST, F32_PREC)
+    acc = _gemm_mainloop(acc, dy_ptr, rm, m_ok, stride_dym, stride_dyn, w_ptr, rk, k_ok, stride_wn, stride_wk, N,
+                         UPCAST, F32_PREC, BLOCK_N)
     tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=m_ok[:, None] & k_ok[None, :])
 

@@ -23,7 +23,7 @@ class LoRALinear(nn.Module):
     ``lora_B`` [out, r] (the HF PEFT layouts of ``lora_A.weight`` / ``lora_B.weight``).
 
     ``init_lora_weights``: True (kaiming-uniform A, zero B: the layer starts equal to the base),
-    ``"gaussian"`` (A ~ N(0, 1/r²)·, zero B), or False (random A and B, for tests).
+    ``"gaussian"`` (A ~ N(0, std=1/r), zero B), or False (random A and B, for tests).
     ``lora_dtype``: dtype of the LoRA parameters (default: the base weight's dtype; float32 on a
     half-precision base mirrors HF PEFT's ``autocast_adapter_dtype``).
     """

@@ -97,9 +97,8 @@ def _use_ext(x: torch.Tensor, A: torch.Tensor, p: float) -> bool:
 def _torch_forward(x, weight, bias, A, B, scaling: float, p: float, seed: int):
     cdt = A.dtype
     if p > 0:
-        ks = _torch_dropout.keys(seed, p)
         if _use_ext(x, A, p):  # mask made, applied and consumed in one pass: never materialised
-            S = _ext.ops().lora_dropout_shrink(x, A, *ks)
+            S = _ext.ops().lora_dropout_shrink(x, A, *_torch_dropout.keys(seed, p))
         else:
             keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device)
             S = torch.mm(torch.where(keep, x, 0.0).to(cdt), A.t())
@@ -109,8 +108,8 @@ def _torch_forward(x, weight, bias, A, B, scaling: float, p: float, seed: int):
     # addmm-style fusion: the small LoRA expand (plus bias) is the GEMM's C, the base GEMM adds into it
     if bias is not None:
         y = torch.addmm(bias.to(cdt), S, B.t(), alpha=scaling)
-    else:
-        y = torch.mm(S, B.t()).mul_(scaling) if scaling != 1.0 else torch.mm(S, B.t())
+    else:  # scale the M×r S, never the M×N product
+        y = torch.mm(S * scaling, B.t())
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     y.addmm_(x, weight.t())

@@ -96,8 +96,8 @@ at::Tensor lora_dropout_shrink(const at::Tensor& x_, const at::Tensor& A_, int64
     float* bp = buf.data_ptr<float>();
     for (int64_t t = b; t < e; ++t) {
       const int64_t m0 = t * TM, rows = std::min(TM, M - m0);
-      for (int64_t i = 0; i < rows; ++i)
-        masked_copy(xp + (m0 + i) * K, bp + i * K, K, static_cast<uint64_t>(m0 + i) * K, keys);
+      // rows m0..m0+rows of contiguous x are element indices m0*K .. (m0+rows)*K - 1: one run
+      masked_copy(xp + m0 * K, bp, rows * K, static_cast<uint64_t>(m0) * K, keys);
       at::Tensor out = S.narrow(0, m0, rows);
       at::mm_out(out, buf.narrow(0, 0, rows), At);
     }
@@ -136,16 +136,13 @@ std::tuple<at::Tensor, at::Tensor> lora_dropout_bwd(const at::Tensor& dS_, const
       const int64_t m0 = t * TM, rows = std::min(TM, M - m0);
       const at::Tensor dS_t = dS.narrow(0, m0, rows);
       if (need_da) {
-        float* bp = buf.data_ptr<float>();
-        for (int64_t i = 0; i < rows; ++i)
-          masked_copy(xp + (m0 + i) * K, bp + i * K, K, static_cast<uint64_t>(m0 + i) * K, keys);
+        masked_copy(xp + m0 * K, buf.data_ptr<float>(), rows * K, static_cast<uint64_t>(m0) * K, keys);
         part.addmm_(dS_t.t(), buf.narrow(0, 0, rows));
       }
       if (need_dx) {
         at::Tensor out = dX.narrow(0, m0, rows);  // contiguous rows
         at::mm_out(out, dS_t, A);
-        for (int64_t i = 0; i < rows; ++i)
-          masked_copy(dxp + (m0 + i) * K, dxp + (m0 + i) * K, K, static_cast<uint64_t>(m0 + i) * K, keys);
+        masked_copy(dxp + m0 * K, dxp + m0 * K, rows * K, static_cast<uint64_t>(m0) * K, keys);
       }
     }
     if (need_da) {

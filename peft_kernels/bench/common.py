@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import statistics
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 
@@ -68,7 +68,6 @@ class Result:
     name: str
     times: List[float] = field(default_factory=list)
     ratios: List[float] = field(default_factory=list)
-    saved_bytes: Optional[int] = None
 
     @property
     def median_ms(self) -> float:

@@ -103,6 +103,10 @@ def run(M=512, K=4096, N=4096, r=16, dtype=torch.float32, device="cpu", rounds=2
     return rows
 
 
+def _x_bytes(row: dict) -> int:
+    return row["M"] * row["K"] * {"float32": 4, "float16": 2, "bfloat16": 2}[row["dtype"]]
+
+
 def format_table(rows: List[dict], M, K, r) -> str:
     x_bytes = None
     lines = []
@@ -117,7 +121,7 @@ def format_table(rows: List[dict], M, K, r) -> str:
         mib = row["saved_bytes"] / 2 ** 20
         lines.append(f"{row['provider']:30s} {row['mode']:8s} {row['p']:4.2f} {row['median_ms']:10.2f} "
                      f"{row['ratio_to_frozen']:9.3f} {row['ratio_iqr']:6.3f} {mib:11.2f} MiB")
-        x_bytes = row["M"] * row["K"] * {"float32": 4, "float16": 2, "bfloat16": 2}[row["dtype"]]
+        x_bytes = _x_bytes(row)
     if x_bytes:
         lines.append(f"(bytes(x) = {x_bytes / 2 ** 20:.2f} MiB; target for ours: ≤ bytes(x) + M·r·4 = "
                      f"{(x_bytes + M * r * 4) / 2 ** 20:.3f} MiB)")
@@ -134,7 +138,7 @@ def targets(rows: List[dict], M, r) -> List[str]:
         ok = row["ratio_to_frozen"] <= lim
         out.append(f"{row['provider']} {row['mode']} p={row['p']}: {row['ratio_to_frozen']:.3f}× frozen "
                    f"(target ≤ {lim}) {'MET' if ok else 'MISSED'}")
-        xb = row["M"] * row["K"] * {"float32": 4, "float16": 2, "bfloat16": 2}[row["dtype"]]
+        xb = _x_bytes(row)
         if row["mode"] == "fwd":
             okm = row["saved_bytes"] <= xb + M * r * 4
             out.append(f"{row['provider']} p={row['p']}: saved {row['saved_bytes']} B vs target ≤ "

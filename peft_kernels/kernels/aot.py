@@ -95,14 +95,21 @@ def _ptxas_stats(ptx: str, arch: int):
     return regs, int(m.group(1)), int(m.group(2)), log
 
 
-def compile_launch(launch: Launch, arch: int) -> Compiled:
+def _bind(launch: Launch, arch: int):
+    """What Triton's JIT binder derives from the launch's arguments for ``arch``:
+    (backend, kwargs, bound_args, specialization, options)."""
     k = launch.kernel
     backend = triton.compiler.make_backend(GPUTarget("cuda", arch, 32))
     binder = create_function_from_signature(k.signature, k.params, backend)
     kwargs = dict(launch.kwargs)
     kwargs.setdefault("debug", False)
     kwargs.setdefault("instrumentation_mode", "")
-    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    return (backend, kwargs) + tuple(binder(*launch.args, **kwargs))
+
+
+def compile_launch(launch: Launch, arch: int) -> Compiled:
+    k = launch.kernel
+    backend, kwargs, bound_args, specialization, options = _bind(launch, arch)
     options, signature, constexprs, attrs = k._pack_args(backend, kwargs, bound_args, specialization, options)
     src = ASTSource(k, signature, constexprs, attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
@@ -140,29 +147,27 @@ def record_lora_launches():
 
     kernels = [L._shrink_kernel, L._fwd_gemm_kernel, L._bwd_dy_kernel, L._bwd_dx_kernel, L._bwd_da_kernel]
     tf32 = torch.backends.cuda.matmul.allow_tf32
-    with record_launches(kernels) as calls:
-        for (dt, R, p, M, K, N), use_tf32 in [(c, False) for c in lora_launch_matrix()] + [
-                (c, True) for c in lora_launch_matrix() if c[0] == torch.float32]:
-            torch.backends.cuda.matmul.allow_tf32 = use_tf32  # fp32 kernels follow torch's TF32 setting
-            x = torch.empty(M, K, dtype=dt)
-            W = torch.empty(N, K, dtype=dt)
-            b = torch.empty(N, dtype=dt)
-            A = torch.empty(R, K, dtype=dt)
-            B = torch.empty(N, R, dtype=dt)
-            S = torch.empty(M, R)
-            L.lora_forward(x, W, b, A, B, 0.5, p, 1234)
-            L.lora_backward(torch.empty(M, N, dtype=dt), x, W, A, B, S, 0.5, p, 1234, True, True, True)
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        with record_launches(kernels) as calls:
+            for (dt, R, p, M, K, N), use_tf32 in [(c, False) for c in lora_launch_matrix()] + [
+                    (c, True) for c in lora_launch_matrix() if c[0] == torch.float32]:
+                torch.backends.cuda.matmul.allow_tf32 = use_tf32  # fp32 kernels follow torch's TF32 setting
+                x = torch.empty(M, K, dtype=dt)
+                W = torch.empty(N, K, dtype=dt)
+                b = torch.empty(N, dtype=dt)
+                A = torch.empty(R, K, dtype=dt)
+                B = torch.empty(N, R, dtype=dt)
+                S = torch.empty(M, R)
+                L.lora_forward(x, W, b, A, B, 0.5, p, 1234)
+                L.lora_backward(torch.empty(M, N, dtype=dt), x, W, A, B, S, 0.5, p, 1234, True, True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return calls
 
 
 def _launch_key(c: Launch, arch: int):
-    import torch
-
-    backend = triton.compiler.make_backend(GPUTarget("cuda", arch, 32))
-    binder = create_function_from_signature(c.kernel.signature, c.kernel.params, backend)
-    kw = dict(c.kwargs, debug=False, instrumentation_mode="")
-    _, spec, opts = binder(*c.args, **kw)
+    """Two launches with equal keys compile to the same binary."""
+    _, _, _, spec, opts = _bind(c, arch)
     return (c.kernel.__name__, repr(spec), repr(opts))
 
 

@@ -28,13 +28,13 @@ class Keys(NamedTuple):
     thr: int
 
 
-def _fmix32(h: int) -> int:
-    h ^= h >> 16
+def _fmix32(h):
+    """murmur3's 32-bit finalizer on a Python int or an int64 tensor holding uint32 values."""
+    h = h ^ (h >> 16)
     h = (h * 0x85EBCA6B) & _M32
-    h ^= h >> 13
+    h = h ^ (h >> 13)
     h = (h * 0xC2B2AE35) & _M32
-    h ^= h >> 16
-    return h
+    return h ^ (h >> 16)
 
 
 def threshold(p: float) -> int:
@@ -54,14 +54,6 @@ def keep_scale(p: float) -> float:
     return _TWO32 / (_TWO32 - threshold(p))
 
 
-def _fmix32_t(h: torch.Tensor) -> torch.Tensor:  # int64 tensor holding uint32 values
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _M32
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _M32
-    return h ^ (h >> 16)
-
-
 def keep_mask(seed: int, shape, p: float, device, offset: int = 0) -> torch.Tensor:
     """Bool keep-mask of ``shape`` (last dim = K) in plain torch ops, for element indices
     ``offset + flat index``."""
@@ -70,9 +62,9 @@ def keep_mask(seed: int, shape, p: float, device, offset: int = 0) -> torch.Tens
     for d in shape:
         n *= int(d)
     idx = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
-    h = _fmix32_t((idx & _M32) ^ k.k0)
-    h = _fmix32_t(h ^ (idx >> 32) ^ k.k1)
-    h = _fmix32_t(h ^ k.k2)
+    h = _fmix32((idx & _M32) ^ k.k0)
+    h = _fmix32(h ^ (idx >> 32) ^ k.k1)
+    h = _fmix32(h ^ k.k2)
     return (h >= k.thr).view(tuple(shape))
 
 

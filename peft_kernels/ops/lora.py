@@ -125,7 +125,7 @@ def _torch_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed: int,
     if p > 0:
         dS.mul_(_torch_dropout.keep_scale(p))  # both dX and dA carry the inverted-dropout scale
     dA = dx = None
-    if p > 0 and _use_ext(x, A, p):
+    if _use_ext(x, A, p):
         if need_dx or need_da:
             dx, dA = _ext.ops().lora_dropout_bwd(dS, x, A, *_torch_dropout.keys(seed, p), need_dx, need_da)
             dx, dA = (dx if need_dx else None), (dA if need_da else None)

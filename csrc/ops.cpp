@@ -12,6 +12,15 @@ at::Tensor lora_dropout_shrink(const at::Tensor& x, const at::Tensor& A, int64_t
 std::tuple<at::Tensor, at::Tensor> lora_dropout_bwd(const at::Tensor& dS, const at::Tensor& x, const at::Tensor& A,
                                                     int64_t k0, int64_t k1, int64_t k2, int64_t thr, bool need_dx,
                                                     bool need_da);
+at::Tensor multi_lora_fwd(at::Tensor y, const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                          const at::Tensor& perm, const at::Tensor& seg_slots, const at::Tensor& seg_starts,
+                          const at::Tensor& ranks, const at::Tensor& scalings);
+std::tuple<at::Tensor, at::Tensor> multi_lora_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& S,
+                                                  const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                  const at::Tensor& perm, const at::Tensor& seg_slots,
+                                                  const at::Tensor& seg_starts, const at::Tensor& ranks,
+                                                  const at::Tensor& scalings, const c10::optional<at::Tensor>& dx,
+                                                  bool need_da, bool need_db);
 }  // namespace cpu
 }  // namespace peft_kernels
 
@@ -22,11 +31,21 @@ TORCH_LIBRARY(peft_kernels, m) {
   // (dX, dA); an output not asked for is an empty tensor
   m.def("lora_dropout_bwd(Tensor dS, Tensor x, Tensor lora_A, int k0, int k1, int k2, int thr, bool need_dx, "
         "bool need_da) -> (Tensor, Tensor)");
+  // multi-adapter LoRA over tokens grouped by adapter (perm, seg_slots, seg_starts: ops/multi_lora.py's
+  // AdapterMapping): adds the LoRA updates into y in place, returns the shrink S [T_active, R]
+  m.def("multi_lora_fwd(Tensor(a!) y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor perm, Tensor seg_slots, "
+        "Tensor seg_starts, Tensor ranks, Tensor scalings) -> Tensor");
+  // adds the LoRA part of dX into dx (when given) in place; returns (dA, dB), empty when not asked for
+  m.def("multi_lora_bwd(Tensor dy, Tensor x, Tensor S, Tensor lora_A, Tensor lora_B, Tensor perm, "
+        "Tensor seg_slots, Tensor seg_starts, Tensor ranks, Tensor scalings, Tensor(a!)? dx, bool need_da, "
+        "bool need_db) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
   m.impl("lora_dropout_shrink", &peft_kernels::cpu::lora_dropout_shrink);
   m.impl("lora_dropout_bwd", &peft_kernels::cpu::lora_dropout_bwd);
+  m.impl("multi_lora_fwd", &peft_kernels::cpu::multi_lora_fwd);
+  m.impl("multi_lora_bwd", &peft_kernels::cpu::multi_lora_bwd);
 }
 
 TORCH_LIBRARY_IMPL(peft_kernels, CompositeExplicitAutograd, m) {

@@ -40,3 +40,56 @@ def lora_linear_ref(
     xd = xd.to(lora_A.dtype)
     lora = F.linear(F.linear(xd, lora_A), lora_B) * scaling
     return (base + lora).to(x.dtype)
+
+
+def expand_adapter_ids(adapter_ids: torch.Tensor, x_shape) -> torch.Tensor:
+    """Adapter ids per token (``[T]``, T = tokens of x flattened to ``(T, K)``) from ids given per
+    token (any shape with T elements) or per batch row (``[B]`` for x of shape ``[B, L, K]``)."""
+    T = 1
+    for d in x_shape[:-1]:
+        T *= int(d)
+    ids = adapter_ids.reshape(-1)
+    if ids.numel() == T:
+        return ids
+    if len(x_shape) == 3 and adapter_ids.dim() == 1 and ids.numel() == x_shape[0]:
+        return ids.repeat_interleave(int(x_shape[1]))
+    raise ValueError(f"adapter_ids must hold one id per token ({T} for x of shape {tuple(x_shape)}) or, for "
+                     f"x of shape [B, L, K], one per batch row (B ids); got shape {tuple(adapter_ids.shape)}")
+
+
+def multi_lora_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scalings: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    ranks: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Mixed-batch LoRA, one token at a time: token t with adapter ``a = ids[t]`` gets
+    ``x_t·Wᵀ + b + scalings[a] · B[a, :, :r_a]·(A[a, :r_a]·x_t)``; ``a = -1`` gets the base only.
+
+    Args:
+        lora_A: ``[S, R, K]`` slot stack; lora_B: ``[S, N, R]``; scalings: ``[S]``.
+        adapter_ids: one id in ``[-1, S)`` per token, or one per batch row for x ``[B, L, K]``.
+        ranks: ``[S]`` true ranks ≤ R (None: all R). Columns past a slot's rank are ignored.
+
+    The explicit ``a < 0`` test matters: ``lora_A[-1]`` would silently be the last slot.
+    """
+    K, N = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, K)
+    ids = expand_adapter_ids(adapter_ids, x.shape)
+    base = F.linear(x2, weight, bias)
+    rows = []
+    for t in range(x2.shape[0]):
+        a = int(ids[t])
+        if a < 0:
+            rows.append(base[t])
+            continue
+        r = lora_A.shape[1] if ranks is None else int(ranks[a])
+        s = float(scalings[a])
+        upd = (lora_B[a, :, :r] @ (lora_A[a, :r] @ x2[t].to(lora_A.dtype))) * s
+        rows.append((base[t] + upd).to(x.dtype))
+    y = torch.stack(rows) if rows else base
+    return y.view(*x.shape[:-1], N)

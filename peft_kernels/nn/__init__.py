@@ -1,4 +1,5 @@
 """Drop-in torch.nn modules."""
 from .lora import LoRALinear
+from .multi_lora import MultiLoRALinear, adapter_ids
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "MultiLoRALinear", "adapter_ids"]

@@ -1,0 +1,348 @@
+"""Multi-adapter LoRA (one adapter per token): Triton gather kernels and their launchers.
+
+Tokens are grouped by adapter once (``ops.multi_lora.AdapterMapping``: ``perm`` = token indices in
+adapter-sorted order, ``seg_slots``/``seg_starts`` = the segments, ``pos_slots`` = each sorted
+position's slot). Kernels read x/dY rows through ``perm`` (no gathered copy) and keep the small
+rank-space buffers (S, dS: fp32 ``[T_active, R]``) in sorted order.
+
+Two kernel shapes for the shrink and the expand (the same kernels serve forward and backward):
+  BGMV (per token)   one program per sorted token: a GEMV against its adapter. No padding when
+                     every token has its own adapter.
+  SGMV (per segment) one program per (segment, row block): a tile GEMM against the segment's
+                     adapter with ``tl.dot``. Best when tokens share adapters.
+    shrink  out[p, r] = s? · Σ_k in[perm[p], k] · W[slot, r, k]     (x→S; dY→dS with W = Bᵀ)
+    expand  out[perm[p], n] += s? · Σ_r buf[p, r] · W[slot, n, r]   (S→y with W = B; dS→dX with W = Aᵀ)
+Backward's dA and dB come from ``_seg_outer_kernel``: per (segment, tile) a fixed-order reduction
+over the segment's tokens, so each slot's gradient is deterministic and only from its own tokens.
+
+Work follows each adapter's true rank: rank blocks at or past ``ranks[slot]`` exit at once and
+loops over rank stop at it, so no padding is read. Per-adapter scaling is applied in the kernels.
+Tokens with id -1 are not in ``perm``: no program touches their rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRETED, f32_precision, mma, next_pow2, upcast_needed
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _sgmv_shrink_kernel(
+    in_ptr, w_ptr, out_ptr, scal_ptr, perm_ptr, seg_slots_ptr, seg_starts_ptr, ranks_ptr,
+    KD, R, stride_it, stride_ik, stride_ws, stride_wr, stride_wk,
+    HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    g = tl.program_id(0)
+    slot = tl.load(seg_slots_ptr + g)
+    end = tl.load(seg_starts_ptr + g + 1)
+    row0 = tl.load(seg_starts_ptr + g) + tl.program_id(1) * BLOCK_M
+    rank = tl.load(ranks_ptr + slot)
+    r0 = tl.program_id(2) * BLOCK_R
+    if (row0 < end) & (r0 < rank):
+        pos = row0 + tl.arange(0, BLOCK_M)
+        p_ok = pos < end
+        tok = tl.load(perm_ptr + pos, mask=p_ok, other=0).to(tl.int64)
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rr < rank
+        w_base = w_ptr + slot.to(tl.int64) * stride_ws
+        rk0 = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, KD, BLOCK_K):
+            rk = k0 + rk0
+            k_ok = rk < KD
+            xt = tl.load(in_ptr + tok[:, None] * stride_it + rk[None, :] * stride_ik,
+                         mask=p_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_base + rr[None, :] * stride_wr + rk[:, None] * stride_wk,
+                         mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = mma(xt.to(wt.dtype), wt, acc, UPCAST, F32_PREC)
+        if HAS_SCALE:
+            acc = acc * tl.load(scal_ptr + slot)
+        tl.store(out_ptr + pos[:, None] * R + rr[None, :], acc, mask=p_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _sgmv_expand_kernel(
+    buf_ptr, w_ptr, out_ptr, scal_ptr, perm_ptr, seg_slots_ptr, seg_starts_ptr, ranks_ptr,
+    ND, R, stride_ws, stride_wn, stride_wr, stride_ot, stride_on,
+    HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    g = tl.program_id(0)
+    slot = tl.load(seg_slots_ptr + g)
+    end = tl.load(seg_starts_ptr + g + 1)
+    row0 = tl.load(seg_starts_ptr + g) + tl.program_id(1) * BLOCK_M
+    rank = tl.load(ranks_ptr + slot)
+    if (row0 < end) & (rank > 0):
+        pos = row0 + tl.arange(0, BLOCK_M)
+        p_ok = pos < end
+        tok = tl.load(perm_ptr + pos, mask=p_ok, other=0).to(tl.int64)
+        rn = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < ND
+        w_base = w_ptr + slot.to(tl.int64) * stride_ws
+        rr0 = tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            rr = r0 + rr0
+            r_ok = rr < rank
+            st = tl.load(buf_ptr + pos[:, None] * R + rr[None, :], mask=p_ok[:, None] & r_ok[None, :], other=0.0)
+            wt = tl.load(w_base + rr[:, None] * stride_wr + rn[None, :] * stride_wn,
+                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = mma(st.to(wt.dtype), wt, acc, UPCAST, F32_PREC)
+        if HAS_SCALE:
+            acc = acc * tl.load(scal_ptr + slot)
+        optr = out_ptr + tok[:, None] * stride_ot + rn[None, :] * stride_on
+        msk = p_ok[:, None] & n_ok[None, :]
+        o = tl.load(optr, mask=msk, other=0.0)
+        tl.store(optr, (o.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _bgmv_shrink_kernel(
+    in_ptr, w_ptr, out_ptr, scal_ptr, perm_ptr, pos_slots_ptr, ranks_ptr,
+    KD, R, stride_it, stride_ik, stride_ws, stride_wr, stride_wk,
+    HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pos = tl.program_id(0)
+    slot = tl.load(pos_slots_ptr + pos)
+    rank = tl.load(ranks_ptr + slot)
+    r0 = tl.program_id(1) * BLOCK_R
+    if r0 < rank:
+        tok = tl.load(perm_ptr + pos).to(tl.int64)
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rr < rank
+        w_base = w_ptr + slot.to(tl.int64) * stride_ws
+        rk0 = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(0, KD, BLOCK_K):
+            rk = k0 + rk0
+            k_ok = rk < KD
+            xt = tl.load(in_ptr + tok * stride_it + rk * stride_ik, mask=k_ok, other=0.0)
+            wt = tl.load(w_base + rr[:, None] * stride_wr + rk[None, :] * stride_wk,
+                         mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            # products of the operands in W's dtype, summed in fp32 (what an fp32-accumulating dot does)
+            acc += tl.sum(wt.to(tl.float32) * xt.to(wt.dtype).to(tl.float32)[None, :], axis=1)
+        if HAS_SCALE:
+            acc = acc * tl.load(scal_ptr + slot)
+        tl.store(out_ptr + pos * R + rr, acc, mask=r_ok)
+
+
+@triton.jit
+def _bgmv_expand_kernel(
+    buf_ptr, w_ptr, out_ptr, scal_ptr, perm_ptr, pos_slots_ptr, ranks_ptr,
+    ND, R, stride_ws, stride_wn, stride_wr, stride_ot, stride_on,
+    HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pos = tl.program_id(0)
+    slot = tl.load(pos_slots_ptr + pos)
+    rank = tl.load(ranks_ptr + slot)
+    if rank > 0:
+        tok = tl.load(perm_ptr + pos).to(tl.int64)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < ND
+        w_base = w_ptr + slot.to(tl.int64) * stride_ws
+        rr0 = tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            rr = r0 + rr0
+            r_ok = rr < rank
+            st = tl.load(buf_ptr + pos * R + rr, mask=r_ok, other=0.0)
+            wt = tl.load(w_base + rn[:, None] * stride_wn + rr[None, :] * stride_wr,
+                         mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            acc += tl.sum(wt.to(tl.float32) * st.to(wt.dtype).to(tl.float32)[None, :], axis=1)
+        if HAS_SCALE:
+            acc = acc * tl.load(scal_ptr + slot)
+        optr = out_ptr + tok * stride_ot + rn * stride_on
+        o = tl.load(optr, mask=n_ok, other=0.0)
+        tl.store(optr, (o.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _seg_outer_kernel(
+    p_ptr, q_ptr, out_ptr, scal_ptr, perm_ptr, seg_slots_ptr, seg_starts_ptr, ranks_ptr,
+    I, J, stride_pt, stride_pi, stride_qt, stride_qj, stride_os, stride_oi, stride_oj,
+    P_GATHER: tl.constexpr, Q_GATHER: tl.constexpr, RANK_ON_I: tl.constexpr, HAS_SCALE: tl.constexpr,
+    UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """out[slot, i, j] = s? · Σ_{p in segment} P[row(p), i] · Q[row(p), j], rows gathered through
+    perm or taken in sorted order; the rank bounds i (dA) or j (dB). One program owns one output
+    tile and walks its segment in order: deterministic, no atomics."""
+    g = tl.program_id(0)
+    slot = tl.load(seg_slots_ptr + g)
+    start = tl.load(seg_starts_ptr + g)
+    end = tl.load(seg_starts_ptr + g + 1)
+    rank = tl.load(ranks_ptr + slot)
+    ri = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    rj = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+    if RANK_ON_I:
+        i_ok = ri < rank
+        j_ok = rj < J
+        live = tl.program_id(1) * BLOCK_I < rank
+    else:
+        i_ok = ri < I
+        j_ok = rj < rank
+        live = tl.program_id(2) * BLOCK_J < rank
+    if live:
+        rm0 = tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+        for m0 in range(start, end, BLOCK_M):
+            pos = m0 + rm0
+            p_ok = pos < end
+            tok = tl.load(perm_ptr + pos, mask=p_ok, other=0).to(tl.int64)
+            if P_GATHER:
+                prow = tok
+            else:
+                prow = pos.to(tl.int64)
+            if Q_GATHER:
+                qrow = tok
+            else:
+                qrow = pos.to(tl.int64)
+            pt = tl.load(p_ptr + prow[:, None] * stride_pt + ri[None, :] * stride_pi,
+                         mask=p_ok[:, None] & i_ok[None, :], other=0.0)
+            qt = tl.load(q_ptr + qrow[:, None] * stride_qt + rj[None, :] * stride_qj,
+                         mask=p_ok[:, None] & j_ok[None, :], other=0.0)
+            cd = out_ptr.dtype.element_ty
+            acc = mma(tl.trans(pt.to(cd)), qt.to(cd), acc, UPCAST, F32_PREC)
+        if HAS_SCALE:
+            acc = acc * tl.load(scal_ptr + slot)
+        tl.store(out_ptr + slot.to(tl.int64) * stride_os + ri[:, None] * stride_oi + rj[None, :] * stride_oj,
+                 acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & j_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# launch configurations (by rule; the AOT test compiles every one for sm_80/sm_90, 0 spills)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tile:
+    m: int = 0   # tokens per SGMV program / per reduction step
+    k: int = 0   # reduction tile (shrink: K; seg_outer: the J side)
+    n: int = 0   # output-column tile (expand)
+    r: int = 16  # rank tile
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def configs(dtype: torch.dtype, R: int, interpreted: bool = INTERPRETED) -> dict:
+    """Tiles for every kernel, for inputs of ``dtype`` and max rank ``R``.
+
+    Rank tiles are at most 64 (a rank above that takes more rank blocks, or loops); fp32 operands
+    get half the 16-bit tiles. Under the interpreter small tiles keep tests multi-block and fast.
+    """
+    if interpreted:
+        br = min(next_pow2(R), 32)
+        return {"sgmv_shrink": Tile(m=16, k=32, r=br), "sgmv_expand": Tile(m=16, n=32, r=br),
+                "bgmv_shrink": Tile(k=32, r=br), "bgmv_expand": Tile(n=32, r=br),
+                "outer": Tile(m=16, k=32, r=br)}
+    br = min(next_pow2(R), 64)
+    f32 = dtype == torch.float32
+    return {
+        "sgmv_shrink": Tile(m=32, k=32 if f32 else 64, r=br, num_warps=4, num_stages=3),
+        "sgmv_expand": Tile(m=32, n=64 if f32 else 128, r=br, num_warps=4, num_stages=2),
+        "bgmv_shrink": Tile(k=128 if br > 32 else 256, r=br, num_warps=4, num_stages=2),
+        "bgmv_expand": Tile(n=64 if br > 32 else 128, r=br, num_warps=4, num_stages=2),
+        "outer": Tile(m=32, k=32 if f32 else 64, r=br, num_warps=4, num_stages=2),
+    }
+
+
+def _flags(*dtypes) -> dict:
+    return {"UPCAST": upcast_needed(*dtypes), "F32_PREC": f32_precision()}
+
+
+def _shrink(path, cfg, inp, w, wstrides, out, scal, m, ranks, has_scale):
+    """out[p, :rank] = s? · inp[perm[p]] · W[slot]ᵀ with W read as [S, R, KD] through ``wstrides``."""
+    KD, R = inp.shape[1], out.shape[1]
+    if path == "sgmv":
+        c = cfg["sgmv_shrink"]
+        _sgmv_shrink_kernel[(m.num_segments, triton.cdiv(m.max_count, c.m), triton.cdiv(R, c.r))](
+            inp, w, out, scal, m.perm, m.seg_slots, m.seg_starts, ranks, KD, R,
+            inp.stride(0), inp.stride(1), *wstrides, HAS_SCALE=has_scale,
+            BLOCK_M=c.m, BLOCK_K=c.k, BLOCK_R=c.r, num_warps=c.num_warps, num_stages=c.num_stages,
+            **_flags(inp.dtype, w.dtype))
+    else:
+        c = cfg["bgmv_shrink"]
+        _bgmv_shrink_kernel[(m.num_active, triton.cdiv(R, c.r))](
+            inp, w, out, scal, m.perm, m.pos_slots, ranks, KD, R,
+            inp.stride(0), inp.stride(1), *wstrides, HAS_SCALE=has_scale,
+            BLOCK_K=c.k, BLOCK_R=c.r, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def _expand(path, cfg, buf, w, wstrides, out, scal, m, ranks, has_scale):
+    """out[perm[p]] += s? · buf[p, :rank] · W[slot, :, :rank]ᵀ with W read as [S, ND, R]."""
+    ND, R = out.shape[1], buf.shape[1]
+    if path == "sgmv":
+        c = cfg["sgmv_expand"]
+        _sgmv_expand_kernel[(m.num_segments, triton.cdiv(m.max_count, c.m), triton.cdiv(ND, c.n))](
+            buf, w, out, scal, m.perm, m.seg_slots, m.seg_starts, ranks, ND, R,
+            *wstrides, out.stride(0), out.stride(1), HAS_SCALE=has_scale,
+            BLOCK_M=c.m, BLOCK_N=c.n, BLOCK_R=c.r, num_warps=c.num_warps, num_stages=c.num_stages,
+            **_flags(out.dtype, w.dtype))
+    else:
+        c = cfg["bgmv_expand"]
+        _bgmv_expand_kernel[(m.num_active, triton.cdiv(ND, c.n))](
+            buf, w, out, scal, m.perm, m.pos_slots, ranks, ND, R,
+            *wstrides, out.stride(0), out.stride(1), HAS_SCALE=has_scale,
+            BLOCK_N=c.n, BLOCK_R=c.r, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def _outer(cfg, P, p_gather, Q, q_gather, out, scal, m, ranks, rank_on_i, has_scale):
+    """out[slot] (viewed [S, I, J]) = s? · Σ over the slot's tokens of P[row]ᵀ Q[row]."""
+    c = cfg["outer"]
+    I, J = out.shape[1], out.shape[2]
+    bi, bj = (c.r, c.k) if rank_on_i else (c.k, c.r)
+    _seg_outer_kernel[(m.num_segments, triton.cdiv(I, bi), triton.cdiv(J, bj))](
+        P, Q, out, scal, m.perm, m.seg_slots, m.seg_starts, ranks, I, J,
+        P.stride(0), P.stride(1), Q.stride(0), Q.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        P_GATHER=p_gather, Q_GATHER=q_gather, RANK_ON_I=rank_on_i, HAS_SCALE=has_scale,
+        BLOCK_M=c.m, BLOCK_I=bi, BLOCK_J=bj, num_warps=c.num_warps, num_stages=c.num_stages,
+        **_flags(P.dtype, Q.dtype, out.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# launchers (2-D x/y; ops/multi_lora.py validates, builds the mapping and computes the base GEMM)
+# --------------------------------------------------------------------------------------------
+def _b_as_rank_major(B):   # B [S, N, R] read as [S, R, N]
+    return B.stride(0), B.stride(2), B.stride(1)
+
+
+def _a_as_col_major(A):    # A [S, R, K] read as [S, K, R]
+    return A.stride(0), A.stride(2), A.stride(1)
+
+
+def multi_lora_forward(y, x, A, B, m, scal, ranks, path: str):
+    """Adds the LoRA updates into ``y`` (the base output, [T, N]) in place; returns (y, S fp32 [T_active, R])."""
+    R = A.shape[1]
+    S = torch.zeros((m.num_active, R), dtype=torch.float32, device=x.device)
+    if m.num_active == 0:
+        return y, S
+    cfg = configs(x.dtype, R)
+    _shrink(path, cfg, x, A, (A.stride(0), A.stride(1), A.stride(2)), S, scal, m, ranks, False)
+    _expand(path, cfg, S, B, (B.stride(0), B.stride(1), B.stride(2)), y, scal, m, ranks, True)
+    return y, S
+
+
+def multi_lora_backward(dy, x, dx, A, B, S, m, scal, ranks, path: str, need_da: bool, need_db: bool):
+    """Adds the LoRA part of dX into ``dx`` (the base dY·W, or None); returns (dA or None, dB or None)."""
+    dA = torch.zeros_like(A) if need_da else None
+    dB = torch.zeros_like(B) if need_db else None
+    if m.num_active == 0:
+        return dA, dB
+    R = A.shape[1]
+    cfg = configs(x.dtype, R)
+    if dx is not None or need_da:
+        dS = torch.zeros((m.num_active, R), dtype=torch.float32, device=x.device)
+        _shrink(path, cfg, dy, B, _b_as_rank_major(B), dS, scal, m, ranks, True)       # dS = s·dY·B
+        if dx is not None:
+            _expand(path, cfg, dS, A, _a_as_col_major(A), dx, scal, m, ranks, False)   # dX += dS·A
+        if need_da:
+            _outer(cfg, dS, False, x, True, dA, scal, m, ranks, True, False)            # dA = dSᵀ·x
+    if need_db:
+        _outer(cfg, dy, True, S, False, dB, scal, m, ranks, False, True)                # dB = s·dYᵀ·S
+    return dA, dB

@@ -1,0 +1,203 @@
+"""``MultiLoRALinear``: a drop-in ``nn.Linear`` carrying many LoRA adapters, one chosen per token,
+and ``adapter_ids(model, ids)``, which sets the ids once for every such layer in a model."""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .. import dispatch
+from ..ops.multi_lora import PATHS, AdapterMapping, build_mapping, multi_lora_linear
+from ..reference import expand_adapter_ids
+
+
+class AdapterIds:
+    """The adapter ids of one batch, shared by every MultiLoRALinear in a model.
+
+    The token grouping (:class:`AdapterMapping`) is built by the first layer that needs it and
+    reused by every later layer with the same token count and slot count (and by backward).
+    """
+
+    def __init__(self, ids: torch.Tensor, check_ids: bool = True):
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"adapter ids must be a torch.Tensor of int32/int64, got {type(ids).__name__}")
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"adapter ids must be int32 or int64, got {ids.dtype}")
+        self.ids = ids
+        self.check_ids = bool(check_ids)
+        self._cache: Dict[Tuple, AdapterMapping] = {}
+
+    @property
+    def builds(self) -> int:
+        """How many distinct groupings were built (1 for a model whose layers all see the same tokens)."""
+        return len(self._cache)
+
+    def mapping(self, x_shape, num_slots: int, device) -> AdapterMapping:
+        key = (tuple(x_shape[:-1]), num_slots, torch.device(device))
+        m = self._cache.get(key)
+        if m is None:
+            ids = expand_adapter_ids(self.ids, x_shape)
+            m = build_mapping(ids, ids.numel(), num_slots, device=device, check_ids=self.check_ids)
+            self._cache[key] = m
+        return m
+
+
+@contextlib.contextmanager
+def adapter_ids(model: nn.Module, ids: torch.Tensor, *, check_ids: bool = True):
+    """Within the block, every MultiLoRALinear in ``model`` uses ``ids`` (one per token, or one per
+    batch row for ``[B, L, K]`` inputs; -1 = base only). The grouping of tokens by adapter is built
+    once and shared by all layers.
+
+        with peft_kernels.adapter_ids(model, torch.tensor([0, 3, -1, 3])):
+            logits = model(input_ids)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+    if not layers:
+        raise ValueError("adapter_ids(): the model has no MultiLoRALinear layers")
+    state = AdapterIds(ids, check_ids)
+    previous = [(m, m._adapter_ids) for m in layers]
+    for m in layers:
+        m._adapter_ids = state
+    try:
+        yield state
+    finally:
+        for m, prev in previous:
+            m._adapter_ids = prev
+
+
+class MultiLoRALinear(nn.Module):
+    """Frozen ``nn.Linear`` plus ``max_adapters`` LoRA slots; each token picks one (or none).
+
+    State: frozen ``weight`` [out, in] and ``bias`` [out] (nn.Linear's names), parameters ``lora_A``
+    [S, R, in] and ``lora_B`` [S, out, R] (S = max_adapters, R = max_rank; slot ``a`` holds PEFT's
+    ``lora_A.weight`` in ``lora_A[a, :r]`` and ``lora_B.weight`` in ``lora_B[a, :, :r]``, zero-padded),
+    buffers ``scalings`` [S] (fp32) and ``ranks`` [S] (int32; 0 = empty slot).
+
+    ``forward(x, adapter_ids=None)``: ids per token or per batch row, -1 = base only; when None, the
+    ids set by ``peft_kernels.adapter_ids(model, ids)`` are used. Gradients reach only the slots
+    that have tokens in the batch, each from its own tokens, so several adapters train in one pass.
+
+    ``check_ids`` (default True) raises on ids outside [-1, S); False skips the check on a hot path
+    (bad ids then act as -1, never as an out-of-bounds read). ``path``: "auto" | "bgmv" | "sgmv"
+    (the Triton kernel shape; the torch backend always groups per segment).
+    """
+
+    def __init__(self, in_features: int, out_features: int, max_adapters: int = 8, max_rank: int = 16,
+                 bias: bool = True, device=None, dtype=None, backend: str = "auto",
+                 lora_dtype: Optional[torch.dtype] = None, path: str = "auto", check_ids: bool = True,
+                 *, _base: Optional[nn.Linear] = None):
+        super().__init__()
+        for name, v in (("max_adapters", max_adapters), ("max_rank", max_rank)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if backend not in dispatch.BACKENDS:
+            raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        if _base is None:
+            _base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.in_features = _base.in_features
+        self.out_features = _base.out_features
+        self.weight = _base.weight
+        self.bias = _base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.max_adapters = max_adapters
+        self.max_rank = max_rank
+        self.backend = backend
+        self.path = path
+        self.check_ids = bool(check_ids)
+        dev = self.weight.device
+        ldt = lora_dtype if lora_dtype is not None else self.weight.dtype
+        S, R = max_adapters, max_rank
+        self.lora_A = nn.Parameter(torch.zeros(S, R, self.in_features, device=dev, dtype=ldt))
+        self.lora_B = nn.Parameter(torch.zeros(S, self.out_features, R, device=dev, dtype=ldt))
+        self.register_buffer("scalings", torch.zeros(S, device=dev, dtype=torch.float32))
+        self.register_buffer("ranks", torch.zeros(S, device=dev, dtype=torch.int32))
+        self._adapter_ids: Optional[AdapterIds] = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, max_adapters: int = 8, max_rank: int = 16, backend: str = "auto",
+                    lora_dtype: Optional[torch.dtype] = None, path: str = "auto",
+                    check_ids: bool = True) -> "MultiLoRALinear":
+        """Wrap ``linear``: its own weight/bias Parameters are reused (no copy) and frozen. All slots start empty."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        return cls(linear.in_features, linear.out_features, max_adapters, max_rank, backend=backend,
+                   lora_dtype=lora_dtype, path=path, check_ids=check_ids, _base=linear)
+
+    # ------------------------------------------------------------------------------ slots
+    def _check_slot(self, slot) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, int):
+            raise TypeError(f"slot must be an int, got {type(slot).__name__}")
+        if not 0 <= slot < self.max_adapters:
+            raise ValueError(f"slot must be in [0, {self.max_adapters}) (max_adapters={self.max_adapters}), got {slot}")
+        return slot
+
+    @torch.no_grad()
+    def set_adapter(self, slot: int, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
+        """Load one adapter into ``slot``: ``lora_A`` [r, in], ``lora_B`` [out, r] (PEFT layouts) with
+        1 ≤ r ≤ max_rank, zero-padded to max_rank; ``scaling`` = lora_alpha / r (or / √r for rsLoRA)."""
+        slot = self._check_slot(slot)
+        for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if lora_A.dim() != 2 or lora_A.shape[1] != self.in_features:
+            raise ValueError(f"lora_A must have shape [r, in_features={self.in_features}], got {tuple(lora_A.shape)}")
+        r = lora_A.shape[0]
+        if not 1 <= r <= self.max_rank:
+            raise ValueError(f"adapter rank r={r} (lora_A.shape[0]) must be in [1, max_rank={self.max_rank}]")
+        if tuple(lora_B.shape) != (self.out_features, r):
+            raise ValueError(f"lora_B must have shape [out_features={self.out_features}, r={r}], got {tuple(lora_B.shape)}")
+        if isinstance(scaling, torch.Tensor) and scaling.numel() == 1:
+            scaling = float(scaling)
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+            raise ValueError(f"scaling must be a finite float, got {scaling!r}")
+        self.lora_A[slot].zero_()
+        self.lora_A[slot, :r].copy_(lora_A)
+        self.lora_B[slot].zero_()
+        self.lora_B[slot, :, :r].copy_(lora_B)
+        self.scalings[slot] = float(scaling)
+        self.ranks[slot] = r
+
+    @torch.no_grad()
+    def clear_adapter(self, slot: int) -> None:
+        """Empty ``slot``: tokens that still name it get the base output only."""
+        slot = self._check_slot(slot)
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.scalings[slot] = 0.0
+        self.ranks[slot] = 0
+
+    def get_adapter(self, slot: int):
+        """(lora_A [r, in], lora_B [out, r], scaling) of ``slot`` (views; r = 0 for an empty slot)."""
+        slot = self._check_slot(slot)
+        r = int(self.ranks[slot])
+        return self.lora_A[slot, :r], self.lora_B[slot, :, :r], float(self.scalings[slot])
+
+    # ---------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, adapter_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if adapter_ids is None:
+            if self._adapter_ids is None:
+                raise ValueError("MultiLoRALinear.forward: adapter_ids is required (pass it, or set it for the whole "
+                                 "model with `with peft_kernels.adapter_ids(model, ids): ...`)")
+            if not isinstance(x, torch.Tensor) or x.dim() < 1:
+                raise TypeError(f"x must be a torch.Tensor with at least 1 dim, got {type(x).__name__}")
+            ids = self._adapter_ids.mapping(x.shape, self.max_adapters, x.device)
+        else:
+            ids = adapter_ids
+        return multi_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scalings, ids,
+                                 ranks=self.ranks, backend=self.backend, path=self.path, check_ids=self.check_ids)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"max_adapters={self.max_adapters}, max_rank={self.max_rank}, backend={self.backend!r}, "
+                f"path={self.path!r}")

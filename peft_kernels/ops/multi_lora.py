@@ -1,0 +1,415 @@
+"""``multi_lora_linear``: one frozen linear, many LoRA adapters, one adapter per token, with autograd.
+
+    y_t = x_t·Wᵀ + b + s_a · B_a[:, :r_a]·(A_a[:r_a]·x_t),   a = adapter_ids[t]   (a = -1: base only)
+
+The slot stacks are ``lora_A [S, R, K]`` and ``lora_B [S, N, R]``; slot ``a`` uses its true rank
+``r_a = ranks[a] ≤ R`` and scale ``s_a = scalings[a]``. Columns past a slot's rank are never read
+and get zero gradient.
+
+Tokens are grouped by adapter once per batch (:class:`AdapterMapping`: a stable sort, segment starts,
+active slots) and the grouping is reused by every layer of a forward pass and by backward.
+
+Saved-tensor policy (the one place it is written down): ``x`` as given, ``S`` = the shrink output
+(``[T_active, R]``, rows in adapter-sorted order, tokens with id -1 excluded), the frozen ``weight``
+and the slot stacks (parameters), copies of ``scalings``/``ranks`` (S numbers each) and the mapping.
+No dropout (the multi-adapter op has none).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from .. import _ext, dispatch
+from ..reference import expand_adapter_ids
+from .lora import _FLOATS, _name_dtypes
+
+PATHS = ("auto", "bgmv", "sgmv")
+# "auto" picks the per-token (BGMV) kernels when segments average fewer tokens than this
+# (an SGMV tile would be mostly padding), the per-segment (SGMV) kernels otherwise.
+BGMV_MAX_MEAN_TOKENS = 4
+
+
+# --------------------------------------------------------------------------------------------
+# the token → adapter grouping, built once per batch
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class AdapterMapping:
+    """Tokens grouped by adapter. Built by :func:`build_mapping`; reuse it across layers.
+
+    Device tensors (what kernels read): ``perm`` int32 ``[T_active]`` token indices sorted by adapter
+    (stable, id -1 excluded), ``pos_slots`` int32 ``[T_active]`` the adapter of each sorted position,
+    ``seg_slots`` int32 ``[G]`` the active adapters, ``seg_starts`` int32 ``[G+1]`` segment offsets
+    into ``perm``. Host copies (what launchers and the CPU path read): ``slots``, ``starts``.
+    """
+
+    num_tokens: int
+    num_slots: int
+    perm: torch.Tensor
+    pos_slots: torch.Tensor
+    seg_slots: torch.Tensor
+    seg_starts: torch.Tensor
+    slots: Tuple[int, ...]
+    starts: Tuple[int, ...]
+    checked: bool
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.slots)
+
+    @property
+    def num_active(self) -> int:
+        return self.starts[-1]
+
+    @property
+    def max_count(self) -> int:
+        return max((e - s for s, e in zip(self.starts, self.starts[1:])), default=0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.perm.device
+
+    def counts(self) -> dict:
+        """{slot: number of tokens} for the active slots."""
+        return {a: e - s for a, s, e in zip(self.slots, self.starts, self.starts[1:])}
+
+    def __repr__(self) -> str:
+        return (f"AdapterMapping(tokens={self.num_tokens}, active={self.num_active}, slots={self.num_slots}, "
+                f"counts={self.counts()})")
+
+
+def build_mapping(adapter_ids: torch.Tensor, num_tokens: int, num_slots: int, *, device=None,
+                  check_ids: bool = True) -> AdapterMapping:
+    """Group ``num_tokens`` tokens by adapter: one stable sort and one small device→host copy.
+
+    ``adapter_ids``: int32/int64, one id per token, each in ``[-1, num_slots)`` (-1 = no adapter).
+    ``check_ids=True`` raises ValueError for any id outside that range. With ``check_ids=False`` no
+    error is raised and such ids are treated as -1 (never read out of bounds); use it only on a hot
+    path whose ids are known to be valid.
+    """
+    if not isinstance(adapter_ids, torch.Tensor):
+        raise TypeError(f"adapter_ids must be a torch.Tensor of int32/int64, got {type(adapter_ids).__name__}")
+    if adapter_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"adapter_ids must be int32 or int64, got {adapter_ids.dtype}")
+    if adapter_ids.numel() != num_tokens:
+        raise ValueError(f"adapter_ids must hold one id per token ({num_tokens}), got {adapter_ids.numel()}")
+    if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
+        raise ValueError(f"num_slots must be a positive int, got {num_slots!r}")
+    dev = torch.device(device) if device is not None else adapter_ids.device
+    ids = adapter_ids.reshape(-1).to(device=dev, dtype=torch.int64)
+    sorted_ids, order = torch.sort(ids, stable=True)
+    uniq, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    u, c = uniq.tolist(), counts.tolist()  # the one sync: G is at most a few hundred numbers
+    if check_ids and u and (u[0] < -1 or u[-1] >= num_slots):
+        bad = [v for v in u if v < -1 or v >= num_slots]
+        raise ValueError(f"adapter_ids must be in [-1, {num_slots}) (-1 = no adapter, {num_slots} slots); "
+                         f"got {bad[:8]}{' ...' if len(bad) > 8 else ''}")
+    slots, starts, lo = [], [0], 0
+    for v, n in zip(u, c):
+        if 0 <= v < num_slots:
+            slots.append(v)
+            starts.append(starts[-1] + n)
+        elif v < 0:
+            lo += n  # ids ≤ -1 sort first
+    perm = order[lo:lo + starts[-1]].to(torch.int32)
+    pos_slots = sorted_ids[lo:lo + starts[-1]].to(torch.int32)
+    return AdapterMapping(num_tokens, num_slots, perm, pos_slots,
+                          torch.tensor(slots, dtype=torch.int32, device=dev),
+                          torch.tensor(starts, dtype=torch.int32, device=dev),
+                          tuple(slots), tuple(starts), check_ids)
+
+
+def choose_path(mapping: AdapterMapping, path: str = "auto") -> str:
+    """``"bgmv"`` (per token) or ``"sgmv"`` (per segment) for this batch."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if path != "auto":
+        return path
+    G = mapping.num_segments
+    return "bgmv" if G and mapping.num_active < BGMV_MAX_MEAN_TOKENS * G else "sgmv"
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+def _as_float_vector(v, name: str, S: int, device) -> torch.Tensor:
+    if not isinstance(v, torch.Tensor):
+        if isinstance(v, (list, tuple)) and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in v):
+            v = torch.tensor(v, dtype=torch.float32)
+        else:
+            raise TypeError(f"{name} must be a float tensor of shape [{S}] (or a list of floats), got {type(v).__name__}")
+    if not v.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
+    if tuple(v.shape) != (S,):
+        raise ValueError(f"{name} must have shape [{S}] (one per slot of lora_A), got {tuple(v.shape)}")
+    return v.to(device=device, dtype=torch.float32)
+
+
+def validate(x, weight, bias, lora_A, lora_B, scalings, ranks, check_values: bool = True):
+    """Raise ValueError/TypeError naming the bad argument; return (scalings fp32, ranks int32) on x's device."""
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must have last dim in_features={K} (weight is {tuple(weight.shape)}), "
+                         f"got x of shape {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must have shape ({N},) = (out_features,), got {tuple(bias.shape)}")
+    if lora_A.dim() != 3 or lora_A.shape[2] != K or lora_A.shape[0] < 1 or lora_A.shape[1] < 1:
+        raise ValueError(f"lora_A must have shape [slots, max_rank, in_features={K}] with slots, max_rank ≥ 1, "
+                         f"got {tuple(lora_A.shape)}")
+    S, R = lora_A.shape[:2]
+    if tuple(lora_B.shape) != (S, N, R):
+        raise ValueError(f"lora_B must have shape [slots={S}, out_features={N}, max_rank={R}] (from lora_A and "
+                         f"weight), got {tuple(lora_B.shape)}")
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be {_name_dtypes()}, got {t.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must have the same dtype")
+    if lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"lora_A/lora_B must be x's dtype ({x.dtype}) or float32, got {lora_A.dtype}")
+    dev = x.device
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t is not None and t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but x is on {dev}: all tensors must be on one device")
+    scal = _as_float_vector(scalings, "scalings", S, dev)
+    if ranks is None:
+        rk = torch.full((S,), R, dtype=torch.int32, device=dev)
+    else:
+        if not isinstance(ranks, torch.Tensor):
+            if isinstance(ranks, (list, tuple)) and all(isinstance(e, int) and not isinstance(e, bool) for e in ranks):
+                ranks = torch.tensor(ranks, dtype=torch.int32)
+            else:
+                raise TypeError(f"ranks must be an int tensor of shape [{S}] (or a list of ints), got {type(ranks).__name__}")
+        if ranks.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"ranks must be an integer tensor, got {ranks.dtype}")
+        if tuple(ranks.shape) != (S,):
+            raise ValueError(f"ranks must have shape [{S}] (one per slot), got {tuple(ranks.shape)}")
+        rk = ranks.to(device=dev, dtype=torch.int32)
+        if check_values:
+            lo, hi = int(rk.min()), int(rk.max())
+            if lo < 0 or hi > R:
+                raise ValueError(f"ranks must be in [0, max_rank={R}] (max_rank = lora_A.shape[1]), got min {lo}, max {hi}")
+    return scal, rk
+
+
+# --------------------------------------------------------------------------------------------
+# torch backend (any device; the CPU hot path): one pair of small GEMMs per segment, never per token
+# --------------------------------------------------------------------------------------------
+def _segments(m: AdapterMapping, ranks_h: Sequence[int]):
+    """(slot, start, end, rank) of every segment whose slot has rank > 0."""
+    for a, s, e in zip(m.slots, m.starts, m.starts[1:]):
+        r = ranks_h[a]
+        if r > 0:
+            yield a, s, e, r
+
+
+def _use_ext(x: torch.Tensor) -> bool:
+    """The C++ CPU kernels (csrc/cpu/multi_lora.cpp: segments on at::parallel_for's threads) run
+    for CPU tensors when the extension is built; elsewhere the same grouping runs as torch ops."""
+    return x.device.type == "cpu" and _ext.available()
+
+
+def _torch_forward(x, weight, bias, A, B, m: AdapterMapping, scal, ranks, scal_h, ranks_h):
+    """y [T, N] in x.dtype and S [T_active, R] in the adapter dtype (sorted rows, unscaled)."""
+    cdt = A.dtype
+    R = A.shape[1]
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    if m.num_active == 0:
+        return y, x.new_empty((0, R), dtype=cdt)
+    if _use_ext(x):
+        S = _ext.ops().multi_lora_fwd(y, x, A, B, m.perm, m.seg_slots, m.seg_starts, ranks, scal)
+        return y, S
+    perm = m.perm.long()
+    xs = x.index_select(0, perm)
+    if xs.dtype != cdt:
+        xs = xs.to(cdt)
+    S = xs.new_zeros((m.num_active, R))
+    Z = xs.new_empty((m.num_active, weight.shape[0]))
+    for a, s, e, r in _segments(m, ranks_h):
+        if r == R:
+            torch.mm(xs[s:e], A[a].t(), out=S[s:e])
+        else:
+            S[s:e, :r] = torch.mm(xs[s:e], A[a, :r].t())
+        torch.addmm(Z[s:e], S[s:e, :r], B[a, :, :r].t(), beta=0, alpha=scal_h[a], out=Z[s:e])
+    for a, s, e in zip(m.slots, m.starts, m.starts[1:]):  # rank-0 (cleared) slots add exactly nothing
+        if ranks_h[a] == 0:
+            Z[s:e].zero_()
+    y.index_add_(0, perm, Z if Z.dtype == y.dtype else Z.to(y.dtype))
+    return y, S
+
+
+def _torch_backward(dy, x, weight, A, B, S, m: AdapterMapping, scal, ranks, scal_h, ranks_h,
+                    need_dx, need_da, need_db):
+    cdt = A.dtype
+    dx = torch.mm(dy, weight) if need_dx else None
+    if _use_ext(x) and m.num_active and (need_dx or need_da or need_db):
+        dA, dB = _ext.ops().multi_lora_bwd(dy, x, S, A, B, m.perm, m.seg_slots, m.seg_starts, ranks, scal,
+                                           dx, need_da, need_db)
+        return dx, (dA if need_da else None), (dB if need_db else None)
+    dA = torch.zeros_like(A) if need_da else None
+    dB = torch.zeros_like(B) if need_db else None
+    if m.num_active == 0 or not (need_dx or need_da or need_db):
+        return dx, dA, dB
+    perm = m.perm.long()
+    dys = dy.index_select(0, perm)
+    if dys.dtype != cdt:
+        dys = dys.to(cdt)
+    xs = None
+    if need_da:
+        xs = x.index_select(0, perm)
+        xs = xs.to(cdt) if xs.dtype != cdt else xs
+    dXs = dys.new_zeros((m.num_active, A.shape[2])) if need_dx else None
+    for a, s, e, r in _segments(m, ranks_h):
+        sc = scal_h[a]
+        dS = torch.mm(dys[s:e], B[a, :, :r]).mul_(sc)  # [n, r]
+        if need_db:
+            dB[a, :, :r].addmm_(dys[s:e].t(), S[s:e, :r], beta=0, alpha=sc)
+        if need_da:
+            torch.mm(dS.t(), xs[s:e], out=dA[a, :r])
+        if need_dx:
+            torch.mm(dS, A[a, :r], out=dXs[s:e])
+    if need_dx:
+        dx.index_add_(0, perm, dXs if dXs.dtype == dx.dtype else dXs.to(dx.dtype))
+    return dx, dA, dB
+
+
+def _triton_forward(x, weight, bias, A, B, m, scal, ranks, path):
+    from ..kernels import multi_lora as K
+
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    return K.multi_lora_forward(y, x, A, B, m, scal, ranks, path)
+
+
+def _triton_backward(dy, x, weight, A, B, S, m, scal, ranks, path, need_dx, need_da, need_db):
+    from ..kernels import multi_lora as K
+
+    dx = torch.mm(dy, weight) if need_dx else None
+    dA, dB = K.multi_lora_backward(dy, x, dx, A, B, S, m, scal, ranks, path, need_da, need_db)
+    return dx, dA, dB
+
+
+# --------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class MultiLoRACall:
+    """Non-differentiable arguments of one multi_lora_linear call."""
+
+    mapping: AdapterMapping
+    scalings: torch.Tensor  # fp32 [S] on x's device (a private copy)
+    ranks: torch.Tensor     # int32 [S] on x's device (a private copy)
+    scal_h: Tuple[float, ...]
+    ranks_h: Tuple[int, ...]
+    backend: str
+    path: str               # "bgmv" | "sgmv" (triton) or "grouped" (torch)
+
+
+class MultiLoRALinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, call: MultiLoRACall):
+        K = x.shape[-1]
+        x2d = x.reshape(-1, K)
+        if call.backend == "torch":
+            y, S = _torch_forward(x2d, weight, bias, lora_A, lora_B, call.mapping, call.scalings, call.ranks,
+                                  call.scal_h, call.ranks_h)
+        else:
+            y, S = _triton_forward(x2d, weight, bias, lora_A, lora_B, call.mapping, call.scalings, call.ranks,
+                                   call.path)
+        ctx.save_for_backward(x2d, S, weight, lora_A, lora_B)
+        ctx.call = call
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x2d, S, weight, A, B = ctx.saved_tensors
+        call: MultiLoRACall = ctx.call
+        need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
+        dy2d = dy.reshape(-1, weight.shape[0])
+        if call.backend == "torch":
+            dx, dA, dB = _torch_backward(dy2d, x2d, weight, A, B, S, call.mapping, call.scalings, call.ranks,
+                                         call.scal_h, call.ranks_h, need_x, need_a, need_bb)
+        else:
+            dx, dA, dB = _triton_backward(dy2d, x2d, weight, A, B, S, call.mapping, call.scalings, call.ranks,
+                                          call.path, need_x, need_a, need_bb)
+        dW = torch.mm(dy2d.t(), x2d) if need_w else None
+        db = dy2d.sum(0) if (need_b and ctx.has_bias) else None
+        if dx is not None:
+            dx = dx.view(ctx.x_shape)
+        return dx, dW, db, dA, dB, None
+
+
+def _op_reason(x: torch.Tensor):
+    def reason(name: str):
+        if name == "triton" and x.dtype == torch.float64:
+            return f"the Triton kernels take float32/float16/bfloat16, got {x.dtype}"
+        return None
+    return reason
+
+
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scalings: Union[torch.Tensor, Sequence[float]],
+    adapter_ids: Union[torch.Tensor, AdapterMapping],
+    *,
+    ranks: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    path: str = "auto",
+    check_ids: bool = True,
+) -> torch.Tensor:
+    """Frozen linear plus a per-token choice of LoRA adapter, fused, with autograd for x, lora_A, lora_B.
+
+    Args:
+        x: ``[..., K]``. weight ``[N, K]`` (frozen, x's dtype); bias ``[N]`` or None.
+        lora_A: ``[S, R, K]``, lora_B: ``[S, N, R]``: the slot stacks (x's dtype or float32).
+        scalings: ``[S]`` per-slot scale (``lora_alpha / r``). ranks: ``[S]`` true ranks ≤ R (None: R).
+        adapter_ids: int32/int64 with one id in ``[-1, S)`` per token of x flattened to ``(T, K)``, or
+            one per batch row when x is ``[B, L, K]``; -1 = base only (those rows equal the base output
+            exactly). Or an :class:`AdapterMapping` built once with :func:`build_mapping` and reused.
+        backend: "auto" | "torch" | "triton" (``PEFT_KERNELS_BACKEND`` overrides).
+        path: Triton kernel shape: "bgmv" (per token), "sgmv" (per segment) or "auto".
+        check_ids: raise ValueError on ids outside [-1, S) and ranks outside [0, R] (default). False
+            skips it on a hot path: bad ids then act as -1, never as an out-of-bounds read.
+    """
+    scal, rk = validate(x, weight, bias, lora_A, lora_B, scalings, ranks, check_values=check_ids)
+    S = lora_A.shape[0]
+    T = math.prod(x.shape[:-1])
+    if isinstance(adapter_ids, AdapterMapping):
+        m = adapter_ids
+        if m.num_tokens != T:
+            raise ValueError(f"adapter_ids (an AdapterMapping) covers {m.num_tokens} tokens but x has {T}")
+        if m.num_slots != S:
+            raise ValueError(f"adapter_ids (an AdapterMapping) was built for {m.num_slots} slots but lora_A has {S}")
+        if m.device != x.device:
+            raise ValueError(f"adapter_ids (an AdapterMapping) is on {m.device} but x is on {x.device}")
+    else:
+        if not isinstance(adapter_ids, torch.Tensor):
+            raise TypeError(f"adapter_ids must be an int tensor or an AdapterMapping, got {type(adapter_ids).__name__}")
+        ids = expand_adapter_ids(adapter_ids, x.shape)
+        m = build_mapping(ids, T, S, device=x.device, check_ids=check_ids)
+    name = dispatch.resolve(backend, x.device, _op_reason(x))
+    chosen = choose_path(m, path) if name == "triton" else (choose_path(m, path) and "grouped")
+    rk = rk.clone() if ranks is not None and rk.data_ptr() == ranks.data_ptr() else rk
+    scal = scal.clone() if isinstance(scalings, torch.Tensor) and scal.data_ptr() == scalings.data_ptr() else scal
+    call = MultiLoRACall(m, scal, rk, tuple(scal.tolist()) if name == "torch" else (),
+                         tuple(rk.tolist()) if name == "torch" else (), name, chosen)
+    return MultiLoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, call)

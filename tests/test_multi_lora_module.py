@@ -1,0 +1,257 @@
+"""MultiLoRALinear and adapter_ids(): slots, errors, model-wide ids, parity with HF PEFT's mixed
+batch, and batched multi-adapter training against separate single-adapter training."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import peft_kernels as pk
+from peft_kernels.reference import multi_lora_linear_ref
+
+from helpers import assert_close, backend_params
+
+
+def _layer(K=12, N=10, S=4, R=6, backend="torch", bias=True):
+    torch.manual_seed(0)
+    return pk.MultiLoRALinear.from_linear(nn.Linear(K, N, bias=bias), max_adapters=S, max_rank=R, backend=backend)
+
+
+def test_state_and_slots():
+    lin = nn.Linear(12, 10)
+    m = pk.MultiLoRALinear.from_linear(lin, max_adapters=4, max_rank=6)
+    assert m.weight is lin.weight and not m.weight.requires_grad and not m.bias.requires_grad
+    assert m.lora_A.shape == (4, 6, 12) and m.lora_B.shape == (4, 10, 6)
+    assert m.scalings.shape == (4,) and m.ranks.dtype == torch.int32 and not m.ranks.any()
+    assert set(m.state_dict()) == {"weight", "bias", "lora_A", "lora_B", "scalings", "ranks"}
+    A, B = torch.randn(3, 12), torch.randn(10, 3)
+    m.set_adapter(2, A, B, 0.75)
+    a2, b2, s2 = m.get_adapter(2)
+    assert torch.equal(a2, A) and torch.equal(b2, B) and s2 == 0.75 and int(m.ranks[2]) == 3
+    assert not m.lora_A[2, 3:].any() and not m.lora_B[2, :, 3:].any()  # zero-padded
+    m.set_adapter(2, torch.randn(6, 12), torch.randn(10, 6), 1.0)       # a larger rank replaces it
+    m.set_adapter(2, A, B, 0.75)                                          # and a smaller one re-pads
+    assert not m.lora_A[2, 3:].any() and not m.lora_B[2, :, 3:].any()
+    x = torch.randn(5, 12)
+    ids = torch.tensor([2, 2, -1, 2, 2])
+    y = m(x, ids)
+    ref = lin(x) + 0.75 * (x @ A.t() @ B.t())
+    ref[2] = lin(x[2])
+    assert_close(y, ref.double(), ref, "y")
+    m.clear_adapter(2)
+    assert torch.equal(m(x, ids), lin(x))  # a cleared slot adds exactly nothing
+    # a state dict round-trips into a fresh layer
+    m.set_adapter(1, A, B, 2.0)
+    m2 = pk.MultiLoRALinear(12, 10, max_adapters=4, max_rank=6)
+    m2.load_state_dict(m.state_dict())
+    ids = torch.tensor([1, 0, -1, 1, 3])
+    assert torch.equal(m2(x, ids), m(x, ids))
+
+
+def test_slot_and_rank_errors():
+    m = _layer()
+    with pytest.raises(ValueError, match=r"adapter rank r=7 .* max_rank=6"):
+        m.set_adapter(0, torch.randn(7, 12), torch.randn(10, 7), 1.0)
+    with pytest.raises(ValueError, match=r"slot must be in \[0, 4\)"):
+        m.set_adapter(4, torch.randn(2, 12), torch.randn(10, 2), 1.0)
+    with pytest.raises(ValueError, match=r"slot must be in \[0, 4\)"):
+        m.clear_adapter(-1)
+    with pytest.raises(TypeError, match="slot must be an int"):
+        m.get_adapter(1.0)
+    with pytest.raises(ValueError, match=r"lora_B must have shape \[out_features=10, r=2\]"):
+        m.set_adapter(0, torch.randn(2, 12), torch.randn(10, 3), 1.0)
+    with pytest.raises(ValueError, match=r"lora_A must have shape \[r, in_features=12\]"):
+        m.set_adapter(0, torch.randn(2, 11), torch.randn(10, 2), 1.0)
+    with pytest.raises(ValueError, match="scaling must be a finite float"):
+        m.set_adapter(0, torch.randn(2, 12), torch.randn(10, 2), float("nan"))
+    with pytest.raises(ValueError, match="max_rank must be a positive int"):
+        pk.MultiLoRALinear(4, 4, max_rank=0)
+    with pytest.raises(TypeError, match="must be an nn.Linear"):
+        pk.MultiLoRALinear.from_linear(nn.Conv1d(2, 2, 1))
+    with pytest.raises(ValueError, match="path must be one of"):
+        pk.MultiLoRALinear(4, 4, path="fast")
+
+
+def test_id_errors_leave_nothing_changed():
+    m = _layer()
+    x = torch.randn(5, 12)
+    with pytest.raises(ValueError, match=r"adapter_ids must be in \[-1, 4\).*\[4\]"):
+        m(x, torch.tensor([0, 1, 4, -1, 2]))
+    with pytest.raises(ValueError, match=r"adapter_ids must be in \[-1, 4\).*\[-2\]"):
+        m(x, torch.tensor([0, 1, -2, -1, 2]))
+    with pytest.raises(TypeError, match="adapter_ids must be int32 or int64"):
+        m(x, torch.tensor([0.0, 1, 2, 3, 0]))
+    with pytest.raises(ValueError, match="one id per token"):
+        m(x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="adapter_ids is required"):
+        m(x)
+    # a hand-loaded state with a rank above max_rank is caught at forward time
+    sd = m.state_dict()
+    sd["ranks"] = torch.tensor([1, 9, 0, 0], dtype=torch.int32)
+    m.load_state_dict(sd)
+    with pytest.raises(ValueError, match=r"ranks must be in \[0, max_rank=6\]"):
+        m(x, torch.zeros(5, dtype=torch.long))
+
+
+def test_functional_argument_errors():
+    x, W = torch.randn(4, 6), torch.randn(5, 6)
+    A, B = torch.randn(3, 2, 6), torch.randn(3, 5, 2)
+    ids = torch.tensor([0, 1, 2, -1])
+    f = pk.multi_lora_linear
+    with pytest.raises(ValueError, match=r"lora_B must have shape \[slots=3, out_features=5, max_rank=2\]"):
+        f(x, W, None, A, torch.randn(3, 5, 3), [1.0] * 3, ids)
+    with pytest.raises(ValueError, match=r"lora_A must have shape \[slots, max_rank, in_features=6\]"):
+        f(x, W, None, torch.randn(2, 6), B, [1.0] * 3, ids)
+    with pytest.raises(ValueError, match=r"scalings must have shape \[3\]"):
+        f(x, W, None, A, B, [1.0] * 2, ids)
+    with pytest.raises(ValueError, match=r"ranks must have shape \[3\]"):
+        f(x, W, None, A, B, [1.0] * 3, ids, ranks=torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match=r"ranks must be in \[0, max_rank=2\]"):
+        f(x, W, None, A, B, [1.0] * 3, ids, ranks=torch.tensor([1, 3, 0]))
+    with pytest.raises(TypeError, match="lora_A/lora_B must be x's dtype"):
+        f(x, W, None, A.half(), B.half(), [1.0] * 3, ids)
+    with pytest.raises(TypeError, match="adapter_ids must be an int tensor or an AdapterMapping"):
+        f(x, W, None, A, B, [1.0] * 3, [0, 1, 2, -1])
+    m = pk.build_mapping(ids, 4, 3)
+    with pytest.raises(ValueError, match="covers 4 tokens but x has 3"):
+        f(x[:3], W, None, A, B, [1.0] * 3, m)
+    with pytest.raises(ValueError, match="built for 3 slots but lora_A has 2"):
+        f(x, W, None, A[:2], B[:2], [1.0] * 2, m)
+    with pytest.raises(pk.BackendUnavailable, match="float64"):
+        f(x.double(), W.double(), None, A.double(), B.double(), [1.0] * 3, ids, backend="triton")
+
+
+class _Block(nn.Module):
+    def __init__(self, K=16, H=20, N=12):
+        super().__init__()
+        self.up = nn.Linear(K, H)
+        self.down = nn.Linear(H, N)
+        self.head = nn.Linear(N, N)
+
+    def forward(self, x):
+        return self.head(self.down(torch.relu(self.up(x))))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_model_wide_ids_build_the_mapping_once(backend):
+    torch.manual_seed(1)
+    model = _Block()
+    for name in ("up", "down", "head"):
+        lin = getattr(model, name)
+        ml = pk.MultiLoRALinear.from_linear(lin, max_adapters=3, max_rank=4, backend=backend)
+        for a in range(3):
+            ml.set_adapter(a, torch.randn(a + 2, lin.in_features) * 0.3, torch.randn(lin.out_features, a + 2) * 0.3,
+                           0.5 + a)
+        setattr(model, name, ml)
+    x = torch.randn(4, 5, 16)
+    ids = torch.tensor([2, -1, 0, 1])  # per batch row
+    with pk.adapter_ids(model, ids) as state:
+        y = model(x)
+        assert state.builds == 1
+    tok = ids.repeat_interleave(5)
+    manual = model.head(model.down(torch.relu(model.up(x, tok)), tok), tok)
+    assert torch.equal(y, manual)
+    with pytest.raises(ValueError, match="adapter_ids is required"):
+        model(x)  # the ids are gone after the block
+    with pytest.raises(ValueError, match="no MultiLoRALinear layers"):
+        with pk.adapter_ids(nn.Linear(2, 2), ids):
+            pass
+
+
+def _peft_model(K=16, H=20, N=12):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(2)
+    base = _Block(K, H, N)
+    cfgs = {"a0": peft.LoraConfig(r=2, lora_alpha=4, target_modules=["up", "down"], init_lora_weights=False),
+            "a1": peft.LoraConfig(r=8, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False,
+                                  use_rslora=True),
+            "a2": peft.LoraConfig(r=5, lora_alpha=10, target_modules=["up", "down"], init_lora_weights=False)}
+    pm = peft.get_peft_model(base, cfgs["a0"], adapter_name="a0")
+    for n in ("a1", "a2"):
+        pm.add_adapter(n, cfgs[n])
+    return pm.eval(), list(cfgs)
+
+
+def _ours_from_peft(pm, names, max_rank=8, backend="torch"):
+    """A copy of the base model whose LoRA layers are MultiLoRALinear holding PEFT's adapters."""
+    model = copy.deepcopy(pm.get_base_model())
+    for name in ("up", "down"):
+        pl = getattr(model, name)
+        ml = pk.MultiLoRALinear.from_linear(pl.base_layer, max_adapters=len(names), max_rank=max_rank, backend=backend)
+        for slot, n in enumerate(names):
+            ml.set_adapter(slot, pl.lora_A[n].weight, pl.lora_B[n].weight, pl.scaling[n])
+        setattr(model, name, ml)
+    return model
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_parity_with_peft_mixed_batch(backend):
+    pm, names = _peft_model()
+    ours = _ours_from_peft(pm, names, backend=backend)
+    x = torch.randn(5, 3, 16)
+    row_names = ["a2", "__base__", "a0", "a1", "a2"]
+    with torch.no_grad():
+        ref = pm(x, adapter_names=row_names)
+        ids = torch.tensor([names.index(n) if n != "__base__" else -1 for n in row_names])
+        with pk.adapter_ids(ours, ids):
+            got = ours(x)
+        # the same adapters one at a time through PEFT's own single-adapter path
+        singles = []
+        for i, n in enumerate(row_names):
+            if n == "__base__":
+                with pm.disable_adapter():
+                    singles.append(pm(x[i:i + 1]))
+            else:
+                pm.set_adapter(n)
+                singles.append(pm(x[i:i + 1]))
+    assert_close(got, ref.double(), ref, "vs PEFT adapter_names")
+    assert_close(got, torch.cat(singles).double(), ref, "vs PEFT one adapter at a time")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_batched_training_matches_separate_training(backend):
+    """4 adapters trained in one batched pass (each task's tokens on its own slot) take the same
+    Adam steps as 4 separate single-adapter LoRALinear models."""
+    torch.manual_seed(3)
+    K, N, T, tasks, r = 14, 9, 6, 4, 3
+    base = nn.Linear(K, N)
+    xs = [torch.randn(T, K) for _ in range(tasks)]
+    ts = [torch.randn(T, N) for _ in range(tasks)]
+    singles = [pk.LoRALinear.from_linear(copy.deepcopy(base), r=r, lora_alpha=6, init_lora_weights=False,
+                                         backend=backend) for _ in range(tasks)]
+    multi = pk.MultiLoRALinear.from_linear(copy.deepcopy(base), max_adapters=tasks, max_rank=4, backend=backend)
+    for a, s in enumerate(singles):
+        multi.set_adapter(a, s.lora_A.detach(), s.lora_B.detach(), s.scaling)
+    opt_s = [torch.optim.Adam([s.lora_A, s.lora_B], lr=0.05) for s in singles]
+    opt_m = torch.optim.Adam([multi.lora_A, multi.lora_B], lr=0.05)
+    x = torch.cat(xs)
+    ids = torch.arange(tasks).repeat_interleave(T)
+    for step in range(3):
+        sep = []
+        for s, o, xt, tt in zip(singles, opt_s, xs, ts):
+            loss = ((s(xt) - tt) ** 2).mean()
+            o.zero_grad()
+            loss.backward()
+            o.step()
+            sep.append(loss.item())
+        y = multi(x, ids)
+        losses = [((y[a * T:(a + 1) * T] - ts[a]) ** 2).mean() for a in range(tasks)]
+        opt_m.zero_grad()
+        torch.stack(losses).sum().backward()
+        opt_m.step()
+        for a in range(tasks):
+            assert math.isclose(losses[a].item(), sep[a], rel_tol=1e-5), (step, a, losses[a].item(), sep[a])
+    for a, s in enumerate(singles):
+        A, B, _ = multi.get_adapter(a)
+        assert_close(A, s.lora_A.detach().double(), s.lora_A, f"slot {a} lora_A after 3 steps", mult=50)
+        assert_close(B, s.lora_B.detach().double(), s.lora_B, f"slot {a} lora_B after 3 steps", mult=50)
+        assert not multi.lora_A[a, r:].any()  # padding stays zero through training
+
+
+def test_reference_never_aliases_the_last_slot():
+    """The spec itself: -1 must not read lora_A[-1] (the last slot)."""
+    x, W = torch.randn(3, 4), torch.randn(5, 4)
+    A, B = torch.randn(2, 2, 4), torch.randn(2, 5, 2)
+    y = multi_lora_linear_ref(x, W, None, A, B, torch.ones(2), torch.tensor([-1, -1, -1]))
+    assert torch.equal(y, x @ W.t())

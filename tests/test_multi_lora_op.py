@@ -1,0 +1,237 @@
+"""multi_lora_linear, every backend and kernel path against the per-token reference loop:
+forward and all gradients, adapter-popularity patterns, -1 rows, the last slot, mixed true ranks."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import peft_kernels as pk
+from peft_kernels import _ext
+from peft_kernels.ops.multi_lora import build_mapping, choose_path
+from peft_kernels.reference import expand_adapter_ids, multi_lora_linear_ref
+
+from helpers import assert_close, backend_params, dtype_params
+
+
+def variants():
+    """(backend, path, use the C++ extension) for every way the op can run here."""
+    out = []
+    for p in backend_params():
+        name = p.values[0]
+        if name == "torch":
+            ext_marks = list(p.marks) + ([] if _ext.available() else
+                                         [pytest.mark.skip(reason=f"extension: {_ext.unavailable_reason()}")])
+            out.append(pytest.param(("torch", "auto", True), id="torch-ext", marks=ext_marks))
+            out.append(pytest.param(("torch", "auto", False), id="torch-noext", marks=p.marks))
+        else:
+            out += [pytest.param((name, path, True), id=f"{name}-{path}", marks=p.marks) for path in ("bgmv", "sgmv")]
+    return out
+
+
+@pytest.fixture
+def variant(request, monkeypatch):
+    backend, path, ext = request.param
+    if not ext:
+        monkeypatch.setenv("PEFT_KERNELS_DISABLE_EXT", "1")
+    return backend, path
+
+
+def pattern_ids(name: str, T: int, S: int, g: torch.Generator) -> torch.Tensor:
+    """Punica's adapter-popularity patterns (plus -1 rows)."""
+    if name == "distinct":      # every token its own adapter (needs S ≥ T), the last slot included
+        return torch.randperm(S, generator=g)[:T]
+    if name == "uniform":       # ~√n adapters, uniformly
+        k = max(1, int(math.isqrt(T)))
+        return torch.randint(0, min(k, S), (T,), generator=g)
+    if name == "zipf":          # zipf(1.5) popularity over the slots
+        w = torch.tensor([1.0 / (i + 1) ** 1.5 for i in range(S)])
+        return torch.multinomial(w, T, replacement=True, generator=g)
+    if name == "identical":     # everyone on the last slot: it must not be confused with -1
+        return torch.full((T,), S - 1)
+    if name == "skewed":        # [1, T-1]
+        ids = torch.full((T,), 1)
+        ids[T // 2] = 0
+        return ids
+    if name == "all-base":
+        return torch.full((T,), -1)
+    if name == "mixed":         # random slots and -1 rows
+        return torch.randint(-1, S, (T,), generator=g)
+    raise ValueError(name)
+
+
+# (lead dims, K, N, ranks per slot (S = len), R, id pattern, bias, layout)
+CASES = [
+    pytest.param((37,), 45, 29, [20, 1, 7, 0, 16], 20, "mixed", True, "contig", id="mixed-ranks-minus1"),
+    pytest.param((3, 7), 33, 21, [8, 3, 8], 8, "rows", False, "contig", id="3d-per-row-ids"),
+    pytest.param((29,), 40, 24, [72, 65, 1], 72, "zipf", True, "contig", id="r72-zipf"),
+    pytest.param((6,), 19, 23, [4, 2, 4, 1, 3, 4], 4, "distinct", True, "contig", id="all-distinct"),
+    pytest.param((21,), 27, 35, [2, 5, 5], 5, "identical", False, "contig", id="identical-last-slot"),
+    pytest.param((25,), 31, 17, [3, 6], 6, "skewed", True, "contig", id="skewed"),
+    pytest.param((18,), 22, 26, [6, 6, 6, 6, 6], 6, "uniform", True, "strided", id="uniform-noncontig"),
+    pytest.param((9,), 17, 13, [3, 3], 3, "all-base", True, "contig", id="all-minus1"),
+]
+
+
+def make_inputs(lead, K, N, ranks, R, pattern, bias, layout, dtype, adapter_dtype=None):
+    g = torch.Generator().manual_seed(4321)
+    S = len(ranks)
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(*lead, K, generator=g, **f64)
+    W = torch.randn(N, K, generator=g, **f64) / math.sqrt(K)
+    b = torch.randn(N, generator=g, **f64) if bias else None
+    A = torch.randn(S, R, K, generator=g, **f64) / math.sqrt(K)
+    B = torch.randn(S, N, R, generator=g, **f64) / math.sqrt(R)
+    scal = torch.rand(S, generator=g) + 0.5
+    dy = torch.randn(*lead, N, generator=g, **f64)
+    T = math.prod(lead)
+    if pattern == "rows":  # one id per batch row of a [B, L, K] input, -1 included
+        ids = torch.tensor([2, -1, 0])[: lead[0]]
+    else:
+        ids = pattern_ids(pattern, T, S, g)
+    adt = adapter_dtype or dtype
+    xl = x.to(dtype)
+    if layout == "strided":
+        xl = torch.stack([xl, torch.zeros_like(xl)], dim=-1).flatten(-2)[..., ::2]
+        assert not xl.is_contiguous()
+    return dict(x=xl, W=W.to(dtype), b=None if b is None else b.to(dtype), A=A.to(adt), B=B.to(adt), scal=scal,
+                ranks=torch.tensor(ranks, dtype=torch.int32), ids=ids, dy=dy.to(dtype))
+
+
+def run_and_compare(backend, path, t, mult=4.0):
+    x = t["x"].detach().clone().requires_grad_()
+    A = t["A"].detach().clone().requires_grad_()
+    B = t["B"].detach().clone().requires_grad_()
+    y = pk.multi_lora_linear(x, t["W"], t["b"], A, B, t["scal"], t["ids"], ranks=t["ranks"], backend=backend,
+                             path=path)
+    y.backward(t["dy"])
+
+    def ref(dtype_of):
+        ins = [v.detach().to(dtype_of(v)).requires_grad_() for v in (x, A, B)]
+        out = multi_lora_linear_ref(ins[0], t["W"].to(dtype_of(x)), None if t["b"] is None else t["b"].to(dtype_of(x)),
+                                    ins[1], ins[2], t["scal"], t["ids"], t["ranks"])
+        out.backward(t["dy"].to(out.dtype))
+        return out, ins
+
+    y64, i64 = ref(lambda v: torch.float64)
+    ylp, ilp = ref(lambda v: v.dtype)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], t["W"].shape[0])
+    assert_close(y, y64, ylp, "y", mult)
+    for name, got, r64, rlp in zip(("dx", "dA", "dB"), (x, A, B), i64, ilp):
+        assert got.grad is not None and got.grad.dtype == got.dtype, name
+        if r64.grad is None:  # no token uses an adapter: the reference never touched the stacks
+            assert not got.grad.any(), f"{name}: nonzero gradient with no adapter in use"
+            continue
+        assert_close(got.grad, r64.grad, rlp.grad, name, mult)
+    return y, x, A, B
+
+
+@pytest.mark.parametrize("variant", variants(), indirect=True)
+@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("lead,K,N,ranks,R,pattern,bias,layout", CASES)
+def test_against_reference(variant, dtype, lead, K, N, ranks, R, pattern, bias, layout):
+    backend, path = variant
+    t = make_inputs(lead, K, N, ranks, R, pattern, bias, layout, dtype)
+    y, x, A, B = run_and_compare(backend, path, t)
+    ids = expand_adapter_ids(t["ids"], x.shape)
+    # -1 rows are the base output, bit for bit; slots without tokens and columns past a slot's
+    # rank get exactly zero gradient
+    base = F.linear(t["x"].reshape(-1, K), t["W"], t["b"])
+    minus = ids < 0
+    assert torch.equal(y.detach().reshape(-1, N)[minus], base[minus])
+    used = set(ids[ids >= 0].tolist())
+    for a, r in enumerate(ranks):
+        if a not in used or r == 0:
+            assert not A.grad[a].any() and not B.grad[a].any(), f"slot {a} without tokens got a gradient"
+        else:
+            assert not A.grad[a, r:].any() and not B.grad[a, :, r:].any(), f"slot {a}: gradient past rank {r}"
+
+
+@pytest.mark.parametrize("variant", variants(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_fp32_adapters_on_half_base(variant, dtype):
+    backend, path = variant
+    t = make_inputs((23,), 26, 19, [5, 2, 5, 3], 5, "mixed", True, "contig", dtype, adapter_dtype=torch.float32)
+    run_and_compare(backend, path, t)
+
+
+@pytest.mark.parametrize("variant", variants(), indirect=True)
+def test_deterministic_gradients(variant):
+    """Two identical backward passes give bit-identical per-slot gradients."""
+    backend, path = variant
+    t = make_inputs((41,), 30, 22, [6, 6, 6], 6, "zipf", True, "contig", torch.float32)
+    grads = []
+    for _ in range(2):
+        A = t["A"].clone().requires_grad_()
+        B = t["B"].clone().requires_grad_()
+        y = pk.multi_lora_linear(t["x"], t["W"], t["b"], A, B, t["scal"], t["ids"], ranks=t["ranks"],
+                                 backend=backend, path=path)
+        y.backward(t["dy"])
+        grads.append((A.grad, B.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("variant", variants(), indirect=True)
+def test_empty_batch_and_only_some_grads(variant):
+    backend, path = variant
+    t = make_inputs((11,), 14, 9, [3, 3], 3, "mixed", True, "contig", torch.float32)
+    x0 = t["x"][:0].clone().requires_grad_()
+    y0 = pk.multi_lora_linear(x0, t["W"], t["b"], t["A"], t["B"], t["scal"], t["ids"][:0], backend=backend, path=path)
+    assert y0.shape == (0, 9)
+    y0.sum().backward()
+    assert x0.grad.shape == (0, 14)
+    # only lora_B wants a gradient: dX and dA are skipped, dB still right
+    B = t["B"].clone().requires_grad_()
+    pk.multi_lora_linear(t["x"], t["W"], t["b"], t["A"], B, t["scal"], t["ids"], ranks=t["ranks"],
+                         backend=backend, path=path).backward(t["dy"])
+    B64 = t["B"].double().requires_grad_()
+    multi_lora_linear_ref(t["x"].double(), t["W"].double(), t["b"].double(), t["A"].double(), B64, t["scal"],
+                          t["ids"], t["ranks"]).backward(t["dy"].double())
+    assert_close(B.grad, B64.grad, None, "dB only")
+
+
+def test_gradcheck_fp64_torch_path():
+    g = torch.Generator().manual_seed(3)
+    S, R, K, N, T = 3, 4, 6, 5, 7
+    x = torch.randn(T, K, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(N, K, dtype=torch.float64, generator=g)
+    b = torch.randn(N, dtype=torch.float64, generator=g)
+    A = torch.randn(S, R, K, dtype=torch.float64, generator=g, requires_grad=True)
+    B = torch.randn(S, N, R, dtype=torch.float64, generator=g, requires_grad=True)
+    ids = torch.tensor([0, 2, -1, 2, 1, 0, 2])
+    ranks = torch.tensor([4, 2, 3], dtype=torch.int32)
+    f = lambda x, A, B: pk.multi_lora_linear(x, W, b, A, B, [0.5, 2.0, 1.5], ids, ranks=ranks, backend="torch")
+    assert torch.autograd.gradcheck(f, (x, A, B))
+
+
+def test_mapping_groups_tokens():
+    ids = torch.tensor([3, -1, 0, 3, 3, 1, -1, 0])
+    m = build_mapping(ids, 8, 4)
+    assert m.slots == (0, 1, 3) and m.starts == (0, 2, 3, 6)
+    assert m.perm.tolist() == [2, 7, 5, 0, 3, 4]  # stable within each adapter
+    assert m.pos_slots.tolist() == [0, 0, 1, 3, 3, 3]
+    assert m.counts() == {0: 2, 1: 1, 3: 3} and m.max_count == 3 and m.num_active == 6
+    assert choose_path(build_mapping(torch.arange(8), 8, 8)) == "bgmv"        # all distinct
+    assert choose_path(build_mapping(torch.zeros(64, dtype=torch.long), 64, 8)) == "sgmv"  # all shared
+    assert choose_path(m, "bgmv") == "bgmv"
+
+
+def test_per_row_ids_expand():
+    x = torch.zeros(2, 3, 4)
+    assert expand_adapter_ids(torch.tensor([5, -1]), x.shape).tolist() == [5, 5, 5, -1, -1, -1]
+    assert expand_adapter_ids(torch.tensor([[1, 2, 3], [4, 5, 6]]), x.shape).tolist() == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ValueError, match="adapter_ids must hold one id per token"):
+        expand_adapter_ids(torch.tensor([1, 2, 3]), x.shape)
+
+
+@pytest.mark.parametrize("variant", variants(), indirect=True)
+def test_unchecked_bad_ids_never_read_out_of_bounds(variant):
+    """check_ids=False skips the range check; ids outside [-1, S) then act as -1."""
+    backend, path = variant
+    t = make_inputs((10,), 12, 8, [2, 2], 2, "mixed", True, "contig", torch.float32)
+    ids = torch.tensor([0, 1, 2, 7, -5, 1, 0, 2, -1, 99])
+    y = pk.multi_lora_linear(t["x"], t["W"], t["b"], t["A"], t["B"], t["scal"], ids, backend=backend, path=path,
+                             check_ids=False)
+    clean = torch.where((ids >= 0) & (ids < 2), ids, -1)
+    ref = multi_lora_linear_ref(t["x"], t["W"], t["b"], t["A"], t["B"], t["scal"], clean)
+    assert_close(y, ref.double(), ref, "y")

@@ -21,6 +21,8 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_bwd(const at::Tensor& dy, const at
                                                   const at::Tensor& seg_starts, const at::Tensor& ranks,
                                                   const at::Tensor& scalings, const c10::optional<at::Tensor>& dx,
                                                   bool need_da, bool need_db);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_by_adapter(const at::Tensor& ids,
+                                                                                        int64_t num_slots);
 }  // namespace cpu
 }  // namespace peft_kernels
 
@@ -35,6 +37,8 @@ TORCH_LIBRARY(peft_kernels, m) {
   // AdapterMapping): adds the LoRA updates into y in place, returns the shrink S [T_active, R]
   m.def("multi_lora_fwd(Tensor(a!) y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor perm, Tensor seg_slots, "
         "Tensor seg_starts, Tensor ranks, Tensor scalings) -> Tensor");
+  // stable counting sort of tokens by adapter id: (perm, pos_slots, seg_slots, seg_starts, invalid ids)
+  m.def("group_by_adapter(Tensor ids, int num_slots) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // adds the LoRA part of dX into dx (when given) in place; returns (dA, dB), empty when not asked for
   m.def("multi_lora_bwd(Tensor dy, Tensor x, Tensor S, Tensor lora_A, Tensor lora_B, Tensor perm, "
         "Tensor seg_slots, Tensor seg_starts, Tensor ranks, Tensor scalings, Tensor(a!)? dx, bool need_da, "
@@ -46,6 +50,7 @@ TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
   m.impl("lora_dropout_bwd", &peft_kernels::cpu::lora_dropout_bwd);
   m.impl("multi_lora_fwd", &peft_kernels::cpu::multi_lora_fwd);
   m.impl("multi_lora_bwd", &peft_kernels::cpu::multi_lora_bwd);
+  m.impl("group_by_adapter", &peft_kernels::cpu::group_by_adapter);
 }
 
 TORCH_LIBRARY_IMPL(peft_kernels, CompositeExplicitAutograd, m) {

@@ -18,9 +18,16 @@ def test_cli_quick_runs(tmp_path, capsys):
     for name in ("nn.Linear (frozen)", "PEFT LoRA", "reference", "ours (torch)"):
         assert name in text
     rows = json.loads(out.read_text())["rows"]
-    timed = [r for r in rows if "skipped" not in r]
+    timed = [r for r in rows if "skipped" not in r and r["op"] == "lora"]
     assert {r["mode"] for r in timed} == {"fwd", "fwd+bwd"} and {r["p"] for r in timed} == {0.0, 0.1}
     assert all(r["median_ms"] > 0 and r["ratio_to_frozen"] > 0 for r in timed)
+    # the multi-adapter section: PEFT's adapter_names path, ours, LoRA parts, and ours agreeing with PEFT
+    assert "PEFT adapter_names" in text and "LoRA part" in text
+    multi = [r for r in rows if "skipped" not in r and r["op"] == "multi_lora"]
+    assert {r["adapters"] for r in multi} == {1, 5}
+    ours = [r for r in multi if r["provider"] == "ours (torch)" and r["mode"] == "fwd"]
+    assert ours and all(r["max_abs_diff_vs_peft"] < 1e-4 and "peft_part_over_ours" in r for r in ours)
+    assert any(r["provider"] == "ours (torch)" and r["mode"] == "fwd+bwd" for r in multi)
 
 
 def test_saved_bytes_accounting():
@@ -41,3 +48,10 @@ def test_saved_bytes_dedups_views_and_skips_params():
     # x is saved twice through views; w is a parameter
     n = saved_activation_bytes(lambda: (x[:2] * x[2:]).sum() + (x @ w).sum(), [w])
     assert n == x.numel() * 4
+
+
+def test_multi_bytes_model():
+    from peft_kernels.bench.multi_lora import bytes_model
+
+    # 2 adapters of rank 4 and 8, K=10, N=6, 3 active tokens, fp16: A+B per adapter at its true rank
+    assert bytes_model(3, 10, 6, [4, 8], 2) == (4 * 16 + 8 * 16) * 2 + 3 * 10 * 2 + 2 * 3 * 8 * 4 + 2 * 3 * 6 * 2

@@ -204,7 +204,11 @@ def test_gradcheck_fp64_torch_path():
     assert torch.autograd.gradcheck(f, (x, A, B))
 
 
-def test_mapping_groups_tokens():
+@pytest.mark.parametrize("ext", [pytest.param(True, id="cpp", marks=pytest.mark.skipif(
+    not _ext.available(), reason=f"extension: {_ext.unavailable_reason()}")), pytest.param(False, id="torch")])
+def test_mapping_groups_tokens(ext, monkeypatch):
+    if not ext:
+        monkeypatch.setenv("PEFT_KERNELS_DISABLE_EXT", "1")
     ids = torch.tensor([3, -1, 0, 3, 3, 1, -1, 0])
     m = build_mapping(ids, 8, 4)
     assert m.slots == (0, 1, 3) and m.starts == (0, 2, 3, 6)
@@ -214,6 +218,12 @@ def test_mapping_groups_tokens():
     assert choose_path(build_mapping(torch.arange(8), 8, 8)) == "bgmv"        # all distinct
     assert choose_path(build_mapping(torch.zeros(64, dtype=torch.long), 64, 8)) == "sgmv"  # all shared
     assert choose_path(m, "bgmv") == "bgmv"
+    assert build_mapping(torch.full((5,), -1), 5, 3).num_active == 0
+    assert build_mapping(ids[:0], 0, 3).num_segments == 0
+    with pytest.raises(ValueError, match=r"adapter_ids must be in \[-1, 4\).*\[-3, 4, 9\]"):
+        build_mapping(torch.tensor([0, 9, -3, 4, 4]), 5, 4)
+    # unchecked: out-of-range ids are simply left out of every segment
+    assert build_mapping(torch.tensor([0, 9, -3, 4, 1]), 5, 4, check_ids=False).perm.tolist() == [0, 4]
 
 
 def test_per_row_ids_expand():

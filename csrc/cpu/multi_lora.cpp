@@ -9,11 +9,73 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define PK_CLONES_512 __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define PK_CLONES_512
+#endif
 
 namespace peft_kernels {
 namespace cpu {
 namespace {
+
+// ---- float32 micro-kernels: BLAS is slow for these skinny shapes (rank 1..64 inner/outer dim) ----
+
+// S[i, j] = Σ_k x[rows[i], k] · A[j, k] for i < n, j < r. Four tokens share each pass over an A row.
+PK_CLONES_512 void shrink_f32(const float* x, int64_t ldx, const int64_t* rows, int64_t n, const float* A,
+                              int64_t lda, int64_t r, int64_t K, float* S, int64_t lds) {
+  for (int64_t i = 0; i < n; i += 4) {
+    const int64_t m = std::min<int64_t>(4, n - i);
+    const float* x0 = x + rows[i] * ldx;
+    const float* x1 = x + rows[i + (m > 1 ? 1 : 0)] * ldx;
+    const float* x2 = x + rows[i + (m > 2 ? 2 : 0)] * ldx;
+    const float* x3 = x + rows[i + (m > 3 ? 3 : 0)] * ldx;
+    for (int64_t j = 0; j < r; ++j) {
+      const float* a = A + j * lda;
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t k = 0; k < K; ++k) {
+        const float av = a[k];
+        s0 += x0[k] * av;
+        s1 += x1[k] * av;
+        s2 += x2[k] * av;
+        s3 += x3[k] * av;
+      }
+      const float s[4] = {s0, s1, s2, s3};
+      for (int64_t q = 0; q < m; ++q) S[(i + q) * lds + j] = s[q];
+    }
+  }
+}
+
+// y[rows[i], :] += scale · Σ_j S[i, j] · B[:, j] for i < n (B is [N, r] with row stride ldb).
+// B is transposed 16 columns at a time into a small buffer so the inner loop runs along N.
+PK_CLONES_512 void expand_f32(float* y, int64_t ldy, const int64_t* rows, int64_t n, const float* S, int64_t lds,
+                              float scale, const float* B, int64_t ldb, int64_t r, int64_t N) {
+  constexpr int64_t W = 16;
+  float bt[W * W];
+  for (int64_t nb = 0; nb < N; nb += W) {
+    const int64_t nn = std::min<int64_t>(W, N - nb);
+    for (int64_t jb = 0; jb < r; jb += W) {
+      const int64_t jj = std::min<int64_t>(W, r - jb);
+      for (int64_t j = 0; j < jj; ++j)
+        for (int64_t q = 0; q < W; ++q) bt[j * W + q] = q < nn ? B[(nb + q) * ldb + jb + j] : 0.f;
+      for (int64_t i = 0; i < n; ++i) {
+        float acc[W] = {0.f};
+        const float* si = S + i * lds + jb;
+        for (int64_t j = 0; j < jj; ++j) {
+          const float sv = si[j] * scale;
+#pragma omp simd
+          for (int64_t q = 0; q < W; ++q) acc[q] += sv * bt[j * W + q];
+        }
+        float* yr = y + rows[i] * ldy + nb;
+        for (int64_t q = 0; q < nn; ++q) yr[q] += acc[q];
+      }
+    }
+  }
+}
 
 struct Item {
   int64_t slot, begin, end;
@@ -82,6 +144,33 @@ at::Tensor multi_lora_fwd(at::Tensor y, const at::Tensor& x, const at::Tensor& l
     if (segs.ranks[segs.slots[g]] <= 0) continue;  // an empty slot adds exactly nothing
     for (int64_t b = segs.starts[g]; b < segs.starts[g + 1]; b += kChunkRows)
       items.push_back({segs.slots[g], b, std::min(b + kChunkRows, segs.starts[g + 1])});
+  }
+  const bool f32 = cdt == at::kFloat && xd.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat;
+  if (f32) {
+    // micro-kernel path: read x rows through perm, write y rows in place; no gathered copies
+    const auto xc = xd.stride(1) == 1 ? xd : xd.contiguous();
+    const auto Ac = A.stride(2) == 1 ? A : A.contiguous();
+    const auto Bc = B.stride(2) == 1 ? B : B.contiguous();
+    TORCH_CHECK(y.stride(1) == 1, "y must have unit column stride");
+    const int64_t K = xc.size(1), N = Bc.size(1);
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    const float* xp = xc.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    float* sp = S.data_ptr<float>();
+    // small batches run inline: waking the thread pool costs more than the work
+    const int64_t work = Ta * K * R;
+    const int64_t grain = work < (int64_t{1} << 20) ? std::max<int64_t>(1, static_cast<int64_t>(items.size())) : 1;
+    at::parallel_for(0, static_cast<int64_t>(items.size()), grain, [&](int64_t ib, int64_t ie) {
+      for (int64_t i = ib; i < ie; ++i) {
+        const auto& it = items[i];
+        const int64_t r = segs.ranks[it.slot], n = it.end - it.begin;
+        shrink_f32(xp, xc.stride(0), ip + it.begin, n, Ac.data_ptr<float>() + it.slot * Ac.stride(0), Ac.stride(1),
+                   r, K, sp + it.begin * R, R);
+        expand_f32(yp, y.stride(0), ip + it.begin, n, sp + it.begin * R, R, static_cast<float>(segs.scal[it.slot]),
+                   Bc.data_ptr<float>() + it.slot * Bc.stride(0), Bc.stride(1), r, N);
+      }
+    });
+    return S;
   }
   // each item gathers its rows, does its two GEMMs and scatters into its (unique) rows of y
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t ib, int64_t ie) {
@@ -155,6 +244,60 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_bwd(const at::Tensor& dy, const at
     }
   });
   return {dA, dB};
+}
+
+// Group T tokens by adapter id with a stable counting sort, O(T + S). Ids outside [0, S) (-1 = no
+// adapter) are left out. Returns (perm, pos_slots, seg_slots, seg_starts) as int32 and the sorted
+// distinct ids outside [-1, S) (for the caller's error message).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_by_adapter(const at::Tensor& ids,
+                                                                                        int64_t num_slots) {
+  TORCH_CHECK(ids.device().is_cpu() && ids.dim() == 1, "ids must be a 1-D CPU tensor");
+  TORCH_CHECK(num_slots >= 1, "num_slots must be >= 1");
+  const auto id = ids.to(at::kLong).contiguous();
+  const int64_t T = id.numel();
+  const int64_t* p = id.data_ptr<int64_t>();
+  std::vector<int64_t> count(num_slots + 1, 0);
+  std::vector<int64_t> bad;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t v = p[t];
+    if (v >= 0 && v < num_slots) ++count[v + 1];
+    else if (v != -1) bad.push_back(v);
+  }
+  std::sort(bad.begin(), bad.end());
+  bad.erase(std::unique(bad.begin(), bad.end()), bad.end());
+  std::vector<int64_t> offset(num_slots + 1, 0);
+  int64_t G = 0;
+  for (int64_t a = 0; a < num_slots; ++a) {
+    offset[a + 1] = offset[a] + count[a + 1];
+    if (count[a + 1]) ++G;
+  }
+  const int64_t Ta = offset[num_slots];
+  auto opts = at::TensorOptions().dtype(at::kInt);
+  auto perm = at::empty({Ta}, opts), pos_slots = at::empty({Ta}, opts);
+  auto seg_slots = at::empty({G}, opts), seg_starts = at::empty({G + 1}, opts);
+  int32_t* pp = perm.data_ptr<int32_t>();
+  int32_t* ps = pos_slots.data_ptr<int32_t>();
+  std::vector<int64_t> cursor(offset.begin(), offset.end() - 1);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t v = p[t];
+    if (v >= 0 && v < num_slots) {
+      const int64_t at_ = cursor[v]++;
+      pp[at_] = static_cast<int32_t>(t);
+      ps[at_] = static_cast<int32_t>(v);
+    }
+  }
+  int32_t* gs = seg_slots.data_ptr<int32_t>();
+  int32_t* gt = seg_starts.data_ptr<int32_t>();
+  int64_t g = 0;
+  gt[0] = 0;
+  for (int64_t a = 0; a < num_slots; ++a)
+    if (count[a + 1]) {
+      gs[g] = static_cast<int32_t>(a);
+      gt[++g] = static_cast<int32_t>(offset[a + 1]);
+    }
+  auto bad_t = at::empty({static_cast<int64_t>(bad.size())}, at::TensorOptions().dtype(at::kLong));
+  std::copy(bad.begin(), bad.end(), bad_t.data_ptr<int64_t>());
+  return {perm, pos_slots, seg_slots, seg_starts, bad_t};
 }
 
 }  // namespace cpu

@@ -115,8 +115,8 @@ def compile_launch(launch: Launch, arch: int) -> Compiled:
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
     regs, st, ld, _ = _ptxas_stats(ck.asm["ptx"], arch)
     named = {k.arg_names[i[0]]: v for i, v in constexprs.items() if k.arg_names[i[0]].isupper()}
-    # the input dtype: that of x (or dY where a kernel has no x)
-    data = signature.get("x_ptr", signature.get("dy_ptr", "?"))
+    # the input dtype: that of x (or dY, or the gathered input / adapter stack / output)
+    data = next((signature[k] for k in ("x_ptr", "dy_ptr", "in_ptr", "w_ptr", "out_ptr") if k in signature), "?")
     return Compiled(k.__name__, arch, options.num_warps, options.num_stages, named, regs, st, ld,
                     ck.metadata.shared, data.lstrip("*"))
 
@@ -165,15 +165,56 @@ def record_lora_launches():
     return calls
 
 
+def multi_lora_launch_matrix():
+    """(dtype, max rank, K, N) classes for the multi-adapter kernels: each dtype, rank tiles 16/64 (and
+    a rank above 64, which takes several rank blocks), aligned and odd sizes."""
+    import torch
+
+    out = [(dt, R, 4096, 4096) for dt in (torch.float16, torch.bfloat16, torch.float32) for R in (16, 64, 128)]
+    out += [(torch.float16, 16, 4095, 4097), (torch.bfloat16, 64, 4095, 4097), (torch.float32, 16, 4095, 4097)]
+    return out
+
+
+def record_multi_lora_launches():
+    import torch
+
+    from ..ops.multi_lora import build_mapping
+    from . import multi_lora as ML
+
+    kernels = [ML._sgmv_shrink_kernel, ML._sgmv_expand_kernel, ML._bgmv_shrink_kernel, ML._bgmv_expand_kernel,
+               ML._seg_outer_kernel]
+    T, S = 512, 8
+    m = build_mapping(torch.arange(T) % S, T, S)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        with record_launches(kernels) as calls:
+            for (dt, R, K, N), use_tf32 in [(c, False) for c in multi_lora_launch_matrix()] + [
+                    (c, True) for c in multi_lora_launch_matrix() if c[0] == torch.float32]:
+                torch.backends.cuda.matmul.allow_tf32 = use_tf32
+                x, y, dy = torch.empty(T, K, dtype=dt), torch.empty(T, N, dtype=dt), torch.empty(T, N, dtype=dt)
+                A, B = torch.empty(S, R, K, dtype=dt), torch.empty(S, N, R, dtype=dt)
+                scal, ranks = torch.ones(S), torch.full((S,), R, dtype=torch.int32)
+                for path in ("bgmv", "sgmv"):
+                    _, Sb = ML.multi_lora_forward(y, x, A, B, m, scal, ranks, path)
+                    ML.multi_lora_backward(dy, x, torch.empty(T, K, dtype=dt), A, B, Sb, m, scal, ranks, path,
+                                           True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return calls
+
+
 def _launch_key(c: Launch, arch: int):
     """Two launches with equal keys compile to the same binary."""
     _, _, _, spec, opts = _bind(c, arch)
     return (c.kernel.__name__, repr(spec), repr(opts))
 
 
-def check_all(archs=(80, 90), verbose=True):
-    """Compile every distinct shipped launch; return (rows, problems)."""
-    calls = record_lora_launches()
+RECORDERS = {"lora": lambda: record_lora_launches(), "multi_lora": lambda: record_multi_lora_launches()}
+
+
+def check_all(archs=(80, 90), verbose=True, ops=("lora", "multi_lora")):
+    """Compile every distinct shipped launch of ``ops``; return (rows, problems)."""
+    calls = [c for op in ops for c in RECORDERS[op]()]
     rows, problems = [], []
     for arch in archs:
         seen = set()
@@ -200,8 +241,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m peft_kernels.kernels.aot",
                                  description="AOT-compile every shipped Triton config; fail on spills/smem")
     ap.add_argument("--arch", type=int, action="append", help="80 and/or 90 (default both)")
+    ap.add_argument("--op", choices=sorted(RECORDERS), action="append", help="kernel family (default all)")
     args = ap.parse_args(argv)
-    rows, problems = check_all(tuple(args.arch or (80, 90)))
+    rows, problems = check_all(tuple(args.arch or (80, 90)), ops=tuple(args.op or sorted(RECORDERS)))
     print(f"{len(rows)} kernel variants compiled; max registers "
           f"{max(r.registers for r in rows)}, max shared {max(r.shared_bytes for r in rows) / 1024:.1f} KiB, "
           f"total spills {sum(r.spills for r in rows)} bytes")

@@ -243,12 +243,13 @@ def configs(dtype: torch.dtype, R: int, interpreted: bool = INTERPRETED) -> dict
                 "outer": Tile(m=16, k=32, r=br)}
     br = min(next_pow2(R), 64)
     f32 = dtype == torch.float32
+    br32 = min(br, 32) if f32 else br  # fp32 tiles take twice the registers: cap the rank tile
     return {
         "sgmv_shrink": Tile(m=32, k=32 if f32 else 64, r=br, num_warps=4, num_stages=3),
-        "sgmv_expand": Tile(m=32, n=64 if f32 else 128, r=br, num_warps=4, num_stages=2),
-        "bgmv_shrink": Tile(k=128 if br > 32 else 256, r=br, num_warps=4, num_stages=2),
+        "sgmv_expand": Tile(m=32, n=64 if f32 else 128, r=br32, num_warps=4, num_stages=2),
+        "bgmv_shrink": Tile(k=256 if br <= 16 else (128 if br <= 32 else 64), r=br, num_warps=4, num_stages=2),
         "bgmv_expand": Tile(n=64 if br > 32 else 128, r=br, num_warps=4, num_stages=2),
-        "outer": Tile(m=32, k=32 if f32 else 64, r=br, num_warps=4, num_stages=2),
+        "outer": Tile(m=32, k=32 if f32 else 64, r=br32, num_warps=4, num_stages=2),
     }
 
 

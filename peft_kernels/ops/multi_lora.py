@@ -98,7 +98,17 @@ def build_mapping(adapter_ids: torch.Tensor, num_tokens: int, num_slots: int, *,
     if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
         raise ValueError(f"num_slots must be a positive int, got {num_slots!r}")
     dev = torch.device(device) if device is not None else adapter_ids.device
-    ids = adapter_ids.reshape(-1).to(device=dev, dtype=torch.int64)
+    ids = adapter_ids.reshape(-1)
+    if dev.type == "cpu" and ids.device.type == "cpu" and _ext.available():
+        # one C++ counting sort: no thread-pool wake-ups, no Python loop over tokens
+        perm, pos_slots, seg_slots, seg_starts, bad = _ext.ops().group_by_adapter(ids, num_slots)
+        if check_ids and bad.numel():
+            b = bad.tolist()
+            raise ValueError(f"adapter_ids must be in [-1, {num_slots}) (-1 = no adapter, {num_slots} slots); "
+                             f"got {b[:8]}{' ...' if len(b) > 8 else ''}")
+        return AdapterMapping(num_tokens, num_slots, perm, pos_slots, seg_slots, seg_starts,
+                              tuple(seg_slots.tolist()), tuple(seg_starts.tolist()), check_ids)
+    ids = ids.to(device=dev, dtype=torch.int64)
     sorted_ids, order = torch.sort(ids, stable=True)
     uniq, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
     u, c = uniq.tolist(), counts.tolist()  # the one sync: G is at most a few hundred numbers
@@ -147,7 +157,7 @@ def _as_float_vector(v, name: str, S: int, device) -> torch.Tensor:
     return v.to(device=device, dtype=torch.float32)
 
 
-def validate(x, weight, bias, lora_A, lora_B, scalings, ranks, check_values: bool = True):
+def validate(x, weight, bias, lora_A, lora_B, scalings, ranks):
     """Raise ValueError/TypeError naming the bad argument; return (scalings fp32, ranks int32) on x's device."""
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor):
@@ -198,11 +208,13 @@ def validate(x, weight, bias, lora_A, lora_B, scalings, ranks, check_values: boo
         if tuple(ranks.shape) != (S,):
             raise ValueError(f"ranks must have shape [{S}] (one per slot), got {tuple(ranks.shape)}")
         rk = ranks.to(device=dev, dtype=torch.int32)
-        if check_values:
-            lo, hi = int(rk.min()), int(rk.max())
-            if lo < 0 or hi > R:
-                raise ValueError(f"ranks must be in [0, max_rank={R}] (max_rank = lora_A.shape[1]), got min {lo}, max {hi}")
     return scal, rk
+
+
+def _check_ranks(ranks_h, R: int) -> None:
+    lo, hi = min(ranks_h), max(ranks_h)
+    if lo < 0 or hi > R:
+        raise ValueError(f"ranks must be in [0, max_rank={R}] (max_rank = lora_A.shape[1]), got min {lo}, max {hi}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,7 +402,7 @@ def multi_lora_linear(
         check_ids: raise ValueError on ids outside [-1, S) and ranks outside [0, R] (default). False
             skips it on a hot path: bad ids then act as -1, never as an out-of-bounds read.
     """
-    scal, rk = validate(x, weight, bias, lora_A, lora_B, scalings, ranks, check_values=check_ids)
+    scal, rk = validate(x, weight, bias, lora_A, lora_B, scalings, ranks)
     S = lora_A.shape[0]
     T = math.prod(x.shape[:-1])
     if isinstance(adapter_ids, AdapterMapping):
@@ -408,8 +420,14 @@ def multi_lora_linear(
         m = build_mapping(ids, T, S, device=x.device, check_ids=check_ids)
     name = dispatch.resolve(backend, x.device, _op_reason(x))
     chosen = choose_path(m, path) if name == "triton" else (choose_path(m, path) and "grouped")
+    # host copies: free on the CPU; on CUDA one small sync, skipped with check_ids=False on the triton path
+    need_host = name == "torch" or check_ids
+    ranks_h = tuple(rk.tolist()) if need_host else ()
+    if check_ids and ranks is not None:
+        _check_ranks(ranks_h, lora_A.shape[1])
+    # private copies, so a slot changed between forward and backward cannot skew the gradients
     rk = rk.clone() if ranks is not None and rk.data_ptr() == ranks.data_ptr() else rk
     scal = scal.clone() if isinstance(scalings, torch.Tensor) and scal.data_ptr() == scalings.data_ptr() else scal
-    call = MultiLoRACall(m, scal, rk, tuple(scal.tolist()) if name == "torch" else (),
-                         tuple(rk.tolist()) if name == "torch" else (), name, chosen)
+    scal_h = tuple(scal.tolist()) if name == "torch" else ()
+    call = MultiLoRACall(m, scal, rk, scal_h, ranks_h, name, chosen)
     return MultiLoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, call)

@@ -14,7 +14,8 @@ std::tuple<at::Tensor, at::Tensor> lora_dropout_bwd(const at::Tensor& dS, const 
                                                     bool need_da);
 at::Tensor multi_lora_fwd(at::Tensor y, const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B,
                           const at::Tensor& perm, const at::Tensor& seg_slots, const at::Tensor& seg_starts,
-                          const at::Tensor& ranks, const at::Tensor& scalings);
+                          const at::Tensor& ranks, const at::Tensor& scalings,
+                          const c10::optional<at::Tensor>& lora_B_t);
 std::tuple<at::Tensor, at::Tensor> multi_lora_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& S,
                                                   const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                   const at::Tensor& perm, const at::Tensor& seg_slots,
@@ -36,7 +37,7 @@ TORCH_LIBRARY(peft_kernels, m) {
   // multi-adapter LoRA over tokens grouped by adapter (perm, seg_slots, seg_starts: ops/multi_lora.py's
   // AdapterMapping): adds the LoRA updates into y in place, returns the shrink S [T_active, R]
   m.def("multi_lora_fwd(Tensor(a!) y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor perm, Tensor seg_slots, "
-        "Tensor seg_starts, Tensor ranks, Tensor scalings) -> Tensor");
+        "Tensor seg_starts, Tensor ranks, Tensor scalings, Tensor? lora_B_t=None) -> Tensor");
   // stable counting sort of tokens by adapter id: (perm, pos_slots, seg_slots, seg_starts, invalid ids)
   m.def("group_by_adapter(Tensor ids, int num_slots) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // adds the LoRA part of dX into dx (when given) in place; returns (dA, dB), empty when not asked for

@@ -7,6 +7,7 @@
 // true rank. Every output row / slot gradient is written by exactly one item: no races, and the
 // result does not depend on the thread count.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -24,28 +25,50 @@ namespace {
 
 // ---- float32 micro-kernels: BLAS is slow for these skinny shapes (rank 1..64 inner/outer dim) ----
 
-// S[i, j] = Σ_k x[rows[i], k] · A[j, k] for i < n, j < r. Four tokens share each pass over an A row.
+// 16-float vectors (GCC vector extensions): one zmm with AVX-512, two ymm with AVX2, four xmm otherwise.
+// Explicit vectors keep the 4×4 accumulator blocks in registers (auto-vectorised arrays were spilled).
+typedef float v16 __attribute__((vector_size(64)));
+inline v16 load16(const float* p) {
+  v16 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
+inline float hsum(v16 v) {
+  float s = 0.f;
+  for (int q = 0; q < 16; ++q) s += v[q];
+  return s;
+}
+
+// S[i, j] = Σ_k x[rows[i], k] · A[j, k] for i < n, j < r: 4 tokens × 4 rank rows per pass over K.
 PK_CLONES_512 void shrink_f32(const float* x, int64_t ldx, const int64_t* rows, int64_t n, const float* A,
                               int64_t lda, int64_t r, int64_t K, float* S, int64_t lds) {
+  const int64_t K16 = K - K % 16;
   for (int64_t i = 0; i < n; i += 4) {
     const int64_t m = std::min<int64_t>(4, n - i);
-    const float* x0 = x + rows[i] * ldx;
-    const float* x1 = x + rows[i + (m > 1 ? 1 : 0)] * ldx;
-    const float* x2 = x + rows[i + (m > 2 ? 2 : 0)] * ldx;
-    const float* x3 = x + rows[i + (m > 3 ? 3 : 0)] * ldx;
-    for (int64_t j = 0; j < r; ++j) {
-      const float* a = A + j * lda;
-      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t k = 0; k < K; ++k) {
-        const float av = a[k];
-        s0 += x0[k] * av;
-        s1 += x1[k] * av;
-        s2 += x2[k] * av;
-        s3 += x3[k] * av;
+    const float* xs[4];
+    for (int64_t t = 0; t < 4; ++t) xs[t] = x + rows[i + std::min<int64_t>(t, m - 1)] * ldx;
+    for (int64_t j0 = 0; j0 < r; j0 += 4) {
+      const int64_t rr = std::min<int64_t>(4, r - j0);
+      const float* as[4];
+      for (int64_t u = 0; u < 4; ++u) as[u] = A + (j0 + std::min<int64_t>(u, rr - 1)) * lda;
+      v16 acc[4][4] = {};
+      for (int64_t k = 0; k < K16; k += 16) {
+        const v16 x0 = load16(xs[0] + k), x1 = load16(xs[1] + k), x2 = load16(xs[2] + k), x3 = load16(xs[3] + k);
+        for (int64_t u = 0; u < 4; ++u) {
+          const v16 av = load16(as[u] + k);
+          acc[0][u] += x0 * av;
+          acc[1][u] += x1 * av;
+          acc[2][u] += x2 * av;
+          acc[3][u] += x3 * av;
+        }
       }
-      const float s[4] = {s0, s1, s2, s3};
-      for (int64_t q = 0; q < m; ++q) S[(i + q) * lds + j] = s[q];
+      for (int64_t t = 0; t < m; ++t)
+        for (int64_t u = 0; u < rr; ++u) {
+          float v = hsum(acc[t][u]);
+          for (int64_t k = K16; k < K; ++k) v += xs[t][k] * as[u][k];
+          S[(i + t) * lds + j0 + u] = v;
+        }
     }
   }
 }
@@ -89,19 +112,29 @@ struct Segments {
   std::vector<double> scal;
 };
 
+template <typename T>
+std::vector<T> to_vector(const at::Tensor& t) {
+  // reads the common dtypes in place (no conversion copies on the hot path)
+  const auto c = t.contiguous();
+  std::vector<T> out(static_cast<size_t>(c.numel()));
+  AT_DISPATCH_ALL_TYPES(c.scalar_type(), "to_vector", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<T>(p[i]);
+  });
+  return out;
+}
+
 Segments read_segments(const at::Tensor& seg_slots, const at::Tensor& seg_starts, const at::Tensor& ranks,
                        const at::Tensor& scalings) {
   TORCH_CHECK(seg_slots.dim() == 1 && seg_starts.dim() == 1 && seg_starts.size(0) == seg_slots.size(0) + 1,
               "seg_starts must have one more entry than seg_slots");
+  TORCH_CHECK(seg_slots.device().is_cpu() && seg_starts.device().is_cpu() && ranks.device().is_cpu() &&
+                  scalings.device().is_cpu(), "segment tensors, ranks and scalings must be CPU tensors");
   Segments s;
-  auto sl = seg_slots.to(at::kLong).contiguous();
-  auto st = seg_starts.to(at::kLong).contiguous();
-  auto rk = ranks.to(at::kLong).contiguous();
-  auto sc = scalings.to(at::kDouble).contiguous();
-  s.slots.assign(sl.data_ptr<int64_t>(), sl.data_ptr<int64_t>() + sl.numel());
-  s.starts.assign(st.data_ptr<int64_t>(), st.data_ptr<int64_t>() + st.numel());
-  s.ranks.assign(rk.data_ptr<int64_t>(), rk.data_ptr<int64_t>() + rk.numel());
-  s.scal.assign(sc.data_ptr<double>(), sc.data_ptr<double>() + sc.numel());
+  s.slots = to_vector<int64_t>(seg_slots);
+  s.starts = to_vector<int64_t>(seg_starts);
+  s.ranks = to_vector<int64_t>(ranks);
+  s.scal = to_vector<double>(scalings);
   const int64_t S = static_cast<int64_t>(s.ranks.size());
   for (size_t g = 0; g < s.slots.size(); ++g) {
     TORCH_CHECK(s.slots[g] >= 0 && s.slots[g] < S, "segment slot ", s.slots[g], " out of range [0, ", S, ")");
@@ -120,13 +153,53 @@ void check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
               "perm must be 1-D; ranks and scalings need one entry per slot");
 }
 
+// y[rows[i], :] += scale · Σ_j S[i, j] · Bt[j, :] with Bt = B_aᵀ ([r, N], row stride ldbt): rank-row
+// axpys along N. Four tokens share each pass over a Bt row (a quarter of the adapter traffic); each
+// token's LoRA row is summed in a buffer and added to y once (one rounding, as BLAS would).
+PK_CLONES_512 void expand_t_f32(float* y, int64_t ldy, const int64_t* rows, int64_t n, const float* S, int64_t lds,
+                                float scale, const float* Bt, int64_t ldbt, int64_t r, int64_t N) {
+  const int64_t N64 = N - N % 64;
+  for (int64_t i = 0; i < n; i += 4) {
+    const int64_t m = std::min<int64_t>(4, n - i);
+    const float* ss[4];
+    for (int64_t t = 0; t < 4; ++t) ss[t] = S + (i + std::min<int64_t>(t, m - 1)) * lds;
+    for (int64_t nb = 0; nb < N64; nb += 64) {  // 4 tokens × 64 columns: 16 vector accumulators
+      v16 acc[4][4] = {};
+      for (int64_t j = 0; j < r; ++j) {
+        const float* bj = Bt + j * ldbt + nb;
+        const v16 b0 = load16(bj), b1 = load16(bj + 16), b2 = load16(bj + 32), b3 = load16(bj + 48);
+        for (int64_t t = 0; t < 4; ++t) {
+          const float c = ss[t][j] * scale;
+          acc[t][0] += c * b0;
+          acc[t][1] += c * b1;
+          acc[t][2] += c * b2;
+          acc[t][3] += c * b3;
+        }
+      }
+      for (int64_t t = 0; t < m; ++t) {
+        float* yr = y + rows[i + t] * ldy + nb;
+        for (int64_t v = 0; v < 4; ++v) store16(yr + 16 * v, load16(yr + 16 * v) + acc[t][v]);
+      }
+    }
+    for (int64_t t = 0; t < m && N64 < N; ++t) {  // the last N % 64 columns
+      float* yr = y + rows[i + t] * ldy;
+      for (int64_t q = N64; q < N; ++q) {
+        float v = 0.f;
+        for (int64_t j = 0; j < r; ++j) v += ss[t][j] * scale * Bt[j * ldbt + q];
+        yr[q] += v;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // y[perm[p]] += s_a · (x[perm[p]] · A_aᵀ) · B_aᵀ for every sorted position p; returns S = x·A_aᵀ
 // ([T_active, R], adapter dtype, sorted rows, columns past a slot's rank zero).
 at::Tensor multi_lora_fwd(at::Tensor y, const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B,
                           const at::Tensor& perm, const at::Tensor& seg_slots, const at::Tensor& seg_starts,
-                          const at::Tensor& ranks, const at::Tensor& scalings) {
+                          const at::Tensor& ranks, const at::Tensor& scalings,
+                          const c10::optional<at::Tensor>& lora_B_t) {
   check_common(x, lora_A, lora_B, perm, ranks, scalings);
   TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == lora_B.size(1), "y must be [T, N]");
   const auto segs = read_segments(seg_slots, seg_starts, ranks, scalings);
@@ -151,6 +224,14 @@ at::Tensor multi_lora_fwd(at::Tensor y, const at::Tensor& x, const at::Tensor& l
     const auto xc = xd.stride(1) == 1 ? xd : xd.contiguous();
     const auto Ac = A.stride(2) == 1 ? A : A.contiguous();
     const auto Bc = B.stride(2) == 1 ? B : B.contiguous();
+    // B transposed to [S, R, N] (the caller caches it): the expand then runs along N with no shuffles
+    at::Tensor Bt;
+    if (lora_B_t.has_value() && lora_B_t->defined()) {
+      Bt = lora_B_t->detach();
+      TORCH_CHECK(Bt.scalar_type() == at::kFloat && Bt.dim() == 3 && Bt.size(0) == B.size(0) &&
+                      Bt.size(1) == B.size(2) && Bt.size(2) == B.size(1) && Bt.stride(2) == 1,
+                  "lora_B_t must be lora_B transposed to [S, R, N] with unit stride along N");
+    }
     TORCH_CHECK(y.stride(1) == 1, "y must have unit column stride");
     const int64_t K = xc.size(1), N = Bc.size(1);
     const int64_t* ip = idx.data_ptr<int64_t>();
@@ -166,8 +247,13 @@ at::Tensor multi_lora_fwd(at::Tensor y, const at::Tensor& x, const at::Tensor& l
         const int64_t r = segs.ranks[it.slot], n = it.end - it.begin;
         shrink_f32(xp, xc.stride(0), ip + it.begin, n, Ac.data_ptr<float>() + it.slot * Ac.stride(0), Ac.stride(1),
                    r, K, sp + it.begin * R, R);
-        expand_f32(yp, y.stride(0), ip + it.begin, n, sp + it.begin * R, R, static_cast<float>(segs.scal[it.slot]),
-                   Bc.data_ptr<float>() + it.slot * Bc.stride(0), Bc.stride(1), r, N);
+        const float sc = static_cast<float>(segs.scal[it.slot]);
+        if (Bt.defined())
+          expand_t_f32(yp, y.stride(0), ip + it.begin, n, sp + it.begin * R, R, sc,
+                       Bt.data_ptr<float>() + it.slot * Bt.stride(0), Bt.stride(1), r, N);
+        else
+          expand_f32(yp, y.stride(0), ip + it.begin, n, sp + it.begin * R, R, sc,
+                     Bc.data_ptr<float>() + it.slot * Bc.stride(0), Bc.stride(1), r, N);
       }
     });
     return S;

@@ -234,15 +234,33 @@ def _use_ext(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and _ext.available()
 
 
-def _torch_forward(x, weight, bias, A, B, m: AdapterMapping, scal, ranks, scal_h, ranks_h):
+def _b_transposed(B: torch.Tensor) -> Optional[torch.Tensor]:
+    """``B`` [S, N, R] as a contiguous [S, R, N] copy for the fp32 C++ expand, cached on B itself and
+    rebuilt whenever B changes (its version counter, storage, shape or strides)."""
+    if B.dtype != torch.float32 or torch.compiler.is_compiling():
+        return None
+    key = (B._version, B.data_ptr(), tuple(B.shape), B.stride())
+    hit = getattr(B, "_pk_lora_B_t", None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():
+        bt = B.detach().transpose(1, 2).contiguous()
+    try:
+        B._pk_lora_B_t = (key, bt)
+    except (AttributeError, RuntimeError):  # a tensor type that takes no attributes: no cache
+        pass
+    return bt
+
+
+def _torch_forward(x, weight, bias, A, B, m: AdapterMapping, scal, ranks, scal_h, ranks_h, ext: bool):
     """y [T, N] in x.dtype and S [T_active, R] in the adapter dtype (sorted rows, unscaled)."""
     cdt = A.dtype
     R = A.shape[1]
     y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
     if m.num_active == 0:
         return y, x.new_empty((0, R), dtype=cdt)
-    if _use_ext(x):
-        S = _ext.ops().multi_lora_fwd(y, x, A, B, m.perm, m.seg_slots, m.seg_starts, ranks, scal)
+    if ext:
+        S = _ext.ops().multi_lora_fwd(y, x, A, B, m.perm, m.seg_slots, m.seg_starts, ranks, scal, _b_transposed(B))
         return y, S
     perm = m.perm.long()
     xs = x.index_select(0, perm)
@@ -263,11 +281,11 @@ def _torch_forward(x, weight, bias, A, B, m: AdapterMapping, scal, ranks, scal_h
     return y, S
 
 
-def _torch_backward(dy, x, weight, A, B, S, m: AdapterMapping, scal, ranks, scal_h, ranks_h,
+def _torch_backward(dy, x, weight, A, B, S, m: AdapterMapping, scal, ranks, scal_h, ranks_h, ext: bool,
                     need_dx, need_da, need_db):
     cdt = A.dtype
     dx = torch.mm(dy, weight) if need_dx else None
-    if _use_ext(x) and m.num_active and (need_dx or need_da or need_db):
+    if ext and m.num_active and (need_dx or need_da or need_db):
         dA, dB = _ext.ops().multi_lora_bwd(dy, x, S, A, B, m.perm, m.seg_slots, m.seg_starts, ranks, scal,
                                            dx, need_da, need_db)
         return dx, (dA if need_da else None), (dB if need_db else None)
@@ -327,6 +345,7 @@ class MultiLoRACall:
     ranks_h: Tuple[int, ...]
     backend: str
     path: str               # "bgmv" | "sgmv" (triton) or "grouped" (torch)
+    ext: bool = False       # torch backend: the C++ CPU kernels run it (decided once, for forward and backward)
 
 
 class MultiLoRALinearFunction(torch.autograd.Function):
@@ -336,7 +355,7 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         x2d = x.reshape(-1, K)
         if call.backend == "torch":
             y, S = _torch_forward(x2d, weight, bias, lora_A, lora_B, call.mapping, call.scalings, call.ranks,
-                                  call.scal_h, call.ranks_h)
+                                  call.scal_h, call.ranks_h, call.ext)
         else:
             y, S = _triton_forward(x2d, weight, bias, lora_A, lora_B, call.mapping, call.scalings, call.ranks,
                                    call.path)
@@ -355,7 +374,7 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         dy2d = dy.reshape(-1, weight.shape[0])
         if call.backend == "torch":
             dx, dA, dB = _torch_backward(dy2d, x2d, weight, A, B, S, call.mapping, call.scalings, call.ranks,
-                                         call.scal_h, call.ranks_h, need_x, need_a, need_bb)
+                                         call.scal_h, call.ranks_h, call.ext, need_x, need_a, need_bb)
         else:
             dx, dA, dB = _triton_backward(dy2d, x2d, weight, A, B, S, call.mapping, call.scalings, call.ranks,
                                           call.path, need_x, need_a, need_bb)
@@ -425,9 +444,11 @@ def multi_lora_linear(
     ranks_h = tuple(rk.tolist()) if need_host else ()
     if check_ids and ranks is not None:
         _check_ranks(ranks_h, lora_A.shape[1])
-    # private copies, so a slot changed between forward and backward cannot skew the gradients
-    rk = rk.clone() if ranks is not None and rk.data_ptr() == ranks.data_ptr() else rk
-    scal = scal.clone() if isinstance(scalings, torch.Tensor) and scal.data_ptr() == scalings.data_ptr() else scal
-    scal_h = tuple(scal.tolist()) if name == "torch" else ()
-    call = MultiLoRACall(m, scal, rk, scal_h, ranks_h, name, chosen)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)):
+        # private copies, so a slot changed between forward and backward cannot skew the gradients
+        rk = rk.clone() if ranks is not None and rk.data_ptr() == ranks.data_ptr() else rk
+        scal = scal.clone() if isinstance(scalings, torch.Tensor) and scal.data_ptr() == scalings.data_ptr() else scal
+    ext = name == "torch" and _use_ext(x)
+    scal_h = tuple(scal.tolist()) if name == "torch" and not ext else ()
+    call = MultiLoRACall(m, scal, rk, scal_h, ranks_h, name, chosen, ext)
     return MultiLoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, call)

@@ -21,7 +21,8 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_bwd(const at::Tensor& dy, const at
                                                   const at::Tensor& perm, const at::Tensor& seg_slots,
                                                   const at::Tensor& seg_starts, const at::Tensor& ranks,
                                                   const at::Tensor& scalings, const c10::optional<at::Tensor>& dx,
-                                                  bool need_da, bool need_db);
+                                                  bool need_da, bool need_db,
+                                                  const c10::optional<at::Tensor>& lora_B_t);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_by_adapter(const at::Tensor& ids,
                                                                                         int64_t num_slots);
 }  // namespace cpu
@@ -43,7 +44,7 @@ TORCH_LIBRARY(peft_kernels, m) {
   // adds the LoRA part of dX into dx (when given) in place; returns (dA, dB), empty when not asked for
   m.def("multi_lora_bwd(Tensor dy, Tensor x, Tensor S, Tensor lora_A, Tensor lora_B, Tensor perm, "
         "Tensor seg_slots, Tensor seg_starts, Tensor ranks, Tensor scalings, Tensor(a!)? dx, bool need_da, "
-        "bool need_db) -> (Tensor, Tensor)");
+        "bool need_db, Tensor? lora_B_t=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {

@@ -70,6 +70,8 @@ CASES = [
     pytest.param((25,), 31, 17, [3, 6], 6, "skewed", True, "contig", id="skewed"),
     pytest.param((18,), 22, 26, [6, 6, 6, 6, 6], 6, "uniform", True, "strided", id="uniform-noncontig"),
     pytest.param((9,), 17, 13, [3, 3], 3, "all-base", True, "contig", id="all-minus1"),
+    # wide enough for the C++ fp32 micro-kernels' vector blocks (16/64 columns) plus odd tails
+    pytest.param((2, 15), 131, 97, [20, 5, 13, 7], 20, "mixed", True, "contig", id="wide-K131-N97"),
 ]
 
 

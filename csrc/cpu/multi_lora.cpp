@@ -192,6 +192,40 @@ PK_CLONES_512 void expand_t_f32(float* y, int64_t ldy, const int64_t* rows, int6
   }
 }
 
+// out[j, :] = scale · Σ_i C[i, j] · V[rows[i], :] for j < r (out row stride ldo, length L): the
+// per-slot gradient reductions dA = dSᵀ·x and dBᵀ = s·Sᵀ·dY. 4 rank rows × 64 columns of register
+// accumulators per pass over the segment's tokens, in token order (deterministic).
+PK_CLONES_512 void outer_f32(float* out, int64_t ldo, int64_t r, const float* V, int64_t ldv, const int64_t* rows,
+                             int64_t n, const float* C, int64_t ldc, float scale, int64_t L) {
+  const int64_t L64 = L - L % 64;
+  for (int64_t j0 = 0; j0 < r; j0 += 4) {
+    const int64_t rr = std::min<int64_t>(4, r - j0);
+    for (int64_t lb = 0; lb < L64; lb += 64) {
+      v16 acc[4][4] = {};
+      for (int64_t i = 0; i < n; ++i) {
+        const float* v = V + rows[i] * ldv + lb;
+        const v16 v0 = load16(v), v1 = load16(v + 16), v2 = load16(v + 32), v3 = load16(v + 48);
+        const float* ci = C + i * ldc + j0;
+        for (int64_t u = 0; u < 4; ++u) {
+          const float c = u < rr ? ci[u] : 0.f;
+          acc[u][0] += c * v0;
+          acc[u][1] += c * v1;
+          acc[u][2] += c * v2;
+          acc[u][3] += c * v3;
+        }
+      }
+      for (int64_t u = 0; u < rr; ++u)
+        for (int64_t q = 0; q < 4; ++q) store16(out + (j0 + u) * ldo + lb + 16 * q, acc[u][q] * scale);
+    }
+    for (int64_t u = 0; u < rr && L64 < L; ++u)  // the last L % 64 columns
+      for (int64_t l = L64; l < L; ++l) {
+        float v = 0.f;
+        for (int64_t i = 0; i < n; ++i) v += C[i * ldc + j0 + u] * V[rows[i] * ldv + l];
+        out[(j0 + u) * ldo + l] = v * scale;
+      }
+  }
+}
+
 }  // namespace
 
 // y[perm[p]] += s_a · (x[perm[p]] · A_aᵀ) · B_aᵀ for every sorted position p; returns S = x·A_aᵀ
@@ -287,7 +321,8 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_bwd(const at::Tensor& dy, const at
                                                   const at::Tensor& perm, const at::Tensor& seg_slots,
                                                   const at::Tensor& seg_starts, const at::Tensor& ranks,
                                                   const at::Tensor& scalings, const c10::optional<at::Tensor>& dx_opt,
-                                                  bool need_da, bool need_db) {
+                                                  bool need_da, bool need_db,
+                                                  const c10::optional<at::Tensor>& lora_B_t) {
   check_common(x, lora_A, lora_B, perm, ranks, scalings);
   const auto segs = read_segments(seg_slots, seg_starts, ranks, scalings);
   const auto xd = x.detach();
@@ -302,6 +337,55 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_bwd(const at::Tensor& dy, const at
   auto dA = need_da ? at::zeros_like(A) : at::empty({0}, A.options());
   auto dB = need_db ? at::zeros_like(B) : at::empty({0}, B.options());
   const int64_t G = static_cast<int64_t>(segs.slots.size());
+  const bool f32 = cdt == at::kFloat && xd.scalar_type() == at::kFloat && dyd.scalar_type() == at::kFloat &&
+                   Sd.scalar_type() == at::kFloat && (!need_dx || dx.scalar_type() == at::kFloat);
+  if (f32) {
+    // micro-kernel path (rows read through perm, dX rows updated in place, nothing gathered):
+    //   dS = s·dY·B_a (shrink against B_aᵀ), dX += dS·A_a (expand), dA = dSᵀ·x, dBᵀ = s·Sᵀ·dY (outer)
+    const auto xc = xd.stride(1) == 1 ? xd : xd.contiguous();
+    const auto dyc = dyd.stride(1) == 1 ? dyd : dyd.contiguous();
+    const auto Sc = Sd.contiguous();
+    const auto Ac = A.stride(2) == 1 ? A : A.contiguous();
+    at::Tensor Bt = (lora_B_t.has_value() && lora_B_t->defined()) ? lora_B_t->detach()
+                                                                   : B.transpose(1, 2).contiguous();
+    TORCH_CHECK(Bt.scalar_type() == at::kFloat && Bt.dim() == 3 && Bt.size(1) == B.size(2) &&
+                    Bt.size(2) == B.size(1) && Bt.stride(2) == 1,
+                "lora_B_t must be lora_B transposed to [S, R, N] with unit stride along N");
+    if (need_dx) TORCH_CHECK(dx.stride(1) == 1, "dx must have unit column stride");
+    const int64_t K = xc.size(1), N = dyc.size(1), R = A.size(1);
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    at::parallel_for(0, G, 1, [&](int64_t gb, int64_t ge) {
+      std::vector<float> dS, dBt;
+      for (int64_t g = gb; g < ge; ++g) {
+        const int64_t a = segs.slots[g], r = segs.ranks[a], b = segs.starts[g], n = segs.starts[g + 1] - b;
+        if (r <= 0 || n == 0) continue;
+        const float sc = static_cast<float>(segs.scal[a]);
+        const int64_t* rows = ip + b;
+        if (need_db) {  // dB_a[:, :r] = s·dYᵀ·S, computed as its transpose [r, N] and copied in
+          dBt.assign(static_cast<size_t>(r * N), 0.f);
+          outer_f32(dBt.data(), N, r, dyc.data_ptr<float>(), dyc.stride(0), rows, n, Sc.data_ptr<float>() + b * R, R,
+                    sc, N);
+          float* dBa = dB.data_ptr<float>() + a * dB.stride(0);
+          for (int64_t j = 0; j < r; ++j)
+            for (int64_t q = 0; q < N; ++q) dBa[q * dB.stride(1) + j] = dBt[j * N + q];
+        }
+        if (!need_da && !need_dx) continue;
+        dS.assign(static_cast<size_t>(n * r), 0.f);
+        shrink_f32(dyc.data_ptr<float>(), dyc.stride(0), rows, n, Bt.data_ptr<float>() + a * Bt.stride(0), Bt.stride(1),
+                   r, N, dS.data(), r);
+        for (auto& v : dS) v *= sc;
+        if (need_da)
+          outer_f32(dA.data_ptr<float>() + a * dA.stride(0), dA.stride(1), r, xc.data_ptr<float>(), xc.stride(0), rows,
+                    n, dS.data(), r, 1.f, K);
+        if (need_dx) {
+          // dX rows are unique to this segment; expand adds dS·A_a into them
+          expand_t_f32(dx.data_ptr<float>(), dx.stride(0), rows, n, dS.data(), r, 1.f,
+                       Ac.data_ptr<float>() + a * Ac.stride(0), Ac.stride(1), r, K);
+        }
+      }
+    });
+    return {dA, dB};
+  }
   at::parallel_for(0, G, 1, [&](int64_t gb, int64_t ge) {
     for (int64_t g = gb; g < ge; ++g) {
       const int64_t a = segs.slots[g], r = segs.ranks[a], b = segs.starts[g], n = segs.starts[g + 1] - b;

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -287,7 +287,7 @@ def _torch_backward(dy, x, weight, A, B, S, m: AdapterMapping, scal, ranks, scal
     dx = torch.mm(dy, weight) if need_dx else None
     if ext and m.num_active and (need_dx or need_da or need_db):
         dA, dB = _ext.ops().multi_lora_bwd(dy, x, S, A, B, m.perm, m.seg_slots, m.seg_starts, ranks, scal,
-                                           dx, need_da, need_db)
+                                           dx, need_da, need_db, _b_transposed(B))
         return dx, (dA if need_da else None), (dB if need_db else None)
     dA = torch.zeros_like(A) if need_da else None
     dB = torch.zeros_like(B) if need_db else None
@@ -334,13 +334,12 @@ def _triton_backward(dy, x, weight, A, B, S, m, scal, ranks, path, need_dx, need
 # --------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True, eq=False)
-class MultiLoRACall:
+class MultiLoRACall(NamedTuple):
     """Non-differentiable arguments of one multi_lora_linear call."""
 
     mapping: AdapterMapping
-    scalings: torch.Tensor  # fp32 [S] on x's device (a private copy)
-    ranks: torch.Tensor     # int32 [S] on x's device (a private copy)
+    scalings: torch.Tensor  # fp32 [S] on x's device (a private copy when a backward may follow)
+    ranks: torch.Tensor     # int32 [S] on x's device (idem)
     scal_h: Tuple[float, ...]
     ranks_h: Tuple[int, ...]
     backend: str
@@ -348,17 +347,19 @@ class MultiLoRACall:
     ext: bool = False       # torch backend: the C++ CPU kernels run it (decided once, for forward and backward)
 
 
+def _forward_2d(x2d, weight, bias, lora_A, lora_B, call: MultiLoRACall):
+    if call.backend == "torch":
+        return _torch_forward(x2d, weight, bias, lora_A, lora_B, call.mapping, call.scalings, call.ranks,
+                              call.scal_h, call.ranks_h, call.ext)
+    return _triton_forward(x2d, weight, bias, lora_A, lora_B, call.mapping, call.scalings, call.ranks, call.path)
+
+
 class MultiLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, call: MultiLoRACall):
         K = x.shape[-1]
         x2d = x.reshape(-1, K)
-        if call.backend == "torch":
-            y, S = _torch_forward(x2d, weight, bias, lora_A, lora_B, call.mapping, call.scalings, call.ranks,
-                                  call.scal_h, call.ranks_h, call.ext)
-        else:
-            y, S = _triton_forward(x2d, weight, bias, lora_A, lora_B, call.mapping, call.scalings, call.ranks,
-                                   call.path)
+        y, S = _forward_2d(x2d, weight, bias, lora_A, lora_B, call)
         ctx.save_for_backward(x2d, S, weight, lora_A, lora_B)
         ctx.call = call
         ctx.x_shape = x.shape
@@ -444,11 +445,15 @@ def multi_lora_linear(
     ranks_h = tuple(rk.tolist()) if need_host else ()
     if check_ids and ranks is not None:
         _check_ranks(ranks_h, lora_A.shape[1])
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)):
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
+    if grad:
         # private copies, so a slot changed between forward and backward cannot skew the gradients
         rk = rk.clone() if ranks is not None and rk.data_ptr() == ranks.data_ptr() else rk
         scal = scal.clone() if isinstance(scalings, torch.Tensor) and scal.data_ptr() == scalings.data_ptr() else scal
     ext = name == "torch" and _use_ext(x)
     scal_h = tuple(scal.tolist()) if name == "torch" and not ext else ()
     call = MultiLoRACall(m, scal, rk, scal_h, ranks_h, name, chosen, ext)
+    if not grad:  # inference (serving): no backward can follow, so skip the autograd.Function machinery
+        y, _ = _forward_2d(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, call)
+        return y.view(*x.shape[:-1], weight.shape[0])
     return MultiLoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, call)

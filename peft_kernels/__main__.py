@@ -24,7 +24,7 @@ def info() -> str:
     from . import _ext
 
     why = _ext.unavailable_reason()
-    lines.append("compiled extension peft_kernels._C (csrc/, CPU ops: fused LoRA dropout passes): "
+    lines.append("compiled extension peft_kernels._C (csrc/, CPU ops: fused LoRA dropout passes, multi-adapter grouping and kernels): "
                  + ("loaded" if why is None else f"not available: {why}"))
     lines.append("CUDA extension: not part of this release")
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):

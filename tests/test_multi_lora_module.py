@@ -255,3 +255,28 @@ def test_reference_never_aliases_the_last_slot():
     A, B = torch.randn(2, 2, 4), torch.randn(2, 5, 2)
     y = multi_lora_linear_ref(x, W, None, A, B, torch.ones(2), torch.tensor([-1, -1, -1]))
     assert torch.equal(y, x @ W.t())
+
+
+def test_transposed_b_cache_follows_updates_and_stays_out_of_checkpoints():
+    from peft_kernels.ops import multi_lora as ML
+
+    m = _layer(K=8, N=70, S=2, R=3)
+    m.set_adapter(0, torch.randn(3, 8), torch.randn(70, 3), 1.0)
+    x, ids = torch.randn(4, 8), torch.zeros(4, dtype=torch.long)
+    with torch.no_grad():
+        y0 = m(x, ids)
+    bt = ML._b_transposed(m.lora_B)
+    assert bt is ML._b_transposed(m.lora_B) and torch.equal(bt, m.lora_B.detach().transpose(1, 2))
+    with torch.no_grad():
+        m.lora_B.mul_(2.0)  # an in-place update (as an optimizer step makes) invalidates the cache
+    assert torch.equal(ML._b_transposed(m.lora_B), m.lora_B.detach().transpose(1, 2))
+    base = torch.nn.functional.linear(x, m.weight, m.bias)
+    with torch.no_grad():
+        assert_close(m(x, ids), (base + 2 * (y0 - base)).double(), None, "y after B *= 2")
+    assert not any(k.startswith("_pk") for k in vars(m.lora_B))
+    key = id(m.lora_B)
+    del m
+    import gc
+
+    gc.collect()
+    assert key not in ML._BT_CACHE

@@ -17,6 +17,7 @@ No dropout (the multi-adapter op has none).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -234,21 +235,27 @@ def _use_ext(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and _ext.available()
 
 
+# id(B) -> (weakref to B, key, B transposed). An entry goes away with its B (weakref callback), and is
+# rebuilt whenever B changes; kept off the tensor itself so it never ends up in a saved checkpoint.
+_BT_CACHE: dict = {}
+
+
 def _b_transposed(B: torch.Tensor) -> Optional[torch.Tensor]:
-    """``B`` [S, N, R] as a contiguous [S, R, N] copy for the fp32 C++ expand, cached on B itself and
+    """``B`` [S, N, R] as a contiguous [S, R, N] copy for the fp32 C++ kernels, cached per tensor and
     rebuilt whenever B changes (its version counter, storage, shape or strides)."""
     if B.dtype != torch.float32 or torch.compiler.is_compiling():
         return None
     key = (B._version, B.data_ptr(), tuple(B.shape), B.stride())
-    hit = getattr(B, "_pk_lora_B_t", None)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    hit = _BT_CACHE.get(id(B))
+    if hit is not None and hit[0]() is B and hit[1] == key:
+        return hit[2]
     with torch.no_grad():
         bt = B.detach().transpose(1, 2).contiguous()
     try:
-        B._pk_lora_B_t = (key, bt)
-    except (AttributeError, RuntimeError):  # a tensor type that takes no attributes: no cache
-        pass
+        ref = weakref.ref(B, lambda _, k=id(B): _BT_CACHE.pop(k, None))
+    except TypeError:  # not weak-referenceable: no cache
+        return bt
+    _BT_CACHE[id(B)] = (ref, key, bt)
     return bt
 
 

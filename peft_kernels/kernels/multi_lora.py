@@ -34,22 +34,28 @@ from ._common import INTERPRETED, f32_precision, mma, next_pow2, upcast_needed
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _segment_rows(seg_slots_ptr, seg_starts_ptr, ranks_ptr, perm_ptr, BLOCK_M: tl.constexpr):
+    """For program (segment g, row block): its slot, the slot's true rank, the block's sorted
+    positions, which of them lie in the segment, and the tokens they are (int64 row indices)."""
+    g = tl.program_id(0)
+    slot = tl.load(seg_slots_ptr + g)
+    end = tl.load(seg_starts_ptr + g + 1)
+    pos = tl.load(seg_starts_ptr + g) + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    p_ok = pos < end
+    tok = tl.load(perm_ptr + pos, mask=p_ok, other=0).to(tl.int64)
+    return slot, tl.load(ranks_ptr + slot), pos, p_ok, tok
+
+
+@triton.jit
 def _sgmv_shrink_kernel(
     in_ptr, w_ptr, out_ptr, scal_ptr, perm_ptr, seg_slots_ptr, seg_starts_ptr, ranks_ptr,
     KD, R, stride_it, stride_ik, stride_ws, stride_wr, stride_wk,
     HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    g = tl.program_id(0)
-    slot = tl.load(seg_slots_ptr + g)
-    end = tl.load(seg_starts_ptr + g + 1)
-    row0 = tl.load(seg_starts_ptr + g) + tl.program_id(1) * BLOCK_M
-    rank = tl.load(ranks_ptr + slot)
+    slot, rank, pos, p_ok, tok = _segment_rows(seg_slots_ptr, seg_starts_ptr, ranks_ptr, perm_ptr, BLOCK_M)
     r0 = tl.program_id(2) * BLOCK_R
-    if (row0 < end) & (r0 < rank):
-        pos = row0 + tl.arange(0, BLOCK_M)
-        p_ok = pos < end
-        tok = tl.load(perm_ptr + pos, mask=p_ok, other=0).to(tl.int64)
+    if (tl.max(p_ok.to(tl.int32), 0) > 0) & (r0 < rank):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_ok = rr < rank
         w_base = w_ptr + slot.to(tl.int64) * stride_ws
@@ -75,15 +81,8 @@ def _sgmv_expand_kernel(
     HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    g = tl.program_id(0)
-    slot = tl.load(seg_slots_ptr + g)
-    end = tl.load(seg_starts_ptr + g + 1)
-    row0 = tl.load(seg_starts_ptr + g) + tl.program_id(1) * BLOCK_M
-    rank = tl.load(ranks_ptr + slot)
-    if (row0 < end) & (rank > 0):
-        pos = row0 + tl.arange(0, BLOCK_M)
-        p_ok = pos < end
-        tok = tl.load(perm_ptr + pos, mask=p_ok, other=0).to(tl.int64)
+    slot, rank, pos, p_ok, tok = _segment_rows(seg_slots_ptr, seg_starts_ptr, ranks_ptr, perm_ptr, BLOCK_M)
+    if (tl.max(p_ok.to(tl.int32), 0) > 0) & (rank > 0):
         rn = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < ND
         w_base = w_ptr + slot.to(tl.int64) * stride_ws
@@ -246,7 +245,7 @@ def configs(dtype: torch.dtype, R: int, interpreted: bool = INTERPRETED) -> dict
     br32 = min(br, 32) if f32 else br  # fp32 tiles take twice the registers: cap the rank tile
     return {
         "sgmv_shrink": Tile(m=32, k=32 if f32 else 64, r=br, num_warps=4, num_stages=3),
-        "sgmv_expand": Tile(m=32, n=64 if f32 else 128, r=br32, num_warps=4, num_stages=2),
+        "sgmv_expand": Tile(m=32, n=64 if f32 or br > 32 else 128, r=br32, num_warps=4, num_stages=2),
         "bgmv_shrink": Tile(k=256 if br <= 16 else (128 if br <= 32 else 64), r=br, num_warps=4, num_stages=2),
         "bgmv_expand": Tile(n=64 if br > 32 else 128, r=br, num_warps=4, num_stages=2),
         "outer": Tile(m=32, k=32 if f32 else 64, r=br32, num_warps=4, num_stages=2),

@@ -12,6 +12,20 @@ from .. import dispatch
 from ..ops.lora import lora_linear
 
 
+def adopt_frozen_base(module: nn.Module, base: Optional[nn.Linear], in_features, out_features, bias, device,
+                      dtype) -> None:
+    """Give ``module`` nn.Linear's frozen ``weight``/``bias`` (reusing ``base``'s Parameters, or new ones)."""
+    if base is None:
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+    module.in_features = base.in_features
+    module.out_features = base.out_features
+    module.weight = base.weight
+    module.bias = base.bias
+    module.weight.requires_grad_(False)
+    if module.bias is not None:
+        module.bias.requires_grad_(False)
+
+
 class LoRALinear(nn.Module):
     """Frozen ``nn.Linear`` plus a trainable low-rank update, HF PEFT semantics.
 
@@ -46,16 +60,8 @@ class LoRALinear(nn.Module):
         _base: Optional[nn.Linear] = None,
     ):
         super().__init__()
-        if _base is None:
-            _base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._check_hparams(r, lora_alpha, lora_dropout, init_lora_weights, backend)
-        self.in_features = _base.in_features
-        self.out_features = _base.out_features
-        self.weight = _base.weight
-        self.bias = _base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        adopt_frozen_base(self, _base, in_features, out_features, bias, device, dtype)
         self.r = int(r)
         self.lora_alpha = lora_alpha
         self.lora_dropout = float(lora_dropout)

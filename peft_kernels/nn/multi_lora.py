@@ -12,6 +12,7 @@ import torch.nn as nn
 from .. import dispatch
 from ..ops.multi_lora import PATHS, AdapterMapping, build_mapping, multi_lora_linear
 from ..reference import expand_adapter_ids
+from .lora import adopt_frozen_base
 
 
 class AdapterIds:
@@ -99,15 +100,7 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-        if _base is None:
-            _base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.in_features = _base.in_features
-        self.out_features = _base.out_features
-        self.weight = _base.weight
-        self.bias = _base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        adopt_frozen_base(self, _base, in_features, out_features, bias, device, dtype)
         self.max_adapters = max_adapters
         self.max_rank = max_rank
         self.backend = backend

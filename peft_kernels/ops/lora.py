@@ -36,19 +36,13 @@ def _op_reason(x: torch.Tensor):
     return reason
 
 
-def validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
-    """Raise ValueError/TypeError naming the bad argument and what was expected."""
+def check_base(x, weight, bias, lora_A, lora_B):
+    """Types of every tensor argument, and the frozen base's shapes; returns (N, K)."""
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
-    if not math.isfinite(float(scaling)):
-        raise ValueError(f"scaling must be finite, got {scaling}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     N, K = weight.shape
@@ -57,15 +51,10 @@ def validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
                          f"got x of shape {tuple(x.shape)}")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias must have shape ({N},) = (out_features,), got {tuple(bias.shape)}")
-    if lora_A.dim() != 2 or lora_A.shape[1] != K:
-        raise ValueError(f"lora_A must have shape [r, in_features={K}], got {tuple(lora_A.shape)}")
-    r = lora_A.shape[0]
-    if r <= 0:
-        raise ValueError(f"LoRA rank r must be >= 1, got lora_A of shape {tuple(lora_A.shape)}")
-    if lora_B.dim() != 2 or tuple(lora_B.shape) != (N, r):
-        raise ValueError(f"lora_B must have shape [out_features={N}, r={r}] (r from lora_A), "
-                         f"got {tuple(lora_B.shape)}")
-    # dtypes
+    return N, K
+
+
+def check_dtypes_devices(x, weight, bias, lora_A, lora_B) -> None:
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if t.dtype not in _FLOATS:
             raise TypeError(f"{name} must be {_name_dtypes()}, got {t.dtype}")
@@ -78,11 +67,30 @@ def validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
     if lora_A.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"lora_A/lora_B must be x's dtype ({x.dtype}) or float32 (an fp32 adapter on a "
                         f"half-precision base, as HF PEFT keeps them), got {lora_A.dtype}")
-    # devices
     dev = x.device
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
         if t is not None and t.device != dev:
             raise ValueError(f"{name} is on {t.device} but x is on {dev}: all tensors must be on one device")
+
+
+def validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+    """Raise ValueError/TypeError naming the bad argument and what was expected."""
+    N, K = check_base(x, weight, bias, lora_A, lora_B)
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
+    if not math.isfinite(float(scaling)):
+        raise ValueError(f"scaling must be finite, got {scaling}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != K:
+        raise ValueError(f"lora_A must have shape [r, in_features={K}], got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if r <= 0:
+        raise ValueError(f"LoRA rank r must be >= 1, got lora_A of shape {tuple(lora_A.shape)}")
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B must have shape [out_features={N}, r={r}] (r from lora_A), "
+                         f"got {tuple(lora_B.shape)}")
+    check_dtypes_devices(x, weight, bias, lora_A, lora_B)
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,6 +180,26 @@ class LoRACall:
     backend: str
 
 
+def save_for_lora_backward(ctx, x, x2d, S, weight, bias, lora_A, lora_B, call, y2d):
+    """The saved-tensor policy shared by the LoRA Functions: x (as 2-D), the small S, the frozen weight
+    and the adapter tensors; returns y with x's leading dims."""
+    ctx.save_for_backward(x2d, S, weight, lora_A, lora_B)
+    ctx.call = call
+    ctx.x_shape = x.shape
+    ctx.has_bias = bias is not None
+    return y2d.view(*x.shape[:-1], weight.shape[0])
+
+
+def finish_lora_backward(ctx, dy2d, x2d, dx, dA, dB):
+    """Adds the frozen base's grads (when someone unfroze it: correct, not fused) and reshapes dx."""
+    need_w, need_b = ctx.needs_input_grad[1:3]
+    dW = torch.mm(dy2d.t(), x2d) if need_w else None
+    db = dy2d.sum(0) if (need_b and ctx.has_bias) else None
+    if dx is not None:
+        dx = dx.view(ctx.x_shape)
+    return dx, dW, db, dA, dB, None
+
+
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, call: LoRACall):
@@ -179,28 +207,19 @@ class LoRALinearFunction(torch.autograd.Function):
         x2d = x.reshape(-1, K)
         fwd, _ = _BACKENDS[call.backend]
         y, S = fwd(x2d, weight, bias, lora_A, lora_B, call.scaling, call.dropout_p, call.seed)
-        ctx.save_for_backward(x2d, S, weight, lora_A, lora_B)
-        ctx.call = call
-        ctx.x_shape = x.shape
-        ctx.has_bias = bias is not None
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return save_for_lora_backward(ctx, x, x2d, S, weight, bias, lora_A, lora_B, call, y)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x2d, S, weight, A, B = ctx.saved_tensors
         call: LoRACall = ctx.call
-        need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
+        need_x, _, _, need_a, need_bb, _ = ctx.needs_input_grad
         dy2d = dy.reshape(-1, weight.shape[0])
         _, bwd = _BACKENDS[call.backend]
         dx, dA, dB = bwd(dy2d, x2d, weight, A, B, S, call.scaling, call.dropout_p, call.seed,
                          need_dx=need_x, need_da=need_a, need_db=need_bb)
-        # the frozen base's grads, when someone unfroze it: correct, not fused
-        dW = torch.mm(dy2d.t(), x2d) if need_w else None
-        db = dy2d.sum(0) if (need_b and ctx.has_bias) else None
-        if dx is not None:
-            dx = dx.view(ctx.x_shape)
-        return dx, dW, db, dA, dB, None
+        return finish_lora_backward(ctx, dy2d, x2d, dx, dA, dB)
 
 
 def _draw_seed() -> int:

@@ -25,7 +25,7 @@ import torch
 
 from .. import _ext, dispatch
 from ..reference import expand_adapter_ids
-from .lora import _FLOATS, _name_dtypes
+from .lora import check_base, check_dtypes_devices, finish_lora_backward, save_for_lora_backward
 
 PATHS = ("auto", "bgmv", "sgmv")
 # "auto" picks the per-token (BGMV) kernels when segments average fewer tokens than this
@@ -160,19 +160,7 @@ def _as_float_vector(v, name: str, S: int, device) -> torch.Tensor:
 
 def validate(x, weight, bias, lora_A, lora_B, scalings, ranks):
     """Raise ValueError/TypeError naming the bad argument; return (scalings fp32, ranks int32) on x's device."""
-    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-    N, K = weight.shape
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"x must have last dim in_features={K} (weight is {tuple(weight.shape)}), "
-                         f"got x of shape {tuple(x.shape)}")
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"bias must have shape ({N},) = (out_features,), got {tuple(bias.shape)}")
+    N, K = check_base(x, weight, bias, lora_A, lora_B)
     if lora_A.dim() != 3 or lora_A.shape[2] != K or lora_A.shape[0] < 1 or lora_A.shape[1] < 1:
         raise ValueError(f"lora_A must have shape [slots, max_rank, in_features={K}] with slots, max_rank ≥ 1, "
                          f"got {tuple(lora_A.shape)}")
@@ -180,21 +168,8 @@ def validate(x, weight, bias, lora_A, lora_B, scalings, ranks):
     if tuple(lora_B.shape) != (S, N, R):
         raise ValueError(f"lora_B must have shape [slots={S}, out_features={N}, max_rank={R}] (from lora_A and "
                          f"weight), got {tuple(lora_B.shape)}")
-    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"{name} must be {_name_dtypes()}, got {t.dtype}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
-    if bias is not None and bias.dtype != x.dtype:
-        raise TypeError(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
-    if lora_A.dtype != lora_B.dtype:
-        raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must have the same dtype")
-    if lora_A.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"lora_A/lora_B must be x's dtype ({x.dtype}) or float32, got {lora_A.dtype}")
+    check_dtypes_devices(x, weight, bias, lora_A, lora_B)
     dev = x.device
-    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if t is not None and t.device != dev:
-            raise ValueError(f"{name} is on {t.device} but x is on {dev}: all tensors must be on one device")
     scal = _as_float_vector(scalings, "scalings", S, dev)
     if ranks is None:
         rk = torch.full((S,), R, dtype=torch.int32, device=dev)
@@ -367,18 +342,14 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         K = x.shape[-1]
         x2d = x.reshape(-1, K)
         y, S = _forward_2d(x2d, weight, bias, lora_A, lora_B, call)
-        ctx.save_for_backward(x2d, S, weight, lora_A, lora_B)
-        ctx.call = call
-        ctx.x_shape = x.shape
-        ctx.has_bias = bias is not None
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return save_for_lora_backward(ctx, x, x2d, S, weight, bias, lora_A, lora_B, call, y)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x2d, S, weight, A, B = ctx.saved_tensors
         call: MultiLoRACall = ctx.call
-        need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
+        need_x, _, _, need_a, need_bb, _ = ctx.needs_input_grad
         dy2d = dy.reshape(-1, weight.shape[0])
         if call.backend == "torch":
             dx, dA, dB = _torch_backward(dy2d, x2d, weight, A, B, S, call.mapping, call.scalings, call.ranks,
@@ -386,11 +357,7 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         else:
             dx, dA, dB = _triton_backward(dy2d, x2d, weight, A, B, S, call.mapping, call.scalings, call.ranks,
                                           call.path, need_x, need_a, need_bb)
-        dW = torch.mm(dy2d.t(), x2d) if need_w else None
-        db = dy2d.sum(0) if (need_b and ctx.has_bias) else None
-        if dx is not None:
-            dx = dx.view(ctx.x_shape)
-        return dx, dW, db, dA, dB, None
+        return finish_lora_backward(ctx, dy2d, x2d, dx, dA, dB)
 
 
 def _op_reason(x: torch.Tensor):

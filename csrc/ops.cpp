@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <string>
+
 namespace peft_kernels {
 namespace cpu {
 at::Tensor dropout_keep_mask(int64_t M, int64_t K, int64_t k0, int64_t k1, int64_t k2, int64_t thr,
@@ -25,6 +27,7 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_bwd(const at::Tensor& dy, const at
                                                   const c10::optional<at::Tensor>& lora_B_t);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_by_adapter(const at::Tensor& ids,
                                                                                         int64_t num_slots);
+std::string cpu_isa(const std::string& isa);
 }  // namespace cpu
 }  // namespace peft_kernels
 
@@ -39,6 +42,8 @@ TORCH_LIBRARY(peft_kernels, m) {
   // AdapterMapping): adds the LoRA updates into y in place, returns the shrink S [T_active, R]
   m.def("multi_lora_fwd(Tensor(a!) y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor perm, Tensor seg_slots, "
         "Tensor seg_starts, Tensor ranks, Tensor scalings, Tensor? lora_B_t=None) -> Tensor");
+  // which variant of the fp32 CPU micro-kernels runs (tests pin each one): returns the previous name
+  m.def("cpu_isa(str isa=\"\") -> str", [](std::string isa) { return peft_kernels::cpu::cpu_isa(isa); });
   // stable counting sort of tokens by adapter id: (perm, pos_slots, seg_slots, seg_starts, invalid ids)
   m.def("group_by_adapter(Tensor ids, int num_slots) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // adds the LoRA part of dX into dx (when given) in place; returns (dA, dB), empty when not asked for

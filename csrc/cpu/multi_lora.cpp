@@ -13,10 +13,65 @@
 #include <algorithm>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define PK_CLONES_512 __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#include <atomic>
+#include <string>
+
+// The fp32 micro-kernels below are written once (as always-inline bodies) and compiled three times on
+// x86-64 with GCC: for AVX-512, for AVX2+FMA and for baseline x86-64. The best one the CPU supports
+// runs, and `torch.ops.peft_kernels.cpu_isa(name)` can pin a lower one, so tests cover every variant.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define PK_MULTI_ISA 1
 #else
-#define PK_CLONES_512
+#define PK_MULTI_ISA 0
+#endif
+#define PK_BODY static inline __attribute__((always_inline))
+
+namespace peft_kernels {
+namespace cpu {
+namespace {
+enum Isa : int { kIsaBase = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+const char* const kIsaNames[] = {"base", "avx2", "avx512"};
+
+int best_isa() {
+#if PK_MULTI_ISA
+  if (__builtin_cpu_supports("avx512f")) return kIsaAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kIsaAvx2;
+#endif
+  return kIsaBase;
+}
+
+std::atomic<int> g_isa{-1};
+
+int active_isa() {
+  int v = g_isa.load(std::memory_order_relaxed);
+  if (v < 0) {
+    v = best_isa();
+    g_isa.store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+}  // namespace
+}  // namespace cpu
+}  // namespace peft_kernels
+
+#define PK_T512 <v16, 4>
+#define PK_T256 <v8, 2>
+#define PK_T128 <v4, 2>
+#if PK_MULTI_ISA
+#define PK_ISA_VARIANTS(name, params, args)                                                       \
+  __attribute__((target("avx512f"))) void name##_avx512 params { name##_body PK_T512 args; }        \
+  __attribute__((target("avx2,fma"))) void name##_avx2 params { name##_body PK_T256 args; }         \
+  void name##_base params { name##_body PK_T128 args; }                                            \
+  void name params {                                                               \
+    switch (active_isa()) {                                                        \
+      case kIsaAvx512: name##_avx512 args; break;                                  \
+      case kIsaAvx2: name##_avx2 args; break;                                      \
+      default: name##_base args;                                                   \
+    }                                                                              \
+  }
+#else
+#define PK_ISA_VARIANTS(name, params, args) \
+  void name params { name##_body PK_T128 args; }
 #endif
 
 namespace peft_kernels {
@@ -27,75 +82,61 @@ namespace {
 
 // 16-float vectors (GCC vector extensions): one zmm with AVX-512, two ymm with AVX2, four xmm otherwise.
 // Explicit vectors keep the 4×4 accumulator blocks in registers (auto-vectorised arrays were spilled).
-typedef float v16 __attribute__((vector_size(64)));
-inline v16 load16(const float* p) {
-  v16 v;
+typedef float v16 __attribute__((vector_size(64)));  // one zmm
+typedef float v8 __attribute__((vector_size(32)));   // one ymm
+typedef float v4 __attribute__((vector_size(16)));   // one xmm
+template <typename V>
+constexpr int lanes() {
+  return static_cast<int>(sizeof(V) / sizeof(float));
+}
+template <typename V>
+inline V loadv(const float* p) {
+  V v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
-inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
-inline float hsum(v16 v) {
+template <typename V>
+inline void storev(float* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+template <typename V>
+inline float hsum(V v) {
   float s = 0.f;
-  for (int q = 0; q < 16; ++q) s += v[q];
+  for (int q = 0; q < lanes<V>(); ++q) s += v[q];
   return s;
 }
 
-// S[i, j] = Σ_k x[rows[i], k] · A[j, k] for i < n, j < r: 4 tokens × 4 rank rows per pass over K.
-PK_CLONES_512 void shrink_f32(const float* x, int64_t ldx, const int64_t* rows, int64_t n, const float* A,
-                              int64_t lda, int64_t r, int64_t K, float* S, int64_t lds) {
-  const int64_t K16 = K - K % 16;
-  for (int64_t i = 0; i < n; i += 4) {
-    const int64_t m = std::min<int64_t>(4, n - i);
-    const float* xs[4];
-    for (int64_t t = 0; t < 4; ++t) xs[t] = x + rows[i + std::min<int64_t>(t, m - 1)] * ldx;
+// Each ISA variant instantiates the bodies with its register width and a block size that keeps all
+// accumulators in registers: AVX-512 (32 zmm) 4×4 blocks of v16; AVX2 and SSE (16 registers) 2×4 of v8 / v4.
+// S[i, j] = Σ_k x[rows[i], k] · A[j, k] for i < n, j < r: TT tokens × 4 rank rows per pass over K.
+template <typename V, int TT>
+PK_BODY void shrink_f32_body(const float* x, int64_t ldx, const int64_t* rows, int64_t n, const float* A,
+                             int64_t lda, int64_t r, int64_t K, float* S, int64_t lds) {
+  constexpr int L = lanes<V>();
+  const int64_t KV = K - K % L;
+  for (int64_t i = 0; i < n; i += TT) {
+    const int64_t m = std::min<int64_t>(TT, n - i);
+    const float* xs[TT];
+    for (int64_t t = 0; t < TT; ++t) xs[t] = x + rows[i + std::min<int64_t>(t, m - 1)] * ldx;
     for (int64_t j0 = 0; j0 < r; j0 += 4) {
       const int64_t rr = std::min<int64_t>(4, r - j0);
       const float* as[4];
       for (int64_t u = 0; u < 4; ++u) as[u] = A + (j0 + std::min<int64_t>(u, rr - 1)) * lda;
-      v16 acc[4][4] = {};
-      for (int64_t k = 0; k < K16; k += 16) {
-        const v16 x0 = load16(xs[0] + k), x1 = load16(xs[1] + k), x2 = load16(xs[2] + k), x3 = load16(xs[3] + k);
-        for (int64_t u = 0; u < 4; ++u) {
-          const v16 av = load16(as[u] + k);
-          acc[0][u] += x0 * av;
-          acc[1][u] += x1 * av;
-          acc[2][u] += x2 * av;
-          acc[3][u] += x3 * av;
+      V acc[TT][4] = {};
+      for (int64_t k = 0; k < KV; k += L) {
+        V xv[TT];
+        for (int t = 0; t < TT; ++t) xv[t] = loadv<V>(xs[t] + k);
+        for (int u = 0; u < 4; ++u) {
+          const V av = loadv<V>(as[u] + k);
+          for (int t = 0; t < TT; ++t) acc[t][u] += xv[t] * av;
         }
       }
       for (int64_t t = 0; t < m; ++t)
         for (int64_t u = 0; u < rr; ++u) {
-          float v = hsum(acc[t][u]);
-          for (int64_t k = K16; k < K; ++k) v += xs[t][k] * as[u][k];
+          float v = hsum<V>(acc[t][u]);
+          for (int64_t k = KV; k < K; ++k) v += xs[t][k] * as[u][k];
           S[(i + t) * lds + j0 + u] = v;
         }
-    }
-  }
-}
-
-// y[rows[i], :] += scale · Σ_j S[i, j] · B[:, j] for i < n (B is [N, r] with row stride ldb).
-// B is transposed 16 columns at a time into a small buffer so the inner loop runs along N.
-PK_CLONES_512 void expand_f32(float* y, int64_t ldy, const int64_t* rows, int64_t n, const float* S, int64_t lds,
-                              float scale, const float* B, int64_t ldb, int64_t r, int64_t N) {
-  constexpr int64_t W = 16;
-  float bt[W * W];
-  for (int64_t nb = 0; nb < N; nb += W) {
-    const int64_t nn = std::min<int64_t>(W, N - nb);
-    for (int64_t jb = 0; jb < r; jb += W) {
-      const int64_t jj = std::min<int64_t>(W, r - jb);
-      for (int64_t j = 0; j < jj; ++j)
-        for (int64_t q = 0; q < W; ++q) bt[j * W + q] = q < nn ? B[(nb + q) * ldb + jb + j] : 0.f;
-      for (int64_t i = 0; i < n; ++i) {
-        float acc[W] = {0.f};
-        const float* si = S + i * lds + jb;
-        for (int64_t j = 0; j < jj; ++j) {
-          const float sv = si[j] * scale;
-#pragma omp simd
-          for (int64_t q = 0; q < W; ++q) acc[q] += sv * bt[j * W + q];
-        }
-        float* yr = y + rows[i] * ldy + nb;
-        for (int64_t q = 0; q < nn; ++q) yr[q] += acc[q];
-      }
     }
   }
 }
@@ -156,34 +197,34 @@ void check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
 // y[rows[i], :] += scale · Σ_j S[i, j] · Bt[j, :] with Bt = B_aᵀ ([r, N], row stride ldbt): rank-row
 // axpys along N. Four tokens share each pass over a Bt row (a quarter of the adapter traffic); each
 // token's LoRA row is summed in a buffer and added to y once (one rounding, as BLAS would).
-PK_CLONES_512 void expand_t_f32(float* y, int64_t ldy, const int64_t* rows, int64_t n, const float* S, int64_t lds,
-                                float scale, const float* Bt, int64_t ldbt, int64_t r, int64_t N) {
-  const int64_t N64 = N - N % 64;
-  for (int64_t i = 0; i < n; i += 4) {
-    const int64_t m = std::min<int64_t>(4, n - i);
-    const float* ss[4];
-    for (int64_t t = 0; t < 4; ++t) ss[t] = S + (i + std::min<int64_t>(t, m - 1)) * lds;
-    for (int64_t nb = 0; nb < N64; nb += 64) {  // 4 tokens × 64 columns: 16 vector accumulators
-      v16 acc[4][4] = {};
+template <typename V, int TT>
+PK_BODY void expand_t_f32_body(float* y, int64_t ldy, const int64_t* rows, int64_t n, const float* S, int64_t lds,
+                               float scale, const float* Bt, int64_t ldbt, int64_t r, int64_t N) {
+  constexpr int L = lanes<V>(), W = 4 * L;  // TT tokens × 4 vectors of accumulators
+  const int64_t NW = N - N % W;
+  for (int64_t i = 0; i < n; i += TT) {
+    const int64_t m = std::min<int64_t>(TT, n - i);
+    const float* ss[TT];
+    for (int64_t t = 0; t < TT; ++t) ss[t] = S + (i + std::min<int64_t>(t, m - 1)) * lds;
+    for (int64_t nb = 0; nb < NW; nb += W) {
+      V acc[TT][4] = {};
       for (int64_t j = 0; j < r; ++j) {
         const float* bj = Bt + j * ldbt + nb;
-        const v16 b0 = load16(bj), b1 = load16(bj + 16), b2 = load16(bj + 32), b3 = load16(bj + 48);
-        for (int64_t t = 0; t < 4; ++t) {
+        V bv[4];
+        for (int q = 0; q < 4; ++q) bv[q] = loadv<V>(bj + q * L);
+        for (int t = 0; t < TT; ++t) {
           const float c = ss[t][j] * scale;
-          acc[t][0] += c * b0;
-          acc[t][1] += c * b1;
-          acc[t][2] += c * b2;
-          acc[t][3] += c * b3;
+          for (int q = 0; q < 4; ++q) acc[t][q] += c * bv[q];
         }
       }
       for (int64_t t = 0; t < m; ++t) {
         float* yr = y + rows[i + t] * ldy + nb;
-        for (int64_t v = 0; v < 4; ++v) store16(yr + 16 * v, load16(yr + 16 * v) + acc[t][v]);
+        for (int q = 0; q < 4; ++q) storev<V>(yr + q * L, loadv<V>(yr + q * L) + acc[t][q]);
       }
     }
-    for (int64_t t = 0; t < m && N64 < N; ++t) {  // the last N % 64 columns
+    for (int64_t t = 0; t < m && NW < N; ++t) {  // the last N % W columns
       float* yr = y + rows[i + t] * ldy;
-      for (int64_t q = N64; q < N; ++q) {
+      for (int64_t q = NW; q < N; ++q) {
         float v = 0.f;
         for (int64_t j = 0; j < r; ++j) v += ss[t][j] * scale * Bt[j * ldbt + q];
         yr[q] += v;
@@ -195,36 +236,43 @@ PK_CLONES_512 void expand_t_f32(float* y, int64_t ldy, const int64_t* rows, int6
 // out[j, :] = scale · Σ_i C[i, j] · V[rows[i], :] for j < r (out row stride ldo, length L): the
 // per-slot gradient reductions dA = dSᵀ·x and dBᵀ = s·Sᵀ·dY. 4 rank rows × 64 columns of register
 // accumulators per pass over the segment's tokens, in token order (deterministic).
-PK_CLONES_512 void outer_f32(float* out, int64_t ldo, int64_t r, const float* V, int64_t ldv, const int64_t* rows,
-                             int64_t n, const float* C, int64_t ldc, float scale, int64_t L) {
-  const int64_t L64 = L - L % 64;
-  for (int64_t j0 = 0; j0 < r; j0 += 4) {
-    const int64_t rr = std::min<int64_t>(4, r - j0);
-    for (int64_t lb = 0; lb < L64; lb += 64) {
-      v16 acc[4][4] = {};
+template <typename Vt, int UU>
+PK_BODY void outer_f32_body(float* out, int64_t ldo, int64_t r, const float* V, int64_t ldv, const int64_t* rows,
+                            int64_t n, const float* C, int64_t ldc, float scale, int64_t L) {
+  constexpr int LN = lanes<Vt>(), W = 4 * LN;  // UU rank rows × 4 vectors of accumulators
+  const int64_t LW = L - L % W;
+  for (int64_t j0 = 0; j0 < r; j0 += UU) {
+    const int64_t rr = std::min<int64_t>(UU, r - j0);
+    for (int64_t lb = 0; lb < LW; lb += W) {
+      Vt acc[UU][4] = {};
       for (int64_t i = 0; i < n; ++i) {
         const float* v = V + rows[i] * ldv + lb;
-        const v16 v0 = load16(v), v1 = load16(v + 16), v2 = load16(v + 32), v3 = load16(v + 48);
+        Vt vv[4];
+        for (int q = 0; q < 4; ++q) vv[q] = loadv<Vt>(v + q * LN);
         const float* ci = C + i * ldc + j0;
-        for (int64_t u = 0; u < 4; ++u) {
+        for (int u = 0; u < UU; ++u) {
           const float c = u < rr ? ci[u] : 0.f;
-          acc[u][0] += c * v0;
-          acc[u][1] += c * v1;
-          acc[u][2] += c * v2;
-          acc[u][3] += c * v3;
+          for (int q = 0; q < 4; ++q) acc[u][q] += c * vv[q];
         }
       }
       for (int64_t u = 0; u < rr; ++u)
-        for (int64_t q = 0; q < 4; ++q) store16(out + (j0 + u) * ldo + lb + 16 * q, acc[u][q] * scale);
+        for (int q = 0; q < 4; ++q) storev<Vt>(out + (j0 + u) * ldo + lb + q * LN, acc[u][q] * scale);
     }
-    for (int64_t u = 0; u < rr && L64 < L; ++u)  // the last L % 64 columns
-      for (int64_t l = L64; l < L; ++l) {
+    for (int64_t u = 0; u < rr && LW < L; ++u)  // the last L % W columns
+      for (int64_t l = LW; l < L; ++l) {
         float v = 0.f;
         for (int64_t i = 0; i < n; ++i) v += C[i * ldc + j0 + u] * V[rows[i] * ldv + l];
         out[(j0 + u) * ldo + l] = v * scale;
       }
   }
 }
+
+PK_ISA_VARIANTS(shrink_f32, (const float* x, int64_t ldx, const int64_t* rows, int64_t n, const float* A,
+                              int64_t lda, int64_t r, int64_t K, float* S, int64_t lds), (x, ldx, rows, n, A, lda, r, K, S, lds))
+PK_ISA_VARIANTS(expand_t_f32, (float* y, int64_t ldy, const int64_t* rows, int64_t n, const float* S, int64_t lds,
+                                float scale, const float* Bt, int64_t ldbt, int64_t r, int64_t N), (y, ldy, rows, n, S, lds, scale, Bt, ldbt, r, N))
+PK_ISA_VARIANTS(outer_f32, (float* out, int64_t ldo, int64_t r, const float* V, int64_t ldv, const int64_t* rows,
+                             int64_t n, const float* C, int64_t ldc, float scale, int64_t L), (out, ldo, r, V, ldv, rows, n, C, ldc, scale, L))
 
 }  // namespace
 
@@ -257,17 +305,14 @@ at::Tensor multi_lora_fwd(at::Tensor y, const at::Tensor& x, const at::Tensor& l
     // micro-kernel path: read x rows through perm, write y rows in place; no gathered copies
     const auto xc = xd.stride(1) == 1 ? xd : xd.contiguous();
     const auto Ac = A.stride(2) == 1 ? A : A.contiguous();
-    const auto Bc = B.stride(2) == 1 ? B : B.contiguous();
     // B transposed to [S, R, N] (the caller caches it): the expand then runs along N with no shuffles
-    at::Tensor Bt;
-    if (lora_B_t.has_value() && lora_B_t->defined()) {
-      Bt = lora_B_t->detach();
-      TORCH_CHECK(Bt.scalar_type() == at::kFloat && Bt.dim() == 3 && Bt.size(0) == B.size(0) &&
-                      Bt.size(1) == B.size(2) && Bt.size(2) == B.size(1) && Bt.stride(2) == 1,
-                  "lora_B_t must be lora_B transposed to [S, R, N] with unit stride along N");
-    }
+    const at::Tensor Bt = (lora_B_t.has_value() && lora_B_t->defined()) ? lora_B_t->detach()
+                                                                         : B.transpose(1, 2).contiguous();
+    TORCH_CHECK(Bt.scalar_type() == at::kFloat && Bt.dim() == 3 && Bt.size(0) == B.size(0) &&
+                    Bt.size(1) == B.size(2) && Bt.size(2) == B.size(1) && Bt.stride(2) == 1,
+                "lora_B_t must be lora_B transposed to [S, R, N] with unit stride along N");
     TORCH_CHECK(y.stride(1) == 1, "y must have unit column stride");
-    const int64_t K = xc.size(1), N = Bc.size(1);
+    const int64_t K = xc.size(1), N = B.size(1);
     const int64_t* ip = idx.data_ptr<int64_t>();
     const float* xp = xc.data_ptr<float>();
     float* yp = y.data_ptr<float>();
@@ -281,13 +326,8 @@ at::Tensor multi_lora_fwd(at::Tensor y, const at::Tensor& x, const at::Tensor& l
         const int64_t r = segs.ranks[it.slot], n = it.end - it.begin;
         shrink_f32(xp, xc.stride(0), ip + it.begin, n, Ac.data_ptr<float>() + it.slot * Ac.stride(0), Ac.stride(1),
                    r, K, sp + it.begin * R, R);
-        const float sc = static_cast<float>(segs.scal[it.slot]);
-        if (Bt.defined())
-          expand_t_f32(yp, y.stride(0), ip + it.begin, n, sp + it.begin * R, R, sc,
-                       Bt.data_ptr<float>() + it.slot * Bt.stride(0), Bt.stride(1), r, N);
-        else
-          expand_f32(yp, y.stride(0), ip + it.begin, n, sp + it.begin * R, R, sc,
-                     Bc.data_ptr<float>() + it.slot * Bc.stride(0), Bc.stride(1), r, N);
+        expand_t_f32(yp, y.stride(0), ip + it.begin, n, sp + it.begin * R, R, static_cast<float>(segs.scal[it.slot]),
+                     Bt.data_ptr<float>() + it.slot * Bt.stride(0), Bt.stride(1), r, N);
       }
     });
     return S;
@@ -468,6 +508,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_by_
   auto bad_t = at::empty({static_cast<int64_t>(bad.size())}, at::TensorOptions().dtype(at::kLong));
   std::copy(bad.begin(), bad.end(), bad_t.data_ptr<int64_t>());
   return {perm, pos_slots, seg_slots, seg_starts, bad_t};
+}
+
+// Which fp32 micro-kernel variant runs: "" → the current one; "auto" → the best this CPU supports;
+// "avx512" | "avx2" | "base" → that one (it must be supported). Returns the previous name.
+std::string cpu_isa(const std::string& isa) {
+  const int prev = active_isa();
+  if (isa.empty()) return kIsaNames[prev];
+  int want = -1;
+  if (isa == "auto") want = best_isa();
+  for (int i = 0; i < 3; ++i)
+    if (isa == kIsaNames[i]) want = i;
+  TORCH_CHECK(want >= 0, "cpu_isa: expected one of 'auto', 'avx512', 'avx2', 'base', got '", isa, "'");
+  TORCH_CHECK(want <= best_isa(), "cpu_isa: this CPU (or build) does not support '", isa, "'; the best is '",
+              kIsaNames[best_isa()], "'");
+  g_isa.store(want, std::memory_order_relaxed);
+  return kIsaNames[prev];
 }
 
 }  // namespace cpu

@@ -26,6 +26,8 @@ def info() -> str:
     why = _ext.unavailable_reason()
     lines.append("compiled extension peft_kernels._C (csrc/, CPU ops: fused LoRA dropout passes, multi-adapter grouping and kernels): "
                  + ("loaded" if why is None else f"not available: {why}"))
+    if why is None:
+        lines.append(f"  CPU fp32 micro-kernels: {_ext.ops().cpu_isa('')} variant")
     lines.append("CUDA extension: not part of this release")
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         lines.append(dispatch.explain("auto", dev))

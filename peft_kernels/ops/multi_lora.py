@@ -413,7 +413,9 @@ def multi_lora_linear(
         ids = expand_adapter_ids(adapter_ids, x.shape)
         m = build_mapping(ids, T, S, device=x.device, check_ids=check_ids)
     name = dispatch.resolve(backend, x.device, _op_reason(x))
-    chosen = choose_path(m, path) if name == "triton" else (choose_path(m, path) and "grouped")
+    chosen = choose_path(m, path)  # validates `path` on every backend
+    if name != "triton":
+        chosen = "grouped"  # the torch backend always groups per segment
     # host copies: free on the CPU; on CUDA one small sync, skipped with check_ids=False on the triton path
     need_host = name == "torch" or check_ids
     ranks_h = tuple(rk.tolist()) if need_host else ()

@@ -6,16 +6,18 @@ Public API:
     multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, *, ranks=None, backend="auto")
     MultiLoRALinear, adapter_ids   many adapters in one layer, one per token (serving and batched training)
     build_mapping, AdapterMapping  the token grouping, built once per batch and reused across layers
+    bottleneck_adapter, adapter_linear, BottleneckAdapter, AdapterLinear   bottleneck adapters (torch backend)
     reference.lora_linear_ref      the plain-PyTorch spec
     dispatch.explain(backend, device)  which backend runs and why
 """
 from . import dispatch, reference
 from .dispatch import BackendUnavailable
-from .nn import LoRALinear, MultiLoRALinear, adapter_ids
+from .nn import AdapterLinear, BottleneckAdapter, LoRALinear, MultiLoRALinear, adapter_ids
+from .ops.bottleneck import adapter_linear, bottleneck_adapter
 from .ops.lora import lora_linear
 from .ops.multi_lora import AdapterMapping, build_mapping, multi_lora_linear
 
 __version__ = "0.1.0"
 
 __all__ = ["lora_linear", "LoRALinear", "multi_lora_linear", "MultiLoRALinear", "adapter_ids", "AdapterMapping",
-           "build_mapping", "reference", "dispatch", "BackendUnavailable", "__version__"]
+           "build_mapping", "bottleneck_adapter", "adapter_linear", "BottleneckAdapter", "AdapterLinear", "reference", "dispatch", "BackendUnavailable", "__version__"]

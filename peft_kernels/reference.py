@@ -93,3 +93,66 @@ def multi_lora_linear_ref(
         rows.append((base[t] + upd).to(x.dtype))
     y = torch.stack(rows) if rows else base
     return y.view(*x.shape[:-1], N)
+
+
+# ------------------------------------------------------------------------------------------------
+# bottleneck adapters (Houlsby / Pfeiffer / parallel)
+# ------------------------------------------------------------------------------------------------
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swish", "tanh")
+
+
+def activation_ref(p: torch.Tensor, name: str) -> torch.Tensor:
+    """The adapter non-linearities: relu, gelu (exact), gelu_tanh (tanh approximation), silu = swish, tanh."""
+    if name == "relu":
+        return F.relu(p)
+    if name == "gelu":
+        return F.gelu(p)
+    if name == "gelu_tanh":
+        return F.gelu(p, approximate="tanh")
+    if name in ("silu", "swish"):
+        return F.silu(p)
+    if name == "tanh":
+        return torch.tanh(p)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+def bottleneck_ref(h, down_w, down_b, up_w, up_b, activation: str, scaling) -> torch.Tensor:
+    """``scaling · up(act(down(h)))``: down ``[b, H]`` (+ bias ``[b]``), up ``[H_out, b]`` (+ bias).
+
+    ``scaling``: a float, a learned scalar tensor, or a learned per-channel vector ``[H_out]``.
+    """
+    return scaling * F.linear(activation_ref(F.linear(h, down_w, down_b), activation), up_w, up_b)
+
+
+def adapter_linear_ref(x, weight, bias, down_w, down_b, up_w, up_b, activation: str, scaling,
+                       mode: str = "sequential") -> torch.Tensor:
+    """A frozen linear with a bottleneck adapter.
+
+    sequential (Pfeiffer/Houlsby placement on the sublayer output): ``y = W·x + b; y + s·up(act(down(y)))``.
+    parallel (He et al. 2022): ``W·x + b + s·up(act(down(x)))``.
+    """
+    y = F.linear(x, weight, bias)
+    if mode == "sequential":
+        return y + bottleneck_ref(y, down_w, down_b, up_w, up_b, activation, scaling)
+    if mode == "parallel":
+        return y + bottleneck_ref(x, down_w, down_b, up_w, up_b, activation, scaling)
+    raise ValueError(f"mode must be 'sequential' or 'parallel', got {mode!r}")
+
+
+def adapterhub_bottleneck_ref(hidden_states, residual_input, adapter_down_w, adapter_down_b, adapter_up_w,
+                              adapter_up_b, non_linearity: str, scaling=1.0) -> torch.Tensor:
+    """AdapterHub's ``Adapter.forward`` math for the Pfeiffer (``seq_bn``: relu) and Houlsby
+    (``double_seq_bn``: swish) presets, written out: no layer norms inside the adapter
+    (``ln_before = ln_after = False``), dropout off (eval), ``residual_before_ln=True`` so the residual
+    is the adapter's input, and the up output scaled before the residual is added::
+
+        down = non_linearity(adapter_down(hidden_states))   # adapter_down = Sequential(Linear, Activation)
+        up = adapter_up(down) * scaling
+        output = up + residual_input
+
+    (Transcribed from the library's semantics; no dependency on the ``adapters`` package.)
+    """
+    act = {"relu": F.relu, "swish": F.silu, "silu": F.silu, "gelu": F.gelu, "tanh": torch.tanh}[non_linearity.lower()]
+    down = act(F.linear(hidden_states, adapter_down_w, adapter_down_b))
+    up = F.linear(down, adapter_up_w, adapter_up_b) * scaling
+    return up + residual_input

@@ -1,5 +1,6 @@
 """Drop-in torch.nn modules."""
+from .bottleneck import AdapterLinear, BottleneckAdapter
 from .lora import LoRALinear
 from .multi_lora import MultiLoRALinear, adapter_ids
 
-__all__ = ["LoRALinear", "MultiLoRALinear", "adapter_ids"]
+__all__ = ["LoRALinear", "MultiLoRALinear", "adapter_ids", "BottleneckAdapter", "AdapterLinear"]

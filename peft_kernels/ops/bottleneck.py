@@ -1,0 +1,304 @@
+"""Bottleneck adapters fused with their surroundings, with autograd.
+
+    bottleneck_adapter(h)   = [h +] s · (act(h·Dᵀ + b_d)·Uᵀ + b_u)                    (Houlsby / Pfeiffer)
+    adapter_linear(x), sequential: y = x·Wᵀ + b;  y + s · up(act(down(y)))
+    adapter_linear(x), parallel:   x·Wᵀ + b + s · up(act(down(x)))                   (He et al. 2022)
+
+``s`` is a float, a learned scalar, or a learned per-channel vector ``[H_out]``.
+
+The up-projection and its bias land in the same GEMM as the residual / base output: the scale is
+folded into the small ``[H_out, b]`` up weight, the up bias rides along as one extra column of the
+activation, and the result GEMM takes the residual (or the base output) as its C. No M×N
+elementwise pass in forward.
+
+Saved-tensor policy (the one place it is written down): the adapter's input (``h``; ``x`` for the
+parallel mode; for the sequential mode the base output ``y``, which is the adapter's input) and the
+pre-activation ``P = down(input)`` (M×b). The activation is recomputed from ``P`` in backward. Never
+a second M×N (or M×K) tensor. The frozen weights and the adapter parameters are parameters, not
+activations.
+
+Backends: ``"torch"`` (any device). Triton kernels for these ops are not written yet: asking for
+``"triton"`` raises :class:`~peft_kernels.BackendUnavailable`, and ``"auto"`` runs torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .. import dispatch
+from ..reference import ACTIVATIONS, activation_ref
+from .lora import _FLOATS, _name_dtypes, finish_lora_backward
+
+MODES = ("sequential", "parallel")
+Scaling = Union[float, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+def _check_scaling(scaling, n_out: int, dtype, device):
+    if isinstance(scaling, torch.Tensor):
+        if not scaling.is_floating_point():
+            raise TypeError(f"scaling must be a float or a floating-point tensor, got {scaling.dtype}")
+        if scaling.numel() != 1 and tuple(scaling.shape) != (n_out,):
+            raise ValueError(f"scaling must be a scalar or a per-channel vector of shape [{n_out}] (out features), "
+                             f"got shape {tuple(scaling.shape)}")
+        if scaling.device != device:
+            raise ValueError(f"scaling is on {scaling.device} but the input is on {device}")
+        return
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(float(scaling)):
+        raise TypeError(f"scaling must be a finite float or a tensor, got {scaling!r}")
+
+
+def validate_adapter(h, down_w, down_b, up_w, up_b, scaling, activation: str, name_in: str = "h") -> None:
+    """The adapter half of every op: down ``[b, H_in]``, up ``[H_out, b]``, biases, scaling, activation."""
+    for nm, t in ((name_in, h), ("down_w", down_w), ("up_w", up_w)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{nm} must be a torch.Tensor, got {type(t).__name__}")
+    for nm, t in (("down_b", down_b), ("up_b", up_b)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{nm} must be a torch.Tensor or None, got {type(t).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if h.dim() < 1:
+        raise ValueError(f"{name_in} must have at least 1 dim, got a scalar")
+    H_in = h.shape[-1]
+    if down_w.dim() != 2 or down_w.shape[1] != H_in or down_w.shape[0] < 1:
+        raise ValueError(f"down_w must have shape [bottleneck ≥ 1, {H_in}] ({name_in}'s last dim), "
+                         f"got {tuple(down_w.shape)}")
+    b = down_w.shape[0]
+    if up_w.dim() != 2 or up_w.shape[1] != b:
+        raise ValueError(f"up_w must have shape [out_features, bottleneck={b}], got {tuple(up_w.shape)}")
+    if down_b is not None and tuple(down_b.shape) != (b,):
+        raise ValueError(f"down_b must have shape ({b},), got {tuple(down_b.shape)}")
+    if up_b is not None and tuple(up_b.shape) != (up_w.shape[0],):
+        raise ValueError(f"up_b must have shape ({up_w.shape[0]},), got {tuple(up_b.shape)}")
+    for nm, t in ((name_in, h), ("down_w", down_w), ("down_b", down_b), ("up_w", up_w), ("up_b", up_b)):
+        if t is None:
+            continue
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{nm} must be {_name_dtypes()}, got {t.dtype}")
+        if t.dtype != h.dtype:
+            raise TypeError(f"{nm} dtype {t.dtype} must match {name_in}'s dtype {h.dtype}")
+        if t.device != h.device:
+            raise ValueError(f"{nm} is on {t.device} but {name_in} is on {h.device}: all tensors must be on one device")
+    _check_scaling(scaling, up_w.shape[0], h.dtype, h.device)
+
+
+def _resolve(backend: str, device) -> str:
+    def reason(name):
+        if name == "triton":
+            return "no Triton kernels for bottleneck adapters yet (the torch backend runs them)"
+        return None
+
+    name = dispatch.resolve(backend, device, reason)
+    if name == "triton":  # "auto" on CUDA: fall back while the kernels do not exist
+        name = "torch"
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# shared pieces of the forward / backward math (torch backend)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AdapterCall:
+    activation: str
+    scale: float            # used when the scaling is a Python float
+    residual: bool = True   # bottleneck_adapter only
+
+
+def _scale_views(scaling_t: torch.Tensor, dtype):
+    """(per-row view for [H_out, b] weights, per-element view for [H_out] vectors) of a scalar or vector scale."""
+    s = scaling_t.to(dtype)
+    if s.numel() > 1:
+        return s.reshape(-1, 1), s.reshape(-1)
+    return s.reshape(()), s.reshape(())
+
+
+def _scaled_up(up_w, up_b, scaling_t, scale: float):
+    """(s ⊙ U [H_out, b], s ⊙ b_u or None): the scale folded into the small up-projection."""
+    if scaling_t is None:
+        return up_w * scale, (None if up_b is None else up_b * scale)
+    col, vec = _scale_views(scaling_t, up_w.dtype)
+    return up_w * col, (None if up_b is None else up_b * vec)
+
+
+def _up_gemm(c, H, U_s, b_s):
+    """``c + H·U_sᵀ (+ b_s)`` in one GEMM: the bias rides as an extra column of ones in H."""
+    if b_s is not None:
+        H = torch.cat([H, H.new_ones((H.shape[0], 1))], dim=1)
+        U_s = torch.cat([U_s, b_s.reshape(-1, 1)], dim=1)
+    if c is None:
+        return torch.mm(H, U_s.t())
+    return torch.addmm(c, H, U_s.t())
+
+
+def _adapter_backward(g2, inp2, P, down_w, up_w, up_b, scaling_t, call: AdapterCall, needs):
+    """Gradients of ``s·up(act(down(inp)))`` given the output grad ``g2`` (M×H_out).
+
+    Returns (dP·D, dD, db_d, dU, db_u, ds) with None where not needed; dP·D (M×H_in) is the
+    adapter's contribution to the input gradient.
+    """
+    need_in, need_dw, need_db, need_uw, need_ub, need_s = needs
+    U_s, _ = _scaled_up(up_w, None, scaling_t, call.scale)
+    with torch.enable_grad():  # recompute the activation on the small P (M×b) and differentiate it
+        Pg = P.detach().requires_grad_()
+        H = activation_ref(Pg, call.activation)
+    dH = torch.mm(g2, U_s)
+    dP = torch.autograd.grad(H, Pg, dH)[0] if (need_in or need_dw or need_db) else None
+    H = H.detach()
+    d_in = torch.mm(dP, down_w) if need_in else None
+    dD = torch.mm(dP.t(), inp2) if need_dw else None
+    db_d = dP.sum(0) if need_db else None
+    dU = db_u = ds = None
+    if need_uw or need_ub or need_s:
+        gtH = torch.mm(g2.t(), H)  # [H_out, b]
+        colsum = g2.sum(0)
+        if scaling_t is None:
+            col = vec = call.scale
+        else:
+            col, vec = _scale_views(scaling_t, gtH.dtype)
+        dU = gtH * col if need_uw else None
+        db_u = colsum * vec if need_ub else None
+        if need_s and scaling_t is not None:
+            per_channel = (gtH * up_w).sum(1)
+            if up_b is not None:
+                per_channel = per_channel + colsum * up_b
+            ds = per_channel if scaling_t.numel() > 1 else per_channel.sum()
+            ds = ds.reshape(scaling_t.shape).to(scaling_t.dtype)
+    return d_in, dD, db_d, dU, db_u, ds
+
+
+# --------------------------------------------------------------------------------------------
+# bottleneck_adapter: [h +] s · up(act(down(h)))
+# --------------------------------------------------------------------------------------------
+class BottleneckFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, down_w, down_b, up_w, up_b, scaling_t, call: AdapterCall):
+        h2 = h.reshape(-1, h.shape[-1])
+        P = F.linear(h2, down_w, down_b)
+        H = activation_ref(P, call.activation)
+        U_s, b_s = _scaled_up(up_w, up_b, scaling_t, call.scale)
+        out = _up_gemm(h2 if call.residual else None, H, U_s, b_s)  # the residual is the GEMM's C
+        ctx.save_for_backward(h2, P, down_w, up_w, up_b, scaling_t)
+        ctx.call = call
+        ctx.h_shape = h.shape
+        return out.view(*h.shape[:-1], up_w.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        h2, P, down_w, up_w, up_b, scaling_t = ctx.saved_tensors
+        call: AdapterCall = ctx.call
+        need_h, need_dw, need_db, need_uw, need_ub, need_s, _ = ctx.needs_input_grad
+        g2 = g.reshape(-1, up_w.shape[0])
+        d_in, dD, db_d, dU, db_u, ds = _adapter_backward(g2, h2, P, down_w, up_w, up_b, scaling_t, call,
+                                                          (need_h, need_dw, need_db, need_uw, need_ub, need_s))
+        dh = None
+        if need_h:
+            dh = d_in.add_(g2) if call.residual else d_in
+            dh = dh.view(ctx.h_shape)
+        return dh, dD, db_d, dU, db_u, ds, None
+
+
+def _scaling_args(scaling):
+    if isinstance(scaling, torch.Tensor):
+        return scaling, 1.0
+    return None, float(scaling)
+
+
+def bottleneck_adapter(h: torch.Tensor, down_w: torch.Tensor, down_b: Optional[torch.Tensor], up_w: torch.Tensor,
+                       up_b: Optional[torch.Tensor], scaling: Scaling = 1.0, *, activation: str = "relu",
+                       residual: bool = True, backend: str = "auto") -> torch.Tensor:
+    """``[h +] scaling · (act(h·down_wᵀ + down_b)·up_wᵀ + up_b)`` with autograd for every tensor argument.
+
+    Args:
+        h: ``[..., H]``. down_w ``[b, H]``, down_b ``[b]`` or None, up_w ``[H_out, b]``, up_b ``[H_out]`` or None
+            (``H_out = H`` when ``residual``).
+        scaling: a float, a learned scalar tensor, or a learned per-channel vector ``[H_out]``.
+        activation: one of relu, gelu, gelu_tanh, silu/swish, tanh.
+    """
+    validate_adapter(h, down_w, down_b, up_w, up_b, scaling, activation)
+    if residual and up_w.shape[0] != h.shape[-1]:
+        raise ValueError(f"residual=True needs up_w's out features ({up_w.shape[0]}) == h's last dim ({h.shape[-1]})")
+    _resolve(backend, h.device)
+    scaling_t, scale = _scaling_args(scaling)
+    return BottleneckFunction.apply(h, down_w, down_b, up_w, up_b, scaling_t,
+                                    AdapterCall(activation, scale, bool(residual)))
+
+
+# --------------------------------------------------------------------------------------------
+# adapter_linear: a frozen linear with a sequential or parallel adapter
+# --------------------------------------------------------------------------------------------
+class ParallelAdapterLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, down_w, down_b, up_w, up_b, scaling_t, call: AdapterCall):
+        x2 = x.reshape(-1, x.shape[-1])
+        P = F.linear(x2, down_w, down_b)
+        H = activation_ref(P, call.activation)
+        U_s, b_s = _scaled_up(up_w, up_b, scaling_t, call.scale)
+        c = bias if b_s is None else (b_s if bias is None else bias + b_s)  # biases: one [N] vector
+        y = torch.addmm(c, x2, weight.t()) if c is not None else torch.mm(x2, weight.t())
+        y.addmm_(H, U_s.t())  # the adapter's up GEMM accumulates into the base output
+        ctx.save_for_backward(x2, P, weight, down_w, up_w, up_b, scaling_t)
+        ctx.call = call
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x2, P, weight, down_w, up_w, up_b, scaling_t = ctx.saved_tensors
+        need_x, _, _, need_dw, need_db, need_uw, need_ub, need_s, _ = ctx.needs_input_grad
+        g2 = g.reshape(-1, weight.shape[0])
+        d_in, dD, db_d, dU, db_u, ds = _adapter_backward(g2, x2, P, down_w, up_w, up_b, scaling_t, ctx.call,
+                                                          (need_x, need_dw, need_db, need_uw, need_ub, need_s))
+        dx = d_in.addmm_(g2, weight) if need_x else None  # base dX GEMM accumulates into the adapter term
+        dx, dW, db, _, _, _ = finish_lora_backward(ctx, g2, x2, dx, None, None)
+        return dx, dW, db, dD, db_d, dU, db_u, ds, None
+
+
+def adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], down_w: torch.Tensor,
+                   down_b: Optional[torch.Tensor], up_w: torch.Tensor, up_b: Optional[torch.Tensor],
+                   scaling: Scaling = 1.0, *, activation: str = "relu", mode: str = "sequential",
+                   backend: str = "auto") -> torch.Tensor:
+    """A frozen ``nn.Linear`` (weight ``[N, K]``, bias ``[N]``) with a bottleneck adapter.
+
+    ``mode="sequential"``: ``y = x·Wᵀ + b; y + s·up(act(down(y)))`` (down ``[b, N]``, up ``[N, b]``).
+    ``mode="parallel"``: ``x·Wᵀ + b + s·up(act(down(x)))`` (down ``[b, K]``, up ``[N, b]``).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for nm, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{nm} must be a torch.Tensor, got {type(t).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must have last dim in_features={K}, got x of shape {tuple(x.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,)):
+        raise ValueError(f"bias must be None or a tensor of shape ({N},)")
+    for nm, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise TypeError(f"{nm} must have x's dtype and device ({x.dtype}, {x.device}), got ({t.dtype}, {t.device})")
+    if up_w.dim() == 2 and up_w.shape[0] != N:
+        raise ValueError(f"up_w must have shape [out_features={N}, bottleneck], got {tuple(up_w.shape)}")
+    if mode == "sequential":
+        # the adapter reads the base output; its input gradient flows back through the frozen linear
+        probe = x.new_empty((0, N))
+        validate_adapter(probe, down_w, down_b, up_w, up_b, scaling, activation, name_in="the base output")
+        _resolve(backend, x.device)
+        scaling_t, scale = _scaling_args(scaling)
+        y = F.linear(x, weight, bias)
+        return BottleneckFunction.apply(y, down_w, down_b, up_w, up_b, scaling_t, AdapterCall(activation, scale, True))
+    validate_adapter(x, down_w, down_b, up_w, up_b, scaling, activation, name_in="x")
+    _resolve(backend, x.device)
+    scaling_t, scale = _scaling_args(scaling)
+    return ParallelAdapterLinearFunction.apply(x, weight, bias, down_w, down_b, up_w, up_b, scaling_t,
+                                               AdapterCall(activation, scale))

@@ -19,6 +19,17 @@ PRESETS = {"pfeiffer": dict(activation="relu", reduction_factor=16),
 INITS = ("bert", "mam")
 
 
+def _apply_preset(preset, activation, reduction_factor):
+    """Explicit arguments win; a preset fills in what was left unset; then the plain defaults."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
+        activation = PRESETS[preset]["activation"] if activation is None else activation
+        reduction_factor = PRESETS[preset]["reduction_factor"] if reduction_factor is None else reduction_factor
+    return (activation if activation is not None else "relu",
+            reduction_factor if reduction_factor is not None else 16)
+
+
 def _check(activation, init, scaling, dropout, backend):
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -93,20 +104,15 @@ class BottleneckAdapter(_AdapterParams):
     ``"learned"`` (a scalar parameter) or ``"channel"`` (a per-channel vector), initialised to 1.
     ``dropout`` applies to the adapter output in training (not fused: it costs one extra pass).
     ``preset="pfeiffer"`` (relu, reduction 16) or ``"houlsby"`` (swish, reduction 16) fill in the
-    AdapterHub defaults.
+    AdapterHub defaults for whatever is left unset; without a preset: relu, reduction 16.
     """
 
-    def __init__(self, hidden_size: int, bottleneck_size: Optional[int] = None, reduction_factor: float = 16,
-                 activation: str = "relu", scaling: Union[float, str] = 1.0, residual: bool = True,
+    def __init__(self, hidden_size: int, bottleneck_size: Optional[int] = None,
+                 reduction_factor: Optional[float] = None, activation: Optional[str] = None, scaling: Union[float, str] = 1.0, residual: bool = True,
                  dropout: float = 0.0, init: str = "bert", *, preset: Optional[str] = None, backend: str = "auto",
                  device=None, dtype=None):
         super().__init__()
-        if preset is not None:
-            if preset not in PRESETS:
-                raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
-            activation = PRESETS[preset]["activation"]
-            if bottleneck_size is None:
-                reduction_factor = PRESETS[preset]["reduction_factor"]
+        activation, reduction_factor = _apply_preset(preset, activation, reduction_factor)
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
         _check(activation, init, scaling, dropout, backend)
@@ -139,19 +145,14 @@ class AdapterLinear(_AdapterParams):
     """
 
     def __init__(self, in_features: int, out_features: int, bottleneck_size: Optional[int] = None,
-                 reduction_factor: float = 16, activation: str = "relu", mode: str = "sequential",
+                 reduction_factor: Optional[float] = None, activation: Optional[str] = None, mode: str = "sequential",
                  scaling: Union[float, str] = 1.0, dropout: float = 0.0, init: str = "bert", bias: bool = True, *,
                  preset: Optional[str] = None, backend: str = "auto", device=None, dtype=None,
                  _base: Optional[nn.Linear] = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if preset is not None:
-            if preset not in PRESETS:
-                raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
-            activation = PRESETS[preset]["activation"]
-            if bottleneck_size is None:
-                reduction_factor = PRESETS[preset]["reduction_factor"]
+        activation, reduction_factor = _apply_preset(preset, activation, reduction_factor)
         _check(activation, init, scaling, dropout, backend)
         adopt_frozen_base(self, _base, in_features, out_features, bias, device, dtype)
         self.mode = mode
@@ -161,8 +162,8 @@ class AdapterLinear(_AdapterParams):
                            backend, self.weight.device, self.weight.dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bottleneck_size: Optional[int] = None, reduction_factor: float = 16,
-                    activation: str = "relu", mode: str = "sequential", scaling: Union[float, str] = 1.0,
+    def from_linear(cls, linear: nn.Linear, bottleneck_size: Optional[int] = None,
+                    reduction_factor: Optional[float] = None, activation: Optional[str] = None, mode: str = "sequential", scaling: Union[float, str] = 1.0,
                     dropout: float = 0.0, init: str = "bert", *, preset: Optional[str] = None,
                     backend: str = "auto") -> "AdapterLinear":
         """Wrap ``linear``: its own weight/bias Parameters are reused (no copy) and frozen."""

@@ -157,17 +157,17 @@ def _adapter_backward(g2, inp2, P, down_w, up_w, up_b, scaling_t, call: AdapterC
     dU = db_u = ds = None
     if need_uw or need_ub or need_s:
         gtH = torch.mm(g2.t(), H)  # [H_out, b]
-        colsum = g2.sum(0)
+        colsum = g2.sum(0, dtype=torch.float32)  # fp32 accumulation for the half dtypes
         if scaling_t is None:
             col = vec = call.scale
         else:
             col, vec = _scale_views(scaling_t, gtH.dtype)
         dU = gtH * col if need_uw else None
-        db_u = colsum * vec if need_ub else None
-        if need_s and scaling_t is not None:
-            per_channel = (gtH * up_w).sum(1)
+        db_u = (colsum * vec).to(g2.dtype) if need_ub else None
+        if need_s and scaling_t is not None:  # the scale's gradient: N×b work, summed in fp32
+            per_channel = (gtH.float() * up_w.float()).sum(1)
             if up_b is not None:
-                per_channel = per_channel + colsum * up_b
+                per_channel = per_channel + colsum * up_b.float()
             ds = per_channel if scaling_t.numel() > 1 else per_channel.sum()
             ds = ds.reshape(scaling_t.shape).to(scaling_t.dtype)
     return d_in, dD, db_d, dU, db_u, ds

@@ -1,0 +1,241 @@
+"""Bottleneck adapters: the fused ops against the reference (forward and every gradient, every
+activation and scaling kind, both modes, fp32/fp16/bf16, odd shapes, bottleneck 1 … 256), fp64
+gradcheck, AdapterHub parity for the Pfeiffer/Houlsby presets, the modules, saved bytes, errors."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import peft_kernels as pk
+from peft_kernels.bench.common import saved_activation_bytes
+from peft_kernels.reference import adapter_linear_ref, adapterhub_bottleneck_ref, bottleneck_ref
+
+from helpers import assert_close, dtype_params
+
+ACTS = ["relu", "gelu", "gelu_tanh", "silu", "tanh"]
+SCALINGS = ["float", "learned", "channel"]
+
+
+def make(lead, K, N, b, mode, scaling_kind, dtype, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(dtype=torch.float64)
+    a_in = N if mode == "sequential" else K
+    t = dict(x=torch.randn(*lead, K, generator=g, **f64), W=torch.randn(N, K, generator=g, **f64) / math.sqrt(K),
+             bias=torch.randn(N, generator=g, **f64), D=torch.randn(b, a_in, generator=g, **f64) / math.sqrt(a_in),
+             db=torch.randn(b, generator=g, **f64) * 0.5, U=torch.randn(N, b, generator=g, **f64) / math.sqrt(b),
+             ub=torch.randn(N, generator=g, **f64) * 0.5, dy=torch.randn(*lead, N, generator=g, **f64))
+    if scaling_kind == "learned":
+        t["s"] = torch.tensor(0.8, **f64)
+    elif scaling_kind == "channel":
+        t["s"] = torch.rand(N, generator=g, **f64) + 0.5
+    else:
+        t["s"] = 0.8
+    return {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+
+
+def run(fn, ref_fn, t, names, dtype, mult=4.0):
+    """fn/ref_fn take the tensors named in ``names`` (plus the fixed ones); compare out and grads."""
+    def leaves(cast):
+        out = {}
+        for k in names:
+            v = t[k]
+            out[k] = v.detach().to(cast(v)).requires_grad_() if isinstance(v, torch.Tensor) else v
+        return out
+
+    mine = leaves(lambda v: v.dtype)
+    y = fn(mine)
+    y.backward(t["dy"].to(y.dtype))
+    ref64 = leaves(lambda v: torch.float64)
+    y64 = ref_fn(ref64, torch.float64)
+    y64.backward(t["dy"].double())
+    reflp = leaves(lambda v: v.dtype)
+    ylp = ref_fn(reflp, dtype)
+    ylp.backward(t["dy"].to(ylp.dtype))
+    assert y.dtype == t["x"].dtype
+    assert_close(y, y64, ylp, "y", mult)
+    for k in names:
+        if not isinstance(mine[k], torch.Tensor):
+            continue
+        assert mine[k].grad is not None, f"d{k} missing"
+        assert_close(mine[k].grad, ref64[k].grad, reflp[k].grad, f"d{k}", mult)
+
+
+CASES = [
+    pytest.param((37,), 45, 29, 7, "float", ACTS, id="M37-K45-N29-b7"),
+    pytest.param((3, 7), 33, 21, 1, "float", ACTS, id="3d-b1"),
+    pytest.param((19,), 40, 300, 256, "channel", ["relu", "gelu"], id="b256"),
+]
+# every activation × scaling kind on the small shapes; bottleneck 256 with two of them
+MATRIX = [pytest.param(lead, K, N, b, sk, act, id=f"{c.id}-{sk}-{act}")
+          for c in CASES for (lead, K, N, b, _, acts) in [c.values]
+          for sk in (SCALINGS if c.id != "b256" else ["channel"]) for act in acts]
+
+
+@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+@pytest.mark.parametrize("lead,K,N,b,scaling_kind,activation", MATRIX)
+def test_adapter_linear_against_reference(dtype, mode, lead, K, N, b, scaling_kind, activation):
+    t = make(lead, K, N, b, mode, scaling_kind, dtype)
+    names = ["x", "D", "db", "U", "ub"] + (["s"] if scaling_kind != "float" else [])
+
+    def fn(v):
+        return pk.adapter_linear(v["x"], t["W"], t["bias"], v["D"], v["db"], v["U"], v["ub"],
+                                 v["s"] if scaling_kind != "float" else t["s"], activation=activation, mode=mode)
+
+    def ref(v, dt):
+        return adapter_linear_ref(v["x"], t["W"].to(dt), t["bias"].to(dt), v["D"], v["db"], v["U"], v["ub"],
+                                  activation, v["s"] if scaling_kind != "float" else t["s"], mode)
+
+    run(fn, ref, t, names, dtype)
+
+
+@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no-residual"])
+@pytest.mark.parametrize("scaling_kind", SCALINGS)
+def test_bottleneck_adapter_against_reference(dtype, residual, scaling_kind):
+    t = make((5, 9), 31, 31, 6, "parallel", scaling_kind, dtype)
+    t["x"] = t["x"].transpose(0, 1).contiguous().transpose(0, 1)  # a non-contiguous 3-D input
+    assert not t["x"].is_contiguous()
+    names = ["x", "D", "db", "U", "ub"] + (["s"] if scaling_kind != "float" else [])
+
+    def fn(v):
+        return pk.bottleneck_adapter(v["x"], v["D"], v["db"], v["U"], v["ub"],
+                                     v["s"] if scaling_kind != "float" else t["s"], activation="gelu_tanh",
+                                     residual=residual)
+
+    def ref(v, dt):
+        out = bottleneck_ref(v["x"], v["D"], v["db"], v["U"], v["ub"], "gelu_tanh",
+                             v["s"] if scaling_kind != "float" else t["s"])
+        return v["x"] + out if residual else out
+
+    run(fn, ref, t, names, dtype)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+@pytest.mark.parametrize("scaling_kind", SCALINGS)
+def test_gradcheck_fp64(mode, scaling_kind):
+    t = make((6,), 7, 5, 3, mode, scaling_kind, torch.float64, seed=3)
+    W, bias = t["W"], t["bias"]
+    args = [t[k].clone().requires_grad_() for k in ("x", "D", "db", "U", "ub")]
+    if scaling_kind != "float":
+        args.append(t["s"].clone().requires_grad_())
+
+    def f(x, D, db, U, ub, *s):
+        return pk.adapter_linear(x, W, bias, D, db, U, ub, s[0] if s else 0.8, activation="silu", mode=mode)
+
+    assert torch.autograd.gradcheck(f, tuple(args))
+
+
+def test_no_biases_and_unfrozen_base():
+    t = make((11,), 13, 9, 4, "parallel", "float", torch.float64)
+    W = t["W"].clone().requires_grad_()
+    bias = t["bias"].clone().requires_grad_()
+    x = t["x"].clone().requires_grad_()
+    f = lambda x, W, bias: pk.adapter_linear(x, W, bias, t["D"], None, t["U"], None, 0.5, activation="tanh",
+                                             mode="parallel")
+    assert torch.autograd.gradcheck(f, (x, W, bias))
+
+
+@pytest.mark.parametrize("preset,act", [("pfeiffer", "relu"), ("houlsby", "swish")])
+def test_adapterhub_parity(preset, act):
+    """The preset modules compute AdapterHub's Adapter.forward (transcribed in the reference)."""
+    torch.manual_seed(0)
+    ad = pk.BottleneckAdapter(64, preset=preset, init="mam")
+    assert ad.bottleneck_size == 4 and ad.activation == act
+    with torch.no_grad():
+        ad.adapter_up.weight.normal_()
+        ad.adapter_up.bias.normal_()
+        ad.adapter_down.bias.normal_()
+    h = torch.randn(3, 5, 64)
+    ref = adapterhub_bottleneck_ref(h, h, ad.adapter_down.weight, ad.adapter_down.bias, ad.adapter_up.weight,
+                                    ad.adapter_up.bias, act, 1.0)
+    assert_close(ad(h), ref.double(), ref, f"{preset} vs AdapterHub")
+
+
+def test_fresh_adapters_are_close_to_identity():
+    torch.manual_seed(0)
+    h = torch.randn(8, 256)
+    mam = pk.BottleneckAdapter(256, init="mam")
+    assert torch.equal(mam(h), h)  # zero up-projection: exactly the identity
+    bert = pk.BottleneckAdapter(256, init="bert")
+    rel = ((bert(h) - h).norm() / h.norm()).item()
+    assert 0 < rel < 0.05, rel  # N(0, 0.02) weights: a small perturbation
+
+
+def test_adapter_linear_module():
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 40)
+    m = pk.AdapterLinear.from_linear(lin, bottleneck_size=5, activation="gelu", mode="sequential", scaling="channel")
+    assert m.weight is lin.weight and not m.weight.requires_grad and not m.bias.requires_grad
+    assert set(m.state_dict()) == {"weight", "bias", "adapter_down.weight", "adapter_down.bias", "adapter_up.weight",
+                                   "adapter_up.bias", "adapter_scaling"}
+    assert m.adapter_down.weight.shape == (5, 40)  # sequential: the adapter reads the 40 output features
+    p = pk.AdapterLinear.from_linear(lin, reduction_factor=8, mode="parallel", preset="houlsby")
+    assert p.adapter_down.weight.shape == (3, 24) and p.activation == "swish"
+    x = torch.randn(2, 3, 24)
+    for mod, mode in ((m, "sequential"), (p, "parallel")):
+        out = mod(x)
+        ref = adapter_linear_ref(x, lin.weight, lin.bias, mod.adapter_down.weight, mod.adapter_down.bias,
+                                 mod.adapter_up.weight, mod.adapter_up.bias, mod.activation, mod._scaling(), mode)
+        assert_close(out, ref.double(), ref, mode)
+    trainable = {n for n, q in m.named_parameters() if q.requires_grad}
+    assert trainable == {"adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias",
+                         "adapter_scaling"}
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    m = pk.AdapterLinear.from_linear(nn.Linear(16, 16), bottleneck_size=4, dropout=0.5, init="mam")
+    with torch.no_grad():
+        m.adapter_up.weight.normal_()
+    x = torch.randn(64, 16)
+    m.eval()
+    ref = adapter_linear_ref(x, m.weight, m.bias, m.adapter_down.weight, m.adapter_down.bias, m.adapter_up.weight,
+                             m.adapter_up.bias, "relu", 1.0, "sequential")
+    assert_close(m(x), ref.double(), ref, "eval: no dropout")
+    m.train()
+    a, b = m(x), m(x)
+    assert not torch.equal(a, b)  # stochastic in training
+    base = torch.nn.functional.linear(x, m.weight, m.bias)
+    dropped = ((a - base).abs() < 1e-7).float().mean().item()
+    assert 0.3 < dropped < 0.7, dropped  # about half the adapter outputs are dropped
+
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_saved_bytes_are_one_activation_plus_preactivation(mode):
+    """Sequential saves y + P, parallel x + P: never a second M×N or M×K copy."""
+    M, K, N, b = 64, 48, 40, 8
+    m = pk.AdapterLinear.from_linear(nn.Linear(K, N), bottleneck_size=b, mode=mode, scaling="learned")
+    x = torch.randn(M, K, requires_grad=True)
+    saved = saved_activation_bytes(lambda: m(x), list(m.parameters()))
+    one = (M * N if mode == "sequential" else M * K) * 4
+    assert saved == one + M * b * 4, (saved, one)
+
+
+def test_errors():
+    x, W = torch.randn(4, 6), torch.randn(5, 6)
+    D, U = torch.randn(2, 5), torch.randn(5, 2)
+    f = pk.adapter_linear
+    with pytest.raises(ValueError, match="activation must be one of"):
+        f(x, W, None, D, None, U, None, activation="softsign")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        f(x, W, None, D, None, U, None, mode="serial")
+    with pytest.raises(ValueError, match=r"down_w must have shape \[bottleneck ≥ 1, 6\]"):
+        f(x, W, None, D, None, U, None, mode="parallel")  # parallel reads x (6 features), D reads 5
+    with pytest.raises(ValueError, match=r"up_w must have shape \[out_features=5, bottleneck\]"):
+        f(x, W, None, D, None, torch.randn(4, 2), None)
+    with pytest.raises(ValueError, match=r"scaling must be a scalar or a per-channel vector of shape \[5\]"):
+        f(x, W, None, D, None, U, None, torch.ones(3))
+    with pytest.raises(TypeError, match="down_w dtype torch.float16 must match"):
+        f(x, W, None, D.half(), None, U, None)
+    with pytest.raises(ValueError, match="residual=True needs"):
+        pk.bottleneck_adapter(torch.randn(3, 4), torch.randn(2, 4), None, torch.randn(5, 2), None)
+    with pytest.raises(pk.BackendUnavailable, match="no Triton kernels for bottleneck adapters yet"):
+        f(x, W, None, D, None, U, None, backend="triton")
+    with pytest.raises(ValueError, match="preset must be one of"):
+        pk.BottleneckAdapter(8, preset="lora")
+    with pytest.raises(ValueError, match="scaling must be a finite float, 'learned' or 'channel'"):
+        pk.BottleneckAdapter(8, scaling="big")
+    with pytest.raises(ValueError, match="bottleneck_size must be a positive int"):
+        pk.AdapterLinear(8, 8, bottleneck_size=0)

@@ -28,6 +28,12 @@ def test_cli_quick_runs(tmp_path, capsys):
     ours = [r for r in multi if r["provider"] == "ours (torch)" and r["mode"] == "fwd"]
     assert ours and all(r["max_abs_diff_vs_peft"] < 1e-4 and "peft_part_over_ours" in r for r in ours)
     assert any(r["provider"] == "ours (torch)" and r["mode"] == "fwd+bwd" for r in multi)
+    # the bottleneck-adapter section: both placements, every provider, both modes, with the FLOP floor
+    ad = [r for r in rows if r["op"] == "adapter"]
+    assert {(r["adapter_mode"], r["provider"], r["mode"]) for r in ad} == {
+        (am, p, m) for am in ("sequential", "parallel") for m in ("fwd", "fwd+bwd")
+        for p in ("nn.Linear (frozen)", "nn.Linear (frozen, control)", "unfused nn modules", "ours (AdapterLinear)")}
+    assert all(r["flop_floor"] > 1 and r["median_ms"] > 0 for r in ad)
 
 
 def test_saved_bytes_accounting():
@@ -55,3 +61,10 @@ def test_multi_bytes_model():
 
     # 2 adapters of rank 4 and 8, K=10, N=6, 3 active tokens, fp16: A+B per adapter at its true rank
     assert bytes_model(3, 10, 6, [4, 8], 2) == (4 * 16 + 8 * 16) * 2 + 3 * 10 * 2 + 2 * 3 * 8 * 4 + 2 * 3 * 6 * 2
+
+
+def test_adapter_flop_floor():
+    from peft_kernels.bench.adapter import flop_floor
+
+    assert abs(flop_floor(4096, 4096, 256, "sequential", fwd_only=False) - (1 + 3 * 256 / 4096)) < 1e-12
+    assert abs(flop_floor(4096, 4096, 256, "parallel", fwd_only=True) - (1 + 2 * 256 / 4096)) < 1e-12

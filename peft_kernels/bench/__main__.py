@@ -4,7 +4,9 @@
 r=16, p ∈ {0, 0.1}, forward and forward+backward.
 ``--op multi_lora``: the mixed multi-adapter batch (issue #3): T=256 tokens, r=16, 1/8/32
 adapters, K=N ∈ {1024, 4096}, vs HF PEFT's ``adapter_names`` path and a frozen nn.Linear.
-``--op all`` (the default) runs both. ``--quick`` runs tiny shapes (a smoke test, seconds).
+``--op adapter``: bottleneck adapters (issue #4): AdapterLinear vs the same adapter from unfused nn
+modules vs a frozen nn.Linear, sequential and parallel, M=512, hidden 4096, bottleneck 256.
+``--op all`` (the default) runs them all. ``--quick`` runs tiny shapes (a smoke test, seconds).
 """
 from __future__ import annotations
 
@@ -14,14 +16,15 @@ import time
 
 import torch
 
-from . import lora, multi_lora
+from . import adapter, lora, multi_lora
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m peft_kernels.bench")
-    ap.add_argument("--op", choices=["lora", "multi_lora", "all"], default="all")
+    ap.add_argument("--op", choices=["lora", "multi_lora", "adapter", "all"], default="all")
+    ap.add_argument("--bottleneck", type=int, default=256, help="adapter: bottleneck size")
     ap.add_argument("--tokens", type=int, default=256, help="multi_lora: tokens per batch")
     ap.add_argument("--adapters", type=int, action="append", help="multi_lora: distinct adapters (repeatable; "
                     "default 1, 8, 32)")
@@ -34,7 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("-r", type=int, default=16)
     ap.add_argument("--p", type=float, action="append", help="dropout p (repeatable; default 0 and 0.1)")
     ap.add_argument("--mode", choices=["fwd", "fwd+bwd"], action="append")
-    ap.add_argument("--rounds", type=int, default=None, help="default 40 (lora), 20 (multi_lora)")
+    ap.add_argument("--rounds", type=int, default=None, help="default 40 (lora), 20 (multi_lora), 15 (adapter)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
@@ -50,6 +53,8 @@ def main(argv=None) -> int:
         rows += _lora(a, dtype)
     if a.op in ("multi_lora", "all"):
         rows += _multi(a, dtype)
+    if a.op in ("adapter", "all"):
+        rows += _adapter(a, dtype)
     if a.json:
         lora.to_json(rows, a.json)
     print(f"\n({time.time() - t0:.0f} s)")
@@ -94,6 +99,21 @@ def _multi(a, dtype):
     if tg and a.device == "cpu":
         print("\nTarget (issue #3, CPU):")
         for line in tg:
+            print("  " + line)
+    return rows
+
+
+def _adapter(a, dtype):
+    M, K, b, rounds, warmup = a.M, a.K, a.bottleneck, a.rounds or 15, a.warmup
+    if a.quick:
+        M, K, b, rounds, warmup = 48, 64, 8, 3, 1
+    print(f"\n== Bottleneck adapter: M={M} hidden={K} bottleneck={b} relu dtype={str(dtype).split('.')[-1]} "
+          f"rounds={rounds} (× floor: the ratio over the modelled FLOP floor 1 + 3b/K of the frozen layer)\n")
+    rows = adapter.run(M, K, K, b, "relu", dtype, a.device, rounds, warmup)
+    print(adapter.format_table(rows))
+    if (M, K, b, dtype, a.device) == (512, 4096, 256, torch.float32, "cpu"):
+        print("\nTargets (issue #4, CPU fp32 M=512 hidden=4096 bottleneck=256):")
+        for line in adapter.targets(rows):
             print("  " + line)
     return rows
 

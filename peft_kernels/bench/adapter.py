@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..nn import AdapterLinear
 from ..reference import activation_ref
-from .common import interleaved, saved_activation_bytes
+from .common import interleaved, saved_activation_bytes, timed_call
 
 FROZEN = "nn.Linear (frozen)"
 CONTROL = "nn.Linear (frozen, control)"
@@ -83,18 +83,8 @@ def run(M=512, K=4096, N=4096, b=256, activation="relu", dtype=torch.float32, de
         dy = torch.randn(M, N, device=device, dtype=dtype)
         saved = {n: saved_activation_bytes(lambda m=m: m(x), params) for n, m in mods.items()}
         for mode in ("fwd", "fwd+bwd"):
-            def make(m):
-                if mode == "fwd":
-                    return lambda: m(x)
-
-                def fb():
-                    m(x).backward(dy)
-                    x.grad = None
-                    for q in m.parameters():
-                        q.grad = None
-                return fb
-
-            res = interleaved({n: make(m) for n, m in mods.items()}, FROZEN, rounds, warmup, device)
+            calls = {n: timed_call(lambda m=m: m(x), mode, x, dy, m.parameters()) for n, m in mods.items()}
+            res = interleaved(calls, FROZEN, rounds, warmup, device)
             floor = flop_floor(K, N, b, amode, mode == "fwd")
             for n, r in res.items():
                 rows.append(dict(op="adapter", adapter_mode=amode, provider=n, mode=mode, M=M, K=K, N=N, b=b,

@@ -54,6 +54,21 @@ class _CpuTimer:
         return t.timeit(1).median
 
 
+def timed_call(fn: Callable[[], torch.Tensor], mode: str, x: torch.Tensor, dy: torch.Tensor, params) -> Callable[[], None]:
+    """What one timed call does: ``fn()`` for ``"fwd"``; for ``"fwd+bwd"``, ``fn().backward(dy)`` and
+    the grads of ``x`` and ``params`` cleared (so no call accumulates into the next)."""
+    if mode == "fwd":
+        return fn
+    params = list(params)
+
+    def fb():
+        fn().backward(dy)
+        x.grad = None
+        for q in params:
+            q.grad = None
+    return fb
+
+
 def make_timer(fn: Callable[[], None], device: torch.device) -> Callable[[], float]:
     """A callable that times one call of ``fn`` in seconds (CUDA: do_bench's median)."""
     if device.type == "cuda":

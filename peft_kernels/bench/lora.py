@@ -12,7 +12,7 @@ import torch.nn as nn
 from .. import dispatch
 from ..nn import LoRALinear
 from ..reference import lora_linear_ref
-from .common import interleaved, saved_activation_bytes
+from .common import interleaved, saved_activation_bytes, timed_call
 
 FROZEN = "nn.Linear (frozen)"
 CONTROL = "nn.Linear (frozen, control)"
@@ -82,18 +82,8 @@ def run(M=512, K=4096, N=4096, r=16, dtype=torch.float32, device="cpu", rounds=2
         dy = torch.randn(M, N, device=device, dtype=dtype)
         saved = {n: saved_activation_bytes(lambda m=m: m(x), params) for n, m in mods.items()}
         for mode in modes:
-            def make(m):
-                if mode == "fwd":
-                    return lambda: m(x)
-
-                def fb():
-                    m(x).backward(dy)
-                    x.grad = None
-                    for q in m.parameters():
-                        q.grad = None
-                return fb
-
-            res = interleaved({n: make(m) for n, m in mods.items()}, FROZEN, rounds, warmup, device)
+            calls = {n: timed_call(lambda m=m: m(x), mode, x, dy, m.parameters()) for n, m in mods.items()}
+            res = interleaved(calls, FROZEN, rounds, warmup, device)
             for n, rsl in res.items():
                 rows.append(dict(provider=n, mode=mode, p=p, M=M, K=K, N=N, r=r, dtype=str(dtype).split(".")[-1],
                                  device=str(device), median_ms=rsl.median_ms, ratio_to_frozen=rsl.ratio, ratio_iqr=rsl.ratio_iqr,

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .. import dispatch
 from ..nn import MultiLoRALinear
-from .common import interleaved
+from .common import interleaved, timed_call
 
 FROZEN = "nn.Linear (frozen)"
 CONTROL = "nn.Linear (frozen, control)"
@@ -116,17 +116,9 @@ def run(T=256, K=1024, N=1024, r=16, n_adapters=(1, 8, 32), dtype=torch.float32,
             dy = torch.randn(T, N, device=device, dtype=dtype)
             base_t = sharing()
 
-            def step(f, params):
-                def go():
-                    f().backward(dy)
-                    xg.grad = None
-                    for p in params:
-                        p.grad = None
-                return go
-
-            fb = {FROZEN: step(lambda: base_t(xg), [])}
+            fb = {FROZEN: timed_call(lambda: base_t(xg), "fwd+bwd", xg, dy, [])}
             for name, m in ours.items():
-                fb[name] = step(lambda m=m: m(xg, ids), [m.lora_A, m.lora_B])
+                fb[name] = timed_call(lambda m=m: m(xg, ids), "fwd+bwd", xg, dy, [m.lora_A, m.lora_B])
             res = interleaved(fb, FROZEN, rounds, warmup, device)
             for name, rs in res.items():
                 parts = [t - f for t, f in zip(rs.times, res[FROZEN].times)]

@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "peft_kernels/cpu_isa.h"
+
 namespace peft_kernels {
 namespace cpu {
 at::Tensor dropout_keep_mask(int64_t M, int64_t K, int64_t k0, int64_t k1, int64_t k2, int64_t thr,
@@ -27,7 +29,6 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_bwd(const at::Tensor& dy, const at
                                                   const c10::optional<at::Tensor>& lora_B_t);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_by_adapter(const at::Tensor& ids,
                                                                                         int64_t num_slots);
-std::string cpu_isa(const std::string& isa);
 }  // namespace cpu
 }  // namespace peft_kernels
 

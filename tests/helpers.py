@@ -45,3 +45,44 @@ def assert_close(actual, ref64, same_prec, name: str, mult: float = 4.0):
     assert err <= bound, (
         f"{name}: max |err| = {err:.3e} vs fp64 reference exceeds {mult}× max(same-precision torch error "
         f"{base:.3e}, 1 ulp {ulp:.3e}) = {bound:.3e} (dtype {actual.dtype}, ref scale {scale:.3e})")
+
+
+CPU_ISAS = ("avx512", "avx2", "base")
+
+
+def cpu_isa_unsupported(isa: str):
+    """Why the C++ CPU micro-kernel variant ``isa`` cannot run here (None when it can)."""
+    from peft_kernels import _ext
+
+    if not _ext.available():
+        return f"extension: {_ext.unavailable_reason()}"
+    prev = _ext.ops().cpu_isa("")
+    try:
+        _ext.ops().cpu_isa(isa)
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        _ext.ops().cpu_isa(prev)
+    return None
+
+
+def isa_params():
+    """Every CPU micro-kernel variant; one this machine cannot run is skipped with the reason."""
+    out = []
+    for isa in CPU_ISAS:
+        why = cpu_isa_unsupported(isa)
+        out.append(pytest.param(isa, id=isa, marks=[pytest.mark.skip(reason=why)] if why else []))
+    return out
+
+
+@pytest.fixture
+def cpu_isa(request):
+    """Pin the C++ CPU kernels to the variant ``request.param`` for one test, then restore."""
+    from peft_kernels import _ext
+
+    prev = _ext.ops().cpu_isa(request.param)
+    try:
+        assert _ext.ops().cpu_isa("") == request.param
+        yield request.param
+    finally:
+        _ext.ops().cpu_isa(prev)

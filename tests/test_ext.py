@@ -9,6 +9,7 @@ import torch
 from peft_kernels import _ext
 from peft_kernels.ops import _torch_dropout as D
 
+from helpers import cpu_isa, isa_params  # noqa: F401 (fixture)
 from test_lora_op import CASES, make_inputs, run_and_compare
 
 
@@ -23,10 +24,11 @@ needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"extension: {_ext.u
 
 
 @needs_ext
+@pytest.mark.parametrize("cpu_isa", isa_params(), indirect=True)
 @pytest.mark.parametrize("M,K,offset", [(37, 53, 0), (5, 4097, 123), (3, 7, 2 ** 32 - 10), (2, 9, 2 ** 40 + 1)])
 @pytest.mark.parametrize("seed", [0, 1, 2 ** 31 + 5, 2 ** 62 - 1])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.999])
-def test_cpp_mask_equals_torch_twin(M, K, offset, seed, p):
+def test_cpp_mask_equals_torch_twin(cpu_isa, M, K, offset, seed, p):
     ks = D.keys(seed, p)
     a = D.keep_mask(seed, (M, K), p, "cpu", offset=offset)
     b = _ext.ops().dropout_keep_mask(M, K, *ks, offset)
@@ -34,8 +36,9 @@ def test_cpp_mask_equals_torch_twin(M, K, offset, seed, p):
 
 
 @needs_ext
+@pytest.mark.parametrize("cpu_isa", isa_params(), indirect=True)
 @pytest.mark.parametrize("M,K,R", [(37, 53, 3), (70, 75, 19), (100, 200, 128), (1100, 300, 5), (1, 1, 1)])
-def test_fused_passes_match_torch(M, K, R):
+def test_fused_passes_match_torch(cpu_isa, M, K, R):
     g = torch.Generator().manual_seed(0)
     x, A, dS = (torch.randn(*s, generator=g) for s in ((M, K), (R, K), (M, R)))
     ks = D.keys(99, 0.3)

@@ -11,7 +11,7 @@ from peft_kernels import _ext
 from peft_kernels.ops.multi_lora import build_mapping, choose_path
 from peft_kernels.reference import expand_adapter_ids, multi_lora_linear_ref
 
-from helpers import assert_close, backend_params, dtype_params
+from helpers import assert_close, backend_params, cpu_isa, dtype_params, isa_params  # noqa: F401 (fixture)
 
 
 def variants():
@@ -249,33 +249,13 @@ def test_unchecked_bad_ids_never_read_out_of_bounds(variant):
     assert_close(y, ref.double(), ref, "y")
 
 
-def _isa_supported(isa):
-    if not _ext.available():
-        return f"extension: {_ext.unavailable_reason()}"
-    prev = _ext.ops().cpu_isa("")
-    try:
-        _ext.ops().cpu_isa(isa)
-    except RuntimeError as e:
-        return str(e)
-    finally:
-        _ext.ops().cpu_isa(prev)
-    return None
-
-
-@pytest.mark.parametrize("isa", [pytest.param(i, marks=pytest.mark.skipif(_isa_supported(i) is not None,
-                                                                         reason=str(_isa_supported(i))))
-                                 for i in ("avx512", "avx2", "base")])
+@pytest.mark.parametrize("cpu_isa", isa_params(), indirect=True)
 @pytest.mark.parametrize("case", ["wide-K131-N97", "mixed-ranks-minus1", "r72-zipf"])
-def test_every_cpu_kernel_variant(isa, case):
+def test_every_cpu_kernel_variant(cpu_isa, case):
     """The fp32 C++ micro-kernels are compiled for AVX-512, AVX2 and baseline x86-64; the CPU picks
     one. Pin each in turn so every variant is checked against the reference, forward and backward."""
     params = {p.id: p.values for p in CASES}[case]
-    prev = _ext.ops().cpu_isa(isa)
-    try:
-        assert _ext.ops().cpu_isa("") == isa
-        run_and_compare("torch", "auto", make_inputs(*params, torch.float32))
-    finally:
-        _ext.ops().cpu_isa(prev)
+    run_and_compare("torch", "auto", make_inputs(*params, torch.float32))
 
 
 def test_cpu_isa_rejects_unknown_names():

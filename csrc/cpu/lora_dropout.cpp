@@ -5,7 +5,7 @@
 //   lora_dropout_dx:     dX[m, k] = keep(m,k) Σ_j dS[m,j] A[j,k]
 //   lora_dropout_da:     dA[j, k] = Σ_m dS[m,j] keep(m,k) x[m,k]
 // The inverted-dropout scale is folded into S / dS by the caller. Hot loops are compiled for
-// AVX2+FMA and baseline x86-64 (GCC target_clones picks at load time).
+// AVX-512, AVX2+FMA and baseline x86-64 (include/peft_kernels/cpu_isa.h: the best supported runs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -18,11 +18,7 @@
 
 #include "peft_kernels/dropout_hash.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define PK_CLONES __attribute__((target_clones("avx2,fma", "default")))
-#else
-#define PK_CLONES
-#endif
+#include "peft_kernels/cpu_isa.h"
 
 namespace peft_kernels {
 namespace cpu {
@@ -30,7 +26,7 @@ namespace {
 
 // out[k] = keep(base + k) ? x[k] : 0, for k in [0, n); idx = base + k split into 32-bit halves.
 // out may be x (masking in place): each element is read before it is written.
-PK_CLONES void masked_copy(const float* x, float* out, int64_t n, uint64_t base, DropoutKeys keys) {
+PK_BODY void masked_copy_body(const float* x, float* out, int64_t n, uint64_t base, DropoutKeys keys) {
   const uint32_t lo0 = static_cast<uint32_t>(base);
   const uint32_t hi0 = static_cast<uint32_t>(base >> 32);
 #pragma omp simd
@@ -40,6 +36,9 @@ PK_CLONES void masked_copy(const float* x, float* out, int64_t n, uint64_t base,
     out[k] = dropout_hash(lo, hi, keys) >= keys.thr ? x[k] : 0.0f;
   }
 }
+
+PK_ISA_VARIANTS(masked_copy, (const float* x, float* out, int64_t n, uint64_t base, DropoutKeys keys),
+                (x, out, n, base, keys))
 
 DropoutKeys make_keys(int64_t k0, int64_t k1, int64_t k2, int64_t thr) {
   TORCH_CHECK(k0 >= 0 && k0 < (int64_t(1) << 32) && k1 >= 0 && k1 < (int64_t(1) << 32) && k2 >= 0 &&

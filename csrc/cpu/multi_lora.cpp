@@ -2,10 +2,11 @@
 //
 // Tokens arrive grouped by adapter (perm = token indices in adapter-sorted order, seg_starts the
 // segment offsets into perm, seg_slots each segment's slot). Work items are segments, split into
-// row chunks in forward, and run on at::parallel_for's threads; each item does its small GEMMs
-// with at::mm (single-threaded inside the parallel region) in the adapter's dtype, at the slot's
-// true rank. Every output row / slot gradient is written by exactly one item: no races, and the
-// result does not depend on the thread count.
+// row chunks in forward, and run on at::parallel_for's threads, at the slot's true rank. float32
+// runs register-blocked micro-kernels (one variant per ISA, include/peft_kernels/cpu_isa.h); other
+// dtypes do each item's small GEMMs with at::mm (single-threaded inside the parallel region).
+// Every output row / slot gradient is written by exactly one item: no races, and the result does
+// not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -13,66 +14,10 @@
 #include <algorithm>
 #include <vector>
 
-#include <atomic>
-#include <string>
-
-// The fp32 micro-kernels below are written once (as always-inline bodies) and compiled three times on
-// x86-64 with GCC: for AVX-512, for AVX2+FMA and for baseline x86-64. The best one the CPU supports
-// runs, and `torch.ops.peft_kernels.cpu_isa(name)` can pin a lower one, so tests cover every variant.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define PK_MULTI_ISA 1
-#else
-#define PK_MULTI_ISA 0
-#endif
-#define PK_BODY static inline __attribute__((always_inline))
-
-namespace peft_kernels {
-namespace cpu {
-namespace {
-enum Isa : int { kIsaBase = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
-const char* const kIsaNames[] = {"base", "avx2", "avx512"};
-
-int best_isa() {
-#if PK_MULTI_ISA
-  if (__builtin_cpu_supports("avx512f")) return kIsaAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kIsaAvx2;
-#endif
-  return kIsaBase;
-}
-
-std::atomic<int> g_isa{-1};
-
-int active_isa() {
-  int v = g_isa.load(std::memory_order_relaxed);
-  if (v < 0) {
-    v = best_isa();
-    g_isa.store(v, std::memory_order_relaxed);
-  }
-  return v;
-}
-}  // namespace
-}  // namespace cpu
-}  // namespace peft_kernels
-
 #define PK_T512 <v16, 4>
 #define PK_T256 <v8, 2>
 #define PK_T128 <v4, 2>
-#if PK_MULTI_ISA
-#define PK_ISA_VARIANTS(name, params, args)                                                       \
-  __attribute__((target("avx512f"))) void name##_avx512 params { name##_body PK_T512 args; }        \
-  __attribute__((target("avx2,fma"))) void name##_avx2 params { name##_body PK_T256 args; }         \
-  void name##_base params { name##_body PK_T128 args; }                                            \
-  void name params {                                                               \
-    switch (active_isa()) {                                                        \
-      case kIsaAvx512: name##_avx512 args; break;                                  \
-      case kIsaAvx2: name##_avx2 args; break;                                      \
-      default: name##_base args;                                                   \
-    }                                                                              \
-  }
-#else
-#define PK_ISA_VARIANTS(name, params, args) \
-  void name params { name##_body PK_T128 args; }
-#endif
+#include "peft_kernels/cpu_isa.h"
 
 namespace peft_kernels {
 namespace cpu {
@@ -508,22 +453,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_by_
   auto bad_t = at::empty({static_cast<int64_t>(bad.size())}, at::TensorOptions().dtype(at::kLong));
   std::copy(bad.begin(), bad.end(), bad_t.data_ptr<int64_t>());
   return {perm, pos_slots, seg_slots, seg_starts, bad_t};
-}
-
-// Which fp32 micro-kernel variant runs: "" → the current one; "auto" → the best this CPU supports;
-// "avx512" | "avx2" | "base" → that one (it must be supported). Returns the previous name.
-std::string cpu_isa(const std::string& isa) {
-  const int prev = active_isa();
-  if (isa.empty()) return kIsaNames[prev];
-  int want = -1;
-  if (isa == "auto") want = best_isa();
-  for (int i = 0; i < 3; ++i)
-    if (isa == kIsaNames[i]) want = i;
-  TORCH_CHECK(want >= 0, "cpu_isa: expected one of 'auto', 'avx512', 'avx2', 'base', got '", isa, "'");
-  TORCH_CHECK(want <= best_isa(), "cpu_isa: this CPU (or build) does not support '", isa, "'; the best is '",
-              kIsaNames[best_isa()], "'");
-  g_isa.store(want, std::memory_order_relaxed);
-  return kIsaNames[prev];
 }
 
 }  // namespace cpu

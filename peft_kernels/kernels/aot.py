@@ -209,10 +209,41 @@ def _launch_key(c: Launch, arch: int):
     return (c.kernel.__name__, repr(spec), repr(opts))
 
 
-RECORDERS = {"lora": lambda: record_lora_launches(), "multi_lora": lambda: record_multi_lora_launches()}
+def record_adapter_launches():
+    """The parallel bottleneck adapter: its two kernels (and the LoRA kernels it reuses) for each dtype,
+    bottleneck 16/64/256, every activation, aligned and odd sizes."""
+    import torch
+
+    from . import bottleneck as BN
+    from . import lora as L
+
+    kernels = [BN._adapter_shrink_kernel, BN._adapter_dy_kernel, L._fwd_gemm_kernel, L._bwd_dx_kernel,
+               L._bwd_da_kernel]
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    shapes = [(512, 4096, 4096), (511, 4095, 4097)]
+    try:
+        with record_launches(kernels) as calls:
+            for dt in (torch.float16, torch.bfloat16, torch.float32):
+                for tf in ((False, True) if dt == torch.float32 else (False,)):
+                    torch.backends.cuda.matmul.allow_tf32 = tf
+                    for b in (16, 64, 256):
+                        for act in ("relu", "gelu", "gelu_tanh", "silu", "tanh"):
+                            for M, K, N in shapes:
+                                x, W, bias = torch.empty(M, K, dtype=dt), torch.empty(N, K, dtype=dt), torch.empty(N, dtype=dt)
+                                D, db, U = torch.empty(b, K, dtype=dt), torch.empty(b, dtype=dt), torch.empty(N, b, dtype=dt)
+                                _, P = BN.parallel_forward(x, W, bias, D, db, U, act)
+                                BN.parallel_backward(torch.empty(M, N, dtype=dt), x, W, D, U, torch.empty(M, b), act,
+                                                     True, True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return calls
 
 
-def check_all(archs=(80, 90), verbose=True, ops=("lora", "multi_lora")):
+RECORDERS = {"lora": lambda: record_lora_launches(), "multi_lora": lambda: record_multi_lora_launches(),
+             "adapter": lambda: record_adapter_launches()}
+
+
+def check_all(archs=(80, 90), verbose=True, ops=("lora", "multi_lora", "adapter")):
     """Compile every distinct shipped launch of ``ops``; return (rows, problems)."""
     calls = [c for op in ops for c in RECORDERS[op]()]
     rows, problems = [], []

@@ -17,8 +17,10 @@ pre-activation ``P = down(input)`` (M×b). The activation is recomputed from ``P
 a second M×N (or M×K) tensor. The frozen weights and the adapter parameters are parameters, not
 activations.
 
-Backends: ``"torch"`` (any device). Triton kernels for these ops are not written yet: asking for
-``"triton"`` raises :class:`~peft_kernels.BackendUnavailable`, and ``"auto"`` runs torch.
+Backends: ``"torch"`` (any device); ``"triton"`` for ``adapter_linear(mode="parallel")``
+(``kernels/bottleneck.py``: 2 launches forward, 3 backward, reusing LoRA's GEMM kernels). The
+sequential mode and ``bottleneck_adapter`` have no Triton kernels yet: asking for ``"triton"``
+there raises :class:`~peft_kernels.BackendUnavailable`, and ``"auto"`` runs torch.
 """
 from __future__ import annotations
 
@@ -89,14 +91,16 @@ def validate_adapter(h, down_w, down_b, up_w, up_b, scaling, activation: str, na
     _check_scaling(scaling, up_w.shape[0], h.dtype, h.device)
 
 
-def _resolve(backend: str, device) -> str:
+def _resolve(backend: str, device, triton_ok: bool = False) -> str:
+    """The backend for an adapter op; only the parallel adapter_linear has Triton kernels so far."""
     def reason(name):
-        if name == "triton":
-            return "no Triton kernels for bottleneck adapters yet (the torch backend runs them)"
+        if name == "triton" and not triton_ok:
+            return ("no Triton kernels for this adapter op yet (only adapter_linear(mode='parallel') has them; "
+                    "the torch backend runs it)")
         return None
 
     name = dispatch.resolve(backend, device, reason)
-    if name == "triton":  # "auto" on CUDA: fall back while the kernels do not exist
+    if name == "triton" and not triton_ok:  # "auto" on CUDA: fall back while the kernels do not exist
         name = "torch"
     return name
 
@@ -109,6 +113,7 @@ class AdapterCall:
     activation: str
     scale: float            # used when the scaling is a Python float
     residual: bool = True   # bottleneck_adapter only
+    backend: str = "torch"
 
 
 def _scale_views(scaling_t: torch.Tensor, dtype):
@@ -137,6 +142,25 @@ def _up_gemm(c, H, U_s, b_s):
     return torch.addmm(c, H, U_s.t())
 
 
+def _up_grads(gtH, colsum, up_w, up_b, scaling_t, call: AdapterCall, needs):
+    """(dU, db_u, ds) from gtH = dYᵀ·act(P) [H_out, b] and colsum = Σ_m dY (fp32): parameter-sized work."""
+    need_uw, need_ub, need_s = needs
+    if scaling_t is None:
+        col = vec = call.scale
+    else:
+        col, vec = _scale_views(scaling_t, gtH.dtype)
+    dU = (gtH * col).to(up_w.dtype) if need_uw else None
+    db_u = (colsum * vec).to(up_w.dtype) if need_ub else None
+    ds = None
+    if need_s and scaling_t is not None:  # the scale's gradient: N×b work, summed in fp32
+        per_channel = (gtH.float() * up_w.float()).sum(1)
+        if up_b is not None:
+            per_channel = per_channel + colsum * up_b.float()
+        ds = per_channel if scaling_t.numel() > 1 else per_channel.sum()
+        ds = ds.reshape(scaling_t.shape).to(scaling_t.dtype)
+    return dU, db_u, ds
+
+
 def _adapter_backward(g2, inp2, P, down_w, up_w, up_b, scaling_t, call: AdapterCall, needs):
     """Gradients of ``s·up(act(down(inp)))`` given the output grad ``g2`` (M×H_out).
 
@@ -158,18 +182,7 @@ def _adapter_backward(g2, inp2, P, down_w, up_w, up_b, scaling_t, call: AdapterC
     if need_uw or need_ub or need_s:
         gtH = torch.mm(g2.t(), H)  # [H_out, b]
         colsum = g2.sum(0, dtype=torch.float32)  # fp32 accumulation for the half dtypes
-        if scaling_t is None:
-            col = vec = call.scale
-        else:
-            col, vec = _scale_views(scaling_t, gtH.dtype)
-        dU = gtH * col if need_uw else None
-        db_u = (colsum * vec).to(g2.dtype) if need_ub else None
-        if need_s and scaling_t is not None:  # the scale's gradient: N×b work, summed in fp32
-            per_channel = (gtH.float() * up_w.float()).sum(1)
-            if up_b is not None:
-                per_channel = per_channel + colsum * up_b.float()
-            ds = per_channel if scaling_t.numel() > 1 else per_channel.sum()
-            ds = ds.reshape(scaling_t.shape).to(scaling_t.dtype)
+        dU, db_u, ds = _up_grads(gtH, colsum, up_w, up_b, scaling_t, call, (need_uw, need_ub, need_s))
     return d_in, dD, db_d, dU, db_u, ds
 
 
@@ -238,12 +251,17 @@ class ParallelAdapterLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, down_w, down_b, up_w, up_b, scaling_t, call: AdapterCall):
         x2 = x.reshape(-1, x.shape[-1])
-        P = F.linear(x2, down_w, down_b)
-        H = activation_ref(P, call.activation)
         U_s, b_s = _scaled_up(up_w, up_b, scaling_t, call.scale)
         c = bias if b_s is None else (b_s if bias is None else bias + b_s)  # biases: one [N] vector
-        y = torch.addmm(c, x2, weight.t()) if c is not None else torch.mm(x2, weight.t())
-        y.addmm_(H, U_s.t())  # the adapter's up GEMM accumulates into the base output
+        if call.backend == "triton":
+            from ..kernels import bottleneck as K
+
+            y, P = K.parallel_forward(x2, weight, c, down_w, down_b, U_s, call.activation)
+        else:
+            P = F.linear(x2, down_w, down_b)
+            H = activation_ref(P, call.activation)
+            y = torch.addmm(c, x2, weight.t()) if c is not None else torch.mm(x2, weight.t())
+            y.addmm_(H, U_s.t())  # the adapter's up GEMM accumulates into the base output
         ctx.save_for_backward(x2, P, weight, down_w, up_w, up_b, scaling_t)
         ctx.call = call
         ctx.x_shape = x.shape
@@ -256,9 +274,22 @@ class ParallelAdapterLinearFunction(torch.autograd.Function):
         x2, P, weight, down_w, up_w, up_b, scaling_t = ctx.saved_tensors
         need_x, _, _, need_dw, need_db, need_uw, need_ub, need_s, _ = ctx.needs_input_grad
         g2 = g.reshape(-1, weight.shape[0])
-        d_in, dD, db_d, dU, db_u, ds = _adapter_backward(g2, x2, P, down_w, up_w, up_b, scaling_t, ctx.call,
-                                                          (need_x, need_dw, need_db, need_uw, need_ub, need_s))
-        dx = d_in.addmm_(g2, weight) if need_x else None  # base dX GEMM accumulates into the adapter term
+        call: AdapterCall = ctx.call
+        if call.backend == "triton":
+            from ..kernels import bottleneck as K
+
+            U_s, _ = _scaled_up(up_w, None, scaling_t, call.scale)
+            need_up = need_uw or need_ub or need_s
+            dx, dD, dP, gtH, colsum = K.parallel_backward(g2, x2, weight, down_w, U_s, P, call.activation, need_x,
+                                                          need_dw, need_up)
+            db_d = dP.sum(0).to(down_w.dtype) if need_db else None
+            dU = db_u = ds = None
+            if need_up:
+                dU, db_u, ds = _up_grads(gtH, colsum, up_w, up_b, scaling_t, call, (need_uw, need_ub, need_s))
+        else:
+            d_in, dD, db_d, dU, db_u, ds = _adapter_backward(g2, x2, P, down_w, up_w, up_b, scaling_t, call,
+                                                              (need_x, need_dw, need_db, need_uw, need_ub, need_s))
+            dx = d_in.addmm_(g2, weight) if need_x else None  # base dX GEMM accumulates into the adapter term
         dx, dW, db, _, _, _ = finish_lora_backward(ctx, g2, x2, dx, None, None)
         return dx, dW, db, dD, db_d, dU, db_u, ds, None
 
@@ -298,7 +329,7 @@ def adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         y = F.linear(x, weight, bias)
         return BottleneckFunction.apply(y, down_w, down_b, up_w, up_b, scaling_t, AdapterCall(activation, scale, True))
     validate_adapter(x, down_w, down_b, up_w, up_b, scaling, activation, name_in="x")
-    _resolve(backend, x.device)
+    name = _resolve(backend, x.device, triton_ok=x.dtype != torch.float64)
     scaling_t, scale = _scaling_args(scaling)
     return ParallelAdapterLinearFunction.apply(x, weight, bias, down_w, down_b, up_w, up_b, scaling_t,
-                                               AdapterCall(activation, scale))
+                                               AdapterCall(activation, scale, True, name))

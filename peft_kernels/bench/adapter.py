@@ -8,7 +8,6 @@ b=256, K=4096.
 """
 from __future__ import annotations
 
-import statistics
 from typing import Dict, List
 
 import torch
@@ -122,9 +121,3 @@ def targets(rows: List[dict]) -> List[str]:
             out.append(f"{r['adapter_mode']}: saved {r['saved_bytes']} B vs ≤ {lim} B (one activation + M·b·4) "
                        f"{'MET' if r['saved_bytes'] <= lim else 'MISSED'}")
     return out
-
-
-def summary_median(rows, provider, mode, amode):
-    vals = [r["ratio_to_frozen"] for r in rows if r["provider"] == provider and r["mode"] == mode
-            and r["adapter_mode"] == amode]
-    return statistics.median(vals) if vals else float("nan")

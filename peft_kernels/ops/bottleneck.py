@@ -42,7 +42,7 @@ Scaling = Union[float, torch.Tensor]
 # --------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------
-def _check_scaling(scaling, n_out: int, dtype, device):
+def _check_scaling(scaling, n_out: int, device):
     if isinstance(scaling, torch.Tensor):
         if not scaling.is_floating_point():
             raise TypeError(f"scaling must be a float or a floating-point tensor, got {scaling.dtype}")
@@ -88,7 +88,7 @@ def validate_adapter(h, down_w, down_b, up_w, up_b, scaling, activation: str, na
             raise TypeError(f"{nm} dtype {t.dtype} must match {name_in}'s dtype {h.dtype}")
         if t.device != h.device:
             raise ValueError(f"{nm} is on {t.device} but {name_in} is on {h.device}: all tensors must be on one device")
-    _check_scaling(scaling, up_w.shape[0], h.dtype, h.device)
+    _check_scaling(scaling, up_w.shape[0], h.device)
 
 
 def _resolve(backend: str, device, triton_ok: bool = False) -> str:

@@ -86,3 +86,17 @@ def cpu_isa(request):
         yield request.param
     finally:
         _ext.ops().cpu_isa(prev)
+
+
+def count_launches(monkeypatch, kernels) -> list:
+    """Names of the Triton ``kernels`` launched from now on, in order (each still runs)."""
+    launches = []
+    for k in kernels:
+        real = k.run
+
+        def counting(*a, _real=real, _name=k.__name__, **kw):
+            launches.append(_name)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(k, "run", counting)
+    return launches

@@ -11,7 +11,7 @@ import peft_kernels as pk
 from peft_kernels.bench.common import saved_activation_bytes
 from peft_kernels.reference import adapter_linear_ref, adapterhub_bottleneck_ref, bottleneck_ref
 
-from helpers import assert_close, backend_params, dtype_params
+from helpers import assert_close, backend_params, count_launches, dtype_params
 
 ACTS = ["relu", "gelu", "gelu_tanh", "silu", "tanh"]
 SCALINGS = ["float", "learned", "channel"]
@@ -65,20 +65,20 @@ CASES = [
     pytest.param((37,), 45, 29, 7, "float", ACTS, id="M37-K45-N29-b7"),
     pytest.param((3, 7), 33, 21, 1, "float", ACTS, id="3d-b1"),
     pytest.param((19,), 40, 300, 256, "channel", ["relu", "gelu"], id="b256"),
+    pytest.param((70,), 33, 97, 40, "learned", ["silu", "gelu_tanh", "tanh"], id="M70-N97-b40"),
 ]
 # every activation × scaling kind on the small shapes; bottleneck 256 with two of them
 MATRIX = [pytest.param(lead, K, N, b, sk, act, id=f"{c.id}-{sk}-{act}")
-          for c in CASES for (lead, K, N, b, _, acts) in [c.values]
-          for sk in (SCALINGS if c.id != "b256" else ["channel"]) for act in acts]
+          for c in CASES for (lead, K, N, b, sk0, acts) in [c.values]
+          for sk in (SCALINGS if len(acts) == len(ACTS) else [sk0]) for act in acts]
+# (the last two cases span several row and column tiles under the interpreter's 32-wide tiles, so the
+# sequential kernel's cross-tile reduction of the down projection runs with several arrivals)
 
 
 def mode_backends():
-    """(mode, backend): both modes on torch; the parallel mode also on Triton (its kernels exist)."""
-    out = [pytest.param("sequential", "torch", id="sequential-torch"), pytest.param("parallel", "torch", id="parallel-torch")]
-    for p in backend_params():
-        if p.values[0] == "triton":
-            out.append(pytest.param("parallel", "triton", id="parallel-triton", marks=p.marks))
-    return out
+    """(mode, backend): both modes on every backend."""
+    return [pytest.param(mode, p.values[0], id=f"{mode}-{p.values[0]}", marks=p.marks)
+            for mode in ("sequential", "parallel") for p in backend_params()]
 
 
 @pytest.mark.parametrize("dtype", dtype_params())
@@ -104,10 +104,11 @@ def test_adapter_linear_against_reference(dtype, mode, backend, lead, K, N, b, s
 
 
 @pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "no-residual"])
 @pytest.mark.parametrize("scaling_kind", SCALINGS)
-def test_bottleneck_adapter_against_reference(dtype, residual, scaling_kind):
-    t = make((5, 9), 31, 31, 6, "parallel", scaling_kind, dtype)
+def test_bottleneck_adapter_against_reference(dtype, backend, residual, scaling_kind):
+    t = make((5, 9), 35, 35, 6, "parallel", scaling_kind, dtype)
     t["x"] = t["x"].transpose(0, 1).contiguous().transpose(0, 1)  # a non-contiguous 3-D input
     assert not t["x"].is_contiguous()
     names = ["x", "D", "db", "U", "ub"] + (["s"] if scaling_kind != "float" else [])
@@ -115,14 +116,14 @@ def test_bottleneck_adapter_against_reference(dtype, residual, scaling_kind):
     def fn(v):
         return pk.bottleneck_adapter(v["x"], v["D"], v["db"], v["U"], v["ub"],
                                      v["s"] if scaling_kind != "float" else t["s"], activation="gelu_tanh",
-                                     residual=residual)
+                                     residual=residual, backend=backend)
 
     def ref(v, dt):
         out = bottleneck_ref(v["x"], v["D"], v["db"], v["U"], v["ub"], "gelu_tanh",
                              v["s"] if scaling_kind != "float" else t["s"])
         return v["x"] + out if residual else out
 
-    run(fn, ref, t, names, dtype)
+    run(fn, ref, t, names, dtype, mult=8.0 if backend == "triton" else 4.0)  # 8×: see above
 
 
 @pytest.mark.parametrize("mode", ["sequential", "parallel"])
@@ -215,11 +216,13 @@ def test_dropout_only_in_training():
     assert 0.3 < dropped < 0.7, dropped  # about half the adapter outputs are dropped
 
 
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("mode", ["sequential", "parallel"])
-def test_saved_bytes_are_one_activation_plus_preactivation(mode):
+def test_saved_bytes_are_one_activation_plus_preactivation(mode, backend):
     """Sequential saves y + P, parallel x + P: never a second M×N or M×K copy."""
     M, K, N, b = 64, 48, 40, 8
-    m = pk.AdapterLinear.from_linear(nn.Linear(K, N), bottleneck_size=b, mode=mode, scaling="learned")
+    m = pk.AdapterLinear.from_linear(nn.Linear(K, N), bottleneck_size=b, mode=mode, scaling="learned",
+                                     backend=backend)
     x = torch.randn(M, K, requires_grad=True)
     saved = saved_activation_bytes(lambda: m(x), list(m.parameters()))
     one = (M * N if mode == "sequential" else M * K) * 4
@@ -244,13 +247,75 @@ def test_errors():
         f(x, W, None, D.half(), None, U, None)
     with pytest.raises(ValueError, match="residual=True needs"):
         pk.bottleneck_adapter(torch.randn(3, 4), torch.randn(2, 4), None, torch.randn(5, 2), None)
-    with pytest.raises(pk.BackendUnavailable, match="no Triton kernels for this adapter op yet"):
-        f(x, W, None, D, None, U, None, backend="triton")  # sequential
-    with pytest.raises(pk.BackendUnavailable, match="no Triton kernels for this adapter op yet"):
-        pk.bottleneck_adapter(torch.randn(3, 5), torch.randn(2, 5), None, torch.randn(5, 2), None, backend="triton")
+    with pytest.raises(pk.BackendUnavailable, match="the Triton kernels take float32/float16/bfloat16, got torch.float64"):
+        f(x.double(), W.double(), None, D.double(), None, U.double(), None, backend="triton")
+    with pytest.raises(pk.BackendUnavailable, match="the Triton kernels take float32/float16/bfloat16, got torch.float64"):
+        pk.bottleneck_adapter(torch.randn(3, 5).double(), torch.randn(2, 5).double(), None,
+                              torch.randn(5, 2).double(), None, backend="triton")
     with pytest.raises(ValueError, match="preset must be one of"):
         pk.BottleneckAdapter(8, preset="lora")
     with pytest.raises(ValueError, match="scaling must be a finite float, 'learned' or 'channel'"):
         pk.BottleneckAdapter(8, scaling="big")
     with pytest.raises(ValueError, match="bottleneck_size must be a positive int"):
         pk.AdapterLinear(8, 8, bottleneck_size=0)
+
+
+def _triton_kernels():
+    from peft_kernels.kernels import bottleneck as BN
+    from peft_kernels.kernels import lora as L
+
+    return BN, [BN._adapter_shrink_kernel, BN._expand_kernel, BN._seq_fwd_kernel, BN._adapter_bwd_kernel,
+                L._fwd_gemm_kernel, L._bwd_dy_kernel, L._bwd_dx_kernel, L._bwd_da_kernel]
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] == "triton"])
+def test_triton_launch_counts(monkeypatch, backend):
+    """Forward 2 launches in every placement; backward 2 (standalone) or 3 (adapter_linear)."""
+    BN, kernels = _triton_kernels()
+    launches = count_launches(monkeypatch, kernels)
+    t = make((37,), 45, 40, 7, "sequential", "learned", torch.float32)
+    leaves = {k: t[k].clone().requires_grad_() for k in ("x", "D", "db", "U", "ub", "s")}
+    args = lambda lv: (lv["D"], lv["db"], lv["U"], lv["ub"], lv["s"])  # noqa: E731
+
+    out = pk.adapter_linear(leaves["x"], t["W"], t["bias"], *args(leaves), mode="sequential", backend="triton")
+    assert launches == ["_seq_fwd_kernel", "_expand_kernel"]
+    launches.clear()
+    out.sum().backward()
+    assert launches == ["_bwd_dy_kernel", "_adapter_bwd_kernel"]  # + one GEMM (d_in·W) for dX
+    launches.clear()
+
+    tp = make((37,), 45, 40, 7, "parallel", "learned", torch.float32)
+    lp = {k: tp[k].clone().requires_grad_() for k in ("x", "D", "db", "U", "ub", "s")}
+    out = pk.adapter_linear(lp["x"], tp["W"], tp["bias"], *args(lp), mode="parallel", backend="triton")
+    assert launches == ["_adapter_shrink_kernel", "_fwd_gemm_kernel"]
+    launches.clear()
+    out.sum().backward()
+    assert launches == ["_bwd_dy_kernel", "_bwd_dx_kernel", "_adapter_bwd_kernel"]
+    launches.clear()
+
+    h = tp["x"][:, :40].clone().requires_grad_()
+    out = pk.bottleneck_adapter(h, leaves["D"], leaves["db"], leaves["U"], leaves["ub"], leaves["s"],
+                                backend="triton")
+    assert launches == ["_adapter_shrink_kernel", "_expand_kernel"]
+    launches.clear()
+    out.sum().backward()
+    assert launches == ["_bwd_dy_kernel", "_adapter_bwd_kernel"]
+    assert all(v.grad is not None for v in leaves.values()) and h.grad is not None
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] == "triton"])
+def test_sequential_triton_is_deterministic_and_resets_its_counters(backend):
+    """The down projection is summed across column tiles in a fixed order by whichever tile arrives last:
+    repeated calls are bitwise equal, P matches torch, and the arrival counters are back at 0."""
+    BN, _ = _triton_kernels()
+    t = make((70,), 33, 97, 40, "sequential", "float", torch.float32)
+    U_s = t["U"] * 0.8
+    outs = [BN.sequential_forward(t["x"], t["W"], t["bias"], t["D"], t["db"], U_s, None, "gelu") for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    y = torch.nn.functional.linear(t["x"].double(), t["W"].double(), t["bias"].double())
+    y_torch = torch.nn.functional.linear(t["x"], t["W"], t["bias"])
+    assert_close(outs[0][1], y, y_torch, "y")
+    P_ref = torch.nn.functional.linear(y_torch.double(), t["D"].double(), t["db"].double())
+    assert_close(outs[0][2], P_ref, torch.nn.functional.linear(y_torch, t["D"], t["db"]), "P")
+    counters = BN._COUNTERS[("cpu", 0)]
+    assert counters.numel() >= 3 and not counters.any()

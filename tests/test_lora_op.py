@@ -8,7 +8,7 @@ import peft_kernels as pk
 from peft_kernels.ops.lora import _draw_seed, dropout_mask
 from peft_kernels.reference import lora_linear_ref
 
-from helpers import assert_close, backend_params, dtype_params
+from helpers import assert_close, backend_params, count_launches, dtype_params
 
 # (leading dims, K, N, r, bias, layout): M, K, N are odd / not multiples of any block
 CASES = [
@@ -210,16 +210,8 @@ def test_triton_launch_counts(monkeypatch):
     """Forward is 2 kernel launches; backward at most 3 (and 2 when x needs no grad)."""
     from peft_kernels.kernels import lora as K
 
-    kernels = [K._shrink_kernel, K._fwd_gemm_kernel, K._bwd_dy_kernel, K._bwd_dx_kernel, K._bwd_da_kernel]
-    launches = []
-    for k in kernels:
-        real = k.run
-
-        def counting(*a, _real=real, _name=k.__name__, **kw):
-            launches.append(_name)
-            return _real(*a, **kw)
-
-        monkeypatch.setattr(k, "run", counting)
+    launches = count_launches(monkeypatch, [K._shrink_kernel, K._fwd_gemm_kernel, K._bwd_dy_kernel, K._bwd_dx_kernel,
+                                            K._bwd_da_kernel])
     t = make_inputs((37,), 45, 33, 6, True, "contig", torch.float32)
     x = t["x"].clone().requires_grad_()
     A, B = t["A"].clone().requires_grad_(), t["B"].clone().requires_grad_()

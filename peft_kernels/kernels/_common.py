@@ -25,6 +25,60 @@ def mma(a, b, acc, UPCAST: tl.constexpr, F32_PREC: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=F32_PREC)
 
 
+# Activation codes of the bottleneck adapter kernels; ACT_NONE = identity (the LoRA kernels' case).
+ACT_NONE = -1
+ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "swish": 3, "tanh": 4}
+
+
+@triton.jit
+def _tanh(z):
+    """tanh in fp32: 2σ(2z) − 1 cancels near 0, so |z| < 0.3 takes the Taylor series (error < 1e-9 relative)."""
+    z2 = z * z
+    small = z * (1.0 + z2 * (-0.3333333333333333 + z2 * (0.13333333333333333 + z2 * (
+        -0.05396825396825397 + z2 * (0.021869488536155203 + z2 * -0.008863235529902197)))))
+    return tl.where(tl.abs(z) < 0.3, small, 2.0 * tl.sigmoid(2.0 * z) - 1.0)
+
+
+@triton.jit
+def act(p, ACT: tl.constexpr):
+    """The activation on fp32 ``p`` (-1 identity, 0 relu, 1 gelu, 2 gelu_tanh, 3 silu, 4 tanh); act(0) = 0
+    for all, so masked loads (other=0) stay inert."""
+    if ACT < 0:
+        out = p
+    elif ACT == 0:
+        out = tl.maximum(p, 0.0)
+    elif ACT == 1:
+        out = 0.5 * p * (1.0 + tl.math.erf(p * 0.7071067811865476))
+    elif ACT == 2:  # 0.5·p·(1 + tanh(u)) = p·σ(2u): no cancellation for negative p
+        out = p * tl.sigmoid(1.5957691216057308 * (p + 0.044715 * p * p * p))
+    elif ACT == 3:
+        out = p * tl.sigmoid(p)
+    else:
+        out = _tanh(p)
+    return out
+
+
+@triton.jit
+def act_grad(p, ACT: tl.constexpr):
+    """d act / d p at fp32 ``p`` (1 for the identity)."""
+    if ACT < 0:
+        out = tl.full(p.shape, 1.0, tl.float32)
+    elif ACT == 0:
+        out = tl.where(p > 0.0, 1.0, 0.0)
+    elif ACT == 1:
+        out = 0.5 * (1.0 + tl.math.erf(p * 0.7071067811865476)) + p * tl.exp(-0.5 * p * p) * 0.3989422804014327
+    elif ACT == 2:
+        sg = tl.sigmoid(1.5957691216057308 * (p + 0.044715 * p * p * p))
+        out = sg + p * sg * (1.0 - sg) * 1.5957691216057308 * (1.0 + 0.134145 * p * p)
+    elif ACT == 3:
+        sg = tl.sigmoid(p)
+        out = sg * (1.0 + p * (1.0 - sg))
+    else:
+        t = _tanh(p)
+        out = 1.0 - t * t
+    return out
+
+
 @triton.jit
 def dropout_keep(seed, rows, cols, K, p):
     """Keep-mask for dropout on an M×K input: Philox on the element's logical index ``row*K+col``.

@@ -116,7 +116,7 @@ def compile_launch(launch: Launch, arch: int) -> Compiled:
     regs, st, ld, _ = _ptxas_stats(ck.asm["ptx"], arch)
     named = {k.arg_names[i[0]]: v for i, v in constexprs.items() if k.arg_names[i[0]].isupper()}
     # the input dtype: that of x (or dY, or the gathered input / adapter stack / output)
-    data = next((signature[k] for k in ("x_ptr", "dy_ptr", "in_ptr", "w_ptr", "out_ptr") if k in signature), "?")
+    data = next((signature[k] for k in ("x_ptr", "dy_ptr", "g_ptr", "in_ptr", "w_ptr", "out_ptr") if k in signature), "?")
     return Compiled(k.__name__, arch, options.num_warps, options.num_stages, named, regs, st, ld,
                     ck.metadata.shared, data.lstrip("*"))
 
@@ -210,15 +210,15 @@ def _launch_key(c: Launch, arch: int):
 
 
 def record_adapter_launches():
-    """The parallel bottleneck adapter: its two kernels (and the LoRA kernels it reuses) for each dtype,
-    bottleneck 16/64/256, every activation, aligned and odd sizes."""
+    """The bottleneck adapter kernels (and the LoRA kernels they reuse) of all three placements, for each
+    dtype, bottleneck 16/64/256, every activation, aligned and odd sizes."""
     import torch
 
     from . import bottleneck as BN
     from . import lora as L
 
-    kernels = [BN._adapter_shrink_kernel, BN._adapter_dy_kernel, L._fwd_gemm_kernel, L._bwd_dx_kernel,
-               L._bwd_da_kernel]
+    kernels = [BN._adapter_shrink_kernel, BN._expand_kernel, BN._seq_fwd_kernel, BN._adapter_bwd_kernel,
+               L._fwd_gemm_kernel, L._bwd_dy_kernel, L._bwd_dx_kernel]
     tf32 = torch.backends.cuda.matmul.allow_tf32
     shapes = [(512, 4096, 4096), (511, 4095, 4097)]
     try:
@@ -229,11 +229,16 @@ def record_adapter_launches():
                     for b in (16, 64, 256):
                         for act in ("relu", "gelu", "gelu_tanh", "silu", "tanh"):
                             for M, K, N in shapes:
-                                x, W, bias = torch.empty(M, K, dtype=dt), torch.empty(N, K, dtype=dt), torch.empty(N, dtype=dt)
-                                D, db, U = torch.empty(b, K, dtype=dt), torch.empty(b, dtype=dt), torch.empty(N, b, dtype=dt)
-                                _, P = BN.parallel_forward(x, W, bias, D, db, U, act)
-                                BN.parallel_backward(torch.empty(M, N, dtype=dt), x, W, D, U, torch.empty(M, b), act,
-                                                     True, True, True)
+                                e = lambda *s: torch.empty(*s, dtype=dt)  # noqa: E731
+                                x, W, bias, db, P = e(M, K), e(N, K), e(N), e(b), torch.empty(M, b)
+                                Dp, Ds, U, dy = e(b, K), e(b, N), e(N, b), e(M, N)
+                                BN.parallel_forward(x, W, bias, Dp, db, U, act)
+                                BN.parallel_backward(dy, x, W, Dp, U, P, act, True, True, True, True)
+                                _, y, _ = BN.sequential_forward(x, W, bias, Ds, db, U, bias, act)
+                                BN.adapter_backward(dy, y, Ds, U, P, act, True, True, True, True, True)
+                                # standalone without the residual (and an adapter whose out ≠ in features)
+                                BN.bottleneck_forward(x, Dp, db, U, None, act, False)
+                                BN.adapter_backward(dy, x, Dp, U, P, act, False, True, True, True, True)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return calls
@@ -243,27 +248,50 @@ RECORDERS = {"lora": lambda: record_lora_launches(), "multi_lora": lambda: recor
              "adapter": lambda: record_adapter_launches()}
 
 
-def check_all(archs=(80, 90), verbose=True, ops=("lora", "multi_lora", "adapter")):
-    """Compile every distinct shipped launch of ``ops``; return (rows, problems)."""
+_POOL_CALLS: list = []  # the launches a forked compile worker reads (by index: nothing is pickled)
+
+
+def _compile_indexed(job):
+    i, arch = job
+    return compile_launch(_POOL_CALLS[i], arch)
+
+
+def check_all(archs=(80, 90), verbose=True, ops=("lora", "multi_lora", "adapter"), jobs=None):
+    """Compile every distinct shipped launch of ``ops`` (in ``jobs`` forked processes, default one per
+    CPU); return (rows, problems)."""
+    import multiprocessing
+
     calls = [c for op in ops for c in RECORDERS[op]()]
-    rows, problems = [], []
+    work = []
     for arch in archs:
         seen = set()
-        for c in calls:
+        for i, c in enumerate(calls):
             key = _launch_key(c, arch)
-            if key in seen:
-                continue
-            seen.add(key)
-            r = compile_launch(c, arch)
-            rows.append(r)
-            if verbose:
-                print(r.row(), flush=True)
-            if r.spills:
-                problems.append(f"{r.name} on sm_{arch} spills {r.spills} bytes: {r.constexprs}")
-            if r.shared_bytes > SMEM_LIMIT[arch]:
-                problems.append(f"{r.name} on sm_{arch} uses {r.shared_bytes} B shared memory "
-                                f"> {SMEM_LIMIT[arch]}: {r.constexprs}")
+            if key not in seen:
+                seen.add(key)
+                work.append((i, arch))
+    _POOL_CALLS[:] = calls
+    jobs = jobs or os.cpu_count() or 1
+    if jobs > 1:
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            results = pool.imap(_compile_indexed, work, chunksize=4)
+            rows = [_report(r, verbose) for r in results]
+    else:
+        rows = [_report(_compile_indexed(w), verbose) for w in work]
+    problems = []
+    for r in rows:
+        if r.spills:
+            problems.append(f"{r.name} on sm_{r.arch} spills {r.spills} bytes: {r.constexprs}")
+        if r.shared_bytes > SMEM_LIMIT[r.arch]:
+            problems.append(f"{r.name} on sm_{r.arch} uses {r.shared_bytes} B shared memory "
+                            f"> {SMEM_LIMIT[r.arch]}: {r.constexprs}")
     return rows, problems
+
+
+def _report(r: Compiled, verbose: bool) -> Compiled:
+    if verbose:
+        print(r.row(), flush=True)
+    return r
 
 
 def main(argv=None) -> int:
@@ -273,8 +301,10 @@ def main(argv=None) -> int:
                                  description="AOT-compile every shipped Triton config; fail on spills/smem")
     ap.add_argument("--arch", type=int, action="append", help="80 and/or 90 (default both)")
     ap.add_argument("--op", choices=sorted(RECORDERS), action="append", help="kernel family (default all)")
+    ap.add_argument("--jobs", type=int, default=None, help="compile processes (default: one per CPU)")
     args = ap.parse_args(argv)
-    rows, problems = check_all(tuple(args.arch or (80, 90)), ops=tuple(args.op or sorted(RECORDERS)))
+    rows, problems = check_all(tuple(args.arch or (80, 90)), ops=tuple(args.op or sorted(RECORDERS)),
+                               jobs=args.jobs)
     print(f"{len(rows)} kernel variants compiled; max registers "
           f"{max(r.registers for r in rows)}, max shared {max(r.shared_bytes for r in rows) / 1024:.1f} KiB, "
           f"total spills {sum(r.spills for r in rows)} bytes")

@@ -1,18 +1,33 @@
-"""Parallel bottleneck adapter (``x·Wᵀ + b + s·up(act(down(x)))``): Triton kernels and launchers.
+"""Bottleneck adapters: Triton kernels and launchers for all three placements.
 
-The structure is LoRA's, with a bias and an activation between the two low-rank GEMMs, so the
-LoRA kernels do most of the work:
+    bottleneck_adapter(h)       out = [h +] s·(act(h·Dᵀ + b_d)·Uᵀ + b_u)
+    adapter_linear, sequential  y = x·Wᵀ + b;  out = y + s·(act(y·Dᵀ + b_d)·Uᵀ + b_u)
+    adapter_linear, parallel    out = x·Wᵀ + b + s·(act(x·Dᵀ + b_d)·Uᵀ + b_u)
 
-Forward, 2 launches:
-  1. ``_adapter_shrink_kernel``  P = x·Dᵀ + b_d (fp32 [M, b], saved) and H = act(P) (transient)
-  2. LoRA's ``_fwd_gemm_kernel``  Y = x·Wᵀ + H·(s⊙U)ᵀ + (b + s⊙b_u), H·Uᵀ in the base GEMM's accumulator
-Backward, at most 3 launches:
-  1. ``_adapter_dy_kernel``       reads each dY tile once: dH = dY·(s⊙U), dP = dH ⊙ act'(P) (fp32),
-                                  per-M-block partials of dYᵀ·act(P) (for dU) and of Σ dY (for b_u, s)
-  2. LoRA's ``_bwd_dx_kernel``    dX = dY·W + dP·D in one GEMM
-  3. LoRA's ``_bwd_da_kernel``    dD = dPᵀ·x, plus the fixed-order reduction of the dU partials
-The O(N·b) parameter-side work (s⊙U, s⊙b_u, the scale's gradient, the column-sum reduction) is
-torch on tensors of parameter size. The activation is recomputed from P; only x and P are saved.
+The scale is folded into the small up weight by the caller (``U_s = s⊙U``, ``b_s = s⊙b_u``). Every
+path saves only its adapter input (h, y or x) and the fp32 pre-activation P [M, b]. Forward also
+writes H = act(P) (fp32 [M, b], transient) for the up GEMM; backward recomputes act and act' from P.
+
+Forward (2 launches each):
+  standalone  ``_adapter_shrink_kernel`` P = h·Dᵀ + b_d, H;  ``_expand_kernel`` out = [h +] H·U_sᵀ + b_s
+  sequential  ``_seq_fwd_kernel`` y tile = x·Wᵀ + b (stored), then its partial y_tile·D_tileᵀ; the last
+              tile of each row block to finish sums the partials in a fixed order into P and H (a
+              self-resetting arrival counter per row block: deterministic, no float atomics);
+              ``_expand_kernel`` out = y + H·U_sᵀ + b_s
+  parallel    ``_adapter_shrink_kernel`` P = x·Dᵀ + b_d, H;  LoRA's ``_fwd_gemm_kernel`` out = x·Wᵀ + H·U_sᵀ
+              + (b + b_s), the low-rank product as the base GEMM's initial accumulator
+(The activation is not applied inside the GEMMs' operand loads: the AOT check found erf/sigmoid there
+spilling registers at the 16-bit GEMM tiles.)
+Backward:
+  1. LoRA's ``_bwd_dy_kernel`` (ACT set) reads each dY tile once: dP = (dY·U_s)⊙act'(P) fp32, per-M-block
+     partials of dYᵀ·act(P) (for dU and the scale) and of Σ_m dY (for b_u and the scale)
+  2. ``_adapter_bwd_kernel``, one launch of two program kinds: tiles of d_in = [dY +] dP·D (the adapter
+     input's gradient; skipped for the parallel mode), and LoRA's dA programs: dD = dPᵀ·input with
+     Σ_m dP (b_d), plus the fixed-order reduction of the dU partials
+  standalone: 2 launches. sequential: + ``d_in·W`` for dX (one GEMM) = 3. parallel: + LoRA's
+  ``_bwd_dx_kernel`` dX = dY·W + dP·D (one GEMM, before step 2) = 3.
+The O(N·b) parameter-side work (s⊙U, s⊙b_u, the scale's gradient, the column-sum reduction) is torch
+on tensors of parameter size.
 """
 from __future__ import annotations
 
@@ -21,51 +36,15 @@ import triton
 import triton.language as tl
 
 from . import lora as L
-from ._common import mma
+from ._common import ACT_CODES, act, mma
 
-ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "swish": 3, "tanh": 4}
-
-
-@triton.jit
-def _tanh(z):
-    return 2.0 * tl.sigmoid(2.0 * z) - 1.0
+__all__ = ["ACT_CODES", "bottleneck_forward", "sequential_forward", "parallel_forward", "adapter_backward",
+           "parallel_backward"]
 
 
-@triton.jit
-def _act(p, ACT: tl.constexpr):
-    """The activation on fp32 ``p`` (0 relu, 1 gelu, 2 gelu_tanh, 3 silu, 4 tanh); act(0) = 0 for all."""
-    if ACT == 0:
-        out = tl.maximum(p, 0.0)
-    elif ACT == 1:
-        out = 0.5 * p * (1.0 + tl.math.erf(p * 0.7071067811865476))
-    elif ACT == 2:
-        out = 0.5 * p * (1.0 + _tanh(0.7978845608028654 * (p + 0.044715 * p * p * p)))
-    elif ACT == 3:
-        out = p * tl.sigmoid(p)
-    else:
-        out = _tanh(p)
-    return out
-
-
-@triton.jit
-def _act_grad(p, ACT: tl.constexpr):
-    """d act / d p at fp32 ``p``."""
-    if ACT == 0:
-        out = tl.where(p > 0.0, 1.0, 0.0)
-    elif ACT == 1:
-        out = 0.5 * (1.0 + tl.math.erf(p * 0.7071067811865476)) + p * tl.exp(-0.5 * p * p) * 0.3989422804014327
-    elif ACT == 2:
-        t = _tanh(0.7978845608028654 * (p + 0.044715 * p * p * p))
-        out = 0.5 * (1.0 + t) + 0.5 * p * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * p * p)
-    elif ACT == 3:
-        sg = tl.sigmoid(p)
-        out = sg * (1.0 + p * (1.0 - sg))
-    else:
-        t = _tanh(p)
-        out = 1.0 - t * t
-    return out
-
-
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
 @triton.jit
 def _adapter_shrink_kernel(
     x_ptr, d_ptr, db_ptr, p_ptr, h_ptr, M, K, R,
@@ -73,6 +52,7 @@ def _adapter_shrink_kernel(
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    """P = x·Dᵀ + b_d and H = act(P), fp32 [M, R]."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     m_ok = rm < M
@@ -82,70 +62,166 @@ def _adapter_shrink_kernel(
     if HAS_BIAS:
         acc += tl.load(db_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :]
     msk = m_ok[:, None] & r_ok[None, :]
-    offs = rm[:, None] * R + rr[None, :]
-    tl.store(p_ptr + offs, acc, mask=msk)
-    tl.store(h_ptr + offs, _act(acc, ACT), mask=msk)
+    tl.store(p_ptr + rm[:, None] * R + rr[None, :], acc, mask=msk)
+    tl.store(h_ptr + rm[:, None] * R + rr[None, :], act(acc, ACT), mask=msk)
 
 
 @triton.jit
-def _adapter_dy_kernel(
-    dy_ptr, u_ptr, p_ptr, dp_ptr, gthp_ptr, csp_ptr, M, N, R,
-    stride_dym, stride_dyn, stride_un, stride_ur,
-    COMPUTE_DU: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+def _expand_tile(
+    pid, c_ptr, h_ptr, u_ptr, bias_ptr, out_ptr, M, N, R,
+    stride_cm, stride_cn, stride_un, stride_ur, stride_om, stride_on,
+    HAS_C: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    """One [BLOCK_M, BLOCK_N] tile of ``out = [C +] H·Uᵀ [+ bias]`` (H fp32 [M, R], U [N, R] via strides)."""
+    pid_m, pid_n = L._grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rn0 = tl.arange(0, BLOCK_N)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
-    r_ok = rr < R
-    pt = tl.load(p_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-    ht = _act(pt, ACT)  # rows past M load P = 0 and act(0) = 0: they add nothing below
-    dh = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        rn = n0 + rn0
-        n_ok = rn < N
-        dyt = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
-                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        ut = tl.load(u_ptr + rn[:, None] * stride_un + rr[None, :] * stride_ur,
-                     mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        dyc = dyt.to(ut.dtype)
-        dh = mma(dyc, ut, dh, UPCAST, F32_PREC)
-        if COMPUTE_DU:
-            part = mma(tl.trans(dyc), ht.to(ut.dtype), tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
-                       UPCAST, F32_PREC)
-            tl.store(gthp_ptr + (pid_m * N + rn[:, None]) * R + rr[None, :], part, mask=n_ok[:, None] & r_ok[None, :])
-            if pid_r == 0:
-                tl.store(csp_ptr + pid_m * N + rn, tl.sum(dyt.to(tl.float32), axis=0), mask=n_ok)
-    dp = dh * _act_grad(pt, ACT)
-    tl.store(dp_ptr + rm[:, None] * R + rr[None, :], dp, mask=m_ok[:, None] & r_ok[None, :])
+    n_ok = rn < N
+    acc = L._low_rank_tile(h_ptr, rm, m_ok, R, u_ptr, rn, n_ok, stride_ur, stride_un,
+                           UPCAST, F32_PREC, BLOCK_M, BLOCK_R, BLOCK_N)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    msk = m_ok[:, None] & n_ok[None, :]
+    if HAS_C:
+        acc += tl.load(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, mask=msk, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _expand_kernel(
+    c_ptr, h_ptr, u_ptr, bias_ptr, out_ptr, M, N, R,
+    stride_cm, stride_cn, stride_un, stride_ur, stride_om, stride_on,
+    HAS_C: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    _expand_tile(tl.program_id(0), c_ptr, h_ptr, u_ptr, bias_ptr, out_ptr, M, N, R,
+                 stride_cm, stride_cn, stride_un, stride_ur, stride_om, stride_on,
+                 HAS_C, HAS_BIAS, UPCAST, F32_PREC, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M)
+
+
+@triton.jit
+def _seq_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, d_ptr, db_ptr, y_ptr, part_ptr, cnt_ptr, p_ptr, h_ptr, M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_dr, stride_dn, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr,
+    F32_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, RED: tl.constexpr,
+):
+    """y = x·Wᵀ + b, and the down projection P = y·Dᵀ + b_d (and H = act(P)) from the y tiles in registers."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = L._grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_n, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = L._gemm_mainloop(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, rm, m_ok, stride_xm, stride_xk,
+                           w_ptr, rn, n_ok, stride_wk, stride_wn, K, UPCAST, F32_PREC, BLOCK_K)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    yt = acc.to(y_ptr.dtype.element_ty)  # the adapter reads y as stored (rounded), as unfused code does
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, yt, mask=m_ok[:, None] & n_ok[None, :])
+    # this tile's share of the down projection: part[pid_n, rm, :] = y[rm, rn]·D[:, rn]ᵀ (columns past N are 0)
+    rr0 = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + rr0
+        r_ok = rr < R
+        dt = tl.load(d_ptr + rn[:, None] * stride_dn + rr[None, :] * stride_dr, mask=n_ok[:, None] & r_ok[None, :],
+                     other=0.0)
+        part = mma(yt, dt, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), UPCAST, F32_PREC)
+        tl.store(part_ptr + (pid_n * M + rm[:, None]) * R + rr[None, :], part, mask=m_ok[:, None] & r_ok[None, :])
+    # The last tile of this row block to arrive sums the partials in tile order (deterministic). The
+    # barrier makes every thread's partial stores precede the release; the acquire makes them visible.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + pid_m, 1, sem="acq_rel")
+    if arrived == num_n - 1:
+        # This row block's partials, P and H are each one contiguous run of rows·R floats: reduce them as
+        # flat 1-D chunks (a 2-D tile here made ptxas spill in this cold path).
+        base = pid_m * BLOCK_M * R
+        n_el = tl.minimum(BLOCK_M, M - pid_m * BLOCK_M) * R
+        for o in range(0, n_el, RED):
+            e = o + tl.arange(0, RED)
+            e_ok = e < n_el
+            pacc = tl.zeros((RED,), dtype=tl.float32)
+            ptrs = part_ptr + base + e
+            for _ in range(0, num_n):  # tile order: deterministic; pointer steps are 64-bit
+                pacc += tl.load(ptrs, mask=e_ok, other=0.0, cache_modifier=".cg")
+                ptrs += M * R
+            if HAS_DBIAS:
+                pacc += tl.load(db_ptr + e % R, mask=e_ok, other=0.0).to(tl.float32)
+            tl.store(p_ptr + base + e, pacc, mask=e_ok)
+            tl.store(h_ptr + base + e, act(pacc, ACT), mask=e_ok)
+        tl.atomic_xchg(cnt_ptr + pid_m, 0)  # leave the counter at 0 for the next launch
+
+
+@triton.jit
+def _adapter_bwd_kernel(
+    g_ptr, dp_ptr, d_ptr, din_ptr, inp_ptr, dd_ptr, gthp_ptr, gth_ptr, dbd_ptr, M, N, K, R, Pm,
+    stride_gm, stride_gn, stride_dr, stride_dk, stride_im, stride_ik, stride_om, stride_ok,
+    stride_ddr, stride_ddk,
+    COMPUTE_DIN: tl.constexpr, RESIDUAL: tl.constexpr, COMPUTE_DD: tl.constexpr, DSUM: tl.constexpr,
+    UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    DA_BLOCK_M: tl.constexpr, DA_BLOCK_K: tl.constexpr, DA_BLOCK_R: tl.constexpr, DA_BLOCK_N: tl.constexpr,
+):
+    """Adapter [M, K] → [M, N]: programs [0, num_tiles) write d_in = [g +] dP·D; the rest are LoRA's dA
+    programs (dD = dPᵀ·input, Σ_m dP, and the dU partial reduction), R-blocks innermost."""
+    pid = tl.program_id(0)
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K) if COMPUTE_DIN else 0
+    if pid < num_tiles:
+        _expand_tile(pid, g_ptr, dp_ptr, d_ptr, g_ptr, din_ptr, M, K, R,
+                     stride_gm, stride_gn, stride_dk, stride_dr, stride_om, stride_ok,
+                     RESIDUAL, False, UPCAST, F32_PREC, BLOCK_M, BLOCK_K, BLOCK_R, GROUP_M)
+    else:
+        q = pid - num_tiles
+        nr = tl.cdiv(R, DA_BLOCK_R)
+        L._da_tile(q // nr, q % nr, dp_ptr, inp_ptr, dd_ptr, gthp_ptr, gth_ptr, dbd_ptr, M, N, K, R, Pm,
+                   stride_im, stride_ik, stride_ddr, stride_ddk, R, 1, 0, 0.0, 1.0,
+                   False, COMPUTE_DD, DSUM, UPCAST, F32_PREC, DA_BLOCK_M, DA_BLOCK_K, DA_BLOCK_R, DA_BLOCK_N)
 
 
 # --------------------------------------------------------------------------------------------
-# launch configurations: LoRA's, with smaller fp32 tiles for the two adapter kernels (they hold the
-# activation and its derivative too; the AOT check found LoRA's fp32 tiles spilling here)
+# launch configurations: LoRA's, with smaller fp32 tiles where the activation adds live registers
+# (the AOT check found LoRA's fp32 tiles spilling there)
 # --------------------------------------------------------------------------------------------
 def configs(dtype: torch.dtype, R: int, aligned: bool) -> dict:
     cfg = dict(L.configs(dtype, R, aligned))
     cfg["adapter_block_r"] = cfg["block_r"]
+    cfg["expand"] = cfg["gemm"]
+    # the sequential kernel adds the down-projection partials to the GEMM: unaligned 16-bit tiles (no
+    # vector loads) need a shorter K step to stay within 255 registers on sm_80
+    cfg["seq"] = cfg["gemm"] if aligned or dtype == torch.float32 else L.Config(64, 128, 32, num_warps=8, num_stages=3)
+    cfg["seq_block_r"] = cfg["gemm_block_r"]
+    cfg["da_block_r"] = cfg["block_r"]
     if dtype == torch.float32 and not L.INTERPRETED:
         cfg["adapter_block_r"] = min(cfg["block_r"], 32)
         cfg["shrink"] = L.Config(32, 0, 32, num_warps=8, num_stages=2)
-        cfg["dy"] = L.Config(32, 32, 0, num_warps=4, num_stages=2)
+        cfg["dy"] = L.Config(32, 32, 0, num_warps=8, num_stages=2)
+        cfg["da_block_r"] = min(cfg["block_r"], 64)
     return cfg
 
 
-# --------------------------------------------------------------------------------------------
-# launchers (2-D x; ops/bottleneck.py validates and handles the parameter-side work)
-# --------------------------------------------------------------------------------------------
-def parallel_forward(x, weight, bias_c, D, db, U_s, activation: str):
-    """Returns (y [M, N] in x.dtype, P fp32 [M, b]). ``U_s`` = s⊙U, ``bias_c`` = b + s⊙b_u (or None)."""
+_COUNTERS: dict = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 zeros [≥ n] for ``_seq_fwd_kernel``, one buffer per (device, stream): the kernel leaves
+    them at 0, so no memset launch is needed per call."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def _down(x, D, db, activation, cfg, fl):
+    """Launch the shrink: (P = x·Dᵀ + b_d, H = act(P)), fp32 [M, b]."""
     M, K = x.shape
-    N, R = weight.shape[0], D.shape[0]
-    cfg = configs(x.dtype, R, L._aligned(x, weight, D, U_s))
-    fl = L._flags(x, D)
+    R = D.shape[0]
     P = torch.empty((M, R), dtype=torch.float32, device=x.device)
     H = torch.empty_like(P)
     c, br = cfg["shrink"], cfg["adapter_block_r"]
@@ -153,6 +229,68 @@ def parallel_forward(x, weight, bias_c, D, db, U_s, activation: str):
         x, D, db if db is not None else P, P, H, M, K, R, x.stride(0), x.stride(1), D.stride(0), D.stride(1),
         HAS_BIAS=db is not None, ACT=ACT_CODES[activation], BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_R=br,
         num_warps=c.num_warps, num_stages=c.num_stages, **fl)
+    return P, H
+
+
+def _up(c, H, U_s, b_s, out, cfg, fl):
+    """Launch the expand: out = [c +] H·U_sᵀ + b_s."""
+    M, R = H.shape
+    N = U_s.shape[0]
+    cc = cfg["expand"]
+    _expand_kernel[(triton.cdiv(M, cc.block_m) * triton.cdiv(N, cc.block_n),)](
+        c if c is not None else out, H, U_s, b_s if b_s is not None else out, out, M, N, R,
+        c.stride(0) if c is not None else 0, c.stride(1) if c is not None else 0, U_s.stride(0), U_s.stride(1),
+        out.stride(0), out.stride(1),
+        HAS_C=c is not None, HAS_BIAS=b_s is not None, BLOCK_M=cc.block_m,
+        BLOCK_N=cc.block_n, BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=cc.num_warps,
+        num_stages=cc.num_stages, **fl)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# launchers (2-D tensors; ops/bottleneck.py validates and does the parameter-side work)
+# --------------------------------------------------------------------------------------------
+def bottleneck_forward(h, D, db, U_s, b_s, activation: str, residual: bool):
+    """Returns (out [M, H_out] in h.dtype, P fp32 [M, b])."""
+    cfg = configs(h.dtype, D.shape[0], L._aligned(h, D, U_s))
+    fl = L._flags(h, D)
+    P, H = _down(h, D, db, activation, cfg, fl)
+    out = torch.empty((h.shape[0], U_s.shape[0]), dtype=h.dtype, device=h.device)
+    return _up(h if residual else None, H, U_s, b_s, out, cfg, fl), P
+
+
+def sequential_forward(x, weight, bias, D, db, U_s, b_s, activation: str):
+    """Returns (out, y = x·Wᵀ + b, P fp32 [M, b]); y is the adapter's input, saved for backward."""
+    M, K = x.shape
+    N, R = weight.shape[0], D.shape[0]
+    cfg = configs(x.dtype, R, L._aligned(x, weight, D, U_s))
+    fl = L._flags(x, D)
+    c, br = cfg["seq"], cfg["seq_block_r"]
+    num_m, num_n = triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    P = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    H = torch.empty_like(P)
+    part = torch.empty((num_n, M, R), dtype=torch.float32, device=x.device)  # transient, fp32
+    _seq_fwd_kernel[(num_m * num_n,)](
+        x, weight, bias if bias is not None else y, D, db if db is not None else P, y, part,
+        _arrival_counters(x.device, num_m), P, H, M, N, K, R,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), D.stride(0), D.stride(1),
+        y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, HAS_DBIAS=db is not None, ACT=ACT_CODES[activation], BLOCK_M=c.block_m,
+        BLOCK_N=c.block_n,
+        BLOCK_K=c.block_k, BLOCK_R=br, GROUP_M=8, RED=4 * 32 * c.num_warps, num_warps=c.num_warps,
+        num_stages=c.num_stages, **fl)
+    out = torch.empty_like(y)
+    return _up(y, H, U_s, b_s, out, cfg, fl), y, P
+
+
+def parallel_forward(x, weight, bias_c, D, db, U_s, activation: str):
+    """Returns (y [M, N] in x.dtype, P fp32 [M, b]). ``bias_c`` = b + s⊙b_u (or None)."""
+    M, K = x.shape
+    N, R = weight.shape[0], D.shape[0]
+    cfg = configs(x.dtype, R, L._aligned(x, weight, D, U_s))
+    fl = L._flags(x, D)
+    P, H = _down(x, D, db, activation, cfg, fl)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     c = cfg["gemm"]
     L._fwd_gemm_kernel[(triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n),)](
@@ -164,23 +302,75 @@ def parallel_forward(x, weight, bias_c, D, db, U_s, activation: str):
     return y, P
 
 
-def parallel_backward(dy, x, weight, D, U_s, P, activation: str, need_dx: bool, need_dd: bool, need_up: bool):
-    """Returns (dx or None, dD or None, dP fp32, gtH = dYᵀ·act(P) fp32 or None, Σ_m dY fp32 or None)."""
+def _dp(g, U_s, P, activation, need_up, cfg, fl):
+    """Launch LoRA's dY kernel with the activation: (dP fp32, dU partials, column-sum partials, Pm)."""
+    M, R = P.shape
+    N = g.shape[1]
+    c, abr = cfg["dy"], cfg["adapter_block_r"]
+    Pm = triton.cdiv(M, c.block_m)
+    dP = torch.empty((M, R), dtype=torch.float32, device=g.device)
+    gthp = torch.empty((Pm, N, R), dtype=torch.float32, device=g.device) if need_up else dP
+    csp = torch.empty((Pm, N), dtype=torch.float32, device=g.device) if need_up else dP
+    L._bwd_dy_kernel[(Pm, triton.cdiv(R, abr))](
+        g, U_s, P, dP, gthp, csp, M, N, R, g.stride(0), g.stride(1), U_s.stride(0), U_s.stride(1), 1.0,
+        COMPUTE_DB=need_up, COLSUM=need_up, ACT=ACT_CODES[activation], BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        BLOCK_R=abr, num_warps=c.num_warps, num_stages=c.num_stages, **fl)
+    return dP, gthp, csp, Pm
+
+
+def _input_and_param_grads(g, inp, D, dP, gthp, csp, Pm, residual, need_din, need_dd, need_db, need_up, cfg, fl):
+    """One launch of ``_adapter_bwd_kernel``: (d_in or None, dD, db_d, gtH fp32, colsum fp32)."""
+    M, K = inp.shape
+    R = D.shape[0]
+    N = g.shape[1]
+    need_dd = need_dd or need_db  # Σ dP rides on the dD programs
+    if not (need_din or need_dd or need_up):
+        return None, None, None, None, None
+    ce, ca, br = cfg["expand"], cfg["da"], cfg["da_block_r"]
+    d_in = torch.empty((M, K), dtype=g.dtype, device=g.device) if need_din else None
+    dD = torch.empty_like(D) if need_dd else None
+    db_d = torch.empty((R,), dtype=D.dtype, device=g.device) if need_db else None
+    gtH = torch.empty((N, R), dtype=torch.float32, device=g.device) if need_up else None
+    tiles = triton.cdiv(M, ce.block_m) * triton.cdiv(K, ce.block_n) if need_din else 0
+    da_progs = (triton.cdiv(K, ca.block_k) if need_dd else 0) + (triton.cdiv(N, ca.block_n) if need_up else 0)
+    dd_t = dD if dD is not None else D
+    dummy = dP
+    _adapter_bwd_kernel[(tiles + da_progs * triton.cdiv(R, br),)](
+        g, dP, D, d_in if d_in is not None else dummy, inp, dd_t, gthp, gtH if gtH is not None else dummy,
+        db_d if db_d is not None else dummy, M, N, K, R, Pm,
+        g.stride(0), g.stride(1), D.stride(0), D.stride(1), inp.stride(0), inp.stride(1),
+        d_in.stride(0) if d_in is not None else 0, d_in.stride(1) if d_in is not None else 0,
+        dd_t.stride(0), dd_t.stride(1),
+        COMPUTE_DIN=need_din, RESIDUAL=residual, COMPUTE_DD=need_dd, DSUM=need_db,
+        BLOCK_M=ce.block_m, BLOCK_K=ce.block_n, BLOCK_R=cfg["gemm_block_r"], GROUP_M=8,
+        DA_BLOCK_M=ca.block_m, DA_BLOCK_K=ca.block_k, DA_BLOCK_R=br, DA_BLOCK_N=ca.block_n,
+        num_warps=8, num_stages=2, **fl)
+    colsum = csp.sum(0) if need_up else None  # [Pm, N] partials: parameter-sized
+    return d_in, dD, db_d, gtH, colsum
+
+
+def adapter_backward(g, inp, D, U_s, P, activation: str, residual: bool, need_din: bool, need_dd: bool,
+                     need_db: bool, need_up: bool):
+    """Backward of ``[inp +] act(inp·Dᵀ + b_d)·U_sᵀ + b_s`` (standalone, and the sequential mode with
+    inp = y): 2 launches. Returns (d_in, dD, db_d, gtH = gᵀ·act(P) fp32, colsum = Σ_m g fp32), None where
+    not needed."""
+    cfg = configs(inp.dtype, D.shape[0], L._aligned(inp, D, U_s, g))
+    fl = L._flags(inp, D)
+    dP, gthp, csp, Pm = _dp(g, U_s, P, activation, need_up, cfg, fl)
+    return _input_and_param_grads(g, inp, D, dP, gthp, csp, Pm, residual, need_din, need_dd, need_db, need_up,
+                                  cfg, fl)
+
+
+def parallel_backward(dy, x, weight, D, U_s, P, activation: str, need_dx: bool, need_dd: bool, need_db: bool,
+                      need_up: bool):
+    """Returns (dx, dD, db_d, gtH fp32, colsum fp32), None where not needed: 3 launches."""
     M, K = x.shape
     N, R = weight.shape[0], D.shape[0]
     cfg = configs(x.dtype, R, L._aligned(x, weight, D, U_s, dy))
     fl = L._flags(x, D)
-    c, abr = cfg["dy"], cfg["adapter_block_r"]
-    Pm = triton.cdiv(M, c.block_m)
-    dP = torch.empty((M, R), dtype=torch.float32, device=x.device)
-    gthp = torch.empty((Pm, N, R), dtype=torch.float32, device=x.device) if need_up else dP
-    csp = torch.empty((Pm, N), dtype=torch.float32, device=x.device) if need_up else dP
-    _adapter_dy_kernel[(Pm, triton.cdiv(R, abr))](
-        dy, U_s, P, dP, gthp, csp, M, N, R, dy.stride(0), dy.stride(1), U_s.stride(0), U_s.stride(1),
-        COMPUTE_DU=need_up, ACT=ACT_CODES[activation], BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=abr,
-        num_warps=c.num_warps, num_stages=c.num_stages, **fl)
+    dP, gthp, csp, Pm = _dp(dy, U_s, P, activation, need_up, cfg, fl)
     dx = None
-    if need_dx:  # dX = dY·W + dP·D
+    if need_dx:  # dX = dY·W + dP·D in one GEMM
         c = cfg["dx"]
         dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
         L._bwd_dx_kernel[(triton.cdiv(M, c.block_m) * triton.cdiv(K, c.block_n),)](
@@ -189,22 +379,6 @@ def parallel_backward(dy, x, weight, D, U_s, P, activation: str, need_dx: bool, 
             dx.stride(0), dx.stride(1), 0, 0.0, 1.0,
             HAS_DROPOUT=False, BLOCK_M=c.block_m, BLOCK_K=c.block_n, BLOCK_N=c.block_k,
             BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages, **fl)
-    dD = gtH = colsum = None
-    if need_dd or need_up:  # dD = dPᵀ·x, and the fixed-order reduction of the dYᵀ·H partials
-        c = cfg["da"]
-        dD = torch.empty_like(D) if need_dd else None
-        gtH = torch.empty((N, R), dtype=torch.float32, device=x.device) if need_up else None
-        num_k = triton.cdiv(K, c.block_k) if need_dd else 0
-        num_n = triton.cdiv(N, c.block_n) if need_up else 0
-        da_t = dD if dD is not None else D
-        db_t = gtH if gtH is not None else dP
-        br = cfg["block_r"]
-        L._bwd_da_kernel[(num_k + num_n, triton.cdiv(R, br))](
-            dP, x, da_t, gthp, db_t, M, N, K, R, Pm,
-            x.stride(0), x.stride(1), da_t.stride(0), da_t.stride(1), db_t.stride(0), db_t.stride(1),
-            0, 0.0, 1.0, HAS_DROPOUT=False, COMPUTE_DA=need_dd,
-            BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_R=br, BLOCK_N=c.block_n,
-            num_warps=c.num_warps, num_stages=c.num_stages, **fl)
-        if need_up:
-            colsum = csp.sum(0)  # [Pm, N] partials: parameter-sized
-    return dx, dD, dP, gtH, colsum
+    _, dD, db_d, gtH, colsum = _input_and_param_grads(dy, x, D, dP, gthp, csp, Pm, False, False, need_dd, need_db,
+                                                      need_up, cfg, fl)
+    return dx, dD, db_d, gtH, colsum

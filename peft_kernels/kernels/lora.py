@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, dropout_keep, f32_precision, mma, next_pow2, upcast_needed
+from ._common import ACT_NONE, INTERPRETED, act, act_grad, dropout_keep, f32_precision, mma, next_pow2, upcast_needed
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,13 +126,16 @@ def _fwd_gemm_kernel(
 
 @triton.jit
 def _bwd_dy_kernel(
-    dy_ptr, b_ptr, s_ptr, ds_ptr, dbp_ptr, M, N, R,
+    dy_ptr, b_ptr, s_ptr, ds_ptr, dbp_ptr, csp_ptr, M, N, R,
     stride_dym, stride_dyn, stride_bn, stride_br,
     scaling,
-    COMPUTE_DB: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, COLSUM: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr,
+    F32_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # one program per (M-block, R-chunk); R ≤ BLOCK_R (the usual case) reads dY exactly once.
+    # LoRA: S is the shrink output, ACT = ACT_NONE. Bottleneck adapter: S is the pre-activation P,
+    # dS becomes dP = (dY·U)⊙act'(P), the dB partials use act(P), and COLSUM adds the per-M-block
+    # column sums of dY (for the up bias and the scale).
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -141,6 +144,7 @@ def _bwd_dy_kernel(
     m_ok = rm < M
     r_ok = rr < R
     st = tl.load(s_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    ht = act(st, ACT)  # rows past M load 0 and act(0) = 0: they add nothing to the partials
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + rn0
@@ -153,10 +157,15 @@ def _bwd_dy_kernel(
         ds = mma(dyc, bt, ds, UPCAST, F32_PREC)
         if COMPUTE_DB:
             # partial dB[n, r] over this M-block (rows past M load as zero)
-            dbt = mma(tl.trans(dyc), st.to(bt.dtype), tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
+            dbt = mma(tl.trans(dyc), ht.to(bt.dtype), tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
                       UPCAST, F32_PREC)
             tl.store(dbp_ptr + (pid_m * N + rn[:, None]) * R + rr[None, :], dbt * scaling,
                      mask=n_ok[:, None] & r_ok[None, :])
+            if COLSUM:
+                if pid_r == 0:
+                    tl.store(csp_ptr + pid_m * N + rn, tl.sum(dyt.to(tl.float32), axis=0), mask=n_ok)
+    if ACT >= 0:
+        ds = ds * act_grad(st, ACT)
     tl.store(ds_ptr + rm[:, None] * R + rr[None, :], ds * scaling, mask=m_ok[:, None] & r_ok[None, :])
 
 
@@ -187,15 +196,17 @@ def _bwd_dx_kernel(
 
 
 @triton.jit
-def _bwd_da_kernel(
-    ds_ptr, x_ptr, da_ptr, dbp_ptr, db_ptr, M, N, K, R, P,
+def _da_tile(
+    pid, pid_r, ds_ptr, x_ptr, da_ptr, dbp_ptr, db_ptr, dsum_ptr, M, N, K, R, P,
     stride_xm, stride_xk, stride_dar, stride_dak, stride_dbn, stride_dbr,
     seed, p, keep_scale,
-    HAS_DROPOUT: tl.constexpr, COMPUTE_DA: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, COMPUTE_DA: tl.constexpr, DSUM: tl.constexpr, UPCAST: tl.constexpr,
+    F32_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    """One program of the dA launch: programs below cdiv(K, BLOCK_K) compute a [BLOCK_R, BLOCK_K] tile
+    of dA = dSᵀ·drop(x) (the first one also Σ_m dS when DSUM: a bottleneck adapter's down bias), the
+    rest reduce the dB partials in a fixed order."""
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rr < R
     num_k = tl.cdiv(K, BLOCK_K) if COMPUTE_DA else 0
@@ -205,6 +216,7 @@ def _bwd_da_kernel(
         k_ok = rk < K
         rm0 = tl.arange(0, BLOCK_M)
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        dsum = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for m0 in range(0, M, BLOCK_M):
             rm = m0 + rm0
             m_ok = rm < M
@@ -215,8 +227,13 @@ def _bwd_da_kernel(
                 xt = tl.where(dropout_keep(seed, rm[:, None], rk[None, :], K, p), xt, 0.0)
             xc = xt.to(da_ptr.dtype.element_ty)
             acc = mma(tl.trans(dst.to(xc.dtype)), xc, acc, UPCAST, F32_PREC)
+            if DSUM:
+                dsum += tl.sum(dst, axis=0)
         if HAS_DROPOUT:
             acc = acc * keep_scale
+        if DSUM:
+            if pid == 0:
+                tl.store(dsum_ptr + rr, dsum.to(dsum_ptr.dtype.element_ty), mask=r_ok)
         tl.store(da_ptr + rr[:, None] * stride_dar + rk[None, :] * stride_dak, acc.to(da_ptr.dtype.element_ty),
                  mask=r_ok[:, None] & k_ok[None, :])
     else:
@@ -228,6 +245,20 @@ def _bwd_da_kernel(
             db_acc += tl.load(dbp_ptr + (i * N + rn[:, None]) * R + rr[None, :], mask=msk, other=0.0)
         tl.store(db_ptr + rn[:, None] * stride_dbn + rr[None, :] * stride_dbr, db_acc.to(db_ptr.dtype.element_ty),
                  mask=msk)
+
+
+@triton.jit
+def _bwd_da_kernel(
+    ds_ptr, x_ptr, da_ptr, dbp_ptr, db_ptr, dsum_ptr, M, N, K, R, P,
+    stride_xm, stride_xk, stride_dar, stride_dak, stride_dbn, stride_dbr,
+    seed, p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, COMPUTE_DA: tl.constexpr, DSUM: tl.constexpr, UPCAST: tl.constexpr,
+    F32_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    _da_tile(tl.program_id(0), tl.program_id(1), ds_ptr, x_ptr, da_ptr, dbp_ptr, db_ptr, dsum_ptr, M, N, K, R, P,
+             stride_xm, stride_xk, stride_dar, stride_dak, stride_dbn, stride_dbr, seed, p, keep_scale,
+             HAS_DROPOUT, COMPUTE_DA, DSUM, UPCAST, F32_PREC, BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_N)
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,8 +369,8 @@ def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed: int,
     dS = torch.empty((M, R), dtype=torch.float32, device=x.device)
     dbp = torch.empty((P, N, R), dtype=torch.float32, device=x.device) if need_db else dS
     _bwd_dy_kernel[(P, triton.cdiv(R, br))](
-        dy, B, S, dS, dbp, M, N, R, dy.stride(0), dy.stride(1), B.stride(0), B.stride(1), scaling,
-        COMPUTE_DB=need_db, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=br,
+        dy, B, S, dS, dbp, dS, M, N, R, dy.stride(0), dy.stride(1), B.stride(0), B.stride(1), scaling,
+        COMPUTE_DB=need_db, COLSUM=False, ACT=ACT_NONE, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=br,
         num_warps=c.num_warps, num_stages=c.num_stages, **fl)
     dx = None
     if need_dx:
@@ -363,9 +394,9 @@ def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed: int,
         da_t = dA if dA is not None else A
         db_t = dB if dB is not None else B
         _bwd_da_kernel[(num_k + num_n, triton.cdiv(R, br))](
-            dS, x, da_t, dbp, db_t, M, N, K, R, P,
+            dS, x, da_t, dbp, db_t, dS, M, N, K, R, P,
             x.stride(0), x.stride(1), da_t.stride(0), da_t.stride(1), db_t.stride(0), db_t.stride(1),
-            seed, p, keep_scale, HAS_DROPOUT=p > 0, COMPUTE_DA=need_da,
+            seed, p, keep_scale, HAS_DROPOUT=p > 0, COMPUTE_DA=need_da, DSUM=False,
             BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_R=br, BLOCK_N=c.block_n,
             num_warps=c.num_warps, num_stages=c.num_stages, **fl)
     return dx, dA, dB

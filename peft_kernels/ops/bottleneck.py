@@ -17,10 +17,9 @@ pre-activation ``P = down(input)`` (M×b). The activation is recomputed from ``P
 a second M×N (or M×K) tensor. The frozen weights and the adapter parameters are parameters, not
 activations.
 
-Backends: ``"torch"`` (any device); ``"triton"`` for ``adapter_linear(mode="parallel")``
-(``kernels/bottleneck.py``: 2 launches forward, 3 backward, reusing LoRA's GEMM kernels). The
-sequential mode and ``bottleneck_adapter`` have no Triton kernels yet: asking for ``"triton"``
-there raises :class:`~peft_kernels.BackendUnavailable`, and ``"auto"`` runs torch.
+Backends: ``"torch"`` (any device, float64 too) and ``"triton"`` for all three (``kernels/bottleneck.py``:
+2 launches forward; backward 2 for ``bottleneck_adapter``, 3 for ``adapter_linear``). The Triton path
+saves P in fp32.
 """
 from __future__ import annotations
 
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from ..reference import ACTIVATIONS, activation_ref
-from .lora import _FLOATS, _name_dtypes, finish_lora_backward
+from .lora import _FLOATS, _name_dtypes, _op_reason
 
 MODES = ("sequential", "parallel")
 Scaling = Union[float, torch.Tensor]
@@ -91,18 +90,8 @@ def validate_adapter(h, down_w, down_b, up_w, up_b, scaling, activation: str, na
     _check_scaling(scaling, up_w.shape[0], h.device)
 
 
-def _resolve(backend: str, device, triton_ok: bool = False) -> str:
-    """The backend for an adapter op; only the parallel adapter_linear has Triton kernels so far."""
-    def reason(name):
-        if name == "triton" and not triton_ok:
-            return ("no Triton kernels for this adapter op yet (only adapter_linear(mode='parallel') has them; "
-                    "the torch backend runs it)")
-        return None
-
-    name = dispatch.resolve(backend, device, reason)
-    if name == "triton" and not triton_ok:  # "auto" on CUDA: fall back while the kernels do not exist
-        name = "torch"
-    return name
+def _resolve(backend: str, x: torch.Tensor) -> str:
+    return dispatch.resolve(backend, x.device, _op_reason(x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,7 +101,7 @@ def _resolve(backend: str, device, triton_ok: bool = False) -> str:
 class AdapterCall:
     activation: str
     scale: float            # used when the scaling is a Python float
-    residual: bool = True   # bottleneck_adapter only
+    residual: bool = True   # the adapter's input is added to its output (bottleneck_adapter, sequential mode)
     backend: str = "torch"
 
 
@@ -152,38 +141,73 @@ def _up_grads(gtH, colsum, up_w, up_b, scaling_t, call: AdapterCall, needs):
     dU = (gtH * col).to(up_w.dtype) if need_uw else None
     db_u = (colsum * vec).to(up_w.dtype) if need_ub else None
     ds = None
-    if need_s and scaling_t is not None:  # the scale's gradient: N×b work, summed in fp32
-        per_channel = (gtH.float() * up_w.float()).sum(1)
+    if need_s and scaling_t is not None:
+        # The scale's gradient: N×b terms that largely cancel (Σ|terms| is often ~100× the result), so
+        # this parameter-sized sum runs in fp64 (fp32 on MPS, which has no fp64).
+        acc = torch.float32 if gtH.device.type == "mps" else torch.float64
+        per_channel = (gtH.to(acc) * up_w.to(acc)).sum(1)
         if up_b is not None:
-            per_channel = per_channel + colsum * up_b.float()
+            per_channel = per_channel + colsum.to(acc) * up_b.to(acc)
         ds = per_channel if scaling_t.numel() > 1 else per_channel.sum()
         ds = ds.reshape(scaling_t.shape).to(scaling_t.dtype)
     return dU, db_u, ds
 
 
 def _adapter_backward(g2, inp2, P, down_w, up_w, up_b, scaling_t, call: AdapterCall, needs):
-    """Gradients of ``s·up(act(down(inp)))`` given the output grad ``g2`` (M×H_out).
+    """Gradients of ``[inp +] s·up(act(down(inp)))`` given the output grad ``g2`` (M×H_out).
 
-    Returns (dP·D, dD, db_d, dU, db_u, ds) with None where not needed; dP·D (M×H_in) is the
-    adapter's contribution to the input gradient.
+    Returns (d_in, dD, db_d, dU, db_u, ds) with None where not needed; d_in (M×H_in) is the gradient
+    that reaches the adapter's input, the residual's ``g2`` included when ``call.residual``.
     """
     need_in, need_dw, need_db, need_uw, need_ub, need_s = needs
+    need_up = need_uw or need_ub or need_s
     U_s, _ = _scaled_up(up_w, None, scaling_t, call.scale)
-    with torch.enable_grad():  # recompute the activation on the small P (M×b) and differentiate it
-        Pg = P.detach().requires_grad_()
-        H = activation_ref(Pg, call.activation)
-    dH = torch.mm(g2, U_s)
-    dP = torch.autograd.grad(H, Pg, dH)[0] if (need_in or need_dw or need_db) else None
-    H = H.detach()
-    d_in = torch.mm(dP, down_w) if need_in else None
-    dD = torch.mm(dP.t(), inp2) if need_dw else None
-    db_d = dP.sum(0) if need_db else None
+    if call.backend == "triton":
+        from ..kernels import bottleneck as K
+
+        d_in, dD, db_d, gtH, colsum = K.adapter_backward(g2, inp2, down_w, U_s, P, call.activation, call.residual,
+                                                         need_in, need_dw, need_db, need_up)
+    else:
+        with torch.enable_grad():  # recompute the activation on the small P (M×b) and differentiate it
+            Pg = P.detach().requires_grad_()
+            H = activation_ref(Pg, call.activation)
+        dH = torch.mm(g2, U_s)
+        dP = torch.autograd.grad(H, Pg, dH)[0] if (need_in or need_dw or need_db) else None
+        H = H.detach()
+        d_in = None
+        if need_in:
+            d_in = torch.addmm(g2, dP, down_w) if call.residual else torch.mm(dP, down_w)
+        dD = torch.mm(dP.t(), inp2) if need_dw else None
+        db_d = dP.sum(0) if need_db else None
+        gtH = None
+        if need_up:  # [H_out, b]; fp32 for the half dtypes when it feeds the scale's N·b-term sum
+            half = need_s and g2.element_size() == 2
+            gtH = torch.mm(g2.t().float(), H.float()) if half else torch.mm(g2.t(), H)
+        colsum = g2.sum(0, dtype=torch.float32) if need_up else None  # fp32 accumulation for the half dtypes
     dU = db_u = ds = None
-    if need_uw or need_ub or need_s:
-        gtH = torch.mm(g2.t(), H)  # [H_out, b]
-        colsum = g2.sum(0, dtype=torch.float32)  # fp32 accumulation for the half dtypes
+    if need_up:
         dU, db_u, ds = _up_grads(gtH, colsum, up_w, up_b, scaling_t, call, (need_uw, need_ub, need_s))
-    return d_in, dD, db_d, dU, db_u, ds
+    return d_in, (dD if need_dw else None), (db_d if need_db else None), dU, db_u, ds
+
+
+def _adapter_forward(inp2, down_w, down_b, up_w, up_b, scaling_t, call: AdapterCall):
+    """(out = [inp +] s·up(act(down(inp))), P) for a 2-D adapter input, on the call's backend."""
+    U_s, b_s = _scaled_up(up_w, up_b, scaling_t, call.scale)
+    if call.backend == "triton":
+        from ..kernels import bottleneck as K
+
+        return K.bottleneck_forward(inp2, down_w, down_b, U_s, b_s, call.activation, call.residual)
+    P = F.linear(inp2, down_w, down_b)
+    H = activation_ref(P, call.activation)
+    return _up_gemm(inp2 if call.residual else None, H, U_s, b_s), P  # the residual is the GEMM's C
+
+
+def _base_grads(ctx, g2, x2, weight, need_x, need_w, need_b):
+    """The frozen base's input gradient g2·W, and its own grads when someone unfroze it; dx keeps x's shape."""
+    dx = torch.mm(g2, weight).view(ctx.x_shape) if need_x else None
+    dW = torch.mm(g2.t(), x2) if need_w else None
+    db = g2.sum(0) if (need_b and ctx.has_bias) else None
+    return dx, dW, db
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,10 +217,7 @@ class BottleneckFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, down_w, down_b, up_w, up_b, scaling_t, call: AdapterCall):
         h2 = h.reshape(-1, h.shape[-1])
-        P = F.linear(h2, down_w, down_b)
-        H = activation_ref(P, call.activation)
-        U_s, b_s = _scaled_up(up_w, up_b, scaling_t, call.scale)
-        out = _up_gemm(h2 if call.residual else None, H, U_s, b_s)  # the residual is the GEMM's C
+        out, P = _adapter_forward(h2, down_w, down_b, up_w, up_b, scaling_t, call)
         ctx.save_for_backward(h2, P, down_w, up_w, up_b, scaling_t)
         ctx.call = call
         ctx.h_shape = h.shape
@@ -207,14 +228,10 @@ class BottleneckFunction(torch.autograd.Function):
     def backward(ctx, g):
         h2, P, down_w, up_w, up_b, scaling_t = ctx.saved_tensors
         call: AdapterCall = ctx.call
-        need_h, need_dw, need_db, need_uw, need_ub, need_s, _ = ctx.needs_input_grad
         g2 = g.reshape(-1, up_w.shape[0])
         d_in, dD, db_d, dU, db_u, ds = _adapter_backward(g2, h2, P, down_w, up_w, up_b, scaling_t, call,
-                                                          (need_h, need_dw, need_db, need_uw, need_ub, need_s))
-        dh = None
-        if need_h:
-            dh = d_in.add_(g2) if call.residual else d_in
-            dh = dh.view(ctx.h_shape)
+                                                          ctx.needs_input_grad[:6])
+        dh = d_in.view(ctx.h_shape) if d_in is not None else None
         return dh, dD, db_d, dU, db_u, ds, None
 
 
@@ -234,19 +251,60 @@ def bottleneck_adapter(h: torch.Tensor, down_w: torch.Tensor, down_b: Optional[t
             (``H_out = H`` when ``residual``).
         scaling: a float, a learned scalar tensor, or a learned per-channel vector ``[H_out]``.
         activation: one of relu, gelu, gelu_tanh, silu/swish, tanh.
+        backend: "auto", "torch" or "triton".
     """
     validate_adapter(h, down_w, down_b, up_w, up_b, scaling, activation)
     if residual and up_w.shape[0] != h.shape[-1]:
         raise ValueError(f"residual=True needs up_w's out features ({up_w.shape[0]}) == h's last dim ({h.shape[-1]})")
-    _resolve(backend, h.device)
+    name = _resolve(backend, h)
     scaling_t, scale = _scaling_args(scaling)
     return BottleneckFunction.apply(h, down_w, down_b, up_w, up_b, scaling_t,
-                                    AdapterCall(activation, scale, bool(residual)))
+                                    AdapterCall(activation, scale, bool(residual), name))
 
 
 # --------------------------------------------------------------------------------------------
 # adapter_linear: a frozen linear with a sequential or parallel adapter
 # --------------------------------------------------------------------------------------------
+def _save_linear(ctx, call: AdapterCall, x, bias, out2, *saved):
+    """The adapter_linear Functions' bookkeeping; returns ``out2`` with x's leading dims."""
+    ctx.save_for_backward(*saved)
+    ctx.call = call
+    ctx.x_shape = x.shape
+    ctx.has_bias = bias is not None
+    return out2.view(*x.shape[:-1], out2.shape[-1])
+
+
+class SequentialAdapterLinearFunction(torch.autograd.Function):
+    """y = x·Wᵀ + b; out = y + s·up(act(down(y))). Saves y (the adapter's input) and P; x only when W
+    itself needs a gradient (as nn.Linear's autograd would)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down_w, down_b, up_w, up_b, scaling_t, call: AdapterCall):
+        x2 = x.reshape(-1, x.shape[-1])
+        if call.backend == "triton":
+            from ..kernels import bottleneck as K
+
+            U_s, b_s = _scaled_up(up_w, up_b, scaling_t, call.scale)
+            out, y, P = K.sequential_forward(x2, weight, bias, down_w, down_b, U_s, b_s, call.activation)
+        else:
+            y = F.linear(x2, weight, bias)
+            out, P = _adapter_forward(y, down_w, down_b, up_w, up_b, scaling_t, call)
+        return _save_linear(ctx, call, x, bias, out, x2 if weight.requires_grad else None, y, P, weight, down_w, up_w,
+                            up_b, scaling_t)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x2, y, P, weight, down_w, up_w, up_b, scaling_t = ctx.saved_tensors
+        need_x, need_w, need_b, *adapter_needs, _ = ctx.needs_input_grad
+        g2 = g.reshape(-1, weight.shape[0])
+        need_gy = need_x or need_w or need_b
+        g_y, dD, db_d, dU, db_u, ds = _adapter_backward(g2, y, P, down_w, up_w, up_b, scaling_t, ctx.call,
+                                                         [need_gy] + adapter_needs)
+        dx, dW, db = _base_grads(ctx, g_y, x2, weight, need_x, need_w, need_b)
+        return dx, dW, db, dD, db_d, dU, db_u, ds, None
+
+
 class ParallelAdapterLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, down_w, down_b, up_w, up_b, scaling_t, call: AdapterCall):
@@ -262,17 +320,13 @@ class ParallelAdapterLinearFunction(torch.autograd.Function):
             H = activation_ref(P, call.activation)
             y = torch.addmm(c, x2, weight.t()) if c is not None else torch.mm(x2, weight.t())
             y.addmm_(H, U_s.t())  # the adapter's up GEMM accumulates into the base output
-        ctx.save_for_backward(x2, P, weight, down_w, up_w, up_b, scaling_t)
-        ctx.call = call
-        ctx.x_shape = x.shape
-        ctx.has_bias = bias is not None
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return _save_linear(ctx, call, x, bias, y, x2, P, weight, down_w, up_w, up_b, scaling_t)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x2, P, weight, down_w, up_w, up_b, scaling_t = ctx.saved_tensors
-        need_x, _, _, need_dw, need_db, need_uw, need_ub, need_s, _ = ctx.needs_input_grad
+        need_x, need_w, need_b, need_dw, need_db, need_uw, need_ub, need_s, _ = ctx.needs_input_grad
         g2 = g.reshape(-1, weight.shape[0])
         call: AdapterCall = ctx.call
         if call.backend == "triton":
@@ -280,17 +334,17 @@ class ParallelAdapterLinearFunction(torch.autograd.Function):
 
             U_s, _ = _scaled_up(up_w, None, scaling_t, call.scale)
             need_up = need_uw or need_ub or need_s
-            dx, dD, dP, gtH, colsum = K.parallel_backward(g2, x2, weight, down_w, U_s, P, call.activation, need_x,
-                                                          need_dw, need_up)
-            db_d = dP.sum(0).to(down_w.dtype) if need_db else None
+            dx, dD, db_d, gtH, colsum = K.parallel_backward(g2, x2, weight, down_w, U_s, P, call.activation, need_x,
+                                                            need_dw, need_db, need_up)
             dU = db_u = ds = None
             if need_up:
                 dU, db_u, ds = _up_grads(gtH, colsum, up_w, up_b, scaling_t, call, (need_uw, need_ub, need_s))
+            dx = dx.view(ctx.x_shape) if dx is not None else None
         else:
             d_in, dD, db_d, dU, db_u, ds = _adapter_backward(g2, x2, P, down_w, up_w, up_b, scaling_t, call,
                                                               (need_x, need_dw, need_db, need_uw, need_ub, need_s))
-            dx = d_in.addmm_(g2, weight) if need_x else None  # base dX GEMM accumulates into the adapter term
-        dx, dW, db, _, _, _ = finish_lora_backward(ctx, g2, x2, dx, None, None)
+            dx = d_in.addmm_(g2, weight).view(ctx.x_shape) if need_x else None  # base dX GEMM accumulates into it
+        _, dW, db = _base_grads(ctx, g2, x2, weight, False, need_w, need_b)
         return dx, dW, db, dD, db_d, dU, db_u, ds, None
 
 
@@ -320,16 +374,13 @@ def adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
             raise TypeError(f"{nm} must have x's dtype and device ({x.dtype}, {x.device}), got ({t.dtype}, {t.device})")
     if up_w.dim() == 2 and up_w.shape[0] != N:
         raise ValueError(f"up_w must have shape [out_features={N}, bottleneck], got {tuple(up_w.shape)}")
-    if mode == "sequential":
-        # the adapter reads the base output; its input gradient flows back through the frozen linear
-        probe = x.new_empty((0, N))
-        validate_adapter(probe, down_w, down_b, up_w, up_b, scaling, activation, name_in="the base output")
-        _resolve(backend, x.device)
-        scaling_t, scale = _scaling_args(scaling)
-        y = F.linear(x, weight, bias)
-        return BottleneckFunction.apply(y, down_w, down_b, up_w, up_b, scaling_t, AdapterCall(activation, scale, True))
-    validate_adapter(x, down_w, down_b, up_w, up_b, scaling, activation, name_in="x")
-    name = _resolve(backend, x.device, triton_ok=x.dtype != torch.float64)
+    if mode == "sequential":  # the adapter reads the base output y [.., N]
+        validate_adapter(x.new_empty((0, N)), down_w, down_b, up_w, up_b, scaling, activation,
+                         name_in="the base output")
+        fn = SequentialAdapterLinearFunction
+    else:
+        validate_adapter(x, down_w, down_b, up_w, up_b, scaling, activation, name_in="x")
+        fn = ParallelAdapterLinearFunction
+    name = _resolve(backend, x)
     scaling_t, scale = _scaling_args(scaling)
-    return ParallelAdapterLinearFunction.apply(x, weight, bias, down_w, down_b, up_w, up_b, scaling_t,
-                                               AdapterCall(activation, scale, True, name))
+    return fn.apply(x, weight, bias, down_w, down_b, up_w, up_b, scaling_t, AdapterCall(activation, scale, mode == "sequential", name))

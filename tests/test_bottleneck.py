@@ -319,3 +319,23 @@ def test_sequential_triton_is_deterministic_and_resets_its_counters(backend):
     assert_close(outs[0][2], P_ref, torch.nn.functional.linear(y_torch, t["D"], t["db"]), "P")
     counters = BN._COUNTERS[("cpu", 0)]
     assert counters.numel() >= 3 and not counters.any()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("op", ["sequential", "parallel", "standalone"])
+def test_empty_batch(backend, op):
+    """No tokens: an empty output and zero adapter gradients, not a crash."""
+    x = torch.randn(2, 0, 8, requires_grad=True)
+    W = torch.randn(6, 8)
+    D = torch.randn(3, 6 if op == "sequential" else 8, requires_grad=True)
+    U = torch.randn(6 if op != "standalone" else 8, 3, requires_grad=True)
+    s = torch.tensor(0.5, requires_grad=True)
+    if op == "standalone":
+        y = pk.bottleneck_adapter(x, D, None, U, None, s, backend=backend)
+    else:
+        y = pk.adapter_linear(x, W, None, D, None, U, None, s, mode=op, backend=backend)
+    assert y.shape == (2, 0, U.shape[0])
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for t in (D, U, s):
+        assert t.grad is not None and not t.grad.any()

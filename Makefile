@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.peft_kernels-installed
 # torch is pinned to the CPU wheel: a bare `torch` would pull a multi-GB CUDA build.
 DEPS   := torch==2.13.0 triton==3.8.0 numpy pytest ninja peft==0.21.0 setuptools wheel
 
-.PHONY: test bench venv info clean
+.PHONY: test bench venv info clean cuda-build-check
 
 venv: $(STAMP)
 
@@ -30,5 +30,26 @@ bench: $(STAMP)
 info: $(STAMP)
 	$(BIN)/python -m peft_kernels info
 
+# The CUDA build of the extension, proven without a GPU: a separate venv with the CUDA torch (cu130,
+# about 5.5 GB), a CUDAExtension wheel built from this tree, installed, imported and checked by
+# tools/cuda_build_check.py. .ci/run runs it after `make test` (it is not part of `make test`: the
+# download and the nvcc build add a few minutes).
+CUDA_VENV  := .venv-cuda
+CUDA_TORCH := torch==2.14.1
+CUDA_ARCHS ?= 8.0;9.0
+cuda-build-check:
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install --quiet $(CUDA_TORCH) numpy setuptools wheel ninja
+	# built from a copy of the tree, so its objects never mix with the CPU build's in build/
+	rm -rf build/cuda-src build/cuda-wheel && mkdir -p build/cuda-src
+	tar -cf - --exclude=./.git --exclude='./.venv*' --exclude=./build --exclude='./peft_kernels/_C*.so' . \
+	  | tar -xf - -C build/cuda-src
+	cd build/cuda-src && \
+	CUDA_HOME="$${CUDA_HOME:-$$($(PYTHON) -c "import runpy; print(runpy.run_path('peft_kernels/cuda_build.py')['toolkit_root']() or '')")}" \
+	PEFT_KERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS="$${MAX_JOBS:-2}" \
+	../../$(CUDA_VENV)/bin/python -m pip wheel . --no-build-isolation --no-deps -w ../cuda-wheel
+	$(CUDA_VENV)/bin/python -m pip install --quiet --force-reinstall --no-deps build/cuda-wheel/*.whl
+	TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" $(CUDA_VENV)/bin/python tools/cuda_build_check.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info

@@ -1,16 +1,25 @@
 """Build script for peft_kernels.
 
 The package is pure Python + Triton and installs on any machine. When torch is importable and a
-C++ compiler works, it also builds ``peft_kernels._C``: the CPU C++ kernels in ``csrc/`` behind
-``TORCH_LIBRARY`` ops (the fast CPU path for LoRA with dropout). If that build fails, or
-``PEFT_KERNELS_CPP=0``, the package installs without it and the pure-torch path is used
+C++ compiler works, it also builds ``peft_kernels._C``: the C++ kernels in ``csrc/`` behind
+``TORCH_LIBRARY`` ops. With a CPU torch that is a ``CppExtension`` (csrc/cpu); with a CUDA torch and
+a CUDA toolkit, a ``CUDAExtension`` that adds csrc/cuda (the BGMV/SGMV gathers and the LoRA expand
+epilogue). If the build fails the package still installs without it and the pure-torch path is used
 (``python -m peft_kernels info`` says which).
 
-Install for development with the CPU torch already in the environment:
+Environment:
+  PEFT_KERNELS_CPP=0        skip the compiled extension entirely
+  PEFT_KERNELS_CUDA=0|1     force the CPU-only / the CUDA build (default: CUDA when torch has CUDA and a
+                            toolkit is found); with 1 a failed CUDA build is an error, not a warning
+  TORCH_CUDA_ARCH_LIST      CUDA archs (default "8.0;8.6;8.9;9.0+PTX")
+  CUDA_HOME                 the toolkit root (the folder with bin/ptxas and include/cuda_runtime.h)
+  MAX_JOBS                  parallel compile jobs (ninja)
+
+Install for development with the torch already in the environment (never let pip resolve a bare
+``torch``: that is a multi-GB CUDA build):
 
     pip install --no-build-isolation -e .
-
-The CUDA kernels (``csrc/cuda``, ``PEFT_KERNELS_CUDA``) are a later milestone.
+    pip wheel . --no-build-isolation --no-deps -w dist      # a wheel
 """
 import glob
 import os
@@ -20,6 +29,27 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+
+
+def _want_cuda(torch_cuda: bool) -> bool:
+    flag = os.environ.get("PEFT_KERNELS_CUDA", "")
+    if flag == "0":
+        return False
+    if not torch_cuda:
+        if flag == "1":
+            raise RuntimeError("PEFT_KERNELS_CUDA=1 but the installed torch has no CUDA (torch.version.cuda is None)")
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None or not os.path.isfile(os.path.join(CUDA_HOME, "bin", "ptxas")):
+        if flag == "1":
+            raise RuntimeError("PEFT_KERNELS_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to the folder "
+                               "with bin/ptxas and include/cuda_runtime.h")
+        print("peft_kernels: torch has CUDA but no CUDA toolkit was found (CUDA_HOME); building the CPU "
+              "extension only", file=sys.stderr)
+        return False
+    return True
 
 
 def _ext_modules():
@@ -27,28 +57,48 @@ def _ext_modules():
         print("peft_kernels: PEFT_KERNELS_CPP=0, skipping the C++ extension", file=sys.stderr)
         return [], {}
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         print("peft_kernels: torch not importable at build time (use --no-build-isolation); "
               "installing without the C++ extension", file=sys.stderr)
         return [], {}
-    cxx = ["-O3", "-std=c++17"]
+    cuda = _want_cuda(torch.version.cuda is not None)
+    strict = cuda and os.environ.get("PEFT_KERNELS_CUDA") == "1"
+    # torch ≥ 2.14's headers need C++20 ("#error C++20 or later compatible compiler is required")
+    tv = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    std = "-std=c++20" if tv >= (2, 14) else "-std=c++17"
+    cxx = ["-O3", std]
     link = []
     if platform.system() == "Linux":
         cxx.append("-fopenmp")  # at::parallel_for; libgomp is the one torch already loaded
         link.append("-fopenmp")
     sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     sources += [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "python_module.cpp")]
-    ext = CppExtension("peft_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc", "include")],
-                       extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    include = [os.path.join(ROOT, "csrc", "include")]
+    if cuda:
+        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        # no quotes or ';' on a compiler command line: ops.cpp stringizes the comma-separated list
+        defines = ["-DPK_WITH_CUDA", "-DPK_CUDA_ARCHS=" + archs.replace(";", ",").replace(" ", ",")]
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        ext = CUDAExtension("peft_kernels._C", sources, include_dirs=include, extra_link_args=link,
+                            extra_compile_args={"cxx": cxx + defines, "nvcc": ["-O3", std]})
+        print(f"peft_kernels: building the CUDA extension for TORCH_CUDA_ARCH_LIST={archs}", file=sys.stderr)
+    else:
+        ext = CppExtension("peft_kernels._C", sources, include_dirs=include, extra_compile_args={"cxx": cxx},
+                           extra_link_args=link)
 
     class OptionalBuild(BuildExtension):
-        """A failed C++ build is a warning, not an install failure: the torch path still works."""
+        """A failed C++ build is a warning, not an install failure: the torch path still works
+        (except with PEFT_KERNELS_CUDA=1, where the CUDA build was asked for)."""
 
         def run(self):
             try:
                 super().run()
             except Exception as e:  # compiler missing or broken
+                if strict:
+                    raise
                 print(f"peft_kernels: WARNING: C++ extension not built ({e}); the pure-torch path "
                       "will be used", file=sys.stderr)
 
@@ -56,6 +106,8 @@ def _ext_modules():
             try:
                 super().build_extension(ext)
             except Exception as e:
+                if strict:
+                    raise
                 print(f"peft_kernels: WARNING: building {ext.name} failed ({e}); the pure-torch path "
                       "will be used", file=sys.stderr)
 

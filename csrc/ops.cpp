@@ -1,5 +1,5 @@
-// TORCH_LIBRARY schemas for peft_kernels' compiled ops, with the CPU implementations.
-// (The CUDA kernels and their registrations are a later milestone.)
+// TORCH_LIBRARY schemas for peft_kernels' compiled ops, with the CPU implementations
+// (the CUDA ones are registered in csrc/cuda/ops_cuda.cpp when the extension is built with CUDA).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -29,6 +29,18 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_bwd(const at::Tensor& dy, const at
                                                   const c10::optional<at::Tensor>& lora_B_t);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_by_adapter(const at::Tensor& ids,
                                                                                         int64_t num_slots);
+at::Tensor bgmv_shrink(const at::Tensor& x, const at::Tensor& w, const at::Tensor& perm, const at::Tensor& pos_slots,
+                       const at::Tensor& ranks, const c10::optional<at::Tensor>& scalings);
+void bgmv_expand(at::Tensor y, const at::Tensor& S, const at::Tensor& w, const at::Tensor& perm,
+                 const at::Tensor& pos_slots, const at::Tensor& ranks, const c10::optional<at::Tensor>& scalings);
+at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& w, const at::Tensor& perm, const at::Tensor& seg_slots,
+                       const at::Tensor& seg_starts, const at::Tensor& ranks,
+                       const c10::optional<at::Tensor>& scalings, int64_t max_count);
+void sgmv_expand(at::Tensor y, const at::Tensor& S, const at::Tensor& w, const at::Tensor& perm,
+                 const at::Tensor& seg_slots, const at::Tensor& seg_starts, const at::Tensor& ranks,
+                 const c10::optional<at::Tensor>& scalings, int64_t max_count);
+void lora_expand(at::Tensor y, const at::Tensor& S, const at::Tensor& B, const c10::optional<at::Tensor>& bias,
+                 double scale);
 }  // namespace cpu
 }  // namespace peft_kernels
 
@@ -51,6 +63,30 @@ TORCH_LIBRARY(peft_kernels, m) {
   m.def("multi_lora_bwd(Tensor dy, Tensor x, Tensor S, Tensor lora_A, Tensor lora_B, Tensor perm, "
         "Tensor seg_slots, Tensor seg_starts, Tensor ranks, Tensor scalings, Tensor(a!)? dx, bool need_da, "
         "bool need_db, Tensor? lora_B_t=None) -> (Tensor, Tensor)");
+  // The gather ops, with CPU (csrc/cpu/lora_gather.cpp) and CUDA (csrc/cuda) kernels. Mapping tensors
+  // (int32) as in ops/multi_lora.py's AdapterMapping; w is a weight stack viewed [S, R, K] (shrink) or
+  // [S, N, R] (expand) with any strides.
+  //   shrink: S[p, r] = s? · Σ_k x[perm[p], k] · w[slot_p, r, k] (r < rank; fp32 [len(perm), R], 0 past rank)
+  //   expand: y[perm[p], n] += s? · Σ_{r<rank} S[p, r] · w[slot_p, n, r]
+  m.def("bgmv_shrink(Tensor x, Tensor w, Tensor perm, Tensor pos_slots, Tensor ranks, Tensor? scalings) -> Tensor");
+  m.def("bgmv_expand(Tensor(a!) y, Tensor S, Tensor w, Tensor perm, Tensor pos_slots, Tensor ranks, "
+        "Tensor? scalings) -> ()");
+  m.def("sgmv_shrink(Tensor x, Tensor w, Tensor perm, Tensor seg_slots, Tensor seg_starts, Tensor ranks, "
+        "Tensor? scalings, int max_count) -> Tensor");
+  m.def("sgmv_expand(Tensor(a!) y, Tensor S, Tensor w, Tensor perm, Tensor seg_slots, Tensor seg_starts, "
+        "Tensor ranks, Tensor? scalings, int max_count) -> ()");
+  // single-adapter LoRA expand epilogue: y += scale · S·Bᵀ (+ bias), S fp32 [M, R], B [N, R]
+  m.def("lora_expand(Tensor(a!) y, Tensor S, Tensor B, Tensor? bias, float scale) -> ()");
+  // how this library was built: "cpu" or "cuda <archs>" (python -m peft_kernels info)
+  m.def("build_info() -> str", []() -> std::string {
+#ifdef PK_WITH_CUDA
+#define PK_STR(...) #__VA_ARGS__
+#define PK_XSTR(...) PK_STR(__VA_ARGS__)
+    return std::string("cuda ") + PK_XSTR(PK_CUDA_ARCHS);
+#else
+    return "cpu";
+#endif
+  });
 }
 
 TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
@@ -58,6 +94,11 @@ TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
   m.impl("lora_dropout_bwd", &peft_kernels::cpu::lora_dropout_bwd);
   m.impl("multi_lora_fwd", &peft_kernels::cpu::multi_lora_fwd);
   m.impl("multi_lora_bwd", &peft_kernels::cpu::multi_lora_bwd);
+  m.impl("bgmv_shrink", &peft_kernels::cpu::bgmv_shrink);
+  m.impl("bgmv_expand", &peft_kernels::cpu::bgmv_expand);
+  m.impl("sgmv_shrink", &peft_kernels::cpu::sgmv_shrink);
+  m.impl("sgmv_expand", &peft_kernels::cpu::sgmv_expand);
+  m.impl("lora_expand", &peft_kernels::cpu::lora_expand);
   m.impl("group_by_adapter", &peft_kernels::cpu::group_by_adapter);
 }
 

@@ -24,11 +24,14 @@ def info() -> str:
     from . import _ext
 
     why = _ext.unavailable_reason()
-    lines.append("compiled extension peft_kernels._C (csrc/, CPU ops: fused LoRA dropout passes, multi-adapter grouping and kernels): "
+    lines.append("compiled extension peft_kernels._C (csrc/: CPU ops for the LoRA dropout passes, multi-adapter "
+                 "grouping and kernels, the BGMV/SGMV gathers; CUDA kernels when built with CUDA): "
                  + ("loaded" if why is None else f"not available: {why}"))
     if why is None:
+        built = _ext.build_info()
+        lines.append("  built with CUDA for archs " + built.split(" ", 1)[1] if built.startswith("cuda")
+                     else "  built without CUDA (CPU kernels only; see the README for the CUDA build)")
         lines.append(f"  CPU fp32 micro-kernels: {_ext.ops().cpu_isa('')} variant")
-    lines.append("CUDA extension: not part of this release")
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         lines.append(dispatch.explain("auto", dev))
     return "\n".join(lines)

@@ -23,6 +23,23 @@ def _load() -> None:
         _loaded, _why = True, None
     except ImportError as e:
         _loaded, _why = False, f"peft_kernels._C was not built or failed to load ({e})"
+        return
+    _register_fakes()
+
+
+def _register_fakes() -> None:
+    """Shape-only (meta) implementations of the gather ops, for torch.compile and opcheck."""
+    import torch
+
+    def shrink(x, w, perm, *rest):
+        return x.new_empty((perm.shape[0], w.shape[1]), dtype=torch.float32)
+
+    def nothing(*args):
+        return None
+
+    for name, fn in (("bgmv_shrink", shrink), ("sgmv_shrink", shrink), ("bgmv_expand", nothing),
+                     ("sgmv_expand", nothing), ("lora_expand", nothing)):
+        torch.library.register_fake(f"peft_kernels::{name}")(fn)
 
 
 def available() -> bool:
@@ -37,6 +54,13 @@ def unavailable_reason() -> Optional[str]:
         return "disabled by PEFT_KERNELS_DISABLE_EXT=1"
     _load()
     return _why
+
+
+def build_info() -> str:
+    """"cpu" or "cuda <archs>": how peft_kernels._C was built ("" when it is not available)."""
+    if not available():
+        return ""
+    return ops().build_info()
 
 
 def ops():

@@ -4,7 +4,10 @@ Backends:
     ``"torch"``  plain PyTorch (any device); the fastest CPU path.
     ``"triton"`` fused Triton kernels: CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``
                  was set before triton was imported (that is how the test suite runs them).
-    ``"auto"``   triton on CUDA when it can run there, torch otherwise.
+    ``"cuda"``   the hand-written CUDA kernels of ``peft_kernels._C`` (csrc/cuda), for the ops that
+                 have them (multi_lora_linear); needs the extension built with CUDA and CUDA tensors.
+    ``"auto"``   triton on CUDA when it can run there, else cuda when the op has CUDA kernels and
+                 they can run, torch otherwise.
 
 The environment variable ``PEFT_KERNELS_BACKEND`` (one of the names above) overrides the backend an
 op or module asked for. Nothing here touches a GPU at import time.
@@ -17,7 +20,8 @@ from typing import Callable, Optional
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cuda")
+DEFAULT_SUPPORTED = ("torch", "triton")  # what an op runs unless it says otherwise
 ENV_VAR = "PEFT_KERNELS_BACKEND"
 
 
@@ -57,12 +61,31 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
     return f"Triton kernels do not support device type {device.type!r}"
 
 
+def cuda_unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why the compiled CUDA kernels cannot run on ``device`` (None when they can)."""
+    from . import _ext
+
+    why = _ext.unavailable_reason()
+    if why is not None:
+        return why
+    if not _ext.build_info().startswith("cuda"):
+        return ("peft_kernels._C was built without CUDA (install with a CUDA torch and toolkit, "
+                "PEFT_KERNELS_CUDA=1; see the README)")
+    if device.type != "cuda":
+        return f"the CUDA kernels take CUDA tensors, these are on {device}"
+    if not torch.cuda.is_available():
+        return "tensors are on CUDA but torch.cuda.is_available() is False"
+    return None
+
+
 def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` cannot run on ``device`` (None when it can)."""
     if backend == "torch":
         return None
     if backend == "triton":
         return triton_unavailable_reason(device)
+    if backend == "cuda":
+        return cuda_unavailable_reason(device)
     raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
 
 
@@ -75,21 +98,26 @@ def requested_backend(backend: str = "auto") -> str:
     return backend
 
 
-def resolve(backend: str, device: torch.device, op_reason: Optional[Callable[[str], Optional[str]]] = None) -> str:
+def resolve(backend: str, device: torch.device, op_reason: Optional[Callable[[str], Optional[str]]] = None,
+            supported=DEFAULT_SUPPORTED) -> str:
     """Pick the concrete backend for tensors on ``device``; raise if an explicit one can't run.
 
-    ``op_reason(name)`` lets an op add why ``name`` cannot take these particular inputs
-    (a dtype it has no kernel for, say); "auto" then falls back to torch.
+    ``supported``: the backends the op has. ``op_reason(name)`` lets an op add why ``name`` cannot
+    take these particular inputs (a dtype it has no kernel for, say); "auto" then falls back to torch.
     """
     req = requested_backend(backend)
 
     def why(name):
+        if name not in supported:
+            return f"this op has no {name} kernels (it runs on: {', '.join(supported)})"
         r = unavailable_reason(name, device)
         return r if r is not None or op_reason is None else op_reason(name)
 
     if req == "auto":
-        if device.type == "cuda" and why("triton") is None:
-            return "triton"
+        if device.type == "cuda":
+            for name in ("triton", "cuda"):
+                if why(name) is None:
+                    return name
         return "torch"
     reason = why(req)
     if reason is not None:

@@ -68,3 +68,37 @@ def test_info_cli(capsys):
     main(["info"])
     out = capsys.readouterr().out
     assert "torch" in out and "triton" in out and "peft_kernels" in out
+    assert "cuda" in out and ("built without CUDA" in out or "built with CUDA for archs" in out)
+
+
+def test_cuda_backend_says_why_it_cannot_run():
+    """On this machine the CUDA kernels cannot run; every way of asking says why, never crashes."""
+    if torch.cuda.is_available():
+        pytest.skip("this check is for machines without a GPU")
+    why = dispatch.unavailable_reason("cuda", torch.device("cuda"))
+    assert why is not None and ("without CUDA" in why or "is_available() is False" in why or "_C" in why)
+    x, W = torch.randn(4, 8), torch.randn(6, 8)
+    A, B = torch.randn(2, 3, 8), torch.randn(2, 6, 3)
+    with pytest.raises(pk.BackendUnavailable, match="backend 'cuda' cannot run"):
+        pk.multi_lora_linear(x, W, None, A, B, [1.0, 1.0], torch.tensor([0, 1, -1, 0]), backend="cuda")
+    assert "cuda    unavailable" in dispatch.explain("auto", "cpu")
+
+
+def test_op_without_cuda_kernels_says_so(monkeypatch):
+    """lora_linear has no CUDA kernels: asking for them names the backends it has, even where CUDA could run."""
+    monkeypatch.setattr(dispatch, "cuda_unavailable_reason", lambda device: None)
+    with pytest.raises(pk.BackendUnavailable, match=r"this op has no cuda kernels \(it runs on: torch, triton\)"):
+        pk.lora_linear(torch.randn(2, 3), torch.randn(4, 3), None, torch.randn(1, 3), torch.randn(4, 1), 1.0,
+                       backend="cuda")
+
+
+def test_auto_prefers_triton_then_cuda_on_gpu(monkeypatch):
+    """On a CUDA device "auto" takes triton when it can run, else the CUDA kernels (for ops that have them)."""
+    dev = torch.device("cuda")
+    monkeypatch.setattr(dispatch, "cuda_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(dispatch, "triton_unavailable_reason", lambda device: None)
+    sup = ("torch", "triton", "cuda")
+    assert dispatch.resolve("auto", dev, supported=sup) == "triton"
+    monkeypatch.setattr(dispatch, "triton_unavailable_reason", lambda device: "no triton here")
+    assert dispatch.resolve("auto", dev, supported=sup) == "cuda"
+    assert dispatch.resolve("auto", dev) == "torch"  # an op without CUDA kernels

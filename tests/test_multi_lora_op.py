@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import peft_kernels as pk
-from peft_kernels import _ext
-from peft_kernels.ops.multi_lora import build_mapping, choose_path
+from peft_kernels import _ext, dispatch
+from peft_kernels.ops.multi_lora import SUPPORTED, build_mapping, choose_path
 from peft_kernels.reference import expand_adapter_ids, multi_lora_linear_ref
 
 from helpers import assert_close, backend_params, cpu_isa, dtype_params, isa_params  # noqa: F401 (fixture)
@@ -17,7 +17,7 @@ from helpers import assert_close, backend_params, cpu_isa, dtype_params, isa_par
 def variants():
     """(backend, path, use the C++ extension) for every way the op can run here."""
     out = []
-    for p in backend_params():
+    for p in backend_params(supported=SUPPORTED):
         name = p.values[0]
         if name == "torch":
             ext_marks = list(p.marks) + ([] if _ext.available() else
@@ -26,6 +26,9 @@ def variants():
             out.append(pytest.param(("torch", "auto", False), id="torch-noext", marks=p.marks))
         else:
             out += [pytest.param((name, path, True), id=f"{name}-{path}", marks=p.marks) for path in ("bgmv", "sgmv")]
+        if name == "torch":  # the "cuda" backend's Python side with the CPU twins of the CUDA kernels
+            out += [pytest.param(("cuda-on-cpu", path, True), id=f"cuda-on-cpu-{path}", marks=ext_marks)
+                    for path in ("bgmv", "sgmv")]
     return out
 
 
@@ -34,6 +37,11 @@ def variant(request, monkeypatch):
     backend, path, ext = request.param
     if not ext:
         monkeypatch.setenv("PEFT_KERNELS_DISABLE_EXT", "1")
+    if backend == "cuda-on-cpu":
+        # dispatch lets "cuda" run on CPU tensors: the gather ops then run their csrc/cpu implementations,
+        # so the backend's orchestration (and those kernels) is tested here; real CUDA runs as "cuda-*"
+        monkeypatch.setattr(dispatch, "cuda_unavailable_reason", lambda device: None)
+        backend = "cuda"
     return backend, path
 
 
@@ -154,6 +162,10 @@ def test_against_reference(variant, dtype, lead, K, N, ranks, R, pattern, bias, 
 def test_fp32_adapters_on_half_base(variant, dtype):
     backend, path = variant
     t = make_inputs((23,), 26, 19, [5, 2, 5, 3], 5, "mixed", True, "contig", dtype, adapter_dtype=torch.float32)
+    if backend == "cuda":  # its kernels read the stacks in x's dtype; it says so instead of casting silently
+        with pytest.raises(pk.BackendUnavailable, match="need lora_A/lora_B in x's dtype"):
+            run_and_compare(backend, path, t)
+        return
     run_and_compare(backend, path, t)
 
 

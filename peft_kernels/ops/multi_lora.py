@@ -313,6 +313,56 @@ def _triton_backward(dy, x, weight, A, B, S, m, scal, ranks, path, need_dx, need
     return dx, dA, dB
 
 
+def _gather_forward(x, weight, bias, A, B, m, scal, ranks, path):
+    """The "cuda" backend: base GEMM, then the compiled gather ops (``torch.ops.peft_kernels.{b,s}gmv_*``,
+    csrc/cuda on CUDA tensors; their csrc/cpu twins run the same code path on CPU tensors in the tests)."""
+    ops = _ext.ops()
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    if m.num_active == 0:
+        return y, x.new_zeros((0, A.shape[1]), dtype=torch.float32)
+    S = _gather_shrink(ops, path, x, A, m, ranks, None)
+    _gather_expand(ops, path, y, S, B, m, ranks, scal)
+    return y, S
+
+
+def _gather_shrink(ops, path, inp, w, m, ranks, scal):
+    if path == "sgmv":
+        return ops.sgmv_shrink(inp, w, m.perm, m.seg_slots, m.seg_starts, ranks, scal, m.max_count)
+    return ops.bgmv_shrink(inp, w, m.perm, m.pos_slots, ranks, scal)
+
+
+def _gather_expand(ops, path, out, buf, w, m, ranks, scal):
+    if path == "sgmv":
+        ops.sgmv_expand(out, buf, w, m.perm, m.seg_slots, m.seg_starts, ranks, scal, m.max_count)
+    else:
+        ops.bgmv_expand(out, buf, w, m.perm, m.pos_slots, ranks, scal)
+
+
+def _gather_backward(dy, x, weight, A, B, S, m, scal, ranks, ranks_h, scal_h, path, need_dx, need_da, need_db):
+    """dS = s·dY·B and dX += dS·A with the gather kernels (B and A read transposed through strides, no
+    copy); dA = dSᵀ·x and dB = s·dYᵀ·S as one GEMM pair per segment (deterministic)."""
+    ops = _ext.ops()
+    dx = torch.mm(dy, weight) if need_dx else None
+    dA = torch.zeros_like(A) if need_da else None
+    dB = torch.zeros_like(B) if need_db else None
+    if m.num_active == 0 or not (need_dx or need_da or need_db):
+        return dx, dA, dB
+    dS = None
+    if need_dx or need_da:
+        dS = _gather_shrink(ops, path, dy, B.transpose(1, 2), m, ranks, scal)  # [T_active, R] fp32, scaled
+        if need_dx:
+            _gather_expand(ops, path, dx, dS, A.transpose(1, 2), m, ranks, None)
+    if need_da or need_db:
+        perm = m.perm.long()
+        for a, s, e, r in _segments(m, ranks_h):
+            rows = perm[s:e]
+            if need_da:
+                dA[a, :r] = torch.mm(dS[s:e, :r].t(), x.index_select(0, rows).float()).to(A.dtype)
+            if need_db:
+                dB[a, :, :r] = torch.mm(dy.index_select(0, rows).float().t(), S[s:e, :r]).mul_(scal_h[a]).to(B.dtype)
+    return dx, dA, dB
+
+
 # --------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------
@@ -325,7 +375,7 @@ class MultiLoRACall(NamedTuple):
     scal_h: Tuple[float, ...]
     ranks_h: Tuple[int, ...]
     backend: str
-    path: str               # "bgmv" | "sgmv" (triton) or "grouped" (torch)
+    path: str               # "bgmv" | "sgmv" (triton, cuda) or "grouped" (torch)
     ext: bool = False       # torch backend: the C++ CPU kernels run it (decided once, for forward and backward)
 
 
@@ -333,6 +383,8 @@ def _forward_2d(x2d, weight, bias, lora_A, lora_B, call: MultiLoRACall):
     if call.backend == "torch":
         return _torch_forward(x2d, weight, bias, lora_A, lora_B, call.mapping, call.scalings, call.ranks,
                               call.scal_h, call.ranks_h, call.ext)
+    if call.backend == "cuda":
+        return _gather_forward(x2d, weight, bias, lora_A, lora_B, call.mapping, call.scalings, call.ranks, call.path)
     return _triton_forward(x2d, weight, bias, lora_A, lora_B, call.mapping, call.scalings, call.ranks, call.path)
 
 
@@ -354,16 +406,24 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         if call.backend == "torch":
             dx, dA, dB = _torch_backward(dy2d, x2d, weight, A, B, S, call.mapping, call.scalings, call.ranks,
                                          call.scal_h, call.ranks_h, call.ext, need_x, need_a, need_bb)
+        elif call.backend == "cuda":
+            dx, dA, dB = _gather_backward(dy2d, x2d, weight, A, B, S, call.mapping, call.scalings, call.ranks,
+                                          call.ranks_h, call.scal_h, call.path, need_x, need_a, need_bb)
         else:
             dx, dA, dB = _triton_backward(dy2d, x2d, weight, A, B, S, call.mapping, call.scalings, call.ranks,
                                           call.path, need_x, need_a, need_bb)
         return finish_lora_backward(ctx, dy2d, x2d, dx, dA, dB)
 
 
-def _op_reason(x: torch.Tensor):
+SUPPORTED = ("torch", "triton", "cuda")
+
+
+def _op_reason(x: torch.Tensor, lora_A: torch.Tensor):
     def reason(name: str):
-        if name == "triton" and x.dtype == torch.float64:
-            return f"the Triton kernels take float32/float16/bfloat16, got {x.dtype}"
+        if name in ("triton", "cuda") and x.dtype == torch.float64:
+            return f"the {name.capitalize()} kernels take float32/float16/bfloat16, got {x.dtype}"
+        if name == "cuda" and lora_A.dtype != x.dtype:
+            return f"the CUDA kernels need lora_A/lora_B in x's dtype ({x.dtype}), got {lora_A.dtype}"
         return None
     return reason
 
@@ -391,8 +451,8 @@ def multi_lora_linear(
         adapter_ids: int32/int64 with one id in ``[-1, S)`` per token of x flattened to ``(T, K)``, or
             one per batch row when x is ``[B, L, K]``; -1 = base only (those rows equal the base output
             exactly). Or an :class:`AdapterMapping` built once with :func:`build_mapping` and reused.
-        backend: "auto" | "torch" | "triton" (``PEFT_KERNELS_BACKEND`` overrides).
-        path: Triton kernel shape: "bgmv" (per token), "sgmv" (per segment) or "auto".
+        backend: "auto" | "torch" | "triton" | "cuda" (``PEFT_KERNELS_BACKEND`` overrides).
+        path: Triton / CUDA kernel shape: "bgmv" (per token), "sgmv" (per segment) or "auto".
         check_ids: raise ValueError on ids outside [-1, S) and ranks outside [0, R] (default). False
             skips it on a hot path: bad ids then act as -1, never as an out-of-bounds read.
     """
@@ -412,12 +472,12 @@ def multi_lora_linear(
             raise TypeError(f"adapter_ids must be an int tensor or an AdapterMapping, got {type(adapter_ids).__name__}")
         ids = expand_adapter_ids(adapter_ids, x.shape)
         m = build_mapping(ids, T, S, device=x.device, check_ids=check_ids)
-    name = dispatch.resolve(backend, x.device, _op_reason(x))
+    name = dispatch.resolve(backend, x.device, _op_reason(x, lora_A), SUPPORTED)
     chosen = choose_path(m, path)  # validates `path` on every backend
-    if name != "triton":
+    if name == "torch":
         chosen = "grouped"  # the torch backend always groups per segment
     # host copies: free on the CPU; on CUDA one small sync, skipped with check_ids=False on the triton path
-    need_host = name == "torch" or check_ids
+    need_host = name in ("torch", "cuda") or check_ids
     ranks_h = tuple(rk.tolist()) if need_host else ()
     if check_ids and ranks is not None:
         _check_ranks(ranks_h, lora_A.shape[1])
@@ -427,7 +487,7 @@ def multi_lora_linear(
         rk = rk.clone() if ranks is not None and rk.data_ptr() == ranks.data_ptr() else rk
         scal = scal.clone() if isinstance(scalings, torch.Tensor) and scal.data_ptr() == scalings.data_ptr() else scal
     ext = name == "torch" and _use_ext(x)
-    scal_h = tuple(scal.tolist()) if name == "torch" and not ext else ()
+    scal_h = tuple(scal.tolist()) if (name == "torch" and not ext) or name == "cuda" else ()
     call = MultiLoRACall(m, scal, rk, scal_h, ranks_h, name, chosen, ext)
     if not grad:  # inference (serving): no backward can follow, so skip the autograd.Function machinery
         y, _ = _forward_2d(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, call)

@@ -1,0 +1,71 @@
+// Argument checks shared by the CPU (csrc/cpu/lora_gather.cpp) and CUDA (csrc/cuda/ops_cuda.cpp)
+// implementations of the gather ops (bgmv_*/sgmv_*/lora_expand). TORCH_CHECK_TYPE / TORCH_CHECK_VALUE
+// surface in Python as TypeError / ValueError naming the argument.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace peft_kernels {
+
+inline bool is_kernel_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+inline void check_index(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.is_contiguous(), name, " must be a contiguous 1-D tensor");
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, " is on ", t.device(), " but the data is on ", like.device());
+}
+
+// The per-slot metadata: ranks int32 [S], scalings fp32 [S] or none.
+inline void check_slots(const at::Tensor& w, const at::Tensor& ranks, const c10::optional<at::Tensor>& scalings) {
+  check_index(ranks, "ranks", w);
+  TORCH_CHECK_VALUE(ranks.size(0) == w.size(0), "ranks must have one entry per slot (", w.size(0), "), got ",
+                    ranks.size(0));
+  if (scalings.has_value()) {
+    const at::Tensor& s = *scalings;
+    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "scalings must be float32, got ", s.scalar_type());
+    TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == w.size(0) && s.is_contiguous(),
+                      "scalings must be a contiguous [", w.size(0), "] tensor");
+    TORCH_CHECK_VALUE(s.device() == w.device(), "scalings is on ", s.device(), " but the data is on ", w.device());
+  }
+}
+
+// shrink: x [T, KD], w [S, R, KD] (any strides), returns R.
+inline int64_t check_shrink(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK_TYPE(is_kernel_float(x), "x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), "w dtype ", w.scalar_type(), " must match x's ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [tokens, in_features], got ", x.dim(), " dims");
+  TORCH_CHECK_VALUE(w.dim() == 3 && w.size(2) == x.size(1), "w must be [slots, rank, ", x.size(1), "], got ",
+                    w.sizes());
+  TORCH_CHECK_VALUE(w.device() == x.device(), "w is on ", w.device(), " but x is on ", x.device());
+  return w.size(1);
+}
+
+// expand: y [T, ND] (updated in place), S fp32 [T_active, R], w [S, ND, R] (any strides).
+inline void check_expand(const at::Tensor& y, const at::Tensor& S, const at::Tensor& w) {
+  TORCH_CHECK_TYPE(is_kernel_float(y), "y must be float32, float16 or bfloat16, got ", y.scalar_type());
+  TORCH_CHECK_TYPE(w.scalar_type() == y.scalar_type(), "w dtype ", w.scalar_type(), " must match y's ",
+                   y.scalar_type());
+  TORCH_CHECK_TYPE(S.scalar_type() == at::kFloat, "S must be float32, got ", S.scalar_type());
+  TORCH_CHECK_VALUE(y.dim() == 2, "y must be 2-D [tokens, out_features], got ", y.dim(), " dims");
+  TORCH_CHECK_VALUE(S.dim() == 2 && S.is_contiguous(), "S must be a contiguous 2-D [tokens, rank] tensor");
+  TORCH_CHECK_VALUE(w.dim() == 3 && w.size(1) == y.size(1) && w.size(2) == S.size(1), "w must be [slots, ",
+                    y.size(1), ", ", S.size(1), "], got ", w.sizes());
+  TORCH_CHECK_VALUE(w.device() == y.device() && S.device() == y.device(), "y, S and w must be on one device");
+}
+
+inline void check_rows(const at::Tensor& perm, int64_t t_active, const at::Tensor& like) {
+  check_index(perm, "perm", like);
+  TORCH_CHECK_VALUE(perm.size(0) == t_active, "perm must have one entry per row of S (", t_active, "), got ",
+                    perm.size(0));
+}
+
+inline void check_segments(const at::Tensor& seg_slots, const at::Tensor& seg_starts, const at::Tensor& like) {
+  check_index(seg_slots, "seg_slots", like);
+  check_index(seg_starts, "seg_starts", like);
+  TORCH_CHECK_VALUE(seg_starts.size(0) == seg_slots.size(0) + 1, "seg_starts must have len(seg_slots) + 1 entries");
+}
+
+}  // namespace peft_kernels

@@ -28,7 +28,7 @@ def _load() -> None:
 
 
 def _register_fakes() -> None:
-    """Shape-only (meta) implementations of the gather ops, for torch.compile and opcheck."""
+    """Shape-only (fake) implementations of the tensor ops, for torch.compile and opcheck."""
     import torch
 
     def shrink(x, w, perm, *rest):
@@ -37,8 +37,32 @@ def _register_fakes() -> None:
     def nothing(*args):
         return None
 
+    def dropout_shrink(x, A, *keys):
+        return x.new_empty((x.shape[0], A.shape[0]), dtype=torch.float32)
+
+    def dropout_bwd(dS, x, A, k0, k1, k2, thr, need_dx, need_da):
+        f32 = dict(dtype=torch.float32, device=x.device)
+        return (x.new_empty(x.shape, **f32) if need_dx else x.new_empty((0,), **f32),
+                x.new_empty((A.shape[0], x.shape[1]), **f32) if need_da else x.new_empty((0,), **f32))
+
+    def multi_fwd(y, x, A, B, perm, *rest):
+        return A.new_empty((perm.shape[0], A.shape[1]))
+
+    def multi_bwd(dy, x, S, A, B, perm, seg_slots, seg_starts, ranks, scalings, dx, need_da, need_db, B_t=None):
+        return (A.new_empty(A.shape) if need_da else A.new_empty((0,)),
+                B.new_empty(B.shape) if need_db else B.new_empty((0,)))
+
+    def group(ids, num_slots):
+        ctx = torch.library.get_ctx()
+        ta, g, bad = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
+        i32 = dict(dtype=torch.int32, device=ids.device)
+        return (ids.new_empty((ta,), **i32), ids.new_empty((ta,), **i32), ids.new_empty((g,), **i32),
+                ids.new_empty((g + 1,), **i32), ids.new_empty((bad,), dtype=torch.int64))
+
     for name, fn in (("bgmv_shrink", shrink), ("sgmv_shrink", shrink), ("bgmv_expand", nothing),
-                     ("sgmv_expand", nothing), ("lora_expand", nothing)):
+                     ("sgmv_expand", nothing), ("lora_expand", nothing), ("lora_dropout_shrink", dropout_shrink),
+                     ("lora_dropout_bwd", dropout_bwd), ("multi_lora_fwd", multi_fwd), ("multi_lora_bwd", multi_bwd),
+                     ("group_by_adapter", group)):
         torch.library.register_fake(f"peft_kernels::{name}")(fn)
 
 

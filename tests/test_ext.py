@@ -95,3 +95,33 @@ def test_same_mask_with_and_without_extension(monkeypatch):
     torch.manual_seed(4)
     y2 = pk.lora_linear(*args, dropout_p=0.3, training=True, backend="torch")
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+def test_opcheck_dropout_and_multi_adapter_ops():
+    """torch.library.opcheck (schema, fake kernels, in-place annotations) for the extension's other tensor
+    ops; the gather ops are checked in test_gather_ops.py."""
+    from peft_kernels.ops.multi_lora import build_mapping
+
+    ops = _ext.ops()
+    g = torch.Generator().manual_seed(0)
+    x, A = torch.randn(13, 20, generator=g), torch.randn(5, 20, generator=g)
+    ks = D.keys(3, 0.2)
+    T, S, R, K, N = 17, 4, 6, 20, 9
+    ids = torch.randint(-1, S, (T,), generator=g)
+    m = build_mapping(ids, T, S)
+    A3, B3 = torch.randn(S, R, K, generator=g), torch.randn(S, N, R, generator=g)
+    ranks, scal = torch.tensor([6, 3, 1, 0], dtype=torch.int32), torch.rand(S, generator=g)
+    xs, y = torch.randn(T, K, generator=g), torch.randn(T, N, generator=g)
+    Sb = ops.multi_lora_fwd(y.clone(), xs, A3, B3, m.perm, m.seg_slots, m.seg_starts, ranks, scal, None)
+    cases = [
+        (ops.lora_dropout_shrink, (x, A, *ks)),
+        (ops.lora_dropout_bwd, (torch.randn(13, 5, generator=g), x, A, *ks, True, True)),
+        (ops.lora_dropout_bwd, (torch.randn(13, 5, generator=g), x, A, *ks, False, True)),
+        (ops.multi_lora_fwd, (y.clone(), xs, A3, B3, m.perm, m.seg_slots, m.seg_starts, ranks, scal, None)),
+        (ops.multi_lora_bwd, (torch.randn(T, N, generator=g), xs, Sb, A3, B3, m.perm, m.seg_slots, m.seg_starts,
+                              ranks, scal, torch.zeros(T, K), True, True, None)),
+        (ops.group_by_adapter, (ids, S)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)

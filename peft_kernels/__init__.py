@@ -6,12 +6,16 @@ Public API:
     multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, *, ranks=None, backend="auto")
     MultiLoRALinear, adapter_ids   many adapters in one layer, one per token (serving and batched training)
     build_mapping, AdapterMapping  the token grouping, built once per batch and reused across layers
-    bottleneck_adapter, adapter_linear, BottleneckAdapter, AdapterLinear   bottleneck adapters (torch backend)
+    bottleneck_adapter, adapter_linear, BottleneckAdapter, AdapterLinear   bottleneck adapters (torch, Triton)
+    inject_lora, inject_multi_lora, merge_lora, unmerge_lora, lora_state_dict   swap fused layers into a model
+    load_peft_adapter, save_peft_adapter   HF PEFT LoRA checkpoints, both ways
     reference.lora_linear_ref      the plain-PyTorch spec
     dispatch.explain(backend, device)  which backend runs and why
 """
 from . import dispatch, reference
 from .dispatch import BackendUnavailable
+from .checkpoint import CheckpointError, load_peft_adapter, save_peft_adapter
+from .inject import inject_lora, inject_multi_lora, lora_state_dict, merge_lora, unmerge_lora
 from .nn import AdapterLinear, BottleneckAdapter, LoRALinear, MultiLoRALinear, adapter_ids
 from .ops.bottleneck import adapter_linear, bottleneck_adapter
 from .ops.lora import lora_linear
@@ -20,4 +24,6 @@ from .ops.multi_lora import AdapterMapping, build_mapping, multi_lora_linear
 __version__ = "0.1.0"
 
 __all__ = ["lora_linear", "LoRALinear", "multi_lora_linear", "MultiLoRALinear", "adapter_ids", "AdapterMapping",
-           "build_mapping", "bottleneck_adapter", "adapter_linear", "BottleneckAdapter", "AdapterLinear", "reference", "dispatch", "BackendUnavailable", "__version__"]
+           "build_mapping", "bottleneck_adapter", "adapter_linear", "BottleneckAdapter", "AdapterLinear", "reference", "dispatch", "BackendUnavailable", "__version__",
+           "inject_lora", "inject_multi_lora", "merge_lora", "unmerge_lora", "lora_state_dict", "load_peft_adapter",
+           "save_peft_adapter", "CheckpointError"]

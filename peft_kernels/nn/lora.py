@@ -12,13 +12,35 @@ from .. import dispatch
 from ..ops.lora import lora_linear
 
 
-def adopt_frozen_base(module: nn.Module, base: Optional[nn.Linear], in_features, out_features, bias, device,
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' GPT-2-style ``Conv1D``: a linear layer whose weight is stored [in, out]."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None \
+        and m.weight.dim() == 2
+
+
+def base_features(linear: nn.Module):
+    """(in_features, out_features) of an nn.Linear or a Conv1D; TypeError for anything else."""
+    if isinstance(linear, nn.Linear):
+        return linear.in_features, linear.out_features
+    if is_conv1d(linear):
+        return tuple(linear.weight.shape)
+    raise TypeError(f"linear must be an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
+
+
+def adopt_frozen_base(module: nn.Module, base: Optional[nn.Module], in_features, out_features, bias, device,
                       dtype) -> None:
-    """Give ``module`` nn.Linear's frozen ``weight``/``bias`` (reusing ``base``'s Parameters, or new ones)."""
+    """Give ``module`` the frozen ``weight``/``bias`` of ``base`` (its Parameters, reused) or of a new nn.Linear.
+
+    A ``Conv1D`` base keeps its [in, out] weight (``module.fan_in_fan_out = True``; the ops read its
+    transpose, a view), so its state-dict keys and shapes stay the checkpoint's."""
     if base is None:
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-    module.in_features = base.in_features
-    module.out_features = base.out_features
+    module.fan_in_fan_out = is_conv1d(base)
+    if module.fan_in_fan_out:
+        module.in_features, module.out_features = base.weight.shape
+    else:
+        module.in_features = base.in_features
+        module.out_features = base.out_features
     module.weight = base.weight
     module.bias = base.bias
     module.weight.requires_grad_(False)
@@ -57,6 +79,7 @@ class LoRALinear(nn.Module):
         backend: str = "auto",
         lora_dtype: Optional[torch.dtype] = None,
         *,
+        lora_bias: bool = False,
         _base: Optional[nn.Linear] = None,
     ):
         super().__init__()
@@ -72,6 +95,10 @@ class LoRALinear(nn.Module):
         dev = self.weight.device
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=dev, dtype=ldtype))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, device=dev, dtype=ldtype))
+        # PEFT's lora_bias: lora_B is a Linear with a bias, so the update is scaling·(B·A·x + b_B)
+        self.lora_bias = bool(lora_bias)
+        self.lora_B_bias = (nn.Parameter(torch.zeros(self.out_features, device=dev, dtype=ldtype))
+                            if self.lora_bias else None)
         self.init_lora_weights = init_lora_weights
         self.merged = False
         self.reset_lora_parameters()
@@ -90,15 +117,16 @@ class LoRALinear(nn.Module):
             raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+    def from_linear(cls, linear: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
-                    backend: str = "auto", lora_dtype: Optional[torch.dtype] = None) -> "LoRALinear":
-        """Wrap ``linear``: its own weight/bias Parameters are reused (no copy) and frozen."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        return cls(linear.in_features, linear.out_features, r=r, lora_alpha=lora_alpha,
+                    backend: str = "auto", lora_dtype: Optional[torch.dtype] = None,
+                    lora_bias: bool = False) -> "LoRALinear":
+        """Wrap ``linear`` (an nn.Linear, or a GPT-2-style Conv1D: fan_in_fan_out): its own weight/bias
+        Parameters are reused (no copy) and frozen."""
+        in_f, out_f = base_features(linear)
+        return cls(in_f, out_f, r=r, lora_alpha=lora_alpha,
                    lora_dropout=lora_dropout, use_rslora=use_rslora, init_lora_weights=init_lora_weights,
-                   backend=backend, lora_dtype=lora_dtype, _base=linear)
+                   backend=backend, lora_dtype=lora_dtype, lora_bias=lora_bias, _base=linear)
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
@@ -113,27 +141,42 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(self.lora_B)
 
     # ---------------------------------------------------------------------------------- forward
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight as [out, in] (a transposed view for a Conv1D base)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def _lora_bias_term(self) -> torch.Tensor:
+        return (self.lora_B_bias * self.scaling).to(self.weight.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+            return F.linear(x, self.base_weight(), self.bias)
+        bias = self.bias
+        if self.lora_bias:  # differentiable in lora_B_bias through the op's bias gradient
+            bias = self._lora_bias_term() if bias is None else bias + self._lora_bias_term()
+        return lora_linear(x, self.base_weight(), bias, self.lora_A, self.lora_B, self.scaling,
                            dropout_p=self.lora_dropout, training=self.training, backend=self.backend)
 
     # ------------------------------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:
-        """``scaling · B·A`` in fp32 (for merging)."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        """``scaling · B·A`` in fp32, in the stored weight's layout (transposed for a Conv1D base)."""
+        d = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        return d.t() if self.fan_in_fan_out else d
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False) -> None:
         """Fold the LoRA update into ``weight`` (forward then runs the plain linear)."""
         if self.merged:
             raise RuntimeError("LoRALinear.merge(): already merged; call unmerge() first")
+        if self.lora_bias and self.bias is None:
+            raise ValueError("LoRALinear.merge(): lora_bias needs a base bias to merge into; this layer has none")
         new = (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
         if safe_merge and not torch.isfinite(new).all():
             raise ValueError("LoRALinear.merge(safe_merge=True): merging would produce NaN/Inf weights; "
                              "the layer was left unmerged")
         self.weight.copy_(new)
+        if self.lora_bias:
+            self.bias.add_(self._lora_bias_term())
         self.merged = True
 
     @torch.no_grad()
@@ -141,6 +184,8 @@ class LoRALinear(nn.Module):
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge(): the layer is not merged")
         self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        if self.lora_bias:
+            self.bias.sub_(self._lora_bias_term())
         self.merged = False
 
     @torch.no_grad()
@@ -149,12 +194,13 @@ class LoRALinear(nn.Module):
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         w = self.weight.float() if self.merged else self.weight.float() + self.delta_weight()
-        lin.weight.copy_(w.to(self.weight.dtype))
+        lin.weight.copy_((w.t() if self.fan_in_fan_out else w).to(self.weight.dtype))
         if self.bias is not None:
-            lin.bias.copy_(self.bias)
+            lin.bias.copy_(self.bias if self.merged or not self.lora_bias else self.bias + self._lora_bias_term())
         return lin
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
-                f"use_rslora={self.use_rslora}, backend={self.backend!r}, merged={self.merged}")
+                f"use_rslora={self.use_rslora}, backend={self.backend!r}, merged={self.merged}"
+                + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))

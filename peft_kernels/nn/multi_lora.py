@@ -12,7 +12,7 @@ import torch.nn as nn
 from .. import dispatch
 from ..ops.multi_lora import PATHS, AdapterMapping, build_mapping, multi_lora_linear
 from ..reference import expand_adapter_ids
-from .lora import adopt_frozen_base
+from .lora import adopt_frozen_base, base_features
 
 
 class AdapterIds:
@@ -116,13 +116,13 @@ class MultiLoRALinear(nn.Module):
         self._adapter_ids: Optional[AdapterIds] = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, max_adapters: int = 8, max_rank: int = 16, backend: str = "auto",
+    def from_linear(cls, linear: nn.Module, max_adapters: int = 8, max_rank: int = 16, backend: str = "auto",
                     lora_dtype: Optional[torch.dtype] = None, path: str = "auto",
                     check_ids: bool = True) -> "MultiLoRALinear":
-        """Wrap ``linear``: its own weight/bias Parameters are reused (no copy) and frozen. All slots start empty."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        return cls(linear.in_features, linear.out_features, max_adapters, max_rank, backend=backend,
+        """Wrap ``linear`` (an nn.Linear, or a GPT-2-style Conv1D): its own weight/bias Parameters are reused
+        (no copy) and frozen. All slots start empty."""
+        in_f, out_f = base_features(linear)
+        return cls(in_f, out_f, max_adapters, max_rank, backend=backend,
                    lora_dtype=lora_dtype, path=path, check_ids=check_ids, _base=linear)
 
     # ------------------------------------------------------------------------------ slots
@@ -187,7 +187,8 @@ class MultiLoRALinear(nn.Module):
             ids = self._adapter_ids.mapping(x.shape, self.max_adapters, x.device)
         else:
             ids = adapter_ids
-        return multi_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scalings, ids,
+        w = self.weight.t() if self.fan_in_fan_out else self.weight  # Conv1D base: [in, out] stored
+        return multi_lora_linear(x, w, self.bias, self.lora_A, self.lora_B, self.scalings, ids,
                                  ranks=self.ranks, backend=self.backend, path=self.path, check_ids=self.check_ids)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,302 @@
+"""HF PEFT LoRA checkpoints, both ways: ``load_peft_adapter`` and ``save_peft_adapter``.
+
+A PEFT ``save_pretrained`` directory holds ``adapter_config.json`` and ``adapter_model.safetensors``
+(keys ``base_model.model.<module>.lora_A.weight`` [r, in] and ``...lora_B.weight`` [out, r]); a named
+adapter other than the first lives in a subfolder of that name.
+
+Loading reads and validates everything (config fields, every key, every shape, the target modules'
+types) before the model is touched: a bad file raises and the model is unchanged. Files are never
+unpickled: safetensors, or a legacy ``adapter_model.bin`` only through ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .inject import LORA_TYPES, _replace, find_targets  # noqa: F401 (find_targets: public helper)
+from .nn.lora import LoRALinear, base_features, is_conv1d
+from .nn.multi_lora import MultiLoRALinear
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+LEGACY_WEIGHTS = "adapter_model.bin"
+PREFIX = "base_model.model."
+# config fields whose non-default values this loader cannot honour
+_UNSUPPORTED = {"use_dora": False, "layers_to_transform": None, "layer_replication": None,
+                "modules_to_save": None, "trainable_token_indices": None, "target_parameters": None}
+_SUFFIX = re.compile(r"^(?P<mod>.+)\.(?P<ab>lora_A|lora_B)\.(?P<what>weight|bias)$")
+
+
+class CheckpointError(ValueError):
+    """A PEFT checkpoint that cannot be loaded (missing/bad files, keys, shapes, unsupported options)."""
+
+
+def _adapter_dir(path: str, adapter_name: Optional[str]) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a directory path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path!r} is not a directory (expected a PEFT save_pretrained folder)")
+    if adapter_name is not None:
+        sub = os.path.join(path, adapter_name)
+        if os.path.isfile(os.path.join(sub, CONFIG)):
+            return sub
+        if not os.path.isfile(os.path.join(path, CONFIG)):
+            raise CheckpointError(f"no {CONFIG} in {sub!r} or {path!r}")
+    return path
+
+
+def _read_config(d: str) -> dict:
+    f = os.path.join(d, CONFIG)
+    if not os.path.isfile(f):
+        raise CheckpointError(f"{f!r} is missing")
+    try:
+        with open(f, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f!r} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{f!r} must hold a JSON object")
+    ptype = cfg.get("peft_type")
+    if ptype != "LORA":
+        raise CheckpointError(f"unsupported PEFT type {ptype!r} in {f!r}: only LORA adapters load into peft_kernels")
+    for key, default in _UNSUPPORTED.items():
+        if cfg.get(key, default) not in (default, [], {}):
+            what = "DoRA (use_dora=True)" if key == "use_dora" else f"{key}={cfg[key]!r}"
+            raise CheckpointError(f"unsupported LoRA option in {f!r}: {what}")
+    if cfg.get("bias", "none") != "none":
+        raise CheckpointError(f"unsupported LoRA option in {f!r}: bias={cfg['bias']!r} (trained base biases)")
+    for key in ("r", "lora_alpha"):
+        v = cfg.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or (key == "r" and int(v) != v):
+            raise CheckpointError(f"{f!r}: {key} must be a positive number, got {v!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(cfg.get(key) or {}, dict):
+            raise CheckpointError(f"{f!r}: {key} must be an object")
+    return cfg
+
+
+def _read_weights(d: str) -> Dict[str, torch.Tensor]:
+    st = os.path.join(d, WEIGHTS)
+    if os.path.isfile(st):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(st)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{st!r} could not be read (truncated or not safetensors): {e}") from None
+    legacy = os.path.join(d, LEGACY_WEIGHTS)
+    if os.path.isfile(legacy):
+        try:  # never unpickle arbitrary objects: tensors and plain containers only
+            sd = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 (the unpickler raises many kinds)
+            raise CheckpointError(f"{legacy!r} was refused by torch.load(weights_only=True) (it is not a plain "
+                                  f"tensor state dict; convert it to safetensors): {e}") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"{legacy!r} is not a state dict of tensors")
+        return sd
+    raise CheckpointError(f"no {WEIGHTS} (or {LEGACY_WEIGHTS}) in {d!r}")
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rank/alpha_pattern lookup: the first key that matches the end of the module's name."""
+    for key, val in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return val
+    return default
+
+
+@dataclass
+class _Layer:
+    name: str       # module path in the model
+    A: torch.Tensor
+    B: torch.Tensor
+    r: int
+    alpha: float
+    bias: Optional[torch.Tensor] = None
+
+
+def _plan(model: nn.Module, cfg: dict, sd: Dict[str, torch.Tensor], slot: Optional[int], src: str) -> List[_Layer]:
+    """Every layer to load, validated against the model; raises CheckpointError on any mismatch."""
+    groups: Dict[str, dict] = {}
+    for key, t in sd.items():
+        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        m = _SUFFIX.match(k)
+        if m is None:
+            raise CheckpointError(f"{src}: unexpected key {key!r} (not a LoRA A/B tensor)")
+        if m["what"] == "bias" and m["ab"] == "lora_A":
+            raise CheckpointError(f"{src}: unexpected key {key!r}")
+        slot_key = "B_bias" if m["what"] == "bias" else m["ab"][-1]
+        groups.setdefault(m["mod"], {})[slot_key] = t
+    if not groups:
+        raise CheckpointError(f"{src}: no LoRA tensors")
+    r0, a0 = int(cfg["r"]), float(cfg["lora_alpha"])
+    rp, ap = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    layers = []
+    for mod, g in sorted(groups.items()):
+        if "A" not in g or "B" not in g:
+            raise CheckpointError(f"{src}: {mod!r} has lora_{'A' if 'A' not in g else 'B'}.weight missing")
+        if "B_bias" in g and not cfg.get("lora_bias", False):
+            raise CheckpointError(f"{src}: {mod!r} has lora_B.bias but the config says lora_bias=False")
+        if cfg.get("lora_bias", False) and "B_bias" not in g:
+            raise CheckpointError(f"{src}: {mod!r} has no lora_B.bias but the config says lora_bias=True")
+        try:
+            target = model.get_submodule(mod)
+        except AttributeError:
+            raise CheckpointError(f"{src}: the model has no module {mod!r}") from None
+        if isinstance(target, MultiLoRALinear):
+            if slot is None:
+                raise CheckpointError(f"{mod!r} is a MultiLoRALinear: pass slot=<index> to load into one of its slots")
+            in_f, out_f = target.in_features, target.out_features
+        elif isinstance(target, LoRALinear):
+            raise CheckpointError(f"{mod!r} already has a LoRA adapter (a LoRALinear): load into the plain model, "
+                                  "or into MultiLoRALinear slots")
+        elif isinstance(target, nn.Linear) or is_conv1d(target):
+            if slot is not None:
+                raise CheckpointError(f"slot={slot} was given but {mod!r} is a plain {type(target).__name__}, not a "
+                                      "MultiLoRALinear (inject_multi_lora first)")
+            in_f, out_f = base_features(target)
+        else:
+            raise CheckpointError(f"{src}: {mod!r} is a {type(target).__name__}, not a linear layer")
+        r = int(_pattern_value(rp, mod, r0))
+        alpha = float(_pattern_value(ap, mod, a0))
+        A, B = g["A"], g["B"]
+        if tuple(A.shape) != (r, in_f) or tuple(B.shape) != (out_f, r):
+            raise CheckpointError(f"{src}: {mod!r}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit a "
+                                  f"rank-{r} adapter on a [{out_f}, {in_f}] layer (expected [{r}, {in_f}] / [{out_f}, {r}])")
+        if "B_bias" in g and tuple(g["B_bias"].shape) != (out_f,):
+            raise CheckpointError(f"{src}: {mod!r}: lora_B.bias has shape {tuple(g['B_bias'].shape)}, expected ({out_f},)")
+        for nm, t in (("lora_A", A), ("lora_B", B)):
+            if not t.is_floating_point() or not torch.isfinite(t).all():
+                raise CheckpointError(f"{src}: {mod!r}: {nm} must be finite floating-point values")
+        if isinstance(target, MultiLoRALinear):
+            if not 0 <= slot < target.max_adapters:
+                raise CheckpointError(f"slot must be in [0, {target.max_adapters}) for {mod!r}, got {slot}")
+            if r > target.max_rank:
+                raise CheckpointError(f"{mod!r}: rank {r} > the MultiLoRALinear's max_rank {target.max_rank}")
+            if "B_bias" in g:
+                raise CheckpointError(f"{mod!r}: lora_bias adapters cannot load into MultiLoRALinear slots")
+        layers.append(_Layer(mod, A, B, r, alpha, g.get("B_bias")))
+    return layers
+
+
+def load_peft_adapter(model: nn.Module, path, *, adapter_name: Optional[str] = None, slot: Optional[int] = None,
+                      backend: str = "auto") -> List[str]:
+    """Load a PEFT LoRA adapter into ``model``; returns the module names it was applied to.
+
+    Plain nn.Linear / Conv1D targets become :class:`LoRALinear` (r, lora_alpha, use_rslora, rank_pattern,
+    alpha_pattern, lora_bias, fan_in_fan_out from the config; the weights from the file). Targets that
+    already are :class:`MultiLoRALinear` get the adapter in ``slot``. ``adapter_name`` picks a named
+    adapter's subfolder. Everything is validated first: on any error the model is unchanged.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if slot is not None and (isinstance(slot, bool) or not isinstance(slot, int)):
+        raise TypeError(f"slot must be an int or None, got {slot!r}")
+    d = _adapter_dir(path, adapter_name)
+    cfg = _read_config(d)
+    sd = _read_weights(d)
+    layers = _plan(model, cfg, sd, slot, d)
+    rslora = bool(cfg.get("use_rslora", False))
+    dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
+    if slot is not None:
+        for L in layers:
+            scaling = L.alpha / (math.sqrt(L.r) if rslora else L.r)
+            model.get_submodule(L.name).set_adapter(slot, L.A, L.B, scaling)
+        return [L.name for L in layers]
+    by_name = {L.name: L for L in layers}
+
+    def make(lin):
+        L = by_name[name_of[id(lin)]]
+        new = LoRALinear.from_linear(lin, r=L.r, lora_alpha=L.alpha, lora_dropout=dropout, use_rslora=rslora,
+                                     backend=backend, lora_bias=L.bias is not None)
+        with torch.no_grad():
+            new.lora_A.copy_(L.A)
+            new.lora_B.copy_(L.B)
+            if L.bias is not None:
+                new.lora_B_bias.copy_(L.bias)
+        return new
+
+    name_of = {id(model.get_submodule(n)): n for n in by_name}
+    return _replace(model, sorted(by_name), make)
+
+
+def _layer_config(layers: List[Tuple[str, LoRALinear]]) -> dict:
+    ranks = [m.r for _, m in layers]
+    r0 = max(set(ranks), key=ranks.count)
+    alphas = [m.lora_alpha for _, m in layers]
+    a0 = max(set(alphas), key=alphas.count)
+    rslora = {m.use_rslora for _, m in layers}
+    if len(rslora) > 1:
+        raise ValueError("save_peft_adapter: layers mix use_rslora=True and False, which one PEFT config cannot say")
+    fan = {m.fan_in_fan_out for _, m in layers}
+    if len(fan) > 1:
+        raise ValueError("save_peft_adapter: layers mix nn.Linear and Conv1D bases (fan_in_fan_out), which one PEFT "
+                         "config cannot say")
+    lbias = {m.lora_bias for _, m in layers}
+    if len(lbias) > 1:
+        raise ValueError("save_peft_adapter: layers mix lora_bias=True and False")
+    drop = {m.lora_dropout for _, m in layers}
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+        "r": r0, "lora_alpha": a0, "lora_dropout": drop.pop() if len(drop) == 1 else 0.0,
+        "use_rslora": rslora.pop(), "fan_in_fan_out": fan.pop(), "lora_bias": lbias.pop(), "bias": "none",
+        "target_modules": sorted({n for n, _ in layers}),
+        "rank_pattern": {f"^{re.escape(n)}": m.r for n, m in layers if m.r != r0},
+        "alpha_pattern": {f"^{re.escape(n)}": m.lora_alpha for n, m in layers if m.lora_alpha != a0},
+        "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+    }
+
+
+def save_peft_adapter(model: nn.Module, path, *, slot: Optional[int] = None) -> List[str]:
+    """Write ``model``'s LoRA layers as a PEFT ``save_pretrained`` folder (``adapter_config.json`` +
+    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base, path)`` loads. With
+    ``slot``, the adapter in that slot of every MultiLoRALinear. Returns the module names written."""
+    from safetensors.torch import save_file
+
+    if slot is None:
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    else:
+        layers = []
+        for n, m in model.named_modules():
+            if isinstance(m, MultiLoRALinear):
+                A, B, s = m.get_adapter(slot)
+                if A.shape[0] == 0:
+                    continue
+                layers.append((n, _SlotView(m, A, B, s)))
+    if not layers:
+        raise ValueError("save_peft_adapter: the model has no LoRA layers" + (f" with slot {slot} set" if slot is not None else ""))
+    cfg = _layer_config(layers)
+    # target_modules as full names: PEFT matches them exactly (a name equal to the module's)
+    sd = {}
+    for n, m in layers:
+        sd[f"{PREFIX}{n}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()
+        sd[f"{PREFIX}{n}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous()
+        if m.lora_bias:
+            sd[f"{PREFIX}{n}.lora_B.bias"] = m.lora_B_bias.detach().to("cpu").contiguous()
+    os.makedirs(path, exist_ok=True)
+    save_file(sd, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    return [n for n, _ in layers]
+
+
+class _SlotView:
+    """A MultiLoRALinear slot seen as a LoRALinear by the saver (r, alpha = scaling·r, tensors)."""
+
+    def __init__(self, m: MultiLoRALinear, A, B, scaling: float):
+        self.lora_A, self.lora_B = A, B
+        self.r = int(A.shape[0])
+        self.lora_alpha = scaling * self.r
+        self.use_rslora = False
+        self.fan_in_fan_out = m.fan_in_fan_out
+        self.lora_bias = False
+        self.lora_dropout = 0.0

@@ -9,12 +9,13 @@ Public API:
     bottleneck_adapter, adapter_linear, BottleneckAdapter, AdapterLinear   bottleneck adapters (torch, Triton)
     inject_lora, inject_multi_lora, merge_lora, unmerge_lora, lora_state_dict   swap fused layers into a model
     load_peft_adapter, save_peft_adapter   HF PEFT LoRA checkpoints, both ways
+    from_peft, adapter_names_to_ids        convert a PeftModel's LoRA layers in place
     reference.lora_linear_ref      the plain-PyTorch spec
     dispatch.explain(backend, device)  which backend runs and why
 """
 from . import dispatch, reference
 from .dispatch import BackendUnavailable
-from .checkpoint import CheckpointError, load_peft_adapter, save_peft_adapter
+from .checkpoint import CheckpointError, adapter_names_to_ids, from_peft, load_peft_adapter, save_peft_adapter
 from .inject import inject_lora, inject_multi_lora, lora_state_dict, merge_lora, unmerge_lora
 from .nn import AdapterLinear, BottleneckAdapter, LoRALinear, MultiLoRALinear, adapter_ids
 from .ops.bottleneck import adapter_linear, bottleneck_adapter
@@ -26,4 +27,4 @@ __version__ = "0.1.0"
 __all__ = ["lora_linear", "LoRALinear", "multi_lora_linear", "MultiLoRALinear", "adapter_ids", "AdapterMapping",
            "build_mapping", "bottleneck_adapter", "adapter_linear", "BottleneckAdapter", "AdapterLinear", "reference", "dispatch", "BackendUnavailable", "__version__",
            "inject_lora", "inject_multi_lora", "merge_lora", "unmerge_lora", "lora_state_dict", "load_peft_adapter",
-           "save_peft_adapter", "CheckpointError"]
+           "save_peft_adapter", "CheckpointError", "from_peft", "adapter_names_to_ids"]

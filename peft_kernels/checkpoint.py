@@ -300,3 +300,93 @@ class _SlotView:
         self.fan_in_fan_out = m.fan_in_fan_out
         self.lora_bias = False
         self.lora_dropout = 0.0
+
+
+def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """Replace the HF PEFT LoRA layers of ``peft_model`` in place with fused modules carrying the same
+    weights, and return the underlying (unwrapped) model.
+
+    One adapter: :class:`LoRALinear` per layer (r, alpha, rsLoRA, dropout, lora_bias as configured).
+    Several: :class:`MultiLoRALinear` with one slot per adapter, in ``peft_model.peft_config`` order;
+    ``model.peft_kernels_slots`` maps adapter names to slots and :func:`adapter_names_to_ids` turns
+    PEFT's mixed-batch ``adapter_names`` (``"__base__"`` = no adapter) into ``adapter_ids``.
+    Everything is checked before the first layer is replaced (DoRA, merged layers, other PEFT types
+    raise ValueError and leave the model as it was).
+    """
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError as e:  # pragma: no cover (peft is a test dependency)
+        raise ImportError("from_peft needs the `peft` package") from e
+    cfgs = getattr(peft_model, "peft_config", None)
+    get_base = getattr(peft_model, "get_base_model", None)
+    if not isinstance(cfgs, dict) or not callable(get_base):
+        raise TypeError(f"peft_model must be a peft.PeftModel, got {type(peft_model).__name__}")
+    names = list(cfgs)
+    for a, c in cfgs.items():
+        if str(getattr(c, "peft_type", "")).split(".")[-1] != "LORA":
+            raise ValueError(f"adapter {a!r} is {c.peft_type}: from_peft converts LoRA adapters only")
+        if getattr(c, "use_dora", False):
+            raise ValueError(f"adapter {a!r} uses DoRA, which peft_kernels does not fuse yet")
+    base = get_base()
+    layers = [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        raise ValueError("peft_model has no LoRA layers")
+    plans = {}
+    for n, m in layers:
+        if m.merged:
+            raise ValueError(f"layer {n!r} has merged adapters {m.merged_adapters}: unmerge before from_peft")
+        present = [a for a in names if a in m.lora_A]
+        lin = m.get_base_layer()
+        if not isinstance(lin, nn.Linear) and not is_conv1d(lin):
+            raise ValueError(f"layer {n!r} wraps a {type(lin).__name__}; only Linear/Conv1D LoRA layers convert")
+        for a in present:
+            if m.lora_B[a].bias is not None and len(names) > 1:
+                raise ValueError(f"layer {n!r}: lora_bias adapters cannot share a MultiLoRALinear")
+        plans[n] = (m, lin, present)
+
+    def make(m, lin, present):
+        if len(names) == 1:
+            a = present[0]
+            drop = m.lora_dropout[a]
+            new = LoRALinear.from_linear(lin, r=m.r[a], lora_alpha=m.lora_alpha[a],
+                                         lora_dropout=float(getattr(drop, "p", 0.0)),
+                                         use_rslora=bool(cfgs[a].use_rslora), backend=backend,
+                                         lora_dtype=m.lora_A[a].weight.dtype, lora_bias=m.lora_B[a].bias is not None)
+            new.scaling = float(m.scaling[a])  # PEFT's own value (rank/alpha patterns and rsLoRA included)
+            with torch.no_grad():
+                new.lora_A.copy_(m.lora_A[a].weight)
+                new.lora_B.copy_(m.lora_B[a].weight)
+                if new.lora_bias:
+                    new.lora_B_bias.copy_(m.lora_B[a].bias)
+            return new
+        max_rank = max(m.r[a] for a in present) if present else 1
+        new = MultiLoRALinear.from_linear(lin, max_adapters=len(names), max_rank=max_rank, backend=backend,
+                                          lora_dtype=m.lora_A[present[0]].weight.dtype if present else None)
+        for a in present:
+            new.set_adapter(names.index(a), m.lora_A[a].weight.detach(), m.lora_B[a].weight.detach(),
+                            float(m.scaling[a]))
+        return new
+
+    new = {n: make(*p) for n, p in plans.items()}
+    for n, mod in new.items():
+        parent, _, child = n.rpartition(".")
+        setattr(base.get_submodule(parent) if parent else base, child, mod)
+    base.peft_kernels_slots = {a: i for i, a in enumerate(names)}
+    return base
+
+
+def adapter_names_to_ids(model: nn.Module, adapter_names) -> torch.Tensor:
+    """PEFT's mixed-batch ``adapter_names`` (one per batch row; ``"__base__"`` = no adapter) as the
+    ``adapter_ids`` of a model converted by :func:`from_peft`."""
+    slots = getattr(model, "peft_kernels_slots", None)
+    if slots is None:
+        raise ValueError("model was not converted by peft_kernels.from_peft (no peft_kernels_slots)")
+    out = []
+    for a in adapter_names:
+        if a == "__base__":
+            out.append(-1)
+        elif a in slots:
+            out.append(slots[a])
+        else:
+            raise ValueError(f"unknown adapter name {a!r}; this model has {sorted(slots)} and '__base__'")
+    return torch.tensor(out, dtype=torch.long)

@@ -174,3 +174,40 @@ def test_errors(tmp_path):
         pk.load_peft_adapter("model", tmp_path)
     with pytest.raises(ValueError, match="no LoRA layers"):
         pk.save_peft_adapter(llama(), tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_from_peft_single_adapter(arch):
+    make = llama if arch == "llama" else gpt2
+    kw = LLAMA_CFG if arch == "llama" else dict(r=3, lora_alpha=5, target_modules=["c_attn"], fan_in_fan_out=True)
+    pm = peft_model(make, **kw)
+    ref = logits(pm)
+    model = pk.from_peft(pm)
+    assert not any(type(m).__name__ == "Linear" and hasattr(m, "lora_A") for m in model.modules())
+    fused = [m for m in model.modules() if isinstance(m, pk.LoRALinear)]
+    assert fused and model.peft_kernels_slots == {"default": 0}
+    assert_close(logits(model), ref.double(), ref, f"{arch}: from_peft", mult=16.0)
+
+
+def test_from_peft_several_adapters_mixed_batch():
+    pm = peft_model(llama, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    pm.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj"], init_lora_weights=False))
+    names = ["other", "__base__", "default"]
+    ids = torch.tensor([[3, 17, 5], [60, 9, 1], [2, 2, 7]])
+    with torch.no_grad():
+        ref = pm(ids, adapter_names=names).logits
+    model = pk.from_peft(pm)
+    assert any(isinstance(m, pk.MultiLoRALinear) for m in model.modules())
+    with torch.no_grad(), pk.adapter_ids(model, pk.adapter_names_to_ids(model, names)):
+        got = model(ids).logits
+    assert_close(got, ref.double(), ref, "from_peft mixed batch", mult=16.0)
+    with pytest.raises(ValueError, match="unknown adapter name 'nope'"):
+        pk.adapter_names_to_ids(model, ["nope"])
+
+
+def test_from_peft_refuses_dora_and_changes_nothing():
+    pm = peft_model(llama, r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+    kinds = [type(x) for x in pm.modules()]
+    with pytest.raises(ValueError, match="DoRA"):
+        pk.from_peft(pm)
+    assert [type(x) for x in pm.modules()] == kinds

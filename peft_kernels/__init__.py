@@ -24,6 +24,12 @@ from .ops.multi_lora import AdapterMapping, build_mapping, multi_lora_linear
 
 __version__ = "0.1.0"
 
+# Load the compiled CPU ops (if built) now, not lazily inside the first call: a model compiled with
+# torch.compile before its first eager call would otherwise trace the loader (a graph break).
+from . import _ext as _ext_mod  # noqa: E402
+
+_ext_mod._load()
+
 __all__ = ["lora_linear", "LoRALinear", "multi_lora_linear", "MultiLoRALinear", "adapter_ids", "AdapterMapping",
            "build_mapping", "bottleneck_adapter", "adapter_linear", "BottleneckAdapter", "AdapterLinear", "reference", "dispatch", "BackendUnavailable", "__version__",
            "inject_lora", "inject_multi_lora", "merge_lora", "unmerge_lora", "lora_state_dict", "load_peft_adapter",

@@ -25,7 +25,7 @@ def llama(seed=0):
 
 def gpt2(seed=0):
     cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=61, n_positions=32,
-                                  bos_token_id=0, eos_token_id=0)
+                                  bos_token_id=0, eos_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
     torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(cfg).eval()
 

@@ -211,3 +211,29 @@ def test_from_peft_refuses_dora_and_changes_nothing():
     with pytest.raises(ValueError, match="DoRA"):
         pk.from_peft(pm)
     assert [type(x) for x in pm.modules()] == kinds
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_training_steps_follow_peft_loss_curve(arch):
+    """Same base, same LoRA init, p=0: a few AdamW steps give PEFT's loss curve (and the same LoRA weights)."""
+    make = llama if arch == "llama" else gpt2
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"] if arch == "llama" else ["c_attn"],
+              fan_in_fan_out=arch == "gpt2", lora_dropout=0.0)
+    pm = peft_model(make, **kw).train()
+    ours = pk.from_peft(peft_model(make, **kw)).train()
+    labels = IDS.clone()
+    curves = []
+    for model in (pm, ours):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        losses = []
+        for _ in range(5):
+            opt.zero_grad()
+            loss = model(IDS, labels=labels).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves.append(losses)
+    assert curves[0][-1] < curves[0][0]  # it trains
+    for a, b in zip(*curves):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), curves

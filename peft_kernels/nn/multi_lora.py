@@ -184,7 +184,10 @@ class MultiLoRALinear(nn.Module):
                                  "model with `with peft_kernels.adapter_ids(model, ids): ...`)")
             if not isinstance(x, torch.Tensor) or x.dim() < 1:
                 raise TypeError(f"x must be a torch.Tensor with at least 1 dim, got {type(x).__name__}")
-            ids = self._adapter_ids.mapping(x.shape, self.max_adapters, x.device)
+            if torch.compiler.is_compiling():  # a graph takes the ids, not the host-side grouping
+                ids = self._adapter_ids.ids
+            else:
+                ids = self._adapter_ids.mapping(x.shape, self.max_adapters, x.device)
         else:
             ids = adapter_ids
         w = self.weight.t() if self.fan_in_fan_out else self.weight  # Conv1D base: [in, out] stored

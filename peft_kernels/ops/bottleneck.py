@@ -153,6 +153,18 @@ def _up_grads(gtH, colsum, up_w, up_b, scaling_t, call: AdapterCall, needs):
     return dU, db_u, ds
 
 
+def _act_backward(dH, P, H, activation: str):
+    """dP = dH ⊙ act'(P) with the aten backward kernels autograd itself uses (traceable by torch.compile)."""
+    aten = torch.ops.aten
+    if activation == "relu":
+        return aten.threshold_backward(dH, H, 0)
+    if activation in ("gelu", "gelu_tanh"):
+        return aten.gelu_backward(dH, P, approximate="none" if activation == "gelu" else "tanh")
+    if activation in ("silu", "swish"):
+        return aten.silu_backward(dH, P)
+    return aten.tanh_backward(dH, H)
+
+
 def _adapter_backward(g2, inp2, P, down_w, up_w, up_b, scaling_t, call: AdapterCall, needs):
     """Gradients of ``[inp +] s·up(act(down(inp)))`` given the output grad ``g2`` (M×H_out).
 
@@ -168,12 +180,8 @@ def _adapter_backward(g2, inp2, P, down_w, up_w, up_b, scaling_t, call: AdapterC
         d_in, dD, db_d, gtH, colsum = K.adapter_backward(g2, inp2, down_w, U_s, P, call.activation, call.residual,
                                                          need_in, need_dw, need_db, need_up)
     else:
-        with torch.enable_grad():  # recompute the activation on the small P (M×b) and differentiate it
-            Pg = P.detach().requires_grad_()
-            H = activation_ref(Pg, call.activation)
-        dH = torch.mm(g2, U_s)
-        dP = torch.autograd.grad(H, Pg, dH)[0] if (need_in or need_dw or need_db) else None
-        H = H.detach()
+        H = activation_ref(P, call.activation)  # recomputed on the small P (M×b)
+        dP = _act_backward(torch.mm(g2, U_s), P, H, call.activation) if (need_in or need_dw or need_db) else None
         d_in = None
         if need_in:
             d_in = torch.addmm(g2, dP, down_w) if call.residual else torch.mm(dP, down_w)

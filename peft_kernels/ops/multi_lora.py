@@ -363,6 +363,25 @@ def _gather_backward(dy, x, weight, A, B, S, m, scal, ranks, ranks_h, scal_h, pa
     return dx, dA, dB
 
 
+def _masked_slots(x, weight, bias, A, B, scal, ranks, ids):
+    """The torch.compile path: one masked GEMM pair per slot over all tokens. No data-dependent shapes
+    and no host sync, so a whole model compiles into one graph; it costs S× the LoRA FLOPs of the
+    grouped paths (fine for a few adapters). Ids outside [0, S) add nothing. Autograd does the backward."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+    ids = ids.to(device=x.device).reshape(-1, 1)
+    xa = x2.to(A.dtype)
+    R = A.shape[1]
+    rmask = (torch.arange(R, device=x.device)[None, :] < ranks.to(x.device)[:, None]).to(A.dtype)  # [S, R]
+    upd = None
+    for a in range(A.shape[0]):
+        Sa = torch.mm(xa, A[a].t()) * rmask[a]
+        term = torch.mm(Sa, B[a].t()) * (scal[a].to(A.dtype) * (ids == a).to(A.dtype))
+        upd = term if upd is None else upd + term
+    y = y + upd.to(y.dtype)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 # --------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------
@@ -459,6 +478,11 @@ def multi_lora_linear(
     scal, rk = validate(x, weight, bias, lora_A, lora_B, scalings, ranks)
     S = lora_A.shape[0]
     T = math.prod(x.shape[:-1])
+    if torch.compiler.is_compiling():
+        if not isinstance(adapter_ids, torch.Tensor):
+            raise TypeError("under torch.compile, adapter_ids must be an id tensor (an AdapterMapping holds host "
+                            "copies that a graph cannot)")
+        return _masked_slots(x, weight, bias, lora_A, lora_B, scal, rk, expand_adapter_ids(adapter_ids, x.shape))
     if isinstance(adapter_ids, AdapterMapping):
         m = adapter_ids
         if m.num_tokens != T:

@@ -60,3 +60,23 @@ def test_compiled_model_has_no_graph_breaks_and_matches_eager():
     for n, p in eager.named_parameters():
         if p.requires_grad:
             assert_close(grads[n], p.grad.double(), p.grad, f"d{n}", mult=64.0)
+
+
+def test_lora_dropout_in_training_traces_without_breaks():
+    """With dropout on (training), the compiled LoRA path uses in-graph dropout: still one graph, and its
+    statistics are dropout's (about p of the LoRA input dropped, survivors scaled by 1/(1-p))."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    pk.inject_lora(net, ["0", "2"], r=4, lora_alpha=8, lora_dropout=0.25, init_lora_weights=False)
+    net.train()
+    explain = torch._dynamo.explain(net)(torch.randn(5, 16))
+    assert explain.graph_break_count == 0, [str(b.reason)[:300] for b in explain.break_reasons]
+    layer = net[0]
+    x = torch.ones(4000, 16)
+    with torch.no_grad():
+        lora = torch.compile(lambda t: layer(t), backend="eager", fullgraph=True)(x) - nn.functional.linear(
+            x, layer.weight, layer.bias)
+    # with x = 1 the LoRA output is scaling·B·A·mask·1/(1-p): its mean over rows is the undropped value
+    full = (layer.lora_B @ layer.lora_A @ torch.ones(16)) * layer.scaling
+    assert torch.allclose(lora.mean(0), full, rtol=0.1, atol=0.05 * full.abs().max().item())
+    assert not torch.allclose(lora[0], lora[1])  # rows get different masks

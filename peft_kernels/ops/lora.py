@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .. import _ext, dispatch
 from . import _torch_dropout
@@ -253,6 +254,13 @@ def lora_linear(
     validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     name = dispatch.resolve(backend, x.device, _op_reason(x))
     p = float(dropout_p) if training else 0.0
+    if p > 0 and torch.compiler.is_compiling():
+        # Under torch.compile the seeded, regenerable mask (its seed drawn on the host) would break the
+        # graph: use torch's in-graph dropout on the LoRA input instead (same distribution, autograd
+        # backward; the compiler decides what it saves).
+        xd = F.dropout(x, p, True).to(lora_A.dtype)
+        base = F.linear(x, weight, bias)
+        return base + (F.linear(F.linear(xd, lora_A), lora_B) * scaling).to(base.dtype)
     seed = _draw_seed() if p > 0 else 0
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, LoRACall(float(scaling), p, seed, name))
 

@@ -16,7 +16,7 @@ from helpers import assert_close
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-from test_inject import IDS, gpt2, llama  # noqa: E402
+from test_inject import IDS, bert, gpt2, llama  # noqa: E402
 
 
 def peft_model(make, seed=1, name=None, **kw):
@@ -40,9 +40,11 @@ LLAMA_CFG = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj
                  alpha_pattern={"up_proj": 3}, use_rslora=True)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-lora-bias"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "llama-lora-bias"])
 def test_peft_save_then_our_load(tmp_path, arch):
-    if arch == "gpt2":
+    if arch == "bert":
+        make, kw = bert, dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"])
+    elif arch == "gpt2":
         make, kw = gpt2, dict(r=3, lora_alpha=5, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
     elif arch == "llama":
         make, kw = llama, LLAMA_CFG
@@ -66,11 +68,11 @@ def test_peft_save_then_our_load(tmp_path, arch):
         assert (v.r, v.lora_alpha, v.use_rslora) == (2, 8, True) and (up.r, up.lora_alpha) == (4, 3)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_our_save_then_peft_load(tmp_path, arch):
-    make = llama if arch == "llama" else gpt2
+    make = {"llama": llama, "gpt2": gpt2, "bert": bert}[arch]
     ours = make()
-    targets = ["q_proj", "o_proj"] if arch == "llama" else ["c_attn", "c_proj"]
+    targets = {"llama": ["q_proj", "o_proj"], "gpt2": ["c_attn", "c_proj"], "bert": ["query", "key"]}[arch]
     names = pk.inject_lora(ours, targets, r=3, lora_alpha=7, init_lora_weights=False)
     ours.get_submodule(names[0]).r  # noqa: B018
     assert pk.save_peft_adapter(ours, tmp_path) == names
@@ -213,15 +215,15 @@ def test_from_peft_refuses_dora_and_changes_nothing():
     assert [type(x) for x in pm.modules()] == kinds
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_training_steps_follow_peft_loss_curve(arch):
     """Same base, same LoRA init, p=0: a few AdamW steps give PEFT's loss curve (and the same LoRA weights)."""
-    make = llama if arch == "llama" else gpt2
-    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"] if arch == "llama" else ["c_attn"],
-              fan_in_fan_out=arch == "gpt2", lora_dropout=0.0)
+    make = {"llama": llama, "gpt2": gpt2, "bert": bert}[arch]
+    targets = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}[arch]
+    kw = dict(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=arch == "gpt2", lora_dropout=0.0)
     pm = peft_model(make, **kw).train()
     ours = pk.from_peft(peft_model(make, **kw)).train()
-    labels = IDS.clone()
+    labels = torch.tensor([2]) if arch == "bert" else IDS.clone()
     curves = []
     for model in (pm, ours):
         params = [p for p in model.parameters() if p.requires_grad]

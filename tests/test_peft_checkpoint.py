@@ -239,3 +239,17 @@ def test_training_steps_follow_peft_loss_curve(arch):
     assert curves[0][-1] < curves[0][0]  # it trains
     for a, b in zip(*curves):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), curves
+
+
+def test_patterns_survive_our_save(tmp_path):
+    """Per-layer ranks/alphas (PEFT rank_pattern/alpha_pattern + rsLoRA) → our model → our save → PEFT load."""
+    pm = peft_model(llama, **LLAMA_CFG)
+    pm.save_pretrained(tmp_path / "a")
+    ours = llama()
+    pk.load_peft_adapter(ours, tmp_path / "a")
+    pk.save_peft_adapter(ours, tmp_path / "b")
+    cfg = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] and cfg["alpha_pattern"] and cfg["use_rslora"]
+    back = peft.PeftModel.from_pretrained(llama(), tmp_path / "b").eval()
+    ref = logits(pm)
+    assert_close(logits(back), ref.double(), ref, "patterns round trip", mult=16.0)

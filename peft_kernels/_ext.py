@@ -17,6 +17,11 @@ def _load() -> None:
     global _loaded, _why
     if _loaded is not None:
         return
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        _loaded, _why = False, "peft_kernels._C was not built (this install has no compiled extension)"
+        return
     try:
         from . import _C  # noqa: F401  (registers the TORCH_LIBRARY ops)
 

@@ -26,9 +26,11 @@ __version__ = "0.1.0"
 
 # Load the compiled CPU ops (if built) now, not lazily inside the first call: a model compiled with
 # torch.compile before its first eager call would otherwise trace the loader (a graph break).
+# PEFT_KERNELS_DISABLE_EXT=1 leaves it unloaded (e.g. to load a CMake-built copy of the same ops).
 from . import _ext as _ext_mod  # noqa: E402
 
-_ext_mod._load()
+if not _ext_mod.disabled():
+    _ext_mod._load()
 
 __all__ = ["lora_linear", "LoRALinear", "multi_lora_linear", "MultiLoRALinear", "adapter_ids", "AdapterMapping",
            "build_mapping", "bottleneck_adapter", "adapter_linear", "BottleneckAdapter", "AdapterLinear", "reference", "dispatch", "BackendUnavailable", "__version__",

@@ -71,15 +71,20 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"peft_kernels::{name}")(fn)
 
 
+def disabled() -> bool:
+    """PEFT_KERNELS_DISABLE_EXT=1: behave as if the extension were not built."""
+    return os.environ.get("PEFT_KERNELS_DISABLE_EXT", "0") == "1"
+
+
 def available() -> bool:
-    if os.environ.get("PEFT_KERNELS_DISABLE_EXT", "0") == "1":
+    if disabled():
         return False
     _load()
     return bool(_loaded)
 
 
 def unavailable_reason() -> Optional[str]:
-    if os.environ.get("PEFT_KERNELS_DISABLE_EXT", "0") == "1":
+    if disabled():
         return "disabled by PEFT_KERNELS_DISABLE_EXT=1"
     _load()
     return _why

@@ -31,5 +31,7 @@ ks = D.keys(7, 0.25)
 assert torch.equal(torch.ops.peft_kernels.dropout_keep_mask(9, 13, *ks, 5), D.keep_mask(7, (9, 13), 0.25, 'cpu', offset=5))
 print('OK')
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # PEFT_KERNELS_DISABLE_EXT=1: importing peft_kernels must not load its own copy of the same ops
+    env = dict(os.environ, PEFT_KERNELS_DISABLE_EXT="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .inject import LORA_TYPES, _replace, find_targets  # noqa: F401 (find_targets: public helper)
+from .inject import _replace
 from .nn.lora import LoRALinear, base_features, is_conv1d
 from .nn.multi_lora import MultiLoRALinear
 

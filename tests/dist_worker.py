@@ -1,6 +1,5 @@
 """Worker for tests/test_distributed.py: trains an injected model for a few steps under DDP or FSDP2
 (fully_shard) on 2 CPU processes (gloo), or alone on the global batch, and saves losses + LoRA params."""
-import os
 import sys
 
 import torch
@@ -40,7 +39,7 @@ def run(mode: str, rank: int, world: int, out: str):
     X, Y = data()
     per = GLOBAL_B // world
     losses = []
-    for s in range(STEPS):  # noqa: B007
+    for s in range(STEPS):
         x, y = X[s, rank * per:(rank + 1) * per], Y[s, rank * per:(rank + 1) * per]
         opt.zero_grad()
         loss = ((net(x) - y) ** 2).mean()
@@ -68,6 +67,7 @@ def main():
     dist.init_process_group("gloo")
     try:
         run(mode, dist.get_rank(), dist.get_world_size(), out)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 

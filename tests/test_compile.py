@@ -1,6 +1,5 @@
 """torch.compile(fullgraph=True) of a model with every fused layer runs on CPU with no graph breaks and
 matches eager, forward and gradients. (Inductor compiles C++ here: one model, compiled once.)"""
-import pytest
 import torch
 import torch.nn as nn
 

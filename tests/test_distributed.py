@@ -12,7 +12,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _run(args, tmp_path, name):  # -> {"losses", "state"}
+def _run(args, tmp_path, name):
     out = str(tmp_path / f"{name}.pt")
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
                PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))

@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 import peft_kernels as pk
 from peft_kernels.inject import find_targets

@@ -20,7 +20,6 @@ def main() -> int:
     want = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(";", ",").replace(" ", ",")
     assert info.startswith("cuda "), f"built without CUDA: build_info() = {info!r}"
     assert not want or info == f"cuda {want}", f"archs {info!r} != TORCH_CUDA_ARCH_LIST {want!r}"
-    so = _ext.ops  # noqa: F841
     lib = [f for f in os.listdir(src) if f.startswith("_C") and f.endswith(".so")]
     assert lib, f"no _C*.so in {src}"
     blob = open(os.path.join(src, lib[0]), "rb").read()

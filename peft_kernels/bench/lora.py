@@ -1,7 +1,6 @@
 """LoRA linear benchmark: frozen nn.Linear vs HF PEFT LoRA vs the reference vs ours (per backend)."""
 from __future__ import annotations
 
-import copy
 import json
 import platform
 from typing import Dict, List

@@ -16,7 +16,6 @@ base compute the branch in fp32, as HF PEFT does).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton

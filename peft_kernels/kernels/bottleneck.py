@@ -323,6 +323,7 @@ def _input_and_param_grads(g, inp, D, dP, gthp, csp, Pm, residual, need_din, nee
     M, K = inp.shape
     R = D.shape[0]
     N = g.shape[1]
+    want_dd = need_dd
     need_dd = need_dd or need_db  # Σ dP rides on the dD programs
     if not (need_din or need_dd or need_up):
         return None, None, None, None, None
@@ -346,7 +347,7 @@ def _input_and_param_grads(g, inp, D, dP, gthp, csp, Pm, residual, need_din, nee
         DA_BLOCK_M=ca.block_m, DA_BLOCK_K=ca.block_k, DA_BLOCK_R=br, DA_BLOCK_N=ca.block_n,
         num_warps=8, num_stages=2, **fl)
     colsum = csp.sum(0) if need_up else None  # [Pm, N] partials: parameter-sized
-    return d_in, dD, db_d, gtH, colsum
+    return d_in, (dD if want_dd else None), db_d, gtH, colsum
 
 
 def adapter_backward(g, inp, D, U_s, P, activation: str, residual: bool, need_din: bool, need_dd: bool,

@@ -4,9 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.peft_kernels-installed
 # torch is pinned to the CPU wheel: a bare `torch` would pull a multi-GB CUDA build.
-DEPS   := torch==2.13.0 triton==3.8.0 numpy pytest ninja peft==0.21.0 setuptools wheel
+DEPS   := torch==2.13.0 triton==3.8.0 numpy pytest ninja peft==0.21.0 setuptools wheel matplotlib tqdm
 
-.PHONY: test bench venv info clean cuda-build-check
+.PHONY: test bench bench-baseline venv info clean cuda-build-check
 
 venv: $(STAMP)
 
@@ -53,3 +53,7 @@ cuda-build-check:
 
 clean:
 	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info
+
+# Regenerates the committed CPU baseline in benchmarks/results/ (bench + --gpu-resources).
+bench-baseline: $(STAMP)
+	PYTHON=$(BIN)/python bash benchmarks/run_all.sh

@@ -131,8 +131,8 @@ setup(
     install_requires=["numpy"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest", "peft==0.21.0", "ninja"],
-        "bench": ["peft==0.21.0"],
+        "test": ["pytest", "peft==0.21.0", "ninja", "matplotlib", "tqdm"],
+        "bench": ["peft==0.21.0", "matplotlib", "tqdm"],
     },
     zip_safe=False,
 )

@@ -16,9 +16,11 @@ Public API:
 from . import dispatch, reference
 from .dispatch import BackendUnavailable
 from .checkpoint import CheckpointError, adapter_names_to_ids, from_peft, load_peft_adapter, save_peft_adapter
-from .inject import inject_lora, inject_multi_lora, lora_state_dict, merge_lora, unmerge_lora
-from .nn import AdapterLinear, BottleneckAdapter, LoRALinear, MultiLoRALinear, adapter_ids
+from .inject import inject_ia3, inject_lora, inject_multi_lora, lora_state_dict, merge_lora, unmerge_lora
+from .nn import AdapterLinear, BottleneckAdapter, IA3Linear, LoRALinear, MultiLoRALinear, adapter_ids
 from .ops.bottleneck import adapter_linear, bottleneck_adapter
+from .ops.dora import dora_linear
+from .ops.ia3 import ia3_linear
 from .ops.lora import lora_linear
 from .ops.multi_lora import AdapterMapping, build_mapping, multi_lora_linear
 
@@ -32,7 +34,7 @@ from . import _ext as _ext_mod  # noqa: E402
 if not _ext_mod.disabled():
     _ext_mod._load()
 
-__all__ = ["lora_linear", "LoRALinear", "multi_lora_linear", "MultiLoRALinear", "adapter_ids", "AdapterMapping",
+__all__ = ["inject_ia3", "ia3_linear", "IA3Linear", "dora_linear", "lora_linear", "LoRALinear", "multi_lora_linear", "MultiLoRALinear", "adapter_ids", "AdapterMapping",
            "build_mapping", "bottleneck_adapter", "adapter_linear", "BottleneckAdapter", "AdapterLinear", "reference", "dispatch", "BackendUnavailable", "__version__",
            "inject_lora", "inject_multi_lora", "merge_lora", "unmerge_lora", "lora_state_dict", "load_peft_adapter",
            "save_peft_adapter", "CheckpointError", "from_peft", "adapter_names_to_ids"]

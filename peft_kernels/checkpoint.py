@@ -29,9 +29,10 @@ WEIGHTS = "adapter_model.safetensors"
 LEGACY_WEIGHTS = "adapter_model.bin"
 PREFIX = "base_model.model."
 # config fields whose non-default values this loader cannot honour
-_UNSUPPORTED = {"use_dora": False, "layers_to_transform": None, "layer_replication": None,
+_UNSUPPORTED = {"layers_to_transform": None, "layer_replication": None,
                 "modules_to_save": None, "trainable_token_indices": None, "target_parameters": None}
-_SUFFIX = re.compile(r"^(?P<mod>.+)\.(?P<ab>lora_A|lora_B)\.(?P<what>weight|bias)$")
+_SUFFIX = re.compile(r"^(?P<mod>.+)\.(?:(?P<ab>lora_A|lora_B)\.(?P<what>weight|bias)|(?P<mag>lora_magnitude_vector))$")
+_IA3_SUFFIX = re.compile(r"^(?P<mod>.+)\.ia3_l$")
 
 
 class CheckpointError(ValueError):
@@ -65,12 +66,18 @@ def _read_config(d: str) -> dict:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{f!r} must hold a JSON object")
     ptype = cfg.get("peft_type")
-    if ptype != "LORA":
-        raise CheckpointError(f"unsupported PEFT type {ptype!r} in {f!r}: only LORA adapters load into peft_kernels")
+    if ptype not in ("LORA", "IA3"):
+        raise CheckpointError(f"unsupported PEFT type {ptype!r} in {f!r}: LORA (incl. DoRA) and IA3 adapters load "
+                              "into peft_kernels (prompt learning: peft_kernels.prompt)")
     for key, default in _UNSUPPORTED.items():
         if cfg.get(key, default) not in (default, [], {}):
-            what = "DoRA (use_dora=True)" if key == "use_dora" else f"{key}={cfg[key]!r}"
-            raise CheckpointError(f"unsupported LoRA option in {f!r}: {what}")
+            raise CheckpointError(f"unsupported {ptype} option in {f!r}: {key}={cfg[key]!r}")
+    if ptype == "IA3":
+        if not isinstance(cfg.get("fan_in_fan_out", False), bool):
+            raise CheckpointError(f"{f!r}: fan_in_fan_out must be a bool")
+        return cfg
+    if not isinstance(cfg.get("use_dora", False), bool):
+        raise CheckpointError(f"{f!r}: use_dora must be a bool, got {cfg['use_dora']!r}")
     if cfg.get("bias", "none") != "none":
         raise CheckpointError(f"unsupported LoRA option in {f!r}: bias={cfg['bias']!r} (trained base biases)")
     for key in ("r", "lora_alpha"):
@@ -122,6 +129,7 @@ class _Layer:
     r: int
     alpha: float
     bias: Optional[torch.Tensor] = None
+    magnitude: Optional[torch.Tensor] = None
 
 
 def _plan(model: nn.Module, cfg: dict, sd: Dict[str, torch.Tensor], slot: Optional[int], src: str) -> List[_Layer]:
@@ -131,10 +139,12 @@ def _plan(model: nn.Module, cfg: dict, sd: Dict[str, torch.Tensor], slot: Option
         k = key[len(PREFIX):] if key.startswith(PREFIX) else key
         m = _SUFFIX.match(k)
         if m is None:
-            raise CheckpointError(f"{src}: unexpected key {key!r} (not a LoRA A/B tensor)")
+            raise CheckpointError(f"{src}: unexpected key {key!r} (not a LoRA A/B tensor or DoRA magnitude)")
         if m["what"] == "bias" and m["ab"] == "lora_A":
             raise CheckpointError(f"{src}: unexpected key {key!r}")
-        slot_key = "B_bias" if m["what"] == "bias" else m["ab"][-1]
+        if m["mag"] and not cfg.get("use_dora", False):
+            raise CheckpointError(f"{src}: {key!r} is a DoRA magnitude but the config says use_dora=False")
+        slot_key = "mag" if m["mag"] else "B_bias" if m["what"] == "bias" else m["ab"][-1]
         groups.setdefault(m["mod"], {})[slot_key] = t
     if not groups:
         raise CheckpointError(f"{src}: no LoRA tensors")
@@ -148,6 +158,8 @@ def _plan(model: nn.Module, cfg: dict, sd: Dict[str, torch.Tensor], slot: Option
             raise CheckpointError(f"{src}: {mod!r} has lora_B.bias but the config says lora_bias=False")
         if cfg.get("lora_bias", False) and "B_bias" not in g:
             raise CheckpointError(f"{src}: {mod!r} has no lora_B.bias but the config says lora_bias=True")
+        if cfg.get("use_dora", False) and "mag" not in g:
+            raise CheckpointError(f"{src}: {mod!r} has no lora_magnitude_vector but the config says use_dora=True")
         try:
             target = model.get_submodule(mod)
         except AttributeError:
@@ -172,6 +184,10 @@ def _plan(model: nn.Module, cfg: dict, sd: Dict[str, torch.Tensor], slot: Option
         if tuple(A.shape) != (r, in_f) or tuple(B.shape) != (out_f, r):
             raise CheckpointError(f"{src}: {mod!r}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit a "
                                   f"rank-{r} adapter on a [{out_f}, {in_f}] layer (expected [{r}, {in_f}] / [{out_f}, {r}])")
+        if "mag" in g and (tuple(g["mag"].shape) != (out_f,) or not g["mag"].is_floating_point()
+                           or not torch.isfinite(g["mag"]).all()):
+            raise CheckpointError(f"{src}: {mod!r}: lora_magnitude_vector must be ({out_f},) finite floats, got "
+                                  f"{tuple(g['mag'].shape)} {g['mag'].dtype}")
         if "B_bias" in g and tuple(g["B_bias"].shape) != (out_f,):
             raise CheckpointError(f"{src}: {mod!r}: lora_B.bias has shape {tuple(g['B_bias'].shape)}, expected ({out_f},)")
         for nm, t in (("lora_A", A), ("lora_B", B)):
@@ -184,7 +200,10 @@ def _plan(model: nn.Module, cfg: dict, sd: Dict[str, torch.Tensor], slot: Option
                 raise CheckpointError(f"{mod!r}: rank {r} > the MultiLoRALinear's max_rank {target.max_rank}")
             if "B_bias" in g:
                 raise CheckpointError(f"{mod!r}: lora_bias adapters cannot load into MultiLoRALinear slots")
-        layers.append(_Layer(mod, A, B, r, alpha, g.get("B_bias")))
+            if "mag" in g:
+                raise CheckpointError(f"{mod!r}: DoRA adapters cannot load into MultiLoRALinear slots (their "
+                                      "per-slot weight norms are not supported)")
+        layers.append(_Layer(mod, A, B, r, alpha, g.get("B_bias"), g.get("mag")))
     return layers
 
 
@@ -204,6 +223,10 @@ def load_peft_adapter(model: nn.Module, path, *, adapter_name: Optional[str] = N
     d = _adapter_dir(path, adapter_name)
     cfg = _read_config(d)
     sd = _read_weights(d)
+    if cfg["peft_type"] == "IA3":
+        if slot is not None:
+            raise CheckpointError(f"{d!r} is an IA3 adapter: slot= applies to LoRA adapters only")
+        return _load_ia3(model, cfg, sd, d, backend)
     layers = _plan(model, cfg, sd, slot, d)
     rslora = bool(cfg.get("use_rslora", False))
     dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
@@ -217,16 +240,62 @@ def load_peft_adapter(model: nn.Module, path, *, adapter_name: Optional[str] = N
     def make(lin):
         L = by_name[name_of[id(lin)]]
         new = LoRALinear.from_linear(lin, r=L.r, lora_alpha=L.alpha, lora_dropout=dropout, use_rslora=rslora,
-                                     backend=backend, lora_bias=L.bias is not None)
+                                     backend=backend, lora_bias=L.bias is not None,
+                                     use_dora=L.magnitude is not None)
         with torch.no_grad():
             new.lora_A.copy_(L.A)
             new.lora_B.copy_(L.B)
             if L.bias is not None:
                 new.lora_B_bias.copy_(L.bias)
+            if L.magnitude is not None:
+                new.lora_magnitude_vector.copy_(L.magnitude)
         return new
 
     name_of = {id(model.get_submodule(n)): n for n in by_name}
     return _replace(model, sorted(by_name), make)
+
+
+def _load_ia3(model: nn.Module, cfg: dict, sd: Dict[str, torch.Tensor], src: str, backend: str) -> List[str]:
+    """IA3: every ``<module>.ia3_l`` becomes an IA3Linear on that module; input scaling where the module
+    matches the config's ``feedforward_modules`` (PEFT's matching rules). All checked before any change."""
+    from .inject import _matches
+    from .nn.ia3 import IA3Linear
+
+    ff_rule = cfg.get("feedforward_modules")
+    plan = {}
+    for key, t in sd.items():
+        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        m = _IA3_SUFFIX.match(k)
+        if m is None:
+            raise CheckpointError(f"{src}: unexpected key {key!r} (not an IA3 ia3_l tensor)")
+        mod = m["mod"]
+        try:
+            target = model.get_submodule(mod)
+        except AttributeError:
+            raise CheckpointError(f"{src}: the model has no module {mod!r}") from None
+        if not (isinstance(target, nn.Linear) or is_conv1d(target)) or isinstance(target, (LoRALinear,)):
+            raise CheckpointError(f"{src}: {mod!r} is a {type(target).__name__}, not a plain linear layer")
+        in_f, out_f = base_features(target)
+        ff = ff_rule is not None and _matches(mod, ff_rule)
+        want = (1, in_f) if ff else (out_f, 1)
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"{src}: {mod!r}: ia3_l has shape {tuple(t.shape)}, expected {want} "
+                                  f"({'input' if ff else 'output'} scaling of a [{out_f}, {in_f}] layer)")
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise CheckpointError(f"{src}: {mod!r}: ia3_l must be finite floating-point values")
+        plan[mod] = (t, ff)
+    if not plan:
+        raise CheckpointError(f"{src}: no IA3 tensors")
+
+    def make(lin):
+        t, ff = plan[name_of[id(lin)]]
+        new = IA3Linear.from_linear(lin, feedforward=ff, backend=backend)
+        with torch.no_grad():
+            new.ia3_l.copy_(t)
+        return new
+
+    name_of = {id(model.get_submodule(n)): n for n in plan}
+    return _replace(model, sorted(plan), make)
 
 
 def _layer_config(layers: List[Tuple[str, LoRALinear]]) -> dict:
@@ -245,6 +314,9 @@ def _layer_config(layers: List[Tuple[str, LoRALinear]]) -> dict:
     if len(lbias) > 1:
         raise ValueError("save_peft_adapter: layers mix lora_bias=True and False")
     drop = {m.lora_dropout for _, m in layers}
+    dora = {bool(getattr(m, "use_dora", False)) for _, m in layers}
+    if len(dora) > 1:
+        raise ValueError("save_peft_adapter: layers mix use_dora=True and False")
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
         "r": r0, "lora_alpha": a0, "lora_dropout": drop.pop() if len(drop) == 1 else 0.0,
@@ -252,7 +324,7 @@ def _layer_config(layers: List[Tuple[str, LoRALinear]]) -> dict:
         "target_modules": sorted({n for n, _ in layers}),
         "rank_pattern": {f"^{re.escape(n)}": m.r for n, m in layers if m.r != r0},
         "alpha_pattern": {f"^{re.escape(n)}": m.lora_alpha for n, m in layers if m.lora_alpha != a0},
-        "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+        "use_dora": dora.pop(), "init_lora_weights": True, "modules_to_save": None,
     }
 
 
@@ -282,6 +354,8 @@ def save_peft_adapter(model: nn.Module, path, *, slot: Optional[int] = None) -> 
         sd[f"{PREFIX}{n}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous()
         if m.lora_bias:
             sd[f"{PREFIX}{n}.lora_B.bias"] = m.lora_B_bias.detach().to("cpu").contiguous()
+        if getattr(m, "use_dora", False):
+            sd[f"{PREFIX}{n}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach().to("cpu").contiguous()
     os.makedirs(path, exist_ok=True)
     save_file(sd, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG), "w", encoding="utf-8") as f:
@@ -325,8 +399,9 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
     for a, c in cfgs.items():
         if str(getattr(c, "peft_type", "")).split(".")[-1] != "LORA":
             raise ValueError(f"adapter {a!r} is {c.peft_type}: from_peft converts LoRA adapters only")
-        if getattr(c, "use_dora", False):
-            raise ValueError(f"adapter {a!r} uses DoRA, which peft_kernels does not fuse yet")
+        if getattr(c, "use_dora", False) and len(cfgs) > 1:
+            raise ValueError(f"adapter {a!r} uses DoRA: a DoRA adapter converts alone (to LoRALinear(use_dora=True)), "
+                             "not into MultiLoRALinear slots")
     base = get_base()
     layers = [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLayer)]
     if not layers:
@@ -351,11 +426,14 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
             new = LoRALinear.from_linear(lin, r=m.r[a], lora_alpha=m.lora_alpha[a],
                                          lora_dropout=float(getattr(drop, "p", 0.0)),
                                          use_rslora=bool(cfgs[a].use_rslora), backend=backend,
-                                         lora_dtype=m.lora_A[a].weight.dtype, lora_bias=m.lora_B[a].bias is not None)
+                                         lora_dtype=m.lora_A[a].weight.dtype, lora_bias=m.lora_B[a].bias is not None,
+                                         use_dora=bool(m.use_dora.get(a, False)))
             new.scaling = float(m.scaling[a])  # PEFT's own value (rank/alpha patterns and rsLoRA included)
             with torch.no_grad():
                 new.lora_A.copy_(m.lora_A[a].weight)
                 new.lora_B.copy_(m.lora_B[a].weight)
+                if new.use_dora:
+                    new.lora_magnitude_vector.copy_(m.lora_magnitude_vector[a].weight)
                 if new.lora_bias:
                     new.lora_B_bias.copy_(m.lora_B[a].bias)
             return new

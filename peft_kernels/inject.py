@@ -21,11 +21,14 @@ from typing import Callable, Iterable, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from .nn.ia3 import IA3Linear
 from .nn.lora import LoRALinear, is_conv1d
 from .nn.multi_lora import MultiLoRALinear
 
 Targets = Union[str, Sequence[str]]
 LORA_TYPES = (LoRALinear, MultiLoRALinear)
+ADAPTER_TYPES = (LoRALinear, MultiLoRALinear, IA3Linear)
+ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector", "ia3_l")  # trainable: all else frozen
 
 
 def _check_targets(targets, what: str, allow_none: bool = False):
@@ -55,7 +58,7 @@ def _matches(name: str, targets) -> bool:
 
 
 def _is_linear(m: nn.Module) -> bool:
-    return (isinstance(m, nn.Linear) or is_conv1d(m)) and not isinstance(m, LORA_TYPES)
+    return (isinstance(m, nn.Linear) or is_conv1d(m)) and not isinstance(m, ADAPTER_TYPES)
 
 
 def _output_head(model: nn.Module) -> Optional[nn.Module]:
@@ -88,8 +91,8 @@ def find_targets(model: nn.Module, target_modules: Targets, exclude_modules: Opt
             continue
         if not _matches(name, targets):
             continue
-        if isinstance(mod, LORA_TYPES):
-            raise ValueError(f"module {name!r} already is a {type(mod).__name__}: LoRA is injected once")
+        if isinstance(mod, ADAPTER_TYPES):
+            raise ValueError(f"module {name!r} already is a {type(mod).__name__}: an adapter is injected once")
         if not _is_linear(mod):
             raise ValueError(f"target module {name!r} is a {type(mod).__name__}; only nn.Linear and transformers' "
                              f"Conv1D can take LoRA (narrow target_modules)")
@@ -106,8 +109,8 @@ def _replace(model: nn.Module, names: List[str], make: Callable[[nn.Module], nn.
     for n, m in new.items():
         parent, _, child = n.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, m)
-    lora = {id(p) for m in model.modules() if isinstance(m, LORA_TYPES)
-            for p in (m.lora_A, m.lora_B, getattr(m, "lora_B_bias", None)) if p is not None}
+    lora = {id(p) for m in model.modules() if isinstance(m, ADAPTER_TYPES)
+            for p in (getattr(m, k, None) for k in ADAPTER_PARAMS) if p is not None}
     for p in model.parameters():
         if id(p) not in lora:
             p.requires_grad_(False)
@@ -117,13 +120,26 @@ def _replace(model: nn.Module, names: List[str], make: Callable[[nn.Module], nn.
 def inject_lora(model: nn.Module, target_modules: Targets, r: int = 8, lora_alpha: float = 8,
                 lora_dropout: float = 0.0, use_rslora: bool = False, exclude_modules: Optional[Targets] = None,
                 backend: str = "auto", init_lora_weights: Union[bool, str] = True,
-                lora_dtype: Optional[torch.dtype] = None) -> List[str]:
+                lora_dtype: Optional[torch.dtype] = None, use_dora: bool = False) -> List[str]:
     """Replace the matching nn.Linear / Conv1D layers of ``model`` with :class:`LoRALinear` (the same frozen
-    weight Parameters, fresh LoRA parameters) in place; returns their qualified names."""
+    weight Parameters, fresh LoRA parameters; DoRA with ``use_dora=True``) in place; returns their
+    qualified names."""
     names = find_targets(model, target_modules, exclude_modules)
     return _replace(model, names, lambda lin: LoRALinear.from_linear(
         lin, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
-        init_lora_weights=init_lora_weights, backend=backend, lora_dtype=lora_dtype))
+        init_lora_weights=init_lora_weights, backend=backend, lora_dtype=lora_dtype, use_dora=use_dora))
+
+
+def inject_ia3(model: nn.Module, target_modules: Targets, feedforward_modules: Optional[Targets] = None,
+               exclude_modules: Optional[Targets] = None, backend: str = "auto") -> List[str]:
+    """Replace the matching linear layers with :class:`IA3Linear` (PEFT ``IA3Config`` rules: a target that
+    also matches ``feedforward_modules`` scales its input, the others their output); returns the names."""
+    names = find_targets(model, target_modules, exclude_modules)
+    if feedforward_modules is not None:
+        _check_targets(feedforward_modules, "feedforward_modules")
+    ff = {id(model.get_submodule(n)) for n in names
+          if feedforward_modules is not None and _matches(n, feedforward_modules)}
+    return _replace(model, names, lambda lin: IA3Linear.from_linear(lin, feedforward=id(lin) in ff, backend=backend))
 
 
 def inject_multi_lora(model: nn.Module, target_modules: Targets, max_adapters: int = 8, max_rank: int = 16,
@@ -171,6 +187,7 @@ def lora_state_dict(model: nn.Module) -> dict:
         if isinstance(m, LORA_TYPES):
             pre = f"{name}." if name else ""
             keys = ("lora_A", "lora_B") + (("lora_B_bias",) if getattr(m, "lora_bias", False) else ()) + (
+                ("lora_magnitude_vector",) if getattr(m, "use_dora", False) else ()) + (
                 ("scalings", "ranks") if isinstance(m, MultiLoRALinear) else ())
             for key in keys:
                 out[pre + key] = getattr(m, key).detach()

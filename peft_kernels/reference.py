@@ -156,3 +156,27 @@ def adapterhub_bottleneck_ref(hidden_states, residual_input, adapter_down_w, ada
     down = act(F.linear(hidden_states, adapter_down_w, adapter_down_b))
     up = F.linear(down, adapter_up_w, adapter_up_b) * scaling
     return up + residual_input
+
+
+# ------------------------------------------------------------------------------------------------
+# DoRA and (IA)³
+# ------------------------------------------------------------------------------------------------
+def dora_linear_ref(x, weight, bias, lora_A, lora_B, scaling: float, magnitude, dropout_mask=None) -> torch.Tensor:
+    """HF PEFT's DoRA, written out (B·A materialised): ``g = m / ‖W + s·B·A‖_row`` (norm detached);
+    ``y = x·Wᵀ + b + (g − 1) ⊙ (x_d·Wᵀ) + g ⊙ s·(x_d·Aᵀ)·Bᵀ`` with x_d = x·mask (x without dropout), i.e.
+    ``g ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b`` when there is no dropout."""
+    norm = torch.linalg.norm(weight + scaling * (lora_B @ lora_A), dim=1).detach()
+    g = magnitude / norm
+    xd = x if dropout_mask is None else x * dropout_mask.to(x.dtype)
+    base = F.linear(x, weight, bias)
+    return base + (g - 1) * F.linear(xd, weight) + g * (F.linear(F.linear(xd, lora_A), lora_B) * scaling)
+
+
+def ia3_linear_ref(x, weight, bias, ia3_l, feedforward: bool = False) -> torch.Tensor:
+    """(IA)³ on a linear layer, HF PEFT's ``IA3Config`` semantics: ``(x·Wᵀ + b) ⊙ l`` with l [N] (attention
+    k/v, the default), or ``(x ⊙ l)·Wᵀ + b`` with l [K] for ``feedforward`` modules. As PEFT: the product
+    with l (which may be fp32 on a half base) is cast back to x's dtype."""
+    l = ia3_l.reshape(-1)
+    if feedforward:
+        return F.linear((x * l).to(x.dtype), weight, bias)
+    return (F.linear(x, weight, bias) * l).to(x.dtype)

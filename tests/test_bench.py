@@ -1,51 +1,195 @@
-"""The benchmark runs end to end (tiny shapes) and its memory accounting is right.
+"""The benchmark suite: the CLI end to end in --quick mode (every output file), its inputs (shape presets
+against the real models' layers), its traffic model against the bytes an eager graph really moves,
+its launch counting, occupancy arithmetic and the GPU-resources report.
 
 No timing assertions here: speed targets live in the benchmark report, never in tests.
 """
+import csv
 import json
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
-from peft_kernels.bench import lora
+from peft_kernels.bench import traffic
 from peft_kernels.bench.__main__ import main
-from peft_kernels.bench.common import saved_activation_bytes
+from peft_kernels.bench.common import count_launches, saved_activation_bytes, timed_call
+from peft_kernels.bench.gpu_resources import occupancy
+from peft_kernels.bench.shapes import PRESETS, parse_shapes, projections
+from peft_kernels.reference import adapter_linear_ref, lora_linear_ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_cli_quick_runs(tmp_path, capsys):
-    out = tmp_path / "rows.json"
-    assert main(["--quick", "--json", str(out)]) == 0
-    text = capsys.readouterr().out
-    for name in ("nn.Linear (frozen)", "PEFT LoRA", "reference", "ours (torch)"):
-        assert name in text
-    rows = json.loads(out.read_text())["rows"]
-    timed = [r for r in rows if "skipped" not in r and r["op"] == "lora"]
-    assert {r["mode"] for r in timed} == {"fwd", "fwd+bwd"} and {r["p"] for r in timed} == {0.0, 0.1}
-    assert all(r["median_ms"] > 0 and r["ratio_to_frozen"] > 0 for r in timed)
-    # the multi-adapter section: PEFT's adapter_names path, ours, LoRA parts, and ours agreeing with PEFT
-    assert "PEFT adapter_names" in text and "LoRA part" in text
-    multi = [r for r in rows if "skipped" not in r and r["op"] == "multi_lora"]
-    assert {r["adapters"] for r in multi} == {1, 5}
-    ours = [r for r in multi if r["provider"] == "ours (torch)" and r["mode"] == "fwd"]
-    assert ours and all(r["max_abs_diff_vs_peft"] < 1e-4 and "peft_part_over_ours" in r for r in ours)
-    assert any(r["provider"] == "ours (torch)" and r["mode"] == "fwd+bwd" for r in multi)
-    # the bottleneck-adapter section: both placements, every provider, both modes, with the FLOP floor
-    ad = [r for r in rows if r["op"] == "adapter"]
-    assert {(r["adapter_mode"], r["provider"], r["mode"]) for r in ad} == {
-        (am, p, m) for am in ("sequential", "parallel") for m in ("fwd", "fwd+bwd")
-        for p in ("nn.Linear (frozen)", "nn.Linear (frozen, control)", "unfused nn modules", "ours (AdapterLinear)")}
-    assert all(r["flop_floor"] > 1 and r["median_ms"] > 0 for r in ad)
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # the Triton backend runs too (conftest sets TRITON_INTERPRET=1): its launches are counted
+    rc = main(["--quick", "--no-progress", "--out", str(out), "--backends", "torch,triton,cuda"])
+    return rc, out
 
 
-def test_saved_bytes_accounting():
-    """Ours saves x + S only (at any p); PEFT saves an extra dropped copy at p > 0; frozen saves none."""
-    M, K, N, r = 48, 40, 24, 4
-    rows = lora.run(M, K, N, r, rounds=1, warmup=0, modes=("fwd",), backends=("torch",))
-    saved = {(row["provider"], row["p"]): row["saved_bytes"] for row in rows if "skipped" not in row}
-    xb = M * K * 4
-    for p in (0.0, 0.1):
-        assert saved[(lora.FROZEN, p)] == 0
-        assert saved[("ours (torch)", p)] == xb + M * r * 4
-    assert saved[("PEFT LoRA", 0.1)] >= 2 * xb
+def _rows(out):
+    with open(out / "bench.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_quick_writes_every_output(quick_run):
+    rc, out = quick_run
+    assert rc == 0
+    assert sorted(os.listdir(out)) == ["bench.csv", "bench.json", "bench.png"]
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = json.loads((out / "bench.json").read_text())["metadata"]
+    for k in ("device", "device_name", "torch", "triton", "peft", "git_commit", "timestamp", "argv"):
+        assert meta.get(k), k
+    rows = _rows(out)
+    timed = [r for r in rows if not r["skipped"]]
+    assert {r["op"] for r in timed} == {"lora", "multi_lora", "adapter", "dora", "ia3"}
+    for op in ("lora", "multi_lora", "adapter", "dora", "ia3"):
+        assert {r["mode"] for r in timed if r["op"] == op} == {"fwd", "bwd", "full"}, op
+        provs = {r["provider"] for r in timed if r["op"] == op}
+        assert {"nn.Linear (frozen)", "nn.Linear (frozen, control)", "reference", "ours (torch)",
+                "ours (triton)"} <= provs, (op, provs)
+    for op in ("lora", "multi_lora", "dora", "ia3"):
+        assert "HF PEFT" in {r["provider"] for r in timed if r["op"] == op}, op
+    for r in timed:
+        p20, p50, p80 = float(r["p20_ms"]), float(r["p50_ms"]), float(r["p80_ms"])
+        assert 0 < p20 <= p50 <= p80, r
+        assert int(r["launches"]) >= 1 and float(r["traffic_ratio"]) > 1
+    # PEFT's mixed batch is inference-only, and HF PEFT has no bottleneck adapters: said, not hidden
+    skipped = {(r["op"], r["provider"], r["mode"]): r["skipped"] for r in rows if r["skipped"]}
+    assert "inference-only" in skipped[("multi_lora", "HF PEFT", "full")]
+    assert "no bottleneck" in skipped[("adapter", "HF PEFT", "*")]
+    assert "no cuda kernels" in skipped[("lora", "ours (cuda)", "*")]
+
+
+def test_cli_quick_outputs_are_checked_results(quick_run):
+    """Ours agrees with the reference, saves what it should and launches what the kernels' docs say."""
+    _, out = quick_run
+    rows = [r for r in _rows(out) if not r["skipped"]]
+    by = {(r["op"], r["provider"], r["mode"], r["p"] or r["adapters"] or r["placement"] or r["scaling"]): r
+          for r in rows}
+    for prov in ("ours (torch)", "ours (triton)", "HF PEFT"):
+        assert float(by[("lora", prov, "fwd", "0.0")]["max_abs_diff"]) < 1e-5
+    # fused LoRA forward on Triton: shrink + GEMM; backward: dY, dX, dA kernels
+    assert by[("lora", "ours (triton)", "fwd", "0.0")]["launched_ops"].split() == [
+        "triton::_shrink_kernel", "triton::_fwd_gemm_kernel"]
+    assert by[("lora", "ours (triton)", "bwd", "0.0")]["launched_ops"].split() == [
+        "triton::_bwd_dy_kernel", "triton::_bwd_dx_kernel", "triton::_bwd_da_kernel"]
+    # with dropout the same kernels, plus the host-side draw of the Philox seed (CPU generator, no device sync)
+    assert by[("lora", "ours (triton)", "fwd", "0.1")]["launched_ops"].split() == [
+        "aten::randint", "aten::_local_scalar_dense", "triton::_shrink_kernel", "triton::_fwd_gemm_kernel"]
+    # the eager reference runs one op per step: addmm, mm, mm, mul, add (+ the dropout mask's ops at p > 0)
+    assert by[("lora", "reference", "fwd", "0.0")]["launched_ops"].split() == [
+        "aten::addmm", "aten::mm", "aten::mm", "aten::mul", "aten::add"]
+    M, K, r = 40, 48, 4
+    for p in ("0.0", "0.1"):
+        assert int(by[("lora", "ours (torch)", "fwd", p)]["saved_bytes"]) == M * K * 4 + M * r * 4
+    assert int(by[("lora", "nn.Linear (frozen)", "fwd", "0.0")]["saved_bytes"]) == 0
+    assert int(by[("lora", "HF PEFT", "fwd", "0.1")]["saved_bytes"]) >= 2 * M * K * 4
+    for n in ("1", "5"):
+        assert float(by[("multi_lora", "ours (torch)", "fwd", n)]["max_abs_diff"]) < 1e-5
+    for pl in ("sequential", "parallel"):
+        assert float(by[("adapter", "ours (triton)", "fwd", pl)]["max_abs_diff"]) < 1e-5
+    for sc in ("output", "input"):
+        for prov in ("ours (torch)", "ours (triton)", "HF PEFT"):
+            assert float(by[("ia3", prov, "fwd", sc)]["max_abs_diff"]) < 1e-5
+        # the fused IA3 GEMM: one launch forward, one backward (+ the fixed-order sum of dl partials for input)
+        assert by[("ia3", "ours (triton)", "fwd", sc)]["launched_ops"].split() == ["triton::_ia3_gemm_kernel"]
+    for prov in ("ours (torch)", "ours (triton)", "HF PEFT"):
+        assert float(by[("dora", prov, "fwd", "")]["max_abs_diff"]) < 1e-5
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    for argv, msg in ((["--modes", "fwd,sideways"], "--modes"), (["--shapes", "1,2,3"], "M,K,N,r"),
+                      (["--shapes", "gpt5"], "unknown preset"), (["--dropout", "1.5"], "--dropout"),
+                      (["--backends", "tpu"], "--backends"), (["--shapes", "llama3-8b:lm_head"], "no projection")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err, argv
+
+
+def _layer0_linears(model):
+    return sorted({(m.in_features, m.out_features) for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and ".0." in n})
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_are_the_real_models_projections(preset):
+    """Each preset's (K, N) pairs are exactly the nn.Linear shapes of layer 0 of the transformers model
+    built with those dimensions (on the meta device: no memory)."""
+    transformers = pytest.importorskip("transformers")
+    d = PRESETS[preset]
+    common = dict(hidden_size=d.hidden, intermediate_size=d.intermediate, num_attention_heads=d.heads,
+                  num_hidden_layers=1, vocab_size=64)
+    if preset == "bert-base":
+        cfg, cls = transformers.BertConfig(**common), transformers.BertModel
+    else:
+        name = {"llama3-8b": "Llama", "mistral-7b": "Mistral", "qwen2.5-7b": "Qwen2"}[preset]
+        cfg = getattr(transformers, f"{name}Config")(num_key_value_heads=d.kv_heads, head_dim=d.head_dim, **common)
+        cls = getattr(transformers, f"{name}ForCausalLM")
+    with torch.device("meta"):
+        model = cls(cfg)
+    assert sorted((k, n) for _, k, n in projections(d)) == _layer0_linears(model)
+
+
+def test_parse_shapes():
+    s = parse_shapes(["512,4096,4096,16", "qwen2.5-7b:k"], tokens=7, rank=3)
+    assert [(x.M, x.K, x.N, x.r) for x in s] == [(512, 4096, 4096, 16), (7, 3584, 512, 3)]
+    assert s[1].name == "qwen2.5-7b.k,v"
+    # q,o share (4096, 4096), k,v (4096, 1024), gate,up (4096, 14336); down (14336, 4096)
+    assert [x.name for x in parse_shapes(["Llama-3-8B"], 1, 1)] == [
+        "llama3-8b.q,o", "llama3-8b.k,v", "llama3-8b.gate,up", "llama3-8b.down"]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "full"])
+def test_lora_unfused_traffic_is_what_the_eager_graph_moves(mode):
+    M, K, N, r = 13, 21, 17, 3
+    x = torch.randn(M, K, requires_grad=True)
+    W, b = torch.randn(N, K), torch.randn(N)
+    A, B = torch.randn(r, K, requires_grad=True), torch.randn(N, r, requires_grad=True)
+    call = timed_call(lambda: lora_linear_ref(x, W, b, A, B, 2.0), mode, x, torch.randn(M, N), [A, B])
+    _, ops, counted = count_launches(call)
+    assert counted == traffic.lora(M, K, N, r, 4)[mode].unfused_bytes, ops
+
+
+@pytest.mark.parametrize("placement", ["sequential", "parallel"])
+def test_adapter_unfused_forward_traffic_is_what_the_eager_graph_moves(placement):
+    M, K, N, bsz = 11, 19, 23, 5
+    x = torch.randn(M, K)
+    W, bias = torch.randn(N, K), torch.randn(N)
+    a = N if placement == "sequential" else K
+    D, c, U, d = torch.randn(bsz, a), torch.randn(bsz), torch.randn(N, bsz), torch.randn(N)
+    call = timed_call(lambda: adapter_linear_ref(x, W, bias, D, c, U, d, "relu", 0.5, placement), "fwd", x, None, [])
+    _, ops, counted = count_launches(call)
+    assert counted == traffic.adapter(M, K, N, bsz, 4, placement)["fwd"].unfused_bytes, ops
+
+
+@pytest.mark.parametrize("ff", [False, True], ids=["output", "input"])
+def test_ia3_unfused_forward_traffic_is_what_the_eager_graph_moves(ff):
+    from peft_kernels.reference import ia3_linear_ref
+
+    M, K, N = 11, 19, 23
+    x, W, b = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
+    l = torch.randn(K if ff else N)
+    _, ops, counted = count_launches(timed_call(lambda: ia3_linear_ref(x, W, b, l, ff), "fwd", x, None, []))
+    assert counted == traffic.ia3(M, K, N, 4, ff)["fwd"].unfused_bytes, ops
+
+
+def test_traffic_model_favours_fusion_and_flops_floor():
+    for costs in (traffic.lora(512, 4096, 4096, 16, 2, 0.1), traffic.multi_lora(256, 4096, 4096, 16, 32, 2),
+                  traffic.adapter(512, 4096, 4096, 64, 2, "sequential"), traffic.adapter(512, 4096, 4096, 64, 2, "parallel"),
+                  traffic.ia3(512, 4096, 4096, 2, False), traffic.ia3(512, 4096, 4096, 2, True),
+                  traffic.dora(512, 4096, 4096, 16, 2)):
+        for m in ("fwd", "bwd", "full"):
+            assert costs[m].fused_bytes < costs[m].unfused_bytes
+            assert costs["full"].flops == costs["fwd"].flops + costs["bwd"].flops
+    fr = traffic.frozen(512, 4096, 4096, 4)
+    ad = traffic.adapter(512, 4096, 4096, 256, 4, "sequential")
+    assert abs(ad["full"].flops / fr["full"].flops - (1 + 3 * 256 / 4096)) < 1e-12
 
 
 def test_saved_bytes_dedups_views_and_skips_params():
@@ -56,15 +200,53 @@ def test_saved_bytes_dedups_views_and_skips_params():
     assert n == x.numel() * 4
 
 
-def test_multi_bytes_model():
-    from peft_kernels.bench.multi_lora import bytes_model
+def test_occupancy_matches_the_cuda_occupancy_calculator():
+    # 64 regs × 128 threads: 2048 regs per warp -> 32 warps per SM by registers = 50 %
+    assert occupancy(80, 64, 128, 0) == dict(blocks=8, warps=32, occupancy=0.5, limiter="registers")
+    assert occupancy(80, 32, 256, 0)["occupancy"] == 1.0
+    # 255 regs -> 8192 per warp (256-register units) -> 8 warps -> two 4-warp blocks
+    assert occupancy(90, 255, 128, 0)["occupancy"] == 0.125
+    # 48 KiB + 1 KiB reserved per block: 3 blocks in A100's 164 KiB, 4 in H100's 228 KiB
+    assert occupancy(80, 32, 128, 48 * 1024) == dict(blocks=3, warps=12, occupancy=0.1875, limiter="shared memory")
+    assert occupancy(90, 32, 128, 48 * 1024)["blocks"] == 4
+    # 1024-thread blocks: warp slots limit to 2 blocks
+    assert occupancy(80, 16, 1024, 0) == dict(blocks=2, warps=64, occupancy=1.0, limiter="warps")
+    with pytest.raises(ValueError, match="arch"):
+        occupancy(70, 32, 128, 0)
 
-    # 2 adapters of rank 4 and 8, K=10, N=6, 3 active tokens, fp16: A+B per adapter at its true rank
-    assert bytes_model(3, 10, 6, [4, 8], 2) == (4 * 16 + 8 * 16) * 2 + 3 * 10 * 2 + 2 * 3 * 8 * 4 + 2 * 3 * 6 * 2
+
+def _env():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # AOT needs real (non-interpreted) JIT kernels
+    return env
 
 
-def test_adapter_flop_floor():
-    from peft_kernels.bench.adapter import flop_floor
+def test_gpu_resources_report(tmp_path):
+    """--gpu-resources --quick: the first config of each multi-adapter Triton kernel and every CUDA C++ kernel
+    (CMake ptxas log + launch bounds from the PTX) for sm_80 and sm_90, with occupancy."""
+    from peft_kernels import cuda_build
 
-    assert abs(flop_floor(4096, 4096, 256, "sequential", fwd_only=False) - (1 + 3 * 256 / 4096)) < 1e-12
-    assert abs(flop_floor(4096, 4096, 256, "parallel", fwd_only=True) - (1 + 2 * 256 / 4096)) < 1e-12
+    why = cuda_build.missing_tools()
+    if why:
+        if os.environ.get("PEFT_KERNELS_REQUIRE_CUDA_TOOLKIT") == "1":
+            pytest.fail(f"PEFT_KERNELS_REQUIRE_CUDA_TOOLKIT=1 but {why}")
+        pytest.skip(why)
+    p = subprocess.run([sys.executable, "-m", "peft_kernels.bench", "--gpu-resources", "--quick", "--op", "multi_lora",
+                        "--out", str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    with open(tmp_path / "gpu_resources.csv") as f:
+        rows = list(csv.DictReader(f))
+    kinds = {(r["kind"], r["arch"], r["kernel"]) for r in rows}
+    for arch in ("80", "90"):
+        for k in ("_sgmv_shrink_kernel", "_sgmv_expand_kernel", "_bgmv_shrink_kernel", "_bgmv_expand_kernel"):
+            assert ("triton", arch, k) in kinds
+        for k in ("bgmv_shrink_kernel", "bgmv_expand_kernel", "sgmv_shrink_kernel", "sgmv_expand_kernel",
+                  "lora_expand_kernel"):
+            assert ("cuda", arch, k) in kinds
+    for r in rows:
+        assert int(r["spill_bytes"]) == 0 and int(r["threads"]) % 32 == 0
+        # the row's occupancy is the calculator's for its own resources
+        assert float(r["occupancy"]) == occupancy(int(r["arch"]), int(r["registers"]), int(r["threads"]),
+                                                  int(r["smem_bytes"]))["occupancy"]
+        assert 0 < float(r["occupancy"]) <= 1
+    assert "occupancy" in p.stdout and "sm_90" in p.stdout

@@ -1,121 +1,218 @@
-"""``python -m peft_kernels.bench``: the benchmarks on the current device.
+"""``python -m peft_kernels.bench``: benchmark every op on the current device (``make bench``).
 
-``--op lora``: fused single-adapter LoRA. Defaults are issue #2's CPU case: fp32, M=512, K=N=4096,
-r=16, p ∈ {0, 0.1}, forward and forward+backward.
-``--op multi_lora``: the mixed multi-adapter batch (issue #3): T=256 tokens, r=16, 1/8/32
-adapters, K=N ∈ {1024, 4096}, vs HF PEFT's ``adapter_names`` path and a frozen nn.Linear.
-``--op adapter``: bottleneck adapters (issue #4): AdapterLinear vs the same adapter from unfused nn
-modules vs a frozen nn.Linear, sequential and parallel, M=512, hidden 4096, bottleneck 256.
-``--op all`` (the default) runs them all. ``--quick`` runs tiny shapes (a smoke test, seconds).
+Examples::
+
+    python -m peft_kernels.bench                                  # the default CPU suite (< 5 min)
+    python -m peft_kernels.bench --op lora --shapes llama3-8b --tokens 2048 --dtype bf16 --device cuda
+    python -m peft_kernels.bench --op all --shapes 512,4096,4096,16 bert-base --modes fwd,full --out results/
+    python -m peft_kernels.bench --quick --out /tmp/b             # tiny shapes: a smoke test, seconds
+    python -m peft_kernels.bench --gpu-resources                  # registers/spills/smem/occupancy, no GPU
+
+``--shapes`` takes presets (llama3-8b, mistral-7b, qwen2.5-7b, bert-base: every distinct projection of
+one layer, M = --tokens, r = --rank; ``preset:proj`` for one) or explicit ``M,K,N,r``. For the adapter
+op r is the bottleneck size (presets use --bottleneck). Without --shapes each op runs its issue case:
+lora 512,4096,4096,16; multi_lora 256,1024,1024,16 and 256,4096,4096,16; adapter 512,4096,4096,256;
+dora 512,4096,4096,16; ia3 512,4096,4096 (r unused).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from typing import List
 
 import torch
 
-from . import adapter, lora, multi_lora
+from .. import dispatch
+from . import report
+from .cases import BUILDERS, MODES, Config
+from .shapes import PRESETS, parse_shapes
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OPS = tuple(BUILDERS)
+DEFAULT_SHAPES = {"lora": ["512,4096,4096,16"], "multi_lora": ["256,1024,1024,16", "256,4096,4096,16"],
+                  "adapter": ["512,4096,4096,256"], "dora": ["512,4096,4096,16"], "ia3": ["512,4096,4096,1"]}
+QUICK_SHAPES = {"lora": ["40,48,56,4"], "multi_lora": ["24,40,48,4"], "adapter": ["40,48,48,8"],
+                "dora": ["40,48,56,4"], "ia3": ["40,48,56,1"]}
+
+
+def _csv_list(text: str, allowed, what: str) -> List[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"{what}: {', '.join(bad) or repr(text)} not in {', '.join(allowed)}")
+    return items
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m peft_kernels.bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--op", choices=OPS + ("all",), default="all",
+                    help="lora, multi_lora (mixed-batch adapters), adapter (bottleneck), dora, ia3, or all")
+    ap.add_argument("--shapes", nargs="+", action="extend", metavar="SHAPE",
+                    help=f"presets ({', '.join(PRESETS)}; preset:proj) or M,K,N,r (default: each op's issue case)")
+    ap.add_argument("--tokens", type=int, default=512, help="M for presets (default 512)")
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank for presets (default 16)")
+    ap.add_argument("--bottleneck", type=int, default=64, help="adapter bottleneck for presets (default 64)")
+    ap.add_argument("--adapters", default="1,8,32", help="multi_lora: adapter counts, comma list (default 1,8,32)")
+    ap.add_argument("--placements", default="sequential,parallel", help="adapter placements (default both)")
+    ap.add_argument("--ia3-scalings", default="output,input", help="ia3: output (k/v) and/or input (feed-forward)")
+    ap.add_argument("--dtype", choices=DTYPES, default=None, help="default fp32 on CPU, bf16 on CUDA")
+    ap.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    ap.add_argument("--backends", default=None, help=f"our backends to time, comma list of "
+                    f"{', '.join(b for b in dispatch.BACKENDS if b != 'auto')} (default: all; unavailable ones are "
+                    f"reported with the reason)")
+    ap.add_argument("--modes", default="fwd,bwd,full", help="fwd, bwd (backward alone), full (fwd+bwd); default all")
+    ap.add_argument("--dropout", default="0,0.1", help="lora: dropout p values, comma list (default 0,0.1)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 10 CPU, 3 CUDA)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds (a smoke test: seconds)")
+    ap.add_argument("--out", default=None, metavar="DIR", help="write bench.csv, bench.json and bench.png here")
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    ap.add_argument("--gpu-resources", action="store_true",
+                    help="registers/spills/shared memory/occupancy of every shipped kernel for sm_80/sm_90 (no GPU)")
+    ap.add_argument("--arch", type=int, action="append", choices=[80, 90], help="--gpu-resources: arch (default both)")
+    ap.add_argument("--ptxas-log", default=None, help="--gpu-resources: a CMake ptxas log (default: build it)")
+    ap.add_argument("--no-cuda-kernels", action="store_true", help="--gpu-resources: Triton kernels only")
+    ap.add_argument("--jobs", type=int, default=None, help="--gpu-resources: compile processes (default: CPUs)")
+    return ap
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m peft_kernels.bench")
-    ap.add_argument("--op", choices=["lora", "multi_lora", "adapter", "all"], default="all")
-    ap.add_argument("--bottleneck", type=int, default=256, help="adapter: bottleneck size")
-    ap.add_argument("--tokens", type=int, default=256, help="multi_lora: tokens per batch")
-    ap.add_argument("--adapters", type=int, action="append", help="multi_lora: distinct adapters (repeatable; "
-                    "default 1, 8, 32)")
-    ap.add_argument("--hidden", type=int, action="append", help="multi_lora: K=N (repeatable; default 1024, 4096)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=DTYPES, default=None, help="default fp32 on CPU, bf16 on CUDA")
-    ap.add_argument("-M", type=int, default=512)
-    ap.add_argument("-K", type=int, default=4096)
-    ap.add_argument("-N", type=int, default=4096)
-    ap.add_argument("-r", type=int, default=16)
-    ap.add_argument("--p", type=float, action="append", help="dropout p (repeatable; default 0 and 0.1)")
-    ap.add_argument("--mode", choices=["fwd", "fwd+bwd"], action="append")
-    ap.add_argument("--rounds", type=int, default=None, help="default 40 (lora), 20 (multi_lora), 15 (adapter)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds (smoke test)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = parser()
     a = ap.parse_args(argv)
+    if a.gpu_resources:
+        return _gpu_resources(a, argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if a.device.startswith("cuda") else torch.float32)
-    t0 = time.time()
-    rows = []
-    print(f"peft_kernels benchmarks on {a.device}: {lora.environment()}")
-    if a.op in ("lora", "all"):
-        rows += _lora(a, dtype)
-    if a.op in ("multi_lora", "all"):
-        rows += _multi(a, dtype)
-    if a.op in ("adapter", "all"):
-        rows += _adapter(a, dtype)
-    if a.json:
-        lora.to_json(rows, a.json)
-    print(f"\n({time.time() - t0:.0f} s)")
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {a.device}: torch.cuda.is_available() is False on this machine")
+    dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    ops = OPS if a.op == "all" else (a.op,)
+    try:
+        modes = _csv_list(a.modes, MODES, "--modes")
+        backends = _csv_list(a.backends, [b for b in dispatch.BACKENDS if b != "auto"], "--backends") \
+            if a.backends else [b for b in dispatch.BACKENDS if b != "auto"]
+        dropouts = [float(v) for v in a.dropout.split(",")]
+        adapters = [int(v) for v in a.adapters.split(",")]
+        placements = _csv_list(a.placements, ("sequential", "parallel"), "--placements")
+        ia3_scalings = _csv_list(a.ia3_scalings, ("output", "input"), "--ia3-scalings")
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        ap.error(str(e))
+    if any(not 0 <= p < 1 for p in dropouts):
+        ap.error(f"--dropout: each p must be in [0, 1), got {a.dropout}")
+    if any(n < 1 for n in adapters):
+        ap.error(f"--adapters: each count must be ≥ 1, got {a.adapters}")
+    rounds = a.rounds or (3 if a.quick else (3 if device.type == "cuda" else 10))
+    warmup = 1 if a.quick else a.warmup
+    shapes = {}
+    try:
+        for op in ops:
+            specs = a.shapes or (QUICK_SHAPES if a.quick else DEFAULT_SHAPES)[op]
+            r_default = a.bottleneck if op == "adapter" else a.rank
+            shapes[op] = parse_shapes(specs, a.tokens, r_default)
+    except ValueError as e:
+        ap.error(str(e))
+    if a.quick and not a.shapes:
+        adapters = [1, 5] if a.adapters == "1,8,32" else adapters
+    cfg = Config(dtype=dtype, device=device, backends=backends, dropouts=dropouts, adapters=adapters,
+                 placements=placements, ia3_scalings=ia3_scalings)
+    meta = report.metadata(device, argv)
+    print(f"peft_kernels benchmarks on {device} ({meta['device_name']}): torch {meta['torch']}, triton "
+          f"{meta['triton']}, peft {meta['peft']}, {meta['cpu_threads']} CPU threads, commit {meta['git_commit']}")
+    rows = _run(ops, shapes, cfg, modes, rounds, warmup, progress=not a.no_progress)
+    print(report.format_table(rows))
+    tg = report.targets(rows)
+    if tg:
+        print("\nIssue targets measured in this run (a report, not a test):")
+        for line in tg:
+            print("  " + line)
+    if a.out:
+        for p in report.write_outputs(a.out, rows, meta):
+            print(f"wrote {p}")
     return 0
 
 
-def _lora(a, dtype):
-    M, K, N, r, rounds, warmup = a.M, a.K, a.N, a.r, a.rounds or 40, a.warmup
-    if a.quick:
-        M, K, N, r, rounds, warmup = 64, 96, 80, 4, 3, 1
-    print(f"\n== LoRA linear: M={M} K={K} N={N} r={r} dtype={str(dtype).split('.')[-1]} rounds={rounds} "
-          f"(× frozen: median over rounds of the time ratio to the frozen nn.Linear in the same round; IQR: spread "
-          f"of those ratios; the control row is the noise floor)\n")
-    rows = lora.run(M, K, N, r, dtype, a.device, rounds, warmup, tuple(a.p or (0.0, 0.1)),
-                    tuple(a.mode or ("fwd", "fwd+bwd")))
-    print(lora.format_table(rows, M, K, r))
-    if (M, K, N, r, dtype, a.device) == (512, 4096, 4096, 16, torch.float32, "cpu"):
-        print("\nTargets (issue #2, CPU fp32 M=512 K=N=4096 r=16):")
-        for line in lora.targets(rows, M, r):
-            print("  " + line)
-    else:
-        print("\n(issue #2's targets are for CPU fp32 M=512 K=N=4096 r=16; not checked for this run)")
-    for row in rows:
-        row.setdefault("op", "lora")
+def _run(ops, shapes, cfg, modes, rounds, warmup, progress=True) -> List[dict]:
+    from .runner import run_case
+
+    t0 = time.time()
+    n_cases = 0
+    for op in ops:
+        per_shape = {"lora": len(cfg.dropouts), "multi_lora": len(cfg.adapters), "adapter": len(cfg.placements),
+                     "dora": 1, "ia3": len(cfg.ia3_scalings)}[op]
+        n_cases += per_shape * len(shapes[op])
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=n_cases * len(modes), unit="case", file=sys.stderr, dynamic_ncols=True)
+        except ImportError:
+            bar = None
+
+    def step(label):
+        if bar is not None:
+            bar.set_description(label[:60])
+            bar.update(0)
+
+    rows: List[dict] = []
+    for op in ops:
+        for shape in shapes[op]:
+            for case in BUILDERS[op](shape, cfg):
+                rows += run_case(case, modes, rounds, warmup, progress=step)
+                if bar is not None:
+                    bar.update(len(modes))
+                del case  # free its weights before the next case is built
+    if bar is not None:
+        bar.close()
+    print(f"({n_cases} cases × {len(modes)} modes in {time.time() - t0:.0f} s, {rounds} rounds each)")
     return rows
 
 
-def _multi(a, dtype):
-    T, r, rounds, warmup = a.tokens, a.r, a.rounds or 20, a.warmup
-    hidden = tuple(a.hidden or (1024, 4096))
-    n_adapters = tuple(a.adapters or (1, 8, 32))
-    if a.quick:
-        T, r, rounds, warmup, hidden, n_adapters = 24, 4, 3, 1, (48,), (1, 5)
-    print(f"\n== Multi-adapter mixed batch: T={T} tokens, r={r}, dtype={str(dtype).split('.')[-1]}, rounds={rounds}, "
-          f"random adapter per token (LoRA part: time above the frozen nn.Linear in the same round, median over "
-          f"rounds; fwd under no_grad, since PEFT's adapter_names is inference-only)\n")
-    rows = []
-    for h in hidden:
-        rows += multi_lora.run(T, h, h, r, n_adapters, dtype, a.device, rounds, warmup)
-    print(multi_lora.format_table(rows))
-    tg = multi_lora.targets(rows)
-    if tg and a.device == "cpu":
-        print("\nTarget (issue #3, CPU):")
-        for line in tg:
-            print("  " + line)
-    return rows
+def _gpu_resources(a, argv) -> int:
+    import os
 
+    if os.environ.get("TRITON_INTERPRET"):
+        from .gpu_resources import reexec_without_interpreter
+        return reexec_without_interpreter(argv)
+    from . import gpu_resources as G
 
-def _adapter(a, dtype):
-    M, K, b, rounds, warmup = a.M, a.K, a.bottleneck, a.rounds or 15, a.warmup
-    if a.quick:
-        M, K, b, rounds, warmup = 48, 64, 8, 3, 1
-    print(f"\n== Bottleneck adapter: M={M} hidden={K} bottleneck={b} relu dtype={str(dtype).split('.')[-1]} "
-          f"rounds={rounds} (× floor: the ratio over the modelled FLOP floor 1 + 3b/K of the frozen layer)\n")
-    rows = adapter.run(M, K, K, b, "relu", dtype, a.device, rounds, warmup)
-    print(adapter.format_table(rows))
-    if (M, K, b, dtype, a.device) == (512, 4096, 256, torch.float32, "cpu"):
-        print("\nTargets (issue #4, CPU fp32 M=512 hidden=4096 bottleneck=256):")
-        for line in adapter.targets(rows):
-            print("  " + line)
-    return rows
+    archs = tuple(a.arch or (80, 90))
+    ops = None if a.op == "all" else (a.op,)
+    t0 = time.time()
+    rows = G.triton_rows(archs, ops, quick=a.quick, jobs=a.jobs)
+    cuda_note = None
+    if not a.no_cuda_kernels and a.op in ("all", "multi_lora"):
+        from .. import cuda_build
+        why = None if a.ptxas_log else cuda_build.missing_tools()
+        if why:
+            cuda_note = f"CUDA C++ kernels not reported: {why}"
+        else:
+            rows += G.cuda_rows(a.ptxas_log, archs=archs)
+    print(G.format_rows(rows))
+    print()
+    for line in G.summary(rows):
+        print(line)
+    if cuda_note:
+        print(cuda_note)
+    print(f"({time.time() - t0:.0f} s)")
+    if a.out:
+        import csv
+        import json
+        os.makedirs(a.out, exist_ok=True)
+        data = [r.as_dict() for r in rows]
+        with open(os.path.join(a.out, "gpu_resources.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(data[0]))
+            w.writeheader()
+            w.writerows(data)
+        with open(os.path.join(a.out, "gpu_resources.json"), "w") as f:
+            json.dump({"metadata": report.metadata(torch.device("cpu"), argv), "rows": data}, f, indent=1)
+        print(f"wrote {os.path.join(a.out, 'gpu_resources.csv')} and .json")
+    bad = [r for r in rows if r.spills]
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ control) shows the noise floor. CPU uses torch.utils.benchmark, CUDA triton.test
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 
 def saved_activation_bytes(fn: Callable[[], torch.Tensor], params) -> int:
@@ -54,28 +56,60 @@ class _CpuTimer:
         return t.timeit(1).median
 
 
-def timed_call(fn: Callable[[], torch.Tensor], mode: str, x: torch.Tensor, dy: torch.Tensor, params) -> Callable[[], None]:
-    """What one timed call does: ``fn()`` for ``"fwd"``; for ``"fwd+bwd"``, ``fn().backward(dy)`` and
-    the grads of ``x`` and ``params`` cleared (so no call accumulates into the next)."""
-    if mode == "fwd":
-        return fn
-    params = list(params)
+class Call:
+    """One timed call of a provider in one mode. ``prepare()`` runs untimed before each timed ``run()``
+    (backward-only timing builds the graph there); ``reset()`` runs untimed after it."""
 
-    def fb():
-        fn().backward(dy)
+    def __init__(self, run, prepare=None, reset=None):
+        self.run, self.prepare, self.reset = run, prepare, reset
+
+
+def timed_call(fn: Callable[[], torch.Tensor], mode: str, x: torch.Tensor, dy: torch.Tensor, params,
+               no_grad_fwd: bool = False) -> Call:
+    """What one timed call does: ``"fwd"`` runs ``fn()`` (under no_grad if ``no_grad_fwd``);
+    ``"full"`` runs ``fn().backward(dy)``; ``"bwd"`` runs the forward untimed and times
+    ``out.backward(dy, retain_graph=True)``. Grads of ``x`` and ``params`` are cleared after each call."""
+    params = [q for q in params if q.requires_grad]
+
+    def clear():
         x.grad = None
         for q in params:
             q.grad = None
-    return fb
+
+    if mode == "fwd":
+        if no_grad_fwd:
+            def fwd():
+                with torch.no_grad():
+                    return fn()
+            return Call(fwd)
+        return Call(fn)
+    if mode == "full":
+        return Call(lambda: fn().backward(dy), reset=clear)
+    if mode == "bwd":
+        state = {}
+
+        def prepare():
+            state["out"] = fn()
+
+        return Call(lambda: state["out"].backward(dy, retain_graph=True), prepare=prepare, reset=clear)
+    raise ValueError(f"mode must be fwd, bwd or full, got {mode!r}")
 
 
-def make_timer(fn: Callable[[], None], device: torch.device) -> Callable[[], float]:
-    """A callable that times one call of ``fn`` in seconds (CUDA: do_bench's median)."""
-    if device.type == "cuda":
+class _CudaTimer:
+    """triton.testing.do_bench's p20/p50/p80 of one call (milliseconds -> seconds)."""
+
+    def __init__(self, call: Call):
+        self.call = call
+
+    def __call__(self):
         import triton.testing
 
-        return lambda: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") / 1e3
-    return _CpuTimer(fn)
+        if self.call.prepare:
+            self.call.prepare()
+        q = triton.testing.do_bench(self.call.run, warmup=10, rep=50, quantiles=[0.2, 0.5, 0.8])
+        if self.call.reset:
+            self.call.reset()
+        return tuple(v / 1e3 for v in q)
 
 
 @dataclass
@@ -83,10 +117,17 @@ class Result:
     name: str
     times: List[float] = field(default_factory=list)
     ratios: List[float] = field(default_factory=list)
+    quantiles: tuple = ()  # (p20, p50, p80) seconds from do_bench (CUDA); else taken over rounds
+
+    def percentile(self, q: float) -> float:
+        """Seconds at quantile ``q`` of the per-round times (or do_bench's quantiles on CUDA)."""
+        if self.quantiles:
+            return self.quantiles[{0.2: 0, 0.5: 1, 0.8: 2}[q]]
+        return _quantile(self.times, q)
 
     @property
     def median_ms(self) -> float:
-        return statistics.median(self.times) * 1e3
+        return self.percentile(0.5) * 1e3
 
     @property
     def ratio(self) -> float:
@@ -97,25 +138,136 @@ class Result:
         """Interquartile range of the per-round ratios: how much to trust ``ratio``."""
         if len(self.ratios) < 4:
             return float("nan")
-        q = statistics.quantiles(self.ratios, n=4)
-        return q[2] - q[0]
+        return _quantile(self.ratios, 0.75) - _quantile(self.ratios, 0.25)
 
 
-def interleaved(providers: Dict[str, Callable[[], None]], baseline: str, rounds: int, warmup: int,
-                device: torch.device, seed: int = 0) -> Dict[str, Result]:
-    """Run every provider once per round in random order; ratios are to ``baseline`` in the same round."""
+def _quantile(xs: List[float], q: float) -> float:
+    """Linear-interpolated quantile (numpy's default), for any number of samples ≥ 1."""
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def interleaved(calls: Dict[str, Call], baseline: str, rounds: int, warmup: int, device: torch.device,
+                seed: int = 0) -> Dict[str, Result]:
+    """Run every provider once per round in random order; ratios are to ``baseline`` in the same round.
+    On CUDA each round is one do_bench per provider (its p20/p50/p80 kept from the last round)."""
     rng = random.Random(seed)
-    names = list(providers)
+    names = list(calls)
     for _ in range(warmup):
         for n in names:
-            providers[n]()
+            _untimed(calls[n])
     results = {n: Result(n) for n in names}
-    timers = {n: make_timer(providers[n], device) for n in names}
+    cuda = device.type == "cuda"
+    timers = {n: (_CudaTimer(calls[n]) if cuda else _CpuTimer(calls[n].run)) for n in names}
     for _ in range(rounds):
         order = names[:]
         rng.shuffle(order)
-        t = {n: timers[n]() for n in order}
+        t = {}
+        for n in order:
+            c = calls[n]
+            if cuda:
+                q = timers[n]()
+                results[n].quantiles = q
+                t[n] = q[1]
+                continue
+            if c.prepare:
+                c.prepare()
+            t[n] = timers[n]()
+            if c.reset:
+                c.reset()
         for n in names:
             results[n].times.append(t[n])
             results[n].ratios.append(t[n] / t[baseline])
     return results
+
+
+def _untimed(c: Call) -> None:
+    if c.prepare:
+        c.prepare()
+    c.run()
+    if c.reset:
+        c.reset()
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the kernels one call launches: every ATen / custom op that does work (views, aliases
+    and uninitialised allocations excluded) plus every Triton kernel launch, and the bytes the
+    ATen ops read and write (sum of their tensor arguments' and results' sizes: the one-kernel-per-op
+    traffic of an eager graph)."""
+
+    _FREE = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_to_copy_noop"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops: List[str] = []
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if not getattr(func, "is_view", False) and name not in self._FREE:
+            self.ops.append(f"{func.namespace}::{name}")
+            seen = set()
+            for t in _tensors((args, kwargs, out)):
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+                if key not in seen:
+                    seen.add(key)
+                    self.bytes += t.numel() * t.element_size()
+        return out
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+@contextlib.contextmanager
+def count_triton_launches():
+    """Within the block, the names of the Triton kernels launched (each still runs; under the interpreter
+    too). What a kernel does inside is hidden from an active OpCounter: one launch is one kernel."""
+    names: List[str] = []
+    classes = []
+    try:
+        from triton.runtime.jit import JITFunction
+        classes.append(JITFunction)
+        from triton.runtime.interpreter import InterpretedFunction
+        classes.append(InterpretedFunction)
+    except ImportError:
+        pass
+    saved = {c: c.run for c in classes}
+
+    def wrap(real):
+        def run(self, *a, **kw):
+            names.append(getattr(self, "__name__", None) or getattr(getattr(self, "fn", None), "__name__", "triton"))
+            with _disable_current_modes():
+                return real(self, *a, **kw)
+        return run
+
+    for c, real in saved.items():
+        c.run = wrap(real)
+    try:
+        yield names
+    finally:
+        for c, real in saved.items():
+            c.run = real
+
+
+def count_launches(call: Call) -> tuple:
+    """(kernel launches, names, bytes the ATen ops move) of one call, its untimed prepare excluded."""
+    if call.prepare:
+        call.prepare()
+    with OpCounter() as oc, count_triton_launches() as tri:
+        call.run()
+    if call.reset:
+        call.reset()
+    return len(oc.ops) + len(tri), oc.ops + [f"triton::{n}" for n in tri], oc.bytes

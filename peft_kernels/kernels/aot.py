@@ -116,7 +116,8 @@ def compile_launch(launch: Launch, arch: int) -> Compiled:
     regs, st, ld, _ = _ptxas_stats(ck.asm["ptx"], arch)
     named = {k.arg_names[i[0]]: v for i, v in constexprs.items() if k.arg_names[i[0]].isupper()}
     # the input dtype: that of x (or dY, or the gathered input / adapter stack / output)
-    data = next((signature[k] for k in ("x_ptr", "dy_ptr", "g_ptr", "in_ptr", "w_ptr", "out_ptr") if k in signature), "?")
+    data = next((signature[k] for k in ("x_ptr", "dy_ptr", "g_ptr", "in_ptr", "a_ptr", "w_ptr", "out_ptr")
+                 if k in signature), "?")
     return Compiled(k.__name__, arch, options.num_warps, options.num_stages, named, regs, st, ld,
                     ck.metadata.shared, data.lstrip("*"))
 
@@ -244,7 +245,34 @@ def record_adapter_launches():
     return calls
 
 
+def record_ia3_launches():
+    """The (IA)³ GEMM for both scalings, forward and backward, each dtype (fp32 with and without TF32), l in
+    the input's dtype and in fp32, aligned and odd sizes."""
+    import torch
+
+    from . import ia3 as I
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        with record_launches([I._ia3_gemm_kernel]) as calls:
+            for dt in (torch.float16, torch.bfloat16, torch.float32):
+                for tf in ((False, True) if dt == torch.float32 else (False,)):
+                    torch.backends.cuda.matmul.allow_tf32 = tf
+                    for ldt in {dt, torch.float32}:
+                        for M, K, N in ((512, 4096, 4096), (511, 4095, 4097)):
+                            x, W, b, dy = (torch.empty(M, K, dtype=dt), torch.empty(N, K, dtype=dt),
+                                           torch.empty(N, dtype=dt), torch.empty(M, N, dtype=dt))
+                            for ff in (False, True):
+                                l = torch.empty(K if ff else N, dtype=ldt)
+                                _, raw = I.ia3_forward(x, W, b, l, ff, need_raw=True)
+                                I.ia3_backward(dy, x, W, l, raw if raw is not None else dy, ff, True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return calls
+
+
 RECORDERS = {"lora": lambda: record_lora_launches(), "multi_lora": lambda: record_multi_lora_launches(),
+             "ia3": lambda: record_ia3_launches(),
              "adapter": lambda: record_adapter_launches()}
 
 
@@ -256,9 +284,11 @@ def _compile_indexed(job):
     return compile_launch(_POOL_CALLS[i], arch)
 
 
-def check_all(archs=(80, 90), verbose=True, ops=("lora", "multi_lora", "adapter"), jobs=None):
+def check_all(archs=(80, 90), verbose=True, ops=("lora", "multi_lora", "adapter", "ia3"), jobs=None,
+              first_per_kernel=False):
     """Compile every distinct shipped launch of ``ops`` (in ``jobs`` forked processes, default one per
-    CPU); return (rows, problems)."""
+    CPU); return (rows, problems). ``first_per_kernel``: only the first launch of each kernel per arch
+    (a quick look, not the full check)."""
     import multiprocessing
 
     calls = [c for op in ops for c in RECORDERS[op]()]
@@ -266,7 +296,7 @@ def check_all(archs=(80, 90), verbose=True, ops=("lora", "multi_lora", "adapter"
     for arch in archs:
         seen = set()
         for i, c in enumerate(calls):
-            key = _launch_key(c, arch)
+            key = c.kernel.__name__ if first_per_kernel else _launch_key(c, arch)
             if key not in seen:
                 seen.add(key)
                 work.append((i, arch))

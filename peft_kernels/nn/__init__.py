@@ -1,6 +1,7 @@
 """Drop-in torch.nn modules."""
 from .bottleneck import AdapterLinear, BottleneckAdapter
+from .ia3 import IA3Linear
 from .lora import LoRALinear
 from .multi_lora import MultiLoRALinear, adapter_ids
 
-__all__ = ["LoRALinear", "MultiLoRALinear", "adapter_ids", "BottleneckAdapter", "AdapterLinear"]
+__all__ = ["LoRALinear", "MultiLoRALinear", "adapter_ids", "BottleneckAdapter", "AdapterLinear", "IA3Linear"]

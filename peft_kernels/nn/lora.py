@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import dispatch
+from ..ops.dora import dora_linear, dora_weight_norm
 from ..ops.lora import lora_linear
 
 
@@ -62,6 +63,11 @@ class LoRALinear(nn.Module):
     ``"gaussian"`` (A ~ N(0, std=1/r), zero B), or False (random A and B, for tests).
     ``lora_dtype``: dtype of the LoRA parameters (default: the base weight's dtype; float32 on a
     half-precision base mirrors HF PEFT's ``autocast_adapter_dtype``).
+
+    ``use_dora=True``: DoRA with HF PEFT's math (``peft_kernels.ops.dora``): a trainable
+    ``lora_magnitude_vector`` [out] m, initialised to ``‖W + scaling·B·A‖`` per row, and
+    ``y = (m / ‖W + scaling·B·A‖) ⊙ (x·Wᵀ + scaling·B·A·x) + b`` with the norm detached. The norm is
+    computed without forming B·A, and cached in eval mode until W, A, B or the scaling change.
     """
 
     def __init__(
@@ -80,6 +86,7 @@ class LoRALinear(nn.Module):
         lora_dtype: Optional[torch.dtype] = None,
         *,
         lora_bias: bool = False,
+        use_dora: bool = False,
         _base: Optional[nn.Linear] = None,
     ):
         super().__init__()
@@ -101,6 +108,14 @@ class LoRALinear(nn.Module):
                             if self.lora_bias else None)
         self.init_lora_weights = init_lora_weights
         self.merged = False
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
+        if use_dora and lora_bias:
+            raise ValueError("use_dora=True with lora_bias=True is not supported (neither is it by HF PEFT)")
+        self.use_dora = use_dora
+        self.lora_magnitude_vector = (nn.Parameter(torch.empty(self.out_features, device=dev, dtype=ldtype))
+                                      if use_dora else None)
+        self._norm_cache = None
         self.reset_lora_parameters()
 
     @staticmethod
@@ -120,13 +135,13 @@ class LoRALinear(nn.Module):
     def from_linear(cls, linear: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
                     backend: str = "auto", lora_dtype: Optional[torch.dtype] = None,
-                    lora_bias: bool = False) -> "LoRALinear":
+                    lora_bias: bool = False, use_dora: bool = False) -> "LoRALinear":
         """Wrap ``linear`` (an nn.Linear, or a GPT-2-style Conv1D: fan_in_fan_out): its own weight/bias
         Parameters are reused (no copy) and frozen."""
         in_f, out_f = base_features(linear)
         return cls(in_f, out_f, r=r, lora_alpha=lora_alpha,
                    lora_dropout=lora_dropout, use_rslora=use_rslora, init_lora_weights=init_lora_weights,
-                   backend=backend, lora_dtype=lora_dtype, lora_bias=lora_bias, _base=linear)
+                   backend=backend, lora_dtype=lora_dtype, lora_bias=lora_bias, use_dora=use_dora, _base=linear)
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
@@ -139,6 +154,26 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
         else:
             nn.init.zeros_(self.lora_B)
+        if self.use_dora:
+            self.reset_dora_magnitude()
+
+    @torch.no_grad()
+    def reset_dora_magnitude(self) -> None:
+        """m = ‖W + scaling·B·A‖ per row (the layer then equals plain LoRA), as PEFT initialises it."""
+        if not self.use_dora:
+            raise RuntimeError("reset_dora_magnitude(): this layer was built with use_dora=False")
+        self.lora_magnitude_vector.copy_(self.dora_weight_norm())
+
+    def dora_weight_norm(self) -> torch.Tensor:
+        """‖W + scaling·B·A‖ per output row (fp32, detached); cached in eval mode until W, A, B or the
+        scaling change."""
+        key = (self.weight._version, self.weight.data_ptr(), self.lora_A._version, self.lora_A.data_ptr(),
+               self.lora_B._version, self.lora_B.data_ptr(), self.scaling)
+        if not self.training and self._norm_cache is not None and self._norm_cache[0] == key:
+            return self._norm_cache[1]
+        n = dora_weight_norm(self.base_weight(), self.lora_A, self.lora_B, self.scaling)
+        self._norm_cache = (key, n) if not self.training else None
+        return n
 
     # ---------------------------------------------------------------------------------- forward
     def base_weight(self) -> torch.Tensor:
@@ -154,6 +189,10 @@ class LoRALinear(nn.Module):
         bias = self.bias
         if self.lora_bias:  # differentiable in lora_B_bias through the op's bias gradient
             bias = self._lora_bias_term() if bias is None else bias + self._lora_bias_term()
+        if self.use_dora:
+            return dora_linear(x, self.base_weight(), bias, self.lora_A, self.lora_B, self.scaling,
+                               self.lora_magnitude_vector, dropout_p=self.lora_dropout, training=self.training,
+                               backend=self.backend, weight_norm=self.dora_weight_norm())
         return lora_linear(x, self.base_weight(), bias, self.lora_A, self.lora_B, self.scaling,
                            dropout_p=self.lora_dropout, training=self.training, backend=self.backend)
 
@@ -170,7 +209,7 @@ class LoRALinear(nn.Module):
             raise RuntimeError("LoRALinear.merge(): already merged; call unmerge() first")
         if self.lora_bias and self.bias is None:
             raise ValueError("LoRALinear.merge(): lora_bias needs a base bias to merge into; this layer has none")
-        new = (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
+        new = self._merged_weight_fp32().to(self.weight.dtype)
         if safe_merge and not torch.isfinite(new).all():
             raise ValueError("LoRALinear.merge(safe_merge=True): merging would produce NaN/Inf weights; "
                              "the layer was left unmerged")
@@ -183,7 +222,12 @@ class LoRALinear(nn.Module):
     def unmerge(self) -> None:
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge(): the layer is not merged")
-        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        if self.use_dora:  # W = W' / g − scaling·B·A, with g the factor merge() applied
+            g = self._merge_factor
+            w = self.weight.float() / g.reshape(self._g_shape())
+            self.weight.copy_((w - self.delta_weight()).to(self.weight.dtype))
+        else:
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
         if self.lora_bias:
             self.bias.sub_(self._lora_bias_term())
         self.merged = False
@@ -193,14 +237,27 @@ class LoRALinear(nn.Module):
         """A new plain ``nn.Linear`` with the LoRA update merged in (this layer is unchanged)."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
-        w = self.weight.float() if self.merged else self.weight.float() + self.delta_weight()
+        w = self.weight.float() if self.merged else self._merged_weight_fp32()
         lin.weight.copy_((w.t() if self.fan_in_fan_out else w).to(self.weight.dtype))
         if self.bias is not None:
             lin.bias.copy_(self.bias if self.merged or not self.lora_bias else self.bias + self._lora_bias_term())
         return lin
 
+    def _g_shape(self):
+        return (1, -1) if self.fan_in_fan_out else (-1, 1)
+
+    def _merged_weight_fp32(self) -> torch.Tensor:
+        """W + scaling·B·A (DoRA: scaled per output row by m / ‖W + scaling·B·A‖), fp32, stored layout."""
+        w = self.weight.float() + self.delta_weight()
+        if self.use_dora:
+            g = self.lora_magnitude_vector.float() / dora_weight_norm(self.base_weight(), self.lora_A, self.lora_B,
+                                                                       self.scaling)
+            self._merge_factor = g.detach().clone()
+            w = w * g.reshape(self._g_shape())
+        return w
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
                 f"use_rslora={self.use_rslora}, backend={self.backend!r}, merged={self.merged}"
-                + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
+                + (", fan_in_fan_out=True" if self.fan_in_fan_out else "") + (", use_dora=True" if self.use_dora else ""))

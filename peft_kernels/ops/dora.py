@@ -1,0 +1,80 @@
+"""DoRA (weight-decomposed LoRA, Liu et al. 2024) with HF PEFT's ``lora_magnitude_vector`` math.
+
+``y = g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b`` with ``g = m / ‖W + s·B·A‖_row`` per output feature; the norm is
+detached (PEFT: "weight_norm.detach()", so m gets the only gradient through g). With dropout in
+training PEFT feeds the dropped input to the adapter path only:
+``y = x·Wᵀ + b + (g − 1) ⊙ (x_d·Wᵀ) + g ⊙ s·(x_d·Aᵀ)·Bᵀ``.
+
+The row norms never materialise B·A ([N, K]):
+``‖W_n + s·(B·A)_n‖² = ‖W_n‖² + 2s·(W·Aᵀ)_n·B_n + s²·B_n·(A·Aᵀ)·B_nᵀ`` — an [N, r] GEMM and an
+[r, r] Gram matrix instead of an [N, K] product; ‖W_n‖² is cached per frozen weight (version-checked).
+
+Without dropout the adapter path is the fused LoRA op (its backend's kernels) on x with no bias, and the
+magnitude rescale plus bias is one pass (``addcmul``) that autograd differentiates in m.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .lora import lora_linear
+
+_WNORM_CACHE: dict = {}  # id(weight) -> (weakref(weight), key, row norms²); tensors cannot key a WeakKeyDictionary
+
+
+def _weight_sq_norms(weight: torch.Tensor) -> torch.Tensor:
+    """Σ_k W[n,k]² in fp32, cached per (frozen) weight tensor until it changes (version or storage)."""
+    key = (weight._version, weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()))
+    hit = _WNORM_CACHE.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == key:
+        return hit[2]
+    with torch.no_grad():
+        w = weight.float()
+        n2 = (w * w).sum(1)
+    if not weight.requires_grad:
+        for k in [k for k, v in _WNORM_CACHE.items() if v[0]() is None]:
+            del _WNORM_CACHE[k]
+        _WNORM_CACHE[id(weight)] = (weakref.ref(weight), key, n2)
+    return n2
+
+
+def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``‖W + scaling·B·A‖`` per output row (fp32, detached), without forming B·A."""
+    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError("weight, lora_A and lora_B must be 2-D ([N, K], [r, K], [N, r])")
+    N, K = weight.shape
+    r = lora_A.shape[0]
+    if tuple(lora_A.shape) != (r, K) or tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_A must be [r, {K}] and lora_B [{N}, r] for a [{N}, {K}] weight, got "
+                         f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    with torch.no_grad():
+        A, B = lora_A.float(), lora_B.float()
+        WA = weight.float() @ A.t() if weight.dtype != torch.float32 else weight @ A.t()   # [N, r]
+        gram = A @ A.t()                                                                    # [r, r]
+        n2 = _weight_sq_norms(weight) + (2.0 * scaling) * (WA * B).sum(1) + (scaling * scaling) * ((B @ gram) * B).sum(1)
+        return n2.clamp_min_(0).sqrt_()
+
+
+def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                lora_B: torch.Tensor, scaling: float, magnitude: torch.Tensor, *, dropout_p: float = 0.0,
+                training: bool = False, backend: str = "auto", weight_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DoRA linear (see the module docstring); differentiable in x, A, B and ``magnitude`` [N].
+    ``weight_norm``: a precomputed (cached) :func:`dora_weight_norm`, else computed here."""
+    N = weight.shape[0]
+    if not isinstance(magnitude, torch.Tensor) or tuple(magnitude.shape) != (N,):
+        raise ValueError(f"magnitude must be a [{N}] tensor (one per output feature), got "
+                         f"{tuple(magnitude.shape) if isinstance(magnitude, torch.Tensor) else type(magnitude).__name__}")
+    if weight_norm is None:
+        weight_norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
+    g = (magnitude / weight_norm).to(x.dtype)
+    if dropout_p > 0 and training:
+        xd = F.dropout(x, dropout_p, True)
+        z = lora_linear(xd, weight, None, lora_A, lora_B, scaling, backend=backend)
+        return F.linear(x, weight, bias) - F.linear(xd, weight) + z * g
+    z = lora_linear(x, weight, None, lora_A, lora_B, scaling, backend=backend)
+    if bias is None:
+        return z * g
+    return torch.addcmul(bias.to(z.dtype), z, g)

@@ -1,0 +1,186 @@
+"""DoRA: the op against the reference (PEFT's math with B·A materialised), the norm without B·A, the
+module's eval cache, merge, PEFT parity (forward, gradients, dropout) and checkpoints."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import peft_kernels as pk
+from peft_kernels import LoRALinear, dora_linear
+from peft_kernels.ops import dora as dora_mod
+from peft_kernels.ops.dora import dora_weight_norm
+from peft_kernels.reference import dora_linear_ref
+
+from helpers import assert_close, backend_params, dtype_params
+
+
+def _case(M, K, N, r, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    W = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    A = (torch.randn(r, K, generator=g) / K ** 0.5).to(dtype)
+    B = (torch.randn(N, r, generator=g) / r ** 0.5).to(dtype)
+    m = (1 + 0.3 * torch.rand(N, generator=g)).to(dtype)
+    return x, W, b, A, B, m
+
+
+def test_weight_norm_without_materialising_BA():
+    for r in (1, 5, 80):
+        _, W, _, A, B, _ = _case(3, 37, 29, r, torch.float64)
+        want = torch.linalg.norm(W + 0.7 * (B @ A), dim=1)
+        got = dora_weight_norm(W, A, B, 0.7)
+        assert got.dtype == torch.float32 and not got.requires_grad
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", backend_params(supported=("torch", "triton")))
+@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("shape", [(37, 45, 29, 5), (9, 33, 40, 1), (20, 70, 66, 72)],
+                         ids=["odd", "rank1", "rank72"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_forward_and_grads_match_reference(backend, dtype, shape, bias):
+    M, K, N, r = shape
+    x, W, b, A, B, m = _case(M, K, N, r, dtype, bias)
+    s = 2.0
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, m)]
+    y = dora_linear(leaves[0], W, b, leaves[1], leaves[2], s, leaves[3], backend=backend)
+    l64 = [t.double().requires_grad_() for t in (x, A, B, m)]
+    y64 = dora_linear_ref(l64[0], W.double(), None if b is None else b.double(), l64[1], l64[2], s, l64[3])
+    lt = [t.clone().requires_grad_() for t in (x, A, B, m)]
+    yt = dora_linear_ref(lt[0], W, b, lt[1], lt[2], s, lt[3])
+    assert_close(y, y64, yt, f"{backend} y")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    got = torch.autograd.grad(y, leaves, dy)
+    want = torch.autograd.grad(y64, l64, dy.double())
+    same = torch.autograd.grad(yt, lt, dy)
+    for name, g_, w_, t_ in zip(("dx", "dA", "dB", "dm"), got, want, same):
+        assert_close(g_, w_, t_, f"{backend} {name}", mult=8)
+
+
+def test_module_matches_peft_forward_backward_and_dropout():
+    peft = pytest.importorskip("peft")
+
+    def model():
+        torch.manual_seed(0)
+        h = nn.Module()
+        h.fc = nn.Linear(24, 18)
+        return h
+
+    for p in (0.0, 0.2):
+        pm = peft.get_peft_model(model(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=["fc"],
+                                                          use_dora=True, init_lora_weights=False))
+        pl = pm.base_model.model.fc
+        with torch.no_grad():
+            pl.lora_magnitude_vector["default"].weight.mul_(1.2)
+        ours = pk.from_peft(copy.deepcopy(pm)).fc
+        assert isinstance(ours, LoRALinear) and ours.use_dora and ours.lora_dropout == p
+        pm.train()
+        ours.train()
+        x = torch.randn(2, 5, 24)
+        torch.manual_seed(7)
+        ref = pl(x)
+        torch.manual_seed(7)  # the same dropout mask (both draw it with F.dropout from the global generator)
+        out = ours(x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        (ref * ref).sum().backward()
+        (out * out).sum().backward()
+        for a, b_ in ((ours.lora_A, pl.lora_A["default"].weight), (ours.lora_B, pl.lora_B["default"].weight),
+                      (ours.lora_magnitude_vector, pl.lora_magnitude_vector["default"].weight)):
+            torch.testing.assert_close(a.grad, b_.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_init_equals_plain_lora_and_eval_cache(monkeypatch):
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 12)
+    d = LoRALinear.from_linear(copy.deepcopy(lin), r=4, use_dora=True, init_lora_weights=False)
+    plain = LoRALinear.from_linear(copy.deepcopy(lin), r=4, init_lora_weights=False)
+    with torch.no_grad():
+        plain.lora_A.copy_(d.lora_A)
+        plain.lora_B.copy_(d.lora_B)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(d(x), plain(x))  # m = ‖W + sBA‖: g = 1
+    calls = []
+    real = dora_mod.dora_weight_norm
+    monkeypatch.setattr("peft_kernels.nn.lora.dora_weight_norm", lambda *a: calls.append(1) or real(*a))
+    d.eval()
+    d(x), d(x), d(x)
+    assert len(calls) == 1  # cached in eval
+    with torch.no_grad():
+        d.lora_B.add_(0.1)  # a change invalidates it
+    y = d(x)
+    assert len(calls) == 2
+    torch.testing.assert_close(y, dora_linear_ref(x, d.weight, d.bias, d.lora_A, d.lora_B, d.scaling,
+                                                  d.lora_magnitude_vector))
+    d.train()
+    d(x), d(x)
+    assert len(calls) == 4  # never cached in training (A and B change every step)
+
+
+def test_merge_unmerge_to_linear():
+    torch.manual_seed(0)
+    d = LoRALinear.from_linear(nn.Linear(16, 12), r=4, use_dora=True, init_lora_weights=False)
+    with torch.no_grad():
+        d.lora_magnitude_vector.mul_(1.3)
+    x = torch.randn(5, 16)
+    y = d(x)
+    torch.testing.assert_close(d.to_linear()(x), y, rtol=1e-5, atol=1e-5)
+    w0 = d.weight.clone()
+    d.merge()
+    torch.testing.assert_close(d(x), y, rtol=1e-5, atol=1e-5)
+    d.unmerge()
+    torch.testing.assert_close(d.weight, w0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_dora_checkpoint_roundtrip_and_bad_files(tmp_path):
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file, save_file
+
+    def model():
+        torch.manual_seed(0)
+        h = nn.Module()
+        h.fc, h.out = nn.Linear(10, 8), nn.Linear(8, 3)
+        return h
+
+    pm = peft.get_peft_model(model(), peft.LoraConfig(r=2, target_modules=["fc"], use_dora=True,
+                                                      init_lora_weights=False))
+    with torch.no_grad():
+        pm.base_model.model.fc.lora_magnitude_vector["default"].weight.mul_(0.8)
+    pm.eval()
+    x = torch.randn(4, 10)
+    inner = pm.base_model.model
+    ref = inner.out(inner.fc(x))
+    pm.save_pretrained(tmp_path / "a")
+    m = model()
+    pk.load_peft_adapter(m, tmp_path / "a")
+    assert m.fc.use_dora and m.fc.lora_magnitude_vector.requires_grad
+    torch.testing.assert_close(m.out(m.fc(x)), ref)
+    pk.save_peft_adapter(m, tmp_path / "b")
+    back = peft.PeftModel.from_pretrained(model(), tmp_path / "b")
+    back.eval()
+    torch.testing.assert_close(back.base_model.model.out(back.base_model.model.fc(x)), ref)
+    # a magnitude of the wrong shape, or missing: refused, the model unchanged
+    f = tmp_path / "a" / "adapter_model.safetensors"
+    sd = load_file(f)
+    key = next(k for k in sd if k.endswith("lora_magnitude_vector"))
+    for bad in ({**sd, key: torch.ones(7)}, {k: v for k, v in sd.items() if k != key}):
+        save_file(bad, f)
+        m = model()
+        before = copy.deepcopy(m.state_dict())
+        with pytest.raises(pk.CheckpointError, match="lora_magnitude_vector"):
+            pk.load_peft_adapter(m, tmp_path / "a")
+        assert isinstance(m.fc, nn.Linear) and all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="use_dora=True with lora_bias"):
+        LoRALinear(4, 3, use_dora=True, lora_bias=True)
+    with pytest.raises(TypeError, match="use_dora must be a bool"):
+        LoRALinear(4, 3, use_dora="yes")
+    x, W, b, A, B, m = _case(3, 4, 5, 2, torch.float32)
+    with pytest.raises(ValueError, match="magnitude must be a \\[5\\]"):
+        dora_linear(x, W, b, A, B, 1.0, torch.ones(4))
+    with pytest.raises(RuntimeError, match="use_dora=False"):
+        LoRALinear(4, 3).reset_dora_magnitude()

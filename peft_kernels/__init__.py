@@ -23,6 +23,7 @@ from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
 from .ops.lora import lora_linear
 from .ops.multi_lora import AdapterMapping, build_mapping, multi_lora_linear
+from .prompt import PrefixTuning, PromptTuning
 
 __version__ = "0.1.0"
 
@@ -34,7 +35,7 @@ from . import _ext as _ext_mod  # noqa: E402
 if not _ext_mod.disabled():
     _ext_mod._load()
 
-__all__ = ["inject_ia3", "ia3_linear", "IA3Linear", "dora_linear", "lora_linear", "LoRALinear", "multi_lora_linear", "MultiLoRALinear", "adapter_ids", "AdapterMapping",
+__all__ = ["PromptTuning", "PrefixTuning", "inject_ia3", "ia3_linear", "IA3Linear", "dora_linear", "lora_linear", "LoRALinear", "multi_lora_linear", "MultiLoRALinear", "adapter_ids", "AdapterMapping",
            "build_mapping", "bottleneck_adapter", "adapter_linear", "BottleneckAdapter", "AdapterLinear", "reference", "dispatch", "BackendUnavailable", "__version__",
            "inject_lora", "inject_multi_lora", "merge_lora", "unmerge_lora", "lora_state_dict", "load_peft_adapter",
            "save_peft_adapter", "CheckpointError", "from_peft", "adapter_names_to_ids"]

@@ -34,6 +34,17 @@ def info() -> str:
         lines.append(f"  CPU fp32 micro-kernels: {_ext.ops().cpu_isa('')} variant")
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         lines.append(dispatch.explain("auto", dev))
+    from .ops.ia3 import SUPPORTED as IA3
+    from .ops.multi_lora import SUPPORTED as MULTI
+
+    lines.append("ops and the backends they have kernels for:")
+    for op, sup in (("lora_linear (LoRALinear)", dispatch.DEFAULT_SUPPORTED),
+                    ("dora_linear (LoRALinear(use_dora=True); its LoRA part)", dispatch.DEFAULT_SUPPORTED),
+                    ("multi_lora_linear (MultiLoRALinear)", MULTI),
+                    ("bottleneck_adapter / adapter_linear", dispatch.DEFAULT_SUPPORTED),
+                    ("ia3_linear (IA3Linear)", IA3),
+                    ("PromptTuning / PrefixTuning", ("none needed: plain torch",))):
+        lines.append(f"  {op:58s} {', '.join(sup)}")
     return "\n".join(lines)
 
 

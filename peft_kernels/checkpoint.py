@@ -54,7 +54,8 @@ def _adapter_dir(path: str, adapter_name: Optional[str]) -> str:
     return path
 
 
-def _read_config(d: str) -> dict:
+def load_config_json(d: str) -> Tuple[str, dict]:
+    """(path, object) of ``d``/adapter_config.json; CheckpointError if missing, not JSON or not an object."""
     f = os.path.join(d, CONFIG)
     if not os.path.isfile(f):
         raise CheckpointError(f"{f!r} is missing")
@@ -65,6 +66,11 @@ def _read_config(d: str) -> dict:
         raise CheckpointError(f"{f!r} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{f!r} must hold a JSON object")
+    return f, cfg
+
+
+def _read_config(d: str) -> dict:
+    f, cfg = load_config_json(d)
     ptype = cfg.get("peft_type")
     if ptype not in ("LORA", "IA3"):
         raise CheckpointError(f"unsupported PEFT type {ptype!r} in {f!r}: LORA (incl. DoRA) and IA3 adapters load "

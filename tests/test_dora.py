@@ -184,3 +184,33 @@ def test_errors():
         dora_linear(x, W, b, A, B, 1.0, torch.ones(4))
     with pytest.raises(RuntimeError, match="use_dora=False"):
         LoRALinear(4, 3).reset_dora_magnitude()
+
+
+def test_triton_rescale_is_in_the_gemm_epilogue(monkeypatch):
+    """Forward: LoRA's 2 kernels and nothing else on the device side (the rescale and bias are the GEMM's
+    epilogue); backward: LoRA's 3 kernels on dZ = dY ⊙ g."""
+    from peft_kernels import dispatch
+    from peft_kernels.bench.common import count_launches as count_ops, timed_call
+    from peft_kernels.kernels import lora as K
+
+    from helpers import count_launches
+
+    if dispatch.unavailable_reason("triton", torch.device("cpu")):
+        pytest.skip(dispatch.unavailable_reason("triton", torch.device("cpu")))
+    x, W, b, A, B, m = _case(24, 40, 36, 4, torch.float32)
+    x.requires_grad_()
+    A.requires_grad_()
+    B.requires_grad_()
+    m.requires_grad_()
+    norm = dora_weight_norm(W, A, B, 2.0)
+    launches = count_launches(monkeypatch, [K._shrink_kernel, K._fwd_gemm_kernel, K._bwd_dy_kernel,
+                                            K._bwd_dx_kernel, K._bwd_da_kernel])
+    y = dora_linear(x, W, b, A, B, 2.0, m, backend="triton", weight_norm=norm)
+    assert launches == ["_shrink_kernel", "_fwd_gemm_kernel"]
+    y.backward(torch.randn_like(y))
+    assert launches[2:] == ["_bwd_dy_kernel", "_bwd_dx_kernel", "_bwd_da_kernel"]
+    monkeypatch.undo()
+    # no elementwise ATen op runs in the forward besides the [N] factor g = m / ‖·‖
+    _, ops, _ = count_ops(timed_call(lambda: dora_linear(x, W, b, A, B, 2.0, m, backend="triton", weight_norm=norm),
+                                     "fwd", x, None, []))
+    assert ops == ["aten::div", "triton::_shrink_kernel", "triton::_fwd_gemm_kernel"], ops

@@ -135,7 +135,7 @@ def _corrupt(d, how):
 
 
 @pytest.mark.parametrize("how,match", [
-    ("bad json", "not valid JSON"), ("dora", "DoRA"), ("ia3", "unsupported PEFT type 'IA3'"),
+    ("bad json", "not valid JSON"), ("dora", "no lora_magnitude_vector"), ("ia3", "not an IA3 ia3_l tensor"),
     ("truncated", "could not be read"), ("missing key", "missing"), ("wrong shape", "do not fit"),
     ("unknown module", "has no module"), ("nan", "finite")])
 def test_bad_checkpoint_raises_and_changes_nothing(tmp_path, how, match):
@@ -207,8 +207,19 @@ def test_from_peft_several_adapters_mixed_batch():
         pk.adapter_names_to_ids(model, ["nope"])
 
 
-def test_from_peft_refuses_dora_and_changes_nothing():
+def test_from_peft_converts_dora_and_refuses_dora_in_slots():
+    pm = peft_model(llama, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1.1)
+    ref = logits(pm)
+    model = pk.from_peft(pm)
+    assert model.model.layers[0].self_attn.q_proj.use_dora
+    got = logits(model)
+    assert_close(got, ref.double(), ref, "from_peft DoRA", mult=16.0)
     pm = peft_model(llama, r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+    pm.add_adapter("other", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True))
     kinds = [type(x) for x in pm.modules()]
     with pytest.raises(ValueError, match="DoRA"):
         pk.from_peft(pm)

@@ -47,8 +47,9 @@ def _csv_list(text: str, allowed, what: str) -> List[str]:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m peft_kernels.bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--op", choices=OPS + ("all",), default="all",
-                    help="lora, multi_lora (mixed-batch adapters), adapter (bottleneck), dora, ia3, or all")
+    ap.add_argument("--op", choices=OPS + ("all", "meta"), default="all",
+                    help="lora, multi_lora (mixed-batch adapters), adapter (bottleneck), dora, ia3, or all of these; "
+                         "meta: the meta-learned LoRA comparison (peft_kernels.meta) and its batched inner-loop timing")
     ap.add_argument("--shapes", nargs="+", action="extend", metavar="SHAPE",
                     help=f"presets ({', '.join(PRESETS)}; preset:proj) or M,K,N,r (default: each op's issue case)")
     ap.add_argument("--tokens", type=int, default=512, help="M for presets (default 512)")
@@ -85,6 +86,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.gpu_resources:
         return _gpu_resources(a, argv)
+    if a.op == "meta":
+        return _meta(a)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -170,6 +173,19 @@ def _run(ops, shapes, cfg, modes, rounds, warmup, progress=True) -> List[dict]:
         bar.close()
     print(f"({n_cases} cases × {len(modes)} modes in {time.time() - t0:.0f} s, {rounds} rounds each)")
     return rows
+
+
+def _meta(a) -> int:
+    from .. import meta
+
+    cfg = meta.Config.quick() if a.quick else meta.Config()
+    meta.run(cfg)
+    n = cfg.meta_batch
+    t = meta.time_inner_loop(cfg, tasks_n=n, steps=cfg.inner_steps_train)
+    print(f"\ninner loops of {n} tasks × {cfg.inner_steps_train} SGD steps (best of 3): one batched MultiLoRALinear pass "
+          f"per step {t['batched'] * 1e3:.1f} ms, one task at a time {t['one task at a time'] * 1e3:.1f} ms "
+          f"({t['one task at a time'] / t['batched']:.1f}× slower)")
+    return 0
 
 
 def _gpu_resources(a, argv) -> int:

@@ -135,8 +135,15 @@ def cuda_rows(ptxas_log: Optional[str] = None, build_dir: Optional[str] = None, 
     from .. import cuda_build
 
     if ptxas_log is None:
-        build_dir = build_dir or os.path.join(cuda_build.ROOT, "build", "gpu-resources")
-        text = cuda_build.cmake_build(build_dir, ";".join(f"{a}a" if a >= 90 else str(a) for a in archs))
+        # a fresh build directory: ptxas reports only what it compiles, and an up-to-date build compiles nothing
+        import shutil
+
+        tmp = build_dir or tempfile.mkdtemp(prefix="peft_kernels-gpu-resources-")
+        try:
+            text = cuda_build.cmake_build(tmp, ";".join(f"{a}a" if a >= 90 else str(a) for a in archs))
+        finally:
+            if build_dir is None:
+                shutil.rmtree(tmp, ignore_errors=True)
     else:
         with open(ptxas_log) as f:
             text = f.read()

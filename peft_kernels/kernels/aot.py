@@ -161,6 +161,9 @@ def record_lora_launches():
                 S = torch.empty(M, R)
                 L.lora_forward(x, W, b, A, B, 0.5, p, 1234)
                 L.lora_backward(torch.empty(M, N, dtype=dt), x, W, A, B, S, 0.5, p, 1234, True, True, True)
+                if p == 0:  # DoRA: the magnitude rescale in the GEMM epilogue, with and without storing z
+                    for store_z in (False, True):
+                        L.lora_forward(x, W, b, A, B, 0.5, 0.0, 0, col_scale=torch.empty(N), store_z=store_z)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return calls

@@ -104,8 +104,10 @@ def _fwd_gemm_kernel(
     scaling,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, g_ptr=None, z_ptr=None, COL_SCALE: tl.constexpr = False, STORE_Z: tl.constexpr = False,
 ):
+    # COL_SCALE (DoRA's epilogue): z = x·Wᵀ + s·S·Bᵀ is scaled per output column by g before the bias,
+    # y = g ⊙ z + b; STORE_Z also writes z (in y's dtype) for the magnitude's gradient.
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -117,6 +119,11 @@ def _fwd_gemm_kernel(
                          UPCAST, F32_PREC, BLOCK_M, BLOCK_R, BLOCK_N) * scaling
     acc = _gemm_mainloop(acc, x_ptr, rm, m_ok, stride_xm, stride_xk, w_ptr, rn, n_ok, stride_wk, stride_wn, K,
                          UPCAST, F32_PREC, BLOCK_K)
+    if COL_SCALE:
+        if STORE_Z:
+            tl.store(z_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(z_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & n_ok[None, :])
+        acc = acc * tl.load(g_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -329,8 +336,10 @@ def _flags(x: torch.Tensor, A: torch.Tensor) -> dict:
     return {"UPCAST": upcast_needed(x.dtype, A.dtype), "F32_PREC": f32_precision()}
 
 
-def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed: int):
-    """Returns (y [M, N] in x.dtype, S [M, R] fp32 with the 1/(1-p) scale folded in)."""
+def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed: int, col_scale=None, store_z: bool = False):
+    """Returns (y [M, N] in x.dtype, S [M, R] fp32 with the 1/(1-p) scale folded in), plus z when
+    ``store_z``. ``col_scale`` [N] fp32 (DoRA): y = col_scale ⊙ (x·Wᵀ + s·S·Bᵀ) + b in the GEMM epilogue,
+    z = x·Wᵀ + s·S·Bᵀ (x's dtype)."""
     M, K = x.shape
     N, R = weight.shape[0], A.shape[0]
     cfg = configs(x.dtype, R, _aligned(x, weight, A, B))
@@ -344,13 +353,15 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed: int):
         num_warps=c.num_warps, num_stages=c.num_stages, **fl)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     c = cfg["gemm"]
+    z = torch.empty_like(y) if store_z else None
     _fwd_gemm_kernel[(triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n),)](
         x, weight, bias if bias is not None else y, S, B, y, M, N, K, R,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), B.stride(0), B.stride(1),
         y.stride(0), y.stride(1), scaling,
         HAS_BIAS=bias is not None, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages, **fl)
-    return y, S
+        BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages,
+        g_ptr=col_scale, z_ptr=z, COL_SCALE=col_scale is not None, STORE_Z=z is not None, **fl)
+    return (y, S, z) if store_z else (y, S)
 
 
 def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed: int,

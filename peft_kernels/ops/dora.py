@@ -9,8 +9,10 @@ The row norms never materialise B·A ([N, K]):
 ``‖W_n + s·(B·A)_n‖² = ‖W_n‖² + 2s·(W·Aᵀ)_n·B_n + s²·B_n·(A·Aᵀ)·B_nᵀ`` — an [N, r] GEMM and an
 [r, r] Gram matrix instead of an [N, K] product; ‖W_n‖² is cached per frozen weight (version-checked).
 
-Without dropout the adapter path is the fused LoRA op (its backend's kernels) on x with no bias, and the
-magnitude rescale plus bias is one pass (``addcmul``) that autograd differentiates in m.
+Without dropout, backend ``triton``: one fused forward — LoRA's two kernels with DoRA's rescale in the
+GEMM epilogue (``y = g ⊙ (x·Wᵀ + s·S·Bᵀ) + b``; the unscaled z is stored only when m needs a gradient).
+Backward: dZ = dY ⊙ g, LoRA's backward kernels on dZ, dm = Σ dY ⊙ z / ‖·‖. Backend ``torch``: the fused
+LoRA op on x with no bias, then the rescale plus bias as one pass (``addcmul``, differentiated in m).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .lora import lora_linear
+from .. import dispatch
+from .lora import _op_reason, finish_lora_backward, lora_linear, save_for_lora_backward, validate
 
 _WNORM_CACHE: dict = {}  # id(weight) -> (weakref(weight), key, row norms²); tensors cannot key a WeakKeyDictionary
 
@@ -69,6 +72,11 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                          f"{tuple(magnitude.shape) if isinstance(magnitude, torch.Tensor) else type(magnitude).__name__}")
     if weight_norm is None:
         weight_norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
+    p = float(dropout_p) if training else 0.0
+    validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    if p == 0 and x.numel() > 0 and dispatch.resolve(backend, x.device, _op_reason(x)) == "triton" \
+            and not torch.compiler.is_compiling():
+        return _DoRATriton.apply(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, float(scaling))
     g = (magnitude / weight_norm).to(x.dtype)
     if dropout_p > 0 and training:
         xd = F.dropout(x, dropout_p, True)
@@ -78,3 +86,39 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if bias is None:
         return z * g
     return torch.addcmul(bias.to(z.dtype), z, g)
+
+
+class _DoRATriton(torch.autograd.Function):
+    """DoRA on the Triton LoRA kernels, the magnitude rescale in the forward GEMM's epilogue."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling: float):
+        from ..kernels import lora as K
+
+        x2d = x.reshape(-1, x.shape[-1])
+        g = (magnitude.float() / weight_norm).contiguous()
+        need_z = magnitude.requires_grad
+        out = K.lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, 0.0, 0, col_scale=g, store_z=need_z)
+        y, S = out[0], out[1]
+        ctx.z = out[2] if need_z else None
+        ctx.g, ctx.norm, ctx.mag_dtype = g, weight_norm, magnitude.dtype
+        return save_for_lora_backward(ctx, x, x2d, S, weight, bias, lora_A, lora_B, scaling, y)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        from ..kernels import lora as K
+
+        x2d, S, weight, A, B = ctx.saved_tensors
+        need_x, _, _, need_a, need_b, need_m = ctx.needs_input_grad[:6]
+        dy2d = dy.reshape(-1, weight.shape[0])
+        dz = (dy2d.float() * ctx.g).to(dy2d.dtype)  # the rescale's backward: one pass
+        scaling = ctx.call  # save_for_lora_backward keeps the non-tensor argument (here: the scaling) as ctx.call
+        dx, dA, dB = K.lora_backward(dz, x2d, weight, A, B, S, scaling, 0.0, 0, need_x, need_a, need_b)
+        dm = None
+        if need_m:
+            dm = ((dy2d.float() * ctx.z.float()).sum(0) / ctx.norm).to(ctx.mag_dtype)
+        dx, dW, db, dA, dB, _ = finish_lora_backward(ctx, dy2d, x2d, dx, dA, dB)
+        if dW is not None:  # an unfrozen base: dW = dZᵀ·x (the bias keeps dY)
+            dW = torch.mm(dz.t(), x2d)
+        return dx, dW, db, dA, dB, dm, None, None

@@ -11,7 +11,8 @@ Examples::
 ``--shapes`` takes presets (llama3-8b, mistral-7b, qwen2.5-7b, bert-base: every distinct projection of
 one layer, M = --tokens, r = --rank; ``preset:proj`` for one) or explicit ``M,K,N,r``. For the adapter
 op r is the bottleneck size (presets use --bottleneck). Without --shapes each op runs its issue case:
-lora 512,4096,4096,16; multi_lora 256,1024,1024,16 and 256,4096,4096,16; adapter 512,4096,4096,256;
+lora 512,4096,4096,16; multi_lora 256,1024,1024,16 (add --shapes 256,4096,4096,16 for the larger layer);
+adapter 512,4096,4096,256;
 dora 512,4096,4096,16; ia3 512,4096,4096 (r unused).
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .shapes import PRESETS, parse_shapes
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPS = tuple(BUILDERS)
-DEFAULT_SHAPES = {"lora": ["512,4096,4096,16"], "multi_lora": ["256,1024,1024,16", "256,4096,4096,16"],
+DEFAULT_SHAPES = {"lora": ["512,4096,4096,16"], "multi_lora": ["256,1024,1024,16"],
                   "adapter": ["512,4096,4096,256"], "dora": ["512,4096,4096,16"], "ia3": ["512,4096,4096,1"]}
 QUICK_SHAPES = {"lora": ["40,48,56,4"], "multi_lora": ["24,40,48,4"], "adapter": ["40,48,48,8"],
                 "dora": ["40,48,56,4"], "ia3": ["40,48,56,1"]}
@@ -66,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--modes", default="fwd,bwd,full", help="fwd, bwd (backward alone), full (fwd+bwd); default all")
     ap.add_argument("--dropout", default="0,0.1", help="lora: dropout p values, comma list (default 0,0.1)")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 10 CPU, 3 CUDA)")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds per case before timing (default 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds (a smoke test: seconds)")
     ap.add_argument("--out", default=None, metavar="DIR", help="write bench.csv, bench.json and bench.png here")

@@ -47,8 +47,8 @@ def format_table(rows: List[dict]) -> str:
         out.append("")
         out.append(f"== {op} {shape} (M={t['M']} K={t['K']} N={t['N']} r={t['r']}) {var} · {mode} · {t['dtype']} · "
                    f"model: {t['model_flops'] / 1e9:.2f} GFLOP = {t['flop_floor']:.3f}× frozen; bytes fused "
-                   f"{t['model_bytes_fused'] / 1e6:.1f} MB vs unfused {t['model_bytes_unfused'] / 1e6:.1f} MB "
-                   f"= {t['traffic_ratio']:.2f}× less traffic")
+                   f"{t['model_bytes_fused'] / 1e6:.1f} MB vs unfused {t['model_bytes_unfused'] / 1e6:.1f} MB: "
+                   f"unfused/fused = {t['traffic_ratio']:.2f}×" + (" (fusion moves more here)" if t["traffic_ratio"] < 1 else ""))
         hdr = (f"   {'provider':28s} {'p50 ms':>9s} {'p20–p80 ms':>17s} {'×frozen':>8s} {'IQR':>6s} {'×PEFT':>6s} "
                f"{'part ms':>8s} {'×floor':>7s} {'saved MiB':>9s} {'launch':>6s} {'max|Δ|':>8s}")
         if cuda:

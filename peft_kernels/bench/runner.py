@@ -9,7 +9,8 @@ Row fields (CSV/JSON columns):
   peft_part_over_ours      PEFT's adapter part / this provider's (for ours);
   flop_floor, ratio_to_floor   the op's modelled FLOPs over the frozen layer's, and the measured ratio over it;
   saved_bytes              activation bytes autograd keeps for backward (parameters excluded);
-  launches, launched_ops   kernels per call (ATen/custom ops that do work + Triton launches);
+  launches, launched_ops   kernels per call (ATen/custom ops that do work + Triton launches), and which
+                           (in order; as counts per op when there are more than 40);
   counted_bytes            bytes those ATen ops read+write (the eager graph's one-kernel-per-op traffic);
   model_flops, model_bytes_fused, model_bytes_unfused, traffic_ratio   the traffic model (traffic.py);
   tflops, gbps             model FLOPs and fused-model bytes over p50 (reported for our fused providers);
@@ -71,7 +72,7 @@ def run_case(case: Case, modes: Iterable[str], rounds: int, warmup: int,
                                             and part > 0 else None),
                        flop_floor=floor, ratio_to_floor=r.ratio / floor,
                        saved_bytes=saved.get(name) if mode != "bwd" else None,
-                       launches=launches[name][0], launched_ops=" ".join(launches[name][1]),
+                       launches=launches[name][0], launched_ops=summarize_ops(launches[name][1]),
                        counted_bytes=launches[name][2],
                        model_flops=cost.flops, model_bytes_fused=cost.fused_bytes,
                        model_bytes_unfused=cost.unfused_bytes, traffic_ratio=cost.traffic_ratio,
@@ -84,6 +85,16 @@ def run_case(case: Case, modes: Iterable[str], rounds: int, warmup: int,
     for name, why in case.skipped.items():
         rows.append(dict(base, mode="*", provider=name, skipped=why))
     return rows
+
+
+def summarize_ops(ops: List[str], limit: int = 40) -> str:
+    """The launched ops in order; past ``limit`` (a per-token loop, say) as counts per op name instead."""
+    if len(ops) <= limit:
+        return " ".join(ops)
+    counts: Dict[str, int] = {}
+    for o in ops:
+        counts[o] = counts.get(o, 0) + 1
+    return "counts: " + " ".join(f"{o}×{n}" for o, n in counts.items())
 
 
 def _output_diffs(case: Case) -> Dict[str, float]:

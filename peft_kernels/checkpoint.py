@@ -335,11 +335,25 @@ def _layer_config(layers: List[Tuple[str, LoRALinear]]) -> dict:
 
 
 def save_peft_adapter(model: nn.Module, path, *, slot: Optional[int] = None) -> List[str]:
-    """Write ``model``'s LoRA layers as a PEFT ``save_pretrained`` folder (``adapter_config.json`` +
-    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base, path)`` loads. With
-    ``slot``, the adapter in that slot of every MultiLoRALinear. Returns the module names written."""
-    from safetensors.torch import save_file
+    """Write ``model``'s LoRA (incl. DoRA) or IA3 layers as a PEFT ``save_pretrained`` folder
+    (``adapter_config.json`` + ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base,
+    path)`` loads. With ``slot``, the adapter in that slot of every MultiLoRALinear. Returns the module
+    names written."""
+    from .nn.ia3 import IA3Linear
 
+    ia3 = [(n, m) for n, m in model.named_modules() if isinstance(m, IA3Linear)]
+    if ia3 and slot is None:
+        if any(isinstance(m, (LoRALinear, MultiLoRALinear)) for m in model.modules()):
+            raise ValueError("save_peft_adapter: the model has both IA3 and LoRA layers, which one PEFT config "
+                             "cannot hold")
+        if len({m.fan_in_fan_out for _, m in ia3}) > 1:
+            raise ValueError("save_peft_adapter: layers mix nn.Linear and Conv1D bases (fan_in_fan_out)")
+        cfg = {"peft_type": "IA3", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+               "target_modules": sorted(n for n, _ in ia3),
+               "feedforward_modules": sorted(n for n, m in ia3 if m.feedforward),
+               "fan_in_fan_out": ia3[0][1].fan_in_fan_out, "init_ia3_weights": True, "modules_to_save": None}
+        _write_folder(path, {f"{PREFIX}{n}.ia3_l": m.ia3_l.detach().to("cpu").contiguous() for n, m in ia3}, cfg)
+        return [n for n, _ in ia3]
     if slot is None:
         layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     else:
@@ -362,11 +376,17 @@ def save_peft_adapter(model: nn.Module, path, *, slot: Optional[int] = None) -> 
             sd[f"{PREFIX}{n}.lora_B.bias"] = m.lora_B_bias.detach().to("cpu").contiguous()
         if getattr(m, "use_dora", False):
             sd[f"{PREFIX}{n}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach().to("cpu").contiguous()
+    _write_folder(path, sd, cfg)
+    return [n for n, _ in layers]
+
+
+def _write_folder(path, tensors: Dict[str, torch.Tensor], cfg: dict) -> None:
+    from safetensors.torch import save_file
+
     os.makedirs(path, exist_ok=True)
-    save_file(sd, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
+    save_file(tensors, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
-    return [n for n, _ in layers]
 
 
 class _SlotView:

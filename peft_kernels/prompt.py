@@ -18,15 +18,13 @@ projected, so a loaded :class:`PrefixTuning` holds the prefix directly (``prefix
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import CONFIG, WEIGHTS, CheckpointError, _adapter_dir, _read_weights, load_config_json
+from .checkpoint import CheckpointError, _adapter_dir, _read_weights, _write_folder, load_config_json
 
 INITS = ("random", "text", "vocab")
 
@@ -76,16 +74,10 @@ class _PromptLearning(nn.Module):
 
     def save_pretrained(self, path) -> None:
         """A PEFT ``save_pretrained`` folder (``PeftModel.from_pretrained(model, path)`` loads it)."""
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        save_file({"prompt_embeddings": self.prompt_embeddings().detach().to("cpu").contiguous()},
-                  os.path.join(path, WEIGHTS), metadata={"format": "pt"})
         cfg = dict(self._config(), peft_type=self.peft_type, num_virtual_tokens=self.num_virtual_tokens,
                    num_transformer_submodules=1, inference_mode=True, base_model_name_or_path=None,
                    task_type="CAUSAL_LM" if _is_causal(self.model) else None)
-        with open(os.path.join(path, CONFIG), "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
+        _write_folder(path, {"prompt_embeddings": self.prompt_embeddings().detach().to("cpu").contiguous()}, cfg)
 
     @classmethod
     def _read(cls, model, path, adapter_name):

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import peft_kernels as pk
-from peft_kernels import IA3Linear, ia3_linear
+from peft_kernels import IA3Linear, LoRALinear, ia3_linear
 from peft_kernels.ops.ia3 import SUPPORTED
 from peft_kernels.reference import ia3_linear_ref
 
@@ -146,6 +146,17 @@ def test_module_matches_peft_and_loads_its_checkpoint(tmp_path, backend):
     # merged: a plain linear with the same output
     lin = ours.k_proj.to_linear()
     torch.testing.assert_close(lin(x), ours.k_proj(x), rtol=1e-5, atol=1e-6)
+    # our save -> PEFT loads it, same output
+    with torch.no_grad():
+        ours.down.ia3_l.mul_(1.5)
+    assert sorted(pk.save_peft_adapter(ours, tmp_path / "ours")) == ["down", "k_proj"]
+    back = peft.PeftModel.from_pretrained(model(), tmp_path / "ours").eval()
+    ours.eval()
+    torch.testing.assert_close(back.base_model.model.down(back.base_model.model.k_proj(x)),
+                               ours.down(ours.k_proj(x)), rtol=1e-5, atol=1e-6)
+    mixed = nn.Sequential(IA3Linear(4, 3), LoRALinear(3, 2))
+    with pytest.raises(ValueError, match="both IA3 and LoRA"):
+        pk.save_peft_adapter(mixed, tmp_path / "mixed")
 
 
 def test_inject_ia3_and_errors(tmp_path):

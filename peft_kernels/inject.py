@@ -162,7 +162,7 @@ def merge_lora(model: nn.Module, safe_merge: bool = False) -> List[str]:
     todo = [(n, m) for n, m in _lora_layers(model) if not m.merged]
     if safe_merge:
         for n, m in todo:
-            if not torch.isfinite(m.weight.float() + m.delta_weight()).all():
+            if not torch.isfinite(m._merged_weight_fp32()).all():  # DoRA: the rescaled weight
                 raise ValueError(f"merge_lora(safe_merge=True): merging {n!r} would produce NaN/Inf weights; "
                                  "nothing was merged")
     for _, m in todo:

@@ -214,3 +214,21 @@ def test_triton_rescale_is_in_the_gemm_epilogue(monkeypatch):
     _, ops, _ = count_ops(timed_call(lambda: dora_linear(x, W, b, A, B, 2.0, m, backend="triton", weight_norm=norm),
                                      "fwd", x, None, []))
     assert ops == ["aten::div", "triton::_shrink_kernel", "triton::_fwd_gemm_kernel"], ops
+
+
+def test_inject_dora_and_merge_whole_model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 6))
+    assert pk.inject_lora(m, ["0", "2"], r=2, use_dora=True, init_lora_weights=False) == ["0", "2"]
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == {
+        f"{i}.{k}" for i in (0, 2) for k in ("lora_A", "lora_B", "lora_magnitude_vector")}
+    with torch.no_grad():
+        m[0].lora_magnitude_vector.mul_(1.2)
+    x = torch.randn(4, 10)
+    y = m(x)
+    assert pk.merge_lora(m, safe_merge=True) == ["0", "2"]
+    torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
+    pk.unmerge_lora(m)
+    torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
+    sd = pk.lora_state_dict(m)
+    assert "0.lora_magnitude_vector" in sd and "2.lora_magnitude_vector" in sd

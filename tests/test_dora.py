@@ -232,3 +232,27 @@ def test_inject_dora_and_merge_whole_model():
     torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
     sd = pk.lora_state_dict(m)
     assert "0.lora_magnitude_vector" in sd and "2.lora_magnitude_vector" in sd
+
+
+@pytest.mark.parametrize("backend", backend_params(supported=("torch", "triton")))
+def test_unfrozen_base_gets_correct_weight_and_bias_grads(backend):
+    """Not the PEFT case, but correct: dW = (dY ⊙ g)ᵀ·x through the rescale, db = Σ dY (norm detached)."""
+    x, W, b, A, B, m = _case(13, 21, 17, 3, torch.float32)
+    norm = dora_weight_norm(W, A, B, 1.5)
+    Wl, bl = W.clone().requires_grad_(), b.clone().requires_grad_()
+    y = dora_linear(x, Wl, bl, A, B, 1.5, m, backend=backend, weight_norm=norm)
+    W64, b64 = W.double().requires_grad_(), b.double().requires_grad_()
+    Wt, bt = W.clone().requires_grad_(), b.clone().requires_grad_()
+    g64, gt = m.double() / norm.double(), m / norm
+
+    def spec(x, W, b, A, B, g):
+        return g * (x @ W.t() + 1.5 * (x @ A.t()) @ B.t()) + b
+    y64 = spec(x.double(), W64, b64, A.double(), B.double(), g64)
+    yt = spec(x, Wt, bt, A, B, gt)  # plain torch at the same precision
+    assert_close(y, y64, yt, f"{backend} y")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    gw, gb = torch.autograd.grad(y, [Wl, bl], dy)
+    rw, rb = torch.autograd.grad(y64, [W64, b64], dy.double())
+    tw, tb = torch.autograd.grad(yt, [Wt, bt], dy)
+    assert_close(gw, rw, tw, f"{backend} dW", mult=8)
+    assert_close(gb, rb, tb, f"{backend} db", mult=8)

@@ -15,6 +15,7 @@ from typing import Callable, Dict, List
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_leaves
 
 
 def saved_activation_bytes(fn: Callable[[], torch.Tensor], params) -> int:
@@ -198,7 +199,7 @@ class OpCounter(TorchDispatchMode):
     ATen ops read and write (sum of their tensor arguments' and results' sizes: the one-kernel-per-op
     traffic of an eager graph)."""
 
-    _FREE = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_to_copy_noop"}
+    _FREE = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh"}
 
     def __init__(self):
         super().__init__()
@@ -212,23 +213,12 @@ class OpCounter(TorchDispatchMode):
         if not getattr(func, "is_view", False) and name not in self._FREE:
             self.ops.append(f"{func.namespace}::{name}")
             seen = set()
-            for t in _tensors((args, kwargs, out)):
+            for t in (v for v in tree_leaves((args, kwargs, out)) if isinstance(v, torch.Tensor)):
                 key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
                 if key not in seen:
                     seen.add(key)
                     self.bytes += t.numel() * t.element_size()
         return out
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _tensors(o)
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ def _variant(row: dict) -> str:
 
 
 def _f(v, fmt: str, width: int) -> str:
-    return f"{v:{width}{fmt}}" if isinstance(v, (int, float)) and v is not None else " " * (width - 1) + "-"
+    return f"{v:{width}{fmt}}" if isinstance(v, (int, float)) else " " * (width - 1) + "-"
 
 
 def format_table(rows: List[dict]) -> str:

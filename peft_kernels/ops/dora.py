@@ -66,6 +66,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 training: bool = False, backend: str = "auto", weight_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DoRA linear (see the module docstring); differentiable in x, A, B and ``magnitude`` [N].
     ``weight_norm``: a precomputed (cached) :func:`dora_weight_norm`, else computed here."""
+    validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     N = weight.shape[0]
     if not isinstance(magnitude, torch.Tensor) or tuple(magnitude.shape) != (N,):
         raise ValueError(f"magnitude must be a [{N}] tensor (one per output feature), got "
@@ -73,13 +74,12 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if weight_norm is None:
         weight_norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
     p = float(dropout_p) if training else 0.0
-    validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     if p == 0 and x.numel() > 0 and dispatch.resolve(backend, x.device, _op_reason(x)) == "triton" \
             and not torch.compiler.is_compiling():
         return _DoRATriton.apply(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, float(scaling))
     g = (magnitude / weight_norm).to(x.dtype)
-    if dropout_p > 0 and training:
-        xd = F.dropout(x, dropout_p, True)
+    if p > 0:
+        xd = F.dropout(x, p, True)
         z = lora_linear(xd, weight, None, lora_A, lora_B, scaling, backend=backend)
         return F.linear(x, weight, bias) - F.linear(xd, weight) + z * g
     z = lora_linear(x, weight, None, lora_A, lora_B, scaling, backend=backend)
@@ -118,7 +118,5 @@ class _DoRATriton(torch.autograd.Function):
         dm = None
         if need_m:
             dm = ((dy2d.float() * ctx.z.float()).sum(0) / ctx.norm).to(ctx.mag_dtype)
-        dx, dW, db, dA, dB, _ = finish_lora_backward(ctx, dy2d, x2d, dx, dA, dB)
-        if dW is not None:  # an unfrozen base: dW = dZᵀ·x (the bias keeps dY)
-            dW = torch.mm(dz.t(), x2d)
+        dx, dW, db, dA, dB, _ = finish_lora_backward(ctx, dy2d, x2d, dx, dA, dB, dz2d=dz)
         return dx, dW, db, dA, dB, dm, None, None

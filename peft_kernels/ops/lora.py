@@ -191,10 +191,12 @@ def save_for_lora_backward(ctx, x, x2d, S, weight, bias, lora_A, lora_B, call, y
     return y2d.view(*x.shape[:-1], weight.shape[0])
 
 
-def finish_lora_backward(ctx, dy2d, x2d, dx, dA, dB):
-    """Adds the frozen base's grads (when someone unfroze it: correct, not fused) and reshapes dx."""
+def finish_lora_backward(ctx, dy2d, x2d, dx, dA, dB, dz2d=None):
+    """Adds the frozen base's grads (when someone unfroze it: correct, not fused) and reshapes dx.
+    ``dz2d``: the gradient at the base GEMM's output when it differs from dY (DoRA's dY ⊙ g); the bias
+    gradient stays Σ dY."""
     need_w, need_b = ctx.needs_input_grad[1:3]
-    dW = torch.mm(dy2d.t(), x2d) if need_w else None
+    dW = torch.mm((dy2d if dz2d is None else dz2d).t(), x2d) if need_w else None
     db = dy2d.sum(0) if (need_b and ctx.has_bias) else None
     if dx is not None:
         dx = dx.view(ctx.x_shape)

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.peft_kernels-installed
 # torch is pinned to the CPU wheel: a bare `torch` would pull a multi-GB CUDA build.
 DEPS   := torch==2.13.0 triton==3.8.0 numpy pytest ninja peft==0.21.0 setuptools wheel matplotlib tqdm
 
-.PHONY: test bench bench-baseline venv info clean cuda-build-check
+.PHONY: test bench bench-baseline venv info clean cuda-build-check test-triton36 gpu-check gpu-check-dry
 
 venv: $(STAMP)
 
@@ -50,6 +50,32 @@ cuda-build-check:
 	../../$(CUDA_VENV)/bin/python -m pip wheel . --no-build-isolation --no-deps -w ../cuda-wheel
 	$(CUDA_VENV)/bin/python -m pip install --quiet --force-reinstall --no-deps build/cuda-wheel/*.whl
 	TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" $(CUDA_VENV)/bin/python tools/cuda_build_check.py
+
+# The oldest Triton we support (3.6: what the GPU machine and torch 2.11 ship) on the same CPU torch: an overlay
+# folder on PYTHONPATH ahead of the venv's triton 3.8. numpy < 2.4 in it too: triton 3.6's interpreter
+# converts 1-element arrays with int(), which numpy 2.4 turned into an error (a bug of that interpreter,
+# fixed in 3.8; the kernels compile and run the same). Runs the Triton interpreter tests of every kernel
+# family and the AOT compile of the LoRA and multi-adapter kernels for sm_80/sm_90 on 3.6.
+TRITON36 := $(VENV)/triton36
+TRITON36_TESTS ?= tests/test_lora_op.py tests/test_multi_lora_op.py tests/test_bottleneck.py tests/test_ia3.py                   tests/test_dora.py tests/test_gpu_path.py
+test-triton36: $(STAMP)
+	test -f $(TRITON36)/triton/__init__.py || $(BIN)/python -m pip install --quiet --no-deps --target $(TRITON36) 	  triton==3.6.0 "numpy>=2.0,<2.4"
+	PYTHONPATH=$(TRITON36) $(BIN)/python -c "import triton, numpy; assert triton.__version__.startswith('3.6'), triton.__version__; print('triton', triton.__version__, 'numpy', numpy.__version__)"
+	PYTHONPATH=$(TRITON36) PEFT_KERNELS_REQUIRE_EXT=1 $(BIN)/python -m pytest -q -k "triton or gpu_path" \
+	  -W "ignore:Conversion of an array with ndim:DeprecationWarning" $(TRITON36_TESTS)
+	@PYTHONPATH=$(TRITON36) $(BIN)/python -m peft_kernels.kernels.aot --op lora --op multi_lora > $(VENV)/aot-triton36.log 2>&1; \
+	rc=$$?; grep "PROBLEM" $(VENV)/aot-triton36.log | head -20; tail -1 $(VENV)/aot-triton36.log; exit $$rc
+
+# On a machine with a CUDA GPU (no network, no venv: the python3 that holds torch, triton and peft): builds
+# peft_kernels._C with CUDA in place for that GPU, then checks and times every op; writes gpucheck.json and
+# gpucheck.md to $(GPU_CHECK_OUT). `make gpu-check-dry` runs the same script on the CPU (tiny shapes,
+# Triton interpreter), as the test suite does.
+GPU_CHECK_OUT ?= gpucheck-out
+gpu-check:
+	$(PYTHON) -m peft_kernels.gpucheck --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
+gpu-check-dry: $(STAMP)
+	$(BIN)/python -m peft_kernels.gpucheck --dry-run --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info

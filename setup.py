@@ -11,9 +11,14 @@ Environment:
   PEFT_KERNELS_CPP=0        skip the compiled extension entirely
   PEFT_KERNELS_CUDA=0|1     force the CPU-only / the CUDA build (default: CUDA when torch has CUDA and a
                             toolkit is found); with 1 a failed CUDA build is an error, not a warning
-  TORCH_CUDA_ARCH_LIST      CUDA archs (default "8.0;8.6;8.9;9.0+PTX")
+  TORCH_CUDA_ARCH_LIST      CUDA archs (default: the GPUs visible now, e.g. "9.0" on an H100/H200; with none
+                            visible "8.0;8.6;8.9;9.0+PTX")
   CUDA_HOME                 the toolkit root (the folder with bin/ptxas and include/cuda_runtime.h)
-  MAX_JOBS                  parallel compile jobs (ninja)
+  MAX_JOBS                  parallel compile jobs (ninja; default: one per CPU core)
+
+The CUDA build uses whatever CUDA torch is installed (torch 2.11-2.14, CUDA 12.x or 13.x): its headers,
+its C++ standard (C++20 from torch 2.14, C++17 before) and a toolkit whose major version matches
+torch.version.cuda (torch's own check refuses a mismatch).
 
 Install for development with the torch already in the environment (never let pip resolve a bare
 ``torch``: that is a multi-GB CUDA build):
@@ -52,6 +57,20 @@ def _want_cuda(torch_cuda: bool) -> bool:
     return True
 
 
+def _visible_archs() -> str:
+    """The archs of the GPUs visible now ("9.0" on an H100/H200), so a build on a GPU machine compiles for
+    that GPU only (fast); "" when none is visible."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return ""
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{a}.{b}" for a, b in caps)
+    except Exception:  # noqa: BLE001 - no driver, no devices: fall back to the default list
+        return ""
+
+
 def _ext_modules():
     if os.environ.get("PEFT_KERNELS_CPP", "1") == "0":
         print("peft_kernels: PEFT_KERNELS_CPP=0, skipping the C++ extension", file=sys.stderr)
@@ -76,8 +95,10 @@ def _ext_modules():
     sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     sources += [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "python_module.cpp")]
     include = [os.path.join(ROOT, "csrc", "include")]
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     if cuda:
-        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or _visible_archs() or DEFAULT_ARCHS
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         # no quotes or ';' on a compiler command line: ops.cpp stringizes the comma-separated list
         defines = ["-DPK_WITH_CUDA", "-DPK_CUDA_ARCHS=" + archs.replace(";", ",").replace(" ", ",")]
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))

@@ -18,6 +18,10 @@ def info() -> str:
         import triton
 
         lines.append(f"triton {triton.__version__}  (interpreter {'on' if dispatch.interpreting() else 'off'})")
+        from .kernels import _common
+
+        lines.append(f"fp32 dots follow torch's fp32 matmul precision: {_common.torch_fp32_precision()} "
+                     f"(fp32 adapters on a 16-bit base: {_common.f32_precision(torch.float32, torch.bfloat16)})")
     else:
         lines.append("triton not installed")
     lines.append(f"CUDA available: {torch.cuda.is_available()}")

@@ -100,3 +100,18 @@ def count_launches(monkeypatch, kernels) -> list:
 
         monkeypatch.setattr(k, "run", counting)
     return launches
+
+
+from peft_kernels.testing import HostSyncSpy  # noqa: E402,F401  (re-exported for the tests)
+
+
+def record_triton_launches(monkeypatch, kernels) -> list:
+    """Replace the ``kernels``' launches by a recorder: [(name, kwargs)] in order; nothing runs (so a test
+    of the Python side never enters the interpreter)."""
+    calls = []
+    for k in kernels:
+        def fake(*a, _name=k.__name__, **kw):
+            calls.append((_name, a, kw))
+
+        monkeypatch.setattr(k, "run", fake)
+    return calls

@@ -78,9 +78,10 @@ def test_cli_quick_outputs_are_checked_results(quick_run):
         "triton::_shrink_kernel", "triton::_fwd_gemm_kernel"]
     assert by[("lora", "ours (triton)", "bwd", "0.0")]["launched_ops"].split() == [
         "triton::_bwd_dy_kernel", "triton::_bwd_dx_kernel", "triton::_bwd_da_kernel"]
-    # with dropout the same kernels, plus the host-side draw of the Philox seed (CPU generator, no device sync)
+    # with dropout the same kernels, plus the draw of the Philox seed on x's device (one RNG op the kernels read
+    # from memory: no host copy, and a CUDA-graph replay draws it again)
     assert by[("lora", "ours (triton)", "fwd", "0.1")]["launched_ops"].split() == [
-        "aten::randint", "aten::_local_scalar_dense", "triton::_shrink_kernel", "triton::_fwd_gemm_kernel"]
+        "aten::randint", "triton::_shrink_kernel", "triton::_fwd_gemm_kernel"]
     # the eager reference runs one op per step: addmm, mm, mm, mul, add (+ the dropout mask's ops at p > 0)
     assert by[("lora", "reference", "fwd", "0.0")]["launched_ops"].split() == [
         "aten::addmm", "aten::mm", "aten::mm", "aten::mul", "aten::add"]

@@ -86,10 +86,20 @@ def test_id_errors_leave_nothing_changed():
         m(x, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="adapter_ids is required"):
         m(x)
-    # a hand-loaded state with a rank above max_rank is caught at forward time
+    # a checkpoint with a rank above max_rank is refused at load time, and the layer keeps its state
     sd = m.state_dict()
+    before = {k: v.clone() for k, v in sd.items()}
     sd["ranks"] = torch.tensor([1, 9, 0, 0], dtype=torch.int32)
-    m.load_state_dict(sd)
+    with pytest.raises(RuntimeError, match=r"ranks must be in \[0, max_rank=6\], got min 0, max 9"):
+        m.load_state_dict(sd)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    sd["ranks"] = before["ranks"]
+    sd["scalings"] = torch.tensor([1.0, float("nan"), 0.0, 0.0])
+    with pytest.raises(RuntimeError, match="scalings must be finite"):
+        m.load_state_dict(sd)
+    # a rank written straight into the buffer is caught by a call that builds its mapping (the same sync)
+    with torch.no_grad():
+        m.ranks[1] = 9
     with pytest.raises(ValueError, match=r"ranks must be in \[0, max_rank=6\]"):
         m(x, torch.zeros(5, dtype=torch.long))
 

@@ -110,8 +110,10 @@ std::vector<T> to_vector(const at::Tensor& t) {
   return out;
 }
 
+// R = lora_A.size(1): each slot's rank is clamped to [0, R] (as the CUDA and Triton kernels do), so a ranks
+// buffer holding a value past R never reads or writes past row R of a slot.
 Segments read_segments(const at::Tensor& seg_slots, const at::Tensor& seg_starts, const at::Tensor& ranks,
-                       const at::Tensor& scalings) {
+                       const at::Tensor& scalings, int64_t R) {
   TORCH_CHECK(seg_slots.dim() == 1 && seg_starts.dim() == 1 && seg_starts.size(0) == seg_slots.size(0) + 1,
               "seg_starts must have one more entry than seg_slots");
   TORCH_CHECK(seg_slots.device().is_cpu() && seg_starts.device().is_cpu() && ranks.device().is_cpu() &&
@@ -120,6 +122,7 @@ Segments read_segments(const at::Tensor& seg_slots, const at::Tensor& seg_starts
   s.slots = to_vector<int64_t>(seg_slots);
   s.starts = to_vector<int64_t>(seg_starts);
   s.ranks = to_vector<int64_t>(ranks);
+  for (auto& r : s.ranks) r = std::min(std::max<int64_t>(r, 0), R);
   s.scal = to_vector<double>(scalings);
   const int64_t S = static_cast<int64_t>(s.ranks.size());
   for (size_t g = 0; g < s.slots.size(); ++g) {
@@ -229,7 +232,7 @@ at::Tensor multi_lora_fwd(at::Tensor y, const at::Tensor& x, const at::Tensor& l
                           const c10::optional<at::Tensor>& lora_B_t) {
   check_common(x, lora_A, lora_B, perm, ranks, scalings);
   TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == lora_B.size(1), "y must be [T, N]");
-  const auto segs = read_segments(seg_slots, seg_starts, ranks, scalings);
+  const auto segs = read_segments(seg_slots, seg_starts, ranks, scalings, lora_A.size(1));
   // at::parallel_for's workers do not inherit grad mode: never hand them tensors that require grad
   const auto xd = x.detach();
   const auto A = lora_A.detach();
@@ -309,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_bwd(const at::Tensor& dy, const at
                                                   bool need_da, bool need_db,
                                                   const c10::optional<at::Tensor>& lora_B_t) {
   check_common(x, lora_A, lora_B, perm, ranks, scalings);
-  const auto segs = read_segments(seg_slots, seg_starts, ranks, scalings);
+  const auto segs = read_segments(seg_slots, seg_starts, ranks, scalings, lora_A.size(1));
   const auto xd = x.detach();
   const auto dyd = dy.detach();
   const auto Sd = S.detach();

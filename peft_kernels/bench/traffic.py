@@ -63,6 +63,9 @@ def frozen(M: int, K: int, N: int, e: int) -> Dict[str, Cost]:
 
 
 def _row_blocks(M: int) -> int:
+    """Row blocks of the dY kernel. Its dB partials cost 8·N·r bytes per row block either way: each block's
+    share is written once and read once (read back in place by its program's next block, or by the final
+    fixed-order reduction over the ≤ SM-count programs' partials)."""
     return -(-M // 64)
 
 

@@ -1,5 +1,11 @@
-"""Helpers shared by the Triton kernels: dot with interpreter upcast, Philox dropout, dtypes."""
+"""Helpers shared by the Triton kernels: dot with interpreter upcast, Philox dropout, dtypes, the fp32
+matmul precision, 64-bit-safe sizes and the machine's program budget."""
 from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from typing import Optional
 
 import torch
 import triton
@@ -84,28 +90,30 @@ def dropout_keep(seed, rows, cols, K, p):
     """Keep-mask for dropout on an M×K input: Philox on the element's logical index ``row*K+col``.
 
     Depends only on (seed, row, col), never on strides or tiling, so forward and backward kernels
-    with different tile shapes regenerate the same mask.
+    with different tile shapes regenerate the same mask. ``seed`` is the int64 the kernel loaded from
+    its seed tensor (``ops._torch_dropout.draw_seed``), never a launch argument.
     """
     offs = rows.to(tl.int64) * K + cols.to(tl.int64)
     return tl.rand(seed, offs) >= p
 
 
 @triton.jit
-def _dropout_mask_kernel(out_ptr, M, K, seed, p, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dropout_mask_kernel(out_ptr, seed_ptr, M, K, p, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = dropout_keep(seed, rm[:, None], rk[None, :], K, p)
+    keep = dropout_keep(tl.load(seed_ptr), rm[:, None], rk[None, :], K, p)
     val = tl.where(keep, scale, 0.0)
     msk = (rm[:, None] < M) & (rk[None, :] < K)
-    tl.store(out_ptr + rm[:, None] * K + rk[None, :], val, mask=msk)
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], val, mask=msk)
 
 
-def dropout_mask(shape2d, p: float, seed: int, device) -> torch.Tensor:
-    """The multiplicative mask (0 or 1/(1-p), fp32) the Triton kernels use for ``seed``."""
+def dropout_mask(shape2d, p: float, seed: torch.Tensor, device) -> torch.Tensor:
+    """The multiplicative mask (0 or 1/(1-p), fp32) the Triton kernels use for ``seed`` (an int64 tensor from
+    ``ops._torch_dropout.draw_seed``)."""
     M, K = shape2d
     out = torch.empty((M, K), dtype=torch.float32, device=device)
     grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
-    _dropout_mask_kernel[grid](out, M, K, seed, p, 1.0 / (1.0 - p), BLOCK_M=32, BLOCK_K=32)
+    _dropout_mask_kernel[grid](out, seed.to(device), M, K, p, 1.0 / (1.0 - p), BLOCK_M=32, BLOCK_K=32)
     return out
 
 
@@ -117,9 +125,82 @@ def upcast_needed(*dtypes) -> bool:
     return INTERPRETED and any(d == torch.bfloat16 for d in dtypes)
 
 
-def f32_precision() -> str:
-    """Follow torch's own fp32 matmul setting, so fp32 results match torch on the same GPU."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+_PRECISION_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("peft_kernels_fp32_precision", default=None)
+
+
+def torch_fp32_precision() -> str:
+    """``"tf32"`` or ``"ieee"``: what torch's own CUDA fp32 matmuls use right now, resolved the way torch does.
+
+    torch ≥ 2.9 has the new API (``torch.backends.cuda.matmul.fp32_precision``, which inherits from
+    ``torch.backends.fp32_precision`` while it is ``"none"``; its getter returns the resolved value). Once a user sets it, reading the legacy ``allow_tf32`` raises
+    ("mix of the legacy and new APIs"), so the new getter is read first. The legacy setters write the new
+    state as well (``allow_tf32 = True`` reads back as ``"tf32"``), and ``"none"`` means IEEE, as in
+    cuBLAS. torch < 2.9 has only the legacy flag.
+    """
+    forced = _PRECISION_OVERRIDE.get()
+    if forced is not None:
+        return forced
+    mm = torch.backends.cuda.matmul
+    try:
+        p = mm.fp32_precision
+    except AttributeError:  # torch < 2.9: legacy API only
+        return "tf32" if mm.allow_tf32 else "ieee"
+    return "tf32" if p == "tf32" else "ieee"
+
+
+@contextlib.contextmanager
+def fp32_precision_override(value: Optional[str]):
+    """Within the block, launchers use ``value`` ("tf32"/"ieee") instead of torch's setting (the AOT tool
+    records both variants this way without touching torch's global state)."""
+    if value not in (None, "tf32", "ieee"):
+        raise ValueError(f"fp32 precision must be 'tf32', 'ieee' or None, got {value!r}")
+    tok = _PRECISION_OVERRIDE.set(value)
+    try:
+        yield
+    finally:
+        _PRECISION_OVERRIDE.reset(tok)
+
+
+def f32_precision(adapter_dtype: Optional[torch.dtype] = None, base_dtype: Optional[torch.dtype] = None) -> str:
+    """The ``input_precision`` of the kernels' fp32 dots.
+
+    fp32 everywhere: torch's own setting (``torch_fp32_precision``), so results match torch on the same GPU.
+    fp32 adapters on a 16-bit base (HF PEFT's default adapter dtype): the LoRA dots take one 16-bit
+    operand (x, dY) that TF32 represents exactly, so ``"tf32x3"`` (each fp32 operand split into two TF32
+    halves, on tensor cores) gives fp32-class products (relative error ≤ 2⁻²²) instead of CUDA-core FMA;
+    with torch's TF32 on it is plain ``"tf32"``. The 16-bit dots ignore the setting.
+    """
+    p = torch_fp32_precision()
+    if p == "ieee" and adapter_dtype == torch.float32 and base_dtype in (torch.float16, torch.bfloat16):
+        return "tf32x3"
+    return p
+
+
+# Sizes are 32-bit kernel arguments; the kernels form every address as 64-bit (rows × strides), and their
+# 32-bit index arithmetic (program id × block + arange) stays exact below this bound.
+MAX_DIM = 2 ** 31 - 2 ** 20
+
+
+def check_dims(**dims) -> None:
+    """ValueError naming the first dimension too large for the kernels' 32-bit index arithmetic."""
+    for name, v in dims.items():
+        if int(v) > MAX_DIM:
+            raise ValueError(f"{name}={int(v)} is larger than the Triton kernels support ({MAX_DIM}); split the "
+                             f"input or use backend='torch'")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def program_budget(device: torch.device) -> int:
+    """How many programs fill the machine: the SM count on CUDA (132 on an H100/H200); a small number on
+    the CPU (the interpreter) so tests walk several row blocks per program, and the H100's count when
+    compiling ahead of time without a GPU."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 2 if INTERPRETED else 132
 
 
 def next_pow2(n: int, lo: int = 16) -> int:

@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from ._common import INTERPRETED
+from ._common import INTERPRETED, fp32_precision_override
 
 # Per-block shared memory limit for one CTA (opt-in maximum): sm_80 163 KB, sm_90 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -67,15 +67,145 @@ class Compiled:
     spill_loads: int
     shared_bytes: int
     dtype: str = ""
+    offset_problems: tuple = ()  # 32-bit address arithmetic found in the TTGIR (see offset_problems)
+    adapter_dtype: str = ""
 
     @property
     def spills(self) -> int:
         return self.spill_stores + self.spill_loads
 
     def row(self) -> str:
-        return (f"sm_{self.arch} {self.name:18s} {self.dtype:5s} warps={self.num_warps} stages={self.num_stages} "
+        dt = self.dtype + (f"/{self.adapter_dtype}" if self.adapter_dtype and self.adapter_dtype != self.dtype else "")
+        return (f"sm_{self.arch} {self.name:18s} {dt:5s} warps={self.num_warps} stages={self.num_stages} "
                 f"regs={self.registers:3d} spills={self.spills} smem={self.shared_bytes / 1024:.1f}KiB "
-                f"{self.constexprs}")
+                f"i32addr={len(self.offset_problems)} {self.constexprs}")
+
+
+# --------------------------------------------------------------------------------------------
+# 64-bit address arithmetic, proven on the compiled IR
+# --------------------------------------------------------------------------------------------
+_DEF = re.compile(r"^\s*(%[\w.$-]+)(?::(\d+))?\s*=\s*\"?([\w.]+)\"?(.*)$")
+_VAL = re.compile(r"%[\w.$-]+(?:#\d+)?")
+_FOR = re.compile(r"scf\.for\s+(%[\w.$-]+)\s*=\s*(%[\w.$-]+)\s+to\s+(%[\w.$-]+)\s+step\s+(%[\w.$-]+)"
+                  r"(?:\s+iter_args\((.*?)\))?")
+_CONST_THROUGH = ("tt.splat", "tt.broadcast", "tt.expand_dims", "ttg.convert_layout", "tt.reshape")
+
+
+def _i32_result(rest: str) -> bool:
+    """Whether an op line's result type (after the last ':') is i32 or a tensor of i32."""
+    ty = rest.rsplit(":", 1)[-1]
+    ty = ty.split(" loc(")[0].strip()
+    return ty == "i32" or bool(re.search(r"x\s*i32\s*[,>]", ty))
+
+
+def offset_problems(ir: str) -> list:
+    """32-bit address arithmetic in a kernel's TTIR/TTGIR: every ``tt.addptr`` whose offset depends on an
+    i32 product of two runtime values (``row × stride``, ``block × N × R``, ...).
+
+    Such a product wraps at 2³¹ (M·N ≥ 2³¹ output elements: an lm_head at 16.7k tokens), giving an illegal
+    address or silently wrong rows, and no interpreter run can show it (it runs programs one after another
+    on small shapes). Products with a compile-time constant (``program_id × BLOCK``) stay below the
+    launcher's size bound (``_common.check_dims``) and are allowed; a product computed in i64, or a pointer
+    advanced by a 64-bit step, is what the kernels use instead.
+
+    A taint analysis on the MLIR text: sources are i32 ``arith.muli`` of two non-constant operands;
+    taint flows through every op to its results, through ``scf.for`` iter_args, yields and results (the
+    induction variable follows its lower bound and step), and through ``scf.if`` yields. Returns one line
+    per tainted ``tt.addptr`` offset.
+    """
+    lines = ir.splitlines()
+    const: set = set()
+    tainted: set = set()
+
+    def vals(text):
+        return [v.split("#")[0] for v in _VAL.findall(text)]
+
+    changed = True
+    while changed:  # loops carry values backwards: iterate to a fixed point
+        changed = False
+        stack = []  # open regions: ("for", iter_arg names, result base) | ("if", result base) | ("other",)
+        for raw in lines:
+            line = raw.strip()
+            if line.startswith("}"):
+                frame = stack.pop() if stack else ("other",)
+                if line.endswith("{"):  # "} else {": the same scf.if's other region
+                    stack.append(frame)
+                continue
+            m = _DEF.match(line)
+            res, nres, op, rest = (m.group(1), m.group(2), m.group(3), m.group(4)) if m else (None, None, None, line)
+            results = [f"{res}"] if res and not nres else ([f"{res}#{i}" for i in range(int(nres))] if res else [])
+            opname = op or (line.split()[0] if line else "")
+            if opname == "arith.constant":
+                for r in results:
+                    const.add(r)
+                continue
+            if opname in _CONST_THROUGH:
+                ops = vals(rest.split(":")[0])
+                if ops and all(o in const for o in ops):
+                    for r in results:
+                        const.add(r)
+            if opname == "scf.for":
+                f = _FOR.search(line)
+                iv, lb, ub, st, iters = f.groups()
+                pairs = [p.split("=") for p in (iters or "").split(",") if "=" in p]
+                names = [a.strip() for a, _ in pairs]
+                srcs = [b.strip().split(" ")[0].split("#")[0] for _, b in pairs]
+                if (lb in tainted or st in tainted) and iv not in tainted:
+                    tainted.add(iv)
+                    changed = True
+                for a, b in zip(names, srcs):
+                    if b in tainted and a not in tainted:
+                        tainted.add(a)
+                        changed = True
+                stack.append(("for", names, res, nres))
+                continue
+            if opname == "scf.if":
+                stack.append(("if", res, nres))
+                continue
+            if opname == "scf.yield":
+                ys = vals(line.split(":")[0])
+                for frame in reversed(stack):
+                    if frame[0] == "for":
+                        _, names, fres, fn = frame
+                        outs = [f"{fres}#{i}" if fn else fres for i in range(len(ys))] if fres else []
+                        for i, y in enumerate(ys):
+                            if y in tainted:
+                                for tgt in ([names[i]] if i < len(names) else []) + ([outs[i]] if i < len(outs) else []):
+                                    if tgt not in tainted:
+                                        tainted.add(tgt)
+                                        changed = True
+                        break
+                    if frame[0] == "if":
+                        _, fres, fn = frame
+                        for i, y in enumerate(ys):
+                            tgt = (f"{fres}#{i}" if fn else fres) if fres else None
+                            if tgt and y in tainted and tgt not in tainted:
+                                tainted.add(tgt)
+                                changed = True
+                        break
+                continue
+            if line.endswith("{"):
+                stack.append(("other",))
+            operands = vals(rest.split(" : ")[0]) if rest else []
+            if opname == "arith.muli" and _i32_result(rest) and len(operands) == 2 \
+                    and not any(o in const for o in operands):
+                src = True
+            else:
+                src = False
+            if src or any(o in tainted for o in operands):
+                for r in results:
+                    if r not in tainted:
+                        tainted.add(r)
+                        changed = True
+    out = []
+    for raw in lines:
+        m = _DEF.match(raw.strip())
+        if m and m.group(3) == "tt.addptr":
+            ops = vals(m.group(4).split(" : ")[0])
+            if len(ops) == 2 and ops[1] in tainted:
+                out.append(f"{m.group(1)} = tt.addptr {ops[0]}, {ops[1]}: the offset comes from 32-bit products "
+                           f"of runtime values ({raw.strip().split(' loc(')[0][-120:]})")
+    return out
 
 
 def _ptxas_stats(ptx: str, arch: int):
@@ -116,29 +246,44 @@ def compile_launch(launch: Launch, arch: int) -> Compiled:
     regs, st, ld, _ = _ptxas_stats(ck.asm["ptx"], arch)
     named = {k.arg_names[i[0]]: v for i, v in constexprs.items() if k.arg_names[i[0]].isupper()}
     # the input dtype: that of x (or dY, or the gathered input / adapter stack / output)
-    data = next((signature[k] for k in ("x_ptr", "dy_ptr", "g_ptr", "in_ptr", "a_ptr", "w_ptr", "out_ptr")
+    data = next((signature[k] for k in ("x_ptr", "dy_ptr", "g_ptr", "in_ptr", "a_ptr", "out_ptr", "w_ptr")
                  if k in signature), "?")
+    # the adapter weights' (or their gradient's) dtype, when the kernel reads them: "bf16/fp32" rows are
+    # fp32 adapters on a bf16 base
+    adapter = next((signature[k] for k in ("a_ptr", "b_ptr", "w_ptr", "d_ptr", "da_ptr") if k in signature), "")
     return Compiled(k.__name__, arch, options.num_warps, options.num_stages, named, regs, st, ld,
-                    ck.metadata.shared, data.lstrip("*"))
+                    ck.metadata.shared, data.lstrip("*"), tuple(offset_problems(ck.asm["ttgir"])),
+                    adapter.lstrip("*"))
 
 
 # --------------------------------------------------------------------------------------------
 # the shipped configs: every launch the LoRA launchers make for these representative inputs
 # --------------------------------------------------------------------------------------------
 def lora_launch_matrix():
-    """(dtype, rank, dropout p, M, K, N) classes that cover every shipped config and constexpr set:
-    each dtype, rank tiles 16/64/128 (and rank > 128, which loops/tiles), dropout on and off, plus
-    odd sizes (no divisibility-by-16 hints, as the JIT would see for K=4095)."""
+    """(dtype, adapter dtype, rank, dropout p, M, K, N) classes that cover every shipped config and
+    constexpr set: each dtype, fp32 adapters on each 16-bit base (HF PEFT's default adapter dtype), rank
+    tiles 16/64/128 (and rank > 128, which loops/tiles), dropout on and off, plus odd sizes (no
+    divisibility-by-16 hints, as the JIT would see for K=4095)."""
     import torch
 
     out = []
-    for dt in (torch.float16, torch.bfloat16, torch.float32):
+    for dt, adt in ((torch.float16, None), (torch.bfloat16, None), (torch.float32, None),
+                    (torch.float16, torch.float32), (torch.bfloat16, torch.float32)):
         for R in (16, 64, 128, 256):
             for p in (0.0, 0.1):
-                out.append((dt, R, p, 512, 4096, 4096))
-    out.append((torch.float16, 16, 0.1, 511, 4095, 4097))
-    out.append((torch.bfloat16, 128, 0.1, 511, 4095, 4097))
+                out.append((dt, adt or dt, R, p, 512, 4096, 4096))
+    out.append((torch.float16, torch.float16, 16, 0.1, 511, 4095, 4097))
+    out.append((torch.bfloat16, torch.bfloat16, 128, 0.1, 511, 4095, 4097))
+    out.append((torch.bfloat16, torch.float32, 64, 0.1, 511, 4095, 4097))
     return out
+
+
+def _precisions(dt, adt=None):
+    """The fp32 precisions a launch of these dtypes can take: both of torch's settings when an fp32 dot
+    is involved (they compile differently), one otherwise."""
+    import torch
+
+    return ("ieee", "tf32") if torch.float32 in (dt, adt) else ("ieee",)
 
 
 def record_lora_launches():
@@ -147,35 +292,35 @@ def record_lora_launches():
     from . import lora as L
 
     kernels = [L._shrink_kernel, L._fwd_gemm_kernel, L._bwd_dy_kernel, L._bwd_dx_kernel, L._bwd_da_kernel]
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    try:
-        with record_launches(kernels) as calls:
-            for (dt, R, p, M, K, N), use_tf32 in [(c, False) for c in lora_launch_matrix()] + [
-                    (c, True) for c in lora_launch_matrix() if c[0] == torch.float32]:
-                torch.backends.cuda.matmul.allow_tf32 = use_tf32  # fp32 kernels follow torch's TF32 setting
-                x = torch.empty(M, K, dtype=dt)
-                W = torch.empty(N, K, dtype=dt)
-                b = torch.empty(N, dtype=dt)
-                A = torch.empty(R, K, dtype=dt)
-                B = torch.empty(N, R, dtype=dt)
-                S = torch.empty(M, R)
-                L.lora_forward(x, W, b, A, B, 0.5, p, 1234)
-                L.lora_backward(torch.empty(M, N, dtype=dt), x, W, A, B, S, 0.5, p, 1234, True, True, True)
-                if p == 0:  # DoRA: the magnitude rescale in the GEMM epilogue, with and without storing z
-                    for store_z in (False, True):
-                        L.lora_forward(x, W, b, A, B, 0.5, 0.0, 0, col_scale=torch.empty(N), store_z=store_z)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+    seed = torch.zeros(1, dtype=torch.int64)
+    with record_launches(kernels) as calls:
+        for dt, adt, R, p, M, K, N in lora_launch_matrix():
+            for prec in _precisions(dt, adt):
+                with fp32_precision_override(prec):  # fp32 dots follow torch's TF32 setting
+                    x = torch.empty(M, K, dtype=dt)
+                    W = torch.empty(N, K, dtype=dt)
+                    b = torch.empty(N, dtype=dt)
+                    A = torch.empty(R, K, dtype=adt)
+                    B = torch.empty(N, R, dtype=adt)
+                    S = torch.empty(M, R)
+                    L.lora_forward(x, W, b, A, B, 0.5, p, seed)
+                    L.lora_backward(torch.empty(M, N, dtype=dt), x, W, A, B, S, 0.5, p, seed, True, True, True)
+                    if p == 0:  # DoRA: the magnitude rescale in the GEMM epilogue, with and without storing z
+                        for store_z in (False, True):
+                            L.lora_forward(x, W, b, A, B, 0.5, 0.0, None, col_scale=torch.empty(N), store_z=store_z)
     return calls
 
 
 def multi_lora_launch_matrix():
-    """(dtype, max rank, K, N) classes for the multi-adapter kernels: each dtype, rank tiles 16/64 (and
-    a rank above 64, which takes several rank blocks), aligned and odd sizes."""
+    """(dtype, adapter dtype, max rank, K, N) classes for the multi-adapter kernels: each dtype, fp32 slot
+    stacks on a 16-bit base, rank tiles 16/64 (and a rank above 64, which takes several rank blocks),
+    aligned and odd sizes."""
     import torch
 
-    out = [(dt, R, 4096, 4096) for dt in (torch.float16, torch.bfloat16, torch.float32) for R in (16, 64, 128)]
-    out += [(torch.float16, 16, 4095, 4097), (torch.bfloat16, 64, 4095, 4097), (torch.float32, 16, 4095, 4097)]
+    out = [(dt, dt, R, 4096, 4096) for dt in (torch.float16, torch.bfloat16, torch.float32) for R in (16, 64, 128)]
+    out += [(dt, torch.float32, R, 4096, 4096) for dt in (torch.float16, torch.bfloat16) for R in (16, 64)]
+    out += [(torch.float16, torch.float16, 16, 4095, 4097), (torch.bfloat16, torch.bfloat16, 64, 4095, 4097),
+            (torch.float32, torch.float32, 16, 4095, 4097), (torch.bfloat16, torch.float32, 16, 4095, 4097)]
     return out
 
 
@@ -189,21 +334,17 @@ def record_multi_lora_launches():
                ML._seg_outer_kernel]
     T, S = 512, 8
     m = build_mapping(torch.arange(T) % S, T, S)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    try:
-        with record_launches(kernels) as calls:
-            for (dt, R, K, N), use_tf32 in [(c, False) for c in multi_lora_launch_matrix()] + [
-                    (c, True) for c in multi_lora_launch_matrix() if c[0] == torch.float32]:
-                torch.backends.cuda.matmul.allow_tf32 = use_tf32
-                x, y, dy = torch.empty(T, K, dtype=dt), torch.empty(T, N, dtype=dt), torch.empty(T, N, dtype=dt)
-                A, B = torch.empty(S, R, K, dtype=dt), torch.empty(S, N, R, dtype=dt)
-                scal, ranks = torch.ones(S), torch.full((S,), R, dtype=torch.int32)
-                for path in ("bgmv", "sgmv"):
-                    _, Sb = ML.multi_lora_forward(y, x, A, B, m, scal, ranks, path)
-                    ML.multi_lora_backward(dy, x, torch.empty(T, K, dtype=dt), A, B, Sb, m, scal, ranks, path,
-                                           True, True)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+    with record_launches(kernels) as calls:
+        for dt, adt, R, K, N in multi_lora_launch_matrix():
+            for prec in _precisions(dt, adt):
+                with fp32_precision_override(prec):
+                    x, y, dy = torch.empty(T, K, dtype=dt), torch.empty(T, N, dtype=dt), torch.empty(T, N, dtype=dt)
+                    A, B = torch.empty(S, R, K, dtype=adt), torch.empty(S, N, R, dtype=adt)
+                    scal, ranks = torch.ones(S), torch.full((S,), R, dtype=torch.int32)
+                    for path in ("bgmv", "sgmv"):
+                        _, Sb = ML.multi_lora_forward(y, x, A, B, m, scal, ranks, path)
+                        ML.multi_lora_backward(dy, x, torch.empty(T, K, dtype=dt), A, B, Sb, m, scal, ranks, path,
+                                               True, True)
     return calls
 
 
@@ -223,13 +364,11 @@ def record_adapter_launches():
 
     kernels = [BN._adapter_shrink_kernel, BN._expand_kernel, BN._seq_fwd_kernel, BN._adapter_bwd_kernel,
                L._fwd_gemm_kernel, L._bwd_dy_kernel, L._bwd_dx_kernel]
-    tf32 = torch.backends.cuda.matmul.allow_tf32
     shapes = [(512, 4096, 4096), (511, 4095, 4097)]
-    try:
-        with record_launches(kernels) as calls:
-            for dt in (torch.float16, torch.bfloat16, torch.float32):
-                for tf in ((False, True) if dt == torch.float32 else (False,)):
-                    torch.backends.cuda.matmul.allow_tf32 = tf
+    with record_launches(kernels) as calls:
+        for dt in (torch.float16, torch.bfloat16, torch.float32):
+            for prec in _precisions(dt):
+                with fp32_precision_override(prec):
                     for b in (16, 64, 256):
                         for act in ("relu", "gelu", "gelu_tanh", "silu", "tanh"):
                             for M, K, N in shapes:
@@ -243,8 +382,6 @@ def record_adapter_launches():
                                 # standalone without the residual (and an adapter whose out ≠ in features)
                                 BN.bottleneck_forward(x, Dp, db, U, None, act, False)
                                 BN.adapter_backward(dy, x, Dp, U, P, act, False, True, True, True, True)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     return calls
 
 
@@ -255,12 +392,10 @@ def record_ia3_launches():
 
     from . import ia3 as I
 
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    try:
-        with record_launches([I._ia3_gemm_kernel]) as calls:
-            for dt in (torch.float16, torch.bfloat16, torch.float32):
-                for tf in ((False, True) if dt == torch.float32 else (False,)):
-                    torch.backends.cuda.matmul.allow_tf32 = tf
+    with record_launches([I._ia3_gemm_kernel]) as calls:
+        for dt in (torch.float16, torch.bfloat16, torch.float32):
+            for prec in _precisions(dt):
+                with fp32_precision_override(prec):
                     for ldt in {dt, torch.float32}:
                         for M, K, N in ((512, 4096, 4096), (511, 4095, 4097)):
                             x, W, b, dy = (torch.empty(M, K, dtype=dt), torch.empty(N, K, dtype=dt),
@@ -269,8 +404,6 @@ def record_ia3_launches():
                                 l = torch.empty(K if ff else N, dtype=ldt)
                                 _, raw = I.ia3_forward(x, W, b, l, ff, need_raw=True)
                                 I.ia3_backward(dy, x, W, l, raw if raw is not None else dy, ff, True, True)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     return calls
 
 
@@ -313,6 +446,8 @@ def check_all(archs=(80, 90), verbose=True, ops=("lora", "multi_lora", "adapter"
         rows = [_report(_compile_indexed(w), verbose) for w in work]
     problems = []
     for r in rows:
+        for o in r.offset_problems:
+            problems.append(f"{r.name} on sm_{r.arch} has 32-bit address arithmetic: {o} {r.constexprs}")
         if r.spills:
             problems.append(f"{r.name} on sm_{r.arch} spills {r.spills} bytes: {r.constexprs}")
         if r.shared_bytes > SMEM_LIMIT[r.arch]:
@@ -340,7 +475,8 @@ def main(argv=None) -> int:
                                jobs=args.jobs)
     print(f"{len(rows)} kernel variants compiled; max registers "
           f"{max(r.registers for r in rows)}, max shared {max(r.shared_bytes for r in rows) / 1024:.1f} KiB, "
-          f"total spills {sum(r.spills for r in rows)} bytes")
+          f"total spills {sum(r.spills for r in rows)} bytes, "
+          f"32-bit address offsets {sum(len(r.offset_problems) for r in rows)}")
     for p in problems:
         print("PROBLEM:", p)
     return 1 if problems else 0

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from . import lora as L
-from ._common import ACT_CODES, act, mma
+from ._common import ACT_CODES, act, check_dims, mma
 
 __all__ = ["ACT_CODES", "bottleneck_forward", "sequential_forward", "parallel_forward", "adapter_backward",
            "parallel_backward"]
@@ -57,13 +57,14 @@ def _adapter_shrink_kernel(
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     m_ok = rm < M
     r_ok = rr < R
-    acc = L._gemm_mainloop(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr, rm, m_ok, stride_xm, stride_xk,
-                           d_ptr, rr, r_ok, stride_dk, stride_dr, K, UPCAST, F32_PREC, BLOCK_K)
+    rm64 = rm.to(tl.int64)
+    acc = L._gemm_mainloop(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr, rm64, m_ok, stride_xm, stride_xk,
+                           d_ptr, rr.to(tl.int64), r_ok, stride_dk, stride_dr, K, UPCAST, F32_PREC, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(db_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :]
     msk = m_ok[:, None] & r_ok[None, :]
-    tl.store(p_ptr + rm[:, None] * R + rr[None, :], acc, mask=msk)
-    tl.store(h_ptr + rm[:, None] * R + rr[None, :], act(acc, ACT), mask=msk)
+    tl.store(p_ptr + rm64[:, None] * R + rr[None, :], acc, mask=msk)
+    tl.store(h_ptr + rm64[:, None] * R + rr[None, :], act(acc, ACT), mask=msk)
 
 
 @triton.jit
@@ -79,14 +80,18 @@ def _expand_tile(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    acc = L._low_rank_tile(h_ptr, rm, m_ok, R, u_ptr, rn, n_ok, stride_ur, stride_un,
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    acc = L._low_rank_tile(h_ptr, rm64, m_ok, R, u_ptr, rn64, n_ok, stride_ur, stride_un,
                            UPCAST, F32_PREC, BLOCK_M, BLOCK_R, BLOCK_N)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     msk = m_ok[:, None] & n_ok[None, :]
     if HAS_C:
-        acc += tl.load(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, mask=msk, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty), mask=msk)
+        acc += tl.load(c_ptr + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn, mask=msk,
+                       other=0.0).to(tl.float32)
+    tl.store(out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=msk)
 
 
 @triton.jit
@@ -103,7 +108,7 @@ def _expand_kernel(
 
 @triton.jit
 def _seq_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, d_ptr, db_ptr, y_ptr, part_ptr, cnt_ptr, p_ptr, h_ptr, M, N, K, R,
+    x_ptr, w_ptr, bias_ptr, d_ptr, db_ptr, y_ptr, part_ptr, cnt_ptr, p_ptr, h_ptr, M, N, K, R, part_stride,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_dr, stride_dn, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr,
     F32_PREC: tl.constexpr,
@@ -117,30 +122,35 @@ def _seq_fwd_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    acc = L._gemm_mainloop(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, rm, m_ok, stride_xm, stride_xk,
-                           w_ptr, rn, n_ok, stride_wk, stride_wn, K, UPCAST, F32_PREC, BLOCK_K)
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    acc = L._gemm_mainloop(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, rm64, m_ok, stride_xm, stride_xk,
+                           w_ptr, rn64, n_ok, stride_wk, stride_wn, K, UPCAST, F32_PREC, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     yt = acc.to(y_ptr.dtype.element_ty)  # the adapter reads y as stored (rounded), as unfused code does
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, yt, mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(y_ptr + rm64[:, None] * stride_ym + rn64[None, :] * stride_yn, yt, mask=m_ok[:, None] & n_ok[None, :])
     # this tile's share of the down projection: part[pid_n, rm, :] = y[rm, rn]·D[:, rn]ᵀ (columns past N are 0)
     rr0 = tl.arange(0, BLOCK_R)
+    part_rows = pid_n.to(tl.int64) * M + rm64  # rows of part viewed as [num_n·M, R]
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + rr0
         r_ok = rr < R
-        dt = tl.load(d_ptr + rn[:, None] * stride_dn + rr[None, :] * stride_dr, mask=n_ok[:, None] & r_ok[None, :],
-                     other=0.0)
+        dt = tl.load(d_ptr + rn64[:, None] * stride_dn + rr.to(tl.int64)[None, :] * stride_dr,
+                     mask=n_ok[:, None] & r_ok[None, :], other=0.0)
         part = mma(yt, dt, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), UPCAST, F32_PREC)
-        tl.store(part_ptr + (pid_n * M + rm[:, None]) * R + rr[None, :], part, mask=m_ok[:, None] & r_ok[None, :])
+        tl.store(part_ptr + part_rows[:, None] * R + rr[None, :], part, mask=m_ok[:, None] & r_ok[None, :])
     # The last tile of this row block to arrive sums the partials in tile order (deterministic). The
     # barrier makes every thread's partial stores precede the release; the acquire makes them visible.
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr + pid_m, 1, sem="acq_rel")
     if arrived == num_n - 1:
         # This row block's partials, P and H are each one contiguous run of rows·R floats: reduce them as
-        # flat 1-D chunks (a 2-D tile here made ptxas spill in this cold path).
-        base = pid_m * BLOCK_M * R
-        n_el = tl.minimum(BLOCK_M, M - pid_m * BLOCK_M) * R
+        # flat 1-D chunks (a 2-D tile here made ptxas spill in this cold path). Offsets are 64-bit: the
+        # row block starts at pid_m·BLOCK_M·R and the partials are part_stride = M·R (a launch argument,
+        # typed i64 by the JIT when ≥ 2³¹) apart.
+        base = pid_m.to(tl.int64) * BLOCK_M * R
+        n_el = tl.minimum(BLOCK_M, M - pid_m * BLOCK_M).to(tl.int64) * R
         for o in range(0, n_el, RED):
             e = o + tl.arange(0, RED)
             e_ok = e < n_el
@@ -148,7 +158,7 @@ def _seq_fwd_kernel(
             ptrs = part_ptr + base + e
             for _ in range(0, num_n):  # tile order: deterministic; pointer steps are 64-bit
                 pacc += tl.load(ptrs, mask=e_ok, other=0.0, cache_modifier=".cg")
-                ptrs += M * R
+                ptrs += part_stride
             if HAS_DBIAS:
                 pacc += tl.load(db_ptr + e % R, mask=e_ok, other=0.0).to(tl.float32)
             tl.store(p_ptr + base + e, pacc, mask=e_ok)
@@ -158,7 +168,8 @@ def _seq_fwd_kernel(
 
 @triton.jit
 def _adapter_bwd_kernel(
-    g_ptr, dp_ptr, d_ptr, din_ptr, inp_ptr, dd_ptr, gthp_ptr, gth_ptr, dbd_ptr, M, N, K, R, Pm,
+    g_ptr, dp_ptr, d_ptr, din_ptr, inp_ptr, dd_ptr, gthp_ptr, gth_ptr, dbd_ptr, M, N, K, R, Pm, part_stride,
+    num_tiles,
     stride_gm, stride_gn, stride_dr, stride_dk, stride_im, stride_ik, stride_om, stride_ok,
     stride_ddr, stride_ddk,
     COMPUTE_DIN: tl.constexpr, RESIDUAL: tl.constexpr, COMPUTE_DD: tl.constexpr, DSUM: tl.constexpr,
@@ -169,16 +180,17 @@ def _adapter_bwd_kernel(
     """Adapter [M, K] → [M, N]: programs [0, num_tiles) write d_in = [g +] dP·D; the rest are LoRA's dA
     programs (dD = dPᵀ·input, Σ_m dP, and the dU partial reduction), R-blocks innermost."""
     pid = tl.program_id(0)
-    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K) if COMPUTE_DIN else 0
-    if pid < num_tiles:
-        _expand_tile(pid, g_ptr, dp_ptr, d_ptr, g_ptr, din_ptr, M, K, R,
-                     stride_gm, stride_gn, stride_dk, stride_dr, stride_om, stride_ok,
-                     RESIDUAL, False, UPCAST, F32_PREC, BLOCK_M, BLOCK_K, BLOCK_R, GROUP_M)
-    else:
+    q = pid
+    if COMPUTE_DIN:  # programs [0, num_tiles) are d_in tiles (num_tiles = cdiv(M, BLOCK_M)·cdiv(K, BLOCK_K))
         q = pid - num_tiles
+        if pid < num_tiles:
+            _expand_tile(pid, g_ptr, dp_ptr, d_ptr, g_ptr, din_ptr, M, K, R,
+                         stride_gm, stride_gn, stride_dk, stride_dr, stride_om, stride_ok,
+                         RESIDUAL, False, UPCAST, F32_PREC, BLOCK_M, BLOCK_K, BLOCK_R, GROUP_M)
+    if q >= 0:
         nr = tl.cdiv(R, DA_BLOCK_R)
-        L._da_tile(q // nr, q % nr, dp_ptr, inp_ptr, dd_ptr, gthp_ptr, gth_ptr, dbd_ptr, M, N, K, R, Pm,
-                   stride_im, stride_ik, stride_ddr, stride_ddk, R, 1, 0, 0.0, 1.0,
+        L._da_tile(q // nr, q % nr, dp_ptr, inp_ptr, dd_ptr, gthp_ptr, gth_ptr, dbd_ptr, dp_ptr, M, N, K, R, Pm,
+                   part_stride, stride_im, stride_ik, stride_ddr, stride_ddk, R, 1, 0.0, 1.0,
                    False, COMPUTE_DD, DSUM, UPCAST, F32_PREC, DA_BLOCK_M, DA_BLOCK_K, DA_BLOCK_R, DA_BLOCK_N)
 
 
@@ -198,7 +210,7 @@ def configs(dtype: torch.dtype, R: int, aligned: bool) -> dict:
     if dtype == torch.float32 and not L.INTERPRETED:
         cfg["adapter_block_r"] = min(cfg["block_r"], 32)
         cfg["shrink"] = L.Config(32, 0, 32, num_warps=8, num_stages=2)
-        cfg["dy"] = L.Config(32, 32, 0, num_warps=8, num_stages=2)
+        cfg["dy"] = L.Config(32, 32, 0, num_warps=4, num_stages=2)  # 8 warps spilled 8-24 B on sm_80 (in-place partials)
         cfg["da_block_r"] = min(cfg["block_r"], 64)
     return cfg
 
@@ -218,10 +230,16 @@ def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
+def _flags(x, D) -> dict:
+    """LoRA's flags without LORA_PREC: the adapter's weights always have its input's dtype."""
+    return L._only(L._flags(x, D), "UPCAST", "F32_PREC")
+
+
 def _down(x, D, db, activation, cfg, fl):
     """Launch the shrink: (P = x·Dᵀ + b_d, H = act(P)), fp32 [M, b]."""
     M, K = x.shape
     R = D.shape[0]
+    check_dims(M=M, K=K, bottleneck=R)
     P = torch.empty((M, R), dtype=torch.float32, device=x.device)
     H = torch.empty_like(P)
     c, br = cfg["shrink"], cfg["adapter_block_r"]
@@ -236,6 +254,7 @@ def _up(c, H, U_s, b_s, out, cfg, fl):
     """Launch the expand: out = [c +] H·U_sᵀ + b_s."""
     M, R = H.shape
     N = U_s.shape[0]
+    check_dims(M=M, N=N, bottleneck=R)
     cc = cfg["expand"]
     _expand_kernel[(triton.cdiv(M, cc.block_m) * triton.cdiv(N, cc.block_n),)](
         c if c is not None else out, H, U_s, b_s if b_s is not None else out, out, M, N, R,
@@ -253,7 +272,7 @@ def _up(c, H, U_s, b_s, out, cfg, fl):
 def bottleneck_forward(h, D, db, U_s, b_s, activation: str, residual: bool):
     """Returns (out [M, H_out] in h.dtype, P fp32 [M, b])."""
     cfg = configs(h.dtype, D.shape[0], L._aligned(h, D, U_s))
-    fl = L._flags(h, D)
+    fl = _flags(h, D)
     P, H = _down(h, D, db, activation, cfg, fl)
     out = torch.empty((h.shape[0], U_s.shape[0]), dtype=h.dtype, device=h.device)
     return _up(h if residual else None, H, U_s, b_s, out, cfg, fl), P
@@ -263,8 +282,9 @@ def sequential_forward(x, weight, bias, D, db, U_s, b_s, activation: str):
     """Returns (out, y = x·Wᵀ + b, P fp32 [M, b]); y is the adapter's input, saved for backward."""
     M, K = x.shape
     N, R = weight.shape[0], D.shape[0]
+    check_dims(M=M, K=K, N=N, bottleneck=R)
     cfg = configs(x.dtype, R, L._aligned(x, weight, D, U_s))
-    fl = L._flags(x, D)
+    fl = _flags(x, D)
     c, br = cfg["seq"], cfg["seq_block_r"]
     num_m, num_n = triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -273,7 +293,7 @@ def sequential_forward(x, weight, bias, D, db, U_s, b_s, activation: str):
     part = torch.empty((num_n, M, R), dtype=torch.float32, device=x.device)  # transient, fp32
     _seq_fwd_kernel[(num_m * num_n,)](
         x, weight, bias if bias is not None else y, D, db if db is not None else P, y, part,
-        _arrival_counters(x.device, num_m), P, H, M, N, K, R,
+        _arrival_counters(x.device, num_m), P, H, M, N, K, R, M * R,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), D.stride(0), D.stride(1),
         y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_DBIAS=db is not None, ACT=ACT_CODES[activation], BLOCK_M=c.block_m,
@@ -288,8 +308,9 @@ def parallel_forward(x, weight, bias_c, D, db, U_s, activation: str):
     """Returns (y [M, N] in x.dtype, P fp32 [M, b]). ``bias_c`` = b + s⊙b_u (or None)."""
     M, K = x.shape
     N, R = weight.shape[0], D.shape[0]
+    check_dims(M=M, K=K, N=N, bottleneck=R)
     cfg = configs(x.dtype, R, L._aligned(x, weight, D, U_s))
-    fl = L._flags(x, D)
+    fl = _flags(x, D)
     P, H = _down(x, D, db, activation, cfg, fl)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     c = cfg["gemm"]
@@ -298,7 +319,8 @@ def parallel_forward(x, weight, bias_c, D, db, U_s, activation: str):
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), U_s.stride(0), U_s.stride(1),
         y.stride(0), y.stride(1), 1.0,
         HAS_BIAS=bias_c is not None, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages, **fl)
+        BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages,
+        LORA_PREC=fl["F32_PREC"], **fl)
     return y, P
 
 
@@ -307,11 +329,12 @@ def _dp(g, U_s, P, activation, need_up, cfg, fl):
     M, R = P.shape
     N = g.shape[1]
     c, abr = cfg["dy"], cfg["adapter_block_r"]
-    Pm = triton.cdiv(M, c.block_m)
+    r_chunks = triton.cdiv(R, abr)
+    Pm = L.dy_programs(g.device, M, c.block_m, r_chunks)  # the partials are bounded by the machine, not by M
     dP = torch.empty((M, R), dtype=torch.float32, device=g.device)
     gthp = torch.empty((Pm, N, R), dtype=torch.float32, device=g.device) if need_up else dP
     csp = torch.empty((Pm, N), dtype=torch.float32, device=g.device) if need_up else dP
-    L._bwd_dy_kernel[(Pm, triton.cdiv(R, abr))](
+    L._bwd_dy_kernel[(Pm, r_chunks)](
         g, U_s, P, dP, gthp, csp, M, N, R, g.stride(0), g.stride(1), U_s.stride(0), U_s.stride(1), 1.0,
         COMPUTE_DB=need_up, COLSUM=need_up, ACT=ACT_CODES[activation], BLOCK_M=c.block_m, BLOCK_N=c.block_n,
         BLOCK_R=abr, num_warps=c.num_warps, num_stages=c.num_stages, **fl)
@@ -338,7 +361,7 @@ def _input_and_param_grads(g, inp, D, dP, gthp, csp, Pm, residual, need_din, nee
     dummy = dP
     _adapter_bwd_kernel[(tiles + da_progs * triton.cdiv(R, br),)](
         g, dP, D, d_in if d_in is not None else dummy, inp, dd_t, gthp, gtH if gtH is not None else dummy,
-        db_d if db_d is not None else dummy, M, N, K, R, Pm,
+        db_d if db_d is not None else dummy, M, N, K, R, Pm, N * R, tiles,
         g.stride(0), g.stride(1), D.stride(0), D.stride(1), inp.stride(0), inp.stride(1),
         d_in.stride(0) if d_in is not None else 0, d_in.stride(1) if d_in is not None else 0,
         dd_t.stride(0), dd_t.stride(1),
@@ -355,8 +378,9 @@ def adapter_backward(g, inp, D, U_s, P, activation: str, residual: bool, need_di
     """Backward of ``[inp +] act(inp·Dᵀ + b_d)·U_sᵀ + b_s`` (standalone, and the sequential mode with
     inp = y): 2 launches. Returns (d_in, dD, db_d, gtH = gᵀ·act(P) fp32, colsum = Σ_m g fp32), None where
     not needed."""
+    check_dims(M=inp.shape[0], K=inp.shape[1], N=g.shape[1], bottleneck=D.shape[0])
     cfg = configs(inp.dtype, D.shape[0], L._aligned(inp, D, U_s, g))
-    fl = L._flags(inp, D)
+    fl = _flags(inp, D)
     dP, gthp, csp, Pm = _dp(g, U_s, P, activation, need_up, cfg, fl)
     return _input_and_param_grads(g, inp, D, dP, gthp, csp, Pm, residual, need_din, need_dd, need_db, need_up,
                                   cfg, fl)
@@ -367,19 +391,21 @@ def parallel_backward(dy, x, weight, D, U_s, P, activation: str, need_dx: bool, 
     """Returns (dx, dD, db_d, gtH fp32, colsum fp32), None where not needed: 3 launches."""
     M, K = x.shape
     N, R = weight.shape[0], D.shape[0]
+    check_dims(M=M, K=K, N=N, bottleneck=R)
     cfg = configs(x.dtype, R, L._aligned(x, weight, D, U_s, dy))
-    fl = L._flags(x, D)
+    fl = _flags(x, D)
     dP, gthp, csp, Pm = _dp(dy, U_s, P, activation, need_up, cfg, fl)
     dx = None
     if need_dx:  # dX = dY·W + dP·D in one GEMM
         c = cfg["dx"]
         dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
         L._bwd_dx_kernel[(triton.cdiv(M, c.block_m) * triton.cdiv(K, c.block_n),)](
-            dy, weight, dP, D, x, dx, M, N, K, R,
+            dy, weight, dP, D, x, dx, dP, M, N, K, R,
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), D.stride(0), D.stride(1),
-            dx.stride(0), dx.stride(1), 0, 0.0, 1.0,
+            dx.stride(0), dx.stride(1), 0.0, 1.0,
             HAS_DROPOUT=False, BLOCK_M=c.block_m, BLOCK_K=c.block_n, BLOCK_N=c.block_k,
-            BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages, **fl)
+            BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages,
+            LORA_PREC=fl["F32_PREC"], **fl)
     _, dD, db_d, gtH, colsum = _input_and_param_grads(dy, x, D, dP, gthp, csp, Pm, False, False, need_dd, need_db,
                                                       need_up, cfg, fl)
     return dx, dD, db_d, gtH, colsum

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, f32_precision, mma, upcast_needed
+from ._common import INTERPRETED, check_dims, f32_precision, mma, upcast_needed
 from .lora import _grouped_tile
 
 
@@ -37,45 +37,53 @@ def _ia3_gemm_kernel(a_ptr, b_ptr, bias_ptr, lk_ptr, ln_ptr, out_ptr, raw_ptr, x
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
+    rm64 = rm.to(tl.int64)  # addresses are 64-bit: rows × strides can pass 2³¹
+    rn64 = rn.to(tl.int64)
+    a_row = a_ptr + rm64[:, None] * s_am
+    b_col = b_ptr + rn64[None, :] * s_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < K
-        a = tl.load(a_ptr + rm[:, None] * s_am + kk[None, :] * s_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        kk64 = kk.to(tl.int64)
+        a = tl.load(a_row + kk64[None, :] * s_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if SCALE_K:  # prologue: the scaled input tile, rounded to the input dtype as PEFT's x ⊙ l is
             lk = tl.load(lk_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
             a = (a.to(tl.float32) * lk[None, :]).to(a.dtype)
-        b = tl.load(b_ptr + kk[:, None] * s_bk + rn[None, :] * s_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        b = tl.load(b_col + kk64[:, None] * s_bk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = mma(a, b, acc, UPCAST, F32_PREC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
-    o_off = rm[:, None] * s_om + rn[None, :] * s_on
     if STORE_RAW:
-        tl.store(raw_ptr + o_off, acc.to(raw_ptr.dtype.element_ty), mask=mask)
+        tl.store(raw_ptr + rm64[:, None] * s_om + rn64[None, :] * s_on, acc.to(raw_ptr.dtype.element_ty), mask=mask)
     if COLSUM:
-        xv = tl.load(x_ptr + rm[:, None] * s_xm + rn[None, :] * s_xn, mask=mask, other=0.0).to(tl.float32)
-        tl.store(part_ptr + pid_m * N + rn, tl.sum(acc * xv, axis=0), mask=n_ok)
+        xv = tl.load(x_ptr + rm64[:, None] * s_xm + rn64[None, :] * s_xn, mask=mask, other=0.0).to(tl.float32)
+        tl.store(part_ptr + pid_m.to(tl.int64) * N + rn64, tl.sum(acc * xv, axis=0), mask=n_ok)
     if SCALE_N:  # epilogue: the column scaling
         acc = acc * tl.load(ln_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rm64[:, None] * s_om + rn64[None, :] * s_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _config(dtype: torch.dtype, colsum: bool):
+def _config(dtype: torch.dtype, colsum: bool, store_raw: bool = False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by rule; small tiles in the interpreter. The
-    column-sum epilogue holds a second [BLOCK_M, BLOCK_N] tile (x), so it gets a quarter of the tile. The AOT
-    check (python -m peft_kernels.kernels.aot --op ia3) requires 0 spills for every choice."""
+    column-sum epilogue holds a second [BLOCK_M, BLOCK_N] tile (x), so it gets a quarter of the tile; storing
+    the unscaled output too keeps a second tile of 64-bit addresses live, so it gets half. The AOT check
+    (python -m peft_kernels.kernels.aot --op ia3) requires 0 spills for every choice."""
     if INTERPRETED:
         return 32, 32, 32, 4, 1
     if dtype == torch.float32:
         return 32, 64, 32, 8, 3
-    return (64, 64, 32, 8, 3) if colsum else (128, 128, 32, 8, 3)
+    if colsum:
+        return 64, 64, 32, 8, 3
+    return (128, 64, 32, 8, 3) if store_raw else (128, 128, 32, 8, 3)
 
 
 def _gemm(a, b_kn_strides, b, M, N, K, out_dtype, *, bias=None, lk=None, ln=None, store_raw=False, colsum_x=None):
     """Launch: out[M, N] = (a ⊙ lk)·b (+bias) ⊙ ln; b is addressed as [K, N] through ``b_kn_strides``.
     Returns (out, raw or None, partials [num_m, N] fp32 or None)."""
-    bm, bn, bk, warps, stages = _config(a.dtype, colsum_x is not None)
+    check_dims(M=M, N=N, K=K)
+    bm, bn, bk, warps, stages = _config(a.dtype, colsum_x is not None, store_raw)
     dev = a.device
     out = torch.empty((M, N), dtype=out_dtype, device=dev)
     raw = torch.empty((M, N), dtype=out_dtype, device=dev) if store_raw else out

@@ -9,19 +9,32 @@ Backward, at most 3 launches:
   2. ``_bwd_dx_kernel``   dX = dY·W + mask ⊙ (dS·A)/(1-p) in one GEMM (skipped if x needs no grad)
   3. ``_bwd_da_kernel``   dA = dSᵀ·drop(x)/(1-p) (mask regenerated), plus the deterministic
                           fixed-order reduction of the dB partials in extra programs
-The dropout mask is never stored: every kernel regenerates it from (seed, row, col) with Philox.
+The dropout mask is never stored: every kernel regenerates it from (seed, row, col) with Philox; the
+seed is an int64 the kernels load from a device tensor (``_common.draw_seed``), so it never changes a
+compiled variant and CUDA-graph replays draw a fresh one.
 All dots accumulate in fp32. The LoRA dots run in the adapter's dtype (fp32 adapters on a half
-base compute the branch in fp32, as HF PEFT does).
+base compute the branch in fp32, as HF PEFT does, on tensor cores: see ``_common.f32_precision``).
+
+Addresses are 64-bit: every ``row × stride`` (and every index × runtime stride) is formed from int64
+indices, so any tensor torch can allocate is addressed correctly (``aot.offset_problems`` checks the
+compiled IR); sizes are 32-bit arguments, bounded by ``_common.check_dims``.
+
+dB is reduced deterministically without an M-sized buffer: the dY launch has at most
+``program_budget`` (≈ the SM count) row programs, each walking row blocks ``pid, pid + P, ...`` and
+accumulating its dB partial in place, in that order; the dA launch sums the P partials in a fixed
+order. The partial buffer is P·N·R fp32, bounded by the machine, not by M.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import ACT_NONE, INTERPRETED, act, act_grad, dropout_keep, f32_precision, mma, next_pow2, upcast_needed
+from ._common import (ACT_NONE, INTERPRETED, act, act_grad, check_dims, dropout_keep, f32_precision, mma, next_pow2,
+                      program_budget, upcast_needed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,13 +55,14 @@ def _low_rank_tile(s_ptr, rm, m_ok, R, w_ptr, rc, c_ok, stride_wr, stride_wc,
                    UPCAST: tl.constexpr, F32_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_C: tl.constexpr):
     """fp32 [BM, BC] tile of ``S[rm, :R] · W[:R, rc]`` with S an fp32 [M, R] row-major buffer and
-    W read through (stride_wr, stride_wc); S is cast to W's dtype for the dot, as in PyTorch."""
+    W read through (stride_wr, stride_wc); S is cast to W's dtype for the dot, as in PyTorch.
+    ``rm``/``rc`` are int64 (64-bit addresses)."""
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     rr0 = tl.arange(0, BLOCK_R)
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + rr0
         st = tl.load(s_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & (rr[None, :] < R), other=0.0)
-        wt = tl.load(w_ptr + rr[:, None] * stride_wr + rc[None, :] * stride_wc,
+        wt = tl.load(w_ptr + rr.to(tl.int64)[:, None] * stride_wr + rc[None, :] * stride_wc,
                      mask=(rr[:, None] < R) & c_ok[None, :], other=0.0)
         acc = mma(st.to(wt.dtype), wt, acc, UPCAST, F32_PREC)
     return acc
@@ -57,23 +71,24 @@ def _low_rank_tile(s_ptr, rm, m_ok, R, w_ptr, rc, c_ok, stride_wr, stride_wc,
 @triton.jit
 def _gemm_mainloop(acc, a_ptr, rm, m_ok, stride_am, stride_ak, b_ptr, rc, c_ok, stride_bk, stride_bc, KD,
                    UPCAST: tl.constexpr, F32_PREC: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``acc + a[rm, :KD] · b[:KD, rc]``, both operands read through their strides."""
+    """``acc + a[rm, :KD] · b[:KD, rc]``, both operands read through their strides (``rm``/``rc`` int64)."""
     rk0 = tl.arange(0, BLOCK_K)
+    a_row = a_ptr + rm[:, None] * stride_am
+    b_col = b_ptr + rc[None, :] * stride_bc
     for k0 in range(0, KD, BLOCK_K):
         rk = k0 + rk0
-        at = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
-                     mask=m_ok[:, None] & (rk[None, :] < KD), other=0.0)
-        bt = tl.load(b_ptr + rk[:, None] * stride_bk + rc[None, :] * stride_bc,
-                     mask=(rk[:, None] < KD) & c_ok[None, :], other=0.0)
+        rk64 = rk.to(tl.int64)
+        at = tl.load(a_row + rk64[None, :] * stride_ak, mask=m_ok[:, None] & (rk[None, :] < KD), other=0.0)
+        bt = tl.load(b_col + rk64[:, None] * stride_bk, mask=(rk[:, None] < KD) & c_ok[None, :], other=0.0)
         acc = mma(at, bt, acc, UPCAST, F32_PREC)
     return acc
 
 
 @triton.jit
 def _shrink_kernel(
-    x_ptr, a_ptr, s_ptr, M, K, R,
+    x_ptr, a_ptr, s_ptr, seed_ptr, M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak,
-    seed, p, keep_scale,
+    p, keep_scale,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -81,20 +96,25 @@ def _shrink_kernel(
     pid_r = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm64 = rm.to(tl.int64)
+    rr64 = rr.to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        xt = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
+        kk64 = kk.to(tl.int64)
+        xt = tl.load(x_ptr + rm64[:, None] * stride_xm + kk64[None, :] * stride_xk,
                      mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         if HAS_DROPOUT:
             xt = tl.where(dropout_keep(seed, rm[:, None], kk[None, :], K, p), xt, 0.0)
-        at = tl.load(a_ptr + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
+        at = tl.load(a_ptr + rr64[None, :] * stride_ar + kk64[:, None] * stride_ak,
                      mask=(rr[None, :] < R) & (kk[:, None] < K), other=0.0)
         acc = mma(xt.to(at.dtype), at, acc, UPCAST, F32_PREC)
     if HAS_DROPOUT:
         acc = acc * keep_scale
-    tl.store(s_ptr + rm[:, None] * R + rr[None, :], acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
+    tl.store(s_ptr + rm64[:, None] * R + rr[None, :], acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
 
 
 @triton.jit
@@ -102,31 +122,35 @@ def _fwd_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr, M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_ym, stride_yn,
     scaling,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr, LORA_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, g_ptr=None, z_ptr=None, COL_SCALE: tl.constexpr = False, STORE_Z: tl.constexpr = False,
 ):
     # COL_SCALE (DoRA's epilogue): z = x·Wᵀ + s·S·Bᵀ is scaled per output column by g before the bias,
     # y = g ⊙ z + b; STORE_Z also writes z (in y's dtype) for the magnitude's gradient.
+    # F32_PREC: the base GEMM's fp32 dots; LORA_PREC: the low-rank tile's (differs for fp32 adapters on a
+    # 16-bit base, where the base dots are 16-bit).
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
     # LoRA expand first, so its tile becomes the base GEMM's accumulator: s · S[BM, R] · Bᵀ[R, BN]
-    acc = _low_rank_tile(s_ptr, rm, m_ok, R, b_ptr, rn, n_ok, stride_br, stride_bn,
-                         UPCAST, F32_PREC, BLOCK_M, BLOCK_R, BLOCK_N) * scaling
-    acc = _gemm_mainloop(acc, x_ptr, rm, m_ok, stride_xm, stride_xk, w_ptr, rn, n_ok, stride_wk, stride_wn, K,
+    acc = _low_rank_tile(s_ptr, rm64, m_ok, R, b_ptr, rn64, n_ok, stride_br, stride_bn,
+                         UPCAST, LORA_PREC, BLOCK_M, BLOCK_R, BLOCK_N) * scaling
+    acc = _gemm_mainloop(acc, x_ptr, rm64, m_ok, stride_xm, stride_xk, w_ptr, rn64, n_ok, stride_wk, stride_wn, K,
                          UPCAST, F32_PREC, BLOCK_K)
     if COL_SCALE:
         if STORE_Z:
-            tl.store(z_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(z_ptr.dtype.element_ty),
+            tl.store(z_ptr + rm64[:, None] * stride_ym + rn64[None, :] * stride_yn, acc.to(z_ptr.dtype.element_ty),
                      mask=m_ok[:, None] & n_ok[None, :])
         acc = acc * tl.load(g_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + rm64[:, None] * stride_ym + rn64[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -138,49 +162,69 @@ def _bwd_dy_kernel(
     COMPUTE_DB: tl.constexpr, COLSUM: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr,
     F32_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # one program per (M-block, R-chunk); R ≤ BLOCK_R (the usual case) reads dY exactly once.
+    # P = num_programs(0) row programs (≈ the SM count) × R-chunks. Program p walks row blocks p, p + P, ...;
+    # R ≤ BLOCK_R (the usual case) reads dY exactly once. The dB partial of program p, dbp[p] = Σ over its
+    # row blocks of s·dYᵀ·S, is accumulated in place in that fixed order: deterministic, and the buffer is
+    # P·N·R fp32 whatever M is.
     # LoRA: S is the shrink output, ACT = ACT_NONE. Bottleneck adapter: S is the pre-activation P,
-    # dS becomes dP = (dY·U)⊙act'(P), the dB partials use act(P), and COLSUM adds the per-M-block
+    # dS becomes dP = (dY·U)⊙act'(P), the dB partials use act(P), and COLSUM adds the per-program
     # column sums of dY (for the up bias and the scale).
-    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(0)
+    num_p = tl.num_programs(0)
     pid_r = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rn0 = tl.arange(0, BLOCK_N)
-    m_ok = rm < M
     r_ok = rr < R
-    st = tl.load(s_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-    ht = act(st, ACT)  # rows past M load 0 and act(0) = 0: they add nothing to the partials
-    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        rn = n0 + rn0
-        n_ok = rn < N
-        dyt = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
-                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        bt = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
-                     mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        dyc = dyt.to(bt.dtype)
-        ds = mma(dyc, bt, ds, UPCAST, F32_PREC)
+    part_row = pid_p.to(tl.int64) * N  # this program's partial: rows [pid_p·N, pid_p·N + N) of [P·N, R]
+    for mb in range(pid_p, tl.cdiv(M, BLOCK_M), num_p):
+        rm = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        rm64 = rm.to(tl.int64)
+        st = tl.load(s_ptr + rm64[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        ht = act(st, ACT)  # rows past M load 0 and act(0) = 0: they add nothing to the partials
+        ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        more = mb != pid_p  # not this program's first row block: add to its partial
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + rn0
+            n_ok = rn < N
+            rn64 = rn.to(tl.int64)
+            dyt = tl.load(dy_ptr + rm64[:, None] * stride_dym + rn64[None, :] * stride_dyn,
+                          mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            bt = tl.load(b_ptr + rn64[:, None] * stride_bn + rr.to(tl.int64)[None, :] * stride_br,
+                         mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            dyc = dyt.to(bt.dtype)
+            ds = mma(dyc, bt, ds, UPCAST, F32_PREC)
+            if COMPUTE_DB:
+                # this block's dB[n, r] (rows past M load as zero), added to the program's partial
+                dbt = mma(tl.trans(dyc), ht.to(bt.dtype), tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
+                          UPCAST, F32_PREC)
+                msk = n_ok[:, None] & r_ok[None, :]
+                dptr = (dbp_ptr + part_row * R) + rn64[:, None] * R + rr[None, :]
+                dbt = dbt * scaling
+                if more:
+                    dbt += tl.load(dptr, mask=msk, other=0.0)
+                tl.store(dptr, dbt, mask=msk)
+                if COLSUM:
+                    if pid_r == 0:
+                        cptr = (csp_ptr + part_row) + rn64
+                        cs = tl.sum(dyt.to(tl.float32), axis=0)
+                        if more:
+                            cs += tl.load(cptr, mask=n_ok, other=0.0)
+                        tl.store(cptr, cs, mask=n_ok)
+        if ACT >= 0:
+            ds = ds * act_grad(st, ACT)
+        tl.store(ds_ptr + rm64[:, None] * R + rr[None, :], ds * scaling, mask=m_ok[:, None] & r_ok[None, :])
         if COMPUTE_DB:
-            # partial dB[n, r] over this M-block (rows past M load as zero)
-            dbt = mma(tl.trans(dyc), ht.to(bt.dtype), tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
-                      UPCAST, F32_PREC)
-            tl.store(dbp_ptr + (pid_m * N + rn[:, None]) * R + rr[None, :], dbt * scaling,
-                     mask=n_ok[:, None] & r_ok[None, :])
-            if COLSUM:
-                if pid_r == 0:
-                    tl.store(csp_ptr + pid_m * N + rn, tl.sum(dyt.to(tl.float32), axis=0), mask=n_ok)
-    if ACT >= 0:
-        ds = ds * act_grad(st, ACT)
-    tl.store(ds_ptr + rm[:, None] * R + rr[None, :], ds * scaling, mask=m_ok[:, None] & r_ok[None, :])
+            # the next row block re-reads the partial: every thread's stores must precede its loads
+            tl.debug_barrier()
 
 
 @triton.jit
 def _bwd_dx_kernel(
-    dy_ptr, w_ptr, ds_ptr, a_ptr, x_ptr, dx_ptr, M, N, K, R,
+    dy_ptr, w_ptr, ds_ptr, a_ptr, x_ptr, dx_ptr, seed_ptr, M, N, K, R,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_dxm, stride_dxk,
-    seed, p, keep_scale,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
+    p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr, LORA_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -190,29 +234,31 @@ def _bwd_dx_kernel(
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_ok = rm < M
     k_ok = rk < K
+    rm64 = rm.to(tl.int64)
+    rk64 = rk.to(tl.int64)
     # LoRA term first (masked), then the base GEMM accumulates into it: fewer live registers
-    acc = _low_rank_tile(ds_ptr, rm, m_ok, R, a_ptr, rk, k_ok, stride_ar, stride_ak,
-                         UPCAST, F32_PREC, BLOCK_M, BLOCK_R, BLOCK_K)
+    acc = _low_rank_tile(ds_ptr, rm64, m_ok, R, a_ptr, rk64, k_ok, stride_ar, stride_ak,
+                         UPCAST, LORA_PREC, BLOCK_M, BLOCK_R, BLOCK_K)
     if HAS_DROPOUT:
-        acc = tl.where(dropout_keep(seed, rm[:, None], rk[None, :], K, p), acc * keep_scale, 0.0)
-    acc = _gemm_mainloop(acc, dy_ptr, rm, m_ok, stride_dym, stride_dyn, w_ptr, rk, k_ok, stride_wn, stride_wk, N,
+        acc = tl.where(dropout_keep(tl.load(seed_ptr), rm[:, None], rk[None, :], K, p), acc * keep_scale, 0.0)
+    acc = _gemm_mainloop(acc, dy_ptr, rm64, m_ok, stride_dym, stride_dyn, w_ptr, rk64, k_ok, stride_wn, stride_wk, N,
                          UPCAST, F32_PREC, BLOCK_N)
-    tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
+    tl.store(dx_ptr + rm64[:, None] * stride_dxm + rk64[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=m_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
 def _da_tile(
-    pid, pid_r, ds_ptr, x_ptr, da_ptr, dbp_ptr, db_ptr, dsum_ptr, M, N, K, R, P,
+    pid, pid_r, ds_ptr, x_ptr, da_ptr, dbp_ptr, db_ptr, dsum_ptr, seed_ptr, M, N, K, R, P, part_stride,
     stride_xm, stride_xk, stride_dar, stride_dak, stride_dbn, stride_dbr,
-    seed, p, keep_scale,
+    p, keep_scale,
     HAS_DROPOUT: tl.constexpr, COMPUTE_DA: tl.constexpr, DSUM: tl.constexpr, UPCAST: tl.constexpr,
     F32_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """One program of the dA launch: programs below cdiv(K, BLOCK_K) compute a [BLOCK_R, BLOCK_K] tile
     of dA = dSᵀ·drop(x) (the first one also Σ_m dS when DSUM: a bottleneck adapter's down bias), the
-    rest reduce the dB partials in a fixed order."""
+    rest reduce the P dB partials in a fixed order."""
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rr < R
     num_k = tl.cdiv(K, BLOCK_K) if COMPUTE_DA else 0
@@ -220,14 +266,18 @@ def _da_tile(
         # dA[r, k] = Σ_m dS[m, r] · drop(x)[m, k] / (1-p)
         rk = pid * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = rk < K
+        rk64 = rk.to(tl.int64)
         rm0 = tl.arange(0, BLOCK_M)
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
         dsum = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for m0 in range(0, M, BLOCK_M):
             rm = m0 + rm0
             m_ok = rm < M
-            dst = tl.load(ds_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-            xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+            rm64 = rm.to(tl.int64)
+            dst = tl.load(ds_ptr + rm64[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            xt = tl.load(x_ptr + rm64[:, None] * stride_xm + rk64[None, :] * stride_xk,
                          mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if HAS_DROPOUT:
                 xt = tl.where(dropout_keep(seed, rm[:, None], rk[None, :], K, p), xt, 0.0)
@@ -240,30 +290,33 @@ def _da_tile(
         if DSUM:
             if pid == 0:
                 tl.store(dsum_ptr + rr, dsum.to(dsum_ptr.dtype.element_ty), mask=r_ok)
-        tl.store(da_ptr + rr[:, None] * stride_dar + rk[None, :] * stride_dak, acc.to(da_ptr.dtype.element_ty),
-                 mask=r_ok[:, None] & k_ok[None, :])
+        tl.store(da_ptr + rr.to(tl.int64)[:, None] * stride_dar + rk64[None, :] * stride_dak,
+                 acc.to(da_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
     else:
-        # dB: fixed-order sum of the per-M-block partials (deterministic, no atomics)
+        # dB: fixed-order sum of the P per-program partials (deterministic, no atomics)
         rn = (pid - num_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn64 = rn.to(tl.int64)
         msk = (rn[:, None] < N) & r_ok[None, :]
         db_acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-        for i in range(0, P):
-            db_acc += tl.load(dbp_ptr + (i * N + rn[:, None]) * R + rr[None, :], mask=msk, other=0.0)
-        tl.store(db_ptr + rn[:, None] * stride_dbn + rr[None, :] * stride_dbr, db_acc.to(db_ptr.dtype.element_ty),
-                 mask=msk)
+        ptrs = dbp_ptr + rn64[:, None] * R + rr[None, :]
+        for _ in range(0, P):
+            db_acc += tl.load(ptrs, mask=msk, other=0.0)
+            ptrs += part_stride  # N·R, a launch argument (typed i64 by the JIT when ≥ 2³¹): 64-bit pointer steps
+        tl.store(db_ptr + rn64[:, None] * stride_dbn + rr.to(tl.int64)[None, :] * stride_dbr,
+                 db_acc.to(db_ptr.dtype.element_ty), mask=msk)
 
 
 @triton.jit
 def _bwd_da_kernel(
-    ds_ptr, x_ptr, da_ptr, dbp_ptr, db_ptr, dsum_ptr, M, N, K, R, P,
+    ds_ptr, x_ptr, da_ptr, dbp_ptr, db_ptr, dsum_ptr, seed_ptr, M, N, K, R, P, part_stride,
     stride_xm, stride_xk, stride_dar, stride_dak, stride_dbn, stride_dbr,
-    seed, p, keep_scale,
+    p, keep_scale,
     HAS_DROPOUT: tl.constexpr, COMPUTE_DA: tl.constexpr, DSUM: tl.constexpr, UPCAST: tl.constexpr,
     F32_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    _da_tile(tl.program_id(0), tl.program_id(1), ds_ptr, x_ptr, da_ptr, dbp_ptr, db_ptr, dsum_ptr, M, N, K, R, P,
-             stride_xm, stride_xk, stride_dar, stride_dak, stride_dbn, stride_dbr, seed, p, keep_scale,
+    _da_tile(tl.program_id(0), tl.program_id(1), ds_ptr, x_ptr, da_ptr, dbp_ptr, db_ptr, dsum_ptr, seed_ptr,
+             M, N, K, R, P, part_stride, stride_xm, stride_xk, stride_dar, stride_dak, stride_dbn, stride_dbr, p, keep_scale,
              HAS_DROPOUT, COMPUTE_DA, DSUM, UPCAST, F32_PREC, BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_N)
 
 
@@ -284,9 +337,15 @@ def block_r(R: int, cap: int = 128) -> int:
     return min(next_pow2(R), cap)
 
 
-def configs(dtype: torch.dtype, R: int, aligned: bool = True, interpreted: bool = INTERPRETED) -> dict:
-    """The launch config of every kernel for inputs of ``dtype``, rank ``R``, and whether all sizes
-    and strides are 16-byte aligned (vectorized loads need fewer registers).
+def configs(dtype: torch.dtype, R: int, aligned: bool = True, interpreted: bool = INTERPRETED,
+            adapter_dtype: Optional[torch.dtype] = None) -> dict:
+    """The launch config of every kernel for inputs of ``dtype``, adapters of ``adapter_dtype`` (default:
+    ``dtype``), rank ``R``, and whether all sizes and strides are 16-byte aligned (vectorized loads need
+    fewer registers).
+
+    fp32 adapters on a 16-bit base are their own case: the base GEMMs keep the 16-bit tiles, while the
+    kernels whose dots are all LoRA dots (shrink, dY, dA) and the low-rank tile inside the GEMMs take the
+    fp32 shapes (their operands are fp32 there).
 
     Chosen by rule, not by a per-GPU table. The AOT test compiles every combination for sm_80 and
     sm_90 and requires 0 spills. Under the interpreter small tiles keep tests multi-block and fast.
@@ -296,23 +355,31 @@ def configs(dtype: torch.dtype, R: int, aligned: bool = True, interpreted: bool 
         g = Config(32, 32, 32)
         return {"shrink": g, "gemm": g, "dy": g, "dx": g, "da": g, "block_r": br, "gemm_block_r": min(br, 64)}
     f32 = dtype == torch.float32
+    lf32 = (adapter_dtype or dtype) == torch.float32  # the LoRA dots' operands are fp32
+    mixed = lf32 and not f32  # fp32 adapters on a 16-bit base: 3×TF32 LoRA dots (three MMAs and split operands)
     small_r = br <= 32
-    if f32:  # fp32 operands take twice the registers of 16-bit ones
-        gemm = Config(64, 64, 32, num_warps=8, num_stages=3) if aligned else Config(64, 64, 16, num_warps=8, num_stages=2)
+    if f32:  # fp32 operands take twice the registers of 16-bit ones; a 16-deep K step is the one 64×64 choice
+        # whose every variant (DoRA epilogue included) compiles without spills on triton 3.6, 3.7 and 3.8's ptxas
+        gemm = Config(64, 64, 16, num_warps=8, num_stages=3) if aligned else Config(64, 64, 16, num_warps=8, num_stages=2)
     elif aligned:
         gemm = Config(128, 128, 64, num_warps=8, num_stages=3)
     else:
         gemm = Config(64, 128, 64, num_warps=8, num_stages=3)
+    if not lf32:
+        dy = Config(64, 64, num_warps=4) if small_r else Config(32, 32, num_warps=8)
+    elif mixed:
+        dy = Config(64, 64, num_warps=8) if small_r else Config(32, 16 if br > 64 else 32, num_warps=8)
+    else:  # fp32: the in-place dB partial adds a tile of live registers
+        dy = Config(64, 64, num_warps=4) if small_r else Config(16 if br > 64 else 32, 16, num_warps=8)
     return {
-        "shrink": Config(64 if small_r else 32, 0, (16 if br > 64 else 32) if f32 else 64,
-                         num_warps=4 if small_r else 8, num_stages=2 if f32 and br > 64 else 3),
+        "shrink": Config(64 if small_r else 32, 0, (16 if br > 64 else 32) if lf32 else 64,
+                         num_warps=4 if small_r else 8, num_stages=2 if lf32 and br > 64 else 3),
         "gemm": gemm,
-        "dy": Config(64 if small_r else 32, 64 if small_r else (16 if f32 and br > 64 else 32), 0,
-                     num_warps=4 if small_r else 8, num_stages=2),
+        "dy": dy,
         "dx": gemm,
         "da": Config(32, 64, 64 if small_r else 32, num_warps=8, num_stages=2),
         "block_r": br,
-        "gemm_block_r": min(br, 32 if f32 else 64),
+        "gemm_block_r": min(br, 16 if f32 else (32 if lf32 else 64)),
     }
 
 
@@ -333,24 +400,47 @@ def _aligned(*tensors) -> bool:
 # launchers (2-D inputs; the autograd Function in ops/lora.py reshapes and validates)
 # --------------------------------------------------------------------------------------------
 def _flags(x: torch.Tensor, A: torch.Tensor) -> dict:
-    return {"UPCAST": upcast_needed(x.dtype, A.dtype), "F32_PREC": f32_precision()}
+    """UPCAST (interpreter bf16), F32_PREC (the kernels' fp32 dots: the base GEMM's when x is fp32, the LoRA
+    dots' otherwise) and LORA_PREC (the low-rank tile inside the base GEMM kernels)."""
+    base = f32_precision()
+    lora = f32_precision(A.dtype, x.dtype)
+    # The low-rank tile inside a 16-bit GEMM feeds a 16-bit output (y, dX): TF32 products (relative error
+    # 2⁻¹¹ of the LoRA term) are far below that output's rounding (2⁻⁸ bf16, 2⁻¹¹ fp16, of the whole value),
+    # so they need not pay 3×TF32's three MMAs and register-hungry split operands there.
+    tile = "tf32" if lora == "tf32x3" else lora
+    return {"UPCAST": upcast_needed(x.dtype, A.dtype), "F32_PREC": base if x.dtype == torch.float32 else lora,
+            "LORA_PREC": tile}
 
 
-def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed: int, col_scale=None, store_z: bool = False):
+def _only(fl: dict, *names) -> dict:
+    return {k: v for k, v in fl.items() if k in names}
+
+
+def dy_programs(device: torch.device, M: int, block_m: int, r_chunks: int) -> int:
+    """Row programs of the dY launch, hence dB partials: enough to fill the machine (program_budget over the
+    rank chunks), never more than there are row blocks (0 for an empty batch: nothing to launch, and the
+    dB reduction over no partials is 0). The partial buffer is this × N × R fp32."""
+    return min(triton.cdiv(M, block_m), max(1, program_budget(device) // r_chunks))
+
+
+def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed, col_scale=None, store_z: bool = False):
     """Returns (y [M, N] in x.dtype, S [M, R] fp32 with the 1/(1-p) scale folded in), plus z when
-    ``store_z``. ``col_scale`` [N] fp32 (DoRA): y = col_scale ⊙ (x·Wᵀ + s·S·Bᵀ) + b in the GEMM epilogue,
+    ``store_z``. ``seed``: the int64 [1] device tensor from ``_common.draw_seed`` (read only when p > 0).
+    ``col_scale`` [N] fp32 (DoRA): y = col_scale ⊙ (x·Wᵀ + s·S·Bᵀ) + b in the GEMM epilogue,
     z = x·Wᵀ + s·S·Bᵀ (x's dtype)."""
     M, K = x.shape
     N, R = weight.shape[0], A.shape[0]
-    cfg = configs(x.dtype, R, _aligned(x, weight, A, B))
+    check_dims(M=M, K=K, N=N, r=R)
+    cfg = configs(x.dtype, R, _aligned(x, weight, A, B), adapter_dtype=A.dtype)
     fl = _flags(x, A)
     keep_scale = 1.0 / (1.0 - p)
     S = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    seed_t = seed if p > 0 else S  # never read without dropout
     c, br = cfg["shrink"], cfg["block_r"]
     _shrink_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(R, br))](
-        x, A, S, M, K, R, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
-        seed, p, keep_scale, HAS_DROPOUT=p > 0, BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_R=br,
-        num_warps=c.num_warps, num_stages=c.num_stages, **fl)
+        x, A, S, seed_t, M, K, R, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
+        p, keep_scale, HAS_DROPOUT=p > 0, BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_R=br,
+        num_warps=c.num_warps, num_stages=c.num_stages, **_only(fl, "UPCAST", "F32_PREC"))
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     c = cfg["gemm"]
     z = torch.empty_like(y) if store_z else None
@@ -364,33 +454,37 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed: int, col
     return (y, S, z) if store_z else (y, S)
 
 
-def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed: int,
+def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed,
                   need_dx: bool, need_da: bool, need_db: bool):
-    """Returns (dx or None, dA or None, dB or None). ``S`` is the fp32 tensor from forward."""
+    """Returns (dx or None, dA or None, dB or None). ``S`` is the fp32 tensor from forward, ``seed`` forward's."""
     M, K = x.shape
     N, R = weight.shape[0], A.shape[0]
-    cfg = configs(x.dtype, R, _aligned(x, weight, A, B, dy))
+    check_dims(M=M, K=K, N=N, r=R)
+    cfg = configs(x.dtype, R, _aligned(x, weight, A, B, dy), adapter_dtype=A.dtype)
     fl = _flags(x, A)
+    lora_fl = _only(fl, "UPCAST", "F32_PREC")
     keep_scale = 1.0 / (1.0 - p)
     br = cfg["block_r"]
-    # 1. dS (fp32) and dB partials, reading dY once
+    # 1. dS (fp32) and the dB partials, reading dY once
     c = cfg["dy"]
-    P = triton.cdiv(M, c.block_m)
+    r_chunks = triton.cdiv(R, br)
+    P = dy_programs(x.device, M, c.block_m, r_chunks)
     dS = torch.empty((M, R), dtype=torch.float32, device=x.device)
     dbp = torch.empty((P, N, R), dtype=torch.float32, device=x.device) if need_db else dS
-    _bwd_dy_kernel[(P, triton.cdiv(R, br))](
+    seed_t = seed if p > 0 else dS
+    _bwd_dy_kernel[(P, r_chunks)](
         dy, B, S, dS, dbp, dS, M, N, R, dy.stride(0), dy.stride(1), B.stride(0), B.stride(1), scaling,
         COMPUTE_DB=need_db, COLSUM=False, ACT=ACT_NONE, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=br,
-        num_warps=c.num_warps, num_stages=c.num_stages, **fl)
+        num_warps=c.num_warps, num_stages=c.num_stages, **lora_fl)
     dx = None
     if need_dx:
         # 2. dX = dY·W + mask ⊙ (dS·A)/(1-p)
         c = cfg["dx"]
         dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
         _bwd_dx_kernel[(triton.cdiv(M, c.block_m) * triton.cdiv(K, c.block_n),)](
-            dy, weight, dS, A, x, dx, M, N, K, R,
+            dy, weight, dS, A, x, dx, seed_t, M, N, K, R,
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), A.stride(0), A.stride(1),
-            dx.stride(0), dx.stride(1), seed, p, keep_scale,
+            dx.stride(0), dx.stride(1), p, keep_scale,
             HAS_DROPOUT=p > 0, BLOCK_M=c.block_m, BLOCK_K=c.block_n, BLOCK_N=c.block_k,
             BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages, **fl)
     dA = dB = None
@@ -403,10 +497,10 @@ def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed: int,
         num_n = triton.cdiv(N, c.block_n) if need_db else 0
         da_t = dA if dA is not None else A
         db_t = dB if dB is not None else B
-        _bwd_da_kernel[(num_k + num_n, triton.cdiv(R, br))](
-            dS, x, da_t, dbp, db_t, dS, M, N, K, R, P,
+        _bwd_da_kernel[(num_k + num_n, r_chunks)](
+            dS, x, da_t, dbp, db_t, dS, seed_t, M, N, K, R, P, N * R,
             x.stride(0), x.stride(1), da_t.stride(0), da_t.stride(1), db_t.stride(0), db_t.stride(1),
-            seed, p, keep_scale, HAS_DROPOUT=p > 0, COMPUTE_DA=need_da, DSUM=False,
+            p, keep_scale, HAS_DROPOUT=p > 0, COMPUTE_DA=need_da, DSUM=False,
             BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_R=br, BLOCK_N=c.block_n,
-            num_warps=c.num_warps, num_stages=c.num_stages, **fl)
+            num_warps=c.num_warps, num_stages=c.num_stages, **lora_fl)
     return dx, dA, dB

@@ -16,8 +16,11 @@ Backward's dA and dB come from ``_seg_outer_kernel``: per (segment, tile) a fixe
 over the segment's tokens, so each slot's gradient is deterministic and only from its own tokens.
 
 Work follows each adapter's true rank: rank blocks at or past ``ranks[slot]`` exit at once and
-loops over rank stop at it, so no padding is read. Per-adapter scaling is applied in the kernels.
-Tokens with id -1 are not in ``perm``: no program touches their rows.
+loops over rank stop at it, so no padding is read. A rank is clamped to [0, R] in the kernel (as the
+CUDA kernels do), so a ``ranks`` buffer holding a value past R never reads or writes past row R of a slot,
+whatever the caller checked. Per-adapter scaling is applied in the kernels.
+Tokens with id -1 are not in ``perm``: no program touches their rows. Addresses are 64-bit (token rows,
+slots and positions are widened before they meet a stride).
 """
 from __future__ import annotations
 
@@ -27,23 +30,29 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, f32_precision, mma, next_pow2, upcast_needed
+from ._common import INTERPRETED, check_dims, f32_precision, mma, next_pow2, upcast_needed
 
 
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _segment_rows(seg_slots_ptr, seg_starts_ptr, ranks_ptr, perm_ptr, BLOCK_M: tl.constexpr):
-    """For program (segment g, row block): its slot, the slot's true rank, the block's sorted
-    positions, which of them lie in the segment, and the tokens they are (int64 row indices)."""
+def _rank_of(ranks_ptr, slot, R):
+    """The slot's true rank, clamped to [0, R]: never a read or write past row R of a slot."""
+    return tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
+
+
+@triton.jit
+def _segment_rows(seg_slots_ptr, seg_starts_ptr, ranks_ptr, perm_ptr, R, BLOCK_M: tl.constexpr):
+    """For program (segment g, row block): its slot, the slot's true rank (clamped), the block's sorted
+    positions (int64), which of them lie in the segment, and the tokens they are (int64 row indices)."""
     g = tl.program_id(0)
     slot = tl.load(seg_slots_ptr + g)
     end = tl.load(seg_starts_ptr + g + 1)
     pos = tl.load(seg_starts_ptr + g) + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     p_ok = pos < end
     tok = tl.load(perm_ptr + pos, mask=p_ok, other=0).to(tl.int64)
-    return slot, tl.load(ranks_ptr + slot), pos, p_ok, tok
+    return slot, _rank_of(ranks_ptr, slot, R), pos.to(tl.int64), p_ok, tok
 
 
 @triton.jit
@@ -53,7 +62,7 @@ def _sgmv_shrink_kernel(
     HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    slot, rank, pos, p_ok, tok = _segment_rows(seg_slots_ptr, seg_starts_ptr, ranks_ptr, perm_ptr, BLOCK_M)
+    slot, rank, pos, p_ok, tok = _segment_rows(seg_slots_ptr, seg_starts_ptr, ranks_ptr, perm_ptr, R, BLOCK_M)
     r0 = tl.program_id(2) * BLOCK_R
     if (tl.max(p_ok.to(tl.int32), 0) > 0) & (r0 < rank):
         rr = r0 + tl.arange(0, BLOCK_R)
@@ -64,9 +73,10 @@ def _sgmv_shrink_kernel(
         for k0 in range(0, KD, BLOCK_K):
             rk = k0 + rk0
             k_ok = rk < KD
-            xt = tl.load(in_ptr + tok[:, None] * stride_it + rk[None, :] * stride_ik,
+            rk64 = rk.to(tl.int64)
+            xt = tl.load(in_ptr + tok[:, None] * stride_it + rk64[None, :] * stride_ik,
                          mask=p_ok[:, None] & k_ok[None, :], other=0.0)
-            wt = tl.load(w_base + rr[None, :] * stride_wr + rk[:, None] * stride_wk,
+            wt = tl.load(w_base + rr.to(tl.int64)[None, :] * stride_wr + rk64[:, None] * stride_wk,
                          mask=r_ok[None, :] & k_ok[:, None], other=0.0)
             acc = mma(xt.to(wt.dtype), wt, acc, UPCAST, F32_PREC)
         if HAS_SCALE:
@@ -81,10 +91,11 @@ def _sgmv_expand_kernel(
     HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    slot, rank, pos, p_ok, tok = _segment_rows(seg_slots_ptr, seg_starts_ptr, ranks_ptr, perm_ptr, BLOCK_M)
+    slot, rank, pos, p_ok, tok = _segment_rows(seg_slots_ptr, seg_starts_ptr, ranks_ptr, perm_ptr, R, BLOCK_M)
     if (tl.max(p_ok.to(tl.int32), 0) > 0) & (rank > 0):
         rn = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < ND
+        rn64 = rn.to(tl.int64)
         w_base = w_ptr + slot.to(tl.int64) * stride_ws
         rr0 = tl.arange(0, BLOCK_R)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -92,12 +103,12 @@ def _sgmv_expand_kernel(
             rr = r0 + rr0
             r_ok = rr < rank
             st = tl.load(buf_ptr + pos[:, None] * R + rr[None, :], mask=p_ok[:, None] & r_ok[None, :], other=0.0)
-            wt = tl.load(w_base + rr[:, None] * stride_wr + rn[None, :] * stride_wn,
+            wt = tl.load(w_base + rr.to(tl.int64)[:, None] * stride_wr + rn64[None, :] * stride_wn,
                          mask=r_ok[:, None] & n_ok[None, :], other=0.0)
             acc = mma(st.to(wt.dtype), wt, acc, UPCAST, F32_PREC)
         if HAS_SCALE:
             acc = acc * tl.load(scal_ptr + slot)
-        optr = out_ptr + tok[:, None] * stride_ot + rn[None, :] * stride_on
+        optr = out_ptr + tok[:, None] * stride_ot + rn64[None, :] * stride_on
         msk = p_ok[:, None] & n_ok[None, :]
         o = tl.load(optr, mask=msk, other=0.0)
         tl.store(optr, (o.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=msk)
@@ -111,7 +122,7 @@ def _bgmv_shrink_kernel(
 ):
     pos = tl.program_id(0)
     slot = tl.load(pos_slots_ptr + pos)
-    rank = tl.load(ranks_ptr + slot)
+    rank = _rank_of(ranks_ptr, slot, R)
     r0 = tl.program_id(1) * BLOCK_R
     if r0 < rank:
         tok = tl.load(perm_ptr + pos).to(tl.int64)
@@ -123,14 +134,15 @@ def _bgmv_shrink_kernel(
         for k0 in range(0, KD, BLOCK_K):
             rk = k0 + rk0
             k_ok = rk < KD
-            xt = tl.load(in_ptr + tok * stride_it + rk * stride_ik, mask=k_ok, other=0.0)
-            wt = tl.load(w_base + rr[:, None] * stride_wr + rk[None, :] * stride_wk,
+            rk64 = rk.to(tl.int64)
+            xt = tl.load(in_ptr + tok * stride_it + rk64 * stride_ik, mask=k_ok, other=0.0)
+            wt = tl.load(w_base + rr.to(tl.int64)[:, None] * stride_wr + rk64[None, :] * stride_wk,
                          mask=r_ok[:, None] & k_ok[None, :], other=0.0)
             # products of the operands in W's dtype, summed in fp32 (what an fp32-accumulating dot does)
             acc += tl.sum(wt.to(tl.float32) * xt.to(wt.dtype).to(tl.float32)[None, :], axis=1)
         if HAS_SCALE:
             acc = acc * tl.load(scal_ptr + slot)
-        tl.store(out_ptr + pos * R + rr, acc, mask=r_ok)
+        tl.store(out_ptr + pos.to(tl.int64) * R + rr, acc, mask=r_ok)
 
 
 @triton.jit
@@ -141,24 +153,25 @@ def _bgmv_expand_kernel(
 ):
     pos = tl.program_id(0)
     slot = tl.load(pos_slots_ptr + pos)
-    rank = tl.load(ranks_ptr + slot)
+    rank = _rank_of(ranks_ptr, slot, R)
     if rank > 0:
         tok = tl.load(perm_ptr + pos).to(tl.int64)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < ND
+        rn64 = rn.to(tl.int64)
         w_base = w_ptr + slot.to(tl.int64) * stride_ws
         rr0 = tl.arange(0, BLOCK_R)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):
             rr = r0 + rr0
             r_ok = rr < rank
-            st = tl.load(buf_ptr + pos * R + rr, mask=r_ok, other=0.0)
-            wt = tl.load(w_base + rn[:, None] * stride_wn + rr[None, :] * stride_wr,
+            st = tl.load(buf_ptr + pos.to(tl.int64) * R + rr, mask=r_ok, other=0.0)
+            wt = tl.load(w_base + rn64[:, None] * stride_wn + rr.to(tl.int64)[None, :] * stride_wr,
                          mask=n_ok[:, None] & r_ok[None, :], other=0.0)
             acc += tl.sum(wt.to(tl.float32) * st.to(wt.dtype).to(tl.float32)[None, :], axis=1)
         if HAS_SCALE:
             acc = acc * tl.load(scal_ptr + slot)
-        optr = out_ptr + tok * stride_ot + rn * stride_on
+        optr = (out_ptr + tok * stride_ot) + rn64 * stride_on  # the token's row (scalar), then its columns
         o = tl.load(optr, mask=n_ok, other=0.0)
         tl.store(optr, (o.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -166,7 +179,7 @@ def _bgmv_expand_kernel(
 @triton.jit
 def _seg_outer_kernel(
     p_ptr, q_ptr, out_ptr, scal_ptr, perm_ptr, seg_slots_ptr, seg_starts_ptr, ranks_ptr,
-    I, J, stride_pt, stride_pi, stride_qt, stride_qj, stride_os, stride_oi, stride_oj,
+    I, J, R, stride_pt, stride_pi, stride_qt, stride_qj, stride_os, stride_oi, stride_oj,
     P_GATHER: tl.constexpr, Q_GATHER: tl.constexpr, RANK_ON_I: tl.constexpr, HAS_SCALE: tl.constexpr,
     UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
@@ -178,7 +191,7 @@ def _seg_outer_kernel(
     slot = tl.load(seg_slots_ptr + g)
     start = tl.load(seg_starts_ptr + g)
     end = tl.load(seg_starts_ptr + g + 1)
-    rank = tl.load(ranks_ptr + slot)
+    rank = _rank_of(ranks_ptr, slot, R)
     ri = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     rj = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
     if RANK_ON_I:
@@ -204,15 +217,16 @@ def _seg_outer_kernel(
                 qrow = tok
             else:
                 qrow = pos.to(tl.int64)
-            pt = tl.load(p_ptr + prow[:, None] * stride_pt + ri[None, :] * stride_pi,
+            pt = tl.load(p_ptr + prow[:, None] * stride_pt + ri.to(tl.int64)[None, :] * stride_pi,
                          mask=p_ok[:, None] & i_ok[None, :], other=0.0)
-            qt = tl.load(q_ptr + qrow[:, None] * stride_qt + rj[None, :] * stride_qj,
+            qt = tl.load(q_ptr + qrow[:, None] * stride_qt + rj.to(tl.int64)[None, :] * stride_qj,
                          mask=p_ok[:, None] & j_ok[None, :], other=0.0)
             cd = out_ptr.dtype.element_ty
             acc = mma(tl.trans(pt.to(cd)), qt.to(cd), acc, UPCAST, F32_PREC)
         if HAS_SCALE:
             acc = acc * tl.load(scal_ptr + slot)
-        tl.store(out_ptr + slot.to(tl.int64) * stride_os + ri[:, None] * stride_oi + rj[None, :] * stride_oj,
+        tl.store(out_ptr + slot.to(tl.int64) * stride_os + ri.to(tl.int64)[:, None] * stride_oi
+                 + rj.to(tl.int64)[None, :] * stride_oj,
                  acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & j_ok[None, :])
 
 
@@ -245,15 +259,17 @@ def configs(dtype: torch.dtype, R: int, interpreted: bool = INTERPRETED) -> dict
     br32 = min(br, 32) if f32 else br  # fp32 tiles take twice the registers: cap the rank tile
     return {
         "sgmv_shrink": Tile(m=32, k=32 if f32 else 64, r=br, num_warps=4, num_stages=3),
-        "sgmv_expand": Tile(m=32, n=64 if f32 or br > 32 else 128, r=br32, num_warps=4, num_stages=2),
+        "sgmv_expand": Tile(m=32, n=64 if f32 or br > 32 else 128, r=br32, num_warps=8 if f32 else 4, num_stages=2),
         "bgmv_shrink": Tile(k=256 if br <= 16 else (128 if br <= 32 else 64), r=br, num_warps=4, num_stages=2),
-        "bgmv_expand": Tile(n=64 if br > 32 else 128, r=br, num_warps=4, num_stages=2),
+        "bgmv_expand": Tile(n=64 if br > 32 else 128, r=br, num_warps=8, num_stages=2),
         "outer": Tile(m=32, k=32 if f32 else 64, r=br32, num_warps=4, num_stages=2),
     }
 
 
-def _flags(*dtypes) -> dict:
-    return {"UPCAST": upcast_needed(*dtypes), "F32_PREC": f32_precision()}
+def _flags(base_dtype, adapter_dtype, *dtypes) -> dict:
+    """Every dot here is a LoRA dot: its fp32 precision is the adapter's (``_common.f32_precision``)."""
+    return {"UPCAST": upcast_needed(base_dtype, adapter_dtype, *dtypes),
+            "F32_PREC": f32_precision(adapter_dtype, base_dtype)}
 
 
 def _shrink(path, cfg, inp, w, wstrides, out, scal, m, ranks, has_scale):
@@ -298,11 +314,11 @@ def _outer(cfg, P, p_gather, Q, q_gather, out, scal, m, ranks, rank_on_i, has_sc
     I, J = out.shape[1], out.shape[2]
     bi, bj = (c.r, c.k) if rank_on_i else (c.k, c.r)
     _seg_outer_kernel[(m.num_segments, triton.cdiv(I, bi), triton.cdiv(J, bj))](
-        P, Q, out, scal, m.perm, m.seg_slots, m.seg_starts, ranks, I, J,
+        P, Q, out, scal, m.perm, m.seg_slots, m.seg_starts, ranks, I, J, I if rank_on_i else J,
         P.stride(0), P.stride(1), Q.stride(0), Q.stride(1), out.stride(0), out.stride(1), out.stride(2),
         P_GATHER=p_gather, Q_GATHER=q_gather, RANK_ON_I=rank_on_i, HAS_SCALE=has_scale,
         BLOCK_M=c.m, BLOCK_I=bi, BLOCK_J=bj, num_warps=c.num_warps, num_stages=c.num_stages,
-        **_flags(P.dtype, Q.dtype, out.dtype))
+        **_flags(Q.dtype if P.dtype == torch.float32 else P.dtype, out.dtype, P.dtype, Q.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,7 +338,8 @@ def multi_lora_forward(y, x, A, B, m, scal, ranks, path: str):
     S = torch.zeros((m.num_active, R), dtype=torch.float32, device=x.device)
     if m.num_active == 0:
         return y, S
-    cfg = configs(x.dtype, R)
+    check_dims(T=x.shape[0], K=x.shape[1], N=y.shape[1], max_rank=R, slots=A.shape[0])
+    cfg = configs(A.dtype, R)  # the dots' operands are in the adapter dtype (fp32 slot stacks: fp32 tiles)
     _shrink(path, cfg, x, A, (A.stride(0), A.stride(1), A.stride(2)), S, scal, m, ranks, False)
     _expand(path, cfg, S, B, (B.stride(0), B.stride(1), B.stride(2)), y, scal, m, ranks, True)
     return y, S
@@ -335,7 +352,8 @@ def multi_lora_backward(dy, x, dx, A, B, S, m, scal, ranks, path: str, need_da: 
     if m.num_active == 0:
         return dA, dB
     R = A.shape[1]
-    cfg = configs(x.dtype, R)
+    check_dims(T=x.shape[0], K=x.shape[1], N=dy.shape[1], max_rank=R, slots=A.shape[0])
+    cfg = configs(A.dtype, R)
     if dx is not None or need_da:
         dS = torch.zeros((m.num_active, R), dtype=torch.float32, device=x.device)
         _shrink(path, cfg, dy, B, _b_as_rank_major(B), dS, scal, m, ranks, True)       # dS = s·dY·B

@@ -19,15 +19,23 @@ class AdapterIds:
     """The adapter ids of one batch, shared by every MultiLoRALinear in a model.
 
     The token grouping (:class:`AdapterMapping`) is built by the first layer that needs it and
-    reused by every later layer with the same token count and slot count (and by backward).
+    reused by every later layer with the same token count and slot count (and by backward): one host
+    sync per batch. Given a prebuilt :class:`AdapterMapping` instead of ids, no layer builds anything
+    (no host sync at all: what a CUDA-graph capture needs).
     """
 
-    def __init__(self, ids: torch.Tensor, check_ids: bool = True):
-        if not isinstance(ids, torch.Tensor):
-            raise TypeError(f"adapter ids must be a torch.Tensor of int32/int64, got {type(ids).__name__}")
-        if ids.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"adapter ids must be int32 or int64, got {ids.dtype}")
-        self.ids = ids
+    def __init__(self, ids, check_ids: bool = True):
+        if isinstance(ids, AdapterMapping):
+            self.ids = None
+            self.prebuilt = ids
+        else:
+            if not isinstance(ids, torch.Tensor):
+                raise TypeError(f"adapter ids must be a torch.Tensor of int32/int64 or an AdapterMapping, got "
+                                f"{type(ids).__name__}")
+            if ids.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"adapter ids must be int32 or int64, got {ids.dtype}")
+            self.ids = ids
+            self.prebuilt = None
         self.check_ids = bool(check_ids)
         self._cache: Dict[Tuple, AdapterMapping] = {}
 
@@ -37,6 +45,8 @@ class AdapterIds:
         return len(self._cache)
 
     def mapping(self, x_shape, num_slots: int, device) -> AdapterMapping:
+        if self.prebuilt is not None:
+            return self.prebuilt  # the op checks its token count, slot count and device against the layer
         key = (tuple(x_shape[:-1]), num_slots, torch.device(device))
         m = self._cache.get(key)
         if m is None:
@@ -47,13 +57,17 @@ class AdapterIds:
 
 
 @contextlib.contextmanager
-def adapter_ids(model: nn.Module, ids: torch.Tensor, *, check_ids: bool = True):
+def adapter_ids(model: nn.Module, ids, *, check_ids: bool = True):
     """Within the block, every MultiLoRALinear in ``model`` uses ``ids`` (one per token, or one per
     batch row for ``[B, L, K]`` inputs; -1 = base only). The grouping of tokens by adapter is built
     once and shared by all layers.
 
         with peft_kernels.adapter_ids(model, torch.tensor([0, 3, -1, 3])):
             logits = model(input_ids)
+
+    ``ids`` may also be an :class:`AdapterMapping` built beforehand with :func:`build_mapping` (for the
+    model's flattened token count): then the layers make no host sync at all, so the block can be
+    captured in a CUDA graph (README: "CUDA graphs").
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -176,6 +190,25 @@ class MultiLoRALinear(nn.Module):
         r = int(self.ranks[slot])
         return self.lora_A[slot, :r], self.lora_B[slot, :, :r], float(self.scalings[slot])
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A checkpoint's ``ranks`` must lie in [0, max_rank] and its ``scalings`` be finite: the ops trust
+        the module's ranks (they are checked when written, never per call)."""
+        bad = []
+        rk = state_dict.get(prefix + "ranks")
+        if isinstance(rk, torch.Tensor) and rk.numel():
+            lo, hi = int(rk.min()), int(rk.max())
+            if lo < 0 or hi > self.max_rank:
+                bad.append(f"{prefix}ranks must be in [0, max_rank={self.max_rank}], got min {lo}, max {hi}")
+        sc = state_dict.get(prefix + "scalings")
+        if isinstance(sc, torch.Tensor) and sc.is_floating_point() and not torch.isfinite(sc).all():
+            bad.append(f"{prefix}scalings must be finite")
+        if bad:  # reported by load_state_dict; this layer's tensors are left as they were
+            error_msgs.extend(bad)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     # ---------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, adapter_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if adapter_ids is None:
@@ -185,6 +218,9 @@ class MultiLoRALinear(nn.Module):
             if not isinstance(x, torch.Tensor) or x.dim() < 1:
                 raise TypeError(f"x must be a torch.Tensor with at least 1 dim, got {type(x).__name__}")
             if torch.compiler.is_compiling():  # a graph takes the ids, not the host-side grouping
+                if self._adapter_ids.ids is None:
+                    raise TypeError("under torch.compile, adapter_ids(model, ...) needs an id tensor, not a prebuilt "
+                                    "AdapterMapping (its host copies cannot be part of a graph)")
                 ids = self._adapter_ids.ids
             else:
                 ids = self._adapter_ids.mapping(x.shape, self.max_adapters, x.device)

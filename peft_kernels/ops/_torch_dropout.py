@@ -13,19 +13,32 @@ Two implementations that agree bit for bit (tested):
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 import torch
+
+Seed = Union[int, torch.Tensor]
 
 _M32 = 0xFFFFFFFF
 _TWO32 = 1 << 32
 
 
 class Keys(NamedTuple):
-    k0: int
-    k1: int
-    k2: int
+    k0: Union[int, torch.Tensor]
+    k1: Union[int, torch.Tensor]
+    k2: Union[int, torch.Tensor]
     thr: int
+
+
+def draw_seed(device) -> torch.Tensor:
+    """A fresh dropout seed: int64 ``[1]`` drawn by torch's generator of ``device``, on that device.
+
+    Every backend reads the seed from this tensor, never from a host int: the Triton kernels load it, so
+    it never changes a compiled variant (a seed divisible by 16 used to compile a second one), and under
+    CUDA-graph capture the draw is a captured, graph-safe RNG op, so every replay gets a fresh mask
+    (torch advances its generator's offset per replay). ``torch.manual_seed`` makes it reproducible.
+    """
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
 
 
 def _fmix32(h):
@@ -41,7 +54,17 @@ def threshold(p: float) -> int:
     return min(int(round(p * _TWO32)), _TWO32 - 1)
 
 
-def keys(seed: int, p: float) -> Keys:
+def keys(seed: Seed, p: float) -> Keys:
+    """The round keys of ``seed``: Python ints for an int or a CPU seed tensor (what the C++ kernels take),
+    int64 tensors on the seed's device otherwise (no host copy: graph-safe)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.device.type == "cpu":
+            seed = int(seed.reshape(-1)[0])
+        else:
+            s = seed.reshape(-1)[:1].to(torch.int64)  # seeds are < 2**62: non-negative
+            k0 = _fmix32((s & _M32) ^ 0x9E3779B9)
+            k1 = _fmix32((s >> 32) ^ k0 ^ 0x85EBCA77)
+            return Keys(k0, k1, _fmix32(k1 ^ 0xC2B2AE3D), threshold(p))
     s = int(seed) & ((1 << 64) - 1)
     k0 = _fmix32((s & _M32) ^ 0x9E3779B9)
     k1 = _fmix32((s >> 32) ^ k0 ^ 0x85EBCA77)
@@ -54,7 +77,7 @@ def keep_scale(p: float) -> float:
     return _TWO32 / (_TWO32 - threshold(p))
 
 
-def keep_mask(seed: int, shape, p: float, device, offset: int = 0) -> torch.Tensor:
+def keep_mask(seed: Seed, shape, p: float, device, offset: int = 0) -> torch.Tensor:
     """Bool keep-mask of ``shape`` (last dim = K) in plain torch ops, for element indices
     ``offset + flat index``."""
     k = keys(seed, p)
@@ -68,6 +91,6 @@ def keep_mask(seed: int, shape, p: float, device, offset: int = 0) -> torch.Tens
     return (h >= k.thr).view(tuple(shape))
 
 
-def dropout_mask(seed: int, shape, p: float, device) -> torch.Tensor:
+def dropout_mask(seed: Seed, shape, p: float, device) -> torch.Tensor:
     """The multiplicative mask (0 or keep_scale, fp32) that the torch backend applies for ``seed``."""
     return keep_mask(seed, shape, p, device).to(torch.float32) * keep_scale(p)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
+from . import _amp
 from ..reference import ACTIVATIONS, activation_ref
 from .lora import _FLOATS, _name_dtypes, _op_reason
 
@@ -260,7 +261,19 @@ def bottleneck_adapter(h: torch.Tensor, down_w: torch.Tensor, down_b: Optional[t
         scaling: a float, a learned scalar tensor, or a learned per-channel vector ``[H_out]``.
         activation: one of relu, gelu, gelu_tanh, silu/swish, tanh.
         backend: "auto", "torch" or "triton".
+
+    Under ``torch.autocast`` the adapter runs in the autocast dtype (its projections are linears) and the
+    residual is added in h's own dtype, as the unfused module would (a residual stream is not downcast).
     """
+    amp = _amp.autocast_dtype(h)
+    if amp is not None:
+        with _amp.disabled(h):
+            branch = bottleneck_adapter(*_amp.cast(amp, h, down_w, down_b, up_w, up_b, scaling), activation=activation,
+                                        residual=False, backend=backend)
+        if residual and up_w.shape[0] != h.shape[-1]:
+            raise ValueError(f"residual=True needs up_w's out features ({up_w.shape[0]}) == h's last dim "
+                             f"({h.shape[-1]})")
+        return h + branch if residual else branch
     validate_adapter(h, down_w, down_b, up_w, up_b, scaling, activation)
     if residual and up_w.shape[0] != h.shape[-1]:
         raise ValueError(f"residual=True needs up_w's out features ({up_w.shape[0]}) == h's last dim ({h.shape[-1]})")
@@ -364,7 +377,13 @@ def adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
     ``mode="sequential"``: ``y = x·Wᵀ + b; y + s·up(act(down(y)))`` (down ``[b, N]``, up ``[N, b]``).
     ``mode="parallel"``: ``x·Wᵀ + b + s·up(act(down(x)))`` (down ``[b, K]``, up ``[N, b]``).
+    Under ``torch.autocast`` every input is cast like ``F.linear``'s (the base output is then in that dtype).
     """
+    amp = _amp.autocast_dtype(x)
+    if amp is not None:
+        with _amp.disabled(x):
+            return adapter_linear(*_amp.cast(amp, x, weight, bias, down_w, down_b, up_w, up_b, scaling),
+                                  activation=activation, mode=mode, backend=backend)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     for nm, t in (("x", x), ("weight", weight)):

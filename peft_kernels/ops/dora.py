@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
+from . import _amp
 from .lora import _op_reason, finish_lora_backward, lora_linear, save_for_lora_backward, validate
 
 _WNORM_CACHE: dict = {}  # id(weight) -> (weakref(weight), key, row norms²); tensors cannot key a WeakKeyDictionary
@@ -65,7 +66,16 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 lora_B: torch.Tensor, scaling: float, magnitude: torch.Tensor, *, dropout_p: float = 0.0,
                 training: bool = False, backend: str = "auto", weight_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DoRA linear (see the module docstring); differentiable in x, A, B and ``magnitude`` [N].
-    ``weight_norm``: a precomputed (cached) :func:`dora_weight_norm`, else computed here."""
+    ``weight_norm``: a precomputed (cached) :func:`dora_weight_norm`, else computed here. Under
+    ``torch.autocast`` x, the base and the adapter are cast like ``F.linear``'s inputs; the magnitude and
+    the norm keep fp32."""
+    amp = _amp.autocast_dtype(x)
+    if amp is not None:
+        if weight_norm is None:  # from the weights as stored, as the module computes it
+            weight_norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
+        with _amp.disabled(x):
+            return dora_linear(*_amp.cast(amp, x, weight, bias, lora_A, lora_B), scaling, magnitude,
+                               dropout_p=dropout_p, training=training, backend=backend, weight_norm=weight_norm)
     validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     N = weight.shape[0]
     if not isinstance(magnitude, torch.Tensor) or tuple(magnitude.shape) != (N,):
@@ -98,7 +108,7 @@ class _DoRATriton(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         g = (magnitude.float() / weight_norm).contiguous()
         need_z = magnitude.requires_grad
-        out = K.lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, 0.0, 0, col_scale=g, store_z=need_z)
+        out = K.lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, 0.0, None, col_scale=g, store_z=need_z)
         y, S = out[0], out[1]
         ctx.z = out[2] if need_z else None
         ctx.g, ctx.norm, ctx.mag_dtype = g, weight_norm, magnitude.dtype
@@ -114,7 +124,7 @@ class _DoRATriton(torch.autograd.Function):
         dy2d = dy.reshape(-1, weight.shape[0])
         dz = (dy2d.float() * ctx.g).to(dy2d.dtype)  # the rescale's backward: one pass
         scaling = ctx.call  # save_for_lora_backward keeps the non-tensor argument (here: the scaling) as ctx.call
-        dx, dA, dB = K.lora_backward(dz, x2d, weight, A, B, S, scaling, 0.0, 0, need_x, need_a, need_b)
+        dx, dA, dB = K.lora_backward(dz, x2d, weight, A, B, S, scaling, 0.0, None, need_x, need_a, need_b)
         dm = None
         if need_m:
             dm = ((dy2d.float() * ctx.z.float()).sum(0) / ctx.norm).to(ctx.mag_dtype)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
+from . import _amp
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SUPPORTED = ("torch", "triton")
@@ -109,7 +110,12 @@ class _IA3Triton(torch.autograd.Function):
 def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_l: torch.Tensor, *,
                feedforward: bool = False, backend: str = "auto") -> torch.Tensor:
     """(IA)³ linear (see the module docstring). ``ia3_l``: [N] ([N, 1] as PEFT stores it) for output
-    scaling, [K] ([1, K]) for input scaling."""
+    scaling, [K] ([1, K]) for input scaling. Under ``torch.autocast`` x and the base are cast like
+    ``F.linear``'s inputs (the scaling vector keeps its dtype, as PEFT's ``ia3_l`` does)."""
+    amp = _amp.autocast_dtype(x)
+    if amp is not None:
+        with _amp.disabled(x):
+            return ia3_linear(*_amp.cast(amp, x, weight, bias), ia3_l, feedforward=feedforward, backend=backend)
     validate(x, weight, bias, ia3_l, feedforward)
     name = dispatch.resolve(backend, x.device, _op_reason(x), supported=SUPPORTED)
     if name == "triton" and x.numel() > 0:

@@ -4,7 +4,10 @@
 
 Saved-tensor policy (the one place it is written down): ``x`` as given (never a dropped copy),
 ``S = drop(x)·Aᵀ`` (M×r), the frozen ``weight`` and the LoRA parameters (parameters, not
-activations), and the dropout seed as a Python int. The mask is regenerated in backward.
+activations), and the dropout seed (an int64 [1] tensor on x's device, drawn by torch's generator). The
+mask is regenerated in backward.
+
+Under ``torch.autocast`` the inputs are cast like ``F.linear``'s (``ops/_amp.py``).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext, dispatch
-from . import _torch_dropout
+from . import _amp, _torch_dropout
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -103,7 +106,7 @@ def _use_ext(x: torch.Tensor, A: torch.Tensor, p: float) -> bool:
         and _ext.available()
 
 
-def _torch_forward(x, weight, bias, A, B, scaling: float, p: float, seed: int):
+def _torch_forward(x, weight, bias, A, B, scaling: float, p: float, seed):
     cdt = A.dtype
     if p > 0:
         if _use_ext(x, A, p):  # mask made, applied and consumed in one pass: never materialised
@@ -125,7 +128,7 @@ def _torch_forward(x, weight, bias, A, B, scaling: float, p: float, seed: int):
     return y, S
 
 
-def _torch_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed: int,
+def _torch_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed,
                     need_dx: bool, need_da: bool, need_db: bool):
     cdt = A.dtype
     dyc = dy.to(cdt) if dy.dtype != cdt else dy
@@ -177,7 +180,7 @@ class LoRACall:
 
     scaling: float
     dropout_p: float
-    seed: int
+    seed: Optional[torch.Tensor]  # int64 [1] on x's device (None without dropout)
     backend: str
 
 
@@ -225,9 +228,9 @@ class LoRALinearFunction(torch.autograd.Function):
         return finish_lora_backward(ctx, dy2d, x2d, dx, dA, dB)
 
 
-def _draw_seed() -> int:
-    # From torch's global CPU generator, so torch.manual_seed() makes dropout reproducible.
-    return int(torch.randint(0, 2 ** 62, (1,)).item())
+def _draw_seed(device="cpu") -> torch.Tensor:
+    """The dropout seed of one call: an int64 [1] tensor on ``device`` (``_torch_dropout.draw_seed``)."""
+    return _torch_dropout.draw_seed(device)
 
 
 def lora_linear(
@@ -253,6 +256,11 @@ def lora_linear(
         backend: "auto" | "torch" | "triton" (``PEFT_KERNELS_BACKEND`` overrides; see
             ``peft_kernels.dispatch.explain``).
     """
+    amp = _amp.autocast_dtype(x)
+    if amp is not None:  # like F.linear under autocast: every input in the autocast dtype
+        with _amp.disabled(x):
+            return lora_linear(*_amp.cast(amp, x, weight, bias, lora_A, lora_B), scaling, dropout_p=dropout_p,
+                               training=training, backend=backend)
     validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     name = dispatch.resolve(backend, x.device, _op_reason(x))
     p = float(dropout_p) if training else 0.0
@@ -263,12 +271,12 @@ def lora_linear(
         xd = F.dropout(x, p, True).to(lora_A.dtype)
         base = F.linear(x, weight, bias)
         return base + (F.linear(F.linear(xd, lora_A), lora_B) * scaling).to(base.dtype)
-    seed = _draw_seed() if p > 0 else 0
+    seed = _draw_seed(x.device) if p > 0 else None
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, LoRACall(float(scaling), p, seed, name))
 
 
-def dropout_mask(backend: str, seed: int, shape2d, p: float, device) -> torch.Tensor:
-    """The mask (0 or 1/(1-p) factors, fp32, [M, K]) that ``backend`` applies for ``seed``.
+def dropout_mask(backend: str, seed: torch.Tensor, shape2d, p: float, device) -> torch.Tensor:
+    """The mask (0 or 1/(1-p) factors, fp32, [M, K]) that ``backend`` applies for ``seed`` (from ``_draw_seed``).
 
     The reference takes it as ``dropout_mask`` so every backend is checked with dropout on.
     """
@@ -277,5 +285,5 @@ def dropout_mask(backend: str, seed: int, shape2d, p: float, device) -> torch.Te
     if backend == "triton":
         from ..kernels import _common
 
-        return _common.dropout_mask(tuple(shape2d), p, seed, device)
+        return _common.dropout_mask(tuple(shape2d), p, torch.as_tensor(seed, dtype=torch.int64).reshape(1), device)
     raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")

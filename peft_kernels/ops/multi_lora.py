@@ -25,6 +25,7 @@ import torch
 
 from .. import _ext, dispatch
 from ..reference import expand_adapter_ids
+from . import _amp
 from .lora import check_base, check_dtypes_devices, finish_lora_backward, save_for_lora_backward
 
 PATHS = ("auto", "bgmv", "sgmv")
@@ -83,13 +84,34 @@ class AdapterMapping:
 
 def build_mapping(adapter_ids: torch.Tensor, num_tokens: int, num_slots: int, *, device=None,
                   check_ids: bool = True) -> AdapterMapping:
-    """Group ``num_tokens`` tokens by adapter: one stable sort and one small device→host copy.
+    """Group ``num_tokens`` tokens by adapter: one stable sort and exactly one small device→host copy
+    (the per-slot counts), so building it once per batch is the batch's only host sync.
 
     ``adapter_ids``: int32/int64, one id per token, each in ``[-1, num_slots)`` (-1 = no adapter).
     ``check_ids=True`` raises ValueError for any id outside that range. With ``check_ids=False`` no
     error is raised and such ids are treated as -1 (never read out of bounds); use it only on a hot
     path whose ids are known to be valid.
     """
+    return _build_mapping(adapter_ids, num_tokens, num_slots, device, check_ids)[0]
+
+
+def _bad_ids_error(bad, num_slots: int) -> ValueError:
+    return ValueError(f"adapter_ids must be in [-1, {num_slots}) (-1 = no adapter, {num_slots} slots); "
+                      f"got {bad[:8]}{' ...' if len(bad) > 8 else ''}")
+
+
+def _to_device(values, dev: torch.device) -> torch.Tensor:
+    """A small int32 host list on ``dev`` without a sync: a pinned staging copy, enqueued asynchronously."""
+    t = torch.tensor(values, dtype=torch.int32)
+    if dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
+
+
+def _build_mapping(adapter_ids, num_tokens: int, num_slots: int, device, check_ids: bool,
+                   ranks: Optional[torch.Tensor] = None):
+    """:func:`build_mapping`, plus (when ``ranks`` is given) a host copy of ``ranks`` fetched in the same
+    device→host copy as the counts: (mapping, ranks as a tuple or None)."""
     if not isinstance(adapter_ids, torch.Tensor):
         raise TypeError(f"adapter_ids must be a torch.Tensor of int32/int64, got {type(adapter_ids).__name__}")
     if adapter_ids.dtype not in (torch.int32, torch.int64):
@@ -104,32 +126,34 @@ def build_mapping(adapter_ids: torch.Tensor, num_tokens: int, num_slots: int, *,
         # one C++ counting sort: no thread-pool wake-ups, no Python loop over tokens
         perm, pos_slots, seg_slots, seg_starts, bad = _ext.ops().group_by_adapter(ids, num_slots)
         if check_ids and bad.numel():
-            b = bad.tolist()
-            raise ValueError(f"adapter_ids must be in [-1, {num_slots}) (-1 = no adapter, {num_slots} slots); "
-                             f"got {b[:8]}{' ...' if len(b) > 8 else ''}")
-        return AdapterMapping(num_tokens, num_slots, perm, pos_slots, seg_slots, seg_starts,
-                              tuple(seg_slots.tolist()), tuple(seg_starts.tolist()), check_ids)
+            raise _bad_ids_error(bad.tolist(), num_slots)
+        m = AdapterMapping(num_tokens, num_slots, perm, pos_slots, seg_slots, seg_starts,
+                           tuple(seg_slots.tolist()), tuple(seg_starts.tolist()), check_ids)
+        return m, (tuple(ranks.tolist()) if ranks is not None else None)
+    # On the device: ids outside [0, S) sort first as -1; bucket counts by index_add (no sync), then ONE
+    # host copy of [count(-1), count(slot 0..S-1), count(bad ids), ranks...].
     ids = ids.to(device=dev, dtype=torch.int64)
-    sorted_ids, order = torch.sort(ids, stable=True)
-    uniq, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    u, c = uniq.tolist(), counts.tolist()  # the one sync: G is at most a few hundred numbers
-    if check_ids and u and (u[0] < -1 or u[-1] >= num_slots):
-        bad = [v for v in u if v < -1 or v >= num_slots]
-        raise ValueError(f"adapter_ids must be in [-1, {num_slots}) (-1 = no adapter, {num_slots} slots); "
-                         f"got {bad[:8]}{' ...' if len(bad) > 8 else ''}")
-    slots, starts, lo = [], [0], 0
-    for v, n in zip(u, c):
-        if 0 <= v < num_slots:
-            slots.append(v)
-            starts.append(starts[-1] + n)
-        elif v < 0:
-            lo += n  # ids ≤ -1 sort first
-    perm = order[lo:lo + starts[-1]].to(torch.int32)
-    pos_slots = sorted_ids[lo:lo + starts[-1]].to(torch.int32)
-    return AdapterMapping(num_tokens, num_slots, perm, pos_slots,
-                          torch.tensor(slots, dtype=torch.int32, device=dev),
-                          torch.tensor(starts, dtype=torch.int32, device=dev),
-                          tuple(slots), tuple(starts), check_ids)
+    valid = (ids >= 0) & (ids < num_slots)
+    key = torch.where(valid, ids, -1)
+    sorted_key, order = torch.sort(key, stable=True)
+    counts = torch.zeros(num_slots + 1, dtype=torch.int64, device=dev).index_add_(0, key + 1, torch.ones_like(key))
+    parts = [counts, (~valid & (ids != -1)).sum().reshape(1)]
+    if ranks is not None:
+        parts.append(ranks.to(device=dev, dtype=torch.int64).reshape(-1))
+    host = torch.cat(parts).tolist()  # the one sync
+    n_none, per_slot, n_bad = host[0], host[1:num_slots + 1], host[num_slots + 1]
+    if check_ids and n_bad:
+        raise _bad_ids_error(sorted(set(ids[~valid & (ids != -1)].tolist())), num_slots)
+    slots, starts = [], [0]
+    for a, c in enumerate(per_slot):
+        if c:
+            slots.append(a)
+            starts.append(starts[-1] + c)
+    perm = order[n_none:n_none + starts[-1]].to(torch.int32)
+    pos_slots = sorted_key[n_none:n_none + starts[-1]].to(torch.int32)
+    m = AdapterMapping(num_tokens, num_slots, perm, pos_slots, _to_device(slots, dev), _to_device(starts, dev),
+                       tuple(slots), tuple(starts), check_ids)
+    return m, (tuple(host[num_slots + 2:]) if ranks is not None else None)
 
 
 def choose_path(mapping: AdapterMapping, path: str = "auto") -> str:
@@ -196,10 +220,11 @@ def _check_ranks(ranks_h, R: int) -> None:
 # --------------------------------------------------------------------------------------------
 # torch backend (any device; the CPU hot path): one pair of small GEMMs per segment, never per token
 # --------------------------------------------------------------------------------------------
-def _segments(m: AdapterMapping, ranks_h: Sequence[int]):
-    """(slot, start, end, rank) of every segment whose slot has rank > 0."""
+def _segments(m: AdapterMapping, ranks_h: Sequence[int], R: int):
+    """(slot, start, end, rank) of every segment whose slot has rank > 0; ranks clamped to [0, R] as the
+    kernels clamp them."""
     for a, s, e in zip(m.slots, m.starts, m.starts[1:]):
-        r = ranks_h[a]
+        r = min(max(ranks_h[a], 0), R)
         if r > 0:
             yield a, s, e, r
 
@@ -250,14 +275,14 @@ def _torch_forward(x, weight, bias, A, B, m: AdapterMapping, scal, ranks, scal_h
         xs = xs.to(cdt)
     S = xs.new_zeros((m.num_active, R))
     Z = xs.new_empty((m.num_active, weight.shape[0]))
-    for a, s, e, r in _segments(m, ranks_h):
+    for a, s, e, r in _segments(m, ranks_h, A.shape[1]):
         if r == R:
             torch.mm(xs[s:e], A[a].t(), out=S[s:e])
         else:
             S[s:e, :r] = torch.mm(xs[s:e], A[a, :r].t())
         torch.addmm(Z[s:e], S[s:e, :r], B[a, :, :r].t(), beta=0, alpha=scal_h[a], out=Z[s:e])
     for a, s, e in zip(m.slots, m.starts, m.starts[1:]):  # rank-0 (cleared) slots add exactly nothing
-        if ranks_h[a] == 0:
+        if ranks_h[a] <= 0:
             Z[s:e].zero_()
     y.index_add_(0, perm, Z if Z.dtype == y.dtype else Z.to(y.dtype))
     return y, S
@@ -284,7 +309,7 @@ def _torch_backward(dy, x, weight, A, B, S, m: AdapterMapping, scal, ranks, scal
         xs = x.index_select(0, perm)
         xs = xs.to(cdt) if xs.dtype != cdt else xs
     dXs = dys.new_zeros((m.num_active, A.shape[2])) if need_dx else None
-    for a, s, e, r in _segments(m, ranks_h):
+    for a, s, e, r in _segments(m, ranks_h, A.shape[1]):
         sc = scal_h[a]
         dS = torch.mm(dys[s:e], B[a, :, :r]).mul_(sc)  # [n, r]
         if need_db:
@@ -338,9 +363,11 @@ def _gather_expand(ops, path, out, buf, w, m, ranks, scal):
         ops.bgmv_expand(out, buf, w, m.perm, m.pos_slots, ranks, scal)
 
 
-def _gather_backward(dy, x, weight, A, B, S, m, scal, ranks, ranks_h, scal_h, path, need_dx, need_da, need_db):
+def _gather_backward(dy, x, weight, A, B, S, m, scal, ranks, path, need_dx, need_da, need_db):
     """dS = s·dY·B and dX += dS·A with the gather kernels (B and A read transposed through strides, no
-    copy); dA = dSᵀ·x and dB = s·dYᵀ·S as one GEMM pair per segment (deterministic)."""
+    copy); dA = dSᵀ·x and dB = s·dYᵀ·S as one GEMM pair per segment (deterministic). No host copies of
+    ranks or scalings: S and dS are zero past each slot's rank (the shrinks write only r < rank), so the
+    full-width products are zero there, and the scale is a device scalar."""
     ops = _ext.ops()
     dx = torch.mm(dy, weight) if need_dx else None
     dA = torch.zeros_like(A) if need_da else None
@@ -354,12 +381,12 @@ def _gather_backward(dy, x, weight, A, B, S, m, scal, ranks, ranks_h, scal_h, pa
             _gather_expand(ops, path, dx, dS, A.transpose(1, 2), m, ranks, None)
     if need_da or need_db:
         perm = m.perm.long()
-        for a, s, e, r in _segments(m, ranks_h):
+        for a, s, e in zip(m.slots, m.starts, m.starts[1:]):  # the mapping's host segments (built per batch)
             rows = perm[s:e]
             if need_da:
-                dA[a, :r] = torch.mm(dS[s:e, :r].t(), x.index_select(0, rows).float()).to(A.dtype)
+                dA[a] = torch.mm(dS[s:e].t(), x.index_select(0, rows).float()).to(A.dtype)
             if need_db:
-                dB[a, :, :r] = torch.mm(dy.index_select(0, rows).float().t(), S[s:e, :r]).mul_(scal_h[a]).to(B.dtype)
+                dB[a] = torch.mm(dy.index_select(0, rows).float().t(), S[s:e]).mul_(scal[a]).to(B.dtype)
     return dx, dA, dB
 
 
@@ -427,7 +454,7 @@ class MultiLoRALinearFunction(torch.autograd.Function):
                                          call.scal_h, call.ranks_h, call.ext, need_x, need_a, need_bb)
         elif call.backend == "cuda":
             dx, dA, dB = _gather_backward(dy2d, x2d, weight, A, B, S, call.mapping, call.scalings, call.ranks,
-                                          call.ranks_h, call.scal_h, call.path, need_x, need_a, need_bb)
+                                          call.path, need_x, need_a, need_bb)
         else:
             dx, dA, dB = _triton_backward(dy2d, x2d, weight, A, B, S, call.mapping, call.scalings, call.ranks,
                                           call.path, need_x, need_a, need_bb)
@@ -473,8 +500,21 @@ def multi_lora_linear(
         backend: "auto" | "torch" | "triton" | "cuda" (``PEFT_KERNELS_BACKEND`` overrides).
         path: Triton / CUDA kernel shape: "bgmv" (per token), "sgmv" (per segment) or "auto".
         check_ids: raise ValueError on ids outside [-1, S) and ranks outside [0, R] (default). False
-            skips it on a hot path: bad ids then act as -1, never as an out-of-bounds read.
+            skips it on a hot path: bad ids then act as -1, never as an out-of-bounds read. The ranks are
+            checked where that costs no extra host sync: on the CPU, on the torch backend, and in the one
+            sync of a call that builds its own mapping; with a prebuilt mapping on CUDA they are not (the
+            kernels clamp them to [0, R]; ``MultiLoRALinear`` checks its ranks when they are written).
+
+    Host syncs: building the mapping is one device→host copy (per batch when the mapping is reused, see
+    :func:`build_mapping` and ``adapter_ids``); with a prebuilt mapping the triton and cuda backends make
+    none, so a decode step can be captured in a CUDA graph (README: "CUDA graphs"). The torch backend on
+    a GPU copies the ranks and scalings to the host for its per-segment loops.
     """
+    amp = _amp.autocast_dtype(x)
+    if amp is not None:  # like F.linear under autocast: x, the base and the slot stacks in the autocast dtype
+        with _amp.disabled(x):
+            return multi_lora_linear(*_amp.cast(amp, x, weight, bias, lora_A, lora_B), scalings, adapter_ids,
+                                     ranks=ranks, backend=backend, path=path, check_ids=check_ids)
     scal, rk = validate(x, weight, bias, lora_A, lora_B, scalings, ranks)
     S = lora_A.shape[0]
     T = math.prod(x.shape[:-1])
@@ -483,6 +523,12 @@ def multi_lora_linear(
             raise TypeError("under torch.compile, adapter_ids must be an id tensor (an AdapterMapping holds host "
                             "copies that a graph cannot)")
         return _masked_slots(x, weight, bias, lora_A, lora_B, scal, rk, expand_adapter_ids(adapter_ids, x.shape))
+    name = dispatch.resolve(backend, x.device, _op_reason(x, lora_A), SUPPORTED)
+    # Host copies of the ranks: the torch backend needs them (its segment loops; a sync on a GPU), and a
+    # check_ids call that builds its own mapping gets them in that build's one sync. A call with a prebuilt
+    # mapping on the triton/cuda backends copies nothing to the host, on any device: the kernels clamp
+    # every rank to [0, R], and MultiLoRALinear validates its ranks when they are written.
+    ranks_h = tuple(rk.tolist()) if name == "torch" else None
     if isinstance(adapter_ids, AdapterMapping):
         m = adapter_ids
         if m.num_tokens != T:
@@ -495,24 +541,22 @@ def multi_lora_linear(
         if not isinstance(adapter_ids, torch.Tensor):
             raise TypeError(f"adapter_ids must be an int tensor or an AdapterMapping, got {type(adapter_ids).__name__}")
         ids = expand_adapter_ids(adapter_ids, x.shape)
-        m = build_mapping(ids, T, S, device=x.device, check_ids=check_ids)
-    name = dispatch.resolve(backend, x.device, _op_reason(x, lora_A), SUPPORTED)
+        fetch = check_ids and ranks is not None and ranks_h is None
+        m, fetched = _build_mapping(ids, T, S, x.device, check_ids, rk if fetch else None)
+        ranks_h = fetched if fetch else ranks_h
+    if check_ids and ranks is not None and ranks_h is not None:
+        _check_ranks(ranks_h, lora_A.shape[1])
     chosen = choose_path(m, path)  # validates `path` on every backend
     if name == "torch":
         chosen = "grouped"  # the torch backend always groups per segment
-    # host copies: free on the CPU; on CUDA one small sync, skipped with check_ids=False on the triton path
-    need_host = name in ("torch", "cuda") or check_ids
-    ranks_h = tuple(rk.tolist()) if need_host else ()
-    if check_ids and ranks is not None:
-        _check_ranks(ranks_h, lora_A.shape[1])
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
     if grad:
         # private copies, so a slot changed between forward and backward cannot skew the gradients
         rk = rk.clone() if ranks is not None and rk.data_ptr() == ranks.data_ptr() else rk
         scal = scal.clone() if isinstance(scalings, torch.Tensor) and scal.data_ptr() == scalings.data_ptr() else scal
     ext = name == "torch" and _use_ext(x)
-    scal_h = tuple(scal.tolist()) if (name == "torch" and not ext) or name == "cuda" else ()
-    call = MultiLoRACall(m, scal, rk, scal_h, ranks_h, name, chosen, ext)
+    scal_h = tuple(scal.tolist()) if name == "torch" and not ext else ()
+    call = MultiLoRACall(m, scal, rk, scal_h, ranks_h or (), name, chosen, ext)
     if not grad:  # inference (serving): no backward can follow, so skip the autograd.Function machinery
         y, _ = _forward_2d(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, call)
         return y.view(*x.shape[:-1], weight.shape[0])

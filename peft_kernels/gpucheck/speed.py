@@ -1,0 +1,186 @@
+"""The speed and memory part of gpu-check: medians of CUDA-event timings (wall clock in a dry run), bf16.
+
+- ``linear``: frozen ``nn.Linear``, HF PEFT (its default fp32 adapters, and bf16 adapters), ours on each
+  backend; forward and forward+backward; prefill (M=4096) and decode (M=1, 16, 64); Llama-3-8B q_proj and
+  MLP shapes; r=16, no dropout.
+- ``gemm``: the Triton base GEMM alone (our fused GEMM kernel at rank 0) against ``torch.mm``.
+- ``memory``: the peak memory of one forward+backward at M=16384, K=4096, N=14336, r=64.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn as nn
+import triton
+
+SHAPES = {"q_proj": (4096, 4096), "mlp_up": (4096, 14336), "mlp_down": (14336, 4096)}  # (K, N)
+TOKENS = (4096, 1, 16, 64)
+PROVIDERS = ("frozen", "peft", "peft-bf16", "triton", "torch")
+
+
+def _timer(dev: torch.device, fn: Callable, reps: int, warmup: int) -> float:
+    """Median seconds per call: CUDA events around each call on a GPU, perf_counter on the CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if dev.type == "cuda":
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class _One(nn.Module):
+    def __init__(self, K, N):
+        super().__init__()
+        self.proj = nn.Linear(K, N, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def make_layer(provider: str, K: int, N: int, r: int, dev, dt):
+    """A module computing one LoRA'd linear (or the frozen base) for ``provider``, or a reason string."""
+    import peft_kernels as pk
+
+    torch.manual_seed(0)
+    base = _One(K, N).to(dev, dt)
+    base.requires_grad_(False)
+    if provider == "frozen":
+        return base
+    if provider.startswith("peft"):
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as e:
+            return f"peft not importable: {e}"
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], lora_dropout=0.0, init_lora_weights=False)
+        return get_peft_model(base, cfg, autocast_adapter_dtype=provider == "peft")
+    layer = pk.LoRALinear.from_linear(base.proj, r=r, lora_alpha=2 * r, init_lora_weights=False, backend=provider)
+    return layer
+
+
+def time_linear(dev, dt, shapes, tokens, providers, modes=("fwd", "fwd+bwd"), reps=20, warmup=3, r=16) -> List[dict]:
+    rows = []
+    for sname, (K, N) in shapes.items():
+        layers = {p: make_layer(p, K, N, r, dev, dt) for p in providers}
+        for M in tokens:
+            x = torch.randn(M, K, device=dev, dtype=dt)
+            for mode in modes:
+                frozen_t = None
+                for p in providers:
+                    layer = layers[p]
+                    row = {"shape": sname, "K": K, "N": N, "M": M, "mode": mode, "provider": p}
+                    if isinstance(layer, str):
+                        rows.append({**row, "seconds": None, "note": layer})
+                        continue
+                    xg = x.detach().requires_grad_(mode != "fwd")
+
+                    def fn(layer=layer, xg=xg):
+                        if mode == "fwd":
+                            with torch.no_grad():
+                                return layer(xg)
+                        y = layer(xg)
+                        y.backward(torch.ones_like(y))
+                        return y
+                    try:
+                        t = _timer(dev, fn, reps, warmup)
+                    except Exception as e:  # noqa: BLE001 - a provider that fails is reported, the table goes on
+                        rows.append({**row, "seconds": None, "note": f"{type(e).__name__}: {str(e)[:200]}"})
+                        continue
+                    if p == "frozen":
+                        frozen_t = t
+                    rows.append({**row, "seconds": t, "vs_frozen": t / frozen_t if frozen_t else None,
+                                 "note": ""})
+        del layers
+    peft_by = {(r_["shape"], r_["M"], r_["mode"]): r_["seconds"] for r_ in rows if r_["provider"] == "peft"}
+    for r_ in rows:
+        pt = peft_by.get((r_["shape"], r_["M"], r_["mode"]))
+        r_["vs_peft"] = r_["seconds"] / pt if r_.get("seconds") and pt else None
+    return rows
+
+
+def base_gemm(x, w):
+    """Our fused LoRA GEMM kernel with no low-rank term (rank 0): the Triton base GEMM alone."""
+    from ..kernels import lora as L
+
+    M, K = x.shape
+    N = w.shape[0]
+    cfg = L.configs(x.dtype, 16, L._aligned(x, w))
+    c = cfg["gemm"]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    fl = L._flags(x, w)
+
+    S = torch.empty((1, 1), dtype=torch.float32, device=x.device)  # never read at rank 0
+    L._fwd_gemm_kernel[(triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n),)](
+        x, w, y, S, w, y, M, N, K, 0, x.stride(0), x.stride(1), w.stride(0), w.stride(1), 0, 0, y.stride(0),
+        y.stride(1), 0.0, HAS_BIAS=False, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages, **fl)
+    return y
+
+
+def time_gemm(dev, dt, shapes, M, reps=20, warmup=3) -> List[dict]:
+    rows = []
+    for sname, (K, N) in shapes.items():
+        x = torch.randn(M, K, device=dev, dtype=dt)
+        w = torch.randn(N, K, device=dev, dtype=dt)
+        t_mm = _timer(dev, lambda: torch.mm(x, w.t()), reps, warmup)
+        t_tr = _timer(dev, lambda: base_gemm(x, w), reps, warmup)
+        err = (base_gemm(x, w).float() - torch.mm(x, w.t()).float()).abs().max().item()
+        flops = 2.0 * M * K * N
+        rows.append({"shape": sname, "M": M, "K": K, "N": N, "torch_mm_s": t_mm, "triton_s": t_tr,
+                     "triton_vs_mm": t_tr / t_mm, "triton_tflops": flops / t_tr / 1e12,
+                     "mm_tflops": flops / t_mm / 1e12, "max_abs_diff": err})
+    return rows
+
+
+def peak_memory(dev, dt, M, K, N, r, providers) -> List[dict]:
+    """Peak allocated bytes above the inputs and parameters during one forward+backward (CUDA only)."""
+    rows = []
+    for p in providers:
+        layer = make_layer(p, K, N, r, dev, dt)
+        if isinstance(layer, str):
+            rows.append({"provider": p, "M": M, "K": K, "N": N, "r": r, "peak_bytes": None, "note": layer})
+            continue
+        x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - before
+            rows.append({"provider": p, "M": M, "K": K, "N": N, "r": r, "peak_bytes": peak, "note": ""})
+        else:
+            rows.append({"provider": p, "M": M, "K": K, "N": N, "r": r, "peak_bytes": None,
+                         "note": "no device memory statistics on the CPU (dry run)"})
+        del layer, x, y
+    return rows
+
+
+def run(dry: bool) -> Dict[str, list]:
+    dev = torch.device("cpu") if dry else torch.device("cuda", torch.cuda.current_device())
+    dt = torch.float32 if dry else torch.bfloat16
+    if dry:
+        shapes = {"q_proj": (48, 40), "mlp_up": (48, 72)}
+        res = {"linear": time_linear(dev, dt, shapes, (24, 1), PROVIDERS, reps=2, warmup=1),
+               "gemm": time_gemm(dev, dt, {"q_proj": (48, 40)}, 24, reps=2, warmup=1),
+               "memory": peak_memory(dev, dt, 24, 48, 40, 8, ("frozen", "peft", "triton", "torch"))}
+    else:
+        res = {"linear": time_linear(dev, dt, SHAPES, TOKENS, PROVIDERS),
+               "gemm": time_gemm(dev, dt, SHAPES, 4096),
+               "memory": peak_memory(dev, dt, 16384, 4096, 14336, 64, ("frozen", "peft", "triton", "torch"))}
+    return res

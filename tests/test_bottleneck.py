@@ -58,7 +58,12 @@ def run(fn, ref_fn, t, names, dtype, mult=4.0):
         if not isinstance(mine[k], torch.Tensor):
             continue
         assert mine[k].grad is not None, f"d{k} missing"
-        assert_close(mine[k].grad, ref64[k].grad, reflp[k].grad, f"d{k}", mult)
+        # Known limitation (issue #15, numerics): both backends fold the scale into the up weight
+        # (U_s = s⊙U) in the input dtype, one rounding per weight that every row shares, so the reductions
+        # over rows (db_d, the learned scale's ds) carry it coherently: up to two units of the dtype's
+        # rounding, relative, beyond what torch's per-element roundings give. Everything else is strict.
+        sysm = 2.0 * torch.finfo(mine[k].dtype).eps if k in ("db", "s") else 0.0
+        assert_close(mine[k].grad, ref64[k].grad, reflp[k].grad, f"d{k}", mult, systematic=sysm)
 
 
 CASES = [
@@ -162,9 +167,11 @@ def test_adapterhub_parity(preset, act):
         ad.adapter_up.bias.normal_()
         ad.adapter_down.bias.normal_()
     h = torch.randn(3, 5, 64)
-    ref = adapterhub_bottleneck_ref(h, h, ad.adapter_down.weight, ad.adapter_down.bias, ad.adapter_up.weight,
-                                    ad.adapter_up.bias, act, 1.0)
-    assert_close(ad(h), ref.double(), ref, f"{preset} vs AdapterHub")
+    prm = (ad.adapter_down.weight, ad.adapter_down.bias, ad.adapter_up.weight, ad.adapter_up.bias)
+    ref = adapterhub_bottleneck_ref(h, h, *prm, act, 1.0)
+    h64 = h.double()
+    ref64 = adapterhub_bottleneck_ref(h64, h64, *(q.double() for q in prm), act, 1.0)
+    assert_close(ad(h), ref64, ref, f"{preset} vs AdapterHub")
 
 
 def test_fresh_adapters_are_close_to_identity():
@@ -190,9 +197,13 @@ def test_adapter_linear_module():
     x = torch.randn(2, 3, 24)
     for mod, mode in ((m, "sequential"), (p, "parallel")):
         out = mod(x)
-        ref = adapter_linear_ref(x, lin.weight, lin.bias, mod.adapter_down.weight, mod.adapter_down.bias,
-                                 mod.adapter_up.weight, mod.adapter_up.bias, mod.activation, mod._scaling(), mode)
-        assert_close(out, ref.double(), ref, mode)
+        prm = (lin.weight, lin.bias, mod.adapter_down.weight, mod.adapter_down.bias, mod.adapter_up.weight,
+               mod.adapter_up.bias)
+        ref = adapter_linear_ref(x, *prm, mod.activation, mod._scaling(), mode)
+        sc = mod._scaling()
+        ref64 = adapter_linear_ref(x.double(), *(q.double() for q in prm), mod.activation,
+                                   sc.double() if isinstance(sc, torch.Tensor) else sc, mode)
+        assert_close(out, ref64, ref, mode)
     trainable = {n for n, q in m.named_parameters() if q.requires_grad}
     assert trainable == {"adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias",
                          "adapter_scaling"}
@@ -205,9 +216,10 @@ def test_dropout_only_in_training():
         m.adapter_up.weight.normal_()
     x = torch.randn(64, 16)
     m.eval()
-    ref = adapter_linear_ref(x, m.weight, m.bias, m.adapter_down.weight, m.adapter_down.bias, m.adapter_up.weight,
-                             m.adapter_up.bias, "relu", 1.0, "sequential")
-    assert_close(m(x), ref.double(), ref, "eval: no dropout")
+    prm = (m.weight, m.bias, m.adapter_down.weight, m.adapter_down.bias, m.adapter_up.weight, m.adapter_up.bias)
+    ref = adapter_linear_ref(x, *prm, "relu", 1.0, "sequential")
+    ref64 = adapter_linear_ref(x.double(), *(q.double() for q in prm), "relu", 1.0, "sequential")
+    assert_close(m(x), ref64, ref, "eval: no dropout")
     m.train()
     a, b = m(x), m(x)
     assert not torch.equal(a, b)  # stochastic in training

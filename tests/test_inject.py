@@ -87,11 +87,14 @@ def test_merge_unmerge_roundtrip():
     m = llama()
     pk.inject_lora(m, "all-linear", r=3, lora_alpha=6, init_lora_weights=False)
     out = m(IDS).logits
+    with torch.no_grad():
+        out64 = copy.deepcopy(m).double()(IDS).logits
     merged = pk.merge_lora(m)
     assert len(merged) == 14 and pk.merge_lora(m) == []
-    assert_close(m(IDS).logits, out.double(), out, "merged logits", mult=64.0)
+    # merging rounds each W + s·B·A to fp32 once more than the unmerged layers: a few times their error
+    assert_close(m(IDS).logits, out64, out, "merged logits", mult=8.0)
     assert pk.unmerge_lora(m) == merged
-    assert_close(m(IDS).logits, out.double(), out, "unmerged logits", mult=64.0)
+    assert_close(m(IDS).logits, out64, out, "unmerged logits", mult=8.0)
     layer = m.get_submodule(merged[0])
     with torch.no_grad():
         layer.lora_B.fill_(float("inf"))
@@ -123,7 +126,8 @@ def test_injected_model_matches_peft(arch):
     with torch.no_grad():
         ref = pm(IDS).logits
         got = ours(IDS).logits
-    assert_close(got, ref.double(), ref, f"{arch} logits vs PEFT", mult=16.0)
+        ref64 = copy.deepcopy(pm).double()(IDS).logits  # the truth: PEFT's math in fp64
+    assert_close(got, ref64, ref, f"{arch} logits vs PEFT (fp64 truth, fp32 PEFT the baseline)")
     # the Conv1D's own weight stays [in, out] under its own name: checkpoints keep their keys and shapes
     base_keys = set(make().state_dict())
     assert base_keys <= set(ours.state_dict())
@@ -134,8 +138,11 @@ def test_gpt2_conv1d_merge_and_training_step():
     m = gpt2()
     pk.inject_lora(m, ["c_attn"], r=2, lora_alpha=4, init_lora_weights=False)
     out = m(IDS).logits
+    with torch.no_grad():
+        out64 = copy.deepcopy(m).double()(IDS).logits  # the unmerged model in fp64: the truth
     pk.merge_lora(m)
-    assert_close(m(IDS).logits, out.double(), out, "merged Conv1D", mult=64.0)
+    # merging rounds W + s·B·A to fp32 once more than the unmerged path: a few times its error
+    assert_close(m(IDS).logits, out64, out, "merged Conv1D", mult=8.0)
     pk.unmerge_lora(m)
     m.train()
     loss = m(IDS, labels=IDS).loss
@@ -155,5 +162,7 @@ def test_inject_multi_lora_matches_single_adapter():
     with torch.no_grad(), pk.adapter_ids(multi, torch.ones(IDS.shape[0], dtype=torch.long)):
         got = multi(IDS).logits
     ref = single(IDS).logits.detach()
-    assert_close(got, ref.double(), ref, "multi vs single", mult=16.0)
+    with torch.no_grad():
+        ref64 = copy.deepcopy(single).double()(IDS).logits
+    assert_close(got, ref64, ref, "multi vs single (fp64 single as the truth)")
     assert {k.rsplit(".", 1)[-1] for k in pk.lora_state_dict(multi)} == {"lora_A", "lora_B", "scalings", "ranks"}

@@ -139,3 +139,22 @@ def record_triton_launches(monkeypatch, kernels) -> list:
 
         monkeypatch.setattr(k, "run", fake)
     return calls
+
+
+def spy_triton_launches(monkeypatch, kernels) -> list:
+    """Like count_launches, but records (name, positional args) of each launch; the kernels still run."""
+    calls = []
+    for k in kernels:
+        real = k.run
+
+        def spying(*a, _real=real, _name=k.__name__, **kw):
+            calls.append((_name, a))
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(k, "run", spying)
+    return calls
+
+
+def arg(kernel, args, name):
+    """The launch argument ``name`` of ``kernel`` from its positional ``args``."""
+    return args[kernel.arg_names.index(name)]

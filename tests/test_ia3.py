@@ -12,7 +12,7 @@ from peft_kernels import IA3Linear, LoRALinear, ia3_linear
 from peft_kernels.ops.ia3 import SUPPORTED
 from peft_kernels.reference import ia3_linear_ref
 
-from helpers import assert_close, backend_params, dtype_params
+from helpers import arg, assert_close, backend_params, dtype_params, spy_triton_launches
 
 
 def _case(M, K, N, dtype, ff, bias=True, three_d=False, noncontig=False, seed=0):
@@ -59,7 +59,7 @@ def test_forward_and_grads_match_reference(backend, dtype, ff, MKN):
 def test_3d_noncontiguous_no_bias(backend, ff):
     x, W, _, l = _case(9, 21, 13, torch.float32, ff, bias=False, three_d=True, noncontig=True)
     assert not x.is_contiguous()
-    xs, ls = x.clone().requires_grad_(), l.clone().requires_grad_()
+    xs, ls = x.detach().requires_grad_(), l.clone().requires_grad_()  # a clone of x would be contiguous
     y = ia3_linear(xs, W, None, ls, feedforward=ff, backend=backend)
     x64, l64 = x.double().requires_grad_(), l.double().requires_grad_()
     y64 = ia3_linear_ref(x64, W.double(), None, l64, ff)
@@ -209,3 +209,20 @@ def test_bad_ia3_checkpoint_changes_nothing(tmp_path):
         pk.load_peft_adapter(m, tmp_path)
     with pytest.raises(pk.CheckpointError, match="slot= applies to LoRA"):
         pk.load_peft_adapter(m, tmp_path, slot=0)
+
+
+@pytest.mark.parametrize("ff", [False, True], ids=["output", "input"])
+def test_strided_x_reaches_the_triton_kernel(monkeypatch, ff):
+    """A really strided x (last-dim stride 2) reaches the GEMM through its strides (test_3d_noncontiguous_no_bias
+    checks the values)."""
+    from peft_kernels.kernels import ia3 as I
+
+    calls = spy_triton_launches(monkeypatch, [I._ia3_gemm_kernel])
+    x, W, _, l = _case(9, 21, 13, torch.float32, ff, bias=False, three_d=False, noncontig=True)
+    assert x.stride() == (42, 2)
+    ia3_linear(x.detach().requires_grad_(), W, None, l.clone().requires_grad_(), feedforward=ff,
+               backend="triton").sum().backward()
+    fwd = calls[0][1]
+    assert arg(I._ia3_gemm_kernel, fwd, "s_ak") == 2 and arg(I._ia3_gemm_kernel, fwd, "s_am") == 42
+    if ff:  # input scaling: the backward's dl partials read x through its strides too
+        assert arg(I._ia3_gemm_kernel, calls[1][1], "s_xn") == 2

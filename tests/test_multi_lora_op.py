@@ -11,7 +11,8 @@ from peft_kernels import _ext, dispatch
 from peft_kernels.ops.multi_lora import SUPPORTED, build_mapping, choose_path
 from peft_kernels.reference import expand_adapter_ids, multi_lora_linear_ref
 
-from helpers import assert_close, backend_params, cpu_isa, dtype_params, isa_params  # noqa: F401 (fixture)
+from helpers import (arg, assert_close, backend_params, cpu_isa, dtype_params, isa_params,  # noqa: F401
+                     spy_triton_launches)
 
 
 def variants():
@@ -109,7 +110,7 @@ def make_inputs(lead, K, N, ranks, R, pattern, bias, layout, dtype, adapter_dtyp
 
 
 def run_and_compare(backend, path, t, mult=4.0):
-    x = t["x"].detach().clone().requires_grad_()
+    x = t["x"].detach().requires_grad_()  # not clone(): a clone of a strided view is contiguous
     A = t["A"].detach().clone().requires_grad_()
     B = t["B"].detach().clone().requires_grad_()
     y = pk.multi_lora_linear(x, t["W"], t["b"], A, B, t["scal"], t["ids"], ranks=t["ranks"], backend=backend,
@@ -277,3 +278,23 @@ def test_cpu_isa_rejects_unknown_names():
         pytest.skip(f"extension: {_ext.unavailable_reason()}")
     with pytest.raises(RuntimeError, match="expected one of 'auto', 'avx512', 'avx2', 'base'"):
         _ext.ops().cpu_isa("sse9")
+
+
+@pytest.mark.parametrize("path", ["bgmv", "sgmv"])
+def test_strided_x_reaches_the_triton_kernels(monkeypatch, path):
+    """A really strided x (last-dim stride 2) is gathered through its strides, forward (shrink) and in the dA
+    reduction (run_and_compare's "uniform-noncontig" case checks the values)."""
+    from peft_kernels.kernels import multi_lora as ML
+
+    shrink = ML._sgmv_shrink_kernel if path == "sgmv" else ML._bgmv_shrink_kernel
+    calls = spy_triton_launches(monkeypatch, [shrink, ML._seg_outer_kernel])
+    t = make_inputs((18,), 22, 26, [6, 6, 6, 6, 6], 6, "uniform", True, "strided", torch.float32)
+    x = t["x"].detach().requires_grad_()
+    assert x.stride() == (44, 2)
+    A, B = t["A"].clone().requires_grad_(), t["B"].clone().requires_grad_()
+    pk.multi_lora_linear(x, t["W"], t["b"], A, B, t["scal"], t["ids"], ranks=t["ranks"], backend="triton",
+                         path=path).backward(t["dy"])
+    fwd = next(a for n, a in calls if n == shrink.__name__)
+    assert arg(shrink, fwd, "stride_ik") == 2 and arg(shrink, fwd, "stride_it") == 44
+    outer = [a for n, a in calls if n == "_seg_outer_kernel"]
+    assert any(arg(ML._seg_outer_kernel, a, "stride_qj") == 2 for a in outer)  # dA = dSᵀ·x gathers x's rows

@@ -67,9 +67,7 @@ class _IA3Triton(torch.autograd.Function):
     def forward(ctx, x, weight, bias, l, feedforward: bool):
         from ..kernels import ia3 as K
 
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
+        x2 = x.reshape(-1, x.shape[-1])  # any strides: the kernel reads x through them (no copy)
         lv = l.reshape(-1)
         y, raw = K.ia3_forward(x2, weight, bias, lv, feedforward, need_raw=l.requires_grad)
         ctx.feedforward = feedforward
@@ -88,8 +86,6 @@ class _IA3Triton(torch.autograd.Function):
         x2, weight, lv, raw = ctx.saved_tensors
         N = weight.shape[0]
         dy2 = dy.reshape(-1, N)
-        if dy2.stride(-1) != 1:
-            dy2 = dy2.contiguous()
         need_dx, need_dw, need_db, need_dl = ctx.needs_input_grad[:4]
         dx, dl = K.ia3_backward(dy2, x2, weight, lv, raw, ctx.feedforward, need_dx, need_dl)
         dw = db = None

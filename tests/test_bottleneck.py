@@ -351,3 +351,58 @@ def test_empty_batch(backend, op):
     assert x.grad.shape == x.shape
     for t in (D, U, s):
         assert t.grad is not None and not t.grad.any()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("kind", ["standalone", "sequential", "parallel"])
+def test_adapter_dropout_scale_and_gradients(backend, kind):
+    """Dropout on the adapter's output in training: kept entries carry 1/(1-p), dropped ones are 0, the keep
+    rate is 1-p, and every gradient equals the fp64 reference's under the same mask."""
+    p = 0.4
+    torch.manual_seed(0)
+    if kind == "standalone":
+        m = pk.BottleneckAdapter(24, bottleneck_size=6, activation="gelu", scaling="learned", dropout=p,
+                                 backend=backend)
+    else:
+        m = pk.AdapterLinear(20, 24, bottleneck_size=6, activation="silu", mode=kind, scaling="channel", dropout=p,
+                             backend=backend)
+    with torch.no_grad():
+        m.adapter_up.weight.normal_(0, 0.5)
+        m.adapter_up.bias.normal_()
+    m.train()
+    x = torch.randn(64, 24 if kind == "standalone" else 20)
+    dy = torch.randn(64, 24)
+    xg = x.clone().requires_grad_()
+    torch.manual_seed(7)
+    y = m(xg)
+    y.backward(dy)
+    torch.manual_seed(7)  # the same draw: F.dropout's Bernoulli mask over a tensor of the branch's shape
+    mask = torch.nn.functional.dropout(torch.ones(64, 24), p, True)
+    vals = torch.unique(mask)
+    assert len(vals) == 2 and vals[0] == 0 and abs(vals[1].item() - 1 / (1 - p)) < 1e-6
+    kept = (mask > 0).double().mean().item()
+    assert abs(kept - (1 - p)) < 5 * (p * (1 - p) / mask.numel()) ** 0.5
+    names = ["adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias", "adapter_scaling"]
+    prm = dict(m.named_parameters())
+
+    def ref(dt, xin, params):
+        s = params["adapter_scaling"]
+        if kind == "standalone":
+            return xin + mask.to(dt) * bottleneck_ref(xin, *(params[n] for n in names[:4]), "gelu", s)
+        W, b = m.weight.to(dt), m.bias.to(dt)
+        base = torch.nn.functional.linear(xin, W, b)
+        src = base if kind == "sequential" else xin
+        return base + mask.to(dt) * bottleneck_ref(src, *(params[n] for n in names[:4]), "silu", s)
+
+    out = {}
+    for dt in (torch.float64, torch.float32):
+        xin = x.to(dt).requires_grad_()
+        params = {n: prm[n].detach().to(dt).requires_grad_() for n in names}
+        r = ref(dt, xin, params)
+        r.backward(dy.to(dt))
+        out[dt] = (r, xin, params)
+    (r64, x64, p64), (r32, x32, p32) = out[torch.float64], out[torch.float32]
+    assert_close(y, r64, r32, "y")
+    assert_close(xg.grad, x64.grad, x32.grad, "dx")
+    for n in names:
+        assert_close(prm[n].grad, p64[n].grad, p32[n].grad, f"d{n}")

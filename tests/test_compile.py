@@ -34,6 +34,9 @@ def build():
     g = torch.Generator().manual_seed(1)
     for a, r in ((0, 4), (2, 2)):
         net.multi.set_adapter(a, torch.randn(r, 24, generator=g), torch.randn(16, r, generator=g), 0.5 + a)
+    with torch.no_grad():  # padding past slot 2's rank that must count nowhere (not zeroed as set_adapter does)
+        net.multi.lora_A[2, 2:] = 5.0
+        net.multi.lora_B[2, :, 2:] = -3.0
     with torch.no_grad():
         for m in (net.seq, net.par, net.ada):
             up = m.adapter_up

@@ -256,3 +256,25 @@ def test_unfrozen_base_gets_correct_weight_and_bias_grads(backend):
     tw, tb = torch.autograd.grad(yt, [Wt, bt], dy)
     assert_close(gw, rw, tw, f"{backend} dW", mult=8)
     assert_close(gb, rb, tb, f"{backend} db", mult=8)
+
+
+def test_eval_cache_follows_weight_and_scaling_changes():
+    """The eval-mode norm cache is recomputed after the frozen W or the scaling change (not only A or B)."""
+    torch.manual_seed(0)
+    d = LoRALinear.from_linear(nn.Linear(16, 12), r=4, use_dora=True, init_lora_weights=False)
+    d.eval()
+    x = torch.randn(5, 16)
+
+    def check(what):
+        with torch.no_grad():
+            ref64 = dora_linear_ref(x.double(), d.weight.double(), d.bias.double(), d.lora_A.double(),
+                                    d.lora_B.double(), d.scaling, d.lora_magnitude_vector.double())
+            lp = dora_linear_ref(x, d.weight, d.bias, d.lora_A, d.lora_B, d.scaling, d.lora_magnitude_vector)
+            assert_close(d(x), ref64, lp, what)
+
+    check("fresh")
+    with torch.no_grad():
+        d.weight.mul_(1.5)  # the frozen base changed in place (a merge, a reload)
+    check("after W *= 1.5")
+    d.scaling = d.scaling * 3
+    check("after scaling *= 3")

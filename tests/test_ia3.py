@@ -226,3 +226,42 @@ def test_strided_x_reaches_the_triton_kernel(monkeypatch, ff):
     assert arg(I._ia3_gemm_kernel, fwd, "s_ak") == 2 and arg(I._ia3_gemm_kernel, fwd, "s_am") == 42
     if ff:  # input scaling: the backward's dl partials read x through its strides too
         assert arg(I._ia3_gemm_kernel, calls[1][1], "s_xn") == 2
+
+
+@pytest.mark.parametrize("ff", [False, True], ids=["output", "input"])
+def test_to_linear_both_scalings(ff):
+    """to_linear() folds the scaling into a plain nn.Linear, for input (feedforward) and output scaling."""
+    torch.manual_seed(0)
+    m = IA3Linear(13, 9, feedforward=ff)
+    with torch.no_grad():
+        m.ia3_l.uniform_(0.5, 1.5)
+    x = torch.randn(7, 13)
+    lin = m.to_linear()
+    assert isinstance(lin, torch.nn.Linear) and lin.weight.shape == (9, 13)
+    y64 = ia3_linear_ref(x.double(), m.weight.double(), m.bias.double(), m.ia3_l.double(), ff)
+    with torch.no_grad():
+        # the same-precision yardstick: torch folding l into W in fp32, then a plain linear
+        l = m.ia3_l.reshape(-1)
+        Wf = m.weight * (l[None, :] if ff else l[:, None])
+        bf = m.bias if ff else m.bias * l
+        assert_close(lin(x), y64, torch.nn.functional.linear(x, Wf, bf), "to_linear")
+        assert_close(m(x), y64, ia3_linear_ref(x, m.weight, m.bias, m.ia3_l, ff), "module")
+
+
+@pytest.mark.parametrize("backend", backend_params(supported=SUPPORTED))
+@pytest.mark.parametrize("ff", [False, True], ids=["output", "input"])
+def test_trainable_base_gets_gradients(backend, ff):
+    """An unfrozen base (not the PEFT case) gets dW and db, on the torch and the Triton backend, vs fp64."""
+    x, W, b, l = _case(11, 17, 10, torch.float32, ff)
+    ins = [x.clone().requires_grad_(), W.clone().requires_grad_(), b.clone().requires_grad_(),
+           l.clone().requires_grad_()]
+    y = ia3_linear(*ins, feedforward=ff, backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    r64 = [v.double().requires_grad_() for v in (x, W, b, l)]
+    ia3_linear_ref(*r64, ff).backward(dy.double())
+    rlp = [v.clone().requires_grad_() for v in (x, W, b, l)]
+    ia3_linear_ref(*rlp, ff).backward(dy)
+    for name, got, a, c in zip(("dx", "dW", "db", "dl"), ins, r64, rlp):
+        assert got.grad is not None, name
+        assert_close(got.grad, a.grad, c.grad, name)

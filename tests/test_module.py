@@ -124,3 +124,35 @@ def test_trains_inside_a_model(backend):
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
     assert all(torch.equal(a, b) for a, b in zip(frozen, [p for p in model.parameters() if not p.requires_grad]))
+
+
+@pytest.mark.parametrize("safe", [False, True])
+@pytest.mark.parametrize("lora_bias", [False, True], ids=["no-lora-bias", "lora-bias"])
+@pytest.mark.parametrize("alpha,rs", [(7.5, False), (6.0, True)], ids=["alpha7.5", "rslora"])
+def test_merge_unmerge_with_a_scaling_and_lora_bias(safe, lora_bias, alpha, rs):
+    """merge/unmerge/to_linear with scaling ≠ 1 (plain and rsLoRA) and PEFT's lora_bias, against fp64."""
+    torch.manual_seed(0)
+    m = pk.LoRALinear(20, 11, r=3, lora_alpha=alpha, use_rslora=rs, init_lora_weights=False, lora_bias=lora_bias)
+    if lora_bias:
+        nn.init.normal_(m.lora_B_bias)
+    s = m.scaling
+    assert s == (alpha / math.sqrt(3) if rs else alpha / 3) and s != 1
+    x = torch.randn(6, 20)
+    w0, b0 = m.weight.detach().clone(), m.bias.detach().clone()
+    bias_eff = b0 + (s * m.lora_B_bias.detach() if lora_bias else 0)
+    y64 = lora_linear_ref(x.double(), w0.double(), bias_eff.double(), m.lora_A.double(), m.lora_B.double(), s)
+    ylp = lora_linear_ref(x, w0, bias_eff, m.lora_A, m.lora_B, s)
+    with torch.no_grad():
+        assert_close(m(x), y64, ylp, "unmerged")
+        assert_close(m.to_linear()(x), y64, ylp, "to_linear")
+        m.merge(safe_merge=safe)
+        assert m.merged
+        assert_close(m(x), y64, ylp, "merged")
+        assert_close(m.to_linear()(x), y64, ylp, "to_linear while merged")
+        m.unmerge()
+    assert not m.merged
+    # the base comes back to within the rounding of (W + Δ) − Δ in fp32, and the bias likewise
+    delta = s * (m.lora_B.detach() @ m.lora_A.detach())
+    assert_close(m.weight, w0.double(), (w0 + delta) - delta, "restored weight")
+    bb = s * m.lora_B_bias.detach() if lora_bias else torch.zeros_like(b0)
+    assert_close(m.bias, b0.double(), (b0 + bb) - bb, "restored bias")

@@ -66,6 +66,10 @@ def pattern_ids(name: str, T: int, S: int, g: torch.Generator) -> torch.Tensor:
         return torch.full((T,), -1)
     if name == "mixed":         # random slots and -1 rows
         return torch.randint(-1, S, (T,), generator=g)
+    if name == "long":          # segments of 200+ and 70 tokens (past the C++ kernels' 64-row chunks) and -1 rows
+        ids = torch.cat([torch.zeros(T * 2 // 3, dtype=torch.long), torch.ones(T // 4, dtype=torch.long)])
+        ids = torch.cat([ids, torch.full((T - ids.numel(),), -1)])
+        return ids[torch.randperm(T, generator=g)]
     raise ValueError(name)
 
 
@@ -82,6 +86,9 @@ CASES = [
     # wide enough for the C++ fp32 micro-kernels' vector blocks (16/64 columns) plus odd tails
     pytest.param((2, 15), 131, 97, [20, 5, 13, 7], 20, "mixed", True, "contig", id="wide-K131-N97"),
 ]
+# segments longer than the C++ kernels' 64-row chunks, split over at::parallel_for's threads (one case: the
+# interpreter runs it slowly)
+LONG = pytest.param((310,), 24, 20, [8, 5], 8, "long", True, "contig", id="long-segments")
 
 
 def make_inputs(lead, K, N, ranks, R, pattern, bias, layout, dtype, adapter_dtype=None):
@@ -298,3 +305,20 @@ def test_strided_x_reaches_the_triton_kernels(monkeypatch, path):
     assert arg(shrink, fwd, "stride_ik") == 2 and arg(shrink, fwd, "stride_it") == 44
     outer = [a for n, a in calls if n == "_seg_outer_kernel"]
     assert any(arg(ML._seg_outer_kernel, a, "stride_qj") == 2 for a in outer)  # dA = dSᵀ·x gathers x's rows
+
+
+@pytest.mark.parametrize("variant", variants(), indirect=True)
+@pytest.mark.parametrize("lead,K,N,ranks,R,pattern,bias,layout", [LONG])
+def test_segments_longer_than_a_chunk(variant, lead, K, N, ranks, R, pattern, bias, layout):
+    """206- and 77-token segments: the C++ kernels split them into 64-row chunks on several threads (the
+    chunk boundaries and the threaded path), every other backend runs them too; fp32 and all gradients."""
+    backend, path = variant
+    t = make_inputs(lead, K, N, ranks, R, pattern, bias, layout, torch.float32)
+    counts = torch.bincount(t["ids"][t["ids"] >= 0])
+    assert counts.max() > 3 * 64 and (counts > 64).all()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        run_and_compare(backend, path, t)
+    finally:
+        torch.set_num_threads(threads)

@@ -156,3 +156,106 @@ def test_merge_unmerge_with_a_scaling_and_lora_bias(safe, lora_bias, alpha, rs):
     assert_close(m.weight, w0.double(), (w0 + delta) - delta, "restored weight")
     bb = s * m.lora_B_bias.detach() if lora_bias else torch.zeros_like(b0)
     assert_close(m.bias, b0.double(), (b0 + bb) - bb, "restored bias")
+
+
+def _merge_case(use_dora, lora_bias, fan_in_fan_out=False):
+    torch.manual_seed(3)
+    base = nn.Linear(12, 9)
+    if fan_in_fan_out:  # GPT-2's Conv1D: weight [in, out]
+        from transformers.pytorch_utils import Conv1D
+        base = Conv1D(9, 12)
+        nn.init.normal_(base.weight, std=0.3)
+        nn.init.normal_(base.bias)
+    m = pk.LoRALinear.from_linear(base, r=3, lora_alpha=5.0, init_lora_weights=False, use_dora=use_dora,
+                                  lora_bias=lora_bias)
+    assert m.fan_in_fan_out == fan_in_fan_out
+    with torch.no_grad():
+        if lora_bias:
+            nn.init.normal_(m.lora_B_bias)
+        if use_dora:
+            m.lora_magnitude_vector.mul_(torch.rand(9) + 0.5)
+    return m
+
+
+def _fresh_like(m):
+    torch.manual_seed(99)
+    f = _merge_case(m.use_dora, m.lora_bias, m.fan_in_fan_out)
+    with torch.no_grad():
+        for p in f.parameters():
+            p.normal_()
+    return f
+
+
+@pytest.mark.parametrize("use_dora,lora_bias,fifo", [(False, False, False), (False, True, False), (True, False, False),
+                                                     (False, False, True), (True, False, True)],
+                         ids=["lora", "lora-bias", "dora", "lora-conv1d", "dora-conv1d"])
+def test_merged_layer_round_trips_through_state_dict(use_dora, lora_bias, fifo):
+    """A merged layer's state dict holds the unmerged base (same keys as an unmerged one), so loading it into a
+    fresh layer gives the same outputs: the update is not applied twice. Loading into a merged layer folds the
+    loaded adapter in."""
+    m = _merge_case(use_dora, lora_bias, fifo)
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        y_unmerged = m(x)
+        y_base = nn.functional.linear(x, m.base_weight(), m.bias)
+        keys_unmerged = set(m.state_dict())
+        m.merge()
+        y_merged = m(x)
+        tol = 1e-5 * max(1.0, y_unmerged.abs().max().item())  # merge rounding
+        assert (y_unmerged - y_base).abs().max() > 1e3 * tol  # a second update would show
+        assert (y_merged - y_unmerged).abs().max() < tol
+        sd = m.state_dict()
+        assert set(sd) == keys_unmerged
+        fresh = _fresh_like(m)
+        fresh.load_state_dict(sd)
+        assert not fresh.merged
+        # the fresh layer computes what the merged one does (applied once, not twice)
+        assert (fresh(x) - y_merged).abs().max() < tol
+        assert (fresh(x) - y_unmerged).abs().max() < tol
+        # into a merged layer: it stays merged, with the loaded adapter folded in
+        other = _merge_case(use_dora, lora_bias, fifo)
+        with torch.no_grad():
+            other.lora_B.add_(1.0)  # a different adapter, merged
+        other.merge()
+        other.load_state_dict(sd)
+        assert other.merged
+        assert (other(x) - y_unmerged).abs().max() < tol
+        other.unmerge()
+        assert (other.weight - fresh.weight).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("use_dora,lora_bias", [(False, False), (False, True), (True, False)],
+                         ids=["lora", "lora-bias", "dora"])
+@pytest.mark.parametrize("how", ["data", "copy_", "init", "scaling"])
+def test_unmerge_restores_the_base_after_the_adapter_changed_while_merged(use_dora, lora_bias, how):
+    """The base tensor is shared with the user's nn.Linear: unmerge() takes out what merge() put in, even when
+    A, B, the magnitude or the scaling were changed (by every PyTorch idiom) while merged."""
+    lin = nn.Linear(12, 9)
+    m = pk.LoRALinear.from_linear(lin, r=3, lora_alpha=5.0, init_lora_weights=False, use_dora=use_dora,
+                                  lora_bias=lora_bias)
+    assert m.weight is lin.weight
+    with torch.no_grad():
+        if lora_bias:
+            nn.init.normal_(m.lora_B_bias)
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    m.merge()
+    if how == "data":
+        m.lora_A.data -= 0.5 * torch.ones_like(m.lora_A)
+        m.lora_B.data = m.lora_B.data * 3
+    elif how == "copy_":
+        with torch.no_grad():
+            m.lora_B.copy_(torch.randn_like(m.lora_B))
+            if use_dora:
+                m.lora_magnitude_vector.mul_(2)
+            if lora_bias:
+                m.lora_B_bias.mul_(-4)
+    elif how == "init":
+        nn.init.normal_(m.lora_A.data)
+        nn.init.normal_(m.lora_B.data)
+    else:
+        m.scaling = 11.0
+    m.unmerge()
+    # within the rounding of (W + Δ) − Δ in fp32: a few ulp of |W + Δ|, nowhere near the changed update
+    delta_scale = (m.lora_B.detach().abs() @ m.lora_A.detach().abs()).max().item() * 20
+    assert (lin.weight - w0).abs().max() <= 1e-6 * (1 + delta_scale), (lin.weight - w0).abs().max()
+    assert (lin.bias - b0).abs().max() <= 1e-6 * (1 + delta_scale)

@@ -132,6 +132,22 @@ Segments read_segments(const at::Tensor& seg_slots, const at::Tensor& seg_starts
   return s;
 }
 
+// B [S, N, R] as [S, R, N] (unit stride along N) for the fp32 expand, filled only where the kernels read it:
+// the first `rank` rows of each slot that has a segment. Built per call from B itself, so it can never be a
+// stale copy (a cache keyed on B's version missed updates made through .data); it costs a read of the
+// active adapters' B, what the expand reads anyway, instead of the whole stack.
+at::Tensor active_b_transposed(const at::Tensor& B, const Segments& segs) {
+  auto Bt = at::empty({B.size(0), B.size(2), B.size(1)}, B.options());
+  std::vector<char> done(static_cast<size_t>(B.size(0)), 0);
+  for (const int64_t a : segs.slots) {
+    const int64_t r = segs.ranks[a];
+    if (r <= 0 || done[a]) continue;
+    done[a] = 1;
+    Bt.select(0, a).narrow(0, 0, r).copy_(B.select(0, a).narrow(1, 0, r).t());
+  }
+  return Bt;
+}
+
 void check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& perm,
                   const at::Tensor& ranks, const at::Tensor& scalings) {
   TORCH_CHECK(x.device().is_cpu() && A.device().is_cpu() && B.device().is_cpu(), "CPU tensors expected");
@@ -253,9 +269,9 @@ at::Tensor multi_lora_fwd(at::Tensor y, const at::Tensor& x, const at::Tensor& l
     // micro-kernel path: read x rows through perm, write y rows in place; no gathered copies
     const auto xc = xd.stride(1) == 1 ? xd : xd.contiguous();
     const auto Ac = A.stride(2) == 1 ? A : A.contiguous();
-    // B transposed to [S, R, N] (the caller caches it): the expand then runs along N with no shuffles
+    // B transposed to [S, R, N] (given, or built for the active slots): the expand runs along N, no shuffles
     const at::Tensor Bt = (lora_B_t.has_value() && lora_B_t->defined()) ? lora_B_t->detach()
-                                                                         : B.transpose(1, 2).contiguous();
+                                                                         : active_b_transposed(B, segs);
     TORCH_CHECK(Bt.scalar_type() == at::kFloat && Bt.dim() == 3 && Bt.size(0) == B.size(0) &&
                     Bt.size(1) == B.size(2) && Bt.size(2) == B.size(1) && Bt.stride(2) == 1,
                 "lora_B_t must be lora_B transposed to [S, R, N] with unit stride along N");
@@ -335,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_bwd(const at::Tensor& dy, const at
     const auto Sc = Sd.contiguous();
     const auto Ac = A.stride(2) == 1 ? A : A.contiguous();
     at::Tensor Bt = (lora_B_t.has_value() && lora_B_t->defined()) ? lora_B_t->detach()
-                                                                   : B.transpose(1, 2).contiguous();
+                                                                   : active_b_transposed(B, segs);
     TORCH_CHECK(Bt.scalar_type() == at::kFloat && Bt.dim() == 3 && Bt.size(1) == B.size(2) &&
                     Bt.size(2) == B.size(1) && Bt.stride(2) == 1,
                 "lora_B_t must be lora_B transposed to [S, R, N] with unit stride along N");

@@ -67,7 +67,7 @@ class LoRALinear(nn.Module):
     ``use_dora=True``: DoRA with HF PEFT's math (``peft_kernels.ops.dora``): a trainable
     ``lora_magnitude_vector`` [out] m, initialised to ``‖W + scaling·B·A‖`` per row, and
     ``y = (m / ‖W + scaling·B·A‖) ⊙ (x·Wᵀ + scaling·B·A·x) + b`` with the norm detached. The norm is
-    computed without forming B·A, and cached in eval mode until W, A, B or the scaling change.
+    computed without forming B·A, in fp64 (its terms can cancel), from the current weights every call.
     """
 
     def __init__(
@@ -108,6 +108,7 @@ class LoRALinear(nn.Module):
                             if self.lora_bias else None)
         self.init_lora_weights = init_lora_weights
         self.merged = False
+        self._merged_with = None
         if not isinstance(use_dora, bool):
             raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
         if use_dora and lora_bias:
@@ -115,7 +116,6 @@ class LoRALinear(nn.Module):
         self.use_dora = use_dora
         self.lora_magnitude_vector = (nn.Parameter(torch.empty(self.out_features, device=dev, dtype=ldtype))
                                       if use_dora else None)
-        self._norm_cache = None
         self.reset_lora_parameters()
 
     @staticmethod
@@ -165,15 +165,9 @@ class LoRALinear(nn.Module):
         self.lora_magnitude_vector.copy_(self.dora_weight_norm())
 
     def dora_weight_norm(self) -> torch.Tensor:
-        """‖W + scaling·B·A‖ per output row (fp32, detached); cached in eval mode until W, A, B or the
-        scaling change."""
-        key = (self.weight._version, self.weight.data_ptr(), self.lora_A._version, self.lora_A.data_ptr(),
-               self.lora_B._version, self.lora_B.data_ptr(), self.scaling)
-        if not self.training and self._norm_cache is not None and self._norm_cache[0] == key:
-            return self._norm_cache[1]
-        n = dora_weight_norm(self.base_weight(), self.lora_A, self.lora_B, self.scaling)
-        self._norm_cache = (key, n) if not self.training else None
-        return n
+        """‖W + scaling·B·A‖ per output row (fp32, detached), from the current W, A and B every time (no cache:
+        a cache keyed on versions missed updates made through ``.data``)."""
+        return dora_weight_norm(self.base_weight(), self.lora_A, self.lora_B, self.scaling)
 
     # ---------------------------------------------------------------------------------- forward
     def base_weight(self) -> torch.Tensor:
@@ -213,24 +207,65 @@ class LoRALinear(nn.Module):
         if safe_merge and not torch.isfinite(new).all():
             raise ValueError("LoRALinear.merge(safe_merge=True): merging would produce NaN/Inf weights; "
                              "the layer was left unmerged")
+        # what was folded in, so unmerge() takes out exactly that even if A, B, the scaling or the magnitude
+        # change while merged (the base is shared with the user's original nn.Linear)
+        self._merged_with = {"lora_A": self.lora_A.detach().clone(), "lora_B": self.lora_B.detach().clone(),
+                             "scaling": torch.tensor(float(self.scaling), dtype=torch.float64)}
+        if self.lora_bias:
+            self._merged_with["bias_term"] = self._lora_bias_term().detach().clone()
+        if self.use_dora:
+            self._merged_with["factor"] = self._merge_factor
         self.weight.copy_(new)
         if self.lora_bias:
-            self.bias.add_(self._lora_bias_term())
+            self.bias.add_(self._merged_with["bias_term"])
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Take out of ``weight`` (and ``bias``) exactly what ``merge()`` folded in: the A, B, scaling and DoRA
+        factor of that moment, whatever changed since. The base comes back to within the rounding of
+        (W + Δ) − Δ in its dtype."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge(): the layer is not merged")
-        if self.use_dora:  # W = W' / g − scaling·B·A, with g the factor merge() applied
-            g = self._merge_factor
-            w = self.weight.float() / g.reshape(self._g_shape())
-            self.weight.copy_((w - self.delta_weight()).to(self.weight.dtype))
-        else:
-            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
-        if self.lora_bias:
-            self.bias.sub_(self._lora_bias_term())
+        w, b = self._unmerged_base()
+        self.weight.copy_(w)
+        if b is not None:
+            self.bias.copy_(b)
         self.merged = False
+        self._merged_with = None
+
+    @torch.no_grad()
+    def _unmerged_base(self):
+        """(weight, bias) with what ``merge()`` folded in taken out; bias is None when merge() did not touch it."""
+        mw = self._merged_with
+        delta = (mw["lora_B"].float() @ mw["lora_A"].float()) * float(mw["scaling"])
+        delta = delta.t() if self.fan_in_fan_out else delta
+        w = self.weight.float()
+        if self.use_dora:  # W = W' / g − scaling·B·A, with g the factor merge() applied
+            w = w / mw["factor"].reshape(self._g_shape())
+        b = self.bias - mw["bias_term"] if "bias_term" in mw else None
+        return (w - delta).to(self.weight.dtype), b
+
+    # A state dict always holds the unmerged base, whether or not the layer is merged, so loading it into a
+    # fresh (unmerged) layer cannot add the update twice, and the keys stay those of a plain layer.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            w, b = self._unmerged_base()
+            destination[prefix + "weight"] = w
+            if b is not None:
+                destination[prefix + "bias"] = b
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # what is loaded is an unmerged base; a merged layer folds the loaded A, B (and magnitude) back in
+        was_merged = self.merged
+        if was_merged:
+            self.unmerge()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if was_merged:
+            self.merge()
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:

@@ -3,7 +3,9 @@ and ``adapter_ids(model, ids)``, which sets the ids once for every such layer in
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
+import threading
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -39,6 +41,10 @@ class AdapterIds:
         self.check_ids = bool(check_ids)
         self._cache: Dict[Tuple, AdapterMapping] = {}
 
+    def _new_forward(self) -> None:
+        """The model's forward starts: group the ids afresh (they may have been changed in place since)."""
+        self._cache.clear()
+
     @property
     def builds(self) -> int:
         """How many distinct groupings were built (1 for a model whose layers all see the same tokens)."""
@@ -47,7 +53,9 @@ class AdapterIds:
     def mapping(self, x_shape, num_slots: int, device) -> AdapterMapping:
         if self.prebuilt is not None:
             return self.prebuilt  # the op checks its token count, slot count and device against the layer
-        key = (tuple(x_shape[:-1]), num_slots, torch.device(device))
+        # ids._version: an in-place write to the ids between two layers of one forward is seen too (writes
+        # through .data are seen at the model's next forward, when the cache is cleared)
+        key = (tuple(x_shape[:-1]), num_slots, torch.device(device), self.ids._version)
         m = self._cache.get(key)
         if m is None:
             ids = expand_adapter_ids(self.ids, x_shape)
@@ -56,14 +64,82 @@ class AdapterIds:
         return m
 
 
+class _SlotsLock:
+    """Many readers (forwards launching their kernels) or one writer (a slot update); a waiting writer goes
+    before new readers. On CUDA the writer also waits for the kernels already queued on every stream, and
+    its own copies finish before any reader launches again, so streams other than the writer's are safe."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def reading(self):
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def writing(self, device: torch.device):
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            yield
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+# The ids set by adapter_ids() blocks, per thread and per asyncio task: id(layer) -> (layer, AdapterIds), and
+# id(model) -> (model, AdapterIds) for the models the blocks were opened on. A ContextVar, so two threads (or
+# tasks) serving one model each see their own ids.
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("peft_kernels_adapter_ids", default={})
+
+
+def _active_ids(module: nn.Module) -> Optional[AdapterIds]:
+    e = _ACTIVE.get().get(id(module))
+    return e[1] if e is not None and e[0] is module else None
+
+
+def _start_of_forward(model: nn.Module, args) -> None:
+    """Forward pre-hook left on a model once adapter_ids() was used on it (one fixed hook, so a compiled model
+    is not re-guarded per block): each forward of the model groups the current ids afresh."""
+    st = _active_ids(model)
+    if st is not None:
+        st._new_forward()
+
+
 @contextlib.contextmanager
 def adapter_ids(model: nn.Module, ids, *, check_ids: bool = True):
     """Within the block, every MultiLoRALinear in ``model`` uses ``ids`` (one per token, or one per
     batch row for ``[B, L, K]`` inputs; -1 = base only). The grouping of tokens by adapter is built
-    once and shared by all layers.
+    once per forward of ``model`` and shared by all its layers.
 
         with peft_kernels.adapter_ids(model, torch.tensor([0, 3, -1, 3])):
             logits = model(input_ids)
+
+    The ids hold for the current thread and asyncio task only (a ``contextvars`` context): threads or tasks
+    serving one model concurrently each use their own. Changing ``ids`` in place inside the block takes
+    effect at the model's next forward.
 
     ``ids`` may also be an :class:`AdapterMapping` built beforehand with :func:`build_mapping` (for the
     model's flattened token count): then the layers make no host sync at all, so the block can be
@@ -75,14 +151,18 @@ def adapter_ids(model: nn.Module, ids, *, check_ids: bool = True):
     if not layers:
         raise ValueError("adapter_ids(): the model has no MultiLoRALinear layers")
     state = AdapterIds(ids, check_ids)
-    previous = [(m, m._adapter_ids) for m in layers]
+    if not getattr(model, "_peft_kernels_ids_hook", False):
+        model.register_forward_pre_hook(_start_of_forward)
+        model._peft_kernels_ids_hook = True
+    active = dict(_ACTIVE.get())
+    active[id(model)] = (model, state)
     for m in layers:
-        m._adapter_ids = state
+        active[id(m)] = (m, state)
+    token = _ACTIVE.set(active)
     try:
         yield state
     finally:
-        for m, prev in previous:
-            m._adapter_ids = prev
+        _ACTIVE.reset(token)
 
 
 class MultiLoRALinear(nn.Module):
@@ -127,7 +207,9 @@ class MultiLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(S, self.out_features, R, device=dev, dtype=ldt))
         self.register_buffer("scalings", torch.zeros(S, device=dev, dtype=torch.float32))
         self.register_buffer("ranks", torch.zeros(S, device=dev, dtype=torch.int32))
-        self._adapter_ids: Optional[AdapterIds] = None
+        # set_adapter/clear_adapter/load_state_dict write the slots while no forward reads them: a forward sees
+        # the old adapter or the new one, never a torn mix (hot swap while serving)
+        self._slots_lock = _SlotsLock()
 
     @classmethod
     def from_linear(cls, linear: nn.Module, max_adapters: int = 8, max_rank: int = 16, backend: str = "auto",
@@ -168,21 +250,34 @@ class MultiLoRALinear(nn.Module):
             scaling = float(scaling)
         if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
             raise ValueError(f"scaling must be a finite float, got {scaling!r}")
-        self.lora_A[slot].zero_()
-        self.lora_A[slot, :r].copy_(lora_A)
-        self.lora_B[slot].zero_()
-        self.lora_B[slot, :, :r].copy_(lora_B)
-        self.scalings[slot] = float(scaling)
-        self.ranks[slot] = r
+        if not math.isfinite(torch.tensor(float(scaling), dtype=self.scalings.dtype).item()):
+            raise ValueError(f"scaling must be finite in {self.scalings.dtype} (the scalings buffer), got {scaling!r}")
+        # staged in full first: nothing below can fail half way, so a bad call leaves the slot as it was
+        A = torch.zeros_like(self.lora_A[slot])
+        A[:r].copy_(lora_A)
+        B = torch.zeros_like(self.lora_B[slot])
+        B[:, :r].copy_(lora_B)
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise ValueError(f"lora_A and lora_B must be finite (in {self.lora_A.dtype}); slot {slot} left as it was")
+        self._write_slot(slot, A, B, float(scaling), r)
 
     @torch.no_grad()
     def clear_adapter(self, slot: int) -> None:
         """Empty ``slot``: tokens that still name it get the base output only."""
         slot = self._check_slot(slot)
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
-        self.scalings[slot] = 0.0
-        self.ranks[slot] = 0
+        self._write_slot(slot, None, None, 0.0, 0)
+
+    @torch.no_grad()
+    def _write_slot(self, slot: int, A, B, scaling: float, r: int) -> None:
+        with self._slots_lock.writing(self.lora_A.device):
+            if A is None:
+                self.lora_A[slot].zero_()
+                self.lora_B[slot].zero_()
+            else:
+                self.lora_A[slot].copy_(A)
+                self.lora_B[slot].copy_(B)
+            self.scalings[slot] = scaling
+            self.ranks[slot] = r
 
     def get_adapter(self, slot: int):
         """(lora_A [r, in], lora_B [out, r], scaling) of ``slot`` (views; r = 0 for an empty slot)."""
@@ -206,29 +301,44 @@ class MultiLoRALinear(nn.Module):
         if bad:  # reported by load_state_dict; this layer's tensors are left as they were
             error_msgs.extend(bad)
             return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        with self._slots_lock.writing(self.lora_A.device):
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
 
     # ---------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, adapter_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if adapter_ids is None:
-            if self._adapter_ids is None:
+            active = _active_ids(self)
+            if active is None:
                 raise ValueError("MultiLoRALinear.forward: adapter_ids is required (pass it, or set it for the whole "
                                  "model with `with peft_kernels.adapter_ids(model, ids): ...`)")
             if not isinstance(x, torch.Tensor) or x.dim() < 1:
                 raise TypeError(f"x must be a torch.Tensor with at least 1 dim, got {type(x).__name__}")
             if torch.compiler.is_compiling():  # a graph takes the ids, not the host-side grouping
-                if self._adapter_ids.ids is None:
+                if active.ids is None:
                     raise TypeError("under torch.compile, adapter_ids(model, ...) needs an id tensor, not a prebuilt "
                                     "AdapterMapping (its host copies cannot be part of a graph)")
-                ids = self._adapter_ids.ids
+                ids = active.ids
             else:
-                ids = self._adapter_ids.mapping(x.shape, self.max_adapters, x.device)
+                ids = active.mapping(x.shape, self.max_adapters, x.device)
         else:
             ids = adapter_ids
         w = self.weight.t() if self.fan_in_fan_out else self.weight  # Conv1D base: [in, out] stored
-        return multi_lora_linear(x, w, self.bias, self.lora_A, self.lora_B, self.scalings, ids,
-                                 ranks=self.ranks, backend=self.backend, path=self.path, check_ids=self.check_ids)
+        if torch.compiler.is_compiling():  # a graph cannot take the lock: swap adapters between compiled calls
+            return multi_lora_linear(x, w, self.bias, self.lora_A, self.lora_B, self.scalings, ids,
+                                     ranks=self.ranks, backend=self.backend, path=self.path, check_ids=self.check_ids)
+        with self._slots_lock.reading():
+            return multi_lora_linear(x, w, self.bias, self.lora_A, self.lora_B, self.scalings, ids,
+                                     ranks=self.ranks, backend=self.backend, path=self.path, check_ids=self.check_ids)
+
+    def __getstate__(self):  # deepcopy / pickle: a lock does not copy; the copy gets its own
+        state = self.__dict__.copy()
+        state.pop("_slots_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._slots_lock = _SlotsLock()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

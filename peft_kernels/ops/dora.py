@@ -7,7 +7,7 @@ training PEFT feeds the dropped input to the adapter path only:
 
 The row norms never materialise B·A ([N, K]):
 ``‖W_n + s·(B·A)_n‖² = ‖W_n‖² + 2s·(W·Aᵀ)_n·B_n + s²·B_n·(A·Aᵀ)·B_nᵀ`` — an [N, r] GEMM and an
-[r, r] Gram matrix instead of an [N, K] product; ‖W_n‖² is cached per frozen weight (version-checked).
+[r, r] Gram matrix instead of an [N, K] product, summed in fp64 (the terms can cancel), never cached.
 
 Without dropout, backend ``triton``: one fused forward — LoRA's two kernels with DoRA's rescale in the
 GEMM epilogue (``y = g ⊙ (x·Wᵀ + s·S·Bᵀ) + b``; the unscaled z is stored only when m needs a gradient).
@@ -16,7 +16,6 @@ LoRA op on x with no bias, then the rescale plus bias as one pass (``addcmul``, 
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
@@ -26,27 +25,18 @@ from .. import dispatch
 from . import _amp
 from .lora import _op_reason, finish_lora_backward, lora_linear, save_for_lora_backward, validate
 
-_WNORM_CACHE: dict = {}  # id(weight) -> (weakref(weight), key, row norms²); tensors cannot key a WeakKeyDictionary
-
-
-def _weight_sq_norms(weight: torch.Tensor) -> torch.Tensor:
-    """Σ_k W[n,k]² in fp32, cached per (frozen) weight tensor until it changes (version or storage)."""
-    key = (weight._version, weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()))
-    hit = _WNORM_CACHE.get(id(weight))
-    if hit is not None and hit[0]() is weight and hit[1] == key:
-        return hit[2]
-    with torch.no_grad():
-        w = weight.float()
-        n2 = (w * w).sum(1)
-    if not weight.requires_grad:
-        for k in [k for k, v in _WNORM_CACHE.items() if v[0]() is None]:
-            del _WNORM_CACHE[k]
-        _WNORM_CACHE[id(weight)] = (weakref.ref(weight), key, n2)
-    return n2
+_NORM_ROWS = 1024  # rows of W per fp64 block in dora_weight_norm: the fp64 copy stays ≤ 1024·K·8 bytes
 
 
 def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``‖W + scaling·B·A‖`` per output row (fp32, detached), without forming B·A."""
+    """``‖W + scaling·B·A‖`` per output row (fp32, detached), without forming B·A.
+
+    ``‖W_n‖² + 2s·(W·Aᵀ)_n·B_n + s²·B_n·(A·Aᵀ)·B_nᵀ``: an [N, r] product and an [r, r] Gram matrix instead of
+    the [N, K] update. The three terms cancel when the update nearly cancels a row of W (the norm is then far
+    smaller than its terms: in fp32 that was seen 27% off), so they are formed and summed in fp64, W taken in
+    row blocks (a bounded fp64 copy); fp32 only where the device has no fp64 (MPS). Nothing is cached: each
+    call reads the current W, A and B, so no update (in place, through ``.data``, a reload) leaves a stale norm.
+    """
     if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
         raise ValueError("weight, lora_A and lora_B must be 2-D ([N, K], [r, K], [N, r])")
     N, K = weight.shape
@@ -54,12 +44,17 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
     if tuple(lora_A.shape) != (r, K) or tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lora_A must be [r, {K}] and lora_B [{N}, r] for a [{N}, {K}] weight, got "
                          f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    acc = torch.float32 if weight.device.type == "mps" else torch.float64
+    s = float(scaling)
     with torch.no_grad():
-        A, B = lora_A.float(), lora_B.float()
-        WA = weight.float() @ A.t() if weight.dtype != torch.float32 else weight @ A.t()   # [N, r]
-        gram = A @ A.t()                                                                    # [r, r]
-        n2 = _weight_sq_norms(weight) + (2.0 * scaling) * (WA * B).sum(1) + (scaling * scaling) * ((B @ gram) * B).sum(1)
-        return n2.clamp_min_(0).sqrt_()
+        A, B = lora_A.detach().to(acc), lora_B.detach().to(acc)
+        quad = (s * s) * ((B @ (A @ A.t())) * B).sum(1)                  # s²·B_n(AAᵀ)B_nᵀ
+        n2 = torch.empty(N, dtype=acc, device=weight.device)
+        for i in range(0, N, _NORM_ROWS):
+            w = weight.detach()[i:i + _NORM_ROWS].to(acc)
+            n2[i:i + _NORM_ROWS] = (w * w).sum(1) + (2.0 * s) * ((w @ A.t()) * B[i:i + _NORM_ROWS]).sum(1) \
+                + quad[i:i + _NORM_ROWS]
+        return n2.clamp_min_(0).sqrt_().float()
 
 
 def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,

@@ -17,7 +17,6 @@ No dropout (the multi-adapter op has none).
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -235,30 +234,6 @@ def _use_ext(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and _ext.available()
 
 
-# id(B) -> (weakref to B, key, B transposed). An entry goes away with its B (weakref callback), and is
-# rebuilt whenever B changes; kept off the tensor itself so it never ends up in a saved checkpoint.
-_BT_CACHE: dict = {}
-
-
-def _b_transposed(B: torch.Tensor) -> Optional[torch.Tensor]:
-    """``B`` [S, N, R] as a contiguous [S, R, N] copy for the fp32 C++ kernels, cached per tensor and
-    rebuilt whenever B changes (its version counter, storage, shape or strides)."""
-    if B.dtype != torch.float32 or torch.compiler.is_compiling():
-        return None
-    key = (B._version, B.data_ptr(), tuple(B.shape), B.stride())
-    hit = _BT_CACHE.get(id(B))
-    if hit is not None and hit[0]() is B and hit[1] == key:
-        return hit[2]
-    with torch.no_grad():
-        bt = B.detach().transpose(1, 2).contiguous()
-    try:
-        ref = weakref.ref(B, lambda _, k=id(B): _BT_CACHE.pop(k, None))
-    except TypeError:  # not weak-referenceable: no cache
-        return bt
-    _BT_CACHE[id(B)] = (ref, key, bt)
-    return bt
-
-
 def _torch_forward(x, weight, bias, A, B, m: AdapterMapping, scal, ranks, scal_h, ranks_h, ext: bool):
     """y [T, N] in x.dtype and S [T_active, R] in the adapter dtype (sorted rows, unscaled)."""
     cdt = A.dtype
@@ -267,7 +242,7 @@ def _torch_forward(x, weight, bias, A, B, m: AdapterMapping, scal, ranks, scal_h
     if m.num_active == 0:
         return y, x.new_empty((0, R), dtype=cdt)
     if ext:
-        S = _ext.ops().multi_lora_fwd(y, x, A, B, m.perm, m.seg_slots, m.seg_starts, ranks, scal, _b_transposed(B))
+        S = _ext.ops().multi_lora_fwd(y, x, A, B, m.perm, m.seg_slots, m.seg_starts, ranks, scal, None)
         return y, S
     perm = m.perm.long()
     xs = x.index_select(0, perm)
@@ -294,7 +269,7 @@ def _torch_backward(dy, x, weight, A, B, S, m: AdapterMapping, scal, ranks, scal
     dx = torch.mm(dy, weight) if need_dx else None
     if ext and m.num_active and (need_dx or need_da or need_db):
         dA, dB = _ext.ops().multi_lora_bwd(dy, x, S, A, B, m.perm, m.seg_slots, m.seg_starts, ranks, scal,
-                                           dx, need_da, need_db, _b_transposed(B))
+                                           dx, need_da, need_db, None)
         return dx, (dA if need_da else None), (dB if need_db else None)
     dA = torch.zeros_like(A) if need_da else None
     dB = torch.zeros_like(B) if need_db else None

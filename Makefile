@@ -4,9 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.peft_kernels-installed
 # torch is pinned to the CPU wheel: a bare `torch` would pull a multi-GB CUDA build.
-DEPS   := torch==2.13.0 triton==3.8.0 numpy pytest ninja peft==0.21.0 setuptools wheel matplotlib tqdm
+DEPS   := torch==2.13.0 triton==3.8.0 numpy pytest hypothesis ninja peft==0.21.0 setuptools wheel matplotlib tqdm
 
-.PHONY: test bench bench-baseline venv info clean cuda-build-check test-triton36 gpu-check gpu-check-dry
+.PHONY: test bench bench-baseline venv info clean cuda-build-check test-triton36 gpu-check gpu-check-dry fuzz asan-test
 
 venv: $(STAMP)
 
@@ -22,6 +22,30 @@ test: $(STAMP)
 	@PEFT_KERNELS_REQUIRE_EXT=1 PEFT_KERNELS_REQUIRE_CUDA_TOOLKIT=1 $(BIN)/python -m pytest -q tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; exit 1; fi; \
 	exit $$rc
+
+# The fuzz suite (tests/test_fuzz.py, cases in tests/fuzz_cases.py) with many more hypothesis examples than
+# `make test` runs.
+FUZZ_EXAMPLES ?= 3000
+fuzz: $(STAMP)
+	PEFT_KERNELS_REQUIRE_EXT=1 PEFT_KERNELS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/test_fuzz.py
+
+# The C++ ops built with AddressSanitizer + UBSan (a copy of the package in build/asan), then the fuzz
+# groups and the compiled-op tests run against it with libasan/libubsan preloaded: any out-of-bounds access,
+# use after free or undefined behaviour in csrc/cpu aborts the child, which fails the test. ($(BIN)/pytest, not
+# `python -m pytest`: -m would put the checkout first on sys.path, ahead of the sanitized copy.)
+ASAN_DIR := build/asan
+ASAN_ENV := PEFT_KERNELS_ASAN_PACKAGE=$(CURDIR)/$(ASAN_DIR)/src PYTHONPATH=$(CURDIR)/$(ASAN_DIR)/src \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	PEFT_KERNELS_REQUIRE_EXT=1
+asan-test: $(STAMP)
+	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)/src
+	PEFT_KERNELS_SANITIZE=1 PEFT_KERNELS_CUDA=0 $(BIN)/python setup.py -q build_ext --build-lib $(ASAN_DIR)/lib \
+		--build-temp $(ASAN_DIR)/tmp
+	cp -r peft_kernels $(ASAN_DIR)/src/ && rm -f $(ASAN_DIR)/src/peft_kernels/_C*.so
+	cp $(ASAN_DIR)/lib/peft_kernels/_C*.so $(ASAN_DIR)/src/peft_kernels/
+	$(ASAN_ENV) PEFT_KERNELS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider \
+		tests/test_fuzz.py tests/test_gather_ops.py tests/test_multi_lora_op.py tests/test_ext.py
 
 # The default CPU benchmark suite (prints a table on the current device).
 bench: $(STAMP)

@@ -15,6 +15,8 @@ Environment:
                             visible "8.0;8.6;8.9;9.0+PTX")
   CUDA_HOME                 the toolkit root (the folder with bin/ptxas and include/cuda_runtime.h)
   MAX_JOBS                  parallel compile jobs (ninja; default: one per CPU core)
+  PEFT_KERNELS_SANITIZE=1   a debug CPU build with AddressSanitizer and UBSan (`make asan-test`; load it with
+                            libasan preloaded); a failed build is an error
 
 The CUDA build uses whatever CUDA torch is installed (torch 2.11-2.14, CUDA 12.x or 13.x): its headers,
 its C++ standard (C++20 from torch 2.14, C++17 before) and a toolkit whose major version matches
@@ -83,12 +85,17 @@ def _ext_modules():
               "installing without the C++ extension", file=sys.stderr)
         return [], {}
     cuda = _want_cuda(torch.version.cuda is not None)
-    strict = cuda and os.environ.get("PEFT_KERNELS_CUDA") == "1"
+    strict = (cuda and os.environ.get("PEFT_KERNELS_CUDA") == "1") or os.environ.get("PEFT_KERNELS_SANITIZE") == "1"
     # torch ≥ 2.14's headers need C++20 ("#error C++20 or later compatible compiler is required")
     tv = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
     std = "-std=c++20" if tv >= (2, 14) else "-std=c++17"
     cxx = ["-O3", std]
     link = []
+    sanitize = os.environ.get("PEFT_KERNELS_SANITIZE") == "1"
+    if sanitize:  # make asan-test: every out-of-bounds access or undefined behaviour in csrc/cpu aborts
+        san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+        cxx = ["-O1", "-g", std] + san
+        link += san
     if platform.system() == "Linux":
         cxx.append("-fopenmp")  # at::parallel_for; libgomp is the one torch already loaded
         link.append("-fopenmp")

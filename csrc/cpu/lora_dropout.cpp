@@ -41,7 +41,7 @@ PK_ISA_VARIANTS(masked_copy, (const float* x, float* out, int64_t n, uint64_t ba
                 (x, out, n, base, keys))
 
 DropoutKeys make_keys(int64_t k0, int64_t k1, int64_t k2, int64_t thr) {
-  TORCH_CHECK(k0 >= 0 && k0 < (int64_t(1) << 32) && k1 >= 0 && k1 < (int64_t(1) << 32) && k2 >= 0 &&
+  TORCH_CHECK_VALUE(k0 >= 0 && k0 < (int64_t(1) << 32) && k1 >= 0 && k1 < (int64_t(1) << 32) && k2 >= 0 &&
                   k2 < (int64_t(1) << 32) && thr >= 0 && thr < (int64_t(1) << 32),
               "peft_kernels: dropout keys and threshold must be uint32 values");
   return DropoutKeys{static_cast<uint32_t>(k0), static_cast<uint32_t>(k1), static_cast<uint32_t>(k2),
@@ -49,16 +49,16 @@ DropoutKeys make_keys(int64_t k0, int64_t k1, int64_t k2, int64_t thr) {
 }
 
 void check_f32_2d(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "peft_kernels: ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "peft_kernels: ", name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 2, "peft_kernels: ", name, " must be 2-D, got ", t.dim(), "-D");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "peft_kernels: ", name, " must be a CPU tensor");
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "peft_kernels: ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2, "peft_kernels: ", name, " must be 2-D, got ", t.dim(), "-D");
 }
 
 }  // namespace
 
 at::Tensor dropout_keep_mask(int64_t M, int64_t K, int64_t k0, int64_t k1, int64_t k2, int64_t thr,
                              int64_t offset) {
-  TORCH_CHECK(M >= 0 && K >= 0 && offset >= 0, "peft_kernels: M, K and offset must be >= 0");
+  TORCH_CHECK_VALUE(M >= 0 && K >= 0 && offset >= 0, "peft_kernels: M, K and offset must be >= 0");
   const DropoutKeys keys = make_keys(k0, k1, k2, thr);
   at::Tensor ones = at::ones({K}, at::kFloat);
   at::Tensor out = at::empty({M, K}, at::kFloat);
@@ -83,7 +83,7 @@ at::Tensor lora_dropout_shrink(const at::Tensor& x_, const at::Tensor& A_, int64
                                int64_t thr) {
   check_f32_2d(x_, "x");
   check_f32_2d(A_, "lora_A");
-  TORCH_CHECK(x_.size(1) == A_.size(1), "peft_kernels: x has ", x_.size(1), " columns but lora_A has ", A_.size(1));
+  TORCH_CHECK_VALUE(x_.size(1) == A_.size(1), "peft_kernels: x has ", x_.size(1), " columns but lora_A has ", A_.size(1));
   const DropoutKeys keys = make_keys(k0, k1, k2, thr);
   const at::Tensor x = x_.detach().contiguous(), At = A_.detach().t();
   const int64_t M = x.size(0), K = x.size(1), R = A_.size(0);
@@ -115,10 +115,10 @@ std::tuple<at::Tensor, at::Tensor> lora_dropout_bwd(const at::Tensor& dS_, const
   check_f32_2d(dS_, "dS");
   check_f32_2d(x_, "x");
   check_f32_2d(A_, "lora_A");
-  TORCH_CHECK(dS_.size(0) == x_.size(0), "peft_kernels: dS has ", dS_.size(0), " rows but x has ", x_.size(0));
-  TORCH_CHECK(dS_.size(1) == A_.size(0), "peft_kernels: dS has ", dS_.size(1), " columns but lora_A has ",
+  TORCH_CHECK_VALUE(dS_.size(0) == x_.size(0), "peft_kernels: dS has ", dS_.size(0), " rows but x has ", x_.size(0));
+  TORCH_CHECK_VALUE(dS_.size(1) == A_.size(0), "peft_kernels: dS has ", dS_.size(1), " columns but lora_A has ",
               A_.size(0), " rows");
-  TORCH_CHECK(x_.size(1) == A_.size(1), "peft_kernels: x has ", x_.size(1), " columns but lora_A has ", A_.size(1));
+  TORCH_CHECK_VALUE(x_.size(1) == A_.size(1), "peft_kernels: x has ", x_.size(1), " columns but lora_A has ", A_.size(1));
   const DropoutKeys keys = make_keys(k0, k1, k2, thr);
   const at::Tensor x = x_.detach().contiguous(), dS = dS_.detach().contiguous(), A = A_.detach().contiguous();
   const int64_t M = x.size(0), K = x.size(1), R = dS.size(1);

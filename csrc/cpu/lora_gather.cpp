@@ -7,6 +7,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
+
 #include "peft_kernels/gather_checks.h"
 
 namespace peft_kernels {
@@ -37,8 +39,9 @@ at::Tensor bgmv_shrink(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                        const at::Tensor& ranks, const c10::optional<at::Tensor>& scalings) {
   const int64_t R = check_shrink(x, w);
   check_rows(perm, perm.size(0), x);
-  check_rows(pos_slots, perm.size(0), x);
+  check_rows(pos_slots, perm.size(0), x, "pos_slots");
   check_slots(w, ranks, scalings);
+  check_mapping_values(perm, x.size(0), &pos_slots, nullptr, nullptr, w.size(0));
   const int64_t T = perm.size(0), KD = x.size(1);
   at::Tensor S = at::zeros({T, R}, x.options().dtype(at::kFloat));
   const int32_t* pm = perm.data_ptr<int32_t>();
@@ -51,7 +54,7 @@ at::Tensor bgmv_shrink(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
       for (int64_t p = b; p < e; ++p) {
         const int64_t slot = ps[p];
-        const int64_t rank = std::min<int64_t>(rk[slot], R);
+        const int64_t rank = std::clamp<int64_t>(rk[slot], 0, R);
         const float s = slot_scale(scalings, slot);
         const scalar_t* row = xp + pm[p] * x.stride(0);
         for (int64_t r = 0; r < rank; ++r) {
@@ -67,8 +70,9 @@ void bgmv_expand(at::Tensor y, const at::Tensor& S, const at::Tensor& w, const a
                  const at::Tensor& pos_slots, const at::Tensor& ranks, const c10::optional<at::Tensor>& scalings) {
   check_expand(y, S, w);
   check_rows(perm, S.size(0), y);
-  check_rows(pos_slots, S.size(0), y);
+  check_rows(pos_slots, S.size(0), y, "pos_slots");
   check_slots(w, ranks, scalings);
+  check_mapping_values(perm, y.size(0), &pos_slots, nullptr, nullptr, w.size(0));
   const int64_t T = S.size(0), R = S.size(1), ND = y.size(1);
   const int32_t* pm = perm.data_ptr<int32_t>();
   const int32_t* ps = pos_slots.data_ptr<int32_t>();
@@ -81,7 +85,7 @@ void bgmv_expand(at::Tensor y, const at::Tensor& S, const at::Tensor& w, const a
     at::parallel_for(0, T, 4, [&](int64_t b, int64_t e) {
       for (int64_t p = b; p < e; ++p) {
         const int64_t slot = ps[p];
-        const int64_t rank = std::min<int64_t>(rk[slot], R);
+        const int64_t rank = std::clamp<int64_t>(rk[slot], 0, R);
         if (rank == 0) continue;
         const float s = slot_scale(scalings, slot);
         scalar_t* out = yp + pm[p] * y.stride(0);
@@ -104,6 +108,7 @@ at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   check_rows(perm, perm.size(0), x);
   check_segments(seg_slots, seg_starts, x);
   check_slots(w, ranks, scalings);
+  check_mapping_values(perm, x.size(0), nullptr, &seg_slots, &seg_starts, w.size(0));
   TORCH_CHECK_VALUE(max_count >= 0, "max_count must be ≥ 0");
   at::Tensor S = at::zeros({perm.size(0), R}, x.options().dtype(at::kFloat));
   const int32_t* st = seg_starts.data_ptr<int32_t>();
@@ -111,7 +116,7 @@ at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const at::Tensor perm64 = perm.to(at::kLong);
   for (int64_t g = 0; g < seg_slots.size(0); ++g) {  // each GEMM is parallel inside
     const int64_t slot = sl[g], a = st[g], b = st[g + 1];
-    const int64_t rank = std::min<int64_t>(ranks.data_ptr<int32_t>()[slot], R);
+    const int64_t rank = std::clamp<int64_t>(ranks.data_ptr<int32_t>()[slot], 0, R);
     if (rank == 0 || b == a) continue;
     at::Tensor rows = x.index_select(0, perm64.slice(0, a, b)).to(at::kFloat);       // [n, KD]
     at::Tensor wg = w.select(0, slot).slice(0, 0, rank).to(at::kFloat);              // [rank, KD]
@@ -127,6 +132,7 @@ void sgmv_expand(at::Tensor y, const at::Tensor& S, const at::Tensor& w, const a
   check_rows(perm, S.size(0), y);
   check_segments(seg_slots, seg_starts, y);
   check_slots(w, ranks, scalings);
+  check_mapping_values(perm, y.size(0), nullptr, &seg_slots, &seg_starts, w.size(0));
   TORCH_CHECK_VALUE(max_count >= 0, "max_count must be ≥ 0");
   const int64_t R = S.size(1);
   const int32_t* st = seg_starts.data_ptr<int32_t>();
@@ -134,7 +140,7 @@ void sgmv_expand(at::Tensor y, const at::Tensor& S, const at::Tensor& w, const a
   const at::Tensor perm64 = perm.to(at::kLong);
   for (int64_t g = 0; g < seg_slots.size(0); ++g) {
     const int64_t slot = sl[g], a = st[g], b = st[g + 1];
-    const int64_t rank = std::min<int64_t>(ranks.data_ptr<int32_t>()[slot], R);
+    const int64_t rank = std::clamp<int64_t>(ranks.data_ptr<int32_t>()[slot], 0, R);
     if (rank == 0 || b == a) continue;
     at::Tensor idx = perm64.slice(0, a, b);
     at::Tensor upd = at::mm(S.slice(0, a, b).slice(1, 0, rank), w.select(0, slot).slice(1, 0, rank).to(at::kFloat).t());

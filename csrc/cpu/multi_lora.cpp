@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #define PK_T512 <v16, 4>
@@ -113,11 +114,14 @@ std::vector<T> to_vector(const at::Tensor& t) {
 // R = lora_A.size(1): each slot's rank is clamped to [0, R] (as the CUDA and Triton kernels do), so a ranks
 // buffer holding a value past R never reads or writes past row R of a slot.
 Segments read_segments(const at::Tensor& seg_slots, const at::Tensor& seg_starts, const at::Tensor& ranks,
-                       const at::Tensor& scalings, int64_t R) {
-  TORCH_CHECK(seg_slots.dim() == 1 && seg_starts.dim() == 1 && seg_starts.size(0) == seg_slots.size(0) + 1,
-              "seg_starts must have one more entry than seg_slots");
-  TORCH_CHECK(seg_slots.device().is_cpu() && seg_starts.device().is_cpu() && ranks.device().is_cpu() &&
-                  scalings.device().is_cpu(), "segment tensors, ranks and scalings must be CPU tensors");
+                       const at::Tensor& scalings, int64_t R, int64_t n_active) {
+  TORCH_CHECK_VALUE(seg_slots.dim() == 1 && seg_starts.dim() == 1 && seg_starts.size(0) == seg_slots.size(0) + 1,
+                    "multi_lora: seg_starts must have one more entry than seg_slots");
+  TORCH_CHECK_VALUE(seg_slots.device().is_cpu() && seg_starts.device().is_cpu() && ranks.device().is_cpu() &&
+                        scalings.device().is_cpu(), "multi_lora: segment tensors, ranks and scalings must be CPU tensors");
+  for (const auto* t : {&seg_slots, &seg_starts, &ranks})
+    TORCH_CHECK_TYPE(!t->is_floating_point() && !t->is_complex() && t->scalar_type() != at::kBool,
+                     "multi_lora: seg_slots, seg_starts and ranks must be integer tensors, got ", t->scalar_type());
   Segments s;
   s.slots = to_vector<int64_t>(seg_slots);
   s.starts = to_vector<int64_t>(seg_starts);
@@ -126,9 +130,12 @@ Segments read_segments(const at::Tensor& seg_slots, const at::Tensor& seg_starts
   s.scal = to_vector<double>(scalings);
   const int64_t S = static_cast<int64_t>(s.ranks.size());
   for (size_t g = 0; g < s.slots.size(); ++g) {
-    TORCH_CHECK(s.slots[g] >= 0 && s.slots[g] < S, "segment slot ", s.slots[g], " out of range [0, ", S, ")");
-    TORCH_CHECK(s.starts[g] <= s.starts[g + 1], "seg_starts must be non-decreasing");
+    TORCH_CHECK_VALUE(s.slots[g] >= 0 && s.slots[g] < S, "multi_lora: seg_slots[", g, "] = ", s.slots[g],
+                      " is not a slot in [0, ", S, ")");
+    TORCH_CHECK_VALUE(s.starts[g] <= s.starts[g + 1], "multi_lora: seg_starts must be non-decreasing");
   }
+  TORCH_CHECK_VALUE(s.starts.front() == 0 && s.starts.back() == n_active, "multi_lora: seg_starts must run from 0 to "
+                    "len(perm) = ", n_active, ", got ", s.starts.front(), " … ", s.starts.back());
   return s;
 }
 
@@ -150,12 +157,51 @@ at::Tensor active_b_transposed(const at::Tensor& B, const Segments& segs) {
 
 void check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& perm,
                   const at::Tensor& ranks, const at::Tensor& scalings) {
-  TORCH_CHECK(x.device().is_cpu() && A.device().is_cpu() && B.device().is_cpu(), "CPU tensors expected");
-  TORCH_CHECK(x.dim() == 2 && A.dim() == 3 && B.dim() == 3, "x must be 2-D, lora_A and lora_B 3-D");
-  TORCH_CHECK(A.size(2) == x.size(1) && B.size(0) == A.size(0) && B.size(2) == A.size(1),
-              "lora_A [S, R, K] / lora_B [S, N, R] do not match x [T, K]");
-  TORCH_CHECK(perm.dim() == 1 && ranks.numel() == A.size(0) && scalings.numel() == A.size(0),
-              "perm must be 1-D; ranks and scalings need one entry per slot");
+  for (const auto* t : {&x, &A, &B, &perm, &ranks, &scalings})
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "multi_lora: every tensor must be on the CPU, got one on ", t->device());
+  TORCH_CHECK_TYPE(x.is_floating_point() && A.is_floating_point() && B.is_floating_point(),
+                   "multi_lora: x, lora_A and lora_B must be floating point, got ", x.scalar_type(), ", ",
+                   A.scalar_type(), ", ", B.scalar_type());
+  TORCH_CHECK_TYPE(A.scalar_type() == B.scalar_type(), "multi_lora: lora_A and lora_B must share a dtype, got ",
+                   A.scalar_type(), " and ", B.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2 && A.dim() == 3 && B.dim() == 3, "multi_lora: x must be 2-D, lora_A and lora_B 3-D");
+  TORCH_CHECK_VALUE(A.size(2) == x.size(1) && B.size(0) == A.size(0) && B.size(2) == A.size(1),
+                    "multi_lora: lora_A ", A.sizes(), " / lora_B ", B.sizes(), " must be [S, R, K] / [S, N, R] for x ",
+                    x.sizes());
+  TORCH_CHECK_TYPE(!perm.is_floating_point() && !perm.is_complex() && perm.scalar_type() != at::kBool,
+                   "multi_lora: perm must be an integer tensor, got ", perm.scalar_type());
+  TORCH_CHECK_VALUE(perm.dim() == 1 && ranks.dim() == 1 && scalings.dim() == 1 && ranks.numel() == A.size(0) &&
+                        scalings.numel() == A.size(0),
+                    "multi_lora: perm must be 1-D; ranks and scalings 1-D with one entry per slot (", A.size(0), ")");
+}
+
+// perm's values: distinct rows of x (two work items writing one row would race). O(T_active + T).
+void check_perm(const at::Tensor& idx, int64_t T) {
+  const int64_t* p = idx.data_ptr<int64_t>();
+  std::vector<uint8_t> seen(static_cast<size_t>(T), 0);
+  for (int64_t i = 0; i < idx.numel(); ++i) {
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < T, "multi_lora: perm[", i, "] = ", p[i], " is not a row of x in [0, ", T,
+                      ")");
+    TORCH_CHECK_VALUE(!seen[p[i]], "multi_lora: perm holds row ", p[i], " twice (at ", i, ")");
+    seen[p[i]] = 1;
+  }
+}
+
+// a [rows, cols] float tensor on the CPU
+void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "multi_lora: ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK_TYPE(t.is_floating_point(), "multi_lora: ", name, " must be floating point, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "multi_lora: ", name, " must be [", rows,
+                    ", ", cols, "], got ", t.sizes());
+}
+
+// lora_B_t: lora_B [S, N, R] transposed to fp32 [S, R, N] with unit stride along N
+void check_b_t(const at::Tensor& Bt, const at::Tensor& B) {
+  TORCH_CHECK_VALUE(Bt.device().is_cpu() && Bt.scalar_type() == at::kFloat && Bt.dim() == 3 &&
+                        Bt.size(0) == B.size(0) && Bt.size(1) == B.size(2) && Bt.size(2) == B.size(1) &&
+                        Bt.stride(2) == 1,
+                    "multi_lora: lora_B_t must be lora_B transposed to a float32 CPU [", B.size(0), ", ", B.size(2),
+                    ", ", B.size(1), "] tensor with unit stride along N, got ", Bt.sizes());
 }
 
 // y[rows[i], :] += scale · Σ_j S[i, j] · Bt[j, :] with Bt = B_aᵀ ([r, N], row stride ldbt): rank-row
@@ -247,16 +293,16 @@ at::Tensor multi_lora_fwd(at::Tensor y, const at::Tensor& x, const at::Tensor& l
                           const at::Tensor& ranks, const at::Tensor& scalings,
                           const c10::optional<at::Tensor>& lora_B_t) {
   check_common(x, lora_A, lora_B, perm, ranks, scalings);
-  TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == lora_B.size(1), "y must be [T, N]");
-  const auto segs = read_segments(seg_slots, seg_starts, ranks, scalings, lora_A.size(1));
+  check_matrix(y, "y", x.size(0), lora_B.size(1));
+  const auto segs = read_segments(seg_slots, seg_starts, ranks, scalings, lora_A.size(1), perm.size(0));
   // at::parallel_for's workers do not inherit grad mode: never hand them tensors that require grad
   const auto xd = x.detach();
   const auto A = lora_A.detach();
   const auto B = lora_B.detach();
-  const auto idx = perm.to(at::kLong);
+  const auto idx = perm.to(at::kLong).contiguous();
   const auto cdt = A.scalar_type();
   const int64_t R = A.size(1), Ta = idx.size(0);
-  TORCH_CHECK(segs.starts.back() == Ta, "seg_starts must end at perm's length");
+  check_perm(idx, x.size(0));
   auto S = at::zeros({Ta, R}, A.options());
   std::vector<Item> items;
   for (size_t g = 0; g < segs.slots.size(); ++g) {
@@ -272,10 +318,8 @@ at::Tensor multi_lora_fwd(at::Tensor y, const at::Tensor& x, const at::Tensor& l
     // B transposed to [S, R, N] (given, or built for the active slots): the expand runs along N, no shuffles
     const at::Tensor Bt = (lora_B_t.has_value() && lora_B_t->defined()) ? lora_B_t->detach()
                                                                          : active_b_transposed(B, segs);
-    TORCH_CHECK(Bt.scalar_type() == at::kFloat && Bt.dim() == 3 && Bt.size(0) == B.size(0) &&
-                    Bt.size(1) == B.size(2) && Bt.size(2) == B.size(1) && Bt.stride(2) == 1,
-                "lora_B_t must be lora_B transposed to [S, R, N] with unit stride along N");
-    TORCH_CHECK(y.stride(1) == 1, "y must have unit column stride");
+    check_b_t(Bt, B);
+    TORCH_CHECK_VALUE(y.stride(1) == 1, "multi_lora: y must have unit column stride");
     const int64_t K = xc.size(1), N = B.size(1);
     const int64_t* ip = idx.data_ptr<int64_t>();
     const float* xp = xc.data_ptr<float>();
@@ -328,13 +372,17 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_bwd(const at::Tensor& dy, const at
                                                   bool need_da, bool need_db,
                                                   const c10::optional<at::Tensor>& lora_B_t) {
   check_common(x, lora_A, lora_B, perm, ranks, scalings);
-  const auto segs = read_segments(seg_slots, seg_starts, ranks, scalings, lora_A.size(1));
+  check_matrix(dy, "dy", x.size(0), lora_B.size(1));
+  check_matrix(S, "S", perm.size(0), lora_A.size(1));
+  if (dx_opt.has_value() && dx_opt->defined()) check_matrix(*dx_opt, "dx", x.size(0), x.size(1));
+  const auto segs = read_segments(seg_slots, seg_starts, ranks, scalings, lora_A.size(1), perm.size(0));
   const auto xd = x.detach();
   const auto dyd = dy.detach();
   const auto Sd = S.detach();
   const auto A = lora_A.detach();
   const auto B = lora_B.detach();
-  const auto idx = perm.to(at::kLong);
+  const auto idx = perm.to(at::kLong).contiguous();
+  check_perm(idx, x.size(0));
   const auto cdt = A.scalar_type();
   at::Tensor dx = dx_opt.has_value() ? *dx_opt : at::Tensor();
   const bool need_dx = dx.defined();
@@ -352,10 +400,8 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_bwd(const at::Tensor& dy, const at
     const auto Ac = A.stride(2) == 1 ? A : A.contiguous();
     at::Tensor Bt = (lora_B_t.has_value() && lora_B_t->defined()) ? lora_B_t->detach()
                                                                    : active_b_transposed(B, segs);
-    TORCH_CHECK(Bt.scalar_type() == at::kFloat && Bt.dim() == 3 && Bt.size(1) == B.size(2) &&
-                    Bt.size(2) == B.size(1) && Bt.stride(2) == 1,
-                "lora_B_t must be lora_B transposed to [S, R, N] with unit stride along N");
-    if (need_dx) TORCH_CHECK(dx.stride(1) == 1, "dx must have unit column stride");
+    check_b_t(Bt, B);
+    if (need_dx) TORCH_CHECK_VALUE(dx.stride(1) == 1, "multi_lora: dx must have unit column stride");
     const int64_t K = xc.size(1), N = dyc.size(1), R = A.size(1);
     const int64_t* ip = idx.data_ptr<int64_t>();
     at::parallel_for(0, G, 1, [&](int64_t gb, int64_t ge) {
@@ -425,8 +471,14 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_bwd(const at::Tensor& dy, const at
 // distinct ids outside [-1, S) (for the caller's error message).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_by_adapter(const at::Tensor& ids,
                                                                                         int64_t num_slots) {
-  TORCH_CHECK(ids.device().is_cpu() && ids.dim() == 1, "ids must be a 1-D CPU tensor");
-  TORCH_CHECK(num_slots >= 1, "num_slots must be >= 1");
+  TORCH_CHECK_VALUE(ids.device().is_cpu() && ids.dim() == 1, "group_by_adapter: ids must be a 1-D CPU tensor");
+  TORCH_CHECK_TYPE(!ids.is_floating_point() && !ids.is_complex() && ids.scalar_type() != at::kBool,
+                   "group_by_adapter: ids must be an integer tensor, got ", ids.scalar_type());
+  // a count per slot is allocated; the outputs are int32
+  TORCH_CHECK_VALUE(num_slots >= 1 && num_slots <= (int64_t{1} << 24), "group_by_adapter: num_slots must be in [1, ",
+                    int64_t{1} << 24, "], got ", num_slots);
+  TORCH_CHECK_VALUE(ids.numel() <= std::numeric_limits<int32_t>::max(), "group_by_adapter: at most 2^31-1 ids, got ",
+                    ids.numel());
   const auto id = ids.to(at::kLong).contiguous();
   const int64_t T = id.numel();
   const int64_t* p = id.data_ptr<int64_t>();

@@ -70,6 +70,18 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Index guards: the values of the mapping tensors are never trusted (see cuda_kernels.h).
+__device__ __forceinline__ bool slot_ok(int slot, const Mapping& m) { return slot >= 0 && slot < m.num_slots; }
+__device__ __forceinline__ bool row_ok(int64_t row, const Mapping& m) { return row >= 0 && row < m.num_rows; }
+__device__ __forceinline__ int64_t clamp_rank(int32_t r, int64_t R) {
+  return min(max(static_cast<int64_t>(r), int64_t{0}), R);
+}
+// segment g's positions [start, end), clamped to [0, num_active]
+__device__ __forceinline__ void segment_bounds(const Mapping& m, int g, int64_t& start, int64_t& end) {
+  start = min(max(static_cast<int64_t>(m.seg_starts[g]), int64_t{0}), m.num_active);
+  end = min(max(static_cast<int64_t>(m.seg_starts[g + 1]), start), m.num_active);
+}
+
 // ---------------------------------------------------------------------------------------------
 // BGMV
 // ---------------------------------------------------------------------------------------------
@@ -82,10 +94,12 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
                        int64_t ws1, int64_t ws2, float* __restrict__ out, int64_t KD, int64_t R, Mapping m) {
   const int64_t p = blockIdx.x;
   const int slot = m.pos_slots[p];
-  const int64_t rank = min(static_cast<int64_t>(m.ranks[slot]), R);
+  const int64_t tok = m.perm[p];
+  if (!slot_ok(slot, m) || !row_ok(tok, m)) return;  // its S row stays zero
+  const int64_t rank = clamp_rank(m.ranks[slot], R);
   const int64_t r_end = min(rank, static_cast<int64_t>(blockIdx.y + 1) * kShrinkRanksPerBlock);
   const float s = m.scalings != nullptr ? m.scalings[slot] : 1.f;
-  const T* row = in + static_cast<int64_t>(m.perm[p]) * in_s0;
+  const T* row = in + tok * in_s0;
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   for (int64_t r = static_cast<int64_t>(blockIdx.y) * kShrinkRanksPerBlock + warp; r < r_end; r += kShrinkWarps) {
@@ -121,14 +135,16 @@ __global__ void __launch_bounds__(kExpandThreads, 8)  // (without the 8, ptxas s
   extern __shared__ float srow[];  // the token's buffer row, [rank]
   const int64_t p = blockIdx.x;
   const int slot = m.pos_slots[p];
-  const int64_t rank = min(static_cast<int64_t>(m.ranks[slot]), R);
+  const int64_t tok = m.perm[p];
+  if (!slot_ok(slot, m) || !row_ok(tok, m)) return;  // the same for the whole block
+  const int64_t rank = clamp_rank(m.ranks[slot], R);
   for (int64_t r = threadIdx.x; r < rank; r += blockDim.x) srow[r] = buf[p * R + r];
   __syncthreads();
   const int64_t n = static_cast<int64_t>(blockIdx.y) * kExpandThreads + threadIdx.x;
   if (n >= ND || rank == 0) return;
   const float s = m.scalings != nullptr ? m.scalings[slot] : 1.f;
   const float acc = smem_row_dot(srow, w + slot * ws0 + n * ws1, ws2, rank);
-  T* o = out + static_cast<int64_t>(m.perm[p]) * out_s0 + n * out_s1;
+  T* o = out + tok * out_s0 + n * out_s1;
   *o = from_f<T>(to_f(*o) + s * acc);
 }
 
@@ -141,18 +157,18 @@ constexpr int kTileK = 64;
 constexpr int kShrinkThreads = kTileRows * kTileRanks;
 
 // tile[i][c] = (float) base[row_i·s_row + (k0 + c)·s_col] for i < nrows, k0 + c < KD; 0 elsewhere.
-// row_i = rowmap ? rowmap[row0 + i] : row0 + i. Vector loads where the row slice is contiguous and aligned.
+// row_i = rowmap ? rowmap[row0 + i] : row0 + i (a mapped row outside [0, num_rows) reads as zeros). Vector loads where the row slice is contiguous and aligned.
 template <typename T>
 __device__ void load_tile(float (*tile)[kTileK + 1], const T* base, int64_t s_row, int64_t s_col,
-                          const int32_t* rowmap, int64_t row0, int nrows, int64_t k0, int64_t KD) {
+                          const int32_t* rowmap, int64_t num_rows, int64_t row0, int nrows, int64_t k0, int64_t KD) {
   constexpr int V = Vec<T>::kN;
   constexpr int kVecPerRow = kTileK / V;
   for (int v = threadIdx.x; v < kTileRows * kVecPerRow; v += blockDim.x) {
     const int i = v / kVecPerRow;
     const int c = (v % kVecPerRow) * V;
     float vals[V];
-    if (i < nrows) {
-      const int64_t row = rowmap != nullptr ? static_cast<int64_t>(rowmap[row0 + i]) : row0 + i;
+    const int64_t row = i < nrows ? (rowmap != nullptr ? static_cast<int64_t>(rowmap[row0 + i]) : row0 + i) : -1;
+    if (i < nrows && (rowmap == nullptr || (row >= 0 && row < num_rows))) {  // a bad perm entry reads zeros
       const T* src = base + row * s_row + (k0 + c) * s_col;
       if (s_col == 1 && k0 + c + V <= KD && aligned16(src)) {
         const uint4 x = __ldg(reinterpret_cast<const uint4*>(src));
@@ -180,28 +196,31 @@ __global__ void __launch_bounds__(kShrinkThreads)
   __shared__ float wt[kTileRanks][kTileK + 1];
   const int g = blockIdx.y;
   const int slot = m.seg_slots[g];
-  const int64_t end = m.seg_starts[g + 1];
-  const int64_t p0 = m.seg_starts[g] + static_cast<int64_t>(blockIdx.x) * kTileRows;
-  const int64_t rank = min(static_cast<int64_t>(m.ranks[slot]), R);
+  if (!slot_ok(slot, m)) return;  // the same for the whole block
+  int64_t start, end;
+  segment_bounds(m, g, start, end);
+  const int64_t rank = clamp_rank(m.ranks[slot], R);
   const int64_t r0 = static_cast<int64_t>(blockIdx.z) * kTileRanks;
-  if (p0 >= end || r0 >= rank) return;  // the same for the whole block
-  const int rows = static_cast<int>(min(static_cast<int64_t>(kTileRows), end - p0));
+  if (r0 >= rank) return;
   const int nr = static_cast<int>(min(static_cast<int64_t>(kTileRanks), rank - r0));
   const int tr = threadIdx.x % kTileRanks;
   const int ti = threadIdx.x / kTileRanks;
   const T* wslot = w + slot * ws0 + r0 * ws1;
-  float acc = 0.f;
-  for (int64_t k0 = 0; k0 < KD; k0 += kTileK) {
-    load_tile<T>(xs, in, in_s0, in_s1, m.perm, p0, rows, k0, KD);
-    load_tile<T>(wt, wslot, ws1, ws2, nullptr, 0, nr, k0, KD);
-    __syncthreads();
+  const float s = m.scalings != nullptr ? m.scalings[slot] : 1.f;
+  // row blocks stride by the grid: a segment longer than max_count is still covered (p0, end: block-uniform)
+  for (int64_t p0 = start + static_cast<int64_t>(blockIdx.x) * kTileRows; p0 < end;
+       p0 += static_cast<int64_t>(gridDim.x) * kTileRows) {
+    const int rows = static_cast<int>(min(static_cast<int64_t>(kTileRows), end - p0));
+    float acc = 0.f;
+    for (int64_t k0 = 0; k0 < KD; k0 += kTileK) {
+      load_tile<T>(xs, in, in_s0, in_s1, m.perm, m.num_rows, p0, rows, k0, KD);
+      load_tile<T>(wt, wslot, ws1, ws2, nullptr, 0, 0, nr, k0, KD);
+      __syncthreads();
 #pragma unroll 16
-    for (int k = 0; k < kTileK; ++k) acc = fmaf(xs[ti][k], wt[tr][k], acc);
-    __syncthreads();
-  }
-  if (ti < rows && tr < nr) {
-    const float s = m.scalings != nullptr ? m.scalings[slot] : 1.f;
-    out[(p0 + ti) * R + r0 + tr] = acc * s;
+      for (int k = 0; k < kTileK; ++k) acc = fmaf(xs[ti][k], wt[tr][k], acc);
+      __syncthreads();
+    }
+    if (ti < rows && tr < nr) out[(p0 + ti) * R + r0 + tr] = acc * s;
   }
 }
 
@@ -221,16 +240,18 @@ __global__ void __launch_bounds__(kExpandThreads)
   if (!kLora) {
     const int g = blockIdx.y;
     slot = m.seg_slots[g];
-    start = m.seg_starts[g];
-    end = m.seg_starts[g + 1];
-    rank = min(static_cast<int64_t>(m.ranks[slot]), R);
+    if (!slot_ok(slot, m)) return;  // the same for the whole block
+    segment_bounds(m, g, start, end);
+    rank = clamp_rank(m.ranks[slot], R);
     s = m.scalings != nullptr ? m.scalings[slot] : 1.f;
   }
-  const int64_t p0 = start + static_cast<int64_t>(blockIdx.x) * kTileRows;
-  if (p0 >= end || (!kLora && rank == 0)) return;  // the same for the whole block
-  const int rows = static_cast<int>(min(static_cast<int64_t>(kTileRows), end - p0));
+  if (!kLora && rank == 0) return;
   const int64_t n = static_cast<int64_t>(blockIdx.z) * kExpandThreads + threadIdx.x;
   const T* wrow = w + slot * ws0 + min(n, ND - 1) * ws1;  // clamped for the loads; stores are guarded
+  // row blocks stride by the grid: a segment longer than max_count is still covered (p0, end: block-uniform)
+  for (int64_t p0 = start + static_cast<int64_t>(blockIdx.x) * kTileRows; p0 < end;
+       p0 += static_cast<int64_t>(gridDim.x) * kTileRows) {
+  const int rows = static_cast<int>(min(static_cast<int64_t>(kTileRows), end - p0));
   float acc[kTileRows];
 #pragma unroll
   for (int i = 0; i < kTileRows; ++i) acc[i] = 0.f;
@@ -263,19 +284,25 @@ __global__ void __launch_bounds__(kExpandThreads)
     }
     __syncthreads();
   }
-  if (n >= ND) return;
-  const float bv = (kLora && bias != nullptr) ? to_f(bias[n]) : 0.f;
+  if (n < ND) {  // (no return: the block's threads meet at the next row block's barriers)
+    const float bv = (kLora && bias != nullptr) ? to_f(bias[n]) : 0.f;
 #pragma unroll
-  for (int i = 0; i < kTileRows; ++i) {
-    if (i < rows) {
-      const int64_t row = kLora ? p0 + i : static_cast<int64_t>(m.perm[p0 + i]);
-      T* o = out + row * out_s0 + n * out_s1;
-      *o = from_f<T>(to_f(*o) + s * acc[i] + bv);
+    for (int i = 0; i < kTileRows; ++i) {
+      if (i < rows) {
+        const int64_t row = kLora ? p0 + i : static_cast<int64_t>(m.perm[p0 + i]);
+        if (kLora || row_ok(row, m)) {
+          T* o = out + row * out_s0 + n * out_s1;
+          *o = from_f<T>(to_f(*o) + s * acc[i] + bv);
+        }
+      }
     }
+  }
   }
 }
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// row blocks of the SGMV grid: at least one (the kernels stride over longer segments), at most 2^31 - 1
+int64_t grid_rows(int64_t max_count) { return min(max(cdiv(max_count, kTileRows), int64_t{1}), int64_t{2147483647}); }
 
 constexpr int64_t kMaxGridYZ = 65535;
 constexpr int64_t kMaxBgmvExpandRank = 12 * 1024;  // its S row lives in (≤ 48 KB of) shared memory
@@ -326,7 +353,7 @@ cudaError_t sgmv_shrink(DType dt, const void* in, int64_t in_s0, int64_t in_s1, 
   if (m.num_segments > kMaxGridYZ || gz > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   return dispatch(dt, [&](auto tag) {
     using T = decltype(tag);
-    sgmv_shrink_kernel<T><<<dim3(cdiv(m.max_count, kTileRows), m.num_segments, gz), kShrinkThreads, 0, stream>>>(
+    sgmv_shrink_kernel<T><<<dim3(grid_rows(m.max_count), m.num_segments, gz), kShrinkThreads, 0, stream>>>(
         static_cast<const T*>(in), in_s0, in_s1, static_cast<const T*>(w.data), w.s0, w.s1, w.s2, out, KD, R, m);
     return cudaGetLastError();
   });
@@ -339,7 +366,7 @@ cudaError_t sgmv_expand(DType dt, const float* buf, WeightStack w, void* out, in
   if (m.num_segments > kMaxGridYZ || gz > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   return dispatch(dt, [&](auto tag) {
     using T = decltype(tag);
-    sgmv_expand_kernel<T, false><<<dim3(cdiv(m.max_count, kTileRows), m.num_segments, gz), kExpandThreads, 0,
+    sgmv_expand_kernel<T, false><<<dim3(grid_rows(m.max_count), m.num_segments, gz), kExpandThreads, 0,
                                    stream>>>(buf, static_cast<const T*>(w.data), w.s0, w.s1, w.s2,
                                              static_cast<T*>(out), out_s0, out_s1, ND, R, m, nullptr, 1.f, 0);
     return cudaGetLastError();

@@ -38,8 +38,10 @@ WeightStack stack(const at::Tensor& w) { return {w.data_ptr(), w.stride(0), w.st
 
 Mapping mapping(const at::Tensor& perm, const at::Tensor* pos_slots, const at::Tensor* seg_slots,
                 const at::Tensor* seg_starts, const at::Tensor& ranks, const c10::optional<at::Tensor>& scalings,
-                int64_t max_count) {
+                int64_t max_count, int64_t num_rows) {
   Mapping m{};
+  m.num_rows = num_rows;
+  m.num_slots = ranks.size(0);
   m.perm = perm.data_ptr<int32_t>();
   m.pos_slots = pos_slots ? pos_slots->data_ptr<int32_t>() : nullptr;
   m.seg_slots = seg_slots ? seg_slots->data_ptr<int32_t>() : nullptr;
@@ -57,12 +59,12 @@ at::Tensor bgmv_shrink(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   check_cuda(x, "x");
   const int64_t R = check_shrink(x, w);
   check_rows(perm, perm.size(0), x);
-  check_rows(pos_slots, perm.size(0), x);
+  check_rows(pos_slots, perm.size(0), x, "pos_slots");
   check_slots(w, ranks, scalings);
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor S = at::zeros({perm.size(0), R}, x.options().dtype(at::kFloat));
   ok(cuda::bgmv_shrink(dtype_of(x), x.data_ptr(), x.stride(0), x.stride(1), stack(w), S.data_ptr<float>(), x.size(1),
-                       R, mapping(perm, &pos_slots, nullptr, nullptr, ranks, scalings, 0),
+                       R, mapping(perm, &pos_slots, nullptr, nullptr, ranks, scalings, 0, x.size(0)),
                        c10::cuda::getCurrentCUDAStream()),
      "bgmv_shrink");
   return S;
@@ -73,11 +75,11 @@ void bgmv_expand(at::Tensor y, const at::Tensor& S, const at::Tensor& w, const a
   check_cuda(y, "y");
   check_expand(y, S, w);
   check_rows(perm, S.size(0), y);
-  check_rows(pos_slots, S.size(0), y);
+  check_rows(pos_slots, S.size(0), y, "pos_slots");
   check_slots(w, ranks, scalings);
   c10::cuda::CUDAGuard guard(y.device());
   ok(cuda::bgmv_expand(dtype_of(y), S.data_ptr<float>(), stack(w), y.data_ptr(), y.stride(0), y.stride(1), y.size(1),
-                       S.size(1), mapping(perm, &pos_slots, nullptr, nullptr, ranks, scalings, 0),
+                       S.size(1), mapping(perm, &pos_slots, nullptr, nullptr, ranks, scalings, 0, y.size(0)),
                        c10::cuda::getCurrentCUDAStream()),
      "bgmv_expand");
 }
@@ -94,7 +96,7 @@ at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor S = at::zeros({perm.size(0), R}, x.options().dtype(at::kFloat));
   ok(cuda::sgmv_shrink(dtype_of(x), x.data_ptr(), x.stride(0), x.stride(1), stack(w), S.data_ptr<float>(), x.size(1),
-                       R, mapping(perm, nullptr, &seg_slots, &seg_starts, ranks, scalings, max_count),
+                       R, mapping(perm, nullptr, &seg_slots, &seg_starts, ranks, scalings, max_count, x.size(0)),
                        c10::cuda::getCurrentCUDAStream()),
      "sgmv_shrink");
   return S;
@@ -111,7 +113,7 @@ void sgmv_expand(at::Tensor y, const at::Tensor& S, const at::Tensor& w, const a
   TORCH_CHECK_VALUE(max_count >= 0, "max_count must be ≥ 0");
   c10::cuda::CUDAGuard guard(y.device());
   ok(cuda::sgmv_expand(dtype_of(y), S.data_ptr<float>(), stack(w), y.data_ptr(), y.stride(0), y.stride(1), y.size(1),
-                       S.size(1), mapping(perm, nullptr, &seg_slots, &seg_starts, ranks, scalings, max_count),
+                       S.size(1), mapping(perm, nullptr, &seg_slots, &seg_starts, ranks, scalings, max_count, y.size(0)),
                        c10::cuda::getCurrentCUDAStream()),
      "sgmv_expand");
 }

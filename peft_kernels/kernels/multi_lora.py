@@ -278,14 +278,14 @@ def _shrink(path, cfg, inp, w, wstrides, out, scal, m, ranks, has_scale):
     if path == "sgmv":
         c = cfg["sgmv_shrink"]
         _sgmv_shrink_kernel[(m.num_segments, triton.cdiv(m.max_count, c.m), triton.cdiv(R, c.r))](
-            inp, w, out, scal, m.perm, m.seg_slots, m.seg_starts, ranks, KD, R,
+            inp, w, out, scal, m._perm, m._seg_slots, m._seg_starts, ranks, KD, R,
             inp.stride(0), inp.stride(1), *wstrides, HAS_SCALE=has_scale,
             BLOCK_M=c.m, BLOCK_K=c.k, BLOCK_R=c.r, num_warps=c.num_warps, num_stages=c.num_stages,
             **_flags(inp.dtype, w.dtype))
     else:
         c = cfg["bgmv_shrink"]
         _bgmv_shrink_kernel[(m.num_active, triton.cdiv(R, c.r))](
-            inp, w, out, scal, m.perm, m.pos_slots, ranks, KD, R,
+            inp, w, out, scal, m._perm, m._pos_slots, ranks, KD, R,
             inp.stride(0), inp.stride(1), *wstrides, HAS_SCALE=has_scale,
             BLOCK_K=c.k, BLOCK_R=c.r, num_warps=c.num_warps, num_stages=c.num_stages)
 
@@ -296,14 +296,14 @@ def _expand(path, cfg, buf, w, wstrides, out, scal, m, ranks, has_scale):
     if path == "sgmv":
         c = cfg["sgmv_expand"]
         _sgmv_expand_kernel[(m.num_segments, triton.cdiv(m.max_count, c.m), triton.cdiv(ND, c.n))](
-            buf, w, out, scal, m.perm, m.seg_slots, m.seg_starts, ranks, ND, R,
+            buf, w, out, scal, m._perm, m._seg_slots, m._seg_starts, ranks, ND, R,
             *wstrides, out.stride(0), out.stride(1), HAS_SCALE=has_scale,
             BLOCK_M=c.m, BLOCK_N=c.n, BLOCK_R=c.r, num_warps=c.num_warps, num_stages=c.num_stages,
             **_flags(out.dtype, w.dtype))
     else:
         c = cfg["bgmv_expand"]
         _bgmv_expand_kernel[(m.num_active, triton.cdiv(ND, c.n))](
-            buf, w, out, scal, m.perm, m.pos_slots, ranks, ND, R,
+            buf, w, out, scal, m._perm, m._pos_slots, ranks, ND, R,
             *wstrides, out.stride(0), out.stride(1), HAS_SCALE=has_scale,
             BLOCK_N=c.n, BLOCK_R=c.r, num_warps=c.num_warps, num_stages=c.num_stages)
 
@@ -314,7 +314,7 @@ def _outer(cfg, P, p_gather, Q, q_gather, out, scal, m, ranks, rank_on_i, has_sc
     I, J = out.shape[1], out.shape[2]
     bi, bj = (c.r, c.k) if rank_on_i else (c.k, c.r)
     _seg_outer_kernel[(m.num_segments, triton.cdiv(I, bi), triton.cdiv(J, bj))](
-        P, Q, out, scal, m.perm, m.seg_slots, m.seg_starts, ranks, I, J, I if rank_on_i else J,
+        P, Q, out, scal, m._perm, m._seg_slots, m._seg_starts, ranks, I, J, I if rank_on_i else J,
         P.stride(0), P.stride(1), Q.stride(0), Q.stride(1), out.stride(0), out.stride(1), out.stride(2),
         P_GATHER=p_gather, Q_GATHER=q_gather, RANK_ON_I=rank_on_i, HAS_SCALE=has_scale,
         BLOCK_M=c.m, BLOCK_I=bi, BLOCK_J=bj, num_warps=c.num_warps, num_stages=c.num_stages,

@@ -17,7 +17,7 @@ No dropout (the multi-adapter op has none).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -44,17 +44,31 @@ class AdapterMapping:
     (stable, id -1 excluded), ``pos_slots`` int32 ``[T_active]`` the adapter of each sorted position,
     ``seg_slots`` int32 ``[G]`` the active adapters, ``seg_starts`` int32 ``[G+1]`` segment offsets
     into ``perm``. Host copies (what launchers and the CPU path read): ``slots``, ``starts``.
+
+    Immutable: the kernels index memory with these values, so the mapping keeps its own tensors and the
+    ``perm``/``pos_slots``/``seg_slots``/``seg_starts`` properties return copies (changing one changes
+    nothing). Constructed directly (not by :func:`build_mapping`), every value is checked first.
     """
 
     num_tokens: int
     num_slots: int
-    perm: torch.Tensor
-    pos_slots: torch.Tensor
-    seg_slots: torch.Tensor
-    seg_starts: torch.Tensor
+    _perm: torch.Tensor
+    _pos_slots: torch.Tensor
+    _seg_slots: torch.Tensor
+    _seg_starts: torch.Tensor
     slots: Tuple[int, ...]
     starts: Tuple[int, ...]
     checked: bool
+    _trusted: bool = field(default=False, repr=False)
+
+    def __post_init__(self):
+        if not self._trusted:
+            _check_mapping(self)
+
+    perm = property(lambda self: self._perm.clone(), doc="int32 [T_active] (a copy)")
+    pos_slots = property(lambda self: self._pos_slots.clone(), doc="int32 [T_active] (a copy)")
+    seg_slots = property(lambda self: self._seg_slots.clone(), doc="int32 [G] (a copy)")
+    seg_starts = property(lambda self: self._seg_starts.clone(), doc="int32 [G+1] (a copy)")
 
     @property
     def num_segments(self) -> int:
@@ -70,7 +84,7 @@ class AdapterMapping:
 
     @property
     def device(self) -> torch.device:
-        return self.perm.device
+        return self._perm.device
 
     def counts(self) -> dict:
         """{slot: number of tokens} for the active slots."""
@@ -79,6 +93,45 @@ class AdapterMapping:
     def __repr__(self) -> str:
         return (f"AdapterMapping(tokens={self.num_tokens}, active={self.num_active}, slots={self.num_slots}, "
                 f"counts={self.counts()})")
+
+
+def _check_mapping(m: AdapterMapping) -> None:
+    """Every value of a mapping not built by build_mapping (kernels index memory with them): ValueError/TypeError."""
+    def bad(msg):
+        raise ValueError(f"AdapterMapping: {msg}")
+    for name in ("num_tokens", "num_slots"):
+        v = getattr(m, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "num_slots" else 0):
+            bad(f"{name} must be a {'positive' if name == 'num_slots' else 'non-negative'} int, got {v!r}")
+    ts = {"perm": m._perm, "pos_slots": m._pos_slots, "seg_slots": m._seg_slots, "seg_starts": m._seg_starts}
+    for name, t in ts.items():
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1:
+            raise TypeError(f"AdapterMapping: {name} must be a 1-D int32 tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if t.device != m._perm.device:
+            bad(f"{name} is on {t.device} but perm is on {m._perm.device}")
+    if not isinstance(m.checked, bool):
+        raise TypeError(f"AdapterMapping: checked must be a bool, got {m.checked!r}")
+    slots, starts = m.slots, m.starts
+    if (not isinstance(slots, tuple) or not isinstance(starts, tuple) or len(starts) != len(slots) + 1
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in slots + starts)):
+        bad("slots and starts must be tuples of ints with len(starts) == len(slots) + 1")
+    if any(not 0 <= a < m.num_slots for a in slots) or any(a >= b for a, b in zip(slots, slots[1:])):
+        bad(f"slots must be increasing slot indices in [0, {m.num_slots}), got {slots}")
+    if starts[0] != 0 or any(a > b for a, b in zip(starts, starts[1:])):
+        bad(f"starts must be non-decreasing from 0, got {starts}")
+    if m._seg_slots.tolist() != list(slots) or m._seg_starts.tolist() != list(starts):
+        bad("seg_slots/seg_starts must hold the same values as slots/starts")
+    T_active = starts[-1]
+    if m._perm.numel() != T_active or m._pos_slots.numel() != T_active or T_active > m.num_tokens:
+        bad(f"perm and pos_slots must have starts[-1] = {T_active} entries (≤ num_tokens = {m.num_tokens}), got "
+            f"{m._perm.numel()} and {m._pos_slots.numel()}")
+    perm = m._perm.tolist()
+    if any(not 0 <= v < m.num_tokens for v in perm) or len(set(perm)) != len(perm):
+        bad(f"perm must hold distinct token indices in [0, {m.num_tokens})")
+    want = [a for a, s0, s1 in zip(slots, starts, starts[1:]) for _ in range(s1 - s0)]
+    if m._pos_slots.tolist() != want:
+        bad("pos_slots must give each sorted position its segment's slot")
 
 
 def build_mapping(adapter_ids: torch.Tensor, num_tokens: int, num_slots: int, *, device=None,
@@ -127,7 +180,7 @@ def _build_mapping(adapter_ids, num_tokens: int, num_slots: int, device, check_i
         if check_ids and bad.numel():
             raise _bad_ids_error(bad.tolist(), num_slots)
         m = AdapterMapping(num_tokens, num_slots, perm, pos_slots, seg_slots, seg_starts,
-                           tuple(seg_slots.tolist()), tuple(seg_starts.tolist()), check_ids)
+                           tuple(seg_slots.tolist()), tuple(seg_starts.tolist()), check_ids, _trusted=True)
         return m, (tuple(ranks.tolist()) if ranks is not None else None)
     # On the device: ids outside [0, S) sort first as -1; bucket counts by index_add (no sync), then ONE
     # host copy of [count(-1), count(slot 0..S-1), count(bad ids), ranks...].
@@ -151,7 +204,7 @@ def _build_mapping(adapter_ids, num_tokens: int, num_slots: int, device, check_i
     perm = order[n_none:n_none + starts[-1]].to(torch.int32)
     pos_slots = sorted_key[n_none:n_none + starts[-1]].to(torch.int32)
     m = AdapterMapping(num_tokens, num_slots, perm, pos_slots, _to_device(slots, dev), _to_device(starts, dev),
-                       tuple(slots), tuple(starts), check_ids)
+                       tuple(slots), tuple(starts), check_ids, _trusted=True)
     return m, (tuple(host[num_slots + 2:]) if ranks is not None else None)
 
 
@@ -242,9 +295,9 @@ def _torch_forward(x, weight, bias, A, B, m: AdapterMapping, scal, ranks, scal_h
     if m.num_active == 0:
         return y, x.new_empty((0, R), dtype=cdt)
     if ext:
-        S = _ext.ops().multi_lora_fwd(y, x, A, B, m.perm, m.seg_slots, m.seg_starts, ranks, scal, None)
+        S = _ext.ops().multi_lora_fwd(y, x, A, B, m._perm, m._seg_slots, m._seg_starts, ranks, scal, None)
         return y, S
-    perm = m.perm.long()
+    perm = m._perm.long()
     xs = x.index_select(0, perm)
     if xs.dtype != cdt:
         xs = xs.to(cdt)
@@ -268,14 +321,14 @@ def _torch_backward(dy, x, weight, A, B, S, m: AdapterMapping, scal, ranks, scal
     cdt = A.dtype
     dx = torch.mm(dy, weight) if need_dx else None
     if ext and m.num_active and (need_dx or need_da or need_db):
-        dA, dB = _ext.ops().multi_lora_bwd(dy, x, S, A, B, m.perm, m.seg_slots, m.seg_starts, ranks, scal,
+        dA, dB = _ext.ops().multi_lora_bwd(dy, x, S, A, B, m._perm, m._seg_slots, m._seg_starts, ranks, scal,
                                            dx, need_da, need_db, None)
         return dx, (dA if need_da else None), (dB if need_db else None)
     dA = torch.zeros_like(A) if need_da else None
     dB = torch.zeros_like(B) if need_db else None
     if m.num_active == 0 or not (need_dx or need_da or need_db):
         return dx, dA, dB
-    perm = m.perm.long()
+    perm = m._perm.long()
     dys = dy.index_select(0, perm)
     if dys.dtype != cdt:
         dys = dys.to(cdt)
@@ -327,15 +380,15 @@ def _gather_forward(x, weight, bias, A, B, m, scal, ranks, path):
 
 def _gather_shrink(ops, path, inp, w, m, ranks, scal):
     if path == "sgmv":
-        return ops.sgmv_shrink(inp, w, m.perm, m.seg_slots, m.seg_starts, ranks, scal, m.max_count)
-    return ops.bgmv_shrink(inp, w, m.perm, m.pos_slots, ranks, scal)
+        return ops.sgmv_shrink(inp, w, m._perm, m._seg_slots, m._seg_starts, ranks, scal, m.max_count)
+    return ops.bgmv_shrink(inp, w, m._perm, m._pos_slots, ranks, scal)
 
 
 def _gather_expand(ops, path, out, buf, w, m, ranks, scal):
     if path == "sgmv":
-        ops.sgmv_expand(out, buf, w, m.perm, m.seg_slots, m.seg_starts, ranks, scal, m.max_count)
+        ops.sgmv_expand(out, buf, w, m._perm, m._seg_slots, m._seg_starts, ranks, scal, m.max_count)
     else:
-        ops.bgmv_expand(out, buf, w, m.perm, m.pos_slots, ranks, scal)
+        ops.bgmv_expand(out, buf, w, m._perm, m._pos_slots, ranks, scal)
 
 
 def _gather_backward(dy, x, weight, A, B, S, m, scal, ranks, path, need_dx, need_da, need_db):
@@ -355,7 +408,7 @@ def _gather_backward(dy, x, weight, A, B, S, m, scal, ranks, path, need_dx, need
         if need_dx:
             _gather_expand(ops, path, dx, dS, A.transpose(1, 2), m, ranks, None)
     if need_da or need_db:
-        perm = m.perm.long()
+        perm = m._perm.long()
         for a, s, e in zip(m.slots, m.starts, m.starts[1:]):  # the mapping's host segments (built per batch)
             rows = perm[s:e]
             if need_da:

@@ -10,6 +10,9 @@
 // A weight stack W is read through three strides: shrink reads W[slot, r, k], expand W[slot, n, r].
 //   shrink  out[p, r] = s? · Σ_k in[perm[p], k] · W[slot, r, k]          (out fp32 [T_active, R], r < rank)
 //   expand  out[perm[p], n] += s? · Σ_{r<rank} buf[p, r] · W[slot, n, r]  (buf fp32 [T_active, R])
+// Every index read on the device is guarded (the host cannot check values without a sync): perm entries
+// outside [0, num_rows) and slots outside [0, num_slots) are skipped, ranks clamped to [0, R], segment bounds
+// clamped to [0, num_active], so inconsistent index tensors never cause an access out of bounds.
 // Inputs fp16/bf16/fp32, fp32 accumulation; 16-byte vector loads where the reduced dimension is
 // contiguous and aligned, masked scalar code for every other K/N/R.
 #pragma once
@@ -32,7 +35,9 @@ struct Mapping {
   const float* scalings;  // nullptr: no per-slot scale
   int64_t num_active;     // T_active
   int64_t num_segments;   // G
-  int64_t max_count;      // the longest segment (grid size of the SGMV kernels)
+  int64_t max_count;      // the longest segment (sizes the SGMV grid; longer segments are still covered)
+  int64_t num_rows;       // rows of the gathered/scattered tensor: perm entries outside [0, num_rows) are skipped
+  int64_t num_slots;      // slots of the weight stack: slot ids outside [0, num_slots) are skipped
 };
 
 struct WeightStack {  // W[slot, i, j] at data + slot*s0 + i*s1 + j*s2

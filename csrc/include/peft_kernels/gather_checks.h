@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 namespace peft_kernels {
 
 inline bool is_kernel_float(const at::Tensor& t) {
@@ -56,9 +58,9 @@ inline void check_expand(const at::Tensor& y, const at::Tensor& S, const at::Ten
   TORCH_CHECK_VALUE(w.device() == y.device() && S.device() == y.device(), "y, S and w must be on one device");
 }
 
-inline void check_rows(const at::Tensor& perm, int64_t t_active, const at::Tensor& like) {
-  check_index(perm, "perm", like);
-  TORCH_CHECK_VALUE(perm.size(0) == t_active, "perm must have one entry per row of S (", t_active, "), got ",
+inline void check_rows(const at::Tensor& perm, int64_t t_active, const at::Tensor& like, const char* name = "perm") {
+  check_index(perm, name, like);
+  TORCH_CHECK_VALUE(perm.size(0) == t_active, name, " must have one entry per sorted position (", t_active, "), got ",
                     perm.size(0));
 }
 
@@ -66,6 +68,48 @@ inline void check_segments(const at::Tensor& seg_slots, const at::Tensor& seg_st
   check_index(seg_slots, "seg_slots", like);
   check_index(seg_starts, "seg_starts", like);
   TORCH_CHECK_VALUE(seg_starts.size(0) == seg_slots.size(0) + 1, "seg_starts must have len(seg_slots) + 1 entries");
+}
+
+// The values of the mapping tensors, read on the host: what the CPU kernels trust before they index with them.
+// (The CUDA kernels cannot read them without a host sync; they guard every index on the device instead.)
+// perm: distinct rows of a [n_rows, ...] tensor (two writers of one row would race). O(len(perm) + n_rows).
+inline void check_perm_values(const at::Tensor& perm, int64_t n_rows) {
+  const int32_t* p = perm.data_ptr<int32_t>();
+  std::vector<uint8_t> seen(static_cast<size_t>(n_rows), 0);
+  for (int64_t i = 0; i < perm.size(0); ++i) {
+    const int64_t v = p[i];
+    TORCH_CHECK_VALUE(v >= 0 && v < n_rows, "perm[", i, "] = ", v, " is not a row index in [0, ", n_rows, ")");
+    TORCH_CHECK_VALUE(!seen[v], "perm holds row ", v, " twice (at ", i, "): its entries must be distinct rows");
+    seen[v] = 1;
+  }
+}
+
+// pos_slots / seg_slots: slot indices in [0, n_slots).
+inline void check_slot_values(const at::Tensor& t, const char* name, int64_t n_slots) {
+  const int32_t* p = t.data_ptr<int32_t>();
+  for (int64_t i = 0; i < t.size(0); ++i)
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < n_slots, name, "[", i, "] = ", p[i], " is not a slot in [0, ", n_slots,
+                      ")");
+}
+
+// seg_starts: non-decreasing offsets into perm, from 0 to n_active. O(segments).
+inline void check_start_values(const at::Tensor& seg_starts, int64_t n_active) {
+  const int32_t* p = seg_starts.data_ptr<int32_t>();
+  const int64_t n = seg_starts.size(0);
+  TORCH_CHECK_VALUE(p[0] == 0 && p[n - 1] == n_active, "seg_starts must run from 0 to len(perm) = ", n_active,
+                    ", got ", p[0], " … ", p[n - 1]);
+  for (int64_t g = 0; g + 1 < n; ++g)
+    TORCH_CHECK_VALUE(p[g] <= p[g + 1], "seg_starts must be non-decreasing, got ", p[g], " then ", p[g + 1],
+                      " at ", g);
+}
+
+// A CPU call's whole mapping: perm against the rows of `rows_of`, the slot indices against the weight stack.
+inline void check_mapping_values(const at::Tensor& perm, int64_t n_rows, const at::Tensor* pos_slots,
+                                 const at::Tensor* seg_slots, const at::Tensor* seg_starts, int64_t n_slots) {
+  check_perm_values(perm, n_rows);
+  if (pos_slots) check_slot_values(*pos_slots, "pos_slots", n_slots);
+  if (seg_slots) check_slot_values(*seg_slots, "seg_slots", n_slots);
+  if (seg_starts) check_start_values(*seg_starts, perm.size(0));
 }
 
 }  // namespace peft_kernels

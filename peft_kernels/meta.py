@@ -8,9 +8,9 @@ pretrained on 64 *base* classes and frozen; tasks are 5-way K-shot problems over
 (*novel* classes) for evaluation, and over the base classes for meta-training. LoRA (rank r) sits on the
 backbone's two linear layers and on a frozen, randomly initialised 5-way head.
 
-Only first-order meta-learning is offered: the fused ops' backward passes are not themselves
-differentiable (``once_differentiable``), so second-order MAML through them raises; Reptile needs no
-second derivatives. ``python examples/meta_lora.py`` runs the comparison; ``python -m
+Reptile (first-order) needs no second derivatives. Second-order MAML runs through the torch backend of the
+LoRA and multi-adapter ops (their backward is differentiable under ``create_graph=True``); the first-order-only
+backends raise under ``create_graph=True`` (README: "Second-order gradients"). ``python examples/meta_lora.py`` runs the comparison; ``python -m
 peft_kernels.bench --op meta`` runs it and times the batched inner loop against a per-task loop.
 """
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The meta-learning hybrid: the batched inner loop is exactly the per-task loops, Reptile's init helps on
-held-out tasks, the example runs end to end, and second-order gradients through the fused ops are
-refused (first-order only, as documented) while the reference supports them."""
+held-out tasks, the example runs end to end, and second-order gradients: exact through the torch backend of
+lora_linear and multi_lora_linear (gradgradcheck, MAML meta-gradients against the reference), a clear error
+from every first-order-only backend (never a silent first-order answer)."""
 import math
 import os
 import subprocess
@@ -55,25 +56,119 @@ def test_example_runs_end_to_end():
         assert r.count("±") == 8, r  # acc and loss at k = 0, 1, 5, 20
 
 
-def test_second_order_through_fused_ops_is_refused_reference_supports_it():
-    """First-order only: differentiating the fused ops' gradients again raises (never a silent zero), while
-    the reference (plain autograd) passes gradgradcheck, so second-order MAML can run on the spec."""
+def _f64(*shape, grad=True, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).requires_grad_(grad)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["p0", "p0.3"])
+@pytest.mark.parametrize("shape", ["2d", "3d-strided"])
+def test_lora_linear_double_backward_on_the_torch_backend(bias, dropout, shape):
+    """gradgradcheck (fp64) through the fused op: x, W, b, A and B all differentiable; dropout with a fixed
+    seed (the same mask in every call), 3-D strided inputs."""
     torch.manual_seed(0)
-    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
-    W = torch.randn(4, 6, dtype=torch.float64)
-    A = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
-    B = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
-    y = pk.lora_linear(x, W, None, A, B, 0.5, backend="torch")
-    (gB,) = torch.autograd.grad(y.square().sum(), B, create_graph=True)
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad(gB.sum(), A)
-    assert torch.autograd.gradgradcheck(lambda x, A, B: lora_linear_ref(x, W, None, A, B, 0.5), (x, A, B))
-    ids = torch.tensor([0, 1, 1, -1, 0])
-    As = torch.randn(2, 2, 6, dtype=torch.float64, requires_grad=True)
-    Bs = torch.randn(2, 4, 2, dtype=torch.float64, requires_grad=True)
-    sc = torch.tensor([0.5, 2.0], dtype=torch.float64)
-    y = pk.multi_lora_linear(x, W, None, As, Bs, sc, ids, backend="torch")
-    (gB,) = torch.autograd.grad(y.square().sum(), Bs, create_graph=True)
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad(gB.sum(), As)
-    assert torch.autograd.gradgradcheck(lambda x, A, B: multi_lora_linear_ref(x, W, None, A, B, sc, ids), (x, As, Bs))
+    x = (_f64(3, 4, 12, grad=False)[:, :, ::2].detach().requires_grad_() if shape == "3d-strided"
+         else _f64(5, 6))
+    assert shape == "2d" or x.stride(-1) == 2
+    W, b = _f64(4, 6), (_f64(4) if bias else None)
+    A, B = _f64(3, 6), _f64(4, 3)
+    seed = torch.tensor([1234])
+
+    def f(x, W, b, A, B):
+        return pk.ops.lora.LoRALinearFunction.apply(x, W, b, A, B, pk.ops.lora.LoRACall(0.7, dropout, seed if dropout
+                                                                                           else None, "torch"))
+
+    fn = (lambda x, W, b, A, B: f(x, W, b, A, B)) if bias else (lambda x, W, A, B: f(x, W, None, A, B))
+    inputs = (x, W, b, A, B) if bias else (x, W, A, B)
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_lora_linear_public_op_double_backward_matches_the_reference():
+    """Through pk.lora_linear (backend="torch"): a MAML-style meta-gradient (inner SGD step with
+    create_graph=True, outer loss at the adapted weights) equals the reference's, including when the inner
+    loss's dY needs no grad (the case that used to be silently first-order)."""
+    torch.manual_seed(1)
+    x, W = _f64(7, 6, grad=False), _f64(4, 6, grad=False)
+    t = _f64(7, 4, grad=False)
+    for inner in ("mse", "sum"):
+        grads = []
+        for op in (lambda *a: pk.lora_linear(*a, backend="torch"), lora_linear_ref):
+            torch.manual_seed(2)
+            A, B = _f64(3, 6, scale=0.5), _f64(4, 3, scale=0.5)
+            y = op(x, W, None, A, B, 0.5)
+            loss = (y - t).square().sum() if inner == "mse" else (y * t).sum()
+            gA, gB = torch.autograd.grad(loss, (A, B), create_graph=True)
+            A2, B2 = A - 0.1 * gA, B - 0.1 * gB
+            outer = (op(x, W, None, A2, B2, 0.5) - t).square().sum()
+            grads.append(torch.autograd.grad(outer, (A, B)))
+        for g, r in zip(*grads):
+            assert torch.allclose(g, r, rtol=1e-10, atol=1e-12), (inner, (g - r).abs().max())
+
+
+@pytest.mark.parametrize("ext", [False, True], ids=["torch-ops", "cpp-ext"])
+def test_multi_lora_linear_double_backward_on_the_torch_backend(ext, monkeypatch):
+    """gradgradcheck (fp64) of multi_lora_linear on the torch backend, mixed ranks and -1 tokens, whichever
+    path (C++ kernels or torch ops) runs the first-order pass."""
+    from peft_kernels.ops import multi_lora as ML
+
+    if ext and not pk._ext.available():
+        pytest.skip(pk._ext.unavailable_reason())
+    monkeypatch.setattr(ML, "_use_ext", lambda x: ext and x.device.type == "cpu")
+    torch.manual_seed(0)
+    x, W, b = _f64(6, 5), _f64(4, 5), _f64(4)
+    As, Bs = _f64(3, 3, 5), _f64(3, 4, 3)
+    ids = torch.tensor([0, 2, 2, -1, 0, 1])
+    ranks = torch.tensor([3, 1, 2], dtype=torch.int32)
+    sc = [0.5, 2.0, -1.0]
+
+    def fn(x, W, b, A, B):
+        return pk.multi_lora_linear(x, W, b, A, B, sc, ids, ranks=ranks, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, (x, W, b, As, Bs))
+    assert torch.autograd.gradgradcheck(fn, (x, W, b, As, Bs))
+
+
+def _second_order(op, *args):
+    y = op(*args)
+    params = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    g = torch.autograd.grad(y.sum(), params, create_graph=True, allow_unused=True)  # dY = 1 needs no grad
+    g = [v for v in g if v is not None]
+    torch.autograd.grad(sum(v.square().sum() for v in g), params, allow_unused=True)
+
+
+@pytest.mark.parametrize("case", ["lora-triton", "multi-triton", "dora-triton", "ia3-triton", "bottleneck",
+                                  "adapter-linear"])
+def test_first_order_backends_raise_when_their_gradients_are_differentiated(case):
+    """Backends without double backward raise a clear error under create_graph=True, even when dY needs no
+    grad (never a silent first-order answer); with create_graph=False they are untouched."""
+    if pk.dispatch.unavailable_reason("triton", torch.device("cpu")) and "triton" in case:
+        pytest.skip(pk.dispatch.unavailable_reason("triton", torch.device("cpu")))
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, requires_grad=True)
+    W = torch.randn(6, 8)
+    A, B = torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True)
+    if case == "lora-triton":
+        op, args = (lambda *a: pk.lora_linear(*a, 0.5, backend="triton")), (x, W, None, A, B)
+    elif case == "multi-triton":
+        As, Bs = torch.randn(2, 2, 8, requires_grad=True), torch.randn(2, 6, 2, requires_grad=True)
+        ids = torch.tensor([0, 1, -1, 1])
+        op, args = (lambda *a: pk.multi_lora_linear(*a, [1.0, 2.0], ids, backend="triton")), (x, W, None, As, Bs)
+    elif case == "dora-triton":
+        mag = torch.rand(6, requires_grad=True)
+        op = lambda x, A, B, m: pk.dora_linear(x, W, None, A, B, 0.5, m, backend="triton")  # noqa: E731
+        args = (x, A, B, mag)
+    elif case == "ia3-triton":
+        lv = torch.rand(6, 1, requires_grad=True)
+        op, args = (lambda x, l: pk.ia3_linear(x, W, None, l, backend="triton")), (x, lv)
+    elif case == "bottleneck":
+        d, u = torch.randn(3, 8, requires_grad=True), torch.randn(8, 3, requires_grad=True)
+        op, args = (lambda h, d, u: pk.bottleneck_adapter(h, d, None, u, None, 0.5)), (x, d, u)
+    else:
+        d, u = torch.randn(3, 6, requires_grad=True), torch.randn(6, 3, requires_grad=True)
+        op, args = (lambda x, d, u: pk.adapter_linear(x, W, None, d, None, u, None, 0.5)), (x, d, u)
+    with pytest.raises(RuntimeError, match="second-order gradients"):
+        _second_order(op, *args)
+    y = op(*args)  # plain first-order backward still works
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from . import _amp
+from ._autograd import first_order_only
 from ..reference import ACTIVATIONS, activation_ref
 from .lora import _FLOATS, _name_dtypes, _op_reason
 
@@ -233,7 +234,7 @@ class BottleneckFunction(torch.autograd.Function):
         return out.view(*h.shape[:-1], up_w.shape[0])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("bottleneck_adapter")
     def backward(ctx, g):
         h2, P, down_w, up_w, up_b, scaling_t = ctx.saved_tensors
         call: AdapterCall = ctx.call
@@ -314,7 +315,7 @@ class SequentialAdapterLinearFunction(torch.autograd.Function):
                             up_b, scaling_t)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("adapter_linear")
     def backward(ctx, g):
         x2, y, P, weight, down_w, up_w, up_b, scaling_t = ctx.saved_tensors
         need_x, need_w, need_b, *adapter_needs, _ = ctx.needs_input_grad
@@ -344,7 +345,7 @@ class ParallelAdapterLinearFunction(torch.autograd.Function):
         return _save_linear(ctx, call, x, bias, y, x2, P, weight, down_w, up_w, up_b, scaling_t)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("adapter_linear")
     def backward(ctx, g):
         x2, P, weight, down_w, up_w, up_b, scaling_t = ctx.saved_tensors
         need_x, need_w, need_b, need_dw, need_db, need_uw, need_ub, need_s, _ = ctx.needs_input_grad

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from . import _amp
-from .lora import _op_reason, finish_lora_backward, lora_linear, save_for_lora_backward, validate
+from ._autograd import first_order_only
+from .lora import (_op_reason, finish_lora_backward, lora_linear, save_for_lora_backward, saved_lora_tensors,
+                   validate)
 
 _NORM_ROWS = 1024  # rows of W per fp64 block in dora_weight_norm: the fp64 copy stays ≤ 1024·K·8 bytes
 
@@ -110,11 +112,11 @@ class _DoRATriton(torch.autograd.Function):
         return save_for_lora_backward(ctx, x, x2d, S, weight, bias, lora_A, lora_B, scaling, y)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("dora_linear")
     def backward(ctx, dy):
         from ..kernels import lora as K
 
-        x2d, S, weight, A, B = ctx.saved_tensors
+        x2d, S, weight, A, B = saved_lora_tensors(ctx)
         need_x, _, _, need_a, need_b, need_m = ctx.needs_input_grad[:6]
         dy2d = dy.reshape(-1, weight.shape[0])
         dz = (dy2d.float() * ctx.g).to(dy2d.dtype)  # the rescale's backward: one pass

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from . import _amp
+from ._autograd import first_order_only
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SUPPORTED = ("torch", "triton")
@@ -80,6 +81,7 @@ class _IA3Triton(torch.autograd.Function):
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @first_order_only("ia3_linear")
     def backward(ctx, dy):
         from ..kernels import ia3 as K
 

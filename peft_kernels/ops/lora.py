@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .. import _ext, dispatch
 from . import _amp, _torch_dropout
+from ._autograd import first_order_only
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -185,13 +186,20 @@ class LoRACall:
 
 
 def save_for_lora_backward(ctx, x, x2d, S, weight, bias, lora_A, lora_B, call, y2d):
-    """The saved-tensor policy shared by the LoRA Functions: x (as 2-D), the small S, the frozen weight
-    and the adapter tensors; returns y with x's leading dims."""
-    ctx.save_for_backward(x2d, S, weight, lora_A, lora_B)
+    """The saved-tensor policy shared by the LoRA Functions: x as given (so a double backward can reach it;
+    :func:`saved_lora_tensors` views it as 2-D again), the small S, the frozen weight and the adapter tensors;
+    returns y with x's leading dims."""
+    ctx.save_for_backward(x, S, weight, lora_A, lora_B)
     ctx.call = call
     ctx.x_shape = x.shape
     ctx.has_bias = bias is not None
     return y2d.view(*x.shape[:-1], weight.shape[0])
+
+
+def saved_lora_tensors(ctx):
+    """(x2d, S, weight, lora_A, lora_B) as saved by :func:`save_for_lora_backward`."""
+    x, S, weight, A, B = ctx.saved_tensors
+    return x.reshape(-1, x.shape[-1]), S, weight, A, B
 
 
 def finish_lora_backward(ctx, dy2d, x2d, dx, dA, dB, dz2d=None):
@@ -216,9 +224,15 @@ class LoRALinearFunction(torch.autograd.Function):
         return save_for_lora_backward(ctx, x, x2d, S, weight, bias, lora_A, lora_B, call, y)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x2d, S, weight, A, B = ctx.saved_tensors
+        if torch.is_grad_enabled() and ctx.call.backend == "torch":  # create_graph=True: differentiable
+            return _differentiable_backward(ctx, dy)
+        return LoRALinearFunction._backward(ctx, dy)
+
+    @staticmethod
+    @first_order_only("lora_linear", supported_on_torch=True)
+    def _backward(ctx, dy):
+        x2d, S, weight, A, B = saved_lora_tensors(ctx)
         call: LoRACall = ctx.call
         need_x, _, _, need_a, need_bb, _ = ctx.needs_input_grad
         dy2d = dy.reshape(-1, weight.shape[0])
@@ -226,6 +240,41 @@ class LoRALinearFunction(torch.autograd.Function):
         dx, dA, dB = bwd(dy2d, x2d, weight, A, B, S, call.scaling, call.dropout_p, call.seed,
                          need_dx=need_x, need_da=need_a, need_db=need_bb)
         return finish_lora_backward(ctx, dy2d, x2d, dx, dA, dB)
+
+
+def _differentiable_backward(ctx, dy):
+    """The torch backend's backward as differentiable torch ops (create_graph=True): the same math as
+    ``_torch_backward`` with S recomputed from x and A (the saved S is a constant), so gradients of these
+    gradients are exact (second-order MAML, gradient penalties)."""
+    x, _, weight, A, B = ctx.saved_tensors
+    call: LoRACall = ctx.call
+    need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
+    x2d = x.reshape(-1, x.shape[-1])
+    dy2d = dy.reshape(-1, weight.shape[0])
+    cdt, s, p = A.dtype, call.scaling, call.dropout_p
+    xd = x2d
+    if p > 0:
+        keep = _torch_dropout.keep_mask(call.seed, x2d.shape, p, x2d.device)
+        xd = torch.where(keep, x2d, 0.0) * _torch_dropout.keep_scale(p)
+    xd = xd.to(cdt)
+    S = xd @ A.t()
+    dyc = dy2d.to(cdt)
+    dS = (dyc @ B) * s
+    dx = dA = dB = dW = db = None
+    if need_x:
+        dxl = dS @ A
+        if p > 0:
+            dxl = torch.where(keep, dxl, 0.0) * _torch_dropout.keep_scale(p)
+        dx = (dy2d @ weight + dxl.to(x.dtype)).view(ctx.x_shape)
+    if need_a:
+        dA = dS.t() @ xd
+    if need_bb:
+        dB = (dyc.t() @ S) * s
+    if need_w:
+        dW = dy2d.t() @ x2d
+    if need_b and ctx.has_bias:
+        db = dy2d.sum(0)
+    return dx, dW, db, dA, dB, None
 
 
 def _draw_seed(device="cpu") -> torch.Tensor:

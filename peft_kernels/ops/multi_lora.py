@@ -25,7 +25,8 @@ import torch
 from .. import _ext, dispatch
 from ..reference import expand_adapter_ids
 from . import _amp
-from .lora import check_base, check_dtypes_devices, finish_lora_backward, save_for_lora_backward
+from ._autograd import first_order_only
+from .lora import check_base, check_dtypes_devices, finish_lora_backward, save_for_lora_backward, saved_lora_tensors
 
 PATHS = ("auto", "bgmv", "sgmv")
 # "auto" picks the per-token (BGMV) kernels when segments average fewer tokens than this
@@ -471,9 +472,15 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         return save_for_lora_backward(ctx, x, x2d, S, weight, bias, lora_A, lora_B, call, y)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x2d, S, weight, A, B = ctx.saved_tensors
+        if torch.is_grad_enabled() and ctx.call.backend == "torch":  # create_graph=True: differentiable
+            return _differentiable_backward(ctx, dy)
+        return MultiLoRALinearFunction._backward(ctx, dy)
+
+    @staticmethod
+    @first_order_only("multi_lora_linear", supported_on_torch=True)
+    def _backward(ctx, dy):
+        x2d, S, weight, A, B = saved_lora_tensors(ctx)
         call: MultiLoRACall = ctx.call
         need_x, _, _, need_a, need_bb, _ = ctx.needs_input_grad
         dy2d = dy.reshape(-1, weight.shape[0])
@@ -487,6 +494,41 @@ class MultiLoRALinearFunction(torch.autograd.Function):
             dx, dA, dB = _triton_backward(dy2d, x2d, weight, A, B, S, call.mapping, call.scalings, call.ranks,
                                           call.path, need_x, need_a, need_bb)
         return finish_lora_backward(ctx, dy2d, x2d, dx, dA, dB)
+
+
+def _differentiable_backward(ctx, dy):
+    """The torch backend's backward as differentiable torch ops (create_graph=True): per segment, the same
+    GEMMs as ``_torch_backward`` with S recomputed from x and A, so gradients of the gradients are exact."""
+    x, _, weight, A, B = ctx.saved_tensors
+    call: MultiLoRACall = ctx.call
+    m = call.mapping
+    need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
+    x2d = x.reshape(-1, x.shape[-1])
+    dy2d = dy.reshape(-1, weight.shape[0])
+    cdt, R = A.dtype, A.shape[1]
+    dA = A.new_zeros(A.shape) if need_a else None
+    dB = B.new_zeros(B.shape) if need_bb else None
+    dxl = x2d.new_zeros(x2d.shape, dtype=cdt) if need_x else None
+    if m.num_active:
+        # host copies (the C++ path runs without them; one small sync on this rare path)
+        scal_h = call.scal_h or tuple(call.scalings.tolist())
+        ranks_h = call.ranks_h or tuple(call.ranks.tolist())
+        perm = m._perm.long()
+        xs, dys = x2d.index_select(0, perm).to(cdt), dy2d.index_select(0, perm).to(cdt)
+        for a, s, e, r in _segments(m, ranks_h, R):
+            sc = scal_h[a]
+            Sg = xs[s:e] @ A[a, :r].t()
+            dSg = (dys[s:e] @ B[a, :, :r]) * sc
+            if need_a:
+                dA[a, :r] = dSg.t() @ xs[s:e]
+            if need_bb:
+                dB[a, :, :r] = (dys[s:e].t() @ Sg) * sc
+            if need_x:
+                dxl = dxl.index_add(0, perm[s:e], dSg @ A[a, :r])
+    dx = (dy2d @ weight + dxl.to(x.dtype)).view(ctx.x_shape) if need_x else None
+    dW = dy2d.t() @ x2d if need_w else None
+    db = dy2d.sum(0) if need_b and ctx.has_bias else None
+    return dx, dW, db, dA, dB, None
 
 
 SUPPORTED = ("torch", "triton", "cuda")

@@ -1,0 +1,35 @@
+"""Second-order gradients, shared by the ops' autograd Functions.
+
+A backward that computes its gradients with fused kernels (or in place) is first-order only: its gradients
+would look like constants to autograd and silently drop the second-order terms of MAML's inner step or of a
+gradient penalty. So such a backward, called with ``create_graph=True`` (grad mode on inside backward) while
+some input needs a gradient, raises instead (:func:`first_order_only`). The torch backend of ``lora_linear``
+and ``multi_lora_linear`` computes its gradients with differentiable torch ops in that case instead
+(gradgradcheck in tests/test_meta.py).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def second_order_message(op: str, backend: str, supported: bool = False) -> str:
+    how = ("use backend='torch', which supports double backward" if supported else
+           "no backend of this op supports double backward; use peft_kernels.reference for second-order MAML")
+    return (f"peft_kernels.{op}: second-order gradients (backward with create_graph=True) are not supported by "
+            f"the {backend!r} backend: {how}")
+
+
+def first_order_only(op: str, supported_on_torch: bool = False):
+    """Decorator for an autograd.Function ``backward(ctx, *grad_outputs)``: raises a RuntimeError naming ``op``
+    and the backend (``ctx.call.backend``, else "triton") under ``create_graph=True``; otherwise runs it."""
+    def deco(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            if torch.is_grad_enabled() and any(ctx.needs_input_grad):
+                backend = getattr(getattr(ctx, "call", None), "backend", None) or "triton"
+                raise RuntimeError(second_order_message(op, backend, supported_on_torch))
+            return backward(ctx, *grad_outputs)
+        return wrapper
+    return deco

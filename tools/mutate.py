@@ -1,0 +1,193 @@
+"""Mutation testing: plant realistic bugs in the library, one at a time, and report which ones the test suite
+catches.
+
+    .venv/bin/python tools/mutate.py            # every mutant; prints a table and the score
+    .venv/bin/python tools/mutate.py --list     # the mutants
+    .venv/bin/python tools/mutate.py --only ID [--only ID ...]
+
+Each mutant is an exact text edit (found exactly once, or the mutant is reported stale: the code moved on and the
+mutant must be updated) in ops, kernels, C++ or checkpoint code, with the test files a developer would run for
+that code. Every mutant runs in a scratch copy of the checkout (the working tree is never touched): the copy is
+edited, its C++ extension rebuilt in place when a .cpp/.h changed, and `pytest -x` runs the mutant's tests
+against it (PYTHONPATH points at the copy). Killed = the tests fail; survived = they pass. Target: ≥ 90% killed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (id, file, find, replace, tests, what the bug is)
+MUTANTS = [
+    ("lora-bwd-scale", "peft_kernels/ops/lora.py",
+     "dS = torch.mm(dyc, B).mul_(scaling)  # M×r", "dS = torch.mm(dyc, B)  # M×r",
+     ["tests/test_lora_op.py"], "torch backend: dA/dX miss the LoRA scaling"),
+    ("lora-fwd-bias-scale", "peft_kernels/ops/lora.py",
+     "y = torch.addmm(bias.to(cdt), S, B.t(), alpha=scaling)", "y = torch.addmm(bias.to(cdt), S, B.t())",
+     ["tests/test_lora_op.py"], "torch backend with a bias: the update is not scaled"),
+    ("lora-bf16-scale-3pct", "peft_kernels/kernels/lora.py",
+     "def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed, col_scale=None, store_z: bool = False):\n",
+     "def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed, col_scale=None, store_z: bool = False):\n"
+     "    scaling = scaling * 1.03 if x.dtype == torch.bfloat16 else scaling\n",
+     ["tests/test_lora_op.py"], "Triton: the bf16 LoRA scaling is 3% off"),
+    ("lora-triton-x-col-stride", "peft_kernels/kernels/lora.py",
+     "x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), B.stride(0), B.stride(1),",
+     "x.stride(0), 1, weight.stride(0), weight.stride(1), B.stride(0), B.stride(1),",
+     ["tests/test_lora_op.py"], "Triton GEMM ignores x's column stride"),
+    ("dropout-keep-scale", "peft_kernels/ops/_torch_dropout.py",
+     "    return _TWO32 / (_TWO32 - threshold(p))", "    return 1.0",
+     ["tests/test_lora_op.py", "tests/test_bottleneck.py"], "inverted dropout without the 1/(1-p) scale"),
+    ("rslora-scaling", "peft_kernels/nn/lora.py",
+     "self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)", "self.scaling = lora_alpha / r",
+     ["tests/test_module.py"], "rsLoRA scales by alpha/r instead of alpha/sqrt(r)"),
+    ("unmerge-current-delta", "peft_kernels/nn/lora.py",
+     '        delta = (mw["lora_B"].float() @ mw["lora_A"].float()) * float(mw["scaling"])',
+     '        delta = self.delta_weight()',
+     ["tests/test_module.py"], "unmerge subtracts the current update, not the merged one"),
+    ("merged-state-dict", "peft_kernels/nn/lora.py",
+     "        if self.merged:\n            w, b = self._unmerged_base()\n            destination[",
+     "        if False:\n            w, b = self._unmerged_base()\n            destination[",
+     ["tests/test_module.py"], "a merged layer's state dict holds the merged weight (applied twice on load)"),
+    ("dora-norm-scaling", "peft_kernels/nn/lora.py",
+     "        return dora_weight_norm(self.base_weight(), self.lora_A, self.lora_B, self.scaling)",
+     "        return dora_weight_norm(self.base_weight(), self.lora_A, self.lora_B, 1.0)",
+     ["tests/test_dora.py"], "DoRA's norm ignores the scaling"),
+    ("ia3-ff-trainable-dw", "peft_kernels/ops/ia3.py",
+     "                xin = x2 * lv.to(x2.dtype) if ctx.feedforward else x2",
+     "                xin = x2",
+     ["tests/test_ia3.py"], "IA3 Triton, trainable base, input scaling: dW misses l"),
+    ("bottleneck-up-grad-scale", "peft_kernels/ops/bottleneck.py",
+     "    dU = (gtH * col).to(up_w.dtype) if need_uw else None",
+     "    dU = gtH.to(up_w.dtype) if need_uw else None",
+     ["tests/test_bottleneck.py"], "bottleneck: dU misses the scale"),
+    ("multi-triton-rank-clamp", "peft_kernels/kernels/multi_lora.py",
+     "    return tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)",
+     "    return tl.maximum(tl.load(ranks_ptr + slot), 0)",
+     ["tests/test_gpu_path.py", "tests/test_multi_lora_op.py"], "Triton multi-adapter: ranks not clamped to R"),
+    ("multi-bad-ids-last-slot", "peft_kernels/ops/multi_lora.py",
+     "    key = torch.where(valid, ids, -1)", "    key = torch.where(valid, ids, num_slots - 1)",
+     ["tests/test_multi_lora_op.py", "tests/test_multi_lora_module.py"], "ids outside [0, S) read the last slot"),
+    ("multi-set-adapter-scaling", "peft_kernels/nn/multi_lora.py",
+     "            self.scalings[slot] = scaling", "            self.scalings[slot] = 1.0",
+     ["tests/test_multi_lora_module.py"], "set_adapter drops the scaling"),
+    ("multi-stale-grouping", "peft_kernels/nn/multi_lora.py",
+     "        st._new_forward()", "        pass",
+     ["tests/test_multi_lora_module.py", "tests/test_concurrency.py"], "ids changed in place: stale grouping"),
+    ("checkpoint-rslora", "peft_kernels/checkpoint.py",
+     '    rslora = bool(cfg.get("use_rslora", False))', "    rslora = False",
+     ["tests/test_peft_checkpoint.py"], "a PEFT checkpoint's use_rslora is ignored"),
+    ("checkpoint-alpha-check", "peft_kernels/checkpoint.py",
+     "        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or (key == \"r\" and int(v) != v):",
+     "        if isinstance(v, bool) or not isinstance(v, (int, float)):",
+     ["tests/test_peft_checkpoint.py"], "r/lora_alpha not range-checked"),
+    ("fp32-precision", "peft_kernels/kernels/_common.py",
+     '    return "tf32" if p == "tf32" else "ieee"', '    return "tf32" if p != "ieee" else "ieee"',
+     ["tests/test_gpu_path.py"], "fp32 precision: torch's 'none' read as TF32"),
+    # C++ (the copy's extension is rebuilt)
+    ("cpp-chunk-boundary", "csrc/cpu/multi_lora.cpp",
+     "items.push_back({segs.slots[g], b, std::min(b + kChunkRows, segs.starts[g + 1])});",
+     "items.push_back({segs.slots[g], b, std::min(b + kChunkRows - 1, segs.starts[g + 1])});",
+     ["tests/test_multi_lora_op.py"], "C++ multi-adapter: the last row of each 64-row chunk is skipped"),
+    ("cpp-rank-clamp", "csrc/cpu/multi_lora.cpp",
+     "for (auto& r : s.ranks) r = std::min(std::max<int64_t>(r, 0), R);",
+     "for (auto& r : s.ranks) r = std::max<int64_t>(r, 0);",
+     ["tests/test_fuzz.py", "tests/test_gpu_path.py"], "C++ multi-adapter: ranks not clamped to R"),
+    ("cpp-bgmv-expand-scale", "csrc/cpu/lora_gather.cpp",
+     "        if (rank == 0) continue;\n        const float s = slot_scale(scalings, slot);",
+     "        if (rank == 0) continue;\n        const float s = 1.f;",
+     ["tests/test_gather_ops.py"], "C++ bgmv_expand ignores the per-slot scalings"),
+    ("cpp-perm-range-check", "csrc/include/peft_kernels/gather_checks.h",
+     '    TORCH_CHECK_VALUE(v >= 0 && v < n_rows, "perm[", i,',
+     '    if (v < 0 || v >= n_rows) continue;\n    TORCH_CHECK_VALUE(v >= 0 && v < n_rows, "perm[", i,',
+     ["tests/test_fuzz.py"], "C++ gather ops: perm values not range-checked (out-of-bounds access)"),
+    ("cpp-seg-starts-check", "csrc/cpu/multi_lora.cpp",
+     "  TORCH_CHECK_VALUE(s.starts.front() == 0 && s.starts.back() == n_active,",
+     "  TORCH_CHECK_VALUE(true || s.starts.back() == n_active,",
+     ["tests/test_fuzz.py"], "C++ multi-adapter: seg_starts bounds unchecked"),
+]
+
+
+def _copy_tree(dst: str) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        s = os.path.join(ROOT, f)
+        if os.path.isfile(s):
+            os.makedirs(os.path.dirname(os.path.join(dst, f)), exist_ok=True)
+            shutil.copy2(s, os.path.join(dst, f))
+    for so in os.listdir(os.path.join(ROOT, "peft_kernels")):  # the built extension
+        if so.startswith("_C") and so.endswith(".so"):
+            shutil.copy2(os.path.join(ROOT, "peft_kernels", so), os.path.join(dst, "peft_kernels", so))
+
+
+def _build(dst: str) -> bool:
+    env = dict(os.environ, PEFT_KERNELS_CUDA="0", MAX_JOBS=str(os.cpu_count() or 1))
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=dst, env=env,
+                       capture_output=True, text=True)
+    return r.returncode == 0 and "WARNING: building" not in r.stderr and "not built" not in r.stderr
+
+
+def run_mutant(m, timeout: int) -> tuple:
+    mid, path, find, repl, tests, _ = m
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mid}-") as dst:
+        _copy_tree(dst)
+        fp = os.path.join(dst, path)
+        src = open(fp).read()
+        if find is None or src.count(find) != 1:
+            return "stale", f"the text to mutate occurs {0 if find is None else src.count(find)} times"
+        open(fp, "w").write(src.replace(find, repl))
+        if path.startswith("csrc/") and not _build(dst):
+            return "killed", "the mutant does not compile"
+        env = dict(os.environ, PYTHONPATH=dst, PEFT_KERNELS_REQUIRE_EXT="1", TRITON_INTERPRET="1",
+                   PEFT_KERNELS_FUZZ_EXAMPLES="60")
+        pytest = os.path.join(os.path.dirname(sys.executable), "pytest")  # not -m: that puts the cwd first
+        cmd = [pytest, "-x", "-q", "-p", "no:cacheprovider", *tests]
+        try:
+            r = subprocess.run(cmd, cwd=dst, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "killed", "the tests timed out"
+        check = subprocess.run([sys.executable, "-c", "import peft_kernels, sys; print(peft_kernels.__file__)"],
+                               cwd="/", env=env, capture_output=True, text=True).stdout.strip()
+        if not check.startswith(dst):
+            return "error", f"the tests imported {check}, not the mutant copy"
+        last = (r.stdout.strip().splitlines() or [""])[-1]
+        if r.returncode == 0:
+            return "survived", last
+        if r.returncode == 5:
+            return "error", "no tests collected"
+        return "killed", last
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", action="append", help="run only these mutant ids")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--timeout", type=int, default=1200)
+    a = ap.parse_args()
+    todo = [m for m in MUTANTS if not a.only or m[0] in a.only]
+    if a.list:
+        for m in todo:
+            print(f"{m[0]:28s} {m[1]:42s} {m[5]}")
+        return 0
+    rows, t0 = [], time.time()
+    for m in todo:
+        t = time.time()
+        status, detail = run_mutant(m, a.timeout)
+        rows.append((m[0], status, detail))
+        print(f"{m[0]:28s} {status:9s} {time.time() - t:6.0f}s  {m[5]}  [{detail[:90]}]", flush=True)
+    killed = sum(s == "killed" for _, s, _ in rows)
+    counted = sum(s in ("killed", "survived") for _, s, _ in rows)
+    print(f"\nmutation score: {killed}/{counted} killed ({100.0 * killed / max(counted, 1):.0f}%) in "
+          f"{time.time() - t0:.0f}s; survived: {[i for i, s, _ in rows if s == 'survived']}; "
+          f"stale/error: {[i for i, s, _ in rows if s in ('stale', 'error')]}")
+    return 0 if counted == len(rows) and killed >= 0.9 * counted else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

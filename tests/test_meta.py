@@ -12,7 +12,7 @@ import torch
 
 import peft_kernels as pk
 from peft_kernels import meta
-from peft_kernels.reference import lora_linear_ref, multi_lora_linear_ref
+from peft_kernels.reference import lora_linear_ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,8 @@ catches.
 
 Each mutant is an exact text edit (found exactly once, or the mutant is reported stale: the code moved on and the
 mutant must be updated) in ops, kernels, C++ or checkpoint code, with the test files a developer would run for
-that code. Every mutant runs in a scratch copy of the checkout (the working tree is never touched): the copy is
+that code. Every mutant runs in a scratch copy of the checkout at HEAD (--rev, or --worktree for uncommitted
+work; the working tree is never touched, and edits made during a run cannot leak into it): the copy is
 edited, its C++ extension rebuilt in place when a .cpp/.h changed, and `pytest -x` runs the mutant's tests
 against it (PYTHONPATH points at the copy). Killed = the tests fail; survived = they pass. Target: ≥ 90% killed.
 """
@@ -113,14 +114,20 @@ MUTANTS = [
 ]
 
 
-def _copy_tree(dst: str) -> None:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        s = os.path.join(ROOT, f)
-        if os.path.isfile(s):
-            os.makedirs(os.path.dirname(os.path.join(dst, f)), exist_ok=True)
-            shutil.copy2(s, os.path.join(dst, f))
+def _copy_tree(dst: str, rev: str) -> None:
+    """The checkout at ``rev`` (default HEAD: commit first; edits made while it runs cannot leak into it), or
+    the working tree with ``rev=None``, plus the built extension."""
+    if rev is None:
+        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.split()
+        for f in files:
+            s = os.path.join(ROOT, f)
+            if os.path.isfile(s):
+                os.makedirs(os.path.dirname(os.path.join(dst, f)), exist_ok=True)
+                shutil.copy2(s, os.path.join(dst, f))
+    else:
+        tar = subprocess.run(["git", "archive", "--format=tar", rev], cwd=ROOT, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", dst], input=tar, check=True)
     for so in os.listdir(os.path.join(ROOT, "peft_kernels")):  # the built extension
         if so.startswith("_C") and so.endswith(".so"):
             shutil.copy2(os.path.join(ROOT, "peft_kernels", so), os.path.join(dst, "peft_kernels", so))
@@ -133,10 +140,10 @@ def _build(dst: str) -> bool:
     return r.returncode == 0 and "WARNING: building" not in r.stderr and "not built" not in r.stderr
 
 
-def run_mutant(m, timeout: int) -> tuple:
+def run_mutant(m, timeout: int, rev) -> tuple:
     mid, path, find, repl, tests, _ = m
     with tempfile.TemporaryDirectory(prefix=f"mutant-{mid}-") as dst:
-        _copy_tree(dst)
+        _copy_tree(dst, rev)
         fp = os.path.join(dst, path)
         src = open(fp).read()
         if find is None or src.count(find) != 1:
@@ -169,6 +176,8 @@ def main() -> int:
     ap.add_argument("--only", action="append", help="run only these mutant ids")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--timeout", type=int, default=1200)
+    ap.add_argument("--rev", default="HEAD", help="the commit to mutate (default HEAD)")
+    ap.add_argument("--worktree", action="store_true", help="mutate the working tree instead of a commit")
     a = ap.parse_args()
     todo = [m for m in MUTANTS if not a.only or m[0] in a.only]
     if a.list:
@@ -178,7 +187,7 @@ def main() -> int:
     rows, t0 = [], time.time()
     for m in todo:
         t = time.time()
-        status, detail = run_mutant(m, a.timeout)
+        status, detail = run_mutant(m, a.timeout, None if a.worktree else a.rev)
         rows.append((m[0], status, detail))
         print(f"{m[0]:28s} {status:9s} {time.time() - t:6.0f}s  {m[5]}  [{detail[:90]}]", flush=True)
     killed = sum(s == "killed" for _, s, _ in rows)

@@ -33,3 +33,20 @@ def first_order_only(op: str, supported_on_torch: bool = False):
             return backward(ctx, *grad_outputs)
         return wrapper
     return deco
+
+
+def torch_backend_double_backward(op: str, differentiable):
+    """Decorator for the backward of a Function whose torch backend supports double backward: under
+    ``create_graph=True`` with ``ctx.call.backend == "torch"`` it runs ``differentiable(ctx, *grads)`` (torch
+    ops autograd can differentiate); any other backend raises there (:func:`first_order_only`); otherwise the
+    decorated first-order backward runs."""
+    def deco(backward):
+        first = first_order_only(op, supported_on_torch=True)(backward)
+
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            if torch.is_grad_enabled() and ctx.call.backend == "torch":
+                return differentiable(ctx, *grad_outputs)
+            return first(ctx, *grad_outputs)
+        return wrapper
+    return deco

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .. import _ext, dispatch
 from . import _amp, _torch_dropout
-from ._autograd import first_order_only
+from ._autograd import torch_backend_double_backward
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -224,14 +224,8 @@ class LoRALinearFunction(torch.autograd.Function):
         return save_for_lora_backward(ctx, x, x2d, S, weight, bias, lora_A, lora_B, call, y)
 
     @staticmethod
+    @torch_backend_double_backward("lora_linear", lambda ctx, dy: _differentiable_backward(ctx, dy))
     def backward(ctx, dy):
-        if torch.is_grad_enabled() and ctx.call.backend == "torch":  # create_graph=True: differentiable
-            return _differentiable_backward(ctx, dy)
-        return LoRALinearFunction._backward(ctx, dy)
-
-    @staticmethod
-    @first_order_only("lora_linear", supported_on_torch=True)
-    def _backward(ctx, dy):
         x2d, S, weight, A, B = saved_lora_tensors(ctx)
         call: LoRACall = ctx.call
         need_x, _, _, need_a, need_bb, _ = ctx.needs_input_grad

@@ -25,7 +25,7 @@ import torch
 from .. import _ext, dispatch
 from ..reference import expand_adapter_ids
 from . import _amp
-from ._autograd import first_order_only
+from ._autograd import torch_backend_double_backward
 from .lora import check_base, check_dtypes_devices, finish_lora_backward, save_for_lora_backward, saved_lora_tensors
 
 PATHS = ("auto", "bgmv", "sgmv")
@@ -472,14 +472,8 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         return save_for_lora_backward(ctx, x, x2d, S, weight, bias, lora_A, lora_B, call, y)
 
     @staticmethod
+    @torch_backend_double_backward("multi_lora_linear", lambda ctx, dy: _differentiable_backward(ctx, dy))
     def backward(ctx, dy):
-        if torch.is_grad_enabled() and ctx.call.backend == "torch":  # create_graph=True: differentiable
-            return _differentiable_backward(ctx, dy)
-        return MultiLoRALinearFunction._backward(ctx, dy)
-
-    @staticmethod
-    @first_order_only("multi_lora_linear", supported_on_torch=True)
-    def _backward(ctx, dy):
         x2d, S, weight, A, B = saved_lora_tensors(ctx)
         call: MultiLoRACall = ctx.call
         need_x, _, _, need_a, need_bb, _ = ctx.needs_input_grad

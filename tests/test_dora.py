@@ -30,8 +30,11 @@ def test_weight_norm_without_materialising_BA():
         _, W, _, A, B, _ = _case(3, 37, 29, r, torch.float64)
         want = torch.linalg.norm(W + 0.7 * (B @ A), dim=1)
         got = dora_weight_norm(W, A, B, 0.7)
-        assert got.dtype == torch.float32 and not got.requires_grad
-        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+        assert got.dtype == torch.float64 and not got.requires_grad  # float64 weights: a float64 norm
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        got32 = dora_weight_norm(W.float(), A.float(), B.float(), 0.7)
+        assert got32.dtype == torch.float32
+        torch.testing.assert_close(got32.double(), want, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("backend", backend_params(supported=("torch", "triton")))

@@ -205,7 +205,9 @@ class MultiLoRALinear(nn.Module):
         S, R = max_adapters, max_rank
         self.lora_A = nn.Parameter(torch.zeros(S, R, self.in_features, device=dev, dtype=ldt))
         self.lora_B = nn.Parameter(torch.zeros(S, self.out_features, R, device=dev, dtype=ldt))
-        self.register_buffer("scalings", torch.zeros(S, device=dev, dtype=torch.float32))
+        # float64 for a float64 layer (kept end to end), float32 otherwise
+        sdt = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        self.register_buffer("scalings", torch.zeros(S, device=dev, dtype=sdt))
         self.register_buffer("ranks", torch.zeros(S, device=dev, dtype=torch.int32))
         # set_adapter/clear_adapter/load_state_dict write the slots while no forward reads them: a forward sees
         # the old adapter or the new one, never a torn mix (hot swap while serving)

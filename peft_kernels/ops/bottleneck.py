@@ -193,7 +193,8 @@ def _adapter_backward(g2, inp2, P, down_w, up_w, up_b, scaling_t, call: AdapterC
         if need_up:  # [H_out, b]; fp32 for the half dtypes when it feeds the scale's N·b-term sum
             half = need_s and g2.element_size() == 2
             gtH = torch.mm(g2.t().float(), H.float()) if half else torch.mm(g2.t(), H)
-        colsum = g2.sum(0, dtype=torch.float32) if need_up else None  # fp32 accumulation for the half dtypes
+        # fp32 accumulation for the half dtypes; fp64 stays fp64
+        colsum = g2.sum(0, dtype=torch.promote_types(g2.dtype, torch.float32)) if need_up else None
     dU = db_u = ds = None
     if need_up:
         dU, db_u, ds = _up_grads(gtH, colsum, up_w, up_b, scaling_t, call, (need_uw, need_ub, need_s))

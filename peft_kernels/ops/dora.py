@@ -31,7 +31,7 @@ _NORM_ROWS = 1024  # rows of W per fp64 block in dora_weight_norm: the fp64 copy
 
 
 def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``‖W + scaling·B·A‖`` per output row (fp32, detached), without forming B·A.
+    """``‖W + scaling·B·A‖`` per output row (fp32, or fp64 for fp64 weights; detached), without forming B·A.
 
     ``‖W_n‖² + 2s·(W·Aᵀ)_n·B_n + s²·B_n·(A·Aᵀ)·B_nᵀ``: an [N, r] product and an [r, r] Gram matrix instead of
     the [N, K] update. The three terms cancel when the update nearly cancels a row of W (the norm is then far
@@ -56,7 +56,8 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
             w = weight.detach()[i:i + _NORM_ROWS].to(acc)
             n2[i:i + _NORM_ROWS] = (w * w).sum(1) + (2.0 * s) * ((w @ A.t()) * B[i:i + _NORM_ROWS]).sum(1) \
                 + quad[i:i + _NORM_ROWS]
-        return n2.clamp_min_(0).sqrt_().float()
+        out = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        return n2.clamp_min_(0).sqrt_().to(out)
 
 
 def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,

@@ -222,17 +222,17 @@ def choose_path(mapping: AdapterMapping, path: str = "auto") -> str:
 # --------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------
-def _as_float_vector(v, name: str, S: int, device) -> torch.Tensor:
+def _as_float_vector(v, name: str, S: int, device, dtype=torch.float32) -> torch.Tensor:
     if not isinstance(v, torch.Tensor):
         if isinstance(v, (list, tuple)) and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in v):
-            v = torch.tensor(v, dtype=torch.float32)
+            v = torch.tensor(v, dtype=torch.float64)
         else:
             raise TypeError(f"{name} must be a float tensor of shape [{S}] (or a list of floats), got {type(v).__name__}")
     if not v.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
     if tuple(v.shape) != (S,):
         raise ValueError(f"{name} must have shape [{S}] (one per slot of lora_A), got {tuple(v.shape)}")
-    return v.to(device=device, dtype=torch.float32)
+    return v.to(device=device, dtype=dtype)
 
 
 def validate(x, weight, bias, lora_A, lora_B, scalings, ranks):
@@ -247,7 +247,8 @@ def validate(x, weight, bias, lora_A, lora_B, scalings, ranks):
                          f"weight), got {tuple(lora_B.shape)}")
     check_dtypes_devices(x, weight, bias, lora_A, lora_B)
     dev = x.device
-    scal = _as_float_vector(scalings, "scalings", S, dev)
+    # fp64 scalings for fp64 inputs (the torch backend's float64 stays float64 end to end)
+    scal = _as_float_vector(scalings, "scalings", S, dev, torch.float64 if x.dtype == torch.float64 else torch.float32)
     if ranks is None:
         rk = torch.full((S,), R, dtype=torch.int32, device=dev)
     else:

@@ -14,6 +14,8 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -40,18 +42,30 @@ class CheckpointError(ValueError):
 
 
 def _adapter_dir(path: str, adapter_name: Optional[str]) -> str:
+    """``path``, or its ``adapter_name`` subfolder (PEFT saves a named adapter other than the first there). The
+    name is one folder name: it cannot escape ``path`` (``..``, separators, absolute paths, links out), and a
+    missing subfolder is an error, never a fall back to the root adapter."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a directory path, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path!r} is not a directory (expected a PEFT save_pretrained folder)")
-    if adapter_name is not None:
-        sub = os.path.join(path, adapter_name)
-        if os.path.isfile(os.path.join(sub, CONFIG)):
-            return sub
-        if not os.path.isfile(os.path.join(path, CONFIG)):
-            raise CheckpointError(f"no {CONFIG} in {sub!r} or {path!r}")
-    return path
+    if adapter_name is None:
+        return path
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name must be a str or None, got {type(adapter_name).__name__}")
+    seps = [os.sep] + ([os.altsep] if os.altsep else [])
+    if adapter_name in ("", ".", "..") or any(c in adapter_name for c in seps) or "\0" in adapter_name \
+            or os.path.isabs(adapter_name):
+        raise CheckpointError(f"adapter_name must name one subfolder of {path!r}, got {adapter_name!r}")
+    sub = os.path.join(path, adapter_name)
+    root = os.path.realpath(path)
+    if os.path.commonpath([root, os.path.realpath(sub)]) != root:
+        raise CheckpointError(f"adapter_name {adapter_name!r} leads out of {path!r} (a link)")
+    if not os.path.isfile(os.path.join(sub, CONFIG)):
+        raise CheckpointError(f"no adapter named {adapter_name!r} in {path!r}: {os.path.join(sub, CONFIG)!r} is "
+                              "missing (the root adapter is loaded with adapter_name=None)")
+    return sub
 
 
 def load_config_json(d: str) -> Tuple[str, dict]:
@@ -61,38 +75,103 @@ def load_config_json(d: str) -> Tuple[str, dict]:
         raise CheckpointError(f"{f!r} is missing")
     try:
         with open(f, encoding="utf-8") as fh:
-            cfg = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            cfg = json.load(fh)  # NaN/Infinity parse as floats; the field checks refuse them by name
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{f!r} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{f!r} is nested too deeply to be an adapter config") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{f!r} must hold a JSON object")
     return f, cfg
+
+
+def _bool_field(cfg: dict, key: str, f: str) -> bool:
+    v = cfg.get(key, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):  # "false" is a non-empty string: bool("false") would turn the option on
+        raise CheckpointError(f"{f!r}: {key} must be true or false, got {v!r}")
+    return v
+
+
+def _number(v, key: str, f: str, *, integer: bool = False, low: float = 0.0, low_open: bool = True,
+            high: Optional[float] = None):
+    """A finite JSON number in range; integers for ``integer``; representable in float32 (scalings are)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise CheckpointError(f"{f!r}: {key} must be a number, got {v!r}")
+    if integer:
+        if isinstance(v, float) and not v.is_integer():
+            raise CheckpointError(f"{f!r}: {key} must be an integer, got {v!r}")
+        if not -2 ** 31 < v < 2 ** 31:
+            raise CheckpointError(f"{f!r}: {key} is out of range, got {v!r}")
+        v = int(v)
+    elif not (math.isfinite(v) and abs(v) < 3.0e38):  # 1e40 is finite in Python but inf as a float32 scaling
+        raise CheckpointError(f"{f!r}: {key} must be a finite number (within float32), got {v!r}")
+    if (v <= low if low_open else v < low) or (high is not None and v >= high):
+        rng = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'})"
+        raise CheckpointError(f"{f!r}: {key} must be in {rng}, got {v!r}")
+    return v
+
+
+def _targets_field(cfg: dict, key: str, f: str) -> None:
+    """None, a regex (PEFT full-matches it), or a list of module names."""
+    v = cfg.get(key)
+    if v is None:
+        return
+    if isinstance(v, str):
+        _regex(v, key, f)
+    elif not (isinstance(v, list) and all(isinstance(t, str) and t for t in v)):
+        raise CheckpointError(f"{f!r}: {key} must be a regex string or a list of module names, got {v!r}")
+
+
+def _regex(pattern: str, key: str, f: str) -> None:
+    if len(pattern) > 4096:
+        raise CheckpointError(f"{f!r}: a {key} regex is longer than 4096 characters")
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise CheckpointError(f"{f!r}: {key} holds an invalid regex {pattern!r}: {e}") from None
+
+
+def _validate_lora_config(cfg: dict, f: str) -> None:
+    """Every LoRA config field this loader reads, checked: a bad value is a CheckpointError naming it."""
+    cfg["r"] = _number(cfg.get("r"), "r", f, integer=True)
+    cfg["lora_alpha"] = _number(cfg.get("lora_alpha"), "lora_alpha", f)
+    drop = cfg.get("lora_dropout", 0.0)
+    cfg["lora_dropout"] = 0.0 if drop is None else _number(drop, "lora_dropout", f, low_open=False, high=1.0)
+    for key in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out"):
+        cfg[key] = _bool_field(cfg, key, f)
+    if not isinstance(cfg.get("inference_mode", False), (bool, type(None))):
+        raise CheckpointError(f"{f!r}: inference_mode must be true or false, got {cfg['inference_mode']!r}")
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pat = {} if cfg.get(key) is None else cfg[key]
+        if not isinstance(pat, dict):
+            raise CheckpointError(f"{f!r}: {key} must be an object, got {pat!r}")
+        for k, v in pat.items():
+            _regex(k, key, f)
+            pat[k] = _number(v, f"{key}[{k!r}]", f, integer=integer)
+        cfg[key] = pat
+    _targets_field(cfg, "target_modules", f)
+    _targets_field(cfg, "exclude_modules", f)
 
 
 def _read_config(d: str) -> dict:
     f, cfg = load_config_json(d)
     ptype = cfg.get("peft_type")
     if ptype not in ("LORA", "IA3"):
-        raise CheckpointError(f"unsupported PEFT type {ptype!r} in {f!r}: LORA (incl. DoRA) and IA3 adapters load "
+        raise CheckpointError(f"unsupported PEFT type (peft_type) {ptype!r} in {f!r}: LORA (incl. DoRA) and IA3 adapters load "
                               "into peft_kernels (prompt learning: peft_kernels.prompt)")
     for key, default in _UNSUPPORTED.items():
         if cfg.get(key, default) not in (default, [], {}):
             raise CheckpointError(f"unsupported {ptype} option in {f!r}: {key}={cfg[key]!r}")
     if ptype == "IA3":
-        if not isinstance(cfg.get("fan_in_fan_out", False), bool):
-            raise CheckpointError(f"{f!r}: fan_in_fan_out must be a bool")
+        cfg["fan_in_fan_out"] = _bool_field(cfg, "fan_in_fan_out", f)
+        for key in ("target_modules", "exclude_modules", "feedforward_modules"):
+            _targets_field(cfg, key, f)
         return cfg
-    if not isinstance(cfg.get("use_dora", False), bool):
-        raise CheckpointError(f"{f!r}: use_dora must be a bool, got {cfg['use_dora']!r}")
     if cfg.get("bias", "none") != "none":
         raise CheckpointError(f"unsupported LoRA option in {f!r}: bias={cfg['bias']!r} (trained base biases)")
-    for key in ("r", "lora_alpha"):
-        v = cfg.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or (key == "r" and int(v) != v):
-            raise CheckpointError(f"{f!r}: {key} must be a positive number, got {v!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(cfg.get(key) or {}, dict):
-            raise CheckpointError(f"{f!r}: {key} must be an object")
+    _validate_lora_config(cfg, f)
     return cfg
 
 
@@ -138,6 +217,28 @@ class _Layer:
     magnitude: Optional[torch.Tensor] = None
 
 
+def _check_targeted(cfg: dict, mod: str, src: str) -> None:
+    """The weights' modules must be ones the config targets (PEFT's matching rules), and not excluded."""
+    from .inject import _matches
+
+    tm, ex = cfg.get("target_modules"), cfg.get("exclude_modules")
+    if tm is not None and tm != "all-linear" and not _matches(mod, tm):
+        raise CheckpointError(f"{src}: the weights hold {mod!r}, which target_modules {tm!r} does not select")
+    if ex is not None and _matches(mod, ex):
+        raise CheckpointError(f"{src}: the weights hold {mod!r}, which exclude_modules {ex!r} excludes")
+
+
+def _no_aliases(model: nn.Module, names, src: str) -> None:
+    """Two names of the checkpoint that reach one module object would load two adapters into one layer."""
+    seen: Dict[int, str] = {}
+    for n in names:
+        i = id(model.get_submodule(n))
+        if i in seen:
+            raise CheckpointError(f"{src}: {seen[i]!r} and {n!r} are the same module (aliased); the checkpoint holds "
+                                  "an adapter for each, which one layer cannot take")
+        seen[i] = n
+
+
 def _plan(model: nn.Module, cfg: dict, sd: Dict[str, torch.Tensor], slot: Optional[int], src: str) -> List[_Layer]:
     """Every layer to load, validated against the model; raises CheckpointError on any mismatch."""
     groups: Dict[str, dict] = {}
@@ -151,6 +252,7 @@ def _plan(model: nn.Module, cfg: dict, sd: Dict[str, torch.Tensor], slot: Option
         if m["mag"] and not cfg.get("use_dora", False):
             raise CheckpointError(f"{src}: {key!r} is a DoRA magnitude but the config says use_dora=False")
         slot_key = "mag" if m["mag"] else "B_bias" if m["what"] == "bias" else m["ab"][-1]
+        _check_targeted(cfg, m["mod"], src)
         groups.setdefault(m["mod"], {})[slot_key] = t
     if not groups:
         raise CheckpointError(f"{src}: no LoRA tensors")
@@ -210,6 +312,7 @@ def _plan(model: nn.Module, cfg: dict, sd: Dict[str, torch.Tensor], slot: Option
                 raise CheckpointError(f"{mod!r}: DoRA adapters cannot load into MultiLoRALinear slots (their "
                                       "per-slot weight norms are not supported)")
         layers.append(_Layer(mod, A, B, r, alpha, g.get("B_bias"), g.get("mag")))
+    _no_aliases(model, [L.name for L in layers], src)
     return layers
 
 
@@ -237,9 +340,7 @@ def load_peft_adapter(model: nn.Module, path, *, adapter_name: Optional[str] = N
     rslora = bool(cfg.get("use_rslora", False))
     dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
     if slot is not None:
-        for L in layers:
-            scaling = L.alpha / (math.sqrt(L.r) if rslora else L.r)
-            model.get_submodule(L.name).set_adapter(slot, L.A, L.B, scaling)
+        _load_slots(model, layers, slot, rslora, d)
         return [L.name for L in layers]
     by_name = {L.name: L for L in layers}
 
@@ -261,6 +362,33 @@ def load_peft_adapter(model: nn.Module, path, *, adapter_name: Optional[str] = N
     return _replace(model, sorted(by_name), make)
 
 
+def _load_slots(model: nn.Module, layers: List[_Layer], slot: int, rslora: bool, src: str) -> None:
+    """Every layer's slot, or none: each scaling is checked first, then the slots are written; if a write
+    still fails, the slots already written get their previous adapters back."""
+    plan = []
+    for L in layers:
+        m = model.get_submodule(L.name)
+        scaling = L.alpha / (math.sqrt(L.r) if rslora else L.r)
+        if not math.isfinite(torch.tensor(scaling, dtype=m.scalings.dtype).item()):
+            raise CheckpointError(f"{src}: {L.name!r}: the scaling lora_alpha / r = {scaling!r} is not finite in "
+                                  f"{m.scalings.dtype}")
+        plan.append((m, L, scaling))
+    done = []
+    try:
+        for m, L, scaling in plan:
+            A, B, s = m.get_adapter(slot)
+            prev = (A.detach().clone(), B.detach().clone(), s)
+            m.set_adapter(slot, L.A, L.B, scaling)
+            done.append((m, prev))
+    except Exception:
+        for m, (A, B, s) in reversed(done):
+            if A.shape[0]:
+                m.set_adapter(slot, A, B, s)
+            else:
+                m.clear_adapter(slot)
+        raise
+
+
 def _load_ia3(model: nn.Module, cfg: dict, sd: Dict[str, torch.Tensor], src: str, backend: str) -> List[str]:
     """IA3: every ``<module>.ia3_l`` becomes an IA3Linear on that module; input scaling where the module
     matches the config's ``feedforward_modules`` (PEFT's matching rules). All checked before any change."""
@@ -275,6 +403,7 @@ def _load_ia3(model: nn.Module, cfg: dict, sd: Dict[str, torch.Tensor], src: str
         if m is None:
             raise CheckpointError(f"{src}: unexpected key {key!r} (not an IA3 ia3_l tensor)")
         mod = m["mod"]
+        _check_targeted(cfg, mod, src)
         try:
             target = model.get_submodule(mod)
         except AttributeError:
@@ -292,6 +421,7 @@ def _load_ia3(model: nn.Module, cfg: dict, sd: Dict[str, torch.Tensor], src: str
         plan[mod] = (t, ff)
     if not plan:
         raise CheckpointError(f"{src}: no IA3 tensors")
+    _no_aliases(model, list(plan), src)
 
     def make(lin):
         t, ff = plan[name_of[id(lin)]]
@@ -380,13 +510,82 @@ def save_peft_adapter(model: nn.Module, path, *, slot: Optional[int] = None) -> 
     return [n for n, _ in layers]
 
 
+_OURS = {CONFIG, WEIGHTS, LEGACY_WEIGHTS}
+_CARRIED = {"README.md"}  # PEFT's save_pretrained writes one next to the adapter: kept across a re-save
+
+
 def _write_folder(path, tensors: Dict[str, torch.Tensor], cfg: dict) -> None:
+    """Atomic: the new adapter is written (and fsynced) into a temporary sibling folder, which then takes the
+    place of ``path`` in one rename (an exchange with the previous folder where the OS has one). A crash or
+    error at any point leaves the previous checkpoint whole: never new weights with an old config."""
     from safetensors.torch import save_file
 
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(path, CONFIG), "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
+    path = os.path.abspath(os.fspath(path))
+    parent, base = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    existing = None
+    if os.path.lexists(path):
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise ValueError(f"save_peft_adapter: {path!r} exists and is not a folder")
+        existing = os.listdir(path)
+        other = sorted(e for e in existing if e not in _OURS | _CARRIED)
+        if other:
+            raise ValueError(f"save_peft_adapter: {path!r} holds {other[:5]} besides an adapter; save into a new or "
+                             "empty folder, or over a previous adapter folder (it is replaced as a whole)")
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    try:
+        os.chmod(tmp, 0o755)
+        save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as fh:
+            json.dump(cfg, fh, indent=2, sort_keys=True, allow_nan=False)
+        for e in existing or ():
+            if e in _CARRIED:
+                shutil.copy2(os.path.join(path, e), os.path.join(tmp, e))
+        for name in os.listdir(tmp):
+            _fsync(os.path.join(tmp, name))
+        _fsync(tmp)
+        if existing is None:
+            os.rename(tmp, path)
+        else:
+            _exchange(tmp, path)  # tmp now holds the previous adapter
+            shutil.rmtree(tmp, ignore_errors=True)
+        _fsync(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync(p: str) -> None:
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: str, b: str) -> None:
+    """Swap two folders: renameat2(RENAME_EXCHANGE) on Linux (atomic); elsewhere two renames, the previous
+    folder kept under a sibling name until the new one is in place."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        AT_FDCWD, RENAME_EXCHANGE = -100, 2
+        if fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+            return
+    except (OSError, AttributeError):
+        pass
+    old = a + ".previous"
+    os.rename(b, old)
+    os.rename(a, b)
+    os.rename(old, a)
 
 
 class _SlotView:

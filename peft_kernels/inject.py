@@ -16,7 +16,7 @@ and leaves the model as it was. After injection only LoRA parameters are trainab
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -106,9 +106,16 @@ def _replace(model: nn.Module, names: List[str], make: Callable[[nn.Module], nn.
     """Swap in the new layers, then freeze every parameter that is not LoRA (PEFT's
     ``mark_only_lora_as_trainable``)."""
     new = {n: make(model.get_submodule(n)) for n in names}  # build all first: a failure changes nothing
+    # a layer reachable under several names (aliased, e.g. tied) is replaced under every one of them by the
+    # same new module, so the model stays tied
+    paths: Dict[int, List[str]] = {}
+    for n, mod in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(mod), []).append(n)
+    ids = {n: id(model.get_submodule(n)) for n in new}
     for n, m in new.items():
-        parent, _, child = n.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, m)
+        for alias in paths.get(ids[n], [n]):
+            parent, _, child = alias.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, m)
     lora = {id(p) for m in model.modules() if isinstance(m, ADAPTER_TYPES)
             for p in (getattr(m, k, None) for k in ADAPTER_PARAMS) if p is not None}
     for p in model.parameters():

@@ -10,6 +10,9 @@ from the same inputs says. Groups:
               seg_starts from 0 to len(perm), ranks clamped to [0, R]); expand ops leave other rows untouched
   public      hypothesis: lora_linear / multi_lora_linear / MultiLoRALinear over shapes, dtypes, strides,
               ids (bad ones too), ranks and non-finite values, every CPU backend
+  checkpoint  hypothesis: PEFT adapter folders with random JSON values in random config fields, corrupted
+              weights and adapter names: a load succeeds or raises CheckpointError/ValueError/TypeError and
+              then leaves the model unchanged
 """
 from __future__ import annotations
 
@@ -433,7 +436,95 @@ def group_public(examples):
     run()
 
 
-GROUPS = {"raw_bad": group_raw_bad, "raw_random": group_raw_random, "public": group_public}
+# ------------------------------------------------------------------------------------------ checkpoint
+def group_checkpoint(examples):
+    import copy
+    import tempfile
+
+    import torch.nn as nn
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from safetensors.torch import save_file
+
+    from peft_kernels import checkpoint as ck
+
+    cfg_settings = settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+                            suppress_health_check=list(HealthCheck))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(6, 6)
+            self.v = nn.Linear(6, 4)
+
+    torch.manual_seed(0)
+    src = Net()
+    pk.inject_lora(src, ["q", "v"], r=2, lora_alpha=4, init_lora_weights=False)
+    base_dir = tempfile.mkdtemp()
+    pk.save_peft_adapter(src, base_dir)
+    base_cfg = json.load(open(os.path.join(base_dir, "adapter_config.json")))
+    base_sd = ck._read_weights(base_dir)
+    json_values = st.recursive(
+        st.one_of(st.none(), st.booleans(), st.integers(-10 ** 40, 10 ** 40), st.floats(allow_nan=True),
+                  st.text(max_size=8), st.sampled_from(["(", "[", ".*", "q", "v", "false", "true", "../x"])),
+        lambda kids: st.one_of(st.lists(kids, max_size=3), st.dictionaries(st.text(max_size=4), kids, max_size=3)),
+        max_leaves=6)
+    keys = sorted(base_cfg) + ["exclude_modules", "layers_to_transform"]
+
+    @cfg_settings
+    @given(st.dictionaries(st.sampled_from(keys), json_values, max_size=3),
+           st.sampled_from(["none", "shape", "dtype", "nan", "extra", "drop"]), st.integers(0, 3),
+           st.sampled_from(["plain", "slot"]), st.sampled_from([None, "../x", "sub", "/tmp", ".."]))
+    def run(changes, weights, which, target, adapter_name):
+        name = f"checkpoint {changes!r} weights={weights}@{which} {target} adapter_name={adapter_name!r}"[:400]
+        case(name)
+        with tempfile.TemporaryDirectory() as d:
+            cfg = dict(base_cfg)
+            cfg.update(changes)
+            with open(os.path.join(d, "adapter_config.json"), "w") as f:
+                json.dump(cfg, f)
+            sd = {k: v.clone() for k, v in base_sd.items()}
+            k = sorted(sd)[which % len(sd)]
+            if weights == "shape":
+                sd[k] = torch.zeros(3, 3)
+            elif weights == "dtype":
+                sd[k] = sd[k].to(torch.int32)
+            elif weights == "nan":
+                sd[k][0, 0] = float("nan")
+            elif weights == "extra":
+                sd["base_model.model.q.lora_C.weight"] = torch.zeros(1)
+            elif weights == "drop":
+                del sd[k]
+            save_file(sd, os.path.join(d, "adapter_model.safetensors"))
+            torch.manual_seed(1)
+            m = Net()
+            if target == "slot":
+                for n in ("q", "v"):
+                    setattr(m, n, pk.MultiLoRALinear.from_linear(getattr(m, n), max_adapters=2, max_rank=4))
+            before = copy.deepcopy(m.state_dict())
+            kinds = [type(x) for x in m.modules()]
+            try:
+                pk.load_peft_adapter(m, d, slot=0 if target == "slot" else None, adapter_name=adapter_name)
+            except (pk.CheckpointError, ValueError, TypeError):
+                results["refused"] += 1
+                if [type(x) for x in m.modules()] != kinds or any(
+                        not torch.equal(before[kk], vv) for kk, vv in m.state_dict().items()):
+                    fail(name, "a refused load changed the model")
+                return
+            except Exception as e:  # noqa: BLE001
+                fail(name, f"raised {type(e).__name__} (not a CheckpointError): {e}")
+                return
+            results["checked"] += 1
+            if adapter_name is not None:
+                fail(name, "loaded with an adapter_name whose subfolder does not exist")
+            if weights != "none":
+                fail(name, f"accepted corrupted weights ({weights})")
+
+    run()
+
+
+GROUPS = {"raw_bad": group_raw_bad, "raw_random": group_raw_random, "public": group_public,
+          "checkpoint": group_checkpoint}
 
 if __name__ == "__main__":
     group = sys.argv[1]

@@ -339,7 +339,7 @@ class MultiLoRALinear(nn.Module):
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        super().__setstate__(state)
         self._slots_lock = _SlotsLock()
 
     def extra_repr(self) -> str:

@@ -41,7 +41,7 @@ def _needs_ext():
 
 @pytest.mark.parametrize("group,examples,min_checked", [("raw_bad", 0, 0), ("raw_random", EXAMPLES, 0.5),
                                                         ("public", EXAMPLES // 2, 0.2),
-                                                        ("checkpoint", EXAMPLES, 0.05)])
+                                                        ("checkpoint", EXAMPLES, 0.02)])
 def test_fuzz_group_is_clean(group, examples, min_checked):
     if group.startswith("raw"):
         _needs_ext()

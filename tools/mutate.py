@@ -48,7 +48,7 @@ MUTANTS = [
      "self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)", "self.scaling = lora_alpha / r",
      ["tests/test_module.py"], "rsLoRA scales by alpha/r instead of alpha/sqrt(r)"),
     ("unmerge-current-delta", "peft_kernels/nn/lora.py",
-     '        delta = (mw["lora_B"].float() @ mw["lora_A"].float()) * float(mw["scaling"])',
+     '        delta = self._delta(mw["lora_A"], mw["lora_B"], float(mw["scaling"]))',
      '        delta = self.delta_weight()',
      ["tests/test_module.py"], "unmerge subtracts the current update, not the merged one"),
     ("merged-state-dict", "peft_kernels/nn/lora.py",

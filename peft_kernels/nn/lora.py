@@ -193,7 +193,10 @@ class LoRALinear(nn.Module):
     # ------------------------------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:
         """``scaling · B·A`` in fp32, in the stored weight's layout (transposed for a Conv1D base)."""
-        d = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        return self._delta(self.lora_A, self.lora_B, self.scaling)
+
+    def _delta(self, A, B, scaling: float) -> torch.Tensor:
+        d = (B.float() @ A.float()) * scaling
         return d.t() if self.fan_in_fan_out else d
 
     @torch.no_grad()
@@ -238,8 +241,7 @@ class LoRALinear(nn.Module):
     def _unmerged_base(self):
         """(weight, bias) with what ``merge()`` folded in taken out; bias is None when merge() did not touch it."""
         mw = self._merged_with
-        delta = (mw["lora_B"].float() @ mw["lora_A"].float()) * float(mw["scaling"])
-        delta = delta.t() if self.fan_in_fan_out else delta
+        delta = self._delta(mw["lora_A"], mw["lora_B"], float(mw["scaling"]))
         w = self.weight.float()
         if self.use_dora:  # W = W' / g − scaling·B·A, with g the factor merge() applied
             w = w / mw["factor"].reshape(self._g_shape())

@@ -326,10 +326,8 @@ class MultiLoRALinear(nn.Module):
         else:
             ids = adapter_ids
         w = self.weight.t() if self.fan_in_fan_out else self.weight  # Conv1D base: [in, out] stored
-        if torch.compiler.is_compiling():  # a graph cannot take the lock: swap adapters between compiled calls
-            return multi_lora_linear(x, w, self.bias, self.lora_A, self.lora_B, self.scalings, ids,
-                                     ranks=self.ranks, backend=self.backend, path=self.path, check_ids=self.check_ids)
-        with self._slots_lock.reading():
+        # a graph cannot take the lock: under torch.compile, swap adapters between compiled calls
+        with contextlib.nullcontext() if torch.compiler.is_compiling() else self._slots_lock.reading():
             return multi_lora_linear(x, w, self.bias, self.lora_A, self.lora_B, self.scalings, ids,
                                      ranks=self.ranks, backend=self.backend, path=self.path, check_ids=self.check_ids)
 

@@ -37,7 +37,8 @@ def info() -> str:
                      else "  built without CUDA (CPU kernels only; see the README for the CUDA build)")
         lines.append(f"  CPU fp32 micro-kernels: {_ext.ops().cpu_isa('')} variant")
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        lines.append(dispatch.explain("auto", dev))
+        lines.append(dispatch.explain("auto", dev, choices=False))
+    lines.append(f"'auto' is measured on: {', '.join(dispatch.TUNER.devices)}; " + dispatch.describe_choices())
     from .ops.ia3 import SUPPORTED as IA3
     from .ops.multi_lora import SUPPORTED as MULTI
 

@@ -93,7 +93,9 @@ def test_op_without_cuda_kernels_says_so(monkeypatch):
 
 
 def test_auto_prefers_triton_then_cuda_on_gpu(monkeypatch):
-    """On a CUDA device "auto" takes triton when it can run, else the CUDA kernels (for ops that have them)."""
+    """On a CUDA device "auto" for a call that brings no Tune (nothing to measure with) takes triton when it
+    can run, else the CUDA kernels (for ops that have them); the ops' measured choice is in
+    test_dispatch_measured.py."""
     dev = torch.device("cuda")
     monkeypatch.setattr(dispatch, "cuda_unavailable_reason", lambda device: None)
     monkeypatch.setattr(dispatch, "triton_unavailable_reason", lambda device: None)

@@ -45,7 +45,9 @@ def test_dry_run_end_to_end(tmp_path):
     numeric = [c for c in checks if c.get("err") is not None]
     assert len(numeric) > 400 and all(c["err"] <= c["bound"] for c in numeric)
     sp = rep["speed"]
-    assert {r["provider"] for r in sp["linear"]} == {"frozen", "peft", "peft-bf16", "triton", "torch"}
+    assert {r["provider"] for r in sp["linear"]} == {"frozen", "peft", "peft-bf16", "triton", "torch", "auto"}
+    assert all(r["vs_best_ours"] > 0 for r in sp["linear"] if r["provider"] == "auto")
+    assert "## \"auto\" (the measured dispatch)" in md
     assert all(r["seconds"] and r["seconds"] > 0 for r in sp["linear"]), [r for r in sp["linear"] if not r["seconds"]]
     assert sp["gemm"] and sp["gemm"][0]["max_abs_diff"] < 1e-4
     assert "## Speed" in md and "## The Triton base GEMM" in md and "## Peak memory" in md

@@ -214,6 +214,12 @@ def _markdown(rep: dict) -> str:
             lines.append(f"| {r['shape']} ({r['K']}→{r['N']}) | {r['M']} | {r['mode']} | {r['provider']} | "
                          f"{_fmt(us, '.1f')} | {_fmt(r.get('vs_frozen'), '.3f')} | {_fmt(r.get('vs_peft'), '.3f')} | "
                          f"{r.get('note', '')} |")
+        auto = [r for r in sp["linear"] if r["provider"] == "auto" and r.get("vs_best_ours")]
+        if auto:
+            lines += ["", "## \"auto\" (the measured dispatch) against the faster of triton and torch", "",
+                      "| shape | M | mode | auto / best | × PEFT |", "|---|---|---|---|---|"]
+            lines += [f"| {r['shape']} | {r['M']} | {r['mode']} | {r['vs_best_ours']:.3f} | {_fmt(r.get('vs_peft'), '.3f')} |"
+                      for r in auto]
     if sp.get("gemm"):
         lines += ["", "## The Triton base GEMM alone against torch.mm", "",
                   "| shape | M×K×N | torch.mm µs | Triton µs | Triton / mm | TFLOP/s (mm, Triton) | max |Δ| |",

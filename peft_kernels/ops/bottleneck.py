@@ -92,8 +92,15 @@ def validate_adapter(h, down_w, down_b, up_w, up_b, scaling, activation: str, na
     _check_scaling(scaling, up_w.shape[0], h.device)
 
 
-def _resolve(backend: str, x: torch.Tensor) -> str:
-    return dispatch.resolve(backend, x.device, _op_reason(x))
+def _resolve(backend: str, x: torch.Tensor, op: str, tensors: tuple, extra: tuple, call) -> str:
+    """dispatch.resolve with the op's measured-dispatch Tune; ``call(tensors, scaling, name)`` reruns the op
+    (a tensor ``scaling`` is measured as one more input)."""
+    def tune():
+        scaling = tensors[-1]
+        if isinstance(scaling, torch.Tensor):
+            return dispatch.op_tune(op, tensors, extra, lambda t, be: call(t[:-1], t[-1], be))
+        return dispatch.op_tune(op, tensors[:-1], extra, lambda t, be: call(t, scaling, be))
+    return dispatch.resolve(backend, x.device, _op_reason(x), tune=tune)
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +286,9 @@ def bottleneck_adapter(h: torch.Tensor, down_w: torch.Tensor, down_b: Optional[t
     validate_adapter(h, down_w, down_b, up_w, up_b, scaling, activation)
     if residual and up_w.shape[0] != h.shape[-1]:
         raise ValueError(f"residual=True needs up_w's out features ({up_w.shape[0]}) == h's last dim ({h.shape[-1]})")
-    name = _resolve(backend, h)
+    name = _resolve(backend, h, "bottleneck_adapter", (h, down_w, down_b, up_w, up_b, scaling),
+                    (activation, f"residual={bool(residual)}"),
+                    lambda t, sc, be: bottleneck_adapter(*t, sc, activation=activation, residual=residual, backend=be))
     scaling_t, scale = _scaling_args(scaling)
     return BottleneckFunction.apply(h, down_w, down_b, up_w, up_b, scaling_t,
                                     AdapterCall(activation, scale, bool(residual), name))
@@ -410,6 +419,8 @@ def adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     else:
         validate_adapter(x, down_w, down_b, up_w, up_b, scaling, activation, name_in="x")
         fn = ParallelAdapterLinearFunction
-    name = _resolve(backend, x)
+    name = _resolve(backend, x, "adapter_linear", (x, weight, bias, down_w, down_b, up_w, up_b, scaling),
+                    (activation, mode), lambda t, sc, be: adapter_linear(*t, sc, activation=activation, mode=mode,
+                                                                         backend=be))
     scaling_t, scale = _scaling_args(scaling)
     return fn.apply(x, weight, bias, down_w, down_b, up_w, up_b, scaling_t, AdapterCall(activation, scale, mode == "sequential", name))

@@ -82,8 +82,10 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if weight_norm is None:
         weight_norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
     p = float(dropout_p) if training else 0.0
-    if p == 0 and x.numel() > 0 and dispatch.resolve(backend, x.device, _op_reason(x)) == "triton" \
-            and not torch.compiler.is_compiling():
+    if p == 0 and x.numel() > 0 and not torch.compiler.is_compiling() and dispatch.resolve(
+            backend, x.device, _op_reason(x), tune=lambda: dispatch.op_tune(
+                "dora_linear", (x, weight, bias, lora_A, lora_B, magnitude, weight_norm), (),
+                lambda t, be: dora_linear(*t[:5], scaling, t[5], backend=be, weight_norm=t[6]))) == "triton":
         return _DoRATriton.apply(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, float(scaling))
     g = (magnitude / weight_norm).to(x.dtype)
     if p > 0:

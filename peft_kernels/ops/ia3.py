@@ -115,7 +115,9 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         with _amp.disabled(x):
             return ia3_linear(*_amp.cast(amp, x, weight, bias), ia3_l, feedforward=feedforward, backend=backend)
     validate(x, weight, bias, ia3_l, feedforward)
-    name = dispatch.resolve(backend, x.device, _op_reason(x), supported=SUPPORTED)
+    name = dispatch.resolve(backend, x.device, _op_reason(x), supported=SUPPORTED, tune=lambda: dispatch.op_tune(
+        "ia3_linear", (x, weight, bias, ia3_l), (f"feedforward={bool(feedforward)}",),
+        lambda t, be: ia3_linear(*t, feedforward=feedforward, backend=be)))
     if name == "triton" and x.numel() > 0:
         return _IA3Triton.apply(x, weight, bias, ia3_l, feedforward)
     lv = ia3_l.reshape(-1)

@@ -305,8 +305,10 @@ def lora_linear(
             return lora_linear(*_amp.cast(amp, x, weight, bias, lora_A, lora_B), scaling, dropout_p=dropout_p,
                                training=training, backend=backend)
     validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    name = dispatch.resolve(backend, x.device, _op_reason(x))
     p = float(dropout_p) if training else 0.0
+    name = dispatch.resolve(backend, x.device, _op_reason(x), tune=lambda: dispatch.op_tune(
+        "lora_linear", (x, weight, bias, lora_A, lora_B), (f"dropout={p > 0}",),
+        lambda t, be: lora_linear(*t, scaling, dropout_p=p, training=p > 0, backend=be)))
     if p > 0 and torch.compiler.is_compiling():
         # Under torch.compile the seeded, regenerable mask (its seed drawn on the host) would break the
         # graph: use torch's in-graph dropout on the LoRA input instead (same distribution, autograd

@@ -588,7 +588,10 @@ def multi_lora_linear(
             raise TypeError("under torch.compile, adapter_ids must be an id tensor (an AdapterMapping holds host "
                             "copies that a graph cannot)")
         return _masked_slots(x, weight, bias, lora_A, lora_B, scal, rk, expand_adapter_ids(adapter_ids, x.shape))
-    name = dispatch.resolve(backend, x.device, _op_reason(x, lora_A), SUPPORTED)
+    name = dispatch.resolve(backend, x.device, _op_reason(x, lora_A), SUPPORTED, tune=lambda: dispatch.op_tune(
+        "multi_lora_linear", (x, weight, bias, lora_A, lora_B), (f"path={path}",),
+        lambda t, be: multi_lora_linear(*t, scalings, adapter_ids, ranks=ranks, backend=be, path=path, check_ids=False),
+        static=("cuda", "triton", "torch"), capture_ok=("cuda", "triton")))
     # Host copies of the ranks: the torch backend needs them (its segment loops; a sync on a GPU), and a
     # check_ids call that builds its own mapping gets them in that build's one sync. A call with a prebuilt
     # mapping on the triton/cuda backends copies nothing to the host, on any device: the kernels clamp

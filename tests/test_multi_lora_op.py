@@ -322,3 +322,65 @@ def test_segments_longer_than_a_chunk(variant, lead, K, N, ranks, R, pattern, bi
         run_and_compare(backend, path, t)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("counts,block_m", [([4000] + [1] * 99, 32), ([0, 5, 0, 33, 1], 16), ([7], 8), ([], 16),
+                                            ([16, 17, 15, 32, 1], 16)])
+def test_row_blocks_flatten_the_sgmv_grid(counts, block_m):
+    """One table entry per (segment, row block) that holds rows: exactly the blocks a per-segment loop walks,
+    in order, none empty; a skewed batch gets Σ⌈count/block_m⌉ entries, not segments × ⌈max/block_m⌉."""
+    ids = torch.cat([torch.full((c,), a, dtype=torch.int64) for a, c in enumerate(counts)] or
+                    [torch.empty(0, dtype=torch.int64)])
+    ids = ids[torch.randperm(ids.numel())]
+    m = build_mapping(ids, ids.numel(), max(len(counts), 1))
+    seg, row0 = m.row_blocks(block_m)
+    want_seg, want_row0 = [], []
+    for g, (s, e) in enumerate(zip(m.starts, m.starts[1:])):
+        for p in range(s, e, block_m):
+            want_seg.append(g)
+            want_row0.append(p)
+    assert seg.dtype == row0.dtype == torch.int32
+    assert seg.tolist() == want_seg and row0.tolist() == want_row0 and m.num_row_blocks(block_m) == len(want_seg)
+    assert m.row_blocks(block_m)[0] is seg  # cached per block size
+    if counts == [4000] + [1] * 99:
+        assert len(want_seg) == 125 + 99  # the unflattened grid had 100 × 125
+
+
+def test_skewed_batch_launches_only_working_sgmv_programs(monkeypatch):
+    """1 × 400 + 39 × 1 tokens: the SGMV shrink and expand grids have Σ⌈count/BLOCK_M⌉ row programs (no
+    empty ones), and the result matches the reference (forward and gradients)."""
+    if dispatch.unavailable_reason("triton", torch.device("cpu")) is not None:
+        pytest.skip(dispatch.unavailable_reason("triton", torch.device("cpu")))
+    from peft_kernels.kernels import multi_lora as ML
+
+    grids = []
+    for k in (ML._sgmv_shrink_kernel, ML._sgmv_expand_kernel):
+        real = k.run
+
+        def spying(*a, _real=real, _name=k.__name__, **kw):
+            g = kw["grid"]
+            grids.append((_name, tuple(g) if not callable(g) else g))
+            return _real(*a, **kw)
+        monkeypatch.setattr(k, "run", spying)
+    counts = [400] + [1] * 39
+    ids = torch.cat([torch.full((c,), a) for a, c in enumerate(counts)])
+    ids = ids[torch.randperm(ids.numel())]
+    T, K, N, S, R = ids.numel(), 24, 40, len(counts), 4
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, K, generator=g, requires_grad=True)
+    W, A = torch.randn(N, K, generator=g), torch.randn(S, R, K, generator=g, requires_grad=True)
+    B, scal = torch.randn(S, N, R, generator=g, requires_grad=True), torch.rand(S, generator=g) + 0.5
+    y = pk.multi_lora_linear(x, W, None, A, B, scal, ids, backend="triton", path="sgmv")
+    dy = torch.randn(y.shape, generator=g)
+    dx, dA, dB = torch.autograd.grad(y, (x, A, B), dy)
+    bm = ML.configs(A.dtype, R)["sgmv_shrink"].m
+    nb = -(-400 // bm) + 39
+    assert {gr[0] for _, gr in grids} == {nb} and len(grids) == 4  # fwd shrink+expand, bwd shrink+expand
+    assert nb < S * -(-400 // bm)
+    def ref(dt):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (x, A, B)]
+        out = multi_lora_linear_ref(leaves[0], W.to(dt), None, leaves[1], leaves[2], scal.to(dt), ids)
+        return (out, *torch.autograd.grad(out, leaves, dy.to(dt)))
+    want, same = ref(torch.float64), ref(torch.float32)  # fp64 truth; fp32 torch sets the bound
+    for name, got, w, sp in zip(("y", "dx", "dA", "dB"), (y, dx, dA, dB), want, same):
+        assert_close(got, w.detach(), sp.detach(), name)

@@ -8,8 +8,10 @@ rank-space buffers (S, dS: fp32 ``[T_active, R]``) in sorted order.
 Two kernel shapes for the shrink and the expand (the same kernels serve forward and backward):
   BGMV (per token)   one program per sorted token: a GEMV against its adapter. No padding when
                      every token has its own adapter.
-  SGMV (per segment) one program per (segment, row block): a tile GEMM against the segment's
-                     adapter with ``tl.dot``. Best when tokens share adapters.
+  SGMV (per segment) one program per (segment, row block) that holds rows, from the flattened
+                     table of ``AdapterMapping.row_blocks`` (a skewed batch launches Σ⌈count/BLOCK_M⌉
+                     programs, not segments × ⌈max_count/BLOCK_M⌉): a tile GEMM against the
+                     segment's adapter with ``tl.dot``. Best when tokens share adapters.
     shrink  out[p, r] = s? · Σ_k in[perm[p], k] · W[slot, r, k]     (x→S; dY→dS with W = Bᵀ)
     expand  out[perm[p], n] += s? · Σ_r buf[p, r] · W[slot, n, r]   (S→y with W = B; dS→dX with W = Aᵀ)
 Backward's dA and dB come from ``_seg_outer_kernel``: per (segment, tile) a fixed-order reduction
@@ -43,13 +45,16 @@ def _rank_of(ranks_ptr, slot, R):
 
 
 @triton.jit
-def _segment_rows(seg_slots_ptr, seg_starts_ptr, ranks_ptr, perm_ptr, R, BLOCK_M: tl.constexpr):
-    """For program (segment g, row block): its slot, the slot's true rank (clamped), the block's sorted
-    positions (int64), which of them lie in the segment, and the tokens they are (int64 row indices)."""
-    g = tl.program_id(0)
+def _segment_rows(blk_seg_ptr, blk_row0_ptr, seg_slots_ptr, seg_starts_ptr, ranks_ptr, perm_ptr, R,
+                  BLOCK_M: tl.constexpr):
+    """For program b of the flattened grid (AdapterMapping.row_blocks: segment g, first sorted position):
+    its slot, the slot's true rank (clamped), the block's sorted positions (int64), which of them lie in
+    the segment, and the tokens they are (int64 row indices)."""
+    b = tl.program_id(0)
+    g = tl.load(blk_seg_ptr + b)
     slot = tl.load(seg_slots_ptr + g)
     end = tl.load(seg_starts_ptr + g + 1)
-    pos = tl.load(seg_starts_ptr + g) + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos = tl.load(blk_row0_ptr + b) + tl.arange(0, BLOCK_M)
     p_ok = pos < end
     tok = tl.load(perm_ptr + pos, mask=p_ok, other=0).to(tl.int64)
     return slot, _rank_of(ranks_ptr, slot, R), pos.to(tl.int64), p_ok, tok
@@ -57,13 +62,14 @@ def _segment_rows(seg_slots_ptr, seg_starts_ptr, ranks_ptr, perm_ptr, R, BLOCK_M
 
 @triton.jit
 def _sgmv_shrink_kernel(
-    in_ptr, w_ptr, out_ptr, scal_ptr, perm_ptr, seg_slots_ptr, seg_starts_ptr, ranks_ptr,
+    in_ptr, w_ptr, out_ptr, scal_ptr, perm_ptr, seg_slots_ptr, seg_starts_ptr, blk_seg_ptr, blk_row0_ptr, ranks_ptr,
     KD, R, stride_it, stride_ik, stride_ws, stride_wr, stride_wk,
     HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    slot, rank, pos, p_ok, tok = _segment_rows(seg_slots_ptr, seg_starts_ptr, ranks_ptr, perm_ptr, R, BLOCK_M)
-    r0 = tl.program_id(2) * BLOCK_R
+    slot, rank, pos, p_ok, tok = _segment_rows(blk_seg_ptr, blk_row0_ptr, seg_slots_ptr, seg_starts_ptr, ranks_ptr,
+                                               perm_ptr, R, BLOCK_M)
+    r0 = tl.program_id(1) * BLOCK_R
     if (tl.max(p_ok.to(tl.int32), 0) > 0) & (r0 < rank):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_ok = rr < rank
@@ -86,14 +92,15 @@ def _sgmv_shrink_kernel(
 
 @triton.jit
 def _sgmv_expand_kernel(
-    buf_ptr, w_ptr, out_ptr, scal_ptr, perm_ptr, seg_slots_ptr, seg_starts_ptr, ranks_ptr,
+    buf_ptr, w_ptr, out_ptr, scal_ptr, perm_ptr, seg_slots_ptr, seg_starts_ptr, blk_seg_ptr, blk_row0_ptr, ranks_ptr,
     ND, R, stride_ws, stride_wn, stride_wr, stride_ot, stride_on,
     HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    slot, rank, pos, p_ok, tok = _segment_rows(seg_slots_ptr, seg_starts_ptr, ranks_ptr, perm_ptr, R, BLOCK_M)
+    slot, rank, pos, p_ok, tok = _segment_rows(blk_seg_ptr, blk_row0_ptr, seg_slots_ptr, seg_starts_ptr, ranks_ptr,
+                                               perm_ptr, R, BLOCK_M)
     if (tl.max(p_ok.to(tl.int32), 0) > 0) & (rank > 0):
-        rn = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < ND
         rn64 = rn.to(tl.int64)
         w_base = w_ptr + slot.to(tl.int64) * stride_ws
@@ -277,8 +284,9 @@ def _shrink(path, cfg, inp, w, wstrides, out, scal, m, ranks, has_scale):
     KD, R = inp.shape[1], out.shape[1]
     if path == "sgmv":
         c = cfg["sgmv_shrink"]
-        _sgmv_shrink_kernel[(m.num_segments, triton.cdiv(m.max_count, c.m), triton.cdiv(R, c.r))](
-            inp, w, out, scal, m._perm, m._seg_slots, m._seg_starts, ranks, KD, R,
+        blk_seg, blk_row0 = m.row_blocks(c.m)
+        _sgmv_shrink_kernel[(m.num_row_blocks(c.m), triton.cdiv(R, c.r))](
+            inp, w, out, scal, m._perm, m._seg_slots, m._seg_starts, blk_seg, blk_row0, ranks, KD, R,
             inp.stride(0), inp.stride(1), *wstrides, HAS_SCALE=has_scale,
             BLOCK_M=c.m, BLOCK_K=c.k, BLOCK_R=c.r, num_warps=c.num_warps, num_stages=c.num_stages,
             **_flags(inp.dtype, w.dtype))
@@ -295,8 +303,9 @@ def _expand(path, cfg, buf, w, wstrides, out, scal, m, ranks, has_scale):
     ND, R = out.shape[1], buf.shape[1]
     if path == "sgmv":
         c = cfg["sgmv_expand"]
-        _sgmv_expand_kernel[(m.num_segments, triton.cdiv(m.max_count, c.m), triton.cdiv(ND, c.n))](
-            buf, w, out, scal, m._perm, m._seg_slots, m._seg_starts, ranks, ND, R,
+        blk_seg, blk_row0 = m.row_blocks(c.m)
+        _sgmv_expand_kernel[(m.num_row_blocks(c.m), triton.cdiv(ND, c.n))](
+            buf, w, out, scal, m._perm, m._seg_slots, m._seg_starts, blk_seg, blk_row0, ranks, ND, R,
             *wstrides, out.stride(0), out.stride(1), HAS_SCALE=has_scale,
             BLOCK_M=c.m, BLOCK_N=c.n, BLOCK_R=c.r, num_warps=c.num_warps, num_stages=c.num_stages,
             **_flags(out.dtype, w.dtype))

@@ -61,6 +61,7 @@ class AdapterMapping:
     starts: Tuple[int, ...]
     checked: bool
     _trusted: bool = field(default=False, repr=False)
+    _blocks: dict = field(default_factory=dict, repr=False)  # block_m -> row_blocks(block_m)
 
     def __post_init__(self):
         if not self._trusted:
@@ -86,6 +87,33 @@ class AdapterMapping:
     @property
     def device(self) -> torch.device:
         return self._perm.device
+
+    def num_row_blocks(self, block_m: int) -> int:
+        """Σ over segments of ⌈count / block_m⌉: the programs of a flattened SGMV grid (host ints only)."""
+        return sum(-(-(e - s) // block_m) for s, e in zip(self.starts, self.starts[1:]))
+
+    def row_blocks(self, block_m: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The flattened SGMV grid for row blocks of ``block_m`` rows, as Punica and vLLM lay it out: one
+        entry per (segment, row block) that holds rows, ``(block_seg, block_row0)`` int32 ``[NB]`` (the
+        segment, and the block's first sorted position), NB = :meth:`num_row_blocks`. A skewed batch then
+        launches Σ⌈count/block_m⌉ programs instead of segments × ⌈max_count/block_m⌉. Built on the
+        device from ``seg_starts`` (no host sync, no host→device copy), cached per ``block_m`` except
+        while a CUDA graph is being captured (its tensors would live in the graph's pool)."""
+        hit = self._blocks.get(block_m)
+        if hit is not None:
+            return hit
+        dev = self._perm.device
+        NB = self.num_row_blocks(block_m)
+        starts = self._seg_starts.to(torch.int64)
+        nbs = (starts[1:] - starts[:-1] + (block_m - 1)) // block_m
+        ends = torch.cumsum(nbs, 0)  # blocks of segments 0..g
+        b = torch.arange(NB, device=dev)
+        seg = torch.searchsorted(ends, b, right=True)  # the segment whose blocks include b (G > 0 when NB > 0)
+        row0 = starts[seg] + (b - (ends - nbs)[seg]) * block_m
+        out = (seg.to(torch.int32), row0.to(torch.int32))
+        if not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            self._blocks[block_m] = out
+        return out
 
     def counts(self) -> dict:
         """{slot: number of tokens} for the active slots."""

@@ -4,6 +4,7 @@
 //   bgmv_shrink  one block per sorted token, a warp per rank: a GEMV against the token's adapter
 //   bgmv_expand  one block per (sorted token, 128 output columns): the token's S row in shared memory
 //   sgmv_shrink  one block per (16 rows of a segment, 16 ranks): K tiles of x and W in shared memory
+//                (the row blocks of every segment form one flattened grid, see locate_block)
 //   sgmv_expand  one block per (16 rows of a segment, 128 columns): S tile in shared memory, each
 //                thread one column and 16 fp32 accumulators; also the LoRA expand epilogue
 // Loads along the reduced dimension are 16-byte vectors (8 fp16/bf16 or 4 fp32) whenever it is
@@ -188,13 +189,69 @@ __device__ void load_tile(float (*tile)[kTileK + 1], const T* base, int64_t s_ro
   }
 }
 
+__device__ __forceinline__ int64_t cdiv_rows(int64_t n) { return (n + kTileRows - 1) / kTileRows; }
+
+// The flattened SGMV grid, as Punica and vLLM lay it out: block b of the row grid is the j-th block of
+// kTileRows rows of segment g, where blocks(0..g-1) ≤ b < blocks(0..g) and blocks(g) = ⌈count_g / kTileRows⌉.
+// The block finds g itself with a block-wide scan over the (clamped) segment counts, G ints that stay in
+// L2, so the host builds no table and makes no sync. The row grid, cdiv(T_active, kTileRows) + G blocks,
+// bounds Σ_g blocks(g); the blocks past the last one find nothing and exit. A skewed batch (1 × 4000 +
+// 99 × 1 rows) launches 357 row blocks instead of segments × ⌈max_count / kTileRows⌉ = 25,000.
+// Returns false when block b holds no rows, else the segment g and the block's first sorted position p0.
+// Block-uniform (every thread returns the same), and every thread must call it.
+template <int kThreads>
+__device__ bool locate_block(const Mapping& m, int64_t b, int& g_out, int64_t& p0_out) {
+  static_assert(kThreads % 32 == 0, "whole warps");
+  constexpr int kWarps = kThreads / 32;
+  __shared__ int64_t warp_total[kWarps];
+  __shared__ int found_g;
+  __shared__ int64_t found_p0;
+  if (threadIdx.x == 0) found_g = -1;
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  int64_t base = 0;  // blocks of the segments before this chunk
+  for (int64_t c0 = 0; c0 < m.num_segments; c0 += kThreads) {
+    const int64_t g = c0 + threadIdx.x;
+    int64_t start = 0, end = 0;
+    if (g < m.num_segments) segment_bounds(m, static_cast<int>(g), start, end);
+    const int64_t nb = cdiv_rows(end - start);
+    int64_t incl = nb;  // inclusive scan of nb over the warp
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int64_t t = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += t;
+    }
+    if (lane == 31) warp_total[warp] = incl;
+    __syncthreads();
+    int64_t before = base, chunk = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      if (w < warp) before += warp_total[w];
+      chunk += warp_total[w];
+    }
+    incl += before;
+    if (nb > 0 && b >= incl - nb && b < incl) {  // exactly one thread of one chunk
+      found_g = static_cast<int>(g);
+      found_p0 = start + (b - (incl - nb)) * kTileRows;
+    }
+    base += chunk;
+    __syncthreads();
+    if (found_g >= 0 || base > b) break;  // shared / block-uniform values: every thread leaves together
+  }
+  g_out = found_g;
+  p0_out = found_p0;
+  return g_out >= 0;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kShrinkThreads)
     sgmv_shrink_kernel(const T* __restrict__ in, int64_t in_s0, int64_t in_s1, const T* __restrict__ w, int64_t ws0,
                        int64_t ws1, int64_t ws2, float* __restrict__ out, int64_t KD, int64_t R, Mapping m) {
   __shared__ float xs[kTileRows][kTileK + 1];
   __shared__ float wt[kTileRanks][kTileK + 1];
-  const int g = blockIdx.y;
+  int g;
+  int64_t p0;
+  if (!locate_block<kShrinkThreads>(m, blockIdx.x, g, p0)) return;  // the same for the whole block
   const int slot = m.seg_slots[g];
   if (!slot_ok(slot, m)) return;  // the same for the whole block
   int64_t start, end;
@@ -207,9 +264,7 @@ __global__ void __launch_bounds__(kShrinkThreads)
   const int ti = threadIdx.x / kTileRanks;
   const T* wslot = w + slot * ws0 + r0 * ws1;
   const float s = m.scalings != nullptr ? m.scalings[slot] : 1.f;
-  // row blocks stride by the grid: a segment longer than max_count is still covered (p0, end: block-uniform)
-  for (int64_t p0 = start + static_cast<int64_t>(blockIdx.x) * kTileRows; p0 < end;
-       p0 += static_cast<int64_t>(gridDim.x) * kTileRows) {
+  {  // this block's kTileRows rows from p0 (block-uniform)
     const int rows = static_cast<int>(min(static_cast<int64_t>(kTileRows), end - p0));
     float acc = 0.f;
     for (int64_t k0 = 0; k0 < KD; k0 += kTileK) {
@@ -237,8 +292,10 @@ __global__ void __launch_bounds__(kExpandThreads)
   int slot = 0;
   int64_t start = 0, end = lora_M, rank = R;
   float s = lora_scale;
+  int64_t first = static_cast<int64_t>(blockIdx.x) * kTileRows;  // kLora: row blocks over [0, lora_M)
   if (!kLora) {
-    const int g = blockIdx.y;
+    int g;
+    if (!locate_block<kExpandThreads>(m, blockIdx.x, g, first)) return;  // the same for the whole block
     slot = m.seg_slots[g];
     if (!slot_ok(slot, m)) return;  // the same for the whole block
     segment_bounds(m, g, start, end);
@@ -248,9 +305,8 @@ __global__ void __launch_bounds__(kExpandThreads)
   if (!kLora && rank == 0) return;
   const int64_t n = static_cast<int64_t>(blockIdx.z) * kExpandThreads + threadIdx.x;
   const T* wrow = w + slot * ws0 + min(n, ND - 1) * ws1;  // clamped for the loads; stores are guarded
-  // row blocks stride by the grid: a segment longer than max_count is still covered (p0, end: block-uniform)
-  for (int64_t p0 = start + static_cast<int64_t>(blockIdx.x) * kTileRows; p0 < end;
-       p0 += static_cast<int64_t>(gridDim.x) * kTileRows) {
+  {  // this block's kTileRows rows from p0 (block-uniform)
+  const int64_t p0 = first;
   const int rows = static_cast<int>(min(static_cast<int64_t>(kTileRows), end - p0));
   float acc[kTileRows];
 #pragma unroll
@@ -301,8 +357,10 @@ __global__ void __launch_bounds__(kExpandThreads)
 }
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-// row blocks of the SGMV grid: at least one (the kernels stride over longer segments), at most 2^31 - 1
-int64_t grid_rows(int64_t max_count) { return min(max(cdiv(max_count, kTileRows), int64_t{1}), int64_t{2147483647}); }
+// row blocks of the flattened SGMV grid (see locate_block): Σ_g ⌈count_g / kTileRows⌉ ≤ this, ≤ 2^31 - 1
+int64_t grid_rows(const Mapping& m) {
+  return min(cdiv(m.num_active, kTileRows) + m.num_segments, int64_t{2147483647});
+}
 
 constexpr int64_t kMaxGridYZ = 65535;
 constexpr int64_t kMaxBgmvExpandRank = 12 * 1024;  // its S row lives in (≤ 48 KB of) shared memory
@@ -350,10 +408,10 @@ cudaError_t sgmv_shrink(DType dt, const void* in, int64_t in_s0, int64_t in_s1, 
                         int64_t R, const Mapping& m, cudaStream_t stream) {
   if (m.num_active == 0 || R == 0 || m.num_segments == 0) return cudaSuccess;
   const int64_t gz = cdiv(R, kTileRanks);
-  if (m.num_segments > kMaxGridYZ || gz > kMaxGridYZ) return cudaErrorInvalidConfiguration;
+  if (gz > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   return dispatch(dt, [&](auto tag) {
     using T = decltype(tag);
-    sgmv_shrink_kernel<T><<<dim3(grid_rows(m.max_count), m.num_segments, gz), kShrinkThreads, 0, stream>>>(
+    sgmv_shrink_kernel<T><<<dim3(grid_rows(m), 1, gz), kShrinkThreads, 0, stream>>>(
         static_cast<const T*>(in), in_s0, in_s1, static_cast<const T*>(w.data), w.s0, w.s1, w.s2, out, KD, R, m);
     return cudaGetLastError();
   });
@@ -363,10 +421,10 @@ cudaError_t sgmv_expand(DType dt, const float* buf, WeightStack w, void* out, in
                         int64_t ND, int64_t R, const Mapping& m, cudaStream_t stream) {
   if (m.num_active == 0 || R == 0 || ND == 0 || m.num_segments == 0) return cudaSuccess;
   const int64_t gz = cdiv(ND, kExpandThreads);
-  if (m.num_segments > kMaxGridYZ || gz > kMaxGridYZ) return cudaErrorInvalidConfiguration;
+  if (gz > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   return dispatch(dt, [&](auto tag) {
     using T = decltype(tag);
-    sgmv_expand_kernel<T, false><<<dim3(grid_rows(m.max_count), m.num_segments, gz), kExpandThreads, 0,
+    sgmv_expand_kernel<T, false><<<dim3(grid_rows(m), 1, gz), kExpandThreads, 0,
                                    stream>>>(buf, static_cast<const T*>(w.data), w.s0, w.s1, w.s2,
                                              static_cast<T*>(out), out_s0, out_s1, ND, R, m, nullptr, 1.f, 0);
     return cudaGetLastError();

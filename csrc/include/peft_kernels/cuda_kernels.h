@@ -35,7 +35,7 @@ struct Mapping {
   const float* scalings;  // nullptr: no per-slot scale
   int64_t num_active;     // T_active
   int64_t num_segments;   // G
-  int64_t max_count;      // the longest segment (sizes the SGMV grid; longer segments are still covered)
+  int64_t max_count;      // the longest segment (kept in the ops' schema; the flattened SGMV grid needs no bound)
   int64_t num_rows;       // rows of the gathered/scattered tensor: perm entries outside [0, num_rows) are skipped
   int64_t num_slots;      // slots of the weight stack: slot ids outside [0, num_slots) are skipped
 };

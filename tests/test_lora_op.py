@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import peft_kernels as pk
+from peft_kernels import dispatch
 from peft_kernels.ops.lora import _draw_seed, dropout_mask
 from peft_kernels.reference import lora_linear_ref
 
@@ -256,3 +257,43 @@ def test_strided_x_reaches_the_triton_kernels(monkeypatch):
     assert arg(K._fwd_gemm_kernel, seen["_fwd_gemm_kernel"], "stride_xk") == 2
     assert arg(K._bwd_da_kernel, seen["_bwd_da_kernel"], "stride_xk") == 2
     assert arg(K._shrink_kernel, seen["_shrink_kernel"], "stride_xm") == 60
+
+
+@pytest.mark.parametrize("M,K,r,expect", [(3, 100, 4, 2), (1, 33, 1, 2), (5, 32, 20, 1), (70, 100, 4, 1),
+                                          (2, 1000, 70, 2), (2, 300, 200, 1)])
+@pytest.mark.parametrize("p", [0.0, 0.2], ids=["p0", "p0.2"])
+def test_split_k_shrink_at_small_m(monkeypatch, M, K, r, expect, p):
+    """Where row blocks × rank chunks are fewer than the machine's programs (the interpreter's budget is 2),
+    the shrink splits K into fp32 partials that the forward GEMM sums in a fixed order and stores as S for
+    backward: the launched grid has the splits, and forward and every gradient (dropout on: its mask spans
+    the splits) match the fp64 reference."""
+    if dispatch.unavailable_reason("triton", torch.device("cpu")) is not None:
+        pytest.skip(dispatch.unavailable_reason("triton", torch.device("cpu")))
+    from peft_kernels.kernels import lora as KL
+
+    grids = []
+    real = KL._shrink_kernel.run
+    monkeypatch.setattr(KL._shrink_kernel, "run", lambda *a, **kw: grids.append(tuple(kw["grid"])) or real(*a, **kw))
+    t = make_inputs((M,), K, 19, r, True, "contig", torch.float32)
+    run_and_compare("triton", t, scaling=0.75, p=p)
+    assert grids and all(g[2] == expect for g in grids), grids
+    cfg = KL.configs(torch.float32, r)
+    splits, k_per = KL.shrink_splits(torch.device("cpu"), M, K, r, cfg["shrink"].block_m, cfg["shrink"].block_k,
+                                     cfg["block_r"])
+    assert splits == expect and (splits - 1) * k_per < K <= splits * k_per  # no empty split, K covered
+
+
+def test_shrink_split_rule_on_a_gpu_sized_machine(monkeypatch):
+    """With 132 programs to fill (an H100/H200), decode and small-M shrinks split K; prefill does not."""
+    from peft_kernels.kernels import lora as KL
+
+    monkeypatch.setattr(KL, "program_budget", lambda device: 132)
+    cfg = KL.configs(torch.bfloat16, 16, interpreted=False)
+    c, br = cfg["shrink"], cfg["block_r"]
+    dev = torch.device("cpu")
+    assert KL.shrink_splits(dev, 1, 4096, 16, c.block_m, c.block_k, br) == (16, 256)  # 1 row block → 16 splits
+    # 16 row blocks: ⌈132/16⌉ = 9 wanted; 64 K blocks in equal spans of ⌈64/9⌉ = 8 blocks → 8 splits
+    assert KL.shrink_splits(dev, 1024, 4096, 16, c.block_m, c.block_k, br) == (8, 512)
+    # 64 row blocks: ⌈132/64⌉ = 3 wanted; spans of ⌈64/3⌉ = 22 blocks (1408) → 3 splits
+    assert KL.shrink_splits(dev, 4096, 4096, 16, c.block_m, c.block_k, br) == (3, 1408)
+    assert KL.shrink_splits(dev, 16384, 4096, 16, c.block_m, c.block_k, br)[0] == 1    # fills the machine

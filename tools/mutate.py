@@ -155,6 +155,23 @@ MUTANTS = [
      "  TORCH_CHECK_VALUE(s.starts.front() == 0 && s.starts.back() == n_active,",
      "  TORCH_CHECK_VALUE(true || s.starts.back() == n_active,",
      ["tests/test_fuzz.py"], "C++ multi-adapter: seg_starts bounds unchecked"),
+    # #16: the measured dispatch, the flattened SGMV grid, the split-K shrink
+    ("dispatch-picks-slowest", "peft_kernels/dispatch.py",
+     "choice = min(ok, key=lambda k: (ok[k], candidates.index(k)))",
+     "choice = max(ok, key=lambda k: (ok[k], candidates.index(k)))",
+     ["tests/test_dispatch_measured.py"], "measured dispatch keeps the slowest backend"),
+    ("dispatch-cache-ignores-versions", "peft_kernels/dispatch.py",
+     'h = hashlib.sha256(json.dumps(self.meta(), sort_keys=True).encode()).hexdigest()[:16]',
+     'h = "fixed"',
+     ["tests/test_dispatch_measured.py"], "dispatch disk cache shared across torch/triton versions"),
+    ("row-blocks-floor", "peft_kernels/ops/multi_lora.py",
+     "nbs = (starts[1:] - starts[:-1] + (block_m - 1)) // block_m",
+     "nbs = (starts[1:] - starts[:-1]) // block_m",
+     ["tests/test_multi_lora_op.py"], "flattened SGMV grid drops each segment's partial last block"),
+    ("split-k-drops-a-partial", "peft_kernels/kernels/lora.py",
+     "        for _ in range(1, num_parts):\n",
+     "        for _ in range(2, num_parts):\n",
+     ["tests/test_lora_op.py"], "split-K shrink: the GEMM skips one partial of S"),
 ]
 
 

@@ -78,6 +78,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ptxas-log", default=None, help="--gpu-resources: a CMake ptxas log (default: build it)")
     ap.add_argument("--no-cuda-kernels", action="store_true", help="--gpu-resources: Triton kernels only")
     ap.add_argument("--jobs", type=int, default=None, help="--gpu-resources: compile processes (default: CPUs)")
+    ap.add_argument("--model", choices=["h200", "h100", "a100"], default=None,
+                    help="GPU launch model of the LoRA linear at the Llama-3-8B shapes (programs, waves, FLOPs, "
+                         "bytes, modelled time for our Triton kernels, our torch path and HF PEFT; no GPU needed)")
+    ap.add_argument("--model-tokens", default="1,16,64,4096", help="--model: the M values (default 1,16,64,4096)")
     return ap
 
 
@@ -87,6 +91,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.gpu_resources:
         return _gpu_resources(a, argv)
+    if a.model:
+        return _launch_model(a, argv)
     if a.op == "meta":
         return _meta(a)
     if a.threads:
@@ -186,6 +192,29 @@ def _meta(a) -> int:
     print(f"\ninner loops of {n} tasks × {cfg.inner_steps_train} SGD steps (best of 3): one batched MultiLoRALinear pass "
           f"per step {t['batched'] * 1e3:.1f} ms, one task at a time {t['one task at a time'] * 1e3:.1f} ms "
           f"({t['one task at a time'] / t['batched']:.1f}× slower)")
+    return 0
+
+
+def _launch_model(a, argv) -> int:
+    import os
+
+    if os.environ.get("TRITON_INTERPRET"):  # the launchers must see the GPU configs, not the interpreter's
+        from .gpu_resources import reexec_without_interpreter
+        return reexec_without_interpreter(argv)
+    from . import launch_model as LM
+
+    dtype = DTYPES[a.dtype] if a.dtype else torch.bfloat16
+    try:
+        tokens = tuple(int(v) for v in a.model_tokens.split(","))
+    except ValueError:
+        raise SystemExit(f"--model-tokens: a comma list of ints, got {a.model_tokens!r}")
+    if any(m < 1 for m in tokens):
+        raise SystemExit(f"--model-tokens: each M must be ≥ 1, got {a.model_tokens!r}")
+    rows = LM.model_lora(LM.GPUS[a.model], tokens=tokens, r=a.rank, dtype=dtype)
+    print(LM.format_model(rows))
+    if a.out:
+        for p in LM.write_model(a.out, rows):
+            print(f"wrote {p}")
     return 0
 
 

@@ -32,6 +32,13 @@ class Launch:
     kernel: JITFunction
     args: tuple
     kwargs: dict
+    grid: tuple = ()
+
+    def arg(self, name: str):
+        """A launch argument by the kernel's parameter name (positional or keyword)."""
+        if name in self.kwargs:
+            return self.kwargs[name]
+        return self.args[self.kernel.arg_names.index(name)]
 
 
 @contextlib.contextmanager
@@ -45,7 +52,7 @@ def record_launches(kernels):
         saved[k] = k.run
 
         def fake(*args, grid, warmup, _k=k, **kwargs):
-            calls.append(Launch(_k, args, kwargs))
+            calls.append(Launch(_k, args, kwargs, tuple(grid) if not callable(grid) else ()))
 
         k.run = fake
     try:
@@ -262,8 +269,9 @@ def compile_launch(launch: Launch, arch: int) -> Compiled:
 def lora_launch_matrix():
     """(dtype, adapter dtype, rank, dropout p, M, K, N) classes that cover every shipped config and
     constexpr set: each dtype, fp32 adapters on each 16-bit base (HF PEFT's default adapter dtype), rank
-    tiles 16/64/128 (and rank > 128, which loops/tiles), dropout on and off, plus odd sizes (no
-    divisibility-by-16 hints, as the JIT would see for K=4095)."""
+    tiles 16/64/128 (and rank > 128, which loops/tiles), dropout on and off, the split-K shrink (M=512)
+    and the unsplit one (M=16384), plus odd sizes (no divisibility-by-16 hints, as the JIT would see for
+    K=4095)."""
     import torch
 
     out = []
@@ -272,6 +280,9 @@ def lora_launch_matrix():
         for R in (16, 64, 128, 256):
             for p in (0.0, 0.1):
                 out.append((dt, adt or dt, R, p, 512, 4096, 4096))
+        # prefill: enough row blocks to fill the machine, so the shrink does not split K (the forward GEMM's
+        # STORE_S=False variant); the M=512 rows above split it (STORE_S=True)
+        out.append((dt, adt or dt, 16, 0.0, 16384, 4096, 4096))
     out.append((torch.float16, torch.float16, 16, 0.1, 511, 4095, 4097))
     out.append((torch.bfloat16, torch.bfloat16, 128, 0.1, 511, 4095, 4097))
     out.append((torch.bfloat16, torch.float32, 64, 0.1, 511, 4095, 4097))

@@ -1,8 +1,11 @@
 """Fused LoRA linear: Triton kernels and their launchers.
 
 Forward, 2 launches:
-  1. ``_shrink_kernel``   S = drop(x)·Aᵀ / (1-p), fp32 [M, R]      (dropout mask made in-kernel)
-  2. ``_fwd_gemm_kernel`` Y = x·Wᵀ + s·S·Bᵀ + b, with S·Bᵀ accumulated into the base GEMM's tile
+  1. ``_shrink_kernel``   S = drop(x)·Aᵀ / (1-p), fp32 [M, R]      (dropout mask made in-kernel); split-K
+                          at small M (``shrink_splits``): one fp32 partial of S per K span, so decode fills
+                          the machine instead of running one program over all of K
+  2. ``_fwd_gemm_kernel`` Y = x·Wᵀ + s·S·Bᵀ + b, with S·Bᵀ accumulated into the base GEMM's tile (it sums
+                          the split-K partials of S in a fixed order and column block 0 stores S)
 Backward, at most 3 launches:
   1. ``_bwd_dy_kernel``   reads each dY tile once for dS = s·dY·B (fp32 [M, R]) and for
                           per-M-block partials of dB = s·dYᵀ·S
@@ -53,15 +56,28 @@ def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _low_rank_tile(s_ptr, rm, m_ok, R, w_ptr, rc, c_ok, stride_wr, stride_wc,
                    UPCAST: tl.constexpr, F32_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_C: tl.constexpr):
+                   BLOCK_C: tl.constexpr, num_parts=1, part_stride=0, s_out_ptr=None, store_s=False,
+                   STORE_S: tl.constexpr = False):
     """fp32 [BM, BC] tile of ``S[rm, :R] · W[:R, rc]`` with S an fp32 [M, R] row-major buffer and
     W read through (stride_wr, stride_wc); S is cast to W's dtype for the dot, as in PyTorch.
-    ``rm``/``rc`` are int64 (64-bit addresses)."""
+    ``rm``/``rc`` are int64 (64-bit addresses).
+
+    Split-K shrink: S is the sum of ``num_parts`` fp32 partials ``part_stride`` apart, added here in a fixed
+    order (deterministic); with STORE_S, programs where ``store_s`` holds also write that sum to
+    ``s_out_ptr`` (the S that backward reads)."""
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     rr0 = tl.arange(0, BLOCK_R)
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + rr0
-        st = tl.load(s_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & (rr[None, :] < R), other=0.0)
+        s_msk = m_ok[:, None] & (rr[None, :] < R)
+        s_off = rm[:, None] * R + rr[None, :]
+        st = tl.load(s_ptr + s_off, mask=s_msk, other=0.0)
+        part = s_ptr
+        for _ in range(1, num_parts):
+            part += part_stride  # M·R, a launch argument (i64 when ≥ 2³¹): 64-bit pointer steps
+            st += tl.load(part + s_off, mask=s_msk, other=0.0)
+        if STORE_S:
+            tl.store(s_out_ptr + s_off, st, mask=s_msk & store_s)
         wt = tl.load(w_ptr + rr.to(tl.int64)[:, None] * stride_wr + rc[None, :] * stride_wc,
                      mask=(rr[:, None] < R) & c_ok[None, :], other=0.0)
         acc = mma(st.to(wt.dtype), wt, acc, UPCAST, F32_PREC)
@@ -88,12 +104,15 @@ def _gemm_mainloop(acc, a_ptr, rm, m_ok, stride_am, stride_ak, b_ptr, rc, c_ok, 
 def _shrink_kernel(
     x_ptr, a_ptr, s_ptr, seed_ptr, M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak,
-    p, keep_scale,
+    p, keep_scale, k_per_split, part_stride,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    # grid (row blocks, rank chunks, K splits): split j reduces K in [j·k_per_split, (j+1)·k_per_split) into
+    # its own fp32 partial S_j (part_stride = M·R apart); the forward GEMM adds the partials in order.
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
+    split = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rm64 = rm.to(tl.int64)
@@ -102,19 +121,26 @@ def _shrink_kernel(
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # this split's K span [k_lo, k_lo + k_span): the base pointers step by k_lo once (64-bit), the loop
+    # indices stay 32-bit local offsets (no 32-bit product reaches an address, no 64-bit tiles)
+    k_lo = split.to(tl.int64) * k_per_split
+    k_span = tl.minimum(K - k_lo, k_per_split).to(tl.int32)
+    x_base = x_ptr + k_lo * stride_xk
+    a_base = a_ptr + k_lo * stride_ak
+    for k0 in range(0, k_span, BLOCK_K):
         kk = k0 + rk
         kk64 = kk.to(tl.int64)
-        xt = tl.load(x_ptr + rm64[:, None] * stride_xm + kk64[None, :] * stride_xk,
-                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        xt = tl.load(x_base + rm64[:, None] * stride_xm + kk64[None, :] * stride_xk,
+                     mask=(rm[:, None] < M) & (kk[None, :] < k_span), other=0.0)
         if HAS_DROPOUT:
-            xt = tl.where(dropout_keep(seed, rm[:, None], kk[None, :], K, p), xt, 0.0)
-        at = tl.load(a_ptr + rr64[None, :] * stride_ar + kk64[:, None] * stride_ak,
-                     mask=(rr[None, :] < R) & (kk[:, None] < K), other=0.0)
+            xt = tl.where(dropout_keep(seed, rm[:, None], k_lo + kk64[None, :], K, p), xt, 0.0)
+        at = tl.load(a_base + rr64[None, :] * stride_ar + kk64[:, None] * stride_ak,
+                     mask=(rr[None, :] < R) & (kk[:, None] < k_span), other=0.0)
         acc = mma(xt.to(at.dtype), at, acc, UPCAST, F32_PREC)
     if HAS_DROPOUT:
         acc = acc * keep_scale
-    tl.store(s_ptr + rm64[:, None] * R + rr[None, :], acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
+    out = s_ptr + split.to(tl.int64) * part_stride
+    tl.store(out + rm64[:, None] * R + rr[None, :], acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
 
 
 @triton.jit
@@ -125,7 +151,10 @@ def _fwd_gemm_kernel(
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr, LORA_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, g_ptr=None, z_ptr=None, COL_SCALE: tl.constexpr = False, STORE_Z: tl.constexpr = False,
+    num_parts=1, part_stride=0, s_out_ptr=None, STORE_S: tl.constexpr = False,
 ):
+    # Split-K shrink (STORE_S): s_ptr holds num_parts partials of S; the programs of column block 0 write
+    # their sum to s_out_ptr for backward.
     # COL_SCALE (DoRA's epilogue): z = x·Wᵀ + s·S·Bᵀ is scaled per output column by g before the bias,
     # y = g ⊙ z + b; STORE_Z also writes z (in y's dtype) for the magnitude's gradient.
     # F32_PREC: the base GEMM's fp32 dots; LORA_PREC: the low-rank tile's (differs for fp32 adapters on a
@@ -140,7 +169,8 @@ def _fwd_gemm_kernel(
     rn64 = rn.to(tl.int64)
     # LoRA expand first, so its tile becomes the base GEMM's accumulator: s · S[BM, R] · Bᵀ[R, BN]
     acc = _low_rank_tile(s_ptr, rm64, m_ok, R, b_ptr, rn64, n_ok, stride_br, stride_bn,
-                         UPCAST, LORA_PREC, BLOCK_M, BLOCK_R, BLOCK_N) * scaling
+                         UPCAST, LORA_PREC, BLOCK_M, BLOCK_R, BLOCK_N, num_parts, part_stride, s_out_ptr,
+                         pid_n == 0, STORE_S) * scaling
     acc = _gemm_mainloop(acc, x_ptr, rm64, m_ok, stride_xm, stride_xk, w_ptr, rn64, n_ok, stride_wk, stride_wn, K,
                          UPCAST, F32_PREC, BLOCK_K)
     if COL_SCALE:
@@ -423,6 +453,24 @@ def dy_programs(device: torch.device, M: int, block_m: int, r_chunks: int) -> in
     return min(triton.cdiv(M, block_m), max(1, program_budget(device) // r_chunks))
 
 
+MAX_SHRINK_SPLITS = 16  # the forward GEMM reads every partial of S once per program
+
+
+def shrink_splits(device: torch.device, M: int, K: int, R: int, block_m: int, block_k: int, block_r: int):
+    """(splits, K per split) of the shrink launch. Split-K when its row blocks × rank chunks are fewer than
+    the machine's programs (decode and small M: one program per row block would walk all of K alone):
+    enough splits to fill the machine, at most one per K block and MAX_SHRINK_SPLITS. Each split writes
+    its own fp32 partial of S and the forward GEMM sums them in a fixed order, so the result is
+    deterministic and the forward stays 2 launches."""
+    programs = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
+    k_blocks = triton.cdiv(K, block_k)
+    budget = program_budget(device)
+    splits = 1 if programs >= budget or M == 0 else min(k_blocks, triton.cdiv(budget, programs), MAX_SHRINK_SPLITS)
+    splits = max(1, splits)
+    k_per = triton.cdiv(k_blocks, splits) * block_k
+    return triton.cdiv(K, k_per) if K else 1, k_per  # no empty split
+
+
 def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed, col_scale=None, store_z: bool = False):
     """Returns (y [M, N] in x.dtype, S [M, R] fp32 with the 1/(1-p) scale folded in), plus z when
     ``store_z``. ``seed``: the int64 [1] device tensor from ``_common.draw_seed`` (read only when p > 0).
@@ -437,20 +485,23 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed, col_scal
     S = torch.empty((M, R), dtype=torch.float32, device=x.device)
     seed_t = seed if p > 0 else S  # never read without dropout
     c, br = cfg["shrink"], cfg["block_r"]
-    _shrink_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(R, br))](
-        x, A, S, seed_t, M, K, R, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
-        p, keep_scale, HAS_DROPOUT=p > 0, BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_R=br,
+    splits, k_per_split = shrink_splits(x.device, M, K, R, c.block_m, c.block_k, br)
+    parts = S if splits == 1 else torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
+    _shrink_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(R, br), splits)](
+        x, A, parts, seed_t, M, K, R, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
+        p, keep_scale, k_per_split, M * R, HAS_DROPOUT=p > 0, BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_R=br,
         num_warps=c.num_warps, num_stages=c.num_stages, **_only(fl, "UPCAST", "F32_PREC"))
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     c = cfg["gemm"]
     z = torch.empty_like(y) if store_z else None
     _fwd_gemm_kernel[(triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n),)](
-        x, weight, bias if bias is not None else y, S, B, y, M, N, K, R,
+        x, weight, bias if bias is not None else y, parts, B, y, M, N, K, R,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), B.stride(0), B.stride(1),
         y.stride(0), y.stride(1), scaling,
         HAS_BIAS=bias is not None, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages,
-        g_ptr=col_scale, z_ptr=z, COL_SCALE=col_scale is not None, STORE_Z=z is not None, **fl)
+        g_ptr=col_scale, z_ptr=z, COL_SCALE=col_scale is not None, STORE_Z=z is not None,
+        num_parts=splits, part_stride=M * R, s_out_ptr=S if splits > 1 else None, STORE_S=splits > 1, **fl)
     return (y, S, z) if store_z else (y, S)
 
 

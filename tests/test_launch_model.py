@@ -1,0 +1,84 @@
+"""The GPU launch model (peft_kernels.bench.launch_model): its arithmetic, its FLOPs against the traffic
+model's independent formulas, and the CLI on the Llama-3-8B shapes (grids from the real launchers)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from peft_kernels.bench import launch_model as LM
+from peft_kernels.bench import traffic
+
+GPU = LM.GPU("test", sms=100, tflops=100.0, tbs=1.0)  # 1e14 FLOP/s, 1e12 B/s
+
+
+def test_per_launch_arithmetic():
+    # a library call fills the machine: the larger of compute and memory time
+    lib = LM.Launch("peft", "mm", flops=1e10, bytes=5e7).model(GPU)
+    assert lib.modelled["compute_us"] == pytest.approx(100.0) and lib.modelled["memory_us"] == pytest.approx(50.0)
+    assert lib.modelled["us"] == pytest.approx(100.0) and lib.modelled["bound"] == "compute"
+    # half a wave: half the machine, so twice the time
+    half = LM.Launch("triton", "k", flops=1e10, bytes=0.0, programs=50).model(GPU)
+    assert half.modelled["utilisation"] == 0.5 and half.modelled["us"] == pytest.approx(200.0)
+    # 1.5 waves: the last wave costs a whole one (padded-wave factor 2 / 1.5)
+    pad = LM.Launch("triton", "k", flops=0.0, bytes=1e8, programs=150).model(GPU)
+    assert pad.modelled["waves"] == 1.5 and pad.modelled["padded_wave_factor"] == pytest.approx(2 / 1.5)
+    assert pad.modelled["us"] == pytest.approx(100.0 * 2 / 1.5) and pad.modelled["bound"] == "memory"
+    # a tiny launch costs at least the launch floor
+    tiny = LM.Launch("peft", "add", flops=0.0, bytes=10.0).model(GPU)
+    assert tiny.modelled["us"] == LM.MIN_KERNEL_US
+
+
+@pytest.mark.parametrize("M,K,N,r", [(1, 4096, 4096, 16), (4096, 4096, 14336, 16), (77, 300, 500, 8)])
+def test_graph_flops_match_the_traffic_model(M, K, N, r):
+    want = traffic.lora(M, K, N, r, 2)
+    for launches in (LM.peft_lora_launches(M, K, N, r, 2, backward=False), LM.torch_lora_launches(M, K, N, r, 2, False)):
+        assert sum(la.flops for la in launches) == pytest.approx(want["fwd"].flops)
+    for launches in (LM.peft_lora_launches(M, K, N, r, 2), LM.torch_lora_launches(M, K, N, r, 2)):
+        assert sum(la.flops for la in launches) == pytest.approx(want["full"].flops)
+
+
+@pytest.fixture(scope="module")
+def model_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("model")
+    env = dict(os.environ)  # the CLI re-executes itself without TRITON_INTERPRET (the conftest sets it)
+    proc = subprocess.run([sys.executable, "-m", "peft_kernels.bench", "--model", "h200", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "LAUNCH MODEL (a model, not a measurement" in proc.stdout
+    assert (out / "model.csv").read_text().count("\n") == 1 + 3 * 4 * 2 * 4  # shapes × M × modes × providers
+    return json.loads((out / "model.json").read_text()), proc.stdout
+
+
+def test_cli_rows_use_the_launchers_grids(model_rows):
+    rows, _ = model_rows
+    tri = {(r["shape"], r["M"], r["mode"]): r for r in rows if r["provider"] == "triton"}
+    assert len(tri) == 24
+    for (shape, M, mode), r in tri.items():
+        kernels = [p["kernel"] for p in r["per_launch"]]
+        assert kernels == (["shrink", "fwd_gemm"] + (["bwd_dy", "bwd_dx", "bwd_da"] if mode == "fwd+bwd" else []))
+        for p in r["per_launch"]:
+            assert p["programs"] == math.prod(p["grid"]) and p["waves"] == pytest.approx(p["programs"] / 132)
+    # FLOPs of the recorded launches equal the traffic model's (independent formulas)
+    for (shape, M, mode), r in tri.items():
+        want = traffic.lora(M, r["K"], r["N"], 16, 2)["full" if mode == "fwd+bwd" else "fwd"].flops
+        assert sum(p["flops"] for p in r["per_launch"]) == pytest.approx(want)
+    # decode: the shrink splits K over 16 programs (the row block alone would be 1 program)
+    q1 = tri[("q_proj", 1, "fwd")]["per_launch"][0]
+    assert q1["grid"] == [1, 1, 16]
+    # prefill q_proj: 64 row blocks × 3 K splits; the GEMM 32 × 32 tiles of 128
+    q4k = tri[("q_proj", 4096, "fwd")]["per_launch"]
+    assert q4k[0]["grid"] == [64, 1, 3] and q4k[1]["programs"] == 1024
+
+
+def test_auto_never_loses_to_peft_in_the_model(model_rows):
+    rows, out = model_rows
+    by = {}
+    for r in rows:
+        by.setdefault((r["shape"], r["M"], r["mode"]), {})[r["provider"]] = r["modelled_us"]
+    for key, t in by.items():
+        assert t["auto"] == min(t["triton"], t["torch"]), key
+        assert t["auto"] <= t["peft"], key
+    assert "auto against PEFT: worst case" in out and "Triton launches under one wave:" in out

@@ -274,10 +274,14 @@ def test_split_k_shrink_at_small_m(monkeypatch, M, K, r, expect, p):
     grids = []
     real = KL._shrink_kernel.run
     monkeypatch.setattr(KL._shrink_kernel, "run", lambda *a, **kw: grids.append(tuple(kw["grid"])) or real(*a, **kw))
-    t = make_inputs((M,), K, 19, r, True, "contig", torch.float32)
+    t = make_inputs((M,), K, 19, r, True, "contig", torch.float16)
     run_and_compare("triton", t, scaling=0.75, p=p)
     assert grids and all(g[2] == expect for g in grids), grids
-    cfg = KL.configs(torch.float32, r)
+    t32 = make_inputs((M,), K, 19, r, True, "contig", torch.float32)  # an fp32 base never splits
+    grids.clear()
+    run_and_compare("triton", t32, scaling=0.75, p=p)
+    assert grids and all(g[2] == 1 for g in grids), grids
+    cfg = KL.configs(torch.float16, r)
     splits, k_per = KL.shrink_splits(torch.device("cpu"), M, K, r, cfg["shrink"].block_m, cfg["shrink"].block_k,
                                      cfg["block_r"])
     assert splits == expect and (splits - 1) * k_per < K <= splits * k_per  # no empty split, K covered
@@ -297,3 +301,41 @@ def test_shrink_split_rule_on_a_gpu_sized_machine(monkeypatch):
     # 64 row blocks: ⌈132/64⌉ = 3 wanted; spans of ⌈64/3⌉ = 22 blocks (1408) → 3 splits
     assert KL.shrink_splits(dev, 4096, 4096, 16, c.block_m, c.block_k, br) == (3, 1408)
     assert KL.shrink_splits(dev, 16384, 4096, 16, c.block_m, c.block_k, br)[0] == 1    # fills the machine
+
+
+def test_m_buckets():
+    from peft_kernels.kernels import lora as KL
+
+    assert [KL.m_bucket(m) for m in (1, 64, 65, 1024, 1025, 16384, None)] == \
+        ["decode", "decode", "mid", "mid", "prefill", "prefill", "prefill"]
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        dec = KL.configs(dt, 16, interpreted=False, M=1)["gemm"]
+        pre = KL.configs(dt, 16, interpreted=False, M=4096)["gemm"]
+        assert KL.configs(dt, 16, interpreted=False)["gemm"] == pre == KL.configs(dt, 16, interpreted=False, M=65)["gemm"]
+        if dt == torch.float32:  # fp32 keeps the prefill tile (every 16-row fp32 tile spilled somewhere)
+            assert dec == pre
+            continue
+        assert dec.block_m == 16 and dec != pre
+        # a decode GEMM at Llama q_proj (N = 4096) fills about one wave of 132 SMs; the prefill tile gave 32 programs
+        assert -(-4096 // dec.block_n) == 128 and -(-4096 // pre.block_n) <= 64
+
+
+@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("M", [3, 70], ids=["decode", "mid"])
+def test_gpu_configs_under_the_interpreter(monkeypatch, dtype, M):
+    """The GPU launch configs (decode and mid buckets), not the interpreter's small tiles, run the same kernels
+    to the fp64 reference: forward and every gradient, dropout on."""
+    if dispatch.unavailable_reason("triton", torch.device("cpu")) is not None:
+        pytest.skip(dispatch.unavailable_reason("triton", torch.device("cpu")))
+    import functools
+
+    from peft_kernels.kernels import lora as KL
+
+    monkeypatch.setattr(KL, "configs", functools.partial(KL.configs, interpreted=False))
+    seen = []
+    real = KL._fwd_gemm_kernel.run
+    monkeypatch.setattr(KL._fwd_gemm_kernel, "run", lambda *a, **kw: seen.append(kw["BLOCK_M"]) or real(*a, **kw))
+    t = make_inputs((M,), 160, 96, 8, True, "contig", dtype)
+    run_and_compare("triton", t, scaling=0.75, p=0.2)
+    want = KL.configs(dtype, 8, True, interpreted=False, M=M)["gemm"].block_m
+    assert seen == [want] and want == (64 if dtype == torch.float32 else (16 if M <= 64 else 128))

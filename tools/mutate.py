@@ -169,9 +169,13 @@ MUTANTS = [
      "nbs = (starts[1:] - starts[:-1]) // block_m",
      ["tests/test_multi_lora_op.py"], "flattened SGMV grid drops each segment's partial last block"),
     ("split-k-drops-a-partial", "peft_kernels/kernels/lora.py",
-     "        for _ in range(1, num_parts):\n",
-     "        for _ in range(2, num_parts):\n",
+     "        for j in range(1, num_parts):  # partial j",
+     "        for j in range(2, num_parts):  # partial j",
      ["tests/test_lora_op.py"], "split-K shrink: the GEMM skips one partial of S"),
+    ("decode-bucket-never", "peft_kernels/kernels/lora.py",
+     'M_BUCKETS = (("decode", 64), ("mid", 1024), ("prefill", None))',
+     'M_BUCKETS = (("decode", 0), ("mid", 1024), ("prefill", None))',
+     ["tests/test_lora_op.py"], "decode GEMMs get the prefill tile (32 programs at N = 4096)"),
 ]
 
 

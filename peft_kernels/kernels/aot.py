@@ -283,9 +283,14 @@ def lora_launch_matrix():
         # prefill: enough row blocks to fill the machine, so the shrink does not split K (the forward GEMM's
         # STORE_S=False variant); the M=512 rows above split it (STORE_S=True)
         out.append((dt, adt or dt, 16, 0.0, 16384, 4096, 4096))
+        # decode (M ≤ 64): the decode bucket's GEMM tiles, with and without dropout (p=0 adds DoRA's epilogue)
+        for p in (0.0, 0.1):
+            out.append((dt, adt or dt, 16, p, 16, 4096, 4096))
+        out.append((dt, adt or dt, 128, 0.1, 16, 4096, 4096))
     out.append((torch.float16, torch.float16, 16, 0.1, 511, 4095, 4097))
     out.append((torch.bfloat16, torch.bfloat16, 128, 0.1, 511, 4095, 4097))
     out.append((torch.bfloat16, torch.float32, 64, 0.1, 511, 4095, 4097))
+    out.append((torch.float16, torch.float16, 16, 0.1, 15, 4095, 4097))  # decode, odd sizes
     return out
 
 

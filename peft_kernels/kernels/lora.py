@@ -72,10 +72,8 @@ def _low_rank_tile(s_ptr, rm, m_ok, R, w_ptr, rc, c_ok, stride_wr, stride_wc,
         s_msk = m_ok[:, None] & (rr[None, :] < R)
         s_off = rm[:, None] * R + rr[None, :]
         st = tl.load(s_ptr + s_off, mask=s_msk, other=0.0)
-        part = s_ptr
-        for _ in range(1, num_parts):
-            part += part_stride  # M·R, a launch argument (i64 when ≥ 2³¹): 64-bit pointer steps
-            st += tl.load(part + s_off, mask=s_msk, other=0.0)
+        for j in range(1, num_parts):  # partial j is j·M·R floats in: a 64-bit product
+            st += tl.load(s_ptr + tl.cast(j, tl.int64) * part_stride + s_off, mask=s_msk, other=0.0)
         if STORE_S:
             tl.store(s_out_ptr + s_off, st, mask=s_msk & store_s)
         wt = tl.load(w_ptr + rr.to(tl.int64)[:, None] * stride_wr + rc[None, :] * stride_wc,
@@ -367,8 +365,43 @@ def block_r(R: int, cap: int = 128) -> int:
     return min(next_pow2(R), cap)
 
 
+# M buckets: decode (≤ 64 rows), mid (≤ 1024), prefill. The launch model (bench --model) showed the
+# prefill GEMM tile (128×128) giving a decode GEMM 32 programs at N = 4096 on 132 SMs: decode takes a
+# 16×32 output tile (128 programs at N = 4096, 448 at 14336) with a deep K step, since a decode GEMM is a
+# weight-streaming GEMV. mid keeps the prefill tiles until gpu-check measures a better choice; the
+# table is the same for sm_80 and sm_90 for the same reason.
+M_BUCKETS = (("decode", 64), ("mid", 1024), ("prefill", None))
+
+
+def m_bucket(M: Optional[int]) -> str:
+    """The config bucket of a launch with M rows (None: prefill, the largest tiles)."""
+    if M is None:
+        return "prefill"
+    for name, hi in M_BUCKETS:
+        if hi is None or M <= hi:
+            return name
+    return "prefill"
+
+
+def _gemm_config(bucket: str, f32: bool, aligned: bool) -> "Config":
+    """The base GEMM's tile for (M bucket, fp32 operands, 16-byte alignment): the documented table (one
+    for sm_80 and sm_90 until gpu-check measures a reason to differ)."""
+    if bucket == "decode" and not f32:
+        # 2 warps (with 4, the ptxas of triton 3.6 and 3.8 spills 8 bytes in the split-K STORE_S variant) keep 3
+        # stages, two W tiles in flight, for a weight-streaming GEMV. fp32 keeps the prefill tile below: every
+        # 16-row fp32 tile tried (16×32×16/32, 16×64×32; 2 or 4 warps; 2 or 3 stages) spilled 8–76 bytes in
+        # some DoRA/split-K variant on one of the two ptxas versions.
+        return Config(16, 32, 128, num_warps=2, num_stages=3)
+    if f32:  # fp32 operands take twice the registers of 16-bit ones; a 16-deep K step is the one 64×64 choice
+        # whose every variant (DoRA epilogue included) compiles without spills on triton 3.6, 3.7 and 3.8's ptxas
+        return Config(64, 64, 16, num_warps=8, num_stages=3) if aligned else Config(64, 64, 16, num_warps=8, num_stages=2)
+    if aligned:
+        return Config(128, 128, 64, num_warps=8, num_stages=3)
+    return Config(64, 128, 64, num_warps=8, num_stages=3)
+
+
 def configs(dtype: torch.dtype, R: int, aligned: bool = True, interpreted: bool = INTERPRETED,
-            adapter_dtype: Optional[torch.dtype] = None) -> dict:
+            adapter_dtype: Optional[torch.dtype] = None, M: Optional[int] = None) -> dict:
     """The launch config of every kernel for inputs of ``dtype``, adapters of ``adapter_dtype`` (default:
     ``dtype``), rank ``R``, and whether all sizes and strides are 16-byte aligned (vectorized loads need
     fewer registers).
@@ -377,8 +410,9 @@ def configs(dtype: torch.dtype, R: int, aligned: bool = True, interpreted: bool 
     kernels whose dots are all LoRA dots (shrink, dY, dA) and the low-rank tile inside the GEMMs take the
     fp32 shapes (their operands are fp32 there).
 
-    Chosen by rule, not by a per-GPU table. The AOT test compiles every combination for sm_80 and
-    sm_90 and requires 0 spills. Under the interpreter small tiles keep tests multi-block and fast.
+    ``M`` picks the base GEMMs' tile by bucket (``m_bucket``; None: prefill). Chosen by rule, not by a
+    per-GPU table. The AOT test compiles every combination for sm_80 and sm_90 and requires 0 spills.
+    Under the interpreter small tiles keep tests multi-block and fast.
     """
     br = block_r(R)
     if interpreted:
@@ -388,13 +422,7 @@ def configs(dtype: torch.dtype, R: int, aligned: bool = True, interpreted: bool 
     lf32 = (adapter_dtype or dtype) == torch.float32  # the LoRA dots' operands are fp32
     mixed = lf32 and not f32  # fp32 adapters on a 16-bit base: 3×TF32 LoRA dots (three MMAs and split operands)
     small_r = br <= 32
-    if f32:  # fp32 operands take twice the registers of 16-bit ones; a 16-deep K step is the one 64×64 choice
-        # whose every variant (DoRA epilogue included) compiles without spills on triton 3.6, 3.7 and 3.8's ptxas
-        gemm = Config(64, 64, 16, num_warps=8, num_stages=3) if aligned else Config(64, 64, 16, num_warps=8, num_stages=2)
-    elif aligned:
-        gemm = Config(128, 128, 64, num_warps=8, num_stages=3)
-    else:
-        gemm = Config(64, 128, 64, num_warps=8, num_stages=3)
+    gemm = _gemm_config(m_bucket(M), f32, aligned)
     if not lf32:
         dy = Config(64, 64, num_warps=4) if small_r else Config(32, 32, num_warps=8)
     elif mixed:
@@ -402,8 +430,10 @@ def configs(dtype: torch.dtype, R: int, aligned: bool = True, interpreted: bool 
     else:  # fp32: the in-place dB partial adds a tile of live registers
         dy = Config(64, 64, num_warps=4) if small_r else Config(16 if br > 64 else 32, 16, num_warps=8)
     return {
+        # fp32 adapters on a 16-bit base take 2 stages: 3 spill 12 bytes (tf32x3, rank tile 16) on sm_80 with
+        # triton 3.6's ptxas since the split-K loop bounds
         "shrink": Config(64 if small_r else 32, 0, (16 if br > 64 else 32) if lf32 else 64,
-                         num_warps=4 if small_r else 8, num_stages=2 if lf32 and br > 64 else 3),
+                         num_warps=4 if small_r else 8, num_stages=2 if mixed or (lf32 and br > 64) else 3),
         "gemm": gemm,
         "dy": dy,
         "dx": gemm,
@@ -461,7 +491,7 @@ def shrink_splits(device: torch.device, M: int, K: int, R: int, block_m: int, bl
     the machine's programs (decode and small M: one program per row block would walk all of K alone):
     enough splits to fill the machine, at most one per K block and MAX_SHRINK_SPLITS. Each split writes
     its own fp32 partial of S and the forward GEMM sums them in a fixed order, so the result is
-    deterministic and the forward stays 2 launches."""
+    deterministic and the forward stays 2 launches. (``lora_forward`` does not split for an fp32 base.)"""
     programs = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
     k_blocks = triton.cdiv(K, block_k)
     budget = program_budget(device)
@@ -479,13 +509,15 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed, col_scal
     M, K = x.shape
     N, R = weight.shape[0], A.shape[0]
     check_dims(M=M, K=K, N=N, r=R)
-    cfg = configs(x.dtype, R, _aligned(x, weight, A, B), adapter_dtype=A.dtype)
+    cfg = configs(x.dtype, R, _aligned(x, weight, A, B), adapter_dtype=A.dtype, M=M)
     fl = _flags(x, A)
     keep_scale = 1.0 / (1.0 - p)
     S = torch.empty((M, R), dtype=torch.float32, device=x.device)
     seed_t = seed if p > 0 else S  # never read without dropout
     c, br = cfg["shrink"], cfg["block_r"]
-    splits, k_per_split = shrink_splits(x.device, M, K, R, c.block_m, c.block_k, br)
+    # an fp32 base does not split: its GEMM's STORE_S variant spills 16 bytes on sm_80 with triton 3.6's ptxas
+    splits, k_per_split = (1, K) if x.dtype == torch.float32 else shrink_splits(x.device, M, K, R, c.block_m,
+                                                                                 c.block_k, br)
     parts = S if splits == 1 else torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
     _shrink_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(R, br), splits)](
         x, A, parts, seed_t, M, K, R, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
@@ -511,7 +543,7 @@ def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed,
     M, K = x.shape
     N, R = weight.shape[0], A.shape[0]
     check_dims(M=M, K=K, N=N, r=R)
-    cfg = configs(x.dtype, R, _aligned(x, weight, A, B, dy), adapter_dtype=A.dtype)
+    cfg = configs(x.dtype, R, _aligned(x, weight, A, B, dy), adapter_dtype=A.dtype, M=M)
     fl = _flags(x, A)
     lora_fl = _only(fl, "UPCAST", "F32_PREC")
     keep_scale = 1.0 / (1.0 - p)

@@ -389,12 +389,12 @@ class Tuner:
             pass
 
     # -- choosing --------------------------------------------------------------------------------
-    def _measure_allowed(self, device: torch.device) -> Optional[str]:
+    def _measure_allowed(self, capturing: bool) -> Optional[str]:
         if os.environ.get(AUTOTUNE_VAR, "").strip().lower() in ("0", "false", "no", "off"):
             return f"{AUTOTUNE_VAR}=0"
         if torch.compiler.is_compiling():
             return "inside torch.compile tracing"
-        if _capturing(device):
+        if capturing:
             return "inside CUDA-graph capture"
         return None
 
@@ -404,7 +404,7 @@ class Tuner:
         allowed = [c for c in candidates if not capturing or tune.capture_ok is None or c in tune.capture_ok]
         allowed = allowed or list(candidates)
         with self._lock:
-            no_measure = self._measure_allowed(device)
+            no_measure = self._measure_allowed(capturing)
             if no_measure is None or not no_measure.startswith(AUTOTUNE_VAR):
                 self._load()
                 hit = self._mem.get(entry)

@@ -377,10 +377,7 @@ def m_bucket(M: Optional[int]) -> str:
     """The config bucket of a launch with M rows (None: prefill, the largest tiles)."""
     if M is None:
         return "prefill"
-    for name, hi in M_BUCKETS:
-        if hi is None or M <= hi:
-            return name
-    return "prefill"
+    return next(name for name, hi in M_BUCKETS if hi is None or M <= hi)
 
 
 def _gemm_config(bucket: str, f32: bool, aligned: bool) -> "Config":
@@ -486,12 +483,16 @@ def dy_programs(device: torch.device, M: int, block_m: int, r_chunks: int) -> in
 MAX_SHRINK_SPLITS = 16  # the forward GEMM reads every partial of S once per program
 
 
-def shrink_splits(device: torch.device, M: int, K: int, R: int, block_m: int, block_k: int, block_r: int):
+def shrink_splits(device: torch.device, M: int, K: int, R: int, block_m: int, block_k: int, block_r: int,
+                  dtype: Optional[torch.dtype] = None):
     """(splits, K per split) of the shrink launch. Split-K when its row blocks × rank chunks are fewer than
     the machine's programs (decode and small M: one program per row block would walk all of K alone):
     enough splits to fill the machine, at most one per K block and MAX_SHRINK_SPLITS. Each split writes
     its own fp32 partial of S and the forward GEMM sums them in a fixed order, so the result is
-    deterministic and the forward stays 2 launches. (``lora_forward`` does not split for an fp32 base.)"""
+    deterministic and the forward stays 2 launches. An fp32 base (``dtype``) never splits: its GEMM's STORE_S
+    variant spills 16 bytes on sm_80 with triton 3.6's ptxas."""
+    if dtype == torch.float32:
+        return 1, K
     programs = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
     k_blocks = triton.cdiv(K, block_k)
     budget = program_budget(device)
@@ -515,9 +516,7 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed, col_scal
     S = torch.empty((M, R), dtype=torch.float32, device=x.device)
     seed_t = seed if p > 0 else S  # never read without dropout
     c, br = cfg["shrink"], cfg["block_r"]
-    # an fp32 base does not split: its GEMM's STORE_S variant spills 16 bytes on sm_80 with triton 3.6's ptxas
-    splits, k_per_split = (1, K) if x.dtype == torch.float32 else shrink_splits(x.device, M, K, R, c.block_m,
-                                                                                 c.block_k, br)
+    splits, k_per_split = shrink_splits(x.device, M, K, R, c.block_m, c.block_k, br, x.dtype)
     parts = S if splits == 1 else torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
     _shrink_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(R, br), splits)](
         x, A, parts, seed_t, M, K, R, x.stride(0), x.stride(1), A.stride(0), A.stride(1),

@@ -235,6 +235,25 @@ def _markdown(rep: dict) -> str:
         for r in sp["memory"]:
             mib = None if r["peak_bytes"] is None else r["peak_bytes"] / 2 ** 20
             lines.append(f"| {r['provider']} | {_fmt(mib, '.1f')} | {r.get('note', '')} |")
+    if sp.get("dropout"):
+        d0 = sp["dropout"][0]
+        lines += ["", f"## Dropout p={d0['p']}: forward+backward (M={d0['M']}, K={d0['K']}, N={d0['N']}, r=16)", "",
+                  "| provider | µs at p=0 | µs at p | p / p=0 | × PEFT (bf16 adapters) | note |",
+                  "|---|---|---|---|---|---|"]
+        for r in sp["dropout"]:
+            us0 = None if r.get("seconds_p0") is None else r["seconds_p0"] * 1e6
+            us = None if r.get("seconds") is None else r["seconds"] * 1e6
+            lines.append(f"| {r['provider']} | {_fmt(us0, '.1f')} | {_fmt(us, '.1f')} | {_fmt(r.get('dropout_cost'), '.3f')} "
+                         f"| {_fmt(r.get('vs_peft_bf16'), '.3f')} | {r.get('note', '')} |")
+    if sp.get("multi"):
+        m0 = sp["multi"][0]
+        lines += ["", f"## Multi-adapter: {m0['S']} adapters, r={m0['r']}, K={m0['K']}, N={m0['N']}, against a "
+                  "per-adapter loop on cuBLAS", "", "| batch | T | mode | provider | µs | × loop | note |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sp["multi"]:
+            us = None if r.get("seconds") is None else r["seconds"] * 1e6
+            lines.append(f"| {r['batch']} | {r['T']} | {r['mode']} | {r['provider']} | {_fmt(us, '.1f')} | "
+                         f"{_fmt(r.get('vs_loop'), '.3f')} | {r.get('note', '')} |")
     lines += ["", "## Groups", "", "| group | seconds | checks | failed |", "|---|---|---|---|"]
     for g, rec in rep["groups"].items():
         n = len(rec.get("checks", []))

@@ -5,6 +5,13 @@
   MLP shapes; r=16, no dropout.
 - ``gemm``: the Triton base GEMM alone (our fused GEMM kernel at rank 0) against ``torch.mm``.
 - ``memory``: the peak memory of one forward+backward at M=16384, K=4096, N=14336, r=64.
+- ``dropout``: forward+backward of q_proj at prefill with ``lora_dropout=0.1`` against the same layer at
+  0 (what the regenerated Philox mask costs), ours and PEFT.
+- ``multi``: 32 adapters (r=16) on q_proj: our multi-adapter op on each backend against a per-adapter loop
+  on cuBLAS (PEFT's mixed-batch forward: the base once, then gather, two matmuls and a scatter-add per
+  adapter); all-distinct batches (prefill: 32 × 128 tokens; decode: 32 × 1) and a skewed one (one adapter
+  with 3972 tokens, 31 with 4). The mapping (ours) and the per-adapter row indices (the loop) are built
+  once per batch, outside the timing, as a server builds them once for every layer.
 """
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ class _One(nn.Module):
         return self.proj(x)
 
 
-def make_layer(provider: str, K: int, N: int, r: int, dev, dt):
+def make_layer(provider: str, K: int, N: int, r: int, dev, dt, dropout: float = 0.0):
     """A module computing one LoRA'd linear (or the frozen base) for ``provider``, or a reason string."""
     import peft_kernels as pk
 
@@ -52,10 +59,11 @@ def make_layer(provider: str, K: int, N: int, r: int, dev, dt):
             from peft import LoraConfig, get_peft_model
         except ImportError as e:
             return f"peft not importable: {e}"
-        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], lora_dropout=0.0, init_lora_weights=False)
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], lora_dropout=dropout, init_lora_weights=False)
         return get_peft_model(base, cfg, autocast_adapter_dtype=provider == "peft")
-    layer = pk.LoRALinear.from_linear(base.proj, r=r, lora_alpha=2 * r, init_lora_weights=False, backend=provider)
-    return layer
+    layer = pk.LoRALinear.from_linear(base.proj, r=r, lora_alpha=2 * r, lora_dropout=dropout,
+                                      init_lora_weights=False, backend=provider)
+    return layer.train()
 
 
 def time_linear(dev, dt, shapes, tokens, providers, modes=("fwd", "fwd+bwd"), reps=20, warmup=3, r=16) -> List[dict]:
@@ -166,6 +174,101 @@ def peak_memory(dev, dt, M, K, N, r, providers) -> List[dict]:
     return rows
 
 
+def time_dropout(dev, dt, K, N, M, providers, p=0.1, reps=20, warmup=3, r=16) -> List[dict]:
+    """Forward+backward with ``lora_dropout=p`` against the same provider at 0 (interleaved per provider)."""
+    rows = []
+    x = torch.randn(M, K, device=dev, dtype=dt)
+    for prov in providers:
+        ts = {}
+        for q in (0.0, p):
+            layer = make_layer(prov, K, N, r, dev, dt, dropout=q)
+            if isinstance(layer, str):
+                ts[q] = layer
+                continue
+            layer.train()
+            xg = x.detach().requires_grad_(True)
+
+            def fn(layer=layer, xg=xg):
+                y = layer(xg)
+                y.backward(torch.ones_like(y))
+                return y
+            try:
+                ts[q] = _timer(dev, fn, reps, warmup)
+            except Exception as e:  # noqa: BLE001
+                ts[q] = f"{type(e).__name__}: {str(e)[:200]}"
+            del layer
+        ok = all(isinstance(v, float) for v in ts.values())
+        rows.append({"provider": prov, "M": M, "K": K, "N": N, "p": p, "seconds_p0": ts[0.0] if ok else None,
+                     "seconds": ts[p] if ok else None, "dropout_cost": ts[p] / ts[0.0] if ok else None,
+                     "note": "" if ok else "; ".join(str(v) for v in ts.values() if not isinstance(v, float))})
+    peft_t = next((r_["seconds"] for r_ in rows if r_["provider"] == "peft-bf16" and r_["seconds"]), None)
+    for r_ in rows:
+        r_["vs_peft_bf16"] = r_["seconds"] / peft_t if r_["seconds"] and peft_t else None
+    return rows
+
+
+def _multi_batches(M: int, S: int, decode: int) -> Dict[str, torch.Tensor]:
+    per = M // S
+    distinct = torch.arange(S).repeat_interleave(per)
+    small = 4
+    skew = torch.cat([torch.zeros(M - small * (S - 1), dtype=torch.long), torch.arange(1, S).repeat_interleave(small)])
+    return {f"distinct {S}x{per}": distinct, f"skewed {M - small * (S - 1)}+{S - 1}x{small}": skew,
+            f"decode distinct {S}x1": torch.arange(S)[:decode]}
+
+
+def time_multi(dev, dt, K, N, M, S, providers, r=16, reps=20, warmup=3) -> List[dict]:
+    """Our multi-adapter op against a per-adapter loop on cuBLAS (see the module docstring)."""
+    import peft_kernels as pk
+
+    torch.manual_seed(0)
+    W = torch.randn(N, K, device=dev, dtype=dt) * K ** -0.5
+    A = (torch.randn(S, r, K, device=dev, dtype=dt) * K ** -0.5).requires_grad_(True)
+    B = (torch.randn(S, N, r, device=dev, dtype=dt) * r ** -0.5).requires_grad_(True)
+    scal = torch.full((S,), 2.0, device=dev)
+    A_list = [A[s].detach().clone().requires_grad_(True) for s in range(S)]
+    B_list = [B[s].detach().clone().requires_grad_(True) for s in range(S)]
+    rows = []
+    for bname, ids in _multi_batches(M, S, S).items():
+        T = ids.numel()
+        x = torch.randn(T, K, device=dev, dtype=dt)
+        ids_d = ids.to(dev)
+        idx = [(ids_d == s).nonzero().squeeze(1) for s in range(S)]
+        idx = [(s, i) for s, i in enumerate(idx) if i.numel()]
+        mapping = pk.build_mapping(ids_d, T, S, device=dev)
+        for mode in ("fwd", "fwd+bwd"):
+            loop_t = None
+            for prov in ("loop",) + tuple(providers):
+                xg = x.detach().requires_grad_(mode != "fwd")
+                if prov == "loop":
+                    def call(xg=xg):
+                        y = torch.nn.functional.linear(xg, W)
+                        for s, i in idx:
+                            sub = xg.index_select(0, i)
+                            y = y.index_add(0, i, (sub @ A_list[s].t() @ B_list[s].t()) * 2.0)
+                        return y
+                else:
+                    def call(xg=xg, prov=prov):
+                        return pk.multi_lora_linear(xg, W, None, A, B, scal, mapping, backend=prov)
+
+                def fn(call=call):
+                    if mode == "fwd":
+                        with torch.no_grad():
+                            return call()
+                    y = call()
+                    y.backward(torch.ones_like(y))
+                    return y
+                row = {"batch": bname, "T": T, "K": K, "N": N, "S": S, "r": r, "mode": mode, "provider": prov}
+                try:
+                    t = _timer(dev, fn, reps, warmup)
+                except Exception as e:  # noqa: BLE001
+                    rows.append({**row, "seconds": None, "vs_loop": None, "note": f"{type(e).__name__}: {str(e)[:200]}"})
+                    continue
+                if prov == "loop":
+                    loop_t = t
+                rows.append({**row, "seconds": t, "vs_loop": t / loop_t if loop_t else None, "note": ""})
+    return rows
+
+
 def run(dry: bool) -> Dict[str, list]:
     dev = torch.device("cpu") if dry else torch.device("cuda", torch.cuda.current_device())
     dt = torch.float32 if dry else torch.bfloat16
@@ -173,9 +276,13 @@ def run(dry: bool) -> Dict[str, list]:
         shapes = {"q_proj": (48, 40), "mlp_up": (48, 72)}
         res = {"linear": time_linear(dev, dt, shapes, (24, 1), PROVIDERS, reps=2, warmup=1),
                "gemm": time_gemm(dev, dt, {"q_proj": (48, 40)}, 24, reps=2, warmup=1),
-               "memory": peak_memory(dev, dt, 24, 48, 40, 8, ("frozen", "peft", "triton", "torch"))}
+               "memory": peak_memory(dev, dt, 24, 48, 40, 8, ("frozen", "peft", "triton", "torch")),
+               "dropout": time_dropout(dev, dt, 48, 40, 24, ("peft-bf16", "triton", "torch"), reps=2, warmup=1),
+               "multi": time_multi(dev, dt, 48, 40, 32, 4, ("triton", "torch", "auto"), reps=2, warmup=1)}
     else:
         res = {"linear": time_linear(dev, dt, SHAPES, TOKENS, PROVIDERS),
                "gemm": time_gemm(dev, dt, SHAPES, 4096),
-               "memory": peak_memory(dev, dt, 16384, 4096, 14336, 64, ("frozen", "peft", "triton", "torch"))}
+               "memory": peak_memory(dev, dt, 16384, 4096, 14336, 64, ("frozen", "peft", "triton", "torch")),
+               "dropout": time_dropout(dev, dt, 4096, 4096, 4096, ("peft", "peft-bf16", "triton", "torch")),
+               "multi": time_multi(dev, dt, 4096, 4096, 4096, 32, ("triton", "cuda", "torch", "auto"))}
     return res

@@ -158,12 +158,20 @@ def resolve(backend: str, device: torch.device, op_reason: Optional[Callable[[st
             # no lookup while tracing (a lock and file IO have no place in a graph): torch's ops, which the
             # compiler fuses itself; multi_lora_linear runs its masked graph path before it gets here
             return "torch"
+        t = None
+        if tune is not None:
+            # the hot path: a bucket already chosen in this process skips the availability checks (they
+            # depend only on the device and the dtypes, which the bucket holds) and the lock
+            t = tune()
+            hit = TUNER.fast_choice(device, t)
+            if hit is not None:
+                return hit
         candidates = [name for name in ("torch", "triton", "cuda") if why(name) is None]
         if len(candidates) == 1:
             return candidates[0]
-        if tune is None:  # an op without a Tune: the first compiled backend, as before measuring existed
+        if t is None:  # an op without a Tune: the first compiled backend, as before measuring existed
             return next((n for n in ("triton", "cuda") if n in candidates), "torch")
-        return TUNER.choose(device, tune(), candidates)
+        return TUNER.choose(device, t, candidates)
     reason = why(req)
     if reason is not None:
         src = f" (from {ENV_VAR})" if os.environ.get(ENV_VAR, "").strip() else ""
@@ -216,7 +224,21 @@ class Tune:
     capture_ok: Optional[Sequence[str]] = None
 
     def entry(self, device_name: str) -> str:
-        return "|".join([device_name, self.op, *map(str, self.key)])
+        return "|".join([device_name, self.op, *map(_key_str, self.key)])
+
+
+def _key_str(item) -> str:
+    """One bucket item as the cache file spells it: dtypes without "torch.", (shape, dtype) pairs as
+    "(a, b):float32", ("x", dtype) as "x:float32", None as "none". Buckets are kept as raw tuples and spelled
+    only when an entry is written or shown: the per-call lookup never formats strings."""
+    if item is None:
+        return "none"
+    if isinstance(item, torch.dtype):
+        return str(item).replace("torch.", "")
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.dtype):
+        head = item[0] if isinstance(item[0], str) else tuple(item[0])
+        return f"{head}:{_key_str(item[1])}"
+    return str(item)
 
 
 def m_bucket(m: int) -> int:
@@ -232,9 +254,10 @@ def op_tune(op: str, tensors: Sequence[Optional[torch.Tensor]], extra: tuple,
     dtype, ``extra``, and whether the call needs grad (then ``run`` also runs the backward)."""
     x = tensors[0]
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    key = (f"M<={m_bucket(x.numel() // max(1, x.shape[-1]))}", f"K={x.shape[-1]}",
-           *(("none" if t is None else f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}") for t in tensors[1:]),
-           f"x:{str(x.dtype).replace('torch.', '')}", *map(str, extra), "fwd+bwd" if grad else "fwd")
+    k = x.shape[-1]
+    key = ("M<=%d" % m_bucket(x.numel() // max(1, k)), "K=%d" % k,
+           *(None if t is None else (t.shape, t.dtype) for t in tensors[1:]),
+           ("x", x.dtype), *extra, "fwd+bwd" if grad else "fwd")
 
     def run(name: str) -> None:
         leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad and grad) for t in tensors]
@@ -317,10 +340,13 @@ class Tuner:
 
     ``timer(fn, device, name) -> ms`` and ``devices`` (the device types measured) are injectable, which is how the
     CPU tests drive the selection logic. Thread-safe: one lock around lookups and measurements (a bucket is
-    measured once even when threads race to it)."""
+    measured once even when threads race to it).
+
+    ``rounds``: the candidates are timed in turn, ``rounds`` times over (A, B, A, B, ...), and each keeps its
+    fastest round, so a clock ramp or a stray host stall in one round does not decide the choice."""
 
     def __init__(self, cache_dir: Optional[str] = "default", timer=None, devices=("cuda",),
-                 version_info: Optional[Dict[str, str]] = None, device_name=_device_name):
+                 version_info: Optional[Dict[str, str]] = None, device_name=_device_name, rounds: int = 3):
         self.cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
         self.timer = timer
         self.devices = tuple(devices)
@@ -328,6 +354,8 @@ class Tuner:
         self._device_name = device_name
         self._lock = threading.RLock()
         self._mem: Dict[str, dict] = {}
+        self._fast: Dict[tuple, str] = {}  # (device, op, bucket) -> a choice made here (see fast_choice)
+        self.rounds = max(1, int(rounds))
         self._loaded = False
         self.measurements = 0  # how many buckets were measured in this process
         self.notes: Dict[str, str] = {}  # entry -> why the last lookup did not measure (static rule)
@@ -398,6 +426,17 @@ class Tuner:
             return "inside CUDA-graph capture"
         return None
 
+    def fast_choice(self, device: torch.device, tune: Tune) -> Optional[str]:
+        """The choice ``choose`` already made for this bucket in this process, without the lock or the
+        device-name lookup; None where ``choose`` must decide (not seen yet, CUDA-graph capture, or
+        ``PEFT_KERNELS_AUTOTUNE=0``, which ``choose`` answers by the static rule)."""
+        hit = self._fast.get((device, tune.op, tune.key))
+        if hit is None or _capturing(device):
+            return None
+        if os.environ.get(AUTOTUNE_VAR, "").strip().lower() in ("0", "false", "no", "off"):
+            return None
+        return hit
+
     def choose(self, device: torch.device, tune: Tune, candidates: Sequence[str]) -> str:
         entry = tune.entry(self._device_name(device))
         capturing = _capturing(device)
@@ -409,18 +448,29 @@ class Tuner:
                 self._load()
                 hit = self._mem.get(entry)
                 if hit is not None and hit["choice"] in allowed:
+                    if not capturing and hit["choice"] in candidates:
+                        self._fast[(device, tune.op, tune.key)] = hit["choice"]
                     return hit["choice"]
             if no_measure is not None:
                 self.notes[entry] = no_measure
                 return next((c for c in tune.static if c in allowed), allowed[0])
             timings, errors = {}, {}
             timer = self.timer or (cuda_timer if device.type == "cuda" else host_timer)
-            for name in candidates:
-                try:
-                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                        timings[name] = float(timer(lambda: tune.run(name), device, name))
-                except Exception as e:  # a backend that fails here is simply not chosen
-                    errors[name] = f"{type(e).__name__}: {e}"[:300]
+            for _ in range(self.rounds):  # interleaved rounds; each candidate keeps its fastest
+                for name in candidates:
+                    if name in errors:
+                        continue
+                    try:
+                        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                            ms = float(timer(lambda: tune.run(name), device, name))
+                    except Exception as e:  # a backend that fails here is simply not chosen
+                        errors[name] = f"{type(e).__name__}: {e}"[:300]
+                        timings.pop(name, None)
+                        continue
+                    if math.isfinite(ms):
+                        timings[name] = min(timings.get(name, math.inf), ms)
+                    else:
+                        timings.setdefault(name, ms)
             ok = {k: v for k, v in timings.items() if math.isfinite(v)}
             if not ok:
                 self.notes[entry] = "every candidate failed: " + "; ".join(f"{k}: {v}" for k, v in errors.items())
@@ -430,6 +480,8 @@ class Tuner:
                                 "errors": errors}
             self.measurements += 1
             self.notes.pop(entry, None)
+            if not capturing:
+                self._fast[(device, tune.op, tune.key)] = choice
             self._save()
             return choice if choice in allowed else next((c for c in tune.static if c in allowed), allowed[0])
 
@@ -443,6 +495,7 @@ class Tuner:
         """Forget the choices (and, with ``disk``, delete this version's cache file)."""
         with self._lock:
             self._mem.clear()
+            self._fast.clear()
             self.notes.clear()
             self._loaded = disk  # with the file deleted there is nothing to load back
             p = self.path()

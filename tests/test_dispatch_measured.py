@@ -41,6 +41,7 @@ def make_tune(ran=None, key=("M<=64",), op="op", fail=(), static=("torch",), cap
 
 
 def tuner(tmp_path, ms, **kw):
+    kw.setdefault("rounds", 1)  # one timing per candidate: the call counts below are per round
     return dispatch.Tuner(cache_dir=str(tmp_path), timer=FakeTimer(ms), devices=("cpu",),
                           version_info=kw.pop("version_info", V1), **kw)
 
@@ -284,3 +285,68 @@ def test_while_tracing_auto_is_torch_without_touching_the_tuner(cpu_tuner, monke
     assert t.choices() == {} and t.timer.calls == []
     # an explicit backend is still honoured while tracing
     assert dispatch.resolve("triton", CPU, tune=lambda: pytest.fail("no Tune for an explicit backend")) == "triton"
+
+
+# -- interleaved rounds and the per-process fast path ---------------------------------------------
+class RoundsTimer(FakeTimer):
+    """Per-backend timings that differ by round: ``ms[name]`` is a list, one value per round."""
+
+    def __call__(self, fn, device, name):
+        fn()
+        self.calls.append(name)
+        return self.ms[name][sum(c == name for c in self.calls) - 1]
+
+
+def test_rounds_are_interleaved_and_each_candidate_keeps_its_fastest(tmp_path):
+    # triton's first round is slow (a clock ramp, a compile): one round would pick torch, three pick triton
+    t = dispatch.Tuner(cache_dir=str(tmp_path), devices=("cpu",), version_info=V1, rounds=3,
+                       timer=RoundsTimer({"torch": [2.0, 2.1, 2.2], "triton": [9.0, 1.5, 1.4]}))
+    assert t.choose(CPU, make_tune(), ["torch", "triton"]) == "triton"
+    assert t.timer.calls == ["torch", "triton"] * 3
+    (entry,) = t.choices().values()
+    assert entry["timings_ms"] == {"torch": 2.0, "triton": 1.4}
+    # a candidate that fails in a later round is dropped, not kept with its earlier time
+    t2 = dispatch.Tuner(cache_dir=None, devices=("cpu",), version_info=V1, rounds=2,
+                        timer=RoundsTimer({"torch": [2.0, 2.0], "triton": [1.0, float("nan")]}))
+    assert t2.choose(CPU, make_tune(), ["torch", "triton"]) == "triton"  # nan in round 2: round 1 stands
+
+    class FailSecond(FakeTimer):
+        def __call__(self, fn, device, name):
+            self.calls.append(name)
+            if name == "triton" and self.calls.count("triton") == 2:
+                raise RuntimeError("illegal memory access")
+            return self.ms[name]
+    t3 = dispatch.Tuner(cache_dir=None, devices=("cpu",), version_info=V1, rounds=3,
+                        timer=FailSecond({"torch": 2.0, "triton": 1.0}))
+    assert t3.choose(CPU, make_tune(), ["torch", "triton"]) == "torch"
+    assert t3.timer.calls == ["torch", "triton", "torch", "triton", "torch"]  # not timed again after failing
+
+
+def test_a_chosen_bucket_skips_the_availability_checks(tmp_path, monkeypatch):
+    t = tuner(tmp_path, {"torch": 2.0, "triton": 1.0})
+    monkeypatch.setattr(dispatch, "TUNER", t)
+    t.devices = ("cpu",)
+    reasons = []
+
+    def op_reason(name):
+        reasons.append(name)
+        return None
+    assert dispatch.resolve("auto", CPU, op_reason, tune=make_tune) == "triton"
+    assert reasons and t.measurements == 1
+    reasons.clear()
+    for _ in range(3):
+        assert dispatch.resolve("auto", CPU, op_reason, tune=make_tune) == "triton"
+    assert reasons == [] and t.measurements == 1 and len(t.timer.calls) == 2  # the fast path answered
+    # another bucket, or the cache cleared, goes through the checks again
+    assert dispatch.resolve("auto", CPU, op_reason, tune=lambda: make_tune(key=("M<=128",))) == "triton"
+    assert reasons
+    t.clear()
+    reasons.clear()
+    assert dispatch.resolve("auto", CPU, op_reason, tune=make_tune) == "triton" and reasons
+    # PEFT_KERNELS_AUTOTUNE=0 is honoured at once: the static rule, not the remembered choice
+    monkeypatch.setenv(dispatch.AUTOTUNE_VAR, "0")
+    assert dispatch.resolve("auto", CPU, op_reason, tune=make_tune) == "torch"
+    monkeypatch.delenv(dispatch.AUTOTUNE_VAR)
+    # under capture the fast path steps aside, so only capture-safe backends are returned
+    monkeypatch.setattr(dispatch, "_capturing", lambda device: True)
+    assert dispatch.resolve("auto", CPU, op_reason, tune=lambda: make_tune(capture_ok=("torch",))) == "torch"

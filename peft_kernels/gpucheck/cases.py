@@ -574,6 +574,30 @@ def _dropout_graph(backend: str) -> Callable:
     return run
 
 
+def _dropout_hash(sc: Scale) -> List[dict]:
+    """The torch backend's mask on the device: the one-pass Triton kernel against the torch-op definition
+    (both on this device), bit for bit, across the 2^32 index word and for thresholds above 2^31."""
+    from ..kernels import _common
+    from ..ops import _torch_dropout as D
+
+    out = []
+    n = 3000 if sc.dry else 1 << 22
+    for p, offset in ((0.1, 0), (0.75, 0), (0.1, 2 ** 32 - n // 2)):
+        seed = D.draw_seed(sc.device)
+        k = D.keys(seed, p)
+        kt = torch.cat([k.k0, k.k1, k.k2]) if isinstance(k.k0, torch.Tensor) else \
+            torch.tensor([k.k0, k.k1, k.k2], dtype=torch.int64, device=sc.device)
+        got = _common.hash_keep_mask(kt, k.thr, n, offset, sc.device)
+        idx = torch.arange(offset, offset + n, dtype=torch.int64, device=sc.device)  # keep_mask's torch ops
+        h = D._fmix32((idx & D._M32) ^ k.k0)
+        h = D._fmix32(h ^ (idx >> 32) ^ k.k1)
+        want = D._fmix32(h ^ k.k2) >= k.thr
+        same = torch.equal(got, want)
+        out.append(fact(f"p={p} offset={offset}: Triton mask = torch-op mask", same,
+                        f"{n} elements, {int((got != want).sum())} differ; kept {got.float().mean().item():.4f}"))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # the group table
 # --------------------------------------------------------------------------------------------
@@ -595,6 +619,7 @@ def _groups() -> Dict[str, Callable]:
         g[f"multi-graph/{be}"] = _multi_graph(be)
     g["lora-past-2^31/triton"] = _lora_past_2g
     g["bottleneck-determinism/triton"] = _bottleneck_determinism
+    g["dropout-hash/triton"] = _dropout_hash
     return g
 
 

@@ -254,6 +254,12 @@ def _markdown(rep: dict) -> str:
             us = None if r.get("seconds") is None else r["seconds"] * 1e6
             lines.append(f"| {r['batch']} | {r['T']} | {r['mode']} | {r['provider']} | {_fmt(us, '.1f')} | "
                          f"{_fmt(r.get('vs_loop'), '.3f')} | {r.get('note', '')} |")
+    if sp.get("tuner"):
+        lines += ["", "## What \"auto\" measured (its choice and the fastest round of each candidate, ms)", "",
+                  "| bucket | choice | timings |", "|---|---|---|"]
+        for r in sp["tuner"]:
+            tm = ", ".join(f"{k} {v:.4g}" for k, v in sorted(r.get("timings_ms", {}).items(), key=lambda kv: kv[1]))
+            lines.append(f"| {r['entry'].replace('|', ' ')} | {r.get('choice')} | {tm} |")
     lines += ["", "## Groups", "", "| group | seconds | checks | failed |", "|---|---|---|---|"]
     for g, rec in rep["groups"].items():
         n = len(rec.get("checks", []))

@@ -285,4 +285,8 @@ def run(dry: bool) -> Dict[str, list]:
                "memory": peak_memory(dev, dt, 16384, 4096, 14336, 64, ("frozen", "peft", "triton", "torch")),
                "dropout": time_dropout(dev, dt, 4096, 4096, 4096, ("peft", "peft-bf16", "triton", "torch")),
                "multi": time_multi(dev, dt, 4096, 4096, 4096, 32, ("triton", "cuda", "torch", "auto"))}
+    from .. import dispatch
+
+    # what "auto" measured in this process: the timings behind each choice (the report's auto rows)
+    res["tuner"] = [{"entry": k, **v} for k, v in dispatch.TUNER.choices().items()]
     return res

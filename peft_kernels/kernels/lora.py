@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ACT_NONE, INTERPRETED, act, act_grad, check_dims, dropout_keep, f32_precision, mma, next_pow2,
-                      program_budget, upcast_needed)
+from ._common import (ACT_NONE, INTERPRETED, acc_chunk, acc_flush, act, act_grad, check_dims, dropout_keep,
+                      f32_precision, mma, mma_acc, next_pow2, program_budget, upcast_needed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,18 +84,20 @@ def _low_rank_tile(s_ptr, rm, m_ok, R, w_ptr, rc, c_ok, stride_wr, stride_wc,
 
 @triton.jit
 def _gemm_mainloop(acc, a_ptr, rm, m_ok, stride_am, stride_ak, b_ptr, rc, c_ok, stride_bk, stride_bc, KD,
-                   UPCAST: tl.constexpr, F32_PREC: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``acc + a[rm, :KD] · b[:KD, rc]``, both operands read through their strides (``rm``/``rc`` int64)."""
+                   UPCAST: tl.constexpr, F32_PREC: tl.constexpr, BLOCK_K: tl.constexpr, ACC_CHUNK: tl.constexpr = 0):
+    """``acc + a[rm, :KD] · b[:KD, rc]``, both operands read through their strides (``rm``/``rc`` int64);
+    summed in two levels with ACC_CHUNK > 0 (fp32 operands, see ``_common.mma_acc``)."""
     rk0 = tl.arange(0, BLOCK_K)
     a_row = a_ptr + rm[:, None] * stride_am
     b_col = b_ptr + rc[None, :] * stride_bc
+    part = tl.zeros_like(acc) if ACC_CHUNK > 0 else acc
     for k0 in range(0, KD, BLOCK_K):
         rk = k0 + rk0
         rk64 = rk.to(tl.int64)
         at = tl.load(a_row + rk64[None, :] * stride_ak, mask=m_ok[:, None] & (rk[None, :] < KD), other=0.0)
         bt = tl.load(b_col + rk64[:, None] * stride_bk, mask=(rk[:, None] < KD) & c_ok[None, :], other=0.0)
-        acc = mma(at, bt, acc, UPCAST, F32_PREC)
-    return acc
+        acc, part = mma_acc(at, bt, acc, part, k0 // BLOCK_K, UPCAST, F32_PREC, ACC_CHUNK)
+    return acc_flush(acc, part, ACC_CHUNK)
 
 
 @triton.jit
@@ -104,7 +106,7 @@ def _shrink_kernel(
     stride_xm, stride_xk, stride_ar, stride_ak,
     p, keep_scale, k_per_split, part_stride,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACC_CHUNK: tl.constexpr = 0,
 ):
     # grid (row blocks, rank chunks, K splits): split j reduces K in [j·k_per_split, (j+1)·k_per_split) into
     # its own fp32 partial S_j (part_stride = M·R apart); the forward GEMM adds the partials in order.
@@ -125,6 +127,7 @@ def _shrink_kernel(
     k_span = tl.minimum(K - k_lo, k_per_split).to(tl.int32)
     x_base = x_ptr + k_lo * stride_xk
     a_base = a_ptr + k_lo * stride_ak
+    part = tl.zeros_like(acc) if ACC_CHUNK > 0 else acc
     for k0 in range(0, k_span, BLOCK_K):
         kk = k0 + rk
         kk64 = kk.to(tl.int64)
@@ -134,7 +137,8 @@ def _shrink_kernel(
             xt = tl.where(dropout_keep(seed, rm[:, None], k_lo + kk64[None, :], K, p), xt, 0.0)
         at = tl.load(a_base + rr64[None, :] * stride_ar + kk64[:, None] * stride_ak,
                      mask=(rr[None, :] < R) & (kk[:, None] < k_span), other=0.0)
-        acc = mma(xt.to(at.dtype), at, acc, UPCAST, F32_PREC)
+        acc, part = mma_acc(xt.to(at.dtype), at, acc, part, k0 // BLOCK_K, UPCAST, F32_PREC, ACC_CHUNK)
+    acc = acc_flush(acc, part, ACC_CHUNK)
     if HAS_DROPOUT:
         acc = acc * keep_scale
     out = s_ptr + split.to(tl.int64) * part_stride
@@ -149,7 +153,7 @@ def _fwd_gemm_kernel(
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr, LORA_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, g_ptr=None, z_ptr=None, COL_SCALE: tl.constexpr = False, STORE_Z: tl.constexpr = False,
-    num_parts=1, part_stride=0, s_out_ptr=None, STORE_S: tl.constexpr = False,
+    num_parts=1, part_stride=0, s_out_ptr=None, STORE_S: tl.constexpr = False, ACC_CHUNK: tl.constexpr = 0,
 ):
     # Split-K shrink (STORE_S): s_ptr holds num_parts partials of S; the programs of column block 0 write
     # their sum to s_out_ptr for backward.
@@ -170,7 +174,7 @@ def _fwd_gemm_kernel(
                          UPCAST, LORA_PREC, BLOCK_M, BLOCK_R, BLOCK_N, num_parts, part_stride, s_out_ptr,
                          pid_n == 0, STORE_S) * scaling
     acc = _gemm_mainloop(acc, x_ptr, rm64, m_ok, stride_xm, stride_xk, w_ptr, rn64, n_ok, stride_wk, stride_wn, K,
-                         UPCAST, F32_PREC, BLOCK_K)
+                         UPCAST, F32_PREC, BLOCK_K, ACC_CHUNK)
     if COL_SCALE:
         if STORE_Z:
             tl.store(z_ptr + rm64[:, None] * stride_ym + rn64[None, :] * stride_yn, acc.to(z_ptr.dtype.element_ty),
@@ -189,6 +193,7 @@ def _bwd_dy_kernel(
     scaling,
     COMPUTE_DB: tl.constexpr, COLSUM: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr,
     F32_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ACC_CHUNK: tl.constexpr = 0,
 ):
     # P = num_programs(0) row programs (≈ the SM count) × R-chunks. Program p walks row blocks p, p + P, ...;
     # R ≤ BLOCK_R (the usual case) reads dY exactly once. The dB partial of program p, dbp[p] = Σ over its
@@ -211,6 +216,7 @@ def _bwd_dy_kernel(
         st = tl.load(s_ptr + rm64[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         ht = act(st, ACT)  # rows past M load 0 and act(0) = 0: they add nothing to the partials
         ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        ds_part = tl.zeros_like(ds) if ACC_CHUNK > 0 else ds
         more = mb != pid_p  # not this program's first row block: add to its partial
         for n0 in range(0, N, BLOCK_N):
             rn = n0 + rn0
@@ -221,7 +227,7 @@ def _bwd_dy_kernel(
             bt = tl.load(b_ptr + rn64[:, None] * stride_bn + rr.to(tl.int64)[None, :] * stride_br,
                          mask=n_ok[:, None] & r_ok[None, :], other=0.0)
             dyc = dyt.to(bt.dtype)
-            ds = mma(dyc, bt, ds, UPCAST, F32_PREC)
+            ds, ds_part = mma_acc(dyc, bt, ds, ds_part, n0 // BLOCK_N, UPCAST, F32_PREC, ACC_CHUNK)
             if COMPUTE_DB:
                 # this block's dB[n, r] (rows past M load as zero), added to the program's partial
                 dbt = mma(tl.trans(dyc), ht.to(bt.dtype), tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
@@ -239,6 +245,7 @@ def _bwd_dy_kernel(
                         if more:
                             cs += tl.load(cptr, mask=n_ok, other=0.0)
                         tl.store(cptr, cs, mask=n_ok)
+        ds = acc_flush(ds, ds_part, ACC_CHUNK)
         if ACT >= 0:
             ds = ds * act_grad(st, ACT)
         tl.store(ds_ptr + rm64[:, None] * R + rr[None, :], ds * scaling, mask=m_ok[:, None] & r_ok[None, :])
@@ -254,7 +261,7 @@ def _bwd_dx_kernel(
     p, keep_scale,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr, LORA_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, ACC_CHUNK: tl.constexpr = 0,
 ):
     pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
 
@@ -270,7 +277,7 @@ def _bwd_dx_kernel(
     if HAS_DROPOUT:
         acc = tl.where(dropout_keep(tl.load(seed_ptr), rm[:, None], rk[None, :], K, p), acc * keep_scale, 0.0)
     acc = _gemm_mainloop(acc, dy_ptr, rm64, m_ok, stride_dym, stride_dyn, w_ptr, rk64, k_ok, stride_wn, stride_wk, N,
-                         UPCAST, F32_PREC, BLOCK_N)
+                         UPCAST, F32_PREC, BLOCK_N, ACC_CHUNK)
     tl.store(dx_ptr + rm64[:, None] * stride_dxm + rk64[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=m_ok[:, None] & k_ok[None, :])
 
@@ -282,7 +289,7 @@ def _da_tile(
     p, keep_scale,
     HAS_DROPOUT: tl.constexpr, COMPUTE_DA: tl.constexpr, DSUM: tl.constexpr, UPCAST: tl.constexpr,
     F32_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, ACC_CHUNK: tl.constexpr = 0,
 ):
     """One program of the dA launch: programs below cdiv(K, BLOCK_K) compute a [BLOCK_R, BLOCK_K] tile
     of dA = dSᵀ·drop(x) (the first one also Σ_m dS when DSUM: a bottleneck adapter's down bias), the
@@ -300,6 +307,7 @@ def _da_tile(
             seed = tl.load(seed_ptr)
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
         dsum = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        part = tl.zeros_like(acc) if ACC_CHUNK > 0 else acc
         for m0 in range(0, M, BLOCK_M):
             rm = m0 + rm0
             m_ok = rm < M
@@ -310,9 +318,10 @@ def _da_tile(
             if HAS_DROPOUT:
                 xt = tl.where(dropout_keep(seed, rm[:, None], rk[None, :], K, p), xt, 0.0)
             xc = xt.to(da_ptr.dtype.element_ty)
-            acc = mma(tl.trans(dst.to(xc.dtype)), xc, acc, UPCAST, F32_PREC)
+            acc, part = mma_acc(tl.trans(dst.to(xc.dtype)), xc, acc, part, m0 // BLOCK_M, UPCAST, F32_PREC, ACC_CHUNK)
             if DSUM:
                 dsum += tl.sum(dst, axis=0)
+        acc = acc_flush(acc, part, ACC_CHUNK)
         if HAS_DROPOUT:
             acc = acc * keep_scale
         if DSUM:
@@ -341,11 +350,11 @@ def _bwd_da_kernel(
     p, keep_scale,
     HAS_DROPOUT: tl.constexpr, COMPUTE_DA: tl.constexpr, DSUM: tl.constexpr, UPCAST: tl.constexpr,
     F32_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, ACC_CHUNK: tl.constexpr = 0,
 ):
     _da_tile(tl.program_id(0), tl.program_id(1), ds_ptr, x_ptr, da_ptr, dbp_ptr, db_ptr, dsum_ptr, seed_ptr,
              M, N, K, R, P, part_stride, stride_xm, stride_xk, stride_dar, stride_dak, stride_dbn, stride_dbr, p, keep_scale,
-             HAS_DROPOUT, COMPUTE_DA, DSUM, UPCAST, F32_PREC, BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_N)
+             HAS_DROPOUT, COMPUTE_DA, DSUM, UPCAST, F32_PREC, BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_N, ACC_CHUNK)
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,7 +530,8 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed, col_scal
     _shrink_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(R, br), splits)](
         x, A, parts, seed_t, M, K, R, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
         p, keep_scale, k_per_split, M * R, HAS_DROPOUT=p > 0, BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_R=br,
-        num_warps=c.num_warps, num_stages=c.num_stages, **_only(fl, "UPCAST", "F32_PREC"))
+        ACC_CHUNK=acc_chunk(A.dtype, c.block_k), num_warps=c.num_warps, num_stages=c.num_stages,
+        **_only(fl, "UPCAST", "F32_PREC"))
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     c = cfg["gemm"]
     z = torch.empty_like(y) if store_z else None
@@ -532,7 +542,8 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed, col_scal
         HAS_BIAS=bias is not None, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages,
         g_ptr=col_scale, z_ptr=z, COL_SCALE=col_scale is not None, STORE_Z=z is not None,
-        num_parts=splits, part_stride=M * R, s_out_ptr=S if splits > 1 else None, STORE_S=splits > 1, **fl)
+        num_parts=splits, part_stride=M * R, s_out_ptr=S if splits > 1 else None, STORE_S=splits > 1,
+        ACC_CHUNK=acc_chunk(x.dtype, c.block_k), **fl)
     return (y, S, z) if store_z else (y, S)
 
 
@@ -557,7 +568,7 @@ def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed,
     _bwd_dy_kernel[(P, r_chunks)](
         dy, B, S, dS, dbp, dS, M, N, R, dy.stride(0), dy.stride(1), B.stride(0), B.stride(1), scaling,
         COMPUTE_DB=need_db, COLSUM=False, ACT=ACT_NONE, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=br,
-        num_warps=c.num_warps, num_stages=c.num_stages, **lora_fl)
+        ACC_CHUNK=acc_chunk(B.dtype, c.block_n), num_warps=c.num_warps, num_stages=c.num_stages, **lora_fl)
     dx = None
     if need_dx:
         # 2. dX = dY·W + mask ⊙ (dS·A)/(1-p)
@@ -568,7 +579,8 @@ def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed,
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), A.stride(0), A.stride(1),
             dx.stride(0), dx.stride(1), p, keep_scale,
             HAS_DROPOUT=p > 0, BLOCK_M=c.block_m, BLOCK_K=c.block_n, BLOCK_N=c.block_k,
-            BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages, **fl)
+            BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, ACC_CHUNK=acc_chunk(x.dtype, c.block_k), num_warps=c.num_warps,
+            num_stages=c.num_stages, **fl)
     dA = dB = None
     if need_da or need_db:
         # 3. dA, and the dB reduction in extra programs of the same launch
@@ -583,6 +595,6 @@ def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed,
             dS, x, da_t, dbp, db_t, dS, seed_t, M, N, K, R, P, N * R,
             x.stride(0), x.stride(1), da_t.stride(0), da_t.stride(1), db_t.stride(0), db_t.stride(1),
             p, keep_scale, HAS_DROPOUT=p > 0, COMPUTE_DA=need_da, DSUM=False,
-            BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_R=br, BLOCK_N=c.block_n,
+            BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_R=br, BLOCK_N=c.block_n, ACC_CHUNK=acc_chunk(A.dtype, c.block_m),
             num_warps=c.num_warps, num_stages=c.num_stages, **lora_fl)
     return dx, dA, dB

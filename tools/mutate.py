@@ -176,6 +176,20 @@ MUTANTS = [
      'M_BUCKETS = (("decode", 64), ("mid", 1024), ("prefill", None))',
      'M_BUCKETS = (("decode", 0), ("mid", 1024), ("prefill", None))',
      ["tests/test_lora_op.py"], "decode GEMMs get the prefill tile (32 programs at N = 4096)"),
+    ("fp32-one-level-sum", "peft_kernels/kernels/_common.py",
+     "        if step % CHUNK == CHUNK - 1:\n            acc += part\n            part = tl.zeros_like(part)",
+     "        if step % CHUNK == CHUNK - 1:\n            acc = acc\n            part = part",
+     ["tests/test_fp32_summation.py"], "the fp32 partial is only flushed at the end: a one-level sum (cuBLAS × 4-6 error)"),
+    ("tuner-first-round-only", "peft_kernels/dispatch.py",
+     "                        timings[name] = min(timings.get(name, math.inf), ms)",
+     "                        timings.setdefault(name, ms)",
+     ["tests/test_dispatch_measured.py"], "the measured dispatch keeps the first round, not the fastest"),
+    ("tuner-fast-path-under-capture", "peft_kernels/dispatch.py",
+     "        if hit is None or _capturing(device):", "        if hit is None:",
+     ["tests/test_dispatch_measured.py"], "the per-process fast path answers under CUDA-graph capture"),
+    ("hash-mask-high-word", "peft_kernels/kernels/_common.py",
+     "    k1 = _fmix32((s >> 32).to(tl.uint32) ^ k0 ^ 0x85EBCA77)", "    k1 = _fmix32(k0 ^ 0x85EBCA77)",
+     ["tests/test_dropout_hash.py"], "the GPU torch-backend mask ignores the seed's high word"),
 ]
 
 

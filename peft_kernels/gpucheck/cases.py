@@ -575,8 +575,9 @@ def _dropout_graph(backend: str) -> Callable:
 
 
 def _dropout_hash(sc: Scale) -> List[dict]:
-    """The torch backend's mask on the device: the one-pass Triton kernel against the torch-op definition
-    (both on this device), bit for bit, across the 2^32 index word and for thresholds above 2^31."""
+    """The torch backend's mask on the device: the one-launch Triton kernel (round keys derived in-kernel)
+    against the torch-op definition (both on this device), bit for bit, across the 2^32 index word and for
+    thresholds above 2^31."""
     from ..kernels import _common
     from ..ops import _torch_dropout as D
 
@@ -585,9 +586,7 @@ def _dropout_hash(sc: Scale) -> List[dict]:
     for p, offset in ((0.1, 0), (0.75, 0), (0.1, 2 ** 32 - n // 2)):
         seed = D.draw_seed(sc.device)
         k = D.keys(seed, p)
-        kt = torch.cat([k.k0, k.k1, k.k2]) if isinstance(k.k0, torch.Tensor) else \
-            torch.tensor([k.k0, k.k1, k.k2], dtype=torch.int64, device=sc.device)
-        got = _common.hash_keep_mask(kt, k.thr, n, offset, sc.device)
+        got = _common.hash_keep_mask(seed, k.thr, n, offset, sc.device)
         idx = torch.arange(offset, offset + n, dtype=torch.int64, device=sc.device)  # keep_mask's torch ops
         h = D._fmix32((idx & D._M32) ^ k.k0)
         h = D._fmix32(h ^ (idx >> 32) ^ k.k1)

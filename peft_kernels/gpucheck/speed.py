@@ -1,7 +1,8 @@
 """The speed and memory part of gpu-check: medians of CUDA-event timings (wall clock in a dry run), bf16.
 
 - ``linear``: frozen ``nn.Linear``, HF PEFT (its default fp32 adapters, and bf16 adapters), ours on each
-  backend; forward and forward+backward; prefill (M=4096) and decode (M=1, 16, 64); Llama-3-8B q_proj and
+  backend, interleaved round by round (``paired``; ratios are medians of per-round ratios); forward and
+  forward+backward; prefill (M=4096) and decode (M=1, 16, 64); Llama-3-8B q_proj and
   MLP shapes; r=16, no dropout.
 - ``gemm``: the Triton base GEMM alone (our fused GEMM kernel at rank 0) against ``torch.mm``.
 - ``memory``: the peak memory of one forward+backward at M=16384, K=4096, N=14336, r=64.
@@ -15,6 +16,7 @@
 """
 from __future__ import annotations
 
+import statistics
 from typing import Callable, Dict, List
 
 import torch
@@ -27,7 +29,7 @@ TOKENS = (4096, 1, 16, 64)
 PROVIDERS = ("frozen", "peft", "peft-bf16", "triton", "torch", "auto")
 
 
-def _timer(dev: torch.device, fn: Callable, reps: int, warmup: int) -> float:
+def _timer(dev: torch.device, fn: Callable, reps: int, warmup: int) -> float:  # one provider alone (gemm, dropout)
     """Median seconds per call: CUDA events around each call on a GPU, perf_counter on the CPU (the
     measured dispatch's timers)."""
     from .. import dispatch
@@ -66,19 +68,51 @@ def make_layer(provider: str, K: int, N: int, r: int, dev, dt, dropout: float = 
     return layer.train()
 
 
+def paired(dev: torch.device, fns: Dict[str, Callable], reps: int, warmup: int) -> Dict[str, object]:
+    """Interleaved timing: after ``warmup`` calls of each, ``reps`` rounds that time one call of every
+    provider in turn (CUDA events on a GPU, the host clock on the CPU). Returns each provider's per-round
+    seconds (a list), or the error string of a provider that failed. Interleaving puts every provider
+    under the same clocks and host load round by round, so ratios are taken per round (paired)."""
+    from .. import dispatch
+
+    timer = dispatch.cuda_timer if dev.type == "cuda" else dispatch.host_timer
+    out: Dict[str, object] = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            out[name] = []
+        except Exception as e:  # noqa: BLE001 - a provider that fails is reported, the table goes on
+            out[name] = f"{type(e).__name__}: {str(e)[:200]}"
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if isinstance(out[name], list):
+                out[name].append(timer(fn, dev, name, warmup=0, iters=1) / 1e3)
+    return out
+
+
+def _median(v: List[float]) -> float:
+    return statistics.median(v)
+
+
+def paired_ratio(a: List[float], b: List[float]) -> float:
+    """The median of per-round ratios a_i / b_i."""
+    return _median([x / y for x, y in zip(a, b)])
+
+
 def time_linear(dev, dt, shapes, tokens, providers, modes=("fwd", "fwd+bwd"), reps=20, warmup=3, r=16) -> List[dict]:
+    """Every provider interleaved per (shape, M, mode) (``paired``): seconds = the median round, and
+    vs_frozen / vs_peft / vs_best_ours = medians of per-round ratios."""
     rows = []
     for sname, (K, N) in shapes.items():
         layers = {p: make_layer(p, K, N, r, dev, dt) for p in providers}
         for M in tokens:
             x = torch.randn(M, K, device=dev, dtype=dt)
             for mode in modes:
-                frozen_t = None
+                fns = {}
                 for p in providers:
                     layer = layers[p]
-                    row = {"shape": sname, "K": K, "N": N, "M": M, "mode": mode, "provider": p}
                     if isinstance(layer, str):
-                        rows.append({**row, "seconds": None, "note": layer})
                         continue
                     xg = x.detach().requires_grad_(mode != "fwd")
 
@@ -89,28 +123,24 @@ def time_linear(dev, dt, shapes, tokens, providers, modes=("fwd", "fwd+bwd"), re
                         y = layer(xg)
                         y.backward(torch.ones_like(y))
                         return y
-                    try:
-                        t = _timer(dev, fn, reps, warmup)
-                    except Exception as e:  # noqa: BLE001 - a provider that fails is reported, the table goes on
-                        rows.append({**row, "seconds": None, "note": f"{type(e).__name__}: {str(e)[:200]}"})
+                    fns[p] = fn
+                res = paired(dev, fns, reps, warmup)
+                ok = {p: v for p, v in res.items() if isinstance(v, list)}
+                for p in providers:
+                    row = {"shape": sname, "K": K, "N": N, "M": M, "mode": mode, "provider": p}
+                    v = ok.get(p)
+                    if v is None:
+                        note = layers[p] if isinstance(layers[p], str) else res.get(p, "")
+                        rows.append({**row, "seconds": None, "vs_frozen": None, "vs_peft": None, "note": note})
                         continue
-                    if p == "frozen":
-                        frozen_t = t
-                    rows.append({**row, "seconds": t, "vs_frozen": t / frozen_t if frozen_t else None,
-                                 "note": ""})
+                    row.update(seconds=_median(v), note="",
+                               vs_frozen=paired_ratio(v, ok["frozen"]) if "frozen" in ok else None,
+                               vs_peft=paired_ratio(v, ok["peft"]) if "peft" in ok else None)
+                    if p == "auto" and ("triton" in ok or "torch" in ok):  # the measured dispatch vs our best
+                        best = [min(ts) for ts in zip(*(ok[b] for b in ("triton", "torch") if b in ok))]
+                        row["vs_best_ours"] = paired_ratio(v, best)
+                    rows.append(row)
         del layers
-    peft_by = {(r_["shape"], r_["M"], r_["mode"]): r_["seconds"] for r_ in rows if r_["provider"] == "peft"}
-    best_by: Dict[tuple, float] = {}
-    for r_ in rows:
-        k = (r_["shape"], r_["M"], r_["mode"])
-        if r_["provider"] in ("triton", "torch") and r_.get("seconds"):
-            best_by[k] = min(best_by.get(k, float("inf")), r_["seconds"])
-    for r_ in rows:
-        k = (r_["shape"], r_["M"], r_["mode"])
-        pt = peft_by.get(k)
-        r_["vs_peft"] = r_["seconds"] / pt if r_.get("seconds") and pt else None
-        if r_["provider"] == "auto":  # the measured dispatch against the best of our backends
-            r_["vs_best_ours"] = r_["seconds"] / best_by[k] if r_.get("seconds") and k in best_by else None
     return rows
 
 
@@ -236,7 +266,7 @@ def time_multi(dev, dt, K, N, M, S, providers, r=16, reps=20, warmup=3) -> List[
         idx = [(s, i) for s, i in enumerate(idx) if i.numel()]
         mapping = pk.build_mapping(ids_d, T, S, device=dev)
         for mode in ("fwd", "fwd+bwd"):
-            loop_t = None
+            fns = {}
             for prov in ("loop",) + tuple(providers):
                 xg = x.detach().requires_grad_(mode != "fwd")
                 if prov == "loop":
@@ -250,22 +280,23 @@ def time_multi(dev, dt, K, N, M, S, providers, r=16, reps=20, warmup=3) -> List[
                     def call(xg=xg, prov=prov):
                         return pk.multi_lora_linear(xg, W, None, A, B, scal, mapping, backend=prov)
 
-                def fn(call=call):
+                def fn(call=call, mode=mode):
                     if mode == "fwd":
                         with torch.no_grad():
                             return call()
                     y = call()
                     y.backward(torch.ones_like(y))
                     return y
+                fns[prov] = fn
+            res = paired(dev, fns, reps, warmup)
+            for prov, v in res.items():
                 row = {"batch": bname, "T": T, "K": K, "N": N, "S": S, "r": r, "mode": mode, "provider": prov}
-                try:
-                    t = _timer(dev, fn, reps, warmup)
-                except Exception as e:  # noqa: BLE001
-                    rows.append({**row, "seconds": None, "vs_loop": None, "note": f"{type(e).__name__}: {str(e)[:200]}"})
+                if not isinstance(v, list):
+                    rows.append({**row, "seconds": None, "vs_loop": None, "note": v})
                     continue
-                if prov == "loop":
-                    loop_t = t
-                rows.append({**row, "seconds": t, "vs_loop": t / loop_t if loop_t else None, "note": ""})
+                lp = res.get("loop")
+                rows.append({**row, "seconds": _median(v), "note": "",
+                             "vs_loop": paired_ratio(v, lp) if isinstance(lp, list) else None})
     return rows
 
 

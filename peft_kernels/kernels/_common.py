@@ -167,26 +167,29 @@ def _fmix32(h):
 
 
 @triton.jit
-def _hash_keep_kernel(out_ptr, keys_ptr, n, offset, thr, BLOCK: tl.constexpr):
-    # the torch backend's mask (ops._torch_dropout.keep_mask) for elements [offset, offset + n), in one pass
+def _hash_keep_kernel(out_ptr, seed_ptr, n, offset, thr, BLOCK: tl.constexpr):
+    # the torch backend's mask (ops._torch_dropout.keep_mask) for elements [offset, offset + n), in one pass;
+    # the round keys are derived here from the seed as ``_torch_dropout.keys`` does (seeds are < 2^62)
+    s = tl.load(seed_ptr)
+    k0 = _fmix32(s.to(tl.uint32) ^ 0x9E3779B9)  # int64 -> uint32 truncates: the low word
+    k1 = _fmix32((s >> 32).to(tl.uint32) ^ k0 ^ 0x85EBCA77)
+    k2 = _fmix32(k1 ^ 0xC2B2AE3D)
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     idx = i + offset
-    k0 = tl.load(keys_ptr).to(tl.uint32)
-    k1 = tl.load(keys_ptr + 1).to(tl.uint32)
-    k2 = tl.load(keys_ptr + 2).to(tl.uint32)
-    h = _fmix32(idx.to(tl.uint32) ^ k0)  # int64 -> uint32 truncates: the low word
+    h = _fmix32(idx.to(tl.uint32) ^ k0)
     h = _fmix32(h ^ (idx >> 32).to(tl.uint32) ^ k1)
     h = _fmix32(h ^ k2)
     tl.store(out_ptr + i, h.to(tl.int64) >= thr, mask=i < n)  # uint32 -> int64 zero-extends
 
 
-def hash_keep_mask(keys: torch.Tensor, thr: int, n: int, offset: int, device) -> torch.Tensor:
-    """``ops._torch_dropout.keep_mask`` as one Triton pass (bool, ``n`` elements): on a GPU the torch-op
-    version runs ~25 int64 elementwise passes over M·K (6.3 ms of 7.2 at q_proj prefill on an H200).
-    ``keys``: the int64 round keys (k0, k1, k2) on ``device``; read on the device, so graph-safe."""
+def hash_keep_mask(seed: torch.Tensor, thr: int, n: int, offset: int, device) -> torch.Tensor:
+    """``ops._torch_dropout.keep_mask`` as one Triton launch (bool, ``n`` elements). On a GPU the torch-op
+    version is ~25 int64 elementwise passes over M·K plus ~15 tiny launches for the round keys (dropout
+    cost the torch backend 8.6× its no-dropout time at q_proj prefill on an H200). ``seed``: the int64
+    seed tensor on ``device`` (``_torch_dropout.draw_seed``), read on the device, so graph-safe."""
     out = torch.empty(n, dtype=torch.bool, device=device)
     if n:
-        _hash_keep_kernel[(triton.cdiv(n, 1024),)](out, keys, n, offset, thr, BLOCK=1024, num_warps=4)
+        _hash_keep_kernel[(triton.cdiv(n, 1024),)](out, seed, n, offset, thr, BLOCK=1024, num_warps=4)
     return out
 
 

@@ -83,7 +83,6 @@ def keep_scale(p: float) -> float:
 def keep_mask(seed: Seed, shape, p: float, device, offset: int = 0) -> torch.Tensor:
     """Bool keep-mask of ``shape`` (last dim = K) in plain torch ops, for element indices
     ``offset + flat index``."""
-    k = keys(seed, p)
     n = 1
     for d in shape:
         n *= int(d)
@@ -91,9 +90,13 @@ def keep_mask(seed: Seed, shape, p: float, device, offset: int = 0) -> torch.Ten
     if dev.type == "cuda" and _triton_ok(dev):
         from ..kernels import _common
 
-        kt = torch.cat([k.k0, k.k1, k.k2]) if isinstance(k.k0, torch.Tensor) else \
-            torch.tensor([k.k0, k.k1, k.k2], dtype=torch.int64)
-        return _common.hash_keep_mask(kt.to(dev), k.thr, n, offset, dev).view(tuple(shape))
+        if isinstance(seed, torch.Tensor):
+            st = seed.reshape(-1)[:1].to(dev, torch.int64)
+        else:  # the seed's 64-bit pattern as a signed int64 (the kernel reads its two 32-bit words)
+            v = int(seed) & ((1 << 64) - 1)
+            st = torch.tensor([v - (1 << 64) if v >= 1 << 63 else v], dtype=torch.int64, device=dev)
+        return _common.hash_keep_mask(st, threshold(p), n, offset, dev).view(tuple(shape))
+    k = keys(seed, p)
     idx = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
     h = _fmix32((idx & _M32) ^ k.k0)
     h = _fmix32(h ^ (idx >> 32) ^ k.k1)

@@ -381,8 +381,8 @@ def test_prebuilt_mapping_is_checked_against_the_layer():
 # --------------------------------------------------------------------------------------------
 def test_dropout_seed_is_a_device_tensor_drawn_in_the_call(monkeypatch):
     """The seed is drawn by torch's generator of x's device inside the call (an RNG op a CUDA graph captures
-    and advances per replay) and handed to every kernel as a tensor; no launch argument carries its value,
-    and no host copy is made."""
+    and advances per replay) and handed to the shrink as a tensor, which writes the packed mask that dX and
+    dA read (the same uint8 tensor); no launch argument carries the seed's value, and no host copy is made."""
     from peft_kernels.kernels import lora as K
 
     calls = record_triton_launches(monkeypatch, [getattr(K, n) for n in LORA_KERNELS])
@@ -399,10 +399,17 @@ def test_dropout_seed_is_a_device_tensor_drawn_in_the_call(monkeypatch):
     assert spy.calls == [], spy.calls
     assert len(drawn) == 1 and drawn[0].dtype == torch.int64 and drawn[0].device == x.device
     seed_val = int(drawn[0])
+    bits = None
     for name, args, _ in calls:
-        if name in ("_shrink_kernel", "_bwd_dx_kernel", "_bwd_da_kernel"):
+        if name == "_shrink_kernel":
             assert any(a is drawn[0] for a in args), f"{name} did not get the seed tensor"
+            (bits,) = [a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.uint8]
+            assert tuple(bits.shape) == (12, 2)  # ⌈16 / 8⌉ bytes per row
+        if name in ("_bwd_dx_kernel", "_bwd_da_kernel"):
+            assert bits is not None and any(a is bits for a in args), f"{name} did not get forward's mask"
+            assert not any(a is drawn[0] for a in args), f"{name} draws the mask again"
         assert not any(isinstance(a, int) and not isinstance(a, bool) and a == seed_val for a in args), name
+    assert bits is not None
 
 
 SPECIALIZATION_SCRIPT = r"""

@@ -19,6 +19,13 @@ def test_per_launch_arithmetic():
     lib = LM.Launch("peft", "mm", flops=1e10, bytes=5e7).model(GPU)
     assert lib.modelled["compute_us"] == pytest.approx(100.0) and lib.modelled["memory_us"] == pytest.approx(50.0)
     assert lib.modelled["us"] == pytest.approx(100.0) and lib.modelled["bound"] == "compute"
+    # our Triton GEMM launches run at the measured fraction of cuBLAS's rate; a library GEMM at the full rate
+    g = LM.GPU("test", 100, 100.0, 1.0, triton_gemm_eff=0.5)
+    ours = LM.Launch("triton", "fwd_gemm", flops=1e10, bytes=0.0, programs=100).model(g)
+    other = LM.Launch("triton", "shrink", flops=1e10, bytes=0.0, programs=100).model(g)
+    assert ours.modelled["compute_us"] == pytest.approx(200.0) and other.modelled["compute_us"] == pytest.approx(100.0)
+    assert LM.Launch("peft", "fwd_gemm", flops=1e10, bytes=0.0).model(g).modelled["us"] == pytest.approx(100.0)
+    assert LM.GPUS["h200"].triton_gemm_eff == pytest.approx(0.66)
     # half a wave: half the machine, so twice the time
     half = LM.Launch("triton", "k", flops=1e10, bytes=0.0, programs=50).model(GPU)
     assert half.modelled["utilisation"] == 0.5 and half.modelled["us"] == pytest.approx(200.0)

@@ -190,6 +190,14 @@ MUTANTS = [
     ("hash-mask-high-word", "peft_kernels/kernels/_common.py",
      "    k1 = _fmix32((s >> 32).to(tl.uint32) ^ k0 ^ 0x85EBCA77)", "    k1 = _fmix32(k0 ^ 0x85EBCA77)",
      ["tests/test_dropout_hash.py"], "the GPU torch-backend mask ignores the seed's high word"),
+    ("dropout-bits-expand", "peft_kernels/kernels/_common.py",
+     "    return (wide >> (tl.arange(0, BLOCK_K) % 8).to(tl.uint8)[None, :]) & 1",
+     "    return (wide >> (tl.arange(0, BLOCK_K) % 4).to(tl.uint8)[None, :]) & 1",
+     ["tests/test_dropout_bits.py"], "the shrink unpacks the mask bytes with the wrong bit order"),
+    ("dropout-bits-dx-byte", "peft_kernels/kernels/lora.py",
+     "        keep = load_keep(bits_ptr, rm64, m_ok, pid_k * BLOCK_K, tl.cdiv(K, 8), BLOCK_M, BLOCK_K)",
+     "        keep = load_keep(bits_ptr, rm64, m_ok, pid_k * BLOCK_K + 8, tl.cdiv(K, 8), BLOCK_M, BLOCK_K)",
+     ["tests/test_dropout_bits.py"], "dX reads the neighbouring mask byte: backward's mask is not forward's"),
 ]
 
 

@@ -19,6 +19,12 @@ Ceilings (16-bit dense tensor-core FLOP/s and copy bandwidth): the H200's were m
 machine (about 790 TFLOP/s and 4.3 TB/s); the H100 SXM and A100 SXM are scaled from the H200's by their
 datasheets (dense bf16 989 / 989 / 312 TFLOP/s; HBM 4.8 / 3.35 / 2.04 TB/s).
 
+Calibration: our Triton GEMM tile does not reach cuBLAS's rate. On an H200 (gpu-check, 2026-12-01, two runs)
+the fused GEMM alone ran at 0.57–0.73 of ``torch.mm``'s TFLOP/s at the Llama shapes (mean 0.66), so the
+compute time of our GEMM launches (forward GEMM, dX) is divided by ``GPU.triton_gemm_eff`` = 0.66; the
+H100 and A100 take the H200's factor (not measured there). Without it the model put Triton at 0.82–0.98×
+PEFT at M=4096, where the H200 measured triton 1.35–1.54× our torch path.
+
 Providers: ``triton`` (our fused kernels: what the launches do), ``torch`` (our torch backend: the
 base GEMM accumulates into the LoRA expand, ``addmm``), ``auto`` (the measured dispatch: the faster of
 the two), ``peft`` (HF PEFT's unfused LoRA layer on cuBLAS).
@@ -38,15 +44,19 @@ class GPU:
     sms: int
     tflops: float  # dense 16-bit tensor-core FLOP/s, in TFLOP/s
     tbs: float     # copy bandwidth, TB/s
+    triton_gemm_eff: float = 1.0  # our Triton GEMM's rate as a fraction of cuBLAS's (measured: see the docstring)
 
 
 _H200_TFLOPS, _H200_TBS = 790.0, 4.3
+_TRITON_GEMM_EFF = 0.66  # measured on the H200: the fused GEMM alone at 0.57-0.73 of torch.mm's TFLOP/s
 GPUS = {
-    "h200": GPU("H200 (measured ceilings)", 132, _H200_TFLOPS, _H200_TBS),
-    "h100": GPU("H100 SXM (H200 ceilings × datasheet ratios)", 132, _H200_TFLOPS * 989 / 989, _H200_TBS * 3.35 / 4.8),
+    "h200": GPU("H200 (measured ceilings)", 132, _H200_TFLOPS, _H200_TBS, _TRITON_GEMM_EFF),
+    "h100": GPU("H100 SXM (H200 ceilings × datasheet ratios)", 132, _H200_TFLOPS * 989 / 989, _H200_TBS * 3.35 / 4.8,
+                _TRITON_GEMM_EFF),
     "a100": GPU("A100 SXM 80GB (H200 ceilings × datasheet ratios)", 108, _H200_TFLOPS * 312 / 989,
-                _H200_TBS * 2.039 / 4.8),
+                _H200_TBS * 2.039 / 4.8, _TRITON_GEMM_EFF),
 }
+TRITON_GEMMS = ("fwd_gemm", "bwd_dx")  # the launches whose compute runs at GPU.triton_gemm_eff of cuBLAS's rate
 
 
 @dataclass
@@ -68,6 +78,8 @@ class Launch:
             u = min(1.0, waves)
             pad = math.ceil(waves) / waves if waves >= 1 else 1.0
         compute_us = self.flops / (gpu.tflops * 1e12 * max(u, 1e-12)) * 1e6
+        if self.provider == "triton" and self.kernel in TRITON_GEMMS:
+            compute_us /= gpu.triton_gemm_eff
         memory_us = self.bytes / (gpu.tbs * 1e12 * max(u, 1e-12)) * 1e6
         t = max(compute_us, memory_us) * pad
         self.modelled = {"waves": waves, "utilisation": u, "padded_wave_factor": pad, "compute_us": compute_us,
@@ -85,7 +97,8 @@ def _triton_cost(launch, e: int) -> tuple:
     if name == "_shrink_kernel":
         M, K, R = a("M"), a("K"), a("R")
         splits = launch.grid[2] if len(launch.grid) > 2 else 1
-        return 2.0 * M * K * R, M * K * e + R * K * e + splits * M * R * 4
+        bits = M * -(-K // 8) if kw.get("HAS_DROPOUT") else 0  # the packed mask it writes
+        return 2.0 * M * K * R, M * K * e + R * K * e + splits * M * R * 4 + bits
     if name == "_fwd_gemm_kernel":
         M, N, K, R = a("M"), a("N"), a("K"), a("R")
         parts = kw.get("num_parts", 1)
@@ -101,12 +114,14 @@ def _triton_cost(launch, e: int) -> tuple:
     if name == "_bwd_dx_kernel":
         M, N, K, R = a("M"), a("N"), a("K"), a("R")
         drop = kw.get("HAS_DROPOUT", False)
-        return 2.0 * M * N * K + 2.0 * M * K * R, M * N * e + N * K * e + M * R * 4 + R * K * e + M * K * e * (2 if drop else 1)
+        return (2.0 * M * N * K + 2.0 * M * K * R,
+                M * N * e + N * K * e + M * R * 4 + R * K * e + M * K * e + (M * -(-K // 8) if drop else 0))
     if name == "_bwd_da_kernel":
         M, N, K, R, P = a("M"), a("N"), a("K"), a("R"), a("P")
         da = kw.get("COMPUTE_DA", True)
+        bits = M * -(-K // 8) if da and kw.get("HAS_DROPOUT") else 0
         return (2.0 * M * K * R if da else 0.0,
-                (M * R * 4 + M * K * e + R * K * e if da else 0) + P * N * R * 4 + N * R * e)
+                (M * R * 4 + M * K * e + R * K * e if da else 0) + P * N * R * 4 + N * R * e + bits)
     raise ValueError(f"no cost model for kernel {name}")
 
 

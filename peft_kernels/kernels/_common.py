@@ -125,35 +125,77 @@ def act_grad(p, ACT: tl.constexpr):
 
 
 @triton.jit
-def dropout_keep(seed, rows, cols, K, p):
-    """Keep-mask for dropout on an M×K input: Philox on the element's logical index ``row*K+col``.
-
-    Depends only on (seed, row, col), never on strides or tiling, so forward and backward kernels
-    with different tile shapes regenerate the same mask. ``seed`` is the int64 the kernel loaded from
-    its seed tensor (``ops._torch_dropout.draw_seed``), never a launch argument.
-    """
-    offs = rows.to(tl.int64) * K + cols.to(tl.int64)
-    return tl.rand(seed, offs) >= p
+def _keep_bit(r, p):
+    """1 where the uint32 ``r``, as Triton's ``tl.rand`` maps it to [0, 1), is ≥ p (kept), else 0."""
+    x = r.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, ~x, x)
+    return (x.to(tl.float32) * 4.6566127342e-10 >= p).to(tl.int32)
 
 
 @triton.jit
-def _dropout_mask_kernel(out_ptr, seed_ptr, M, K, p, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def dropout_bytes(seed, rows, bcols, K8, p):
+    """The packed keep-mask of an M×K input, ``[.., ..]`` bytes at (row, byte column): bit j of byte (m, b)
+    keeps element (m, 8b + j). Byte (m, b) takes the 8 outputs of two Philox calls, counters
+    2(m·K8 + b) and 2(m·K8 + b) + 1 (``K8 = ⌈K/8⌉``): a quarter of a Philox call per element, where
+    ``tl.rand`` per element uses one output of four. Depends only on (seed, row, col), never on tiling.
+    ``seed`` is the int64 the kernel loaded from its seed tensor (``ops._torch_dropout.draw_seed``)."""
+    c = (rows.to(tl.int64) * K8 + bcols.to(tl.int64)) * 2
+    a0, a1, a2, a3 = tl.randint4x(seed, c)
+    b0, b1, b2, b3 = tl.randint4x(seed, c + 1)
+    byte = _keep_bit(a0, p) | (_keep_bit(a1, p) << 1) | (_keep_bit(a2, p) << 2) | (_keep_bit(a3, p) << 3) | \
+        (_keep_bit(b0, p) << 4) | (_keep_bit(b1, p) << 5) | (_keep_bit(b2, p) << 6) | (_keep_bit(b3, p) << 7)
+    return byte
+
+
+@triton.jit
+def expand_bytes(byte, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_M, BLOCK_K] keep bits (uint8 0/1) of a [BLOCK_M, BLOCK_K // 8] tile of mask bytes (uint8): kept
+    8 bits wide, so the unpacked tile costs a quarter of the registers an int32 one would."""
+    wide = tl.reshape(tl.broadcast_to(byte[:, :, None], (BLOCK_M, BLOCK_K // 8, 8)), (BLOCK_M, BLOCK_K))
+    return (wide >> (tl.arange(0, BLOCK_K) % 8).to(tl.uint8)[None, :]) & 1
+
+
+@triton.jit
+def load_keep(bits_ptr, rm64, m_ok, col0, K8, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Keep bits (uint8 0/1) of the [BLOCK_M, BLOCK_K] tile at rows ``rm64`` and columns ``col0 + [0, BLOCK_K)``
+    (``col0`` a multiple of 8), read from the packed mask (bytes [M, K8], written by the forward shrink): one
+    dense [BLOCK_M, BLOCK_K / 8] byte load, unpacked in registers (a per-element gather would hold a 64-bit
+    pointer per element: 192 registers in the dX GEMM instead of 112)."""
+    rb = col0 // 8 + tl.arange(0, BLOCK_K // 8)
+    byte = tl.load(bits_ptr + rm64[:, None] * K8 + rb[None, :], mask=m_ok[:, None] & (rb[None, :] < K8), other=0)
+    return expand_bytes(byte, BLOCK_M, BLOCK_K)
+
+
+@triton.jit
+def _dropout_bits_kernel(out_ptr, seed_ptr, M, K8, p, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = dropout_keep(tl.load(seed_ptr), rm[:, None], rk[None, :], K, p)
-    val = tl.where(keep, scale, 0.0)
-    msk = (rm[:, None] < M) & (rk[None, :] < K)
-    tl.store(out_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], val, mask=msk)
+    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    byte = dropout_bytes(tl.load(seed_ptr), rm[:, None], rb[None, :], K8, p)
+    msk = (rm[:, None] < M) & (rb[None, :] < K8)
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * K8 + rb[None, :], byte.to(tl.uint8), mask=msk)
+
+
+def dropout_bits(shape2d, p: float, seed: torch.Tensor, device) -> torch.Tensor:
+    """The packed keep-mask (uint8 [M, ⌈K/8⌉]) that the Triton LoRA kernels draw for ``seed``."""
+    M, K = shape2d
+    K8 = triton.cdiv(K, 8)
+    out = torch.empty((M, K8), dtype=torch.uint8, device=device)
+    _dropout_bits_kernel[(triton.cdiv(M, 32), triton.cdiv(K8, 32))](out, seed.to(device), M, K8, p,
+                                                                    BLOCK_M=32, BLOCK_B=32)
+    return out
+
+
+def unpack_bits(bits: torch.Tensor, K: int) -> torch.Tensor:
+    """Bool [M, K] of a packed mask (bit j of byte b is column 8b + j), in torch ops."""
+    cols = torch.arange(K, device=bits.device)
+    return ((bits[:, cols // 8].to(torch.int32) >> (cols % 8).to(torch.int32)) & 1).bool()
 
 
 def dropout_mask(shape2d, p: float, seed: torch.Tensor, device) -> torch.Tensor:
     """The multiplicative mask (0 or 1/(1-p), fp32) the Triton kernels use for ``seed`` (an int64 tensor from
-    ``ops._torch_dropout.draw_seed``)."""
-    M, K = shape2d
-    out = torch.empty((M, K), dtype=torch.float32, device=device)
-    grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
-    _dropout_mask_kernel[grid](out, seed.to(device), M, K, p, 1.0 / (1.0 - p), BLOCK_M=32, BLOCK_K=32)
-    return out
+    ``ops._torch_dropout.draw_seed``): ``dropout_bits`` unpacked in torch ops (not the kernels' unpacking)."""
+    keep = unpack_bits(dropout_bits(shape2d, p, seed, device), shape2d[1])
+    return keep.to(torch.float32) * (1.0 / (1.0 - p))
 
 
 @triton.jit

@@ -320,7 +320,8 @@ def record_lora_launches():
                     B = torch.empty(N, R, dtype=adt)
                     S = torch.empty(M, R)
                     L.lora_forward(x, W, b, A, B, 0.5, p, seed)
-                    L.lora_backward(torch.empty(M, N, dtype=dt), x, W, A, B, S, 0.5, p, seed, True, True, True)
+                    bits = L.dropout_mask_buffer(M, K, x.device)  # forward's packed mask, read by dX and dA
+                    L.lora_backward(torch.empty(M, N, dtype=dt), x, W, A, B, S, 0.5, p, bits, True, True, True)
                     if p == 0:  # DoRA: the magnitude rescale in the GEMM epilogue, with and without storing z
                         for store_z in (False, True):
                             L.lora_forward(x, W, b, A, B, 0.5, 0.0, None, col_scale=torch.empty(N), store_z=store_z)

@@ -157,10 +157,13 @@ def _torch_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed,
     return dx, dA, dB
 
 
-def _triton_forward(*args):
+def _triton_forward(x, weight, bias, A, B, scaling, p, seed):
+    """(y, S, packed keep-mask or None): the shrink writes the mask once for backward to read."""
     from ..kernels import lora as K
 
-    return K.lora_forward(*args)
+    bits = K.dropout_mask_buffer(x.shape[0], x.shape[1], x.device) if p > 0 else None
+    y, S = K.lora_forward(x, weight, bias, A, B, scaling, p, seed, bits_out=bits)
+    return y, S, bits
 
 
 def _triton_backward(*args, **kw):
@@ -220,7 +223,10 @@ class LoRALinearFunction(torch.autograd.Function):
         K = x.shape[-1]
         x2d = x.reshape(-1, K)
         fwd, _ = _BACKENDS[call.backend]
-        y, S = fwd(x2d, weight, bias, lora_A, lora_B, call.scaling, call.dropout_p, call.seed)
+        out = fwd(x2d, weight, bias, lora_A, lora_B, call.scaling, call.dropout_p, call.seed)
+        y, S = out[0], out[1]
+        # the Triton backend's packed dropout mask (an intermediate, not an input or output: kept on ctx)
+        ctx.dropout_bits = out[2] if len(out) > 2 else None
         return save_for_lora_backward(ctx, x, x2d, S, weight, bias, lora_A, lora_B, call, y)
 
     @staticmethod
@@ -231,7 +237,8 @@ class LoRALinearFunction(torch.autograd.Function):
         need_x, _, _, need_a, need_bb, _ = ctx.needs_input_grad
         dy2d = dy.reshape(-1, weight.shape[0])
         _, bwd = _BACKENDS[call.backend]
-        dx, dA, dB = bwd(dy2d, x2d, weight, A, B, S, call.scaling, call.dropout_p, call.seed,
+        mask_src = ctx.dropout_bits if ctx.dropout_bits is not None else call.seed  # triton: forward's bits
+        dx, dA, dB = bwd(dy2d, x2d, weight, A, B, S, call.scaling, call.dropout_p, mask_src,
                          need_dx=need_x, need_da=need_a, need_db=need_bb)
         return finish_lora_backward(ctx, dy2d, x2d, dx, dA, dB)
 

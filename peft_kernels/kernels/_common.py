@@ -41,7 +41,8 @@ def mma_acc(a, b, acc, part, step, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
     error of cuBLAS's fp32 GEMM at K = 4096 (measured on an H200). Two levels of ~√K terms each cut that to
     about √K. ``acc + tl.dot(a, b)`` would not do it: Triton folds an add of a zero-initialised dot back
     into the dot's accumulator (CombineDotAddFPattern), so the partial is a loop-carried value instead.
-    CHUNK = 0 is the plain ``mma`` (16-bit operands: their error is the operands' rounding, not the sum's).
+    CHUNK = 0 is the plain ``mma`` (16-bit operands: their error is the operands' rounding, not the sum's);
+    callers then pass a scalar ``part`` (0.0), so no second tile is carried through their loop.
     """
     if CHUNK > 0:
         part = mma(a, b, part, UPCAST, F32_PREC)

@@ -96,7 +96,7 @@ def _gemm_mainloop(acc, a_ptr, rm, m_ok, stride_am, stride_ak, b_ptr, rc, c_ok, 
     rk0 = tl.arange(0, BLOCK_K)
     a_row = a_ptr + rm[:, None] * stride_am
     b_col = b_ptr + rc[None, :] * stride_bc
-    part = tl.zeros_like(acc) if ACC_CHUNK > 0 else acc
+    part = tl.zeros_like(acc) if ACC_CHUNK > 0 else 0.0
     for k0 in range(0, KD, BLOCK_K):
         rk = k0 + rk0
         rk64 = rk.to(tl.int64)
@@ -135,7 +135,7 @@ def _shrink_kernel(
     k_span = tl.minimum(K - k_lo, k_per_split).to(tl.int32)
     x_base = x_ptr + k_lo * stride_xk
     a_base = a_ptr + k_lo * stride_ak
-    part = tl.zeros_like(acc) if ACC_CHUNK > 0 else acc
+    part = tl.zeros_like(acc) if ACC_CHUNK > 0 else 0.0
     for k0 in range(0, k_span, BLOCK_K):
         kk = k0 + rk
         kk64 = kk.to(tl.int64)
@@ -230,7 +230,7 @@ def _bwd_dy_kernel(
         st = tl.load(s_ptr + rm64[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         ht = act(st, ACT)  # rows past M load 0 and act(0) = 0: they add nothing to the partials
         ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        ds_part = tl.zeros_like(ds) if ACC_CHUNK > 0 else ds
+        ds_part = tl.zeros_like(ds) if ACC_CHUNK > 0 else 0.0
         more = mb != pid_p  # not this program's first row block: add to its partial
         for n0 in range(0, N, BLOCK_N):
             rn = n0 + rn0
@@ -320,7 +320,7 @@ def _da_tile(
         rm0 = tl.arange(0, BLOCK_M)
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
         dsum = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        part = tl.zeros_like(acc) if ACC_CHUNK > 0 else acc
+        part = tl.zeros_like(acc) if ACC_CHUNK > 0 else 0.0
         for m0 in range(0, M, BLOCK_M):
             rm = m0 + rm0
             m_ok = rm < M

@@ -543,6 +543,10 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed, col_scal
     seed_t = seed if p > 0 else S  # never read without dropout
     bits = (bits_out if bits_out is not None else dropout_mask_buffer(M, K, x.device)) if p > 0 else S
     c, br = cfg["shrink"], cfg["block_r"]
+    if p > 0 and c.block_k > 32 and not _aligned(x, A):
+        # unpacking the mask bytes of a 64-wide tile of unaligned (unvectorised) x took 255 registers and
+        # spilled 2.4 KB with triton 3.6's ptxas; a 32-wide tile on 8 warps takes 128 and none
+        c = Config(c.block_m, 0, 32, num_warps=8, num_stages=c.num_stages)
     splits, k_per_split = shrink_splits(x.device, M, K, R, c.block_m, c.block_k, br, x.dtype)
     parts = S if splits == 1 else torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
     _shrink_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(R, br), splits)](

@@ -96,3 +96,25 @@ def test_group_list_covers_every_op_backend_and_dtype():
     assert {f"multi/{be}/{d}" for be in ("triton", "cuda", "torch") for d in ("fp32", "fp16", "bf16")} <= g
     assert {"multi-graph/triton", "multi-graph/cuda", "lora-past-2^31/triton", "bottleneck-determinism/triton",
             "multi-skew/triton", "multi-skew/cuda"} <= g
+
+
+def test_source_hash_names_the_tree(tmp_path):
+    """The report names the sources that ran by content (the device copy's .git can be stale): equal trees
+    hash equal, one changed byte (or a renamed file) changes the hash."""
+    import shutil
+
+    from peft_kernels.gpucheck import runner
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    a = tmp_path / "a"
+    for top in ("peft_kernels", "csrc"):
+        shutil.copytree(os.path.join(root, top), a / top, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    h = runner.source_hash(str(a))
+    assert h == runner.source_hash(root) and len(h) == 12
+    f = a / "csrc" / "ops.cpp"
+    f.write_bytes(f.read_bytes() + b" ")
+    assert runner.source_hash(str(a)) != h
+    f.write_bytes(f.read_bytes()[:-1])
+    assert runner.source_hash(str(a)) == h
+    (a / "peft_kernels" / "dispatch.py").rename(a / "peft_kernels" / "dispatch2.py")
+    assert runner.source_hash(str(a)) != h

@@ -134,6 +134,25 @@ def build_extension(log_path: str, dry: bool) -> dict:
                     ("" if ok else f"; failed, exit {proc.returncode}: {(proc.stdout + proc.stderr)[-1500:]}")}
 
 
+def source_hash(root: str = ROOT) -> str:
+    """sha256 (12 hex) of the library's sources (peft_kernels/**/*.py, csrc/**), paths and contents: names the
+    tree that ran even where the copy's .git is stale (the device machine's was, on 2026-12-01).
+    ``python -m peft_kernels.gpucheck --source-hash`` prints it for a checkout."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for top, exts in (("peft_kernels", (".py",)), ("csrc", (".cpp", ".cu", ".h", ".cuh"))):
+        base = os.path.join(root, top)
+        files = []
+        for d, _, names in os.walk(base):
+            files += [os.path.join(d, n) for n in names if n.endswith(exts)]
+        for f in sorted(files):
+            h.update(os.path.relpath(f, root).replace(os.sep, "/").encode() + b"\0")
+            with open(f, "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()[:12]
+
+
 def environment(dry: bool) -> dict:
     import torch
 
@@ -162,6 +181,7 @@ def environment(dry: bool) -> dict:
                                         text=True).stdout.strip() or None
     except OSError:
         info["commit"] = None
+    info["source_hash"] = source_hash()
     return info
 
 
@@ -185,7 +205,8 @@ def _markdown(rep: dict) -> str:
     skipped = [c for c in checks if c.get("skipped")]
     lines = [f"# gpu-check: {'PASS' if rep['ok'] else 'FAIL'}{' (dry run on the CPU)' if env.get('dry_run') else ''}", "",
              f"{env.get('device')} · torch {env.get('torch')} (CUDA {env.get('cuda')}) · triton {env.get('triton')} · "
-             f"peft {env.get('peft')} · python {env.get('python')} · commit {env.get('commit')} · {env.get('date')}",
+             f"peft {env.get('peft')} · python {env.get('python')} · commit {env.get('commit')} · sources "
+             f"{env.get('source_hash')} · {env.get('date')}",
              "", f"{len(checks)} checks, {len(failed)} failed, {len(skipped)} skipped; {rep['seconds']:.0f} s in all "
              f"(build {rep['build']['seconds']} s: {'ok' if rep['build']['ok'] else 'FAILED'}; {rep['build']['note'][:300]})",
              ""]
@@ -339,12 +360,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--skip-speed", action="store_true", help="correctness only")
     ap.add_argument("--budget", type=float, default=450.0, help="seconds for the whole run (default 450)")
     ap.add_argument("--list", action="store_true", help="list the groups and exit")
+    ap.add_argument("--source-hash", action="store_true", help="print the hash of this tree's sources and exit")
     ap.add_argument("--selftest", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--results", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return _worker(args.worker, args.dry_run, args.results)
+    if args.source_hash:
+        print(source_hash())
+        return 0
     if args.list:
         from . import cases
 

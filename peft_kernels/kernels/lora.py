@@ -13,14 +13,14 @@ Backward, at most 3 launches:
   3. ``_bwd_da_kernel``   dA = dSᵀ·drop(x)/(1-p), plus the deterministic fixed-order reduction of the dB
                           partials in extra programs
 Dropout: the shrink draws the mask once, a byte (8 elements) per two Philox calls using all 4 outputs of
-each (``_common.dropout_bytes``), and writes it packed (uint8 [M, ⌈K/8⌉], M·K/8 bytes); dX and dA read
-those bits. Before, all three kernels regenerated the mask, one Philox call per element each (dX grew from
-840 to 4096 SASS instructions on sm_90, and dropout cost 1.47× the p=0 forward+backward on an H200 against
-HF PEFT's 1.09×). The trade-off: M·K/8 bytes kept for backward beside x's 2·M·K (+6 % of what x costs)
-and 3·M·K/8 bytes of traffic (6 MiB at M=K=4096, about 1.5 µs at 4.3 TB/s), against 11/12 of the
-Philox work (16.8M → 1.4M Philox calls at that shape). The seed is an int64 the shrink loads from a
-device tensor (``_common.draw_seed``), so it never changes a compiled variant and CUDA-graph replays
-draw a fresh one.
+each (``_common.dropout_bytes``), unpacks it in registers for its own x tile, and writes it packed (uint8
+[M, ⌈K/8⌉], M·K/8 bytes); dX and dA read those bits. Before, all three kernels regenerated the mask, one
+Philox call per element each (dX grew from 840 to 4096 SASS instructions on sm_90, and dropout cost 1.47×
+the p=0 forward+backward on an H200 against HF PEFT's 1.09×). The trade-off: M·K/8 bytes kept for backward
+beside x's 2·M·K (+6 % of what x costs) and 3·M·K/8 bytes of traffic (6 MiB at M=K=4096, about 1.5 µs at
+4.3 TB/s), against 11/12 of the Philox work (3 calls per element → 1/4: 50.3M → 4.2M calls at that shape).
+The seed is an int64 the shrink loads from a device tensor (``_common.draw_seed``), so it never changes a
+compiled variant and CUDA-graph replays draw a fresh one.
 All dots accumulate in fp32. The LoRA dots run in the adapter's dtype (fp32 adapters on a half
 base compute the branch in fp32, as HF PEFT does, on tensor cores: see ``_common.f32_precision``).
 

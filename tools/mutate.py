@@ -33,8 +33,8 @@ MUTANTS = [
      "y = torch.addmm(bias.to(cdt), S, B.t(), alpha=scaling)", "y = torch.addmm(bias.to(cdt), S, B.t())",
      ["tests/test_lora_op.py"], "torch backend with a bias: the update is not scaled"),
     ("lora-bf16-scale-3pct", "peft_kernels/kernels/lora.py",
-     "def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed, col_scale=None, store_z: bool = False):\n",
-     "def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed, col_scale=None, store_z: bool = False):\n"
+     "                 bits_out: Optional[torch.Tensor] = None):\n",
+     "                 bits_out: Optional[torch.Tensor] = None):\n"
      "    scaling = scaling * 1.03 if x.dtype == torch.bfloat16 else scaling\n",
      ["tests/test_lora_op.py"], "Triton: the bf16 LoRA scaling is 3% off"),
     ("lora-triton-x-col-stride", "peft_kernels/kernels/lora.py",

@@ -56,7 +56,7 @@ def test_env_override_reaches_the_op(monkeypatch):
 
     calls = []
     real = K.lora_forward
-    monkeypatch.setattr(K, "lora_forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(K, "lora_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     pk.lora_linear(torch.randn(2, 3), torch.randn(4, 3), None, torch.randn(1, 3), torch.randn(4, 1), 1.0)
     assert calls == [1]

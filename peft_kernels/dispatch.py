@@ -296,6 +296,11 @@ def host_timer(fn: Callable[[], None], device: torch.device, name: str = "", war
     return statistics.median(times)
 
 
+def _autotune_off() -> bool:
+    """``PEFT_KERNELS_AUTOTUNE`` turns measuring off (0/false/no/off): the static rule answers."""
+    return os.environ.get(AUTOTUNE_VAR, "").strip().lower() in ("0", "false", "no", "off")
+
+
 def _capturing(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
@@ -418,7 +423,7 @@ class Tuner:
 
     # -- choosing --------------------------------------------------------------------------------
     def _measure_allowed(self, capturing: bool) -> Optional[str]:
-        if os.environ.get(AUTOTUNE_VAR, "").strip().lower() in ("0", "false", "no", "off"):
+        if _autotune_off():
             return f"{AUTOTUNE_VAR}=0"
         if torch.compiler.is_compiling():
             return "inside torch.compile tracing"
@@ -431,9 +436,7 @@ class Tuner:
         device-name lookup; None where ``choose`` must decide (not seen yet, CUDA-graph capture, or
         ``PEFT_KERNELS_AUTOTUNE=0``, which ``choose`` answers by the static rule)."""
         hit = self._fast.get((device, tune.op, tune.key))
-        if hit is None or _capturing(device):
-            return None
-        if os.environ.get(AUTOTUNE_VAR, "").strip().lower() in ("0", "false", "no", "off"):
+        if hit is None or _capturing(device) or _autotune_off():
             return None
         return hit
 

@@ -585,12 +585,8 @@ def _dropout_hash(sc: Scale) -> List[dict]:
     n = 3000 if sc.dry else 1 << 22
     for p, offset in ((0.1, 0), (0.75, 0), (0.1, 2 ** 32 - n // 2)):
         seed = D.draw_seed(sc.device)
-        k = D.keys(seed, p)
-        got = _common.hash_keep_mask(seed, k.thr, n, offset, sc.device)
-        idx = torch.arange(offset, offset + n, dtype=torch.int64, device=sc.device)  # keep_mask's torch ops
-        h = D._fmix32((idx & D._M32) ^ k.k0)
-        h = D._fmix32(h ^ (idx >> 32) ^ k.k1)
-        want = D._fmix32(h ^ k.k2) >= k.thr
+        got = _common.hash_keep_mask(seed, D.threshold(p), n, offset, sc.device)
+        want = D.keep_mask_ops(seed, n, p, sc.device, offset)
         same = torch.equal(got, want)
         out.append(fact(f"p={p} offset={offset}: Triton mask = torch-op mask", same,
                         f"{n} elements, {int((got != want).sum())} differ; kept {got.float().mean().item():.4f}"))

@@ -128,9 +128,7 @@ def act_grad(p, ACT: tl.constexpr):
 @triton.jit
 def _keep_bit(r, p):
     """1 where the uint32 ``r``, as Triton's ``tl.rand`` maps it to [0, 1), is ≥ p (kept), else 0."""
-    x = r.to(tl.int32, bitcast=True)
-    x = tl.where(x < 0, ~x, x)
-    return (x.to(tl.float32) * 4.6566127342e-10 >= p).to(tl.int32)
+    return (tl.uint_to_uniform_float(r) >= p).to(tl.int32)
 
 
 @triton.jit
@@ -212,7 +210,7 @@ def _fmix32(h):
 @triton.jit
 def _hash_keep_kernel(out_ptr, seed_ptr, n, offset, thr, BLOCK: tl.constexpr):
     # the torch backend's mask (ops._torch_dropout.keep_mask) for elements [offset, offset + n), in one pass;
-    # the round keys are derived here from the seed as ``_torch_dropout.keys`` does (seeds are < 2^62)
+    # the round keys are derived here from the seed's two 32-bit words as ``_torch_dropout.keys`` does
     s = tl.load(seed_ptr)
     k0 = _fmix32(s.to(tl.uint32) ^ 0x9E3779B9)  # int64 -> uint32 truncates: the low word
     k1 = _fmix32((s >> 32).to(tl.uint32) ^ k0 ^ 0x85EBCA77)

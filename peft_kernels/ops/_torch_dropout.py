@@ -96,12 +96,18 @@ def keep_mask(seed: Seed, shape, p: float, device, offset: int = 0) -> torch.Ten
             v = int(seed) & ((1 << 64) - 1)
             st = torch.tensor([v - (1 << 64) if v >= 1 << 63 else v], dtype=torch.int64, device=dev)
         return _common.hash_keep_mask(st, threshold(p), n, offset, dev).view(tuple(shape))
+    return keep_mask_ops(seed, n, p, device, offset).view(tuple(shape))
+
+
+def keep_mask_ops(seed: Seed, n: int, p: float, device, offset: int = 0) -> torch.Tensor:
+    """``keep_mask`` for ``n`` flat elements in plain torch integer ops, on any device (the definition the
+    one-launch Triton version is checked against on a GPU)."""
     k = keys(seed, p)
     idx = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
     h = _fmix32((idx & _M32) ^ k.k0)
     h = _fmix32(h ^ (idx >> 32) ^ k.k1)
     h = _fmix32(h ^ k.k2)
-    return (h >= k.thr).view(tuple(shape))
+    return h >= k.thr
 
 
 def _triton_ok(device: torch.device) -> bool:

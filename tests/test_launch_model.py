@@ -48,15 +48,22 @@ def test_graph_flops_match_the_traffic_model(M, K, N, r):
 
 
 @pytest.fixture(scope="module")
-def model_rows(tmp_path_factory):
+def model_run(tmp_path_factory):
+    """The CLI's output folder and stdout (it re-executes itself without the interpreter: the real configs)."""
     out = tmp_path_factory.mktemp("model")
     env = dict(os.environ)  # the CLI re-executes itself without TRITON_INTERPRET (the conftest sets it)
     proc = subprocess.run([sys.executable, "-m", "peft_kernels.bench", "--model", "h200", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "LAUNCH MODEL (a model, not a measurement" in proc.stdout
+    return out, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def model_rows(model_run):
+    out, stdout = model_run
+    assert "LAUNCH MODEL (a model, not a measurement" in stdout
     assert (out / "model.csv").read_text().count("\n") == 1 + 3 * 4 * 2 * 4  # shapes × M × modes × providers
-    return json.loads((out / "model.json").read_text()), proc.stdout
+    return json.loads((out / "model.json").read_text()), stdout
 
 
 def test_cli_rows_use_the_launchers_grids(model_rows):
@@ -65,19 +72,26 @@ def test_cli_rows_use_the_launchers_grids(model_rows):
     assert len(tri) == 24
     for (shape, M, mode), r in tri.items():
         kernels = [p["kernel"] for p in r["per_launch"]]
-        assert kernels == (["shrink", "fwd_gemm"] + (["bwd_dy", "bwd_dx", "bwd_da"] if mode == "fwd+bwd" else []))
+        if M <= 64:  # the fused decode path: S inside the GEMM, dS inside dX, dB inside the dA launch
+            assert kernels == ["fwd_gemm"] + (["bwd_dx", "bwd_da"] if mode == "fwd+bwd" else [])
+        else:
+            assert kernels == (["shrink", "fwd_gemm"] + (["bwd_dy", "bwd_dx", "bwd_da"] if mode == "fwd+bwd" else []))
         for p in r["per_launch"]:
             assert p["programs"] == math.prod(p["grid"]) and p["waves"] == pytest.approx(p["programs"] / 132)
     # FLOPs of the recorded launches equal the traffic model's (independent formulas)
     for (shape, M, mode), r in tri.items():
         want = traffic.lora(M, r["K"], r["N"], 16, 2)["full" if mode == "fwd+bwd" else "fwd"].flops
         assert sum(p["flops"] for p in r["per_launch"]) == pytest.approx(want)
-    # decode: the shrink splits K over 16 programs (the row block alone would be 1 program)
-    q1 = tri[("q_proj", 1, "fwd")]["per_launch"][0]
-    assert q1["grid"] == [1, 1, 16]
-    # prefill q_proj: 64 row blocks × 3 K splits; the GEMM 32 × 32 tiles of 128
-    q4k = tri[("q_proj", 4096, "fwd")]["per_launch"]
-    assert q4k[0]["grid"] == [64, 1, 3] and q4k[1]["programs"] == 1024
+    # decode q_proj: the 16×32 tile's 128 programs would be under one wave; 16×16 gives 256, for dX too;
+    # the dA launch 128 + 64 programs at a 32-wide K tile
+    q1 = tri[("q_proj", 1, "fwd+bwd")]["per_launch"]
+    assert [p["programs"] for p in q1] == [256, 256, 192]
+    # prefill q_proj: 64 row blocks × 3 K splits; the GEMM 32 × 32 tiles of 128; dY 64 row programs × 3 N splits
+    q4k = tri[("q_proj", 4096, "fwd+bwd")]["per_launch"]
+    assert q4k[0]["grid"] == [64, 1, 3] and q4k[1]["programs"] == 1024 and q4k[2]["grid"] == [64, 1, 3]
+    # every launch at these shapes fills the H200's 132 SMs
+    under = [(key, p["kernel"], p["programs"]) for key, r in tri.items() for p in r["per_launch"] if p["programs"] < 132]
+    assert under == [] and all(r["under_one_wave"] == [] for r in tri.values()), under
 
 
 def test_auto_never_loses_to_peft_in_the_model(model_rows):
@@ -88,4 +102,39 @@ def test_auto_never_loses_to_peft_in_the_model(model_rows):
     for key, t in by.items():
         assert t["auto"] == min(t["triton"], t["torch"]), key
         assert t["auto"] <= t["peft"], key
-    assert "auto against PEFT: worst case" in out and "Triton launches under one wave:" in out
+    assert "auto against PEFT: worst case" in out and "Triton launches under one wave: 0" in out
+
+
+def test_multi_adapter_model(model_run):
+    """32 adapters: every Triton launch fills the H200 and is priced below the per-adapter loop; the CLI prints
+    the table; the path is the one choose_path picks (SGMV for 128-token segments, BGMV at decode)."""
+    folder, out = model_run
+    rows = json.loads((folder / "model_multi.json").read_text())
+    assert (folder / "model_multi.csv").read_text().count("\n") == 1 + 3 * 2 * 2  # batches × modes × providers
+    tri = {(r["shape"], r["mode"]): r for r in rows if r["provider"] == "triton"}
+    assert len(tri) == 6 and all(r["under_one_wave"] == [] for r in tri.values())
+    assert all(r["vs_loop"] < 0.5 for r in tri.values())  # the issue's target, in the model
+    assert tri[("distinct 32×128", "fwd")]["path"] == "sgmv" and tri[("decode 32×1", "fwd")]["path"] == "bgmv"
+    shrink = [p for p in tri[("decode 32×1", "fwd")]["per_launch"] if p["kernel"] == "bgmv_shrink"]
+    assert [p["grid"] for p in shrink] == [[32, 8]]  # rank tile 2: 32 tokens × 8 rank blocks
+    # FLOPs: the base GEMM and the LoRA terms, as the traffic model counts them for T tokens
+    d = tri[("distinct 32×128", "fwd+bwd")]
+    assert sum(p["flops"] for p in d["per_launch"]) == pytest.approx(traffic.lora(4096, 4096, 4096, 16, 2)["full"].flops)
+    assert "MULTI-ADAPTER LAUNCH MODEL" in out and "Triton launches under one wave: 0" in out.split("MULTI")[1]
+
+
+def test_other_ops_waves(model_run):
+    """DoRA's launches (LoRA's kernels) and (IA)³'s fill the machine at every Llama shape; the report covers the
+    bottleneck placements too (under one wave at decode: #16's open part), and the CLI prints it."""
+    folder, out = model_run
+    rows = json.loads((folder / "model_waves.json").read_text())
+    assert len(rows) == 5 * 3 * 4  # ops × shapes × M
+    ops = {r["op"] for r in rows}
+    assert ops == {"dora", "ia3 (output scaling)", "ia3 (input scaling)", "adapter parallel", "adapter sequential"}
+    assert all(r["under_one_wave"] == [] for r in rows if r["op"] == "dora" or r["op"].startswith("ia3"))
+    dora1 = next(r for r in rows if r["op"] == "dora" and r["M"] == 1 and r["shape"] == "q_proj")
+    assert [la["kernel"] for la in dora1["launches"]] == ["fwd_gemm", "bwd_dx", "bwd_da"]
+    for r in rows:
+        for la in r["launches"]:
+            assert la["programs"] == math.prod(la["grid"]) and la["waves"] == pytest.approx(la["programs"] / 132)
+    assert "OTHER OPS, LAUNCH WAVES" in out

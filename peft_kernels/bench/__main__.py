@@ -80,7 +80,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--jobs", type=int, default=None, help="--gpu-resources: compile processes (default: CPUs)")
     ap.add_argument("--model", choices=["h200", "h100", "a100"], default=None,
                     help="GPU launch model of the LoRA linear at the Llama-3-8B shapes (programs, waves, FLOPs, "
-                         "bytes, modelled time for our Triton kernels, our torch path and HF PEFT; no GPU needed)")
+                         "bytes, modelled time for our Triton kernels, our torch path and HF PEFT; no GPU needed), "
+                         "and of 32 adapters in one batch against a per-adapter cuBLAS loop")
     ap.add_argument("--model-tokens", default="1,16,64,4096", help="--model: the M values (default 1,16,64,4096)")
     return ap
 
@@ -212,9 +213,22 @@ def _launch_model(a, argv) -> int:
         raise SystemExit(f"--model-tokens: each M must be ≥ 1, got {a.model_tokens!r}")
     rows = LM.model_lora(LM.GPUS[a.model], tokens=tokens, r=a.rank, dtype=dtype)
     print(LM.format_model(rows))
+    multi = LM.model_multi_lora(LM.GPUS[a.model], r=a.rank, dtype=dtype)
+    print()
+    print(LM.format_multi_model(multi))
+    waves = LM.other_op_waves(LM.GPUS[a.model], tokens=tokens, r=a.rank, dtype=dtype)
+    print()
+    print(LM.format_waves(waves))
     if a.out:
-        for p in LM.write_model(a.out, rows):
+        for p in LM.write_model(a.out, rows) + LM.write_model(a.out, multi, "model_multi"):
             print(f"wrote {p}")
+        import json
+        path = os.path.join(a.out, "model_waves.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(waves, f, indent=1)
+        os.replace(tmp, path)
+        print(f"wrote {path}")
     return 0
 
 

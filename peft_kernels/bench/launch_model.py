@@ -1,4 +1,6 @@
-"""A GPU launch model for the LoRA linear, before any GPU run: ``python -m peft_kernels.bench --model h200``.
+"""A GPU launch model for the LoRA linear, before any GPU run: ``python -m peft_kernels.bench --model h200``
+(also the multi-adapter op against a per-adapter loop, and the programs and waves of DoRA, the bottleneck
+adapter and (IA)³: see ``model_multi_lora`` and ``other_op_waves``).
 
 It is a model, not a measurement. For every launch of one forward (+ backward) it takes the programs from
 the grids our launchers actually compute (the Triton launchers are called with empty tensors while a
@@ -28,6 +30,14 @@ PEFT at M=4096, where the H200 measured triton 1.35–1.54× our torch path.
 Providers: ``triton`` (our fused kernels: what the launches do), ``torch`` (our torch backend: the
 base GEMM accumulates into the LoRA expand, ``addmm``), ``auto`` (the measured dispatch: the faster of
 the two), ``peft`` (HF PEFT's unfused LoRA layer on cuBLAS).
+
+Multi-adapter (``model_multi_lora``): 32 adapters on a 4096→4096 layer, all-distinct (32 × 128 tokens), skewed
+(3972 + 31 × 4) and decode (32 × 1) batches. ``triton`` is the base GEMM on cuBLAS plus every launch of our
+gather kernels (the path ``choose_path`` picks), ``loop`` HF PEFT's mixed-batch forward (per adapter: gather
+the rows, lora_A, lora_B, scale, add back) and autograd's backward of it. On the H200 gpu-check measured
+triton at 0.145-0.18× the loop (distinct and skewed) and 0.055-0.10× (decode); the model says 0.35-0.41× and
+0.036×: it prices each library call at its bandwidth or a 2 µs floor, not at the host's launch cost, so at
+prefill it favours the loop.
 """
 from __future__ import annotations
 
@@ -101,27 +111,43 @@ def _triton_cost(launch, e: int) -> tuple:
         return 2.0 * M * K * R, M * K * e + R * K * e + splits * M * R * 4 + bits
     if name == "_fwd_gemm_kernel":
         M, N, K, R = a("M"), a("N"), a("K"), a("R")
+        base = M * K * e + N * K * e + N * R * e + N * e + M * N * e
+        if kw.get("FUSE_SHRINK"):  # decode: S = x·Aᵀ inside the GEMM (reads A, stores S)
+            return 2.0 * M * N * K + 2.0 * M * N * R + 2.0 * M * K * R, base + R * K * e + M * R * 4
         parts = kw.get("num_parts", 1)
         store_s = M * R * 4 if kw.get("STORE_S") else 0
-        return (2.0 * M * N * K + 2.0 * M * N * R,
-                M * K * e + N * K * e + parts * M * R * 4 + N * R * e + N * e + M * N * e + store_s)
+        return 2.0 * M * N * K + 2.0 * M * N * R, base + parts * M * R * 4 + store_s
     if name == "_bwd_dy_kernel":
         M, N, R = a("M"), a("N"), a("R")
         P = launch.grid[0]
+        splits = launch.grid[2] if len(launch.grid) > 2 else 1  # N split: one dS partial per split
         db = kw.get("COMPUTE_DB", True)
         return ((2.0 + (2.0 if db else 0.0)) * M * N * R,
-                M * N * e + N * R * e + 2 * M * R * 4 + (P * N * R * 4 if db else 0))
+                M * N * e + N * R * e + M * R * 4 + splits * M * R * 4 + (P * N * R * 4 if db else 0))
     if name == "_bwd_dx_kernel":
         M, N, K, R = a("M"), a("N"), a("K"), a("R")
         drop = kw.get("HAS_DROPOUT", False)
+        by = M * N * e + N * K * e + R * K * e + M * K * e + (M * -(-K // 8) if drop else 0)
+        if kw.get("FUSE_DS"):  # decode: dS = s·dY·B inside dX (reads B, stores dS)
+            return 2.0 * M * N * K + 2.0 * M * K * R + 2.0 * M * N * R, by + N * R * e + M * R * 4
+        parts = kw.get("num_parts", 1)
         return (2.0 * M * N * K + 2.0 * M * K * R,
-                M * N * e + N * K * e + M * R * 4 + R * K * e + M * K * e + (M * -(-K // 8) if drop else 0))
+                by + parts * M * R * 4 + (M * R * 4 if kw.get("STORE_S") else 0))
     if name == "_bwd_da_kernel":
         M, N, K, R, P = a("M"), a("N"), a("K"), a("R"), a("P")
         da = kw.get("COMPUTE_DA", True)
+        direct = kw.get("DB_DIRECT", False)
+        db = launch.grid[0] > (-(-K // kw["BLOCK_K"]) if da else 0)  # it has dB programs
         bits = M * -(-K // 8) if da and kw.get("HAS_DROPOUT") else 0
-        return (2.0 * M * K * R if da else 0.0,
-                (M * R * 4 + M * K * e + R * K * e if da else 0) + P * N * R * 4 + N * R * e + bits)
+        ds_parts = kw.get("ds_parts", 1)
+        flops = (2.0 * M * K * R if da else 0.0) + (2.0 * M * N * R if direct and db else 0.0)
+        if not db:
+            db_bytes = 0
+        elif direct:  # decode: dB = s·dYᵀ·S from dY and S (no dY launch, no partials)
+            db_bytes = M * N * e + M * R * 4 + N * R * e
+        else:
+            db_bytes = P * N * R * 4 + N * R * e
+        return flops, (ds_parts * M * R * 4 + M * K * e + R * K * e if da else 0) + db_bytes + bits
     raise ValueError(f"no cost model for kernel {name}")
 
 
@@ -239,8 +265,202 @@ def model_lora(gpu: GPU, shapes=None, tokens=TOKENS, r: int = 16, dtype=None, mo
     return rows
 
 
-def write_model(out_dir: str, rows: List[dict]) -> List[str]:
-    """model.json (every row with its launches) and model.csv (one line per provider row), written atomically."""
+# --------------------------------------------------------------------------------------------
+# multi-adapter LoRA (one adapter per token): our Triton gather kernels against a per-adapter cuBLAS loop
+# --------------------------------------------------------------------------------------------
+def _multi_cost(launch, T: int, G: int, e: int) -> tuple:
+    """(FLOPs, bytes) of one recorded multi-adapter launch: T active tokens in G segments (slots used); each
+    used slot's weights read once; the fp32 rank-space buffers (S, dS) 4 bytes."""
+    name, a = launch.kernel.__name__, launch.arg
+    if name in ("_sgmv_shrink_kernel", "_bgmv_shrink_kernel"):
+        KD, R = a("KD"), a("R")
+        return 2.0 * T * KD * R, T * KD * e + G * R * KD * e + T * R * 4
+    if name in ("_sgmv_expand_kernel", "_bgmv_expand_kernel"):  # out[perm] += ...: read and write the rows
+        ND, R = a("ND"), a("R")
+        return 2.0 * T * ND * R, T * R * 4 + G * ND * R * e + 2 * T * ND * e
+    if name == "_seg_outer_kernel":
+        I, J = a("I"), a("J")
+        p_e = 4 if launch.args[0].dtype.is_floating_point and launch.args[0].element_size() == 4 else e
+        q_e = 4 if launch.args[1].element_size() == 4 else e
+        return 2.0 * T * I * J, T * I * p_e + T * J * q_e + G * I * J * e
+    raise ValueError(f"no cost model for kernel {name}")
+
+
+def triton_multi_launches(counts, K: int, N: int, R: int, dtype, gpu: GPU, backward: bool = True) -> tuple:
+    """(path, launches) of one multi-adapter forward (+ backward) with ``counts[i]`` tokens on adapter i:
+    the base GEMM(s) as library calls, then every launch the Triton launchers make (recorded, not run; the
+    path chosen as ``ops.multi_lora.choose_path`` chooses it)."""
+    import torch
+
+    from ..kernels import aot
+    from ..kernels import multi_lora as ML
+    from ..ops.multi_lora import build_mapping, choose_path
+
+    e = torch.empty(0, dtype=dtype).element_size()
+    S, T = len(counts), sum(counts)
+    ids = torch.repeat_interleave(torch.arange(S), torch.tensor(counts))
+    m = build_mapping(ids, T, S)
+    path = choose_path(m)
+    kernels = [ML._sgmv_shrink_kernel, ML._sgmv_expand_kernel, ML._bgmv_shrink_kernel, ML._bgmv_expand_kernel,
+               ML._seg_outer_kernel]
+    with aot.record_launches(kernels) as calls:
+        x, y = torch.empty(T, K, dtype=dtype), torch.empty(T, N, dtype=dtype)
+        A, B = torch.empty(S, R, K, dtype=dtype), torch.empty(S, N, R, dtype=dtype)
+        scal, ranks = torch.ones(S), torch.full((S,), R, dtype=torch.int32)
+        _, Sb = ML.multi_lora_forward(y, x, A, B, m, scal, ranks, path)
+        if backward:
+            ML.multi_lora_backward(torch.empty(T, N, dtype=dtype), x, torch.empty(T, K, dtype=dtype), A, B, Sb, m,
+                                   scal, ranks, path, True, True)
+    out = [_mm("triton", "base addmm (cuBLAS)", T, N, K, e, N * e)]
+    if backward:
+        out.append(_mm("triton", "dX = dY·W (cuBLAS)", T, K, N, e))
+    for c in calls:
+        fl, by = _multi_cost(c, T, m.num_segments, e)
+        out.append(Launch("triton", c.kernel.__name__.strip("_").replace("_kernel", ""), fl, by, math.prod(c.grid),
+                          c.grid))
+    return path, out
+
+
+def loop_multi_launches(counts, K: int, N: int, R: int, e: int, backward: bool = True) -> List[Launch]:
+    """HF PEFT's mixed-batch forward: the base addmm, then per adapter its rows gathered, lora_A and lora_B
+    GEMMs, the scaling and the rows added back (5 library calls per adapter); autograd's backward of that."""
+    p = "loop"
+    out = [_mm(p, "base addmm", sum(counts), N, K, e, N * e)]
+    for c in counts:
+        out += [_ew(p, "gather rows", c * K, e), _mm(p, "lora_A mm", c, R, K, e), _mm(p, "lora_B mm", c, N, R, e),
+                _ew(p, "mul scaling", c * N, e), _ew(p, "index_add", c * N, e, reads=2)]
+    if backward:
+        out.append(_mm(p, "dx_base = dY·W", sum(counts), K, N, e))
+        for c in counts:
+            out += [_ew(p, "gather dY rows", c * N, e), _ew(p, "mul scaling (bwd)", c * N, e),
+                    _mm(p, "dB = dYsᵀ·h", N, R, c, e), _mm(p, "dh = dYs·B", c, R, N, e), _mm(p, "dA = dhᵀ·x", R, K, c, e),
+                    _mm(p, "dx_lora = dh·A", c, K, R, e), _ew(p, "index_add dx", c * K, e, reads=2)]
+    return out
+
+
+MULTI_BATCHES = {"distinct 32×128": [128] * 32, "skewed 3972+31×4": [3972] + [4] * 31, "decode 32×1": [1] * 32}
+
+
+def model_multi_lora(gpu: GPU, batches=None, K: int = 4096, N: int = 4096, r: int = 16, dtype=None,
+                     modes=("fwd", "fwd+bwd")) -> List[dict]:
+    """One row per (batch, mode, provider) for 32 adapters on a 4096→4096 layer: our Triton path (the path
+    ``choose_path`` picks) against the per-adapter cuBLAS loop; ratio to the loop's time."""
+    import torch
+
+    dtype = dtype or torch.bfloat16
+    e = torch.empty(0, dtype=dtype).element_size()
+    rows = []
+    for bname, counts in (batches or MULTI_BATCHES).items():
+        for mode in modes:
+            bwd = mode == "fwd+bwd"
+            path, tri = triton_multi_launches(counts, K, N, r, dtype, gpu, bwd)
+            per = {"triton": tri, "loop": loop_multi_launches(counts, K, N, r, e, bwd)}
+            totals = {prov: sum(la.model(gpu).modelled["us"] for la in launches) for prov, launches in per.items()}
+            for prov, launches in per.items():
+                under = [la.kernel for la in launches if la.programs is not None and la.programs < gpu.sms]
+                rows.append({"model": "launch model (not a measurement)", "gpu": gpu.name, "sms": gpu.sms,
+                             "op": "multi_lora", "shape": bname, "M": sum(counts), "K": K, "N": N, "r": r,
+                             "adapters": len(counts), "mode": mode, "provider": prov,
+                             "path": path if prov == "triton" else None, "modelled_us": totals[prov],
+                             "vs_loop": totals[prov] / totals["loop"], "launches": len(launches),
+                             "under_one_wave": under,
+                             "per_launch": [{"kernel": la.kernel, "programs": la.programs, "grid": list(la.grid),
+                                             "flops": la.flops, "bytes": la.bytes, **la.modelled} for la in launches]})
+    return rows
+
+
+def format_multi_model(rows: List[dict]) -> str:
+    lines = ["MULTI-ADAPTER LAUNCH MODEL (a model, not a measurement): " + (rows[0]["gpu"] if rows else ""),
+             f"{'batch':18s} {'mode':8s} {'provider':8s} {'model µs':>10s} {'× loop':>7s} {'launches':>8s}  "
+             "Triton launches: kernel programs/waves (bound)"]
+    for r in rows:
+        detail = ""
+        if r["provider"] == "triton":
+            detail = f"  [{r['path']}] " + ", ".join(
+                f"{p['kernel']} {p['programs']}/{p['waves']:.2f}{'*' if p['programs'] < r['sms'] else ''} ({p['bound'][0]})"
+                for p in r["per_launch"] if p["programs"] is not None)
+        lines.append(f"{r['shape']:18s} {r['mode']:8s} {r['provider']:8s} {r['modelled_us']:10.1f} {r['vs_loop']:7.3f} "
+                     f"{r['launches']:8d}{detail}")
+    under = sorted({(r["shape"], r["mode"], k) for r in rows for k in r["under_one_wave"]})
+    lines.append(f"Triton launches under one wave: {len(under)}" +
+                 ("" if not under else " — " + "; ".join(f"{s} {m}: {k}" for s, m, k in under)))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# the other ops: programs and waves of every launch (no time model yet)
+# --------------------------------------------------------------------------------------------
+def other_op_waves(gpu: GPU, shapes=None, tokens=TOKENS, r: int = 16, dtype=None) -> List[dict]:
+    """For DoRA (LoRA's kernels with the magnitude epilogue), the bottleneck adapter (its three placements,
+    bottleneck r) and (IA)³ (both scalings), forward and backward at the Llama-3-8B shapes: every launch the
+    Triton launchers make (recorded with the machine's SM count as the program budget) with its programs and
+    waves. Not priced: these ops have no per-launch FLOP/byte model yet (``traffic.py`` has their op totals)."""
+    import torch
+
+    from ..kernels import aot
+    from ..kernels import bottleneck as BN
+    from ..kernels import ia3 as I
+    from ..kernels import lora as L
+    from ..kernels import multi_lora as ML
+
+    dtype = dtype or torch.bfloat16
+    kernels = [L._shrink_kernel, L._fwd_gemm_kernel, L._bwd_dy_kernel, L._bwd_dx_kernel, L._bwd_da_kernel,
+               BN._adapter_shrink_kernel, BN._expand_kernel, BN._seq_fwd_kernel, BN._adapter_bwd_kernel,
+               I._ia3_gemm_kernel]
+    e = lambda *sz: torch.empty(*sz, dtype=dtype)  # noqa: E731
+    rows = []
+    saved = L.program_budget, ML.program_budget
+    L.program_budget = ML.program_budget = lambda device: gpu.sms
+    try:
+        for sname, (K, N) in (shapes or LLAMA3_8B).items():
+            for M in tokens:
+                x, W, b, dy = e(M, K), e(N, K), e(N), e(M, N)
+                A, B = e(r, K), e(N, r)
+                cases = {
+                    "dora": lambda: (L.lora_forward(x, W, b, A, B, 2.0, 0.0, None, col_scale=torch.empty(N),
+                                                    store_z=True),
+                                     L.lora_backward(dy, x, W, A, B, torch.empty(M, r), 2.0, 0.0, None, True, True, True)),
+                    "ia3 (output scaling)": lambda: (I.ia3_forward(x, W, b, e(N), False, True),
+                                                     I.ia3_backward(dy, x, W, e(N), e(M, N), False, True, True)),
+                    "ia3 (input scaling)": lambda: (I.ia3_forward(x, W, b, e(K), True, False),
+                                                    I.ia3_backward(dy, x, W, e(K), None, True, True, True)),
+                }
+                D, U, db = e(r, K), e(N, r), e(r)
+                cases["adapter parallel"] = lambda: (
+                    BN.parallel_forward(x, W, b, D, db, U, "relu"),
+                    BN.parallel_backward(dy, x, W, D, U, torch.empty(M, r), "relu", True, True, True, True))
+                Ds = e(r, N)
+                cases["adapter sequential"] = lambda: (
+                    BN.sequential_forward(x, W, b, Ds, db, e(N, r), b, "relu"),
+                    BN.adapter_backward(dy, e(M, N), Ds, e(N, r), torch.empty(M, r), "relu", True, True, True, True,
+                                        True))
+                for op, fn in cases.items():
+                    with aot.record_launches(kernels) as calls:
+                        fn()
+                    launches = [{"kernel": c.kernel.__name__.strip("_").replace("_kernel", ""), "grid": list(c.grid),
+                                 "programs": math.prod(c.grid), "waves": math.prod(c.grid) / gpu.sms} for c in calls]
+                    rows.append({"model": "launch waves (no time model)", "gpu": gpu.name, "sms": gpu.sms, "op": op,
+                                 "shape": sname, "M": M, "K": K, "N": N, "r": r, "launches": launches,
+                                 "under_one_wave": [la["kernel"] for la in launches if la["programs"] < gpu.sms]})
+    finally:
+        L.program_budget, ML.program_budget = saved
+    return rows
+
+
+def format_waves(rows: List[dict]) -> str:
+    lines = ["OTHER OPS, LAUNCH WAVES (fwd+bwd; programs/waves, * under one wave; no time model): "
+             + (rows[0]["gpu"] if rows else "")]
+    for r in rows:
+        lines.append(f"{r['op']:20s} {r['shape']:9s} {r['M']:5d}  " + ", ".join(
+            f"{la['kernel']} {la['programs']}/{la['waves']:.2f}{'*' if la['programs'] < r['sms'] else ''}"
+            for la in r["launches"]))
+    under = sorted({(r["op"], r["shape"], r["M"], k) for r in rows for k in r["under_one_wave"]})
+    lines.append(f"launches under one wave: {len(under)}")
+    return "\n".join(lines)
+
+
+def write_model(out_dir: str, rows: List[dict], stem: str = "model") -> List[str]:
+    """<stem>.json (every row with its launches) and <stem>.csv (one line per provider row), written atomically."""
     import csv
     import io
     import json
@@ -249,14 +469,15 @@ def write_model(out_dir: str, rows: List[dict]) -> List[str]:
 
     os.makedirs(out_dir, exist_ok=True)
     buf = io.StringIO()
-    cols = ["model", "gpu", "op", "shape", "M", "K", "N", "r", "mode", "provider", "modelled_us", "vs_peft", "launches",
+    ratio = "vs_loop" if rows and "vs_loop" in rows[0] else "vs_peft"
+    cols = ["model", "gpu", "op", "shape", "M", "K", "N", "r", "mode", "provider", "modelled_us", ratio, "launches",
             "under_one_wave"]
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     for r in rows:
         w.writerow({**r, "under_one_wave": " ".join(r["under_one_wave"])})
     paths = []
-    for name, text in (("model.json", json.dumps(rows, indent=1)), ("model.csv", buf.getvalue())):
+    for name, text in ((f"{stem}.json", json.dumps(rows, indent=1)), (f"{stem}.csv", buf.getvalue())):
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -41,6 +41,9 @@ class Scale:
     def tail(self):
         return (33, 45, 31) if self.dry else (4095, 4095, 4097)
 
+    def decode(self):  # the fused decode path (M ≤ 64): aligned, and odd sizes at M = 1
+        return ((5, 48, 40), (1, 45, 31)) if self.dry else ((16, 4096, 4096), (1, 4095, 4097))
+
     def ranks(self):
         return (4, 20, 72) if self.dry else (16, 64, 200)
 
@@ -215,6 +218,11 @@ def _lora_group(backend: str, dname: str) -> Callable:
         for r in sc.tail_ranks():
             for p in (0.0, 0.1):
                 out += _lora_check(sc, f"tail {M}x{K}->{N} r={r} p={p}", backend, dt, adt, M, K, N, r, p, grad_mult=gm)
+        for M, K, N in sc.decode():  # rank 64 is the largest the fused decode path takes
+            for r in (1, 16, 64):
+                for p in (0.0, 0.1):
+                    out += _lora_check(sc, f"decode {M}x{K}->{N} r={r} p={p}", backend, dt, adt, M, K, N, r, p,
+                                       grad_mult=gm)
         if dt == torch.float32 and not sc.dry:  # TF32 on and off, through the legacy and the new API
             M, K, N = sc.qproj()
             for how in ("legacy-off", "legacy-on", "new-ieee", "new-tf32"):

@@ -284,8 +284,12 @@ def lora_launch_matrix():
         # STORE_S=False variant); the M=512 rows above split it (STORE_S=True)
         out.append((dt, adt or dt, 16, 0.0, 16384, 4096, 4096))
         # decode (M ≤ 64): the decode bucket's GEMM tiles, with and without dropout (p=0 adds DoRA's epilogue)
+        # (16-bit: the fused decode path; N = 4096 halves the decode tile's columns to fill the machine, 14336
+        # keeps 32; rank 64 is the largest the fused path takes)
         for p in (0.0, 0.1):
             out.append((dt, adt or dt, 16, p, 16, 4096, 4096))
+        out.append((dt, adt or dt, 16, 0.0, 16, 4096, 14336))
+        out.append((dt, adt or dt, 64, 0.0, 64, 4096, 4096))
         out.append((dt, adt or dt, 128, 0.1, 16, 4096, 4096))
     out.append((torch.float16, torch.float16, 16, 0.1, 511, 4095, 4097))
     out.append((torch.bfloat16, torch.bfloat16, 128, 0.1, 511, 4095, 4097))
@@ -321,7 +325,8 @@ def record_lora_launches():
                     S = torch.empty(M, R)
                     L.lora_forward(x, W, b, A, B, 0.5, p, seed)
                     bits = L.dropout_mask_buffer(M, K, x.device)  # forward's packed mask, read by dX and dA
-                    L.lora_backward(torch.empty(M, N, dtype=dt), x, W, A, B, S, 0.5, p, bits, True, True, True)
+                    for need_dx in (True, False):  # without dX, dA sums the dY launch's partials of dS itself
+                        L.lora_backward(torch.empty(M, N, dtype=dt), x, W, A, B, S, 0.5, p, bits, need_dx, True, True)
                     if p == 0:  # DoRA: the magnitude rescale in the GEMM epilogue, with and without storing z
                         for store_z in (False, True):
                             L.lora_forward(x, W, b, A, B, 0.5, 0.0, None, col_scale=torch.empty(N), store_z=store_z)
@@ -349,19 +354,27 @@ def record_multi_lora_launches():
 
     kernels = [ML._sgmv_shrink_kernel, ML._sgmv_expand_kernel, ML._bgmv_shrink_kernel, ML._bgmv_expand_kernel,
                ML._seg_outer_kernel]
-    T, S = 512, 8
-    m = build_mapping(torch.arange(T) % S, T, S)
+    # batches (T tokens over S slots) for the shrink tiles ``fill_shrink`` picks on 132 SMs: 8 × 64 tokens (SGMV
+    # narrowed to 16 rows), 8 × 544 (SGMV's 32 rows kept), a 32-token decode step (BGMV rank tiles narrowed).
+    # The two added batches take K, N 16× smaller (same divisibility, so the same compiled variants): the recorded
+    # launches keep their tensors, and at 4096 columns they held GBs (the compile pool's fork then failed).
+    batches = [(512, 8), (4352, 8), (32, 32)]
+    small = {4096: 256, 4095: 255, 4097: 257}
     with record_launches(kernels) as calls:
-        for dt, adt, R, K, N in multi_lora_launch_matrix():
-            for prec in _precisions(dt, adt):
-                with fp32_precision_override(prec):
-                    x, y, dy = torch.empty(T, K, dtype=dt), torch.empty(T, N, dtype=dt), torch.empty(T, N, dtype=dt)
-                    A, B = torch.empty(S, R, K, dtype=adt), torch.empty(S, N, R, dtype=adt)
-                    scal, ranks = torch.ones(S), torch.full((S,), R, dtype=torch.int32)
-                    for path in ("bgmv", "sgmv"):
-                        _, Sb = ML.multi_lora_forward(y, x, A, B, m, scal, ranks, path)
-                        ML.multi_lora_backward(dy, x, torch.empty(T, K, dtype=dt), A, B, Sb, m, scal, ranks, path,
-                                               True, True)
+        for T, S in batches:
+            m = build_mapping(torch.arange(T) % S, T, S)
+            for dt, adt, R, K, N in multi_lora_launch_matrix():
+                if (T, S) != batches[0]:
+                    K, N = small[K], small[N]
+                for prec in _precisions(dt, adt):
+                    with fp32_precision_override(prec):
+                        x, y, dy = torch.empty(T, K, dtype=dt), torch.empty(T, N, dtype=dt), torch.empty(T, N, dtype=dt)
+                        A, B = torch.empty(S, R, K, dtype=adt), torch.empty(S, N, R, dtype=adt)
+                        scal, ranks = torch.ones(S), torch.full((S,), R, dtype=torch.int32)
+                        for path in ("bgmv", "sgmv"):
+                            _, Sb = ML.multi_lora_forward(y, x, A, B, m, scal, ranks, path)
+                            ML.multi_lora_backward(dy, x, torch.empty(T, K, dtype=dt), A, B, Sb, m, scal, ranks, path,
+                                                   True, True)
     return calls
 
 
@@ -381,7 +394,7 @@ def record_adapter_launches():
 
     kernels = [BN._adapter_shrink_kernel, BN._expand_kernel, BN._seq_fwd_kernel, BN._adapter_bwd_kernel,
                L._fwd_gemm_kernel, L._bwd_dy_kernel, L._bwd_dx_kernel]
-    shapes = [(512, 4096, 4096), (511, 4095, 4097)]
+    shapes = [(512, 4096, 4096), (511, 4095, 4097), (16, 4096, 4096), (1, 4095, 4097)]  # + the decode tiles
     with record_launches(kernels) as calls:
         for dt in (torch.float16, torch.bfloat16, torch.float32):
             for prec in _precisions(dt):
@@ -414,7 +427,9 @@ def record_ia3_launches():
             for prec in _precisions(dt):
                 with fp32_precision_override(prec):
                     for ldt in {dt, torch.float32}:
-                        for M, K, N in ((512, 4096, 4096), (511, 4095, 4097)):
+                        # (M ≤ 64: the 16-bit decode tile, narrowed to 16 columns, and kept at 32 for N = 14336)
+                        for M, K, N in ((512, 4096, 4096), (511, 4095, 4097), (16, 4096, 4096), (1, 4095, 4097),
+                                        (16, 4096, 14336)):
                             x, W, b, dy = (torch.empty(M, K, dtype=dt), torch.empty(N, K, dtype=dt),
                                            torch.empty(N, dtype=dt), torch.empty(M, N, dtype=dt))
                             for ff in (False, True):

@@ -198,8 +198,16 @@ def _adapter_bwd_kernel(
 # launch configurations: LoRA's, with smaller fp32 tiles where the activation adds live registers
 # (the AOT check found LoRA's fp32 tiles spilling there)
 # --------------------------------------------------------------------------------------------
-def configs(dtype: torch.dtype, R: int, aligned: bool) -> dict:
-    cfg = dict(L.configs(dtype, R, aligned))
+def configs(dtype: torch.dtype, R: int, aligned: bool, M=None, N: int = 0, K: int = 0, device=None) -> dict:
+    """LoRA's configs for the same dtype, bottleneck ``R`` and alignment, with the bottleneck's own entries.
+    ``M`` picks the GEMM tiles by LoRA's M bucket; a 16-bit decode launch (M ≤ 64) then narrows the GEMM tile
+    to fill the machine over N output columns (forward GEMM, expand, sequential GEMM) or K (dX), as LoRA's
+    launchers do (``lora._fill_cols``)."""
+    cfg = dict(L.configs(dtype, R, aligned, M=M))
+    if M is not None and dtype != torch.float32:
+        dev = device if device is not None else torch.device("cpu")
+        cfg["gemm"] = L._fill_cols(cfg["gemm"], M, N, dev)
+        cfg["dx"] = L._fill_cols(cfg["dx"], M, K, dev)
     cfg["adapter_block_r"] = cfg["block_r"]
     cfg["expand"] = cfg["gemm"]
     # the sequential kernel adds the down-projection partials to the GEMM: unaligned 16-bit tiles (no
@@ -271,7 +279,7 @@ def _up(c, H, U_s, b_s, out, cfg, fl):
 # --------------------------------------------------------------------------------------------
 def bottleneck_forward(h, D, db, U_s, b_s, activation: str, residual: bool):
     """Returns (out [M, H_out] in h.dtype, P fp32 [M, b])."""
-    cfg = configs(h.dtype, D.shape[0], L._aligned(h, D, U_s))
+    cfg = configs(h.dtype, D.shape[0], L._aligned(h, D, U_s), h.shape[0], U_s.shape[0], h.shape[1], h.device)
     fl = _flags(h, D)
     P, H = _down(h, D, db, activation, cfg, fl)
     out = torch.empty((h.shape[0], U_s.shape[0]), dtype=h.dtype, device=h.device)
@@ -283,7 +291,7 @@ def sequential_forward(x, weight, bias, D, db, U_s, b_s, activation: str):
     M, K = x.shape
     N, R = weight.shape[0], D.shape[0]
     check_dims(M=M, K=K, N=N, bottleneck=R)
-    cfg = configs(x.dtype, R, L._aligned(x, weight, D, U_s))
+    cfg = configs(x.dtype, R, L._aligned(x, weight, D, U_s), M, N, K, x.device)
     fl = _flags(x, D)
     c, br = cfg["seq"], cfg["seq_block_r"]
     num_m, num_n = triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n)
@@ -309,7 +317,7 @@ def parallel_forward(x, weight, bias_c, D, db, U_s, activation: str):
     M, K = x.shape
     N, R = weight.shape[0], D.shape[0]
     check_dims(M=M, K=K, N=N, bottleneck=R)
-    cfg = configs(x.dtype, R, L._aligned(x, weight, D, U_s))
+    cfg = configs(x.dtype, R, L._aligned(x, weight, D, U_s), M, N, K, x.device)
     fl = _flags(x, D)
     P, H = _down(x, D, db, activation, cfg, fl)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -324,21 +332,27 @@ def parallel_forward(x, weight, bias_c, D, db, U_s, activation: str):
     return y, P
 
 
-def _dp(g, U_s, P, activation, need_up, cfg, fl):
-    """Launch LoRA's dY kernel with the activation: (dP fp32, dU partials, column-sum partials, Pm)."""
+def _dp(g, U_s, P, activation, need_up, cfg, fl, split: bool = False):
+    """Launch LoRA's dY kernel with the activation: (dP fp32, dU partials, column-sum partials, Pm, dP
+    partials, their count). With ``split`` (the parallel mode with dX: its GEMM sums the partials in a fixed
+    order and stores dP) the launch splits N as LoRA's does when its row programs leave SMs idle; each split
+    applies act' to its own partial (dP is linear in them)."""
     M, R = P.shape
     N = g.shape[1]
     c, abr = cfg["dy"], cfg["adapter_block_r"]
     r_chunks = triton.cdiv(R, abr)
     Pm = L.dy_programs(g.device, M, c.block_m, r_chunks)  # the partials are bounded by the machine, not by M
+    splits, n_per = L.dy_splits(g.device, M, N, Pm, c.block_n, r_chunks, g.dtype) if split else (1, N)
     dP = torch.empty((M, R), dtype=torch.float32, device=g.device)
+    dPp = dP if splits == 1 else torch.empty((splits, M, R), dtype=torch.float32, device=g.device)
     gthp = torch.empty((Pm, N, R), dtype=torch.float32, device=g.device) if need_up else dP
     csp = torch.empty((Pm, N), dtype=torch.float32, device=g.device) if need_up else dP
-    L._bwd_dy_kernel[(Pm, r_chunks)](
-        g, U_s, P, dP, gthp, csp, M, N, R, g.stride(0), g.stride(1), U_s.stride(0), U_s.stride(1), 1.0,
+    L._bwd_dy_kernel[(Pm, r_chunks, splits)](
+        g, U_s, P, dPp, gthp, csp, M, N, R, g.stride(0), g.stride(1), U_s.stride(0), U_s.stride(1), 1.0,
         COMPUTE_DB=need_up, COLSUM=need_up, ACT=ACT_CODES[activation], BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        BLOCK_R=abr, num_warps=c.num_warps, num_stages=c.num_stages, **fl)
-    return dP, gthp, csp, Pm
+        BLOCK_R=abr, num_warps=c.num_warps, num_stages=c.num_stages, n_per_split=n_per, ds_part_stride=M * R,
+        N_SPLIT=splits > 1, **fl)
+    return dP, gthp, csp, Pm, dPp, splits
 
 
 def _input_and_param_grads(g, inp, D, dP, gthp, csp, Pm, residual, need_din, need_dd, need_db, need_up, cfg, fl):
@@ -350,7 +364,8 @@ def _input_and_param_grads(g, inp, D, dP, gthp, csp, Pm, residual, need_din, nee
     need_dd = need_dd or need_db  # Σ dP rides on the dD programs
     if not (need_din or need_dd or need_up):
         return None, None, None, None, None
-    ce, ca, br = cfg["expand"], cfg["da"], cfg["da_block_r"]
+    ce, br = cfg["expand"], cfg["da_block_r"]
+    ca = cfg["da"] if need_din else L._fill_da(cfg["da"], K, N, need_dd, need_up, triton.cdiv(R, br), g.device)
     d_in = torch.empty((M, K), dtype=g.dtype, device=g.device) if need_din else None
     dD = torch.empty_like(D) if need_dd else None
     db_d = torch.empty((R,), dtype=D.dtype, device=g.device) if need_db else None
@@ -379,9 +394,9 @@ def adapter_backward(g, inp, D, U_s, P, activation: str, residual: bool, need_di
     inp = y): 2 launches. Returns (d_in, dD, db_d, gtH = gᵀ·act(P) fp32, colsum = Σ_m g fp32), None where
     not needed."""
     check_dims(M=inp.shape[0], K=inp.shape[1], N=g.shape[1], bottleneck=D.shape[0])
-    cfg = configs(inp.dtype, D.shape[0], L._aligned(inp, D, U_s, g))
+    cfg = configs(inp.dtype, D.shape[0], L._aligned(inp, D, U_s, g), inp.shape[0], g.shape[1], inp.shape[1], inp.device)
     fl = _flags(inp, D)
-    dP, gthp, csp, Pm = _dp(g, U_s, P, activation, need_up, cfg, fl)
+    dP, gthp, csp, Pm, _, _ = _dp(g, U_s, P, activation, need_up, cfg, fl)
     return _input_and_param_grads(g, inp, D, dP, gthp, csp, Pm, residual, need_din, need_dd, need_db, need_up,
                                   cfg, fl)
 
@@ -392,20 +407,24 @@ def parallel_backward(dy, x, weight, D, U_s, P, activation: str, need_dx: bool, 
     M, K = x.shape
     N, R = weight.shape[0], D.shape[0]
     check_dims(M=M, K=K, N=N, bottleneck=R)
-    cfg = configs(x.dtype, R, L._aligned(x, weight, D, U_s, dy))
+    cfg = configs(x.dtype, R, L._aligned(x, weight, D, U_s, dy), M, N, K, x.device)
     fl = _flags(x, D)
-    dP, gthp, csp, Pm = _dp(dy, U_s, P, activation, need_up, cfg, fl)
+    # split N above the decode bucket only: summing the partials in the decode tile's dX spilled 4-8 bytes with
+    # triton 3.6 (2 or 4 warps, 2 or 3 stages)
+    dP, gthp, csp, Pm, dPp, splits = _dp(dy, U_s, P, activation, need_up, cfg, fl,
+                                         split=need_dx and L.m_bucket(M) != "decode")
     dx = None
-    if need_dx:  # dX = dY·W + dP·D in one GEMM
+    if need_dx:  # dX = dY·W + dP·D in one GEMM (it sums the dP partials and stores dP for the dD programs)
         c = cfg["dx"]
         dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
         L._bwd_dx_kernel[(triton.cdiv(M, c.block_m) * triton.cdiv(K, c.block_n),)](
-            dy, weight, dP, D, x, dx, dP, M, N, K, R,
+            dy, weight, dPp, D, x, dx, dP, M, N, K, R,
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), D.stride(0), D.stride(1),
             dx.stride(0), dx.stride(1), 0.0, 1.0,
             HAS_DROPOUT=False, BLOCK_M=c.block_m, BLOCK_K=c.block_n, BLOCK_N=c.block_k,
             BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages,
-            LORA_PREC=fl["F32_PREC"], **fl)
+            LORA_PREC=fl["F32_PREC"], num_parts=splits, part_stride=M * R,
+            ds_out_ptr=dP if splits > 1 else None, STORE_S=splits > 1, **fl)
     _, dD, db_d, gtH, colsum = _input_and_param_grads(dy, x, D, dP, gthp, csp, Pm, False, False, need_dd, need_db,
                                                       need_up, cfg, fl)
     return dx, dD, db_d, gtH, colsum

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, check_dims, f32_precision, mma, upcast_needed
-from .lora import _grouped_tile
+from ._common import INTERPRETED, check_dims, f32_precision, mma, program_budget, upcast_needed
+from .lora import _grouped_tile, m_bucket
 
 
 @triton.jit
@@ -65,13 +65,21 @@ def _ia3_gemm_kernel(a_ptr, b_ptr, bias_ptr, lk_ptr, ln_ptr, out_ptr, raw_ptr, x
     tl.store(out_ptr + rm64[:, None] * s_om + rn64[None, :] * s_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _config(dtype: torch.dtype, colsum: bool, store_raw: bool = False):
+def _config(dtype: torch.dtype, colsum: bool, store_raw: bool = False, M: int = None, N: int = 0, device=None):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by rule; small tiles in the interpreter. The
     column-sum epilogue holds a second [BLOCK_M, BLOCK_N] tile (x), so it gets a quarter of the tile; storing
-    the unscaled output too keeps a second tile of 64-bit addresses live, so it gets half. The AOT check
-    (python -m peft_kernels.kernels.aot --op ia3) requires 0 spills for every choice."""
+    the unscaled output too keeps a second tile of 64-bit addresses live, so it gets half. A 16-bit decode
+    launch (M ≤ 64: ``lora.m_bucket``) takes LoRA's decode tile, 16×32 with a 128-deep K step, narrowed to 16
+    columns where 32 leave fewer programs than the machine has SMs (the prefill tile gave 32-64 programs on
+    132 SMs at the Llama-3-8B shapes). The AOT check (python -m peft_kernels.kernels.aot --op ia3) requires 0
+    spills for every choice."""
     if INTERPRETED:
         return 32, 32, 32, 4, 1
+    if dtype != torch.float32 and M is not None and m_bucket(M) == "decode":
+        bn = 32
+        if triton.cdiv(M, 16) * triton.cdiv(N, bn) < program_budget(device or torch.device("cpu")):
+            bn = 16
+        return 16, bn, 128, 2, 3
     if dtype == torch.float32:
         return 32, 64, 32, 8, 3
     if colsum:
@@ -83,7 +91,7 @@ def _gemm(a, b_kn_strides, b, M, N, K, out_dtype, *, bias=None, lk=None, ln=None
     """Launch: out[M, N] = (a ⊙ lk)·b (+bias) ⊙ ln; b is addressed as [K, N] through ``b_kn_strides``.
     Returns (out, raw or None, partials [num_m, N] fp32 or None)."""
     check_dims(M=M, N=N, K=K)
-    bm, bn, bk, warps, stages = _config(a.dtype, colsum_x is not None, store_raw)
+    bm, bn, bk, warps, stages = _config(a.dtype, colsum_x is not None, store_raw, M, N, a.device)
     dev = a.device
     out = torch.empty((M, N), dtype=out_dtype, device=dev)
     raw = torch.empty((M, N), dtype=out_dtype, device=dev) if store_raw else out

@@ -8,10 +8,20 @@ Forward, 2 launches:
                           the split-K partials of S in a fixed order and column block 0 stores S)
 Backward, at most 3 launches:
   1. ``_bwd_dy_kernel``   reads each dY tile once for dS = s·dY·B (fp32 [M, R]) and for
-                          per-M-block partials of dB = s·dYᵀ·S
-  2. ``_bwd_dx_kernel``   dX = dY·W + mask ⊙ (dS·A)/(1-p) in one GEMM (skipped if x needs no grad)
+                          per-M-block partials of dB = s·dYᵀ·S; with fewer row programs than the machine's it
+                          also splits N (``dy_splits``): one fp32 partial of dS per N span
+  2. ``_bwd_dx_kernel``   dX = dY·W + mask ⊙ (dS·A)/(1-p) in one GEMM (skipped if x needs no grad); it sums the
+                          dS partials in a fixed order and column block 0 stores the sum for dA
   3. ``_bwd_da_kernel``   dA = dSᵀ·drop(x)/(1-p), plus the deterministic fixed-order reduction of the dB
                           partials in extra programs
+Decode (``fused_decode``: M ≤ 64, 16-bit x and adapters, rank ≤ the GEMM's rank tile), 1 forward and 2
+backward launches: the forward GEMM computes S = x·Aᵀ from its own x tiles (column block 0 stores it; with
+dropout the shrink still runs, since it draws the mask), dX computes dS = s·dY·B from its own dY tiles, and
+the dA launch's extra programs compute dB = s·dYᵀ·S from dY and S walking M (``DB_DIRECT``). There one row
+block would have left the shrink and the dY launch a single program each (the dY one streaming all of B
+alone: 12-99 µs in the launch model against ~2 µs). Every launch fills the machine at the Llama-3-8B shapes
+(``python -m peft_kernels.bench --model h200``): the decode GEMM tiles narrow to 16 columns where 32 would
+leave programs short (``_fill_cols``), and the dA launch's K tile narrows likewise (``_fill_da``).
 Dropout: the shrink draws the mask once, a byte (8 elements) per two Philox calls using all 4 outputs of
 each (``_common.dropout_bytes``), unpacks it in registers for its own x tile, and writes it packed (uint8
 [M, ⌈K/8⌉], M·K/8 bytes); dX and dA read those bits. Before, all three kernels regenerated the mask, one
@@ -107,6 +117,48 @@ def _gemm_mainloop(acc, a_ptr, rm, m_ok, stride_am, stride_ak, b_ptr, rc, c_ok, 
 
 
 @triton.jit
+def _gemm_mainloop_side(acc, a_ptr, rm, m_ok, stride_am, stride_ak, b_ptr, rc, c_ok, stride_bk, stride_bc, KD,
+                        c_ptr, R, stride_ck, stride_cr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``_gemm_mainloop`` (16-bit operands: one-level sums) that also returns the low-rank side product
+    ``a[rm, :KD] · c[:KD, :R]`` (fp32 [BLOCK_M, BLOCK_R], R ≤ BLOCK_R) from the same ``a`` tiles: the decode
+    shrink S = x·Aᵀ fused into the forward GEMM (c = Aᵀ), and dS = dY·B fused into dX (c = B). c's tile is
+    [BLOCK_K, BLOCK_R], read through (stride_ck, stride_cr)."""
+    rk0 = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    a_row = a_ptr + rm[:, None] * stride_am
+    b_col = b_ptr + rc[None, :] * stride_bc
+    c_col = c_ptr + rr.to(tl.int64)[None, :] * stride_cr
+    side = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, KD, BLOCK_K):
+        rk = k0 + rk0
+        rk64 = rk.to(tl.int64)
+        k_ok = rk < KD
+        at = tl.load(a_row + rk64[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        bt = tl.load(b_col + rk64[:, None] * stride_bk, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        ct = tl.load(c_col + rk64[:, None] * stride_ck, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = mma(at, bt, acc, UPCAST, F32_PREC)
+        side = mma(at.to(ct.dtype), ct, side, UPCAST, F32_PREC)
+    return acc, side
+
+
+@triton.jit
+def _side_expand(side, rm, m_ok, R, w_ptr, rc, c_ok, stride_wr, stride_wc, out_ptr, store,
+                 UPCAST: tl.constexpr, F32_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """The fused epilogue's low-rank term: stores the fp32 ``side`` [BLOCK_M, BLOCK_R] (S or dS) to
+    ``out_ptr`` [M, R] where ``store`` holds (one column block), and returns ``side · W[:R, rc]`` (fp32
+    [BLOCK_M, BLOCK_C]) with side cast to W's dtype, as ``_low_rank_tile`` does."""
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    tl.store(out_ptr + rm[:, None] * R + rr[None, :], side, mask=m_ok[:, None] & r_ok[None, :] & store)
+    wt = tl.load(w_ptr + rr.to(tl.int64)[:, None] * stride_wr + rc[None, :] * stride_wc,
+                 mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+    return mma(side.to(wt.dtype), wt, tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32), UPCAST, F32_PREC)
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, s_ptr, seed_ptr, bits_ptr, M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak,
@@ -168,6 +220,7 @@ def _fwd_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, g_ptr=None, z_ptr=None, COL_SCALE: tl.constexpr = False, STORE_Z: tl.constexpr = False,
     num_parts=1, part_stride=0, s_out_ptr=None, STORE_S: tl.constexpr = False, ACC_CHUNK: tl.constexpr = 0,
+    a_ptr=None, stride_ar=0, stride_ak=0, FUSE_SHRINK: tl.constexpr = False,
 ):
     # Split-K shrink (STORE_S): s_ptr holds num_parts partials of S; the programs of column block 0 write
     # their sum to s_out_ptr for backward.
@@ -183,12 +236,21 @@ def _fwd_gemm_kernel(
     n_ok = rn < N
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
-    # LoRA expand first, so its tile becomes the base GEMM's accumulator: s · S[BM, R] · Bᵀ[R, BN]
-    acc = _low_rank_tile(s_ptr, rm64, m_ok, R, b_ptr, rn64, n_ok, stride_br, stride_bn,
-                         UPCAST, LORA_PREC, BLOCK_M, BLOCK_R, BLOCK_N, num_parts, part_stride, s_out_ptr,
-                         pid_n == 0, STORE_S) * scaling
-    acc = _gemm_mainloop(acc, x_ptr, rm64, m_ok, stride_xm, stride_xk, w_ptr, rn64, n_ok, stride_wk, stride_wn, K,
-                         UPCAST, F32_PREC, BLOCK_K, ACC_CHUNK)
+    if FUSE_SHRINK:
+        # decode (no shrink launch): S = x·Aᵀ from the mainloop's own x tiles, stored by column block 0 to
+        # s_out_ptr; the expand s · S·Bᵀ joins in the epilogue
+        acc, st = _gemm_mainloop_side(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, rm64, m_ok, stride_xm,
+                                      stride_xk, w_ptr, rn64, n_ok, stride_wk, stride_wn, K, a_ptr, R, stride_ak,
+                                      stride_ar, UPCAST, F32_PREC, BLOCK_M, BLOCK_K, BLOCK_R)
+        acc += _side_expand(st, rm64, m_ok, R, b_ptr, rn64, n_ok, stride_br, stride_bn, s_out_ptr, pid_n == 0,
+                            UPCAST, LORA_PREC, BLOCK_M, BLOCK_R, BLOCK_N) * scaling
+    else:
+        # LoRA expand first, so its tile becomes the base GEMM's accumulator: s · S[BM, R] · Bᵀ[R, BN]
+        acc = _low_rank_tile(s_ptr, rm64, m_ok, R, b_ptr, rn64, n_ok, stride_br, stride_bn,
+                             UPCAST, LORA_PREC, BLOCK_M, BLOCK_R, BLOCK_N, num_parts, part_stride, s_out_ptr,
+                             pid_n == 0, STORE_S) * scaling
+        acc = _gemm_mainloop(acc, x_ptr, rm64, m_ok, stride_xm, stride_xk, w_ptr, rn64, n_ok, stride_wk, stride_wn,
+                             K, UPCAST, F32_PREC, BLOCK_K, ACC_CHUNK)
     if COL_SCALE:
         if STORE_Z:
             tl.store(z_ptr + rm64[:, None] * stride_ym + rn64[None, :] * stride_yn, acc.to(z_ptr.dtype.element_ty),
@@ -207,8 +269,12 @@ def _bwd_dy_kernel(
     scaling,
     COMPUTE_DB: tl.constexpr, COLSUM: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr,
     F32_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    ACC_CHUNK: tl.constexpr = 0,
+    ACC_CHUNK: tl.constexpr = 0, n_per_split=0, ds_part_stride=0, N_SPLIT: tl.constexpr = False,
 ):
+    # Grid (P, R-chunks, splits). N split (``dy_splits``): split j covers the columns [j·n_per_split,
+    # (j+1)·n_per_split) and writes its own fp32 partial of dS, ds_part_stride = M·R apart (dX adds the partials
+    # in a fixed order); the dB partials and column sums of the splits are disjoint column ranges of the same
+    # buffers. N_SPLIT=False (one split; the bottleneck adapter) compiles none of this.
     # P = num_programs(0) row programs (≈ the SM count) × R-chunks. Program p walks row blocks p, p + P, ...;
     # R ≤ BLOCK_R (the usual case) reads dY exactly once. The dB partial of program p, dbp[p] = Σ over its
     # row blocks of s·dYᵀ·S, is accumulated in place in that fixed order: deterministic, and the buffer is
@@ -223,6 +289,18 @@ def _bwd_dy_kernel(
     rn0 = tl.arange(0, BLOCK_N)
     r_ok = rr < R
     part_row = pid_p.to(tl.int64) * N  # this program's partial: rows [pid_p·N, pid_p·N + N) of [P·N, R]
+    # this split's N span [n_lo, n_lo + n_span): the base pointers step by n_lo once (64-bit), the loop indices
+    # stay 32-bit local offsets (as in the shrink's split K)
+    n_span = N
+    if N_SPLIT:
+        split = tl.program_id(2)
+        n_lo = split.to(tl.int64) * n_per_split
+        n_span = tl.minimum(N - n_lo, n_per_split).to(tl.int32)
+        dy_ptr += n_lo * stride_dyn
+        b_ptr += n_lo * stride_bn
+        dbp_ptr += n_lo * R
+        csp_ptr += n_lo
+        ds_ptr += split.to(tl.int64) * ds_part_stride
     for mb in range(pid_p, tl.cdiv(M, BLOCK_M), num_p):
         rm = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = rm < M
@@ -232,9 +310,9 @@ def _bwd_dy_kernel(
         ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         ds_part = tl.zeros_like(ds) if ACC_CHUNK > 0 else 0.0
         more = mb != pid_p  # not this program's first row block: add to its partial
-        for n0 in range(0, N, BLOCK_N):
+        for n0 in range(0, n_span, BLOCK_N):
             rn = n0 + rn0
-            n_ok = rn < N
+            n_ok = rn < n_span
             rn64 = rn.to(tl.int64)
             dyt = tl.load(dy_ptr + rm64[:, None] * stride_dym + rn64[None, :] * stride_dyn,
                           mask=m_ok[:, None] & n_ok[None, :], other=0.0)
@@ -276,7 +354,13 @@ def _bwd_dx_kernel(
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr, LORA_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, ACC_CHUNK: tl.constexpr = 0,
+    num_parts=1, part_stride=0, ds_out_ptr=None, STORE_S: tl.constexpr = False,
+    b_ptr=None, stride_bn=0, stride_br=0, scaling=1.0, FUSE_DS: tl.constexpr = False,
 ):
+    # num_parts > 1 (the dY launch split N): ds_ptr holds that many fp32 partials of dS, part_stride apart,
+    # added in a fixed order; with STORE_S the programs of column block 0 write the sum to ds_out_ptr (for dA).
+    # FUSE_DS (decode, no dY launch): dS = s·dY·B from the mainloop's own dY tiles, stored by column block 0
+    # to ds_out_ptr; its term joins in the epilogue.
     pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -285,14 +369,26 @@ def _bwd_dx_kernel(
     k_ok = rk < K
     rm64 = rm.to(tl.int64)
     rk64 = rk.to(tl.int64)
-    # LoRA term first (masked), then the base GEMM accumulates into it: fewer live registers
-    acc = _low_rank_tile(ds_ptr, rm64, m_ok, R, a_ptr, rk64, k_ok, stride_ar, stride_ak,
-                         UPCAST, LORA_PREC, BLOCK_M, BLOCK_R, BLOCK_K)
-    if HAS_DROPOUT:
-        keep = load_keep(bits_ptr, rm64, m_ok, pid_k * BLOCK_K, tl.cdiv(K, 8), BLOCK_M, BLOCK_K)
-        acc = tl.where(keep != 0, acc * keep_scale, 0.0)
-    acc = _gemm_mainloop(acc, dy_ptr, rm64, m_ok, stride_dym, stride_dyn, w_ptr, rk64, k_ok, stride_wn, stride_wk, N,
-                         UPCAST, F32_PREC, BLOCK_N, ACC_CHUNK)
+    if FUSE_DS:
+        acc, dst = _gemm_mainloop_side(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), dy_ptr, rm64, m_ok,
+                                       stride_dym, stride_dyn, w_ptr, rk64, k_ok, stride_wn, stride_wk, N, b_ptr, R,
+                                       stride_bn, stride_br, UPCAST, F32_PREC, BLOCK_M, BLOCK_N, BLOCK_R)
+        lr = _side_expand(dst * scaling, rm64, m_ok, R, a_ptr, rk64, k_ok, stride_ar, stride_ak, ds_out_ptr,
+                          pid_k == 0, UPCAST, LORA_PREC, BLOCK_M, BLOCK_R, BLOCK_K)
+        if HAS_DROPOUT:
+            keep = load_keep(bits_ptr, rm64, m_ok, pid_k * BLOCK_K, tl.cdiv(K, 8), BLOCK_M, BLOCK_K)
+            lr = tl.where(keep != 0, lr * keep_scale, 0.0)
+        acc += lr
+    else:
+        # LoRA term first (masked), then the base GEMM accumulates into it: fewer live registers
+        acc = _low_rank_tile(ds_ptr, rm64, m_ok, R, a_ptr, rk64, k_ok, stride_ar, stride_ak,
+                             UPCAST, LORA_PREC, BLOCK_M, BLOCK_R, BLOCK_K, num_parts, part_stride, ds_out_ptr,
+                             pid_k == 0, STORE_S)
+        if HAS_DROPOUT:
+            keep = load_keep(bits_ptr, rm64, m_ok, pid_k * BLOCK_K, tl.cdiv(K, 8), BLOCK_M, BLOCK_K)
+            acc = tl.where(keep != 0, acc * keep_scale, 0.0)
+        acc = _gemm_mainloop(acc, dy_ptr, rm64, m_ok, stride_dym, stride_dyn, w_ptr, rk64, k_ok, stride_wn, stride_wk,
+                             N, UPCAST, F32_PREC, BLOCK_N, ACC_CHUNK)
     tl.store(dx_ptr + rm64[:, None] * stride_dxm + rk64[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=m_ok[:, None] & k_ok[None, :])
 
@@ -305,10 +401,12 @@ def _da_tile(
     HAS_DROPOUT: tl.constexpr, COMPUTE_DA: tl.constexpr, DSUM: tl.constexpr, UPCAST: tl.constexpr,
     F32_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, ACC_CHUNK: tl.constexpr = 0,
+    dy_ptr=None, s_ptr=None, stride_dym=0, stride_dyn=0, scaling=1.0, DB_DIRECT: tl.constexpr = False,
 ):
     """One program of the dA launch: programs below cdiv(K, BLOCK_K) compute a [BLOCK_R, BLOCK_K] tile
-    of dA = dSᵀ·drop(x) (the first one also Σ_m dS when DSUM: a bottleneck adapter's down bias), the
-    rest reduce the P dB partials in a fixed order."""
+    of dA = dSᵀ·drop(x) (the first one also Σ_m dS when DSUM: a bottleneck adapter's down bias); the rest
+    reduce the P dB partials in a fixed order, or with DB_DIRECT (no dY launch ran: decode) compute
+    dB = s·dYᵀ·S themselves, walking M."""
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rr < R
     num_k = tl.cdiv(K, BLOCK_K) if COMPUTE_DA else 0
@@ -344,15 +442,31 @@ def _da_tile(
         tl.store(da_ptr + rr.to(tl.int64)[:, None] * stride_dar + rk64[None, :] * stride_dak,
                  acc.to(da_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
     else:
-        # dB: fixed-order sum of the P per-program partials (deterministic, no atomics)
         rn = (pid - num_k) * BLOCK_N + tl.arange(0, BLOCK_N)
         rn64 = rn.to(tl.int64)
-        msk = (rn[:, None] < N) & r_ok[None, :]
+        n_ok = rn < N
+        msk = n_ok[:, None] & r_ok[None, :]
         db_acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-        ptrs = dbp_ptr + rn64[:, None] * R + rr[None, :]
-        for _ in range(0, P):
-            db_acc += tl.load(ptrs, mask=msk, other=0.0)
-            ptrs += part_stride  # N·R, a launch argument (typed i64 by the JIT when ≥ 2³¹): 64-bit pointer steps
+        if DB_DIRECT:
+            # dB[n, r] = s · Σ_m dY[m, n] · S[m, r] in M order, operands in dB's dtype as in the dY kernel
+            rm0 = tl.arange(0, BLOCK_M)
+            part = tl.zeros_like(db_acc) if ACC_CHUNK > 0 else 0.0
+            for m0 in range(0, M, BLOCK_M):
+                rm = m0 + rm0
+                m_ok = rm < M
+                rm64 = rm.to(tl.int64)
+                dyt = tl.load(dy_ptr + rm64[:, None] * stride_dym + rn64[None, :] * stride_dyn,
+                              mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(db_ptr.dtype.element_ty)
+                st = tl.load(s_ptr + rm64[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+                db_acc, part = mma_acc(tl.trans(dyt), st.to(dyt.dtype), db_acc, part, m0 // BLOCK_M, UPCAST, F32_PREC,
+                                       ACC_CHUNK)
+            db_acc = acc_flush(db_acc, part, ACC_CHUNK) * scaling
+        else:
+            # dB: fixed-order sum of the P per-program partials (deterministic, no atomics)
+            ptrs = dbp_ptr + rn64[:, None] * R + rr[None, :]
+            for _ in range(0, P):
+                db_acc += tl.load(ptrs, mask=msk, other=0.0)
+                ptrs += part_stride  # N·R, a launch argument (typed i64 by the JIT when ≥ 2³¹): 64-bit pointer steps
         tl.store(db_ptr + rn64[:, None] * stride_dbn + rr.to(tl.int64)[None, :] * stride_dbr,
                  db_acc.to(db_ptr.dtype.element_ty), mask=msk)
 
@@ -365,10 +479,12 @@ def _bwd_da_kernel(
     HAS_DROPOUT: tl.constexpr, COMPUTE_DA: tl.constexpr, DSUM: tl.constexpr, UPCAST: tl.constexpr,
     F32_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, ACC_CHUNK: tl.constexpr = 0,
+    dy_ptr=None, s_ptr=None, stride_dym=0, stride_dyn=0, scaling=1.0, DB_DIRECT: tl.constexpr = False,
 ):
     _da_tile(tl.program_id(0), tl.program_id(1), ds_ptr, x_ptr, da_ptr, dbp_ptr, db_ptr, dsum_ptr, bits_ptr,
              M, N, K, R, P, part_stride, stride_xm, stride_xk, stride_dar, stride_dak, stride_dbn, stride_dbr, p, keep_scale,
-             HAS_DROPOUT, COMPUTE_DA, DSUM, UPCAST, F32_PREC, BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_N, ACC_CHUNK)
+             HAS_DROPOUT, COMPUTE_DA, DSUM, UPCAST, F32_PREC, BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_N, ACC_CHUNK,
+             dy_ptr, s_ptr, stride_dym, stride_dyn, scaling, DB_DIRECT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,8 +506,8 @@ def block_r(R: int, cap: int = 128) -> int:
 
 # M buckets: decode (≤ 64 rows), mid (≤ 1024), prefill. The launch model (bench --model) showed the
 # prefill GEMM tile (128×128) giving a decode GEMM 32 programs at N = 4096 on 132 SMs: decode takes a
-# 16×32 output tile (128 programs at N = 4096, 448 at 14336) with a deep K step, since a decode GEMM is a
-# weight-streaming GEMV. mid keeps the prefill tiles until gpu-check measures a better choice; the
+# 16×32 output tile (448 programs at N = 14336; at N = 4096 its 128 programs are narrowed to 16×16, 256
+# programs, by ``_fill_cols``) with a deep K step, since a decode GEMM is a weight-streaming GEMV. mid keeps the prefill tiles until gpu-check measures a better choice; the
 # table is the same for sm_80 and sm_90 for the same reason.
 M_BUCKETS = (("decode", 64), ("mid", 1024), ("prefill", None))
 
@@ -443,10 +559,10 @@ def configs(dtype: torch.dtype, R: int, aligned: bool = True, interpreted: bool 
     mixed = lf32 and not f32  # fp32 adapters on a 16-bit base: 3×TF32 LoRA dots (three MMAs and split operands)
     small_r = br <= 32
     gemm = _gemm_config(m_bucket(M), f32, aligned)
-    if not lf32:
-        dy = Config(64, 64, num_warps=4) if small_r else Config(32, 32, num_warps=8)
-    elif mixed:
-        dy = Config(64, 64, num_warps=8) if small_r else Config(32, 16 if br > 64 else 32, num_warps=8)
+    if not lf32:  # rank tile 128: a 16-wide N step (32 spilled 12 bytes on sm_80 with the N split's pointer steps)
+        dy = Config(64, 64, num_warps=4) if small_r else Config(32, 16 if br > 64 else 32, num_warps=8)
+    elif mixed:  # a 16-wide N step above rank tile 32: 32 spilled 12-24 bytes (tf32x3, rank 64) on sm_80 with the N split
+        dy = Config(64, 64, num_warps=8) if small_r else Config(32, 16, num_warps=8)
     else:  # fp32: the in-place dB partial adds a tile of live registers
         dy = Config(64, 64, num_warps=4) if small_r else Config(16 if br > 64 else 32, 16, num_warps=8)
     return {
@@ -504,6 +620,59 @@ def dy_programs(device: torch.device, M: int, block_m: int, r_chunks: int) -> in
 
 
 MAX_SHRINK_SPLITS = 16  # the forward GEMM reads every partial of S once per program
+MAX_DY_SPLITS = 16  # dX (or dA) reads every partial of dS once per program
+
+
+def dy_splits(device: torch.device, M: int, N: int, P: int, block_n: int, r_chunks: int,
+              dtype: Optional[torch.dtype] = None):
+    """(splits, N per split) of the dY launch (its third grid axis): when its P row programs × rank chunks are
+    fewer than the machine's programs (M below ≈ SMs·BLOCK_M rows: 64 programs at M = 4096 on 132 SMs),
+    enough splits to fill it, at most one per column block and MAX_DY_SPLITS, in equal spans of whole column
+    blocks (no empty split). Each split writes its own fp32 partial of dS,
+    summed in a fixed order by dX's programs (column block 0 stores the sum for dA): deterministic, and the
+    backward stays 3 launches. Without dX (x needs no grad) the launcher does not split (dA summing the
+    partials inside its M loop spilled 8 bytes on sm_80). An fp32 base never splits (its dX STORE_S variant would be the
+    forward GEMM's, which spilled on sm_80 with triton 3.6's ptxas)."""
+    budget = program_budget(device)
+    if dtype == torch.float32 or P == 0 or N == 0 or P * r_chunks >= budget:
+        return 1, N
+    nb = triton.cdiv(N, block_n)
+    splits = max(1, min(nb, triton.cdiv(budget, P * r_chunks), MAX_DY_SPLITS))
+    n_per = triton.cdiv(nb, splits) * block_n
+    return triton.cdiv(N, n_per), n_per
+
+
+def fused_decode(M: int, x: torch.Tensor, A: torch.Tensor, R: int, cfg: dict) -> bool:
+    """Whether this launch takes the fused decode path: the decode bucket (M ≤ 64), 16-bit x with adapters of
+    its dtype, and a rank that fits one rank tile of the GEMM. The forward then computes S inside its GEMM
+    (no shrink launch; with dropout it keeps the shrink, which draws the mask) and the backward computes dS
+    inside dX and dB inside the dA launch (no dY launch): 1 forward and 2 backward launches. At decode the
+    extra reads are A (or B) once per program, from L2 (R·K·2 bytes, 128 KiB at r = 16, K = 4096), beside
+    the W tiles every program streams from memory; the single-program dY launch (M ≤ 64 rows are one row
+    block) and the shrink's few programs are gone."""
+    return (m_bucket(M) == "decode" and M > 0 and x.dtype in (torch.float16, torch.bfloat16) and A.dtype == x.dtype
+            and R <= cfg["gemm_block_r"])
+
+
+def _fill_cols(c: "Config", M: int, cols: int, device: torch.device) -> "Config":
+    """The decode bucket's 16-bit GEMM tile, its column width halved (down to 16) while the launch has fewer
+    programs than the machine: at N = 4096 the 16×32 tile gives 128 programs on 132 SMs, 16×16 gives 256.
+    (The launchers keep fp32 tiles as they are.)"""
+    while (m_bucket(M) == "decode" and c.block_n > 16
+           and triton.cdiv(M, c.block_m) * triton.cdiv(cols, c.block_n) < program_budget(device)):
+        c = Config(c.block_m, c.block_n // 2, c.block_k, c.num_warps, c.num_stages)
+    return c
+
+
+def _fill_da(c: "Config", K: int, N: int, need_da: bool, need_db: bool, r_chunks: int, device: torch.device) -> "Config":
+    """The dA launch's K tile, halved (down to 16) while its dA and dB programs are fewer than the machine's
+    (q_proj: 64 + 64 = 128 programs at a 64-wide tile on 132 SMs, 192 at 32)."""
+    def programs(cc):
+        return ((triton.cdiv(K, cc.block_k) if need_da else 0) + (triton.cdiv(N, cc.block_n) if need_db else 0)) * r_chunks
+
+    while need_da and c.block_k > 16 and programs(c) < program_budget(device):
+        c = Config(c.block_m, c.block_n, c.block_k // 2, c.num_warps, c.num_stages)
+    return c
 
 
 def shrink_splits(device: torch.device, M: int, K: int, R: int, block_m: int, block_k: int, block_r: int,
@@ -540,23 +709,30 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed, col_scal
     fl = _flags(x, A)
     keep_scale = 1.0 / (1.0 - p)
     S = torch.empty((M, R), dtype=torch.float32, device=x.device)
-    seed_t = seed if p > 0 else S  # never read without dropout
-    bits = (bits_out if bits_out is not None else dropout_mask_buffer(M, K, x.device)) if p > 0 else S
-    c, br = cfg["shrink"], cfg["block_r"]
-    if p > 0 and c.block_k > 32 and not _aligned(x, A):
-        # unpacking the mask bytes of a 64-wide tile of unaligned (unvectorised) x took 255 registers and
-        # spilled 2.4 KB with triton 3.6's ptxas; a 32-wide tile on 8 warps takes 128 and none
-        c = Config(c.block_m, 0, 32, num_warps=8, num_stages=c.num_stages)
-    splits, k_per_split = shrink_splits(x.device, M, K, R, c.block_m, c.block_k, br, x.dtype)
-    parts = S if splits == 1 else torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
-    _shrink_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(R, br), splits)](
-        x, A, parts, seed_t, bits, M, K, R, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
-        p, keep_scale, k_per_split, M * R, HAS_DROPOUT=p > 0, BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_R=br,
-        ACC_CHUNK=acc_chunk(A.dtype, c.block_k), num_warps=c.num_warps, num_stages=c.num_stages,
-        **_only(fl, "UPCAST", "F32_PREC"))
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    c = cfg["gemm"]
     z = torch.empty_like(y) if store_z else None
+    fused = p == 0 and fused_decode(M, x, A, R, cfg)  # decode: S inside the GEMM, no shrink launch
+    splits, parts = 1, S
+    if not fused:
+        seed_t = seed if p > 0 else S  # never read without dropout
+        bits = (bits_out if bits_out is not None else dropout_mask_buffer(M, K, x.device)) if p > 0 else S
+        c, br = cfg["shrink"], cfg["block_r"]
+        if p > 0 and c.block_k > 32 and not _aligned(x, A):
+            # unpacking the mask bytes of a 64-wide tile of unaligned (unvectorised) x took 255 registers and
+            # spilled 2.4 KB with triton 3.6's ptxas; a 32-wide tile on 8 warps takes 128 and none
+            c = Config(c.block_m, 0, 32, num_warps=8, num_stages=c.num_stages)
+        splits, k_per_split = shrink_splits(x.device, M, K, R, c.block_m, c.block_k, br, x.dtype)
+        parts = S if splits == 1 else torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
+        _shrink_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(R, br), splits)](
+            x, A, parts, seed_t, bits, M, K, R, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
+            p, keep_scale, k_per_split, M * R, HAS_DROPOUT=p > 0, BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_R=br,
+            ACC_CHUNK=acc_chunk(A.dtype, c.block_k), num_warps=c.num_warps, num_stages=c.num_stages,
+            **_only(fl, "UPCAST", "F32_PREC"))
+    # Narrowed to fill the machine (``_fill_cols``) where every variant compiles without spills at 16 columns: not
+    # for fp32 adapters on a 16-bit base (their DoRA split-K variants spilled 8 bytes on sm_90 with triton 3.8),
+    # nor for the split-K GEMM at rank tile 64 (12 bytes on sm_90 with triton 3.6)
+    narrow = A.dtype == x.dtype != torch.float32 and (fused or cfg["gemm_block_r"] <= 32)
+    c = _fill_cols(cfg["gemm"], M, N, x.device) if narrow else cfg["gemm"]
     _fwd_gemm_kernel[(triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n),)](
         x, weight, bias if bias is not None else y, parts, B, y, M, N, K, R,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), B.stride(0), B.stride(1),
@@ -564,8 +740,9 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed, col_scal
         HAS_BIAS=bias is not None, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages,
         g_ptr=col_scale, z_ptr=z, COL_SCALE=col_scale is not None, STORE_Z=z is not None,
-        num_parts=splits, part_stride=M * R, s_out_ptr=S if splits > 1 else None, STORE_S=splits > 1,
-        ACC_CHUNK=acc_chunk(x.dtype, c.block_k), **fl)
+        num_parts=splits, part_stride=M * R, s_out_ptr=S if splits > 1 or fused else None, STORE_S=splits > 1,
+        ACC_CHUNK=acc_chunk(x.dtype, c.block_k), a_ptr=A if fused else None, stride_ar=A.stride(0),
+        stride_ak=A.stride(1), FUSE_SHRINK=fused, **fl)
     return (y, S, z) if store_z else (y, S)
 
 
@@ -587,33 +764,51 @@ def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, bits,
     lora_fl = _only(fl, "UPCAST", "F32_PREC")
     keep_scale = 1.0 / (1.0 - p)
     br = cfg["block_r"]
-    # 1. dS (fp32) and the dB partials, reading dY once
-    c = cfg["dy"]
     r_chunks = triton.cdiv(R, br)
-    P = dy_programs(x.device, M, c.block_m, r_chunks)
+    fused = need_dx and fused_decode(M, x, A, R, cfg)
     dS = torch.empty((M, R), dtype=torch.float32, device=x.device)
-    dbp = torch.empty((P, N, R), dtype=torch.float32, device=x.device) if need_db else dS
+    ds_parts, P, dbp = 1, 0, dS
+    if not fused:
+        # 1. dS (fp32; split N: one partial per split) and the dB partials, reading dY once
+        c = cfg["dy"]
+        P = dy_programs(x.device, M, c.block_m, r_chunks)
+        ds_parts, n_per = dy_splits(x.device, M, N, P, c.block_n, r_chunks, x.dtype) if need_dx else (1, N)
+        dSp = dS if ds_parts == 1 else torch.empty((ds_parts, M, R), dtype=torch.float32, device=x.device)
+        dbp = torch.empty((P, N, R), dtype=torch.float32, device=x.device) if need_db else dS
+        _bwd_dy_kernel[(P, r_chunks, ds_parts)](
+            dy, B, S, dSp, dbp, dS, M, N, R, dy.stride(0), dy.stride(1), B.stride(0), B.stride(1), scaling,
+            COMPUTE_DB=need_db, COLSUM=False, ACT=ACT_NONE, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=br,
+            ACC_CHUNK=acc_chunk(B.dtype, c.block_n), num_warps=c.num_warps, num_stages=c.num_stages,
+            n_per_split=n_per, ds_part_stride=M * R, N_SPLIT=ds_parts > 1, **lora_fl)
+    else:
+        dSp = dS
     seed_t = bits if p > 0 else dS
-    _bwd_dy_kernel[(P, r_chunks)](
-        dy, B, S, dS, dbp, dS, M, N, R, dy.stride(0), dy.stride(1), B.stride(0), B.stride(1), scaling,
-        COMPUTE_DB=need_db, COLSUM=False, ACT=ACT_NONE, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=br,
-        ACC_CHUNK=acc_chunk(B.dtype, c.block_n), num_warps=c.num_warps, num_stages=c.num_stages, **lora_fl)
     dx = None
     if need_dx:
-        # 2. dX = dY·W + mask ⊙ (dS·A)/(1-p)
-        c = cfg["dx"]
+        # 2. dX = dY·W + mask ⊙ (dS·A)/(1-p); fused: dS = s·dY·B inside it. Column block 0 stores dS (the sum of
+        #    the partials, or the fused one) for dA
+        # narrowed as the forward GEMM is (not for fp32 adapters on a 16-bit base: 8 bytes spilled on sm_80 with
+        # triton 3.6). The 16-bit decode tile takes 2 stages where it adds a rank-space tile to the GEMV: the
+        # fused dS at rank tile 64, or the sum of dS partials (3 spilled 4-16 bytes on sm_80 with triton 3.6)
+        c = _fill_cols(cfg["dx"], M, K, x.device) if A.dtype == x.dtype != torch.float32 else cfg["dx"]
+        if c.block_m == 16 and ((fused and cfg["gemm_block_r"] > 32) or ds_parts > 1):
+            c = Config(c.block_m, c.block_n, c.block_k, c.num_warps, min(c.num_stages, 2))
         dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
         _bwd_dx_kernel[(triton.cdiv(M, c.block_m) * triton.cdiv(K, c.block_n),)](
-            dy, weight, dS, A, x, dx, seed_t, M, N, K, R,
+            dy, weight, dSp, A, x, dx, seed_t, M, N, K, R,
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), A.stride(0), A.stride(1),
             dx.stride(0), dx.stride(1), p, keep_scale,
             HAS_DROPOUT=p > 0, BLOCK_M=c.block_m, BLOCK_K=c.block_n, BLOCK_N=c.block_k,
             BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, ACC_CHUNK=acc_chunk(x.dtype, c.block_k), num_warps=c.num_warps,
-            num_stages=c.num_stages, **fl)
+            num_stages=c.num_stages, num_parts=ds_parts, part_stride=M * R,
+            ds_out_ptr=dS if fused or ds_parts > 1 else None, STORE_S=ds_parts > 1 and not fused,
+            b_ptr=B if fused else None, stride_bn=B.stride(0), stride_br=B.stride(1), scaling=scaling,
+            FUSE_DS=fused, **fl)
+        # dX left the summed (or fused) dS in dS for dA
     dA = dB = None
     if need_da or need_db:
-        # 3. dA, and the dB reduction in extra programs of the same launch
-        c = cfg["da"]
+        # 3. dA, and in extra programs of the same launch the dB reduction (fused: dB = s·dYᵀ·S itself)
+        c = _fill_da(cfg["da"], K, N, need_da, need_db, r_chunks, x.device)
         dA = torch.empty_like(A) if need_da else None
         dB = torch.empty_like(B) if need_db else None
         num_k = triton.cdiv(K, c.block_k) if need_da else 0
@@ -625,5 +820,6 @@ def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, bits,
             x.stride(0), x.stride(1), da_t.stride(0), da_t.stride(1), db_t.stride(0), db_t.stride(1),
             p, keep_scale, HAS_DROPOUT=p > 0, COMPUTE_DA=need_da, DSUM=False,
             BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_R=br, BLOCK_N=c.block_n, ACC_CHUNK=acc_chunk(A.dtype, c.block_m),
-            num_warps=c.num_warps, num_stages=c.num_stages, **lora_fl)
+            num_warps=c.num_warps, num_stages=c.num_stages, dy_ptr=dy if fused else None, s_ptr=S if fused else None, stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
+            scaling=scaling, DB_DIRECT=fused, **lora_fl)
     return dx, dA, dB

@@ -26,13 +26,13 @@ slots and positions are widened before they meet a stride).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, check_dims, f32_precision, mma, next_pow2, upcast_needed
+from ._common import INTERPRETED, check_dims, f32_precision, mma, next_pow2, program_budget, upcast_needed
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,11 +279,27 @@ def _flags(base_dtype, adapter_dtype, *dtypes) -> dict:
             "F32_PREC": f32_precision(adapter_dtype, base_dtype)}
 
 
+def fill_shrink(path: str, c: "Tile", m, R: int, device) -> "Tile":
+    """The shrink's tile, narrowed while its launch has fewer programs than the machine (a shrink is a
+    weight-streaming GEMV per token or segment: idle SMs leave bandwidth unused). SGMV halves its rows per
+    program (down to 16, a dot's minimum): 32 adapters × 128 tokens give 128 programs at 32 rows, 256 at 16.
+    BGMV (no dot) halves its rank tile (down to 2) and doubles its K step (up to 2048) to keep the tile's size:
+    a decode step of 32 tokens at rank 16 gives 32 programs at rank tile 16, 256 at 2."""
+    budget = program_budget(device)
+    if path == "sgmv":
+        while c.m > 16 and m.num_row_blocks(c.m) * triton.cdiv(R, c.r) < budget:
+            c = replace(c, m=c.m // 2)
+    else:
+        while c.r > 2 and m.num_active * triton.cdiv(R, c.r) < budget:
+            c = replace(c, r=c.r // 2, k=min(c.k * 2, 2048))
+    return c
+
+
 def _shrink(path, cfg, inp, w, wstrides, out, scal, m, ranks, has_scale):
     """out[p, :rank] = s? · inp[perm[p]] · W[slot]ᵀ with W read as [S, R, KD] through ``wstrides``."""
     KD, R = inp.shape[1], out.shape[1]
     if path == "sgmv":
-        c = cfg["sgmv_shrink"]
+        c = fill_shrink(path, cfg["sgmv_shrink"], m, R, inp.device)
         blk_seg, blk_row0 = m.row_blocks(c.m)
         _sgmv_shrink_kernel[(m.num_row_blocks(c.m), triton.cdiv(R, c.r))](
             inp, w, out, scal, m._perm, m._seg_slots, m._seg_starts, blk_seg, blk_row0, ranks, KD, R,
@@ -291,7 +307,7 @@ def _shrink(path, cfg, inp, w, wstrides, out, scal, m, ranks, has_scale):
             BLOCK_M=c.m, BLOCK_K=c.k, BLOCK_R=c.r, num_warps=c.num_warps, num_stages=c.num_stages,
             **_flags(inp.dtype, w.dtype))
     else:
-        c = cfg["bgmv_shrink"]
+        c = fill_shrink(path, cfg["bgmv_shrink"], m, R, inp.device)
         _bgmv_shrink_kernel[(m.num_active, triton.cdiv(R, c.r))](
             inp, w, out, scal, m._perm, m._pos_slots, ranks, KD, R,
             inp.stride(0), inp.stride(1), *wstrides, HAS_SCALE=has_scale,

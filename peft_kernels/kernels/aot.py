@@ -253,11 +253,13 @@ def compile_launch(launch: Launch, arch: int) -> Compiled:
     regs, st, ld, _ = _ptxas_stats(ck.asm["ptx"], arch)
     named = {k.arg_names[i[0]]: v for i, v in constexprs.items() if k.arg_names[i[0]].isupper()}
     # the input dtype: that of x (or dY, or the gathered input / adapter stack / output)
+    # (a pointer passed as None compiles as "constexpr": the fused decode GEMM's a_ptr, DB_DIRECT's dy_ptr)
     data = next((signature[k] for k in ("x_ptr", "dy_ptr", "g_ptr", "in_ptr", "a_ptr", "out_ptr", "w_ptr")
-                 if k in signature), "?")
+                 if signature.get(k, "constexpr") != "constexpr"), "?")
     # the adapter weights' (or their gradient's) dtype, when the kernel reads them: "bf16/fp32" rows are
     # fp32 adapters on a bf16 base
-    adapter = next((signature[k] for k in ("a_ptr", "b_ptr", "w_ptr", "d_ptr", "da_ptr") if k in signature), "")
+    adapter = next((signature[k] for k in ("a_ptr", "b_ptr", "w_ptr", "d_ptr", "da_ptr")
+                    if signature.get(k, "constexpr") != "constexpr"), "")
     return Compiled(k.__name__, arch, options.num_warps, options.num_stages, named, regs, st, ld,
                     ck.metadata.shared, data.lstrip("*"), tuple(offset_problems(ck.asm["ttgir"])),
                     adapter.lstrip("*"))

@@ -25,7 +25,9 @@ Backward:
      input's gradient; skipped for the parallel mode), and LoRA's dA programs: dD = dPᵀ·input with
      Σ_m dP (b_d), plus the fixed-order reduction of the dU partials
   standalone: 2 launches. sequential: + ``d_in·W`` for dX (one GEMM) = 3. parallel: + LoRA's
-  ``_bwd_dx_kernel`` dX = dY·W + dP·D (one GEMM, before step 2) = 3.
+  ``_bwd_dx_kernel`` dX = dY·W + dP·D (one GEMM, before step 2) = 3; there, above M = 64, the dY launch splits
+  N when its row programs leave SMs idle (LoRA's ``dy_splits``) and dX sums the dP partials and stores dP.
+GEMM tiles follow LoRA's M buckets (``configs(M=...)``), narrowed at decode to fill the machine.
 The O(N·b) parameter-side work (s⊙U, s⊙b_u, the scale's gradient, the column-sum reduction) is torch
 on tensors of parameter size.
 """

@@ -188,9 +188,10 @@ def test_ia3_decode_tile(monkeypatch):
     """(IA)³ at M ≤ 64 (16-bit) takes the decode tile: 16×32×128, narrowed to 16 columns where 32 leave fewer
     programs than 132 SMs; fp32 and prefill keep their tiles."""
     from peft_kernels.kernels import ia3 as I
+    from peft_kernels.kernels import lora as KL
 
     monkeypatch.setattr(I, "INTERPRETED", False)
-    monkeypatch.setattr(I, "program_budget", lambda device: 132)
+    monkeypatch.setattr(KL, "program_budget", lambda device: 132)  # (IA)³ takes LoRA's decode tile and fill rule
     bf = torch.bfloat16
     assert I._config(bf, False, False, 1, 4096) == (16, 16, 128, 2, 3)     # 128 programs at 32 → 256 at 16
     assert I._config(bf, True, False, 64, 4096) == (16, 32, 128, 2, 3)     # 4 row blocks × 128

@@ -224,7 +224,7 @@ MUTANTS = [
      "        n_span = tl.minimum(N - n_lo, 2 * n_per_split).to(tl.int32)",
      ["tests/test_fill_machine.py"], "the dY launch's N spans overlap: columns counted twice in dS"),
     ("dx-split-no-store", "peft_kernels/kernels/lora.py",
-     "            ds_out_ptr=dS if fused or ds_parts > 1 else None, STORE_S=ds_parts > 1 and not fused,",
+     "            ds_out_ptr=dS if fused or ds_parts > 1 else None, STORE_S=ds_parts > 1,",
      "            ds_out_ptr=dS if fused or ds_parts > 1 else None, STORE_S=False,",
      ["tests/test_fill_machine.py"], "dX sums the dS partials but never stores the sum: dA reads garbage"),
     ("adapter-dx-no-store", "peft_kernels/kernels/bottleneck.py",

@@ -41,6 +41,7 @@ prefill it favours the loop.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -96,6 +97,21 @@ class Launch:
                          "memory_us": memory_us, "us": max(t, MIN_KERNEL_US),
                          "bound": "compute" if compute_us >= memory_us else "memory"}
         return self
+
+
+@contextlib.contextmanager
+def _sm_budget(gpu: GPU):
+    """The launchers' program budget set to the modelled GPU's SM count (LoRA's, which DoRA, the bottleneck
+    adapter and (IA)³ use, and the multi-adapter launcher's), restored on exit."""
+    from ..kernels import lora as L
+    from ..kernels import multi_lora as ML
+
+    saved = L.program_budget, ML.program_budget
+    L.program_budget = ML.program_budget = lambda device: gpu.sms
+    try:
+        yield
+    finally:
+        L.program_budget, ML.program_budget = saved
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,20 +176,15 @@ def triton_lora_launches(M: int, K: int, N: int, R: int, dtype, gpu: GPU, backwa
     from ..kernels import aot
     from ..kernels import lora as L
 
-    saved = L.program_budget
-    L.program_budget = lambda device: gpu.sms
-    try:
-        kernels = [L._shrink_kernel, L._fwd_gemm_kernel, L._bwd_dy_kernel, L._bwd_dx_kernel, L._bwd_da_kernel]
-        with aot.record_launches(kernels) as calls:
-            x = torch.empty(M, K, dtype=dtype)
-            W = torch.empty(N, K, dtype=dtype)
-            A, B = torch.empty(R, K, dtype=dtype), torch.empty(N, R, dtype=dtype)
-            b = torch.empty(N, dtype=dtype) if bias else None
-            _, S = L.lora_forward(x, W, b, A, B, 2.0, 0.0, None)
-            if backward:
-                L.lora_backward(torch.empty(M, N, dtype=dtype), x, W, A, B, S, 2.0, 0.0, None, True, True, True)
-    finally:
-        L.program_budget = saved
+    kernels = [L._shrink_kernel, L._fwd_gemm_kernel, L._bwd_dy_kernel, L._bwd_dx_kernel, L._bwd_da_kernel]
+    with _sm_budget(gpu), aot.record_launches(kernels) as calls:
+        x = torch.empty(M, K, dtype=dtype)
+        W = torch.empty(N, K, dtype=dtype)
+        A, B = torch.empty(R, K, dtype=dtype), torch.empty(N, R, dtype=dtype)
+        b = torch.empty(N, dtype=dtype) if bias else None
+        _, S = L.lora_forward(x, W, b, A, B, 2.0, 0.0, None)
+        if backward:
+            L.lora_backward(torch.empty(M, N, dtype=dtype), x, W, A, B, S, 2.0, 0.0, None, True, True, True)
     e = torch.empty(0, dtype=dtype).element_size()
     out = []
     for c in calls:
@@ -303,7 +314,7 @@ def triton_multi_launches(counts, K: int, N: int, R: int, dtype, gpu: GPU, backw
     path = choose_path(m)
     kernels = [ML._sgmv_shrink_kernel, ML._sgmv_expand_kernel, ML._bgmv_shrink_kernel, ML._bgmv_expand_kernel,
                ML._seg_outer_kernel]
-    with aot.record_launches(kernels) as calls:
+    with _sm_budget(gpu), aot.record_launches(kernels) as calls:
         x, y = torch.empty(T, K, dtype=dtype), torch.empty(T, N, dtype=dtype)
         A, B = torch.empty(S, R, K, dtype=dtype), torch.empty(S, N, R, dtype=dtype)
         scal, ranks = torch.ones(S), torch.full((S,), R, dtype=torch.int32)
@@ -401,7 +412,6 @@ def other_op_waves(gpu: GPU, shapes=None, tokens=TOKENS, r: int = 16, dtype=None
     from ..kernels import bottleneck as BN
     from ..kernels import ia3 as I
     from ..kernels import lora as L
-    from ..kernels import multi_lora as ML
 
     dtype = dtype or torch.bfloat16
     kernels = [L._shrink_kernel, L._fwd_gemm_kernel, L._bwd_dy_kernel, L._bwd_dx_kernel, L._bwd_da_kernel,
@@ -409,9 +419,7 @@ def other_op_waves(gpu: GPU, shapes=None, tokens=TOKENS, r: int = 16, dtype=None
                I._ia3_gemm_kernel]
     e = lambda *sz: torch.empty(*sz, dtype=dtype)  # noqa: E731
     rows = []
-    saved = L.program_budget, ML.program_budget
-    L.program_budget = ML.program_budget = lambda device: gpu.sms
-    try:
+    with _sm_budget(gpu):
         for sname, (K, N) in (shapes or LLAMA3_8B).items():
             for M in tokens:
                 x, W, b, dy = e(M, K), e(N, K), e(N), e(M, N)
@@ -442,8 +450,6 @@ def other_op_waves(gpu: GPU, shapes=None, tokens=TOKENS, r: int = 16, dtype=None
                     rows.append({"model": "launch waves (no time model)", "gpu": gpu.name, "sms": gpu.sms, "op": op,
                                  "shape": sname, "M": M, "K": K, "N": N, "r": r, "launches": launches,
                                  "under_one_wave": [la["kernel"] for la in launches if la["programs"] < gpu.sms]})
-    finally:
-        L.program_budget, ML.program_budget = saved
     return rows
 
 

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, check_dims, f32_precision, mma, program_budget, upcast_needed
-from .lora import _grouped_tile, m_bucket
+from ._common import INTERPRETED, check_dims, f32_precision, mma, upcast_needed
+from .lora import _fill_cols, _gemm_config, _grouped_tile, m_bucket
 
 
 @triton.jit
@@ -76,10 +76,8 @@ def _config(dtype: torch.dtype, colsum: bool, store_raw: bool = False, M: int = 
     if INTERPRETED:
         return 32, 32, 32, 4, 1
     if dtype != torch.float32 and M is not None and m_bucket(M) == "decode":
-        bn = 32
-        if triton.cdiv(M, 16) * triton.cdiv(N, bn) < program_budget(device or torch.device("cpu")):
-            bn = 16
-        return 16, bn, 128, 2, 3
+        c = _fill_cols(_gemm_config("decode", False, True), M, N, device or torch.device("cpu"))
+        return c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages
     if dtype == torch.float32:
         return 32, 64, 32, 8, 3
     if colsum:

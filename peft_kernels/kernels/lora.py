@@ -507,8 +507,9 @@ def block_r(R: int, cap: int = 128) -> int:
 # M buckets: decode (≤ 64 rows), mid (≤ 1024), prefill. The launch model (bench --model) showed the
 # prefill GEMM tile (128×128) giving a decode GEMM 32 programs at N = 4096 on 132 SMs: decode takes a
 # 16×32 output tile (448 programs at N = 14336; at N = 4096 its 128 programs are narrowed to 16×16, 256
-# programs, by ``_fill_cols``) with a deep K step, since a decode GEMM is a weight-streaming GEMV. mid keeps the prefill tiles until gpu-check measures a better choice; the
-# table is the same for sm_80 and sm_90 for the same reason.
+# programs, by ``_fill_cols``) with a deep K step, since a decode GEMM is a weight-streaming GEMV. mid keeps
+# the prefill tiles until gpu-check measures a better choice; the table is the same for sm_80 and sm_90 for
+# the same reason.
 M_BUCKETS = (("decode", 64), ("mid", 1024), ("prefill", None))
 
 
@@ -628,11 +629,11 @@ def dy_splits(device: torch.device, M: int, N: int, P: int, block_n: int, r_chun
     """(splits, N per split) of the dY launch (its third grid axis): when its P row programs × rank chunks are
     fewer than the machine's programs (M below ≈ SMs·BLOCK_M rows: 64 programs at M = 4096 on 132 SMs),
     enough splits to fill it, at most one per column block and MAX_DY_SPLITS, in equal spans of whole column
-    blocks (no empty split). Each split writes its own fp32 partial of dS,
-    summed in a fixed order by dX's programs (column block 0 stores the sum for dA): deterministic, and the
-    backward stays 3 launches. Without dX (x needs no grad) the launcher does not split (dA summing the
-    partials inside its M loop spilled 8 bytes on sm_80). An fp32 base never splits (its dX STORE_S variant would be the
-    forward GEMM's, which spilled on sm_80 with triton 3.6's ptxas)."""
+    blocks (no empty split). Each split writes its own fp32 partial of dS, summed in a fixed order by dX's
+    programs (column block 0 stores the sum for dA): deterministic, and the backward stays 3 launches.
+    Without dX (x needs no grad) the launcher does not split (dA summing the partials inside its M loop
+    spilled 8 bytes on sm_80). An fp32 base never splits (its dX STORE_S variant would be the forward GEMM's,
+    which spilled on sm_80 with triton 3.6's ptxas)."""
     budget = program_budget(device)
     if dtype == torch.float32 or P == 0 or N == 0 or P * r_chunks >= budget:
         return 1, N
@@ -767,7 +768,7 @@ def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, bits,
     r_chunks = triton.cdiv(R, br)
     fused = need_dx and fused_decode(M, x, A, R, cfg)
     dS = torch.empty((M, R), dtype=torch.float32, device=x.device)
-    ds_parts, P, dbp = 1, 0, dS
+    ds_parts, P, dbp, dSp = 1, 0, dS, dS
     if not fused:
         # 1. dS (fp32; split N: one partial per split) and the dB partials, reading dY once
         c = cfg["dy"]
@@ -780,8 +781,6 @@ def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, bits,
             COMPUTE_DB=need_db, COLSUM=False, ACT=ACT_NONE, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=br,
             ACC_CHUNK=acc_chunk(B.dtype, c.block_n), num_warps=c.num_warps, num_stages=c.num_stages,
             n_per_split=n_per, ds_part_stride=M * R, N_SPLIT=ds_parts > 1, **lora_fl)
-    else:
-        dSp = dS
     seed_t = bits if p > 0 else dS
     dx = None
     if need_dx:
@@ -801,7 +800,7 @@ def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, bits,
             HAS_DROPOUT=p > 0, BLOCK_M=c.block_m, BLOCK_K=c.block_n, BLOCK_N=c.block_k,
             BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, ACC_CHUNK=acc_chunk(x.dtype, c.block_k), num_warps=c.num_warps,
             num_stages=c.num_stages, num_parts=ds_parts, part_stride=M * R,
-            ds_out_ptr=dS if fused or ds_parts > 1 else None, STORE_S=ds_parts > 1 and not fused,
+            ds_out_ptr=dS if fused or ds_parts > 1 else None, STORE_S=ds_parts > 1,
             b_ptr=B if fused else None, stride_bn=B.stride(0), stride_br=B.stride(1), scaling=scaling,
             FUSE_DS=fused, **fl)
         # dX left the summed (or fused) dS in dS for dA
@@ -820,6 +819,6 @@ def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, bits,
             x.stride(0), x.stride(1), da_t.stride(0), da_t.stride(1), db_t.stride(0), db_t.stride(1),
             p, keep_scale, HAS_DROPOUT=p > 0, COMPUTE_DA=need_da, DSUM=False,
             BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_R=br, BLOCK_N=c.block_n, ACC_CHUNK=acc_chunk(A.dtype, c.block_m),
-            num_warps=c.num_warps, num_stages=c.num_stages, dy_ptr=dy if fused else None, s_ptr=S if fused else None, stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
-            scaling=scaling, DB_DIRECT=fused, **lora_fl)
+            num_warps=c.num_warps, num_stages=c.num_stages, dy_ptr=dy if fused else None, s_ptr=S if fused else None,
+            stride_dym=dy.stride(0), stride_dyn=dy.stride(1), scaling=scaling, DB_DIRECT=fused, **lora_fl)
     return dx, dA, dB

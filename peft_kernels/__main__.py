@@ -22,6 +22,10 @@ def info() -> str:
 
         lines.append(f"fp32 dots follow torch's fp32 matmul precision: {_common.torch_fp32_precision()} "
                      f"(fp32 adapters on a 16-bit base: {_common.f32_precision(torch.float32, torch.bfloat16)})")
+        for dev in ["cpu"] + ([f"cuda:{torch.cuda.current_device()}"] if torch.cuda.is_available() else []):
+            why = _common.tma_unavailable_reason(torch.device(dev))
+            lines.append(f"persistent TMA GEMMs (16-bit LoRA/DoRA past decode) on {dev}: "
+                         + ("used" if why is None else f"not used: {why}"))
     else:
         lines.append("triton not installed")
     lines.append(f"CUDA available: {torch.cuda.is_available()}")

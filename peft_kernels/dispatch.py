@@ -319,7 +319,8 @@ def default_cache_dir() -> str:
 
 
 def versions() -> Dict[str, str]:
-    """What a cached choice depends on besides the device: library, torch, triton and CUDA versions."""
+    """What a cached choice depends on besides the device: library, torch, triton and CUDA versions, and the
+    ``PEFT_KERNELS_TMA`` switch (it changes which Triton GEMMs the triton candidate runs on sm_90)."""
     from . import __version__
 
     tri = "none"
@@ -331,7 +332,7 @@ def versions() -> Dict[str, str]:
         except Exception:
             tri = "unknown"
     return {"peft_kernels": __version__, "torch": torch.__version__, "triton": tri,
-            "cuda": str(torch.version.cuda)}
+            "cuda": str(torch.version.cuda), "tma": os.environ.get("PEFT_KERNELS_TMA", "1").strip().lower()}
 
 
 def _device_name(device: torch.device) -> str:

@@ -26,10 +26,12 @@ def test_shipped_configs_compile_without_spills():
                "_sgmv_shrink_kernel", "_sgmv_expand_kernel", "_bgmv_shrink_kernel", "_bgmv_expand_kernel",
                "_seg_outer_kernel", "_adapter_shrink_kernel", "_expand_kernel", "_seq_fwd_kernel",
                "_adapter_bwd_kernel", "_ia3_gemm_kernel"}
+    tma = {"_fwd_gemm_tma_kernel", "_bwd_dx_tma_kernel"}  # sm_90's persistent TMA GEMMs (16-bit, M > 64)
     for arch in ("sm_80", "sm_90"):
         for dt in ("fp16", "bf16", "fp32"):
             seen = {r.split()[1] for r in rows if r.startswith(arch) and r.split()[2] == dt}
-            assert seen == kernels, f"{arch} {dt}: compiled {seen}"
+            want = kernels | (tma if arch == "sm_90" and dt != "fp32" else set())
+            assert seen == want, f"{arch} {dt}: compiled {seen}"
         # fp32 adapters on a 16-bit base: their own configs, every LoRA and multi-adapter kernel, both precisions
         for dt in ("fp16/fp32", "bf16/fp32"):
             mixed = [r for r in rows if r.startswith(arch) and r.split()[2] == dt]

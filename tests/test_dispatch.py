@@ -69,6 +69,7 @@ def test_info_cli(capsys):
     out = capsys.readouterr().out
     assert "torch" in out and "triton" in out and "peft_kernels" in out
     assert "cuda" in out and ("built without CUDA" in out or "built with CUDA for archs" in out)
+    assert "persistent TMA GEMMs (16-bit LoRA/DoRA past decode) on cpu: not used: device cpu is not CUDA" in out
 
 
 def test_cuda_backend_says_why_it_cannot_run():

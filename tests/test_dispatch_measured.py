@@ -13,7 +13,7 @@ from peft_kernels import dispatch
 from peft_kernels.ops import lora as lora_ops
 
 CPU = torch.device("cpu")
-V1 = {"peft_kernels": "0.1.0", "torch": "2.13.0", "triton": "3.8.0", "cuda": "None"}
+V1 = {"peft_kernels": "0.1.0", "torch": "2.13.0", "triton": "3.8.0", "cuda": "None", "tma": "1"}
 
 
 class FakeTimer:
@@ -350,3 +350,14 @@ def test_a_chosen_bucket_skips_the_availability_checks(tmp_path, monkeypatch):
     # under capture the fast path steps aside, so only capture-safe backends are returned
     monkeypatch.setattr(dispatch, "_capturing", lambda device: True)
     assert dispatch.resolve("auto", CPU, op_reason, tune=lambda: make_tune(capture_ok=("torch",))) == "torch"
+
+
+def test_the_tma_switch_is_part_of_the_cache_key(monkeypatch):
+    """PEFT_KERNELS_TMA changes which Triton GEMMs the triton candidate runs on sm_90: a choice measured with them
+    on is not reused with them off."""
+    monkeypatch.delenv("PEFT_KERNELS_TMA", raising=False)
+    on = dispatch.versions()
+    monkeypatch.setenv("PEFT_KERNELS_TMA", "0")
+    off = dispatch.versions()
+    assert on["tma"] == "1" and off["tma"] == "0" and {k: v for k, v in on.items() if k != "tma"} == \
+        {k: v for k, v in off.items() if k != "tma"}

@@ -227,3 +227,61 @@ def test_parallel_adapter_dy_launch_splits_n(monkeypatch, dtype, activation):
 
     TB.run(fn, ref, t, names, dtype, mult=8.0, triton=True)
     assert grids == [(3, 1, 2)], grids
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("mode,lead,b", [("parallel", (9,), 6), ("sequential", (9,), 6), ("standalone", (3, 3), 6),
+                                         ("sequential", (70,), 6), ("parallel", (9,), 130)],
+                         ids=["parallel-decode", "sequential-decode", "standalone-decode", "sequential-mid",
+                              "parallel-decode-b130"])
+def test_adapter_launches_fill_the_machine(monkeypatch, dtype, mode, lead, b):
+    """A budget of 8 programs. The adapter's shrink at decode splits K (1 row program → 2 partials of x·Dᵀ) and its
+    last split to arrive sums them in order before b_d and the activation; the dY launch splits N (partials of dP)
+    and its last split to arrive sums them into dP (REDUCE) for every reader. A bottleneck of 130 (rank tiles of
+    128) keeps one split in both. Output and every gradient (x, D, b_d,
+    U, b_u, a learned scale) against the fp64 reference; the arrival counters are back at 0; a second call is
+    bitwise equal (a fixed order)."""
+    import test_bottleneck as TB
+    from peft_kernels.kernels import bottleneck as BN
+    from peft_kernels.kernels import lora as KL
+    from peft_kernels.reference import adapter_linear_ref, bottleneck_ref
+
+    monkeypatch.setattr(KL, "program_budget", lambda device: 8)
+    seen = {}
+    for k in (BN._adapter_shrink_kernel, KL._bwd_dy_kernel):
+        real = k.run
+        monkeypatch.setattr(k, "run", lambda *a, _r=real, _n=k.__name__, **kw:
+                            seen.setdefault(_n, []).append((tuple(kw["grid"]), kw.get("REDUCE", kw.get("SPLIT_K"))))
+                            or _r(*a, **kw))
+    K, N = (45, 45) if mode == "standalone" else (45, 100)
+    t = TB.make(lead, K, N, b, "parallel" if mode == "standalone" else mode, "learned", dtype)
+    names = ["x", "D", "db", "U", "ub", "s"]
+
+    def fn(v):
+        if mode == "standalone":
+            return pk.bottleneck_adapter(v["x"], v["D"], v["db"], v["U"], v["ub"], v["s"], activation="gelu",
+                                         residual=True, backend="triton")
+        return pk.adapter_linear(v["x"], t["W"], t["bias"], v["D"], v["db"], v["U"], v["ub"], v["s"],
+                                 activation="gelu", mode=mode, backend="triton")
+
+    def ref(v, dt):
+        if mode == "standalone":
+            return v["x"] + bottleneck_ref(v["x"], v["D"], v["db"], v["U"], v["ub"], "gelu", v["s"])
+        return adapter_linear_ref(v["x"], t["W"].to(dt), t["bias"].to(dt), v["D"], v["db"], v["U"], v["ub"],
+                                  "gelu", v["s"], mode)
+
+    TB.run(fn, ref, t, names, dtype, mult=8.0, triton=True)
+    rows = -(-t["x"].numel() // K // 32)  # the interpreter's 32-row tiles
+    if b > 32:  # rank tiles above 32 keep one split (their split variants spilled registers)
+        assert seen == {"_adapter_shrink_kernel": [((rows, 2, 1), False)], "_bwd_dy_kernel": [((rows, 2, 1), False)]}
+    else:
+        if mode != "sequential":  # the shrink (the sequential down projection is inside its GEMM)
+            assert (rows, 1, 2) in [g for g, split in seen["_adapter_shrink_kernel"] if split], seen
+        assert [(g[:2], g[2] > 1, red) for g, red in seen["_bwd_dy_kernel"]][-1] == ((rows, 1), True, True), seen
+    assert not BN._COUNTERS[("cpu", 0)].any()
+    leaves = {k: t[k].clone().requires_grad_() for k in names}
+    outs = []
+    for _ in range(2):
+        y = fn(leaves)
+        outs.append([y.detach(), *torch.autograd.grad(y, list(leaves.values()), t["dy"])])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))

@@ -1,5 +1,6 @@
 """The GPU launch model (peft_kernels.bench.launch_model): its arithmetic, its FLOPs against the traffic
 model's independent formulas, and the CLI on the Llama-3-8B shapes (grids from the real launchers)."""
+import dataclasses
 import json
 import math
 import os
@@ -74,10 +75,15 @@ def test_cli_rows_use_the_launchers_grids(model_rows):
         kernels = [p["kernel"] for p in r["per_launch"]]
         if M <= 64:  # the fused decode path: S inside the GEMM, dS inside dX, dB inside the dA launch
             assert kernels == ["fwd_gemm"] + (["bwd_dx", "bwd_da"] if mode == "fwd+bwd" else [])
-        else:
-            assert kernels == (["shrink", "fwd_gemm"] + (["bwd_dy", "bwd_dx", "bwd_da"] if mode == "fwd+bwd" else []))
+        else:  # sm_90: the persistent TMA GEMMs, whose programs are their output tiles (the grid is ≤ the SMs)
+            assert kernels == (["shrink", "fwd_gemm_tma"]
+                               + (["bwd_dy", "bwd_dx_tma", "bwd_da"] if mode == "fwd+bwd" else []))
         for p in r["per_launch"]:
-            assert p["programs"] == math.prod(p["grid"]) and p["waves"] == pytest.approx(p["programs"] / 132)
+            if p["kernel"].endswith("_tma"):
+                assert p["grid"] == [min(132, p["programs"])]
+            else:
+                assert p["programs"] == math.prod(p["grid"])
+            assert p["waves"] == pytest.approx(p["programs"] / 132)
     # FLOPs of the recorded launches equal the traffic model's (independent formulas)
     for (shape, M, mode), r in tri.items():
         want = traffic.lora(M, r["K"], r["N"], 16, 2)["full" if mode == "fwd+bwd" else "fwd"].flops
@@ -125,7 +131,8 @@ def test_multi_adapter_model(model_run):
 
 def test_other_ops_waves(model_run):
     """DoRA's launches (LoRA's kernels) and (IA)³'s fill the machine at every Llama shape; the report covers the
-    bottleneck placements too (under one wave at decode: #16's open part), and the CLI prints it."""
+    bottleneck placements too: every launch fills the machine at M = 4096 (the shrink splits K, the dY launch N),
+    and at decode the shrink and dY launches run 16 programs (the split cap; 1 before), and the CLI prints it."""
     folder, out = model_run
     rows = json.loads((folder / "model_waves.json").read_text())
     assert len(rows) == 5 * 3 * 4  # ops × shapes × M
@@ -135,6 +142,48 @@ def test_other_ops_waves(model_run):
     dora1 = next(r for r in rows if r["op"] == "dora" and r["M"] == 1 and r["shape"] == "q_proj")
     assert [la["kernel"] for la in dora1["launches"]] == ["fwd_gemm", "bwd_dx", "bwd_da"]
     for r in rows:
+        if r["op"].startswith("adapter"):
+            if r["M"] == 4096:
+                assert r["under_one_wave"] == [], r
+            else:
+                assert sorted(r["under_one_wave"]) == sorted(["bwd_dy"] + (["adapter_shrink"] if "parallel" in r["op"]
+                                                                           else [])), r
+                assert all(la["programs"] == 16 for la in r["launches"] if la["kernel"] in r["under_one_wave"]), r
+    dora4k = next(r for r in rows if r["op"] == "dora" and r["M"] == 4096 and r["shape"] == "q_proj")
+    assert [la["kernel"] for la in dora4k["launches"]] == ["shrink", "fwd_gemm_tma", "bwd_dy", "bwd_dx_tma", "bwd_da"]
+    for r in rows:
         for la in r["launches"]:
-            assert la["programs"] == math.prod(la["grid"]) and la["waves"] == pytest.approx(la["programs"] / 132)
+            if la["kernel"].endswith("_tma"):  # persistent: programs counts the output tiles the grid walks
+                cols = r["N"] if la["kernel"] == "fwd_gemm_tma" else r["K"]
+                assert la["grid"] == [min(132, la["programs"])] and la["programs"] == -(-r["M"] // 128) * -(-cols // 128)
+            else:
+                assert la["programs"] == math.prod(la["grid"])
+            assert la["waves"] == pytest.approx(la["programs"] / 132)
     assert "OTHER OPS, LAUNCH WAVES" in out
+
+
+def test_break_even_gemm_rate(model_rows):
+    """Where the fused path loses at prefill, the model states the GEMM rate at which it would tie our torch path:
+    re-modelled at that rate the Triton launches take the torch path's time; a rate below it still loses."""
+    rows, out = model_rows
+    g = LM.GPUS["h200"]
+    tri = {(r["shape"], r["M"], r["mode"]): r for r in rows if r["provider"] == "triton"}
+    tor = {(r["shape"], r["M"], r["mode"]): r["modelled_us"] for r in rows if r["provider"] == "torch"}
+    losing = [k for k, r in tri.items() if r["modelled_us"] > tor[k]]
+    assert {k for k in tri if k[1] == 4096} <= set(losing)
+
+    def total(k, rate):
+        gg = dataclasses.replace(g, triton_gemm_eff=rate)
+        return sum(LM.Launch("triton", p["kernel"], p["flops"], p["bytes"], p["programs"]).model(gg).modelled["us"]
+                   for p in tri[k]["per_launch"])
+
+    for k in losing:
+        eff = tri[k]["break_even_gemm_eff"]
+        if eff is None:  # memory-bound (mlp_up's decode GEMV forward): no GEMM rate up to 2× cuBLAS's ties
+            assert k[1] <= 64 and total(k, 2.0) > tor[k], k
+            continue
+        assert g.triton_gemm_eff < eff < 2.0, (k, eff)
+        assert total(k, eff) == pytest.approx(tor[k], rel=1e-6) and total(k, 0.98 * eff) > tor[k]
+    assert any(tri[k]["break_even_gemm_eff"] for k in losing) and "at which it would tie" in out
+    # a case the fused path wins needs no more than the modelled rate
+    assert tri[("q_proj", 1, "fwd+bwd")]["break_even_gemm_eff"] <= g.triton_gemm_eff

@@ -44,6 +44,20 @@ def _cases(dev):
                                    training=True, backend="triton")
                 y.backward(torch.ones_like(y))
             yield f"lora triton {dt} M={M} K={K} N={N} r={r} p={p}", lora
+    # the persistent TMA GEMMs (sm_90; forced under the interpreter): x a row-strided view (TMA needs a unit inner
+    # stride), odd M, N a multiple of 8 (dX by TMA too) or not (dX on the cp.async kernel)
+    from peft_kernels.kernels._common import tma_override
+
+    for dt in (torch.float16, torch.bfloat16):
+        for M, K, N, r, p in ((70, 136, 72, 72, 0.25), (129, 64, 200, 1, 0.0), (97, 136, 66, 7, 0.0)):
+            def lora_tma(M=M, K=K, N=N, r=r, dt=dt, p=p):
+                x = rn(M, K + 8, dt=dt)[:, :K].requires_grad_(True)
+                A, B = rn(r, K, dt=dt, scale=K ** -0.5).requires_grad_(), rn(N, r, dt=dt).requires_grad_()
+                with tma_override(True if CPU else None):
+                    y = pk.lora_linear(x, rn(N, K, dt=dt, scale=K ** -0.5), rn(N, dt=dt), A, B, 0.5, dropout_p=p,
+                                       training=True, backend="triton")
+                    y.backward(torch.ones_like(y))
+            yield f"lora triton (TMA GEMMs on sm_90) {dt} M={M} K={K} N={N} r={r} p={p}", lora_tma
     for dt in (torch.float32, torch.bfloat16):
         for backend in ("triton",) if CPU else ("triton", "cuda"):
             for path in ("bgmv", "sgmv"):

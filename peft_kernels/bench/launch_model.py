@@ -42,6 +42,8 @@ prefill it favours the loop.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -56,18 +58,21 @@ class GPU:
     tflops: float  # dense 16-bit tensor-core FLOP/s, in TFLOP/s
     tbs: float     # copy bandwidth, TB/s
     triton_gemm_eff: float = 1.0  # our Triton GEMM's rate as a fraction of cuBLAS's (measured: see the docstring)
+    tma: bool = False  # sm_90: the launchers take the persistent TMA GEMMs past the decode bucket
 
 
 _H200_TFLOPS, _H200_TBS = 790.0, 4.3
 _TRITON_GEMM_EFF = 0.66  # measured on the H200: the fused GEMM alone at 0.57-0.73 of torch.mm's TFLOP/s
 GPUS = {
-    "h200": GPU("H200 (measured ceilings)", 132, _H200_TFLOPS, _H200_TBS, _TRITON_GEMM_EFF),
+    "h200": GPU("H200 (measured ceilings)", 132, _H200_TFLOPS, _H200_TBS, _TRITON_GEMM_EFF, tma=True),
     "h100": GPU("H100 SXM (H200 ceilings × datasheet ratios)", 132, _H200_TFLOPS * 989 / 989, _H200_TBS * 3.35 / 4.8,
-                _TRITON_GEMM_EFF),
+                _TRITON_GEMM_EFF, tma=True),
     "a100": GPU("A100 SXM 80GB (H200 ceilings × datasheet ratios)", 108, _H200_TFLOPS * 312 / 989,
                 _H200_TBS * 2.039 / 4.8, _TRITON_GEMM_EFF),
 }
-TRITON_GEMMS = ("fwd_gemm", "bwd_dx")  # the launches whose compute runs at GPU.triton_gemm_eff of cuBLAS's rate
+# the launches whose compute runs at GPU.triton_gemm_eff of cuBLAS's rate (the persistent TMA GEMMs take the
+# cp.async GEMM's measured factor until gpu-check measures theirs: the model does not assume they are faster)
+TRITON_GEMMS = ("fwd_gemm", "bwd_dx", "fwd_gemm_tma", "bwd_dx_tma")
 
 
 @dataclass
@@ -102,14 +107,18 @@ class Launch:
 @contextlib.contextmanager
 def _sm_budget(gpu: GPU):
     """The launchers' program budget set to the modelled GPU's SM count (LoRA's, which DoRA, the bottleneck
-    adapter and (IA)³ use, and the multi-adapter launcher's), restored on exit."""
+    adapter and (IA)³ use, and the multi-adapter launcher's), and the TMA GEMMs on where the GPU is sm_90;
+    restored on exit."""
     from ..kernels import lora as L
     from ..kernels import multi_lora as ML
+
+    from ..kernels._common import tma_override
 
     saved = L.program_budget, ML.program_budget
     L.program_budget = ML.program_budget = lambda device: gpu.sms
     try:
-        yield
+        with tma_override(gpu.tma):
+            yield
     finally:
         L.program_budget, ML.program_budget = saved
 
@@ -119,7 +128,7 @@ def _sm_budget(gpu: GPU):
 # --------------------------------------------------------------------------------------------
 def _triton_cost(launch, e: int) -> tuple:
     """(FLOPs, bytes) of one recorded LoRA launch (e = bytes per element of x; fp32 buffers 4 bytes)."""
-    name, a, kw = launch.kernel.__name__, launch.arg, launch.kwargs
+    name, a, kw = launch.kernel.__name__.replace("_tma_kernel", "_kernel"), launch.arg, launch.kwargs
     if name == "_shrink_kernel":
         M, K, R = a("M"), a("K"), a("R")
         splits = launch.grid[2] if len(launch.grid) > 2 else 1
@@ -167,6 +176,21 @@ def _triton_cost(launch, e: int) -> tuple:
     raise ValueError(f"no cost model for kernel {name}")
 
 
+def _work_units(c, L) -> int:
+    """Programs of a recorded launch, or the output tiles of a persistent one (``persistent_tiles``)."""
+    return persistent_tiles(c) if c.kernel in (L._fwd_gemm_tma_kernel, L._bwd_dx_tma_kernel) else math.prod(c.grid)
+
+
+def persistent_tiles(launch) -> int:
+    """Output tiles of a persistent TMA GEMM launch (its grid is min(tiles, SMs) programs, each walking tiles
+    pid, pid + grid, ...): the model's waves count these, so the last round's padding is priced as for a
+    launch of one program per tile."""
+    a, kw = launch.arg, launch.kwargs
+    cols = a("N") if launch.kernel.__name__ == "_fwd_gemm_tma_kernel" else a("K")
+    width = kw["BLOCK_N"] if launch.kernel.__name__ == "_fwd_gemm_tma_kernel" else kw["BLOCK_K"]
+    return -(-a("M") // kw["BLOCK_M"]) * -(-cols // width)
+
+
 def triton_lora_launches(M: int, K: int, N: int, R: int, dtype, gpu: GPU, backward: bool = True,
                          bias: bool = True) -> List[Launch]:
     """Every launch our Triton LoRA launchers make for one forward (+ backward) at these sizes, with the
@@ -176,7 +200,8 @@ def triton_lora_launches(M: int, K: int, N: int, R: int, dtype, gpu: GPU, backwa
     from ..kernels import aot
     from ..kernels import lora as L
 
-    kernels = [L._shrink_kernel, L._fwd_gemm_kernel, L._bwd_dy_kernel, L._bwd_dx_kernel, L._bwd_da_kernel]
+    kernels = [L._shrink_kernel, L._fwd_gemm_kernel, L._bwd_dy_kernel, L._bwd_dx_kernel, L._bwd_da_kernel,
+               L._fwd_gemm_tma_kernel, L._bwd_dx_tma_kernel]
     with _sm_budget(gpu), aot.record_launches(kernels) as calls:
         x = torch.empty(M, K, dtype=dtype)
         W = torch.empty(N, K, dtype=dtype)
@@ -189,7 +214,7 @@ def triton_lora_launches(M: int, K: int, N: int, R: int, dtype, gpu: GPU, backwa
     out = []
     for c in calls:
         fl, by = _triton_cost(c, e)
-        programs = math.prod(c.grid) if c.grid else None
+        programs = _work_units(c, L) if c.grid else None  # a persistent launch: its tiles, whose last round pads
         out.append(Launch("triton", c.kernel.__name__.strip("_").replace("_kernel", ""), fl, by, programs, c.grid))
     return out
 
@@ -239,6 +264,26 @@ LLAMA3_8B = {"q_proj": (4096, 4096), "mlp_up": (4096, 14336), "mlp_down": (14336
 TOKENS = (1, 16, 64, 4096)
 
 
+def break_even_gemm_eff(launches: List[Launch], target_us: float, gpu: GPU) -> Optional[float]:
+    """The rate of our Triton GEMM launches (``TRITON_GEMMS``, as a fraction of cuBLAS's) at which ``launches``
+    take ``target_us`` in the model: what the fused GEMM must reach for fusion to win there. None when no rate up
+    to 2× cuBLAS's would (the other launches alone take longer). Bisection; ``launches`` keep their modelling
+    for ``gpu``."""
+    def total(eff):
+        g = dataclasses.replace(gpu, triton_gemm_eff=eff)
+        return sum(copy.copy(la).model(g).modelled["us"] for la in launches)
+
+    lo, hi = 0.01, 2.0
+    if total(hi) > target_us:
+        return None
+    if total(lo) <= target_us:
+        return lo
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if total(mid) <= target_us else (mid, hi)
+    return hi
+
+
 def model_lora(gpu: GPU, shapes=None, tokens=TOKENS, r: int = 16, dtype=None, modes=("fwd", "fwd+bwd")) -> List[dict]:
     """One row per (shape, M, mode, provider): total modelled µs, its launches (each with programs, waves,
     utilisation, padded-wave factor, bound) and the ratio to PEFT's."""
@@ -259,6 +304,8 @@ def model_lora(gpu: GPU, shapes=None, tokens=TOKENS, r: int = 16, dtype=None, mo
                     for la in launches:
                         la.model(gpu)
                     totals[prov] = sum(la.modelled["us"] for la in launches)
+                # the GEMM rate at which the fused path would tie our torch path (what auto would then pick)
+                even = break_even_gemm_eff(per["triton"], totals["torch"], gpu)
                 # "auto" measures both of our backends and keeps the faster (dispatch.Tuner)
                 best = min(("triton", "torch"), key=lambda k: totals[k])
                 per["auto"] = per[best]
@@ -270,6 +317,7 @@ def model_lora(gpu: GPU, shapes=None, tokens=TOKENS, r: int = 16, dtype=None, mo
                                  "shape": sname, "M": M, "K": K, "N": N, "r": r, "mode": mode, "provider": prov,
                                  "modelled_us": totals[prov], "vs_peft": totals[prov] / totals["peft"],
                                  "launches": len(launches), "under_one_wave": under,
+                                 "break_even_gemm_eff": even if prov == "triton" else None,
                                  "per_launch": [{"kernel": la.kernel, "programs": la.programs, "grid": list(la.grid),
                                                  "flops": la.flops, "bytes": la.bytes, **la.modelled}
                                                 for la in launches]})
@@ -415,8 +463,8 @@ def other_op_waves(gpu: GPU, shapes=None, tokens=TOKENS, r: int = 16, dtype=None
 
     dtype = dtype or torch.bfloat16
     kernels = [L._shrink_kernel, L._fwd_gemm_kernel, L._bwd_dy_kernel, L._bwd_dx_kernel, L._bwd_da_kernel,
-               BN._adapter_shrink_kernel, BN._expand_kernel, BN._seq_fwd_kernel, BN._adapter_bwd_kernel,
-               I._ia3_gemm_kernel]
+               L._fwd_gemm_tma_kernel, L._bwd_dx_tma_kernel, BN._adapter_shrink_kernel, BN._expand_kernel,
+               BN._seq_fwd_kernel, BN._adapter_bwd_kernel, I._ia3_gemm_kernel]
     e = lambda *sz: torch.empty(*sz, dtype=dtype)  # noqa: E731
     rows = []
     with _sm_budget(gpu):
@@ -446,7 +494,7 @@ def other_op_waves(gpu: GPU, shapes=None, tokens=TOKENS, r: int = 16, dtype=None
                     with aot.record_launches(kernels) as calls:
                         fn()
                     launches = [{"kernel": c.kernel.__name__.strip("_").replace("_kernel", ""), "grid": list(c.grid),
-                                 "programs": math.prod(c.grid), "waves": math.prod(c.grid) / gpu.sms} for c in calls]
+                                 "programs": _work_units(c, L), "waves": _work_units(c, L) / gpu.sms} for c in calls]
                     rows.append({"model": "launch waves (no time model)", "gpu": gpu.name, "sms": gpu.sms, "op": op,
                                  "shape": sname, "M": M, "K": K, "N": N, "r": r, "launches": launches,
                                  "under_one_wave": [la["kernel"] for la in launches if la["programs"] < gpu.sms]})
@@ -492,6 +540,11 @@ def write_model(out_dir: str, rows: List[dict], stem: str = "model") -> List[str
     return paths
 
 
+def gpu_eff(row: dict) -> float:
+    """The Triton GEMM rate the row was modelled with (its GPU's ``triton_gemm_eff``)."""
+    return next(g.triton_gemm_eff for g in GPUS.values() if g.name == row["gpu"])
+
+
 def format_model(rows: List[dict]) -> str:
     lines = ["LAUNCH MODEL (a model, not a measurement; see peft_kernels/bench/launch_model.py): "
              + (rows[0]["gpu"] if rows else ""),
@@ -513,6 +566,12 @@ def format_model(rows: List[dict]) -> str:
     if worst is not None:
         lines.append(f"auto against PEFT: worst case {worst['vs_peft']:.3f}× ({worst['shape']} M={worst['M']} "
                      f"{worst['mode']})")
+    even = [r for r in rows if r["provider"] == "triton" and r.get("break_even_gemm_eff")
+            and r["break_even_gemm_eff"] > gpu_eff(r)]
+    if even:
+        lines.append("where the fused path loses to our torch path, the GEMM rate (× cuBLAS's; modelled now "
+                     f"{gpu_eff(even[0]):.2f}) at which it would tie: " + "; ".join(
+                         f"{r['shape']} M={r['M']} {r['mode']} {r['break_even_gemm_eff']:.2f}" for r in even))
     lines.append(f"Triton launches under one wave: {len(under)}" +
                  ("" if not under else " — " + "; ".join(f"{s} M={m}: {k}" for s, m, k in under)))
     return "\n".join(lines)

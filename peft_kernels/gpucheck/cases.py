@@ -235,6 +235,43 @@ def _lora_group(backend: str, dname: str) -> Callable:
     return run
 
 
+def _lora_tma(sc: Scale) -> List[dict]:
+    """The LoRA op past the decode bucket through each base GEMM this machine has: the persistent TMA kernels
+    (``_fwd_gemm_tma_kernel``/``_bwd_dx_tma_kernel``: an sm_90 GPU, and the dry run, whose interpreter runs
+    the descriptors) and the cp.async ones (what ``PEFT_KERNELS_TMA=0`` and sm_80 run), bf16 and fp16, rank 1,
+    16 and the largest rank (several rank tiles), with and without dropout, at the q_proj shape (each
+    persistent program walks several output tiles). A fact checks that the kernels meant ran."""
+    from ..kernels import _common as C
+    from ..kernels import lora as KL
+
+    M, K, N = sc.qproj()
+    out = []
+    for tma in (True, False):
+        name = "tma" if tma else "cp.async"
+        why = None if sc.dry or not tma else C.tma_unavailable_reason(sc.device)
+        if why is not None:
+            out.append(skip(f"{name} GEMMs", why))
+            continue
+        ran: List[str] = []
+        kernels = (KL._fwd_gemm_tma_kernel, KL._bwd_dx_tma_kernel, KL._fwd_gemm_kernel, KL._bwd_dx_kernel)
+        saved = {k: k.run for k in kernels}
+        for k in kernels:
+            k.run = lambda *a, _r=k.run, _n=k.__name__, **kw: ran.append(_n) or _r(*a, **kw)
+        try:
+            with C.tma_override(True if tma and sc.dry else (None if tma else False)):
+                for dname in ("bf16", "fp16"):
+                    for r in (1, 16, sc.ranks()[-1]):
+                        for p in (0.0, 0.1):
+                            out += _lora_check(sc, f"{name} {dname} r={r} p={p}", "triton", DTYPES[dname],
+                                               DTYPES[dname], M, K, N, r, p)
+        finally:
+            for k, run in saved.items():
+                k.run = run
+        want = {"_fwd_gemm_tma_kernel", "_bwd_dx_tma_kernel"} if tma else {"_fwd_gemm_kernel", "_bwd_dx_kernel"}
+        out.append(fact(f"{name} GEMMs ran", set(ran) == want, f"launched {sorted(set(ran))}, expected {sorted(want)}"))
+    return out
+
+
 def _lora_past_2g(sc: Scale) -> List[dict]:
     """M·N ≥ 2³¹ output elements (an lm_head with a 128k vocabulary at 16.4k tokens): the forward on the
     Triton kernels, then the first rows, the rows around the 2³¹ boundary and the last rows against fp64."""
@@ -336,10 +373,13 @@ def _bottleneck_group(backend: str, dname: str) -> Callable:
         from ..reference import adapter_linear_ref, bottleneck_ref
 
         dt, dev, out = DTYPES[dname], sc.device, []
-        M, K, N = sc.qproj()
-        bsz = 16 if sc.dry else 64
-        for place in ("standalone", "sequential", "parallel"):
-            g = _gen(dev, 31 + len(place))
+        # q_proj, and a decode step at bottleneck 16 (the split-K down projection and the dY launch's N split,
+        # each summed by its last split to arrive)
+        for (M, K, N), bsz, place in [(sc.qproj(), 16 if sc.dry else 64, p) for p in ("standalone", "sequential",
+                                                                                      "parallel")] + \
+                [(sc.decode()[0], 16, p) for p in ("decode standalone", "decode sequential", "decode parallel")]:
+            tag, place = place, place.split()[-1]
+            g = _gen(dev, 31 + len(tag))
             x = _randn(g, M, K, dev=dev).to(dt)
             W, bias = _randn(g, N, K, dev=dev, scale=K ** -0.5).to(dt), _randn(g, N, dev=dev).to(dt)
             H_in = N if place == "sequential" else K
@@ -371,11 +411,50 @@ def _bottleneck_group(backend: str, dname: str) -> Callable:
             rl = [_leaf(v) for v in base_vals]
             lp = call(ref_fn, rl)
             lp.backward(dy)
-            out.append(compare(f"{place} y", y, ref, lp))
+            out.append(compare(f"{tag} y", y, ref, lp))
             for nm, gt, a, c in zip(names, ours, r64, rl):
-                out.append(compare(f"{place} d{nm}", gt.grad, a.grad, c.grad))
+                out.append(compare(f"{tag} d{nm}", gt.grad, a.grad, c.grad))
         return out
     return run
+
+
+def _decode_adapter_determinism(sc: Scale, W, bias) -> List[dict]:
+    """A decode step of the parallel adapter at bottleneck 16, forward and backward: the split-K down projection
+    and the dY launch's N split are summed by their last split to arrive (arrival counters), so repeated runs
+    must be bitwise identical, and so must two streams at once (each has its own counters)."""
+    import peft_kernels as pk
+
+    dev, dt = sc.device, W.dtype
+    (M, _, _), (N, K) = sc.decode()[0], W.shape
+    g = _gen(dev, 43)
+    prm = _adapter_params(g, dev, K, N, 16, dt)
+    params = [_leaf(prm[n]) for n in ("down_w", "down_b", "up_w", "up_b", "scaling")]
+    xs = [_randn(g, M, K, dev=dev).to(dt) for _ in range(2)]
+    dy = _randn(g, M, N, dev=dev).to(dt)
+
+    def f(x):
+        xl = _leaf(x)
+        y = pk.adapter_linear(xl, W, bias, *params, activation="gelu", mode="parallel", backend="triton")
+        return torch.cat([t.reshape(-1).float() for t in (y, *torch.autograd.grad(y, [xl, *params], dy))])
+
+    first, ref2 = f(xs[0]), f(xs[1])
+    runs = 5 if sc.dry else 50
+    same = sum(int(torch.equal(f(xs[0]), first)) for _ in range(runs))
+    out = [fact(f"parallel adapter at decode, {runs} forward+backward bitwise identical", same == runs,
+                f"{same}/{runs} identical")]
+    if dev.type != "cuda":
+        return out + [skip("decode adapter on two streams at once", "no CUDA streams on the CPU (dry run)")]
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    torch.cuda.synchronize()
+    ok = 0
+    for _ in range(20):
+        with torch.cuda.stream(s1):
+            a = f(xs[0])
+        with torch.cuda.stream(s2):
+            b = f(xs[1])
+        torch.cuda.synchronize()
+        ok += int(torch.equal(a, first) and torch.equal(b, ref2))
+    return out + [fact("decode adapter on two streams at once, bitwise equal to one stream", ok == 20, f"{ok}/20")]
 
 
 def _bottleneck_determinism(sc: Scale) -> List[dict]:
@@ -395,7 +474,7 @@ def _bottleneck_determinism(sc: Scale) -> List[dict]:
     def f(x):
         return pk.adapter_linear(x, W, bias, *args, activation="silu", mode="sequential", backend="triton")
 
-    out = []
+    out = _decode_adapter_determinism(sc, W, bias)
     with torch.no_grad():
         first = f(xs[0])
         runs = 5 if sc.dry else 50
@@ -624,6 +703,7 @@ def _groups() -> Dict[str, Callable]:
         g[f"multi-skew/{be}"] = _multi_skew(be)
     for be in ("triton", "cuda"):
         g[f"multi-graph/{be}"] = _multi_graph(be)
+    g["lora-tma/triton"] = _lora_tma
     g["lora-past-2^31/triton"] = _lora_past_2g
     g["bottleneck-determinism/triton"] = _bottleneck_determinism
     g["dropout-hash/triton"] = _dropout_hash

@@ -242,13 +242,16 @@ def _markdown(rep: dict) -> str:
             lines += [f"| {r['shape']} | {r['M']} | {r['mode']} | {r['vs_best_ours']:.3f} | {_fmt(r.get('vs_peft'), '.3f')} |"
                       for r in auto]
     if sp.get("gemm"):
-        lines += ["", "## The Triton base GEMM alone against torch.mm", "",
-                  "| shape | M×K×N | torch.mm µs | Triton µs | Triton / mm | TFLOP/s (mm, Triton) | max |Δ| |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "## The Triton base GEMMs alone against torch.mm (cp.async; persistent TMA on sm_90)", "",
+                  "| shape | M×K×N | torch.mm µs | cp.async µs | cp.async / mm | TMA µs | TMA / mm | "
+                  "TFLOP/s (mm, cp.async, TMA) | max |Δ| (cp.async, TMA) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in sp["gemm"]:
+            tma = (f"{r['tma_s'] * 1e6:.1f} | {r['tma_vs_mm']:.3f}" if "tma_s" in r else f"– | {r.get('tma_note', '')}")
             lines.append(f"| {r['shape']} | {r['M']}×{r['K']}×{r['N']} | {r['torch_mm_s'] * 1e6:.1f} | "
-                         f"{r['triton_s'] * 1e6:.1f} | {r['triton_vs_mm']:.3f} | {r['mm_tflops']:.0f}, "
-                         f"{r['triton_tflops']:.0f} | {r['max_abs_diff']:.3g} |")
+                         f"{r['triton_s'] * 1e6:.1f} | {r['triton_vs_mm']:.3f} | {tma} | {r['mm_tflops']:.0f}, "
+                         f"{r['triton_tflops']:.0f}, {_fmt(r.get('tma_tflops'), '.0f')} | {r['max_abs_diff']:.3g}, "
+                         f"{_fmt(r.get('tma_max_abs_diff'), '.3g')} |")
     if sp.get("memory"):
         m0 = sp["memory"][0]
         lines += ["", f"## Peak memory of one forward+backward (M={m0.get('M')}, K={m0.get('K')}, N={m0.get('N')}, "

@@ -4,7 +4,8 @@
   backend, interleaved round by round (``paired``; ratios are medians of per-round ratios); forward and
   forward+backward; prefill (M=4096) and decode (M=1, 16, 64); Llama-3-8B q_proj and
   MLP shapes; r=16, no dropout.
-- ``gemm``: the Triton base GEMM alone (our fused GEMM kernel at rank 0) against ``torch.mm``.
+- ``gemm``: the Triton base GEMM alone (our fused GEMM kernels at rank 0: the cp.async one, and on sm_90 the
+  persistent TMA one) against ``torch.mm``.
 - ``memory``: the peak memory of one forward+backward at M=16384, K=4096, N=14336, r=64.
 - ``dropout``: forward+backward of q_proj at prefill with ``lora_dropout=0.1`` against the same layer at
   0 (what the regenerated Philox mask costs), ours and PEFT.
@@ -144,18 +145,27 @@ def time_linear(dev, dt, shapes, tokens, providers, modes=("fwd", "fwd+bwd"), re
     return rows
 
 
-def base_gemm(x, w):
-    """Our fused LoRA GEMM kernel with no low-rank term (rank 0): the Triton base GEMM alone."""
+def base_gemm(x, w, tma: bool = False):
+    """Our fused LoRA GEMM kernel with no low-rank term (rank 0): the Triton base GEMM alone; ``tma``: the
+    persistent TMA kernel that sm_90 runs past the decode bucket (``lora.tma_gemm``), else the cp.async one."""
     from ..kernels import lora as L
 
     M, K = x.shape
     N = w.shape[0]
     cfg = L.configs(x.dtype, 16, L._aligned(x, w))
-    c = cfg["gemm"]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     fl = L._flags(x, w)
-
     S = torch.empty((1, 1), dtype=torch.float32, device=x.device)  # never read at rank 0
+    if tma:
+        c = L._tma_config()
+        progs = L._persistent_grid(triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n), x.device)
+        L._fwd_gemm_tma_kernel[(progs,)](
+            L._desc(x, (c.block_m, c.block_k)), L._desc(w, (c.block_n, c.block_k)), y, S, w, y, M, N, K, 0, 0, 0,
+            y.stride(0), y.stride(1), 0.0, progs, HAS_BIAS=False, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+            BLOCK_K=c.block_k, BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages,
+            **fl)
+        return y
+    c = cfg["gemm"]
     L._fwd_gemm_kernel[(triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n),)](
         x, w, y, S, w, y, M, N, K, 0, x.stride(0), x.stride(1), w.stride(0), w.stride(1), 0, 0, y.stride(0),
         y.stride(1), 0.0, HAS_BIAS=False, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
@@ -163,7 +173,12 @@ def base_gemm(x, w):
     return y
 
 
-def time_gemm(dev, dt, shapes, M, reps=20, warmup=3) -> List[dict]:
+def time_gemm(dev, dt, shapes, M, reps=20, warmup=3, force_tma: bool = False) -> List[dict]:
+    """torch.mm, our cp.async GEMM and (where this device runs it, or ``force_tma`` in the dry run, in fp16 there)
+    the persistent TMA GEMM, per shape; else the row says why not (``tma_note``)."""
+    from ..kernels import _common as C
+    from ..kernels import lora as L
+
     rows = []
     for sname, (K, N) in shapes.items():
         x = torch.randn(M, K, device=dev, dtype=dt)
@@ -172,9 +187,20 @@ def time_gemm(dev, dt, shapes, M, reps=20, warmup=3) -> List[dict]:
         t_tr = _timer(dev, lambda: base_gemm(x, w), reps, warmup)
         err = (base_gemm(x, w).float() - torch.mm(x, w.t()).float()).abs().max().item()
         flops = 2.0 * M * K * N
-        rows.append({"shape": sname, "M": M, "K": K, "N": N, "torch_mm_s": t_mm, "triton_s": t_tr,
-                     "triton_vs_mm": t_tr / t_mm, "triton_tflops": flops / t_tr / 1e12,
-                     "mm_tflops": flops / t_mm / 1e12, "max_abs_diff": err})
+        row = {"shape": sname, "M": M, "K": K, "N": N, "torch_mm_s": t_mm, "triton_s": t_tr,
+               "triton_vs_mm": t_tr / t_mm, "triton_tflops": flops / t_tr / 1e12,
+               "mm_tflops": flops / t_mm / 1e12, "max_abs_diff": err}
+        with C.tma_override(True if force_tma else None):
+            xt, wt = (x, w) if dt != torch.float32 else (x.half(), w.half())
+            if L.tma_gemm(M, xt, wt):
+                t_mm16 = t_mm if xt is x else _timer(dev, lambda: torch.mm(xt, wt.t()), reps, warmup)
+                t_tma = _timer(dev, lambda: base_gemm(xt, wt, tma=True), reps, warmup)
+                row.update(tma_s=t_tma, tma_vs_mm=t_tma / t_mm16, tma_tflops=flops / t_tma / 1e12,
+                           tma_max_abs_diff=(base_gemm(xt, wt, tma=True).float()
+                                             - torch.mm(xt, wt.t()).float()).abs().max().item())
+            else:
+                row["tma_note"] = C.tma_unavailable_reason(dev) or "operands not eligible (lora.tma_gemm)"
+        rows.append(row)
     return rows
 
 
@@ -306,7 +332,7 @@ def run(dry: bool) -> Dict[str, list]:
     if dry:
         shapes = {"q_proj": (48, 40), "mlp_up": (48, 72)}
         res = {"linear": time_linear(dev, dt, shapes, (24, 1), PROVIDERS, reps=2, warmup=1),
-               "gemm": time_gemm(dev, dt, {"q_proj": (48, 40)}, 24, reps=2, warmup=1),
+               "gemm": time_gemm(dev, dt, {"q_proj": (48, 40)}, 70, reps=2, warmup=1, force_tma=True),
                "memory": peak_memory(dev, dt, 24, 48, 40, 8, ("frozen", "peft", "triton", "torch")),
                "dropout": time_dropout(dev, dt, 48, 40, 24, ("peft-bf16", "triton", "torch"), reps=2, warmup=1),
                "multi": time_multi(dev, dt, 48, 40, 32, 4, ("triton", "torch", "auto"), reps=2, warmup=1)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -271,11 +272,18 @@ def fp32_precision_override(value: Optional[str]):
     records both variants this way without touching torch's global state)."""
     if value not in (None, "tf32", "ieee"):
         raise ValueError(f"fp32 precision must be 'tf32', 'ieee' or None, got {value!r}")
-    tok = _PRECISION_OVERRIDE.set(value)
+    with _context_value(_PRECISION_OVERRIDE, value):
+        yield
+
+
+@contextlib.contextmanager
+def _context_value(var: contextvars.ContextVar, value):
+    """``var`` set to ``value`` within the block (this thread/task only), restored on exit."""
+    tok = var.set(value)
     try:
         yield
     finally:
-        _PRECISION_OVERRIDE.reset(tok)
+        var.reset(tok)
 
 
 def f32_precision(adapter_dtype: Optional[torch.dtype] = None, base_dtype: Optional[torch.dtype] = None) -> str:
@@ -318,6 +326,48 @@ def program_budget(device: torch.device) -> int:
     if device.type == "cuda":
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 2 if INTERPRETED else 132
+
+
+try:  # host-side TMA descriptors (triton >= 3.3): the sm_90 GEMMs read x and W through them
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: the cp.async GEMMs only
+    TensorDescriptor = None
+
+TMA_VAR = "PEFT_KERNELS_TMA"
+_TMA_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("peft_kernels_tma", default=None)
+
+
+@contextlib.contextmanager
+def tma_override(value: Optional[bool]):
+    """Within the block, ``tma_available`` answers ``value`` (None: the device's answer). The AOT tool records
+    the sm_90 launches this way on a machine with no GPU; the interpreter tests run the TMA kernels with it."""
+    if value not in (None, True, False):
+        raise ValueError(f"tma_override takes True, False or None, got {value!r}")
+    with _context_value(_TMA_OVERRIDE, value):
+        yield
+
+
+def tma_unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why the persistent TMA GEMMs cannot run on ``device`` (None when they can): they need an sm_90 GPU
+    (Hopper: TMA and wgmma; sm_80 has no TMA, and newer archs are not compiled or checked by the AOT
+    matrix), a triton with host-side tensor descriptors, and ``PEFT_KERNELS_TMA`` not set to 0."""
+    forced = _TMA_OVERRIDE.get()
+    if forced is not None:
+        return None if forced else "turned off by tma_override(False)"
+    if os.environ.get(TMA_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"turned off by {TMA_VAR}=0"
+    if TensorDescriptor is None:
+        return f"triton {triton.__version__} has no triton.tools.tensor_descriptor"
+    if device.type != "cuda":
+        return f"device {device} is not CUDA"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return f"compute capability {major}.{minor} is not sm_90"
+    return None
+
+
+def tma_available(device: torch.device) -> bool:
+    return tma_unavailable_reason(device) is None
 
 
 def next_pow2(n: int, lo: int = 16) -> int:

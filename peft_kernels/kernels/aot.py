@@ -10,6 +10,7 @@ Must run in a process where TRITON_INTERPRET is not set (interpreted kernels can
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import subprocess
@@ -21,7 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from ._common import INTERPRETED, fp32_precision_override
+from ._common import INTERPRETED, TensorDescriptor, fp32_precision_override, tma_override
 
 # Per-block shared memory limit for one CTA (opt-in maximum): sm_80 163 KB, sm_90 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -254,8 +255,10 @@ def compile_launch(launch: Launch, arch: int) -> Compiled:
     named = {k.arg_names[i[0]]: v for i, v in constexprs.items() if k.arg_names[i[0]].isupper()}
     # the input dtype: that of x (or dY, or the gathered input / adapter stack / output)
     # (a pointer passed as None compiles as "constexpr": the fused decode GEMM's a_ptr, DB_DIRECT's dy_ptr)
-    data = next((signature[k] for k in ("x_ptr", "dy_ptr", "g_ptr", "in_ptr", "a_ptr", "out_ptr", "w_ptr")
-                 if signature.get(k, "constexpr") != "constexpr"), "?")
+    # (the TMA GEMMs read x and dY through descriptors: "tensordesc<bf16[128, 64]>")
+    data = next((signature[k] for k in ("x_ptr", "x_desc", "dy_ptr", "dy_desc", "g_ptr", "in_ptr", "a_ptr",
+                                        "out_ptr", "w_ptr") if signature.get(k, "constexpr") != "constexpr"), "?")
+    data = re.sub(r"^tensordesc<(\w+)\[.*$", r"\1", data)
     # the adapter weights' (or their gradient's) dtype, when the kernel reads them: "bf16/fp32" rows are
     # fp32 adapters on a bf16 base
     adapter = next((signature[k] for k in ("a_ptr", "b_ptr", "w_ptr", "d_ptr", "da_ptr")
@@ -313,12 +316,21 @@ def record_lora_launches():
 
     from . import lora as L
 
-    kernels = [L._shrink_kernel, L._fwd_gemm_kernel, L._bwd_dy_kernel, L._bwd_dx_kernel, L._bwd_da_kernel]
+    kernels = [L._shrink_kernel, L._fwd_gemm_kernel, L._bwd_dy_kernel, L._bwd_dx_kernel, L._bwd_da_kernel,
+               L._fwd_gemm_tma_kernel, L._bwd_dx_tma_kernel]
     seed = torch.zeros(1, dtype=torch.int64)
     with record_launches(kernels) as calls:
-        for dt, adt, R, p, M, K, N in lora_launch_matrix():
+        for (dt, adt, R, p, M, K, N), tma in itertools.product(lora_launch_matrix(), (False, True)):
+            if tma:  # what an sm_90 GPU runs where it takes the persistent TMA GEMMs (compiled for sm_90 only)
+                with tma_override(True):
+                    if not L.tma_gemm(M, torch.empty(1, K, dtype=dt), a=torch.empty(0, dtype=adt)):
+                        continue
+                # K and N 16× smaller: the same divisibility, splits and constexprs (so the same compiled variants),
+                # while the recorded launches, which keep their tensors, stay small enough for the compile pool's
+                # fork (at full size they were not: ENOMEM)
+                K, N = K // 16, N // 16
             for prec in _precisions(dt, adt):
-                with fp32_precision_override(prec):  # fp32 dots follow torch's TF32 setting
+                with fp32_precision_override(prec), tma_override(tma):  # fp32 dots follow torch's TF32 setting
                     x = torch.empty(M, K, dtype=dt)
                     W = torch.empty(N, K, dtype=dt)
                     b = torch.empty(N, dtype=dt)
@@ -378,6 +390,12 @@ def record_multi_lora_launches():
                             ML.multi_lora_backward(dy, x, torch.empty(T, K, dtype=dt), A, B, Sb, m, scal, ranks, path,
                                                    True, True)
     return calls
+
+
+def sm90_only(c: Launch) -> bool:
+    """Whether the launch passes a TMA descriptor (the persistent sm_90 GEMMs: sm_80 has no TMA)."""
+    return TensorDescriptor is not None and any(isinstance(a, TensorDescriptor)
+                                                for a in (*c.args, *c.kwargs.values()))
 
 
 def _launch_key(c: Launch, arch: int):
@@ -466,6 +484,8 @@ def check_all(archs=(80, 90), verbose=True, ops=("lora", "multi_lora", "adapter"
     for arch in archs:
         seen = set()
         for i, c in enumerate(calls):
+            if arch < 90 and sm90_only(c):
+                continue
             key = c.kernel.__name__ if first_per_kernel else _launch_key(c, arch)
             if key not in seen:
                 seen.add(key)

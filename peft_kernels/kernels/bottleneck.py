@@ -25,8 +25,17 @@ Backward:
      input's gradient; skipped for the parallel mode), and LoRA's dA programs: dD = dPᵀ·input with
      Σ_m dP (b_d), plus the fixed-order reduction of the dU partials
   standalone: 2 launches. sequential: + ``d_in·W`` for dX (one GEMM) = 3. parallel: + LoRA's
-  ``_bwd_dx_kernel`` dX = dY·W + dP·D (one GEMM, before step 2) = 3; there, above M = 64, the dY launch splits
-  N when its row programs leave SMs idle (LoRA's ``dy_splits``) and dX sums the dP partials and stores dP.
+  ``_bwd_dx_kernel`` dX = dY·W + dP·D (one GEMM, before step 2) = 3.
+Filling the machine where row programs are few (decode; M below ~8k rows): at bottleneck tiles ≤ 32 (larger
+ones spilled registers in these variants) the shrink splits K (LoRA's ``shrink_splits``) and the dY launch
+splits N (``dy_splits``); the activation needs the whole sum, so in each
+the last split of a (row block, rank chunk) to arrive (a self-resetting arrival counter, as the sequential
+kernel's) adds the partials in split order: deterministic, no extra launch, and P, H and dP are what the
+unsplit kernels write. Above the decode bucket the parallel mode's dX sums the dP partials itself instead.
+At decode the splits stop at 16 (``MAX_SHRINK_SPLITS``/``MAX_DY_SPLITS``): 16 programs (the launch model's
+waves show 0.12), because the last program reads every partial (splits·M·b fp32) alone: at M = 64, b = 16
+that is 64 KiB at 16 splits, against the 640 KiB of x (or dY) and D the unsplit launch streamed through one
+program; at 132 splits it would be 528 KiB, about as much as the whole work the splits spread.
 GEMM tiles follow LoRA's M buckets (``configs(M=...)``), narrowed at decode to fill the machine.
 The O(N·b) parameter-side work (s⊙U, s⊙b_u, the scale's gradient, the column-sum reduction) is torch
 on tensors of parameter size.
@@ -53,20 +62,53 @@ def _adapter_shrink_kernel(
     stride_xm, stride_xk, stride_dr, stride_dk,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    k_per_split=0, part_ptr=None, cnt_ptr=None, part_stride=0, SPLIT_K: tl.constexpr = False,
 ):
-    """P = x·Dᵀ + b_d and H = act(P), fp32 [M, R]."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    """P = x·Dᵀ + b_d and H = act(P), fp32 [M, R].
+
+    SPLIT_K (grid axis 2; fewer row programs than the machine, ``shrink_splits``): split j reduces K in
+    [j·k_per_split, (j+1)·k_per_split) into its fp32 partial j of x·Dᵀ (part_stride = M·R apart). The activation
+    needs the whole sum, so the last split of each (row block, rank chunk) to arrive (a self-resetting arrival
+    counter, as in ``_seq_fwd_kernel``) adds the partials in split order, then b_d, and stores P and H:
+    deterministic, still one launch, and P/H are what the unsplit kernel writes."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     m_ok = rm < M
     r_ok = rr < R
     rm64 = rm.to(tl.int64)
-    acc = L._gemm_mainloop(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr, rm64, m_ok, stride_xm, stride_xk,
-                           d_ptr, rr.to(tl.int64), r_ok, stride_dk, stride_dr, K, UPCAST, F32_PREC, BLOCK_K)
+    msk = m_ok[:, None] & r_ok[None, :]
+    offs = rm64[:, None] * R + rr[None, :]
+    if SPLIT_K:
+        split = tl.program_id(2)
+        num_splits = tl.num_programs(2)
+        k_lo = split.to(tl.int64) * k_per_split  # the base pointers step once (64-bit); loop offsets stay local
+        k_span = tl.minimum(K - k_lo, k_per_split).to(tl.int32)
+        acc = L._gemm_mainloop(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr + k_lo * stride_xk, rm64, m_ok,
+                               stride_xm, stride_xk, d_ptr + k_lo * stride_dk, rr.to(tl.int64), r_ok, stride_dk,
+                               stride_dr, k_span, UPCAST, F32_PREC, BLOCK_K)
+        tl.store(part_ptr + split.to(tl.int64) * part_stride + offs, acc, mask=msk)
+        # every thread's partial stores precede the release; the acquire makes the others' visible
+        tl.debug_barrier()
+        cid = pid_m.to(tl.int64) * tl.num_programs(1) + pid_r  # 64-bit: a product of runtime values
+        last = tl.atomic_add(cnt_ptr + cid, 1, sem="acq_rel") == num_splits - 1
+        if last:
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            ptrs = part_ptr + offs
+            for _ in range(0, num_splits):  # split order: deterministic; pointer steps are 64-bit
+                acc += tl.load(ptrs, mask=msk, other=0.0, cache_modifier=".cg")
+                ptrs += part_stride
+            tl.atomic_xchg(cnt_ptr + cid, 0)  # leave the counter at 0 for the next launch
+    else:
+        last = True
+        acc = L._gemm_mainloop(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr, rm64, m_ok, stride_xm,
+                               stride_xk, d_ptr, rr.to(tl.int64), r_ok, stride_dk, stride_dr, K, UPCAST, F32_PREC,
+                               BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(db_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :]
-    msk = m_ok[:, None] & r_ok[None, :]
-    tl.store(p_ptr + rm64[:, None] * R + rr[None, :], acc, mask=msk)
-    tl.store(h_ptr + rm64[:, None] * R + rr[None, :], act(acc, ACT), mask=msk)
+    tl.store(p_ptr + offs, acc, mask=msk & last)
+    tl.store(h_ptr + offs, act(acc, ACT), mask=msk & last)
 
 
 @triton.jit
@@ -253,10 +295,17 @@ def _down(x, D, db, activation, cfg, fl):
     P = torch.empty((M, R), dtype=torch.float32, device=x.device)
     H = torch.empty_like(P)
     c, br = cfg["shrink"], cfg["adapter_block_r"]
-    _adapter_shrink_kernel[(triton.cdiv(M, c.block_m), triton.cdiv(R, br))](
+    rows, chunks = triton.cdiv(M, c.block_m), triton.cdiv(R, br)
+    # split K where the row programs leave SMs idle (decode: 1 program), as LoRA's shrink does (an fp32 input
+    # keeps one split, as there), at rank tiles ≤ 32: at 128 the SPLIT_K variant spilled 8 bytes on sm_90 (triton 3.6)
+    splits, k_per = L.shrink_splits(x.device, M, K, R, c.block_m, c.block_k, br, x.dtype) if br <= 32 else (1, K)
+    part = torch.empty((splits, M, R), dtype=torch.float32, device=x.device) if splits > 1 else None
+    _adapter_shrink_kernel[(rows, chunks, splits)](
         x, D, db if db is not None else P, P, H, M, K, R, x.stride(0), x.stride(1), D.stride(0), D.stride(1),
         HAS_BIAS=db is not None, ACT=ACT_CODES[activation], BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_R=br,
-        num_warps=c.num_warps, num_stages=c.num_stages, **fl)
+        num_warps=c.num_warps, num_stages=c.num_stages, k_per_split=k_per, part_ptr=part,
+        cnt_ptr=_arrival_counters(x.device, rows * chunks) if splits > 1 else None, part_stride=M * R,
+        SPLIT_K=splits > 1, **fl)
     return P, H
 
 
@@ -334,17 +383,21 @@ def parallel_forward(x, weight, bias_c, D, db, U_s, activation: str):
     return y, P
 
 
-def _dp(g, U_s, P, activation, need_up, cfg, fl, split: bool = False):
+def _dp(g, U_s, P, activation, need_up, cfg, fl, dx_sums: bool = False):
     """Launch LoRA's dY kernel with the activation: (dP fp32, dU partials, column-sum partials, Pm, dP
-    partials, their count). With ``split`` (the parallel mode with dX: its GEMM sums the partials in a fixed
-    order and stores dP) the launch splits N as LoRA's does when its row programs leave SMs idle; each split
-    applies act' to its own partial (dP is linear in them)."""
+    partials, their count). The launch splits N as LoRA's does when its row programs leave SMs idle; each split
+    applies act' to its own partial (dP is linear in them). With ``dx_sums`` (the parallel mode's dX above the
+    decode bucket: its GEMM sums the partials in a fixed order and stores dP) the partials are left to it;
+    otherwise the last split to arrive sums them into dP (``REDUCE``), so every dP reader takes one tensor."""
     M, R = P.shape
     N = g.shape[1]
     c, abr = cfg["dy"], cfg["adapter_block_r"]
     r_chunks = triton.cdiv(R, abr)
     Pm = L.dy_programs(g.device, M, c.block_m, r_chunks)  # the partials are bounded by the machine, not by M
-    splits, n_per = L.dy_splits(g.device, M, N, Pm, c.block_n, r_chunks, g.dtype) if split else (1, N)
+    # the REDUCE variants take rank tiles ≤ 32: at 64 and 128 they spilled 8-16 bytes (sm_80 and sm_90, triton 3.6
+    # and 3.8); larger bottlenecks split only where dX sums the partials
+    splits, n_per = L.dy_splits(g.device, M, N, Pm, c.block_n, r_chunks, g.dtype) if dx_sums or abr <= 32 else (1, N)
+    reduce = splits > 1 and not dx_sums
     dP = torch.empty((M, R), dtype=torch.float32, device=g.device)
     dPp = dP if splits == 1 else torch.empty((splits, M, R), dtype=torch.float32, device=g.device)
     gthp = torch.empty((Pm, N, R), dtype=torch.float32, device=g.device) if need_up else dP
@@ -353,8 +406,9 @@ def _dp(g, U_s, P, activation, need_up, cfg, fl, split: bool = False):
         g, U_s, P, dPp, gthp, csp, M, N, R, g.stride(0), g.stride(1), U_s.stride(0), U_s.stride(1), 1.0,
         COMPUTE_DB=need_up, COLSUM=need_up, ACT=ACT_CODES[activation], BLOCK_M=c.block_m, BLOCK_N=c.block_n,
         BLOCK_R=abr, num_warps=c.num_warps, num_stages=c.num_stages, n_per_split=n_per, ds_part_stride=M * R,
-        N_SPLIT=splits > 1, **fl)
-    return dP, gthp, csp, Pm, dPp, splits
+        N_SPLIT=splits > 1, ds_sum_ptr=dP if reduce else None,
+        cnt_ptr=_arrival_counters(g.device, Pm) if reduce else None, REDUCE=reduce, RED=4 * 32 * c.num_warps, **fl)
+    return (dP, gthp, csp, Pm, dP, 1) if reduce else (dP, gthp, csp, Pm, dPp, splits)
 
 
 def _input_and_param_grads(g, inp, D, dP, gthp, csp, Pm, residual, need_din, need_dd, need_db, need_up, cfg, fl):
@@ -411,10 +465,10 @@ def parallel_backward(dy, x, weight, D, U_s, P, activation: str, need_dx: bool, 
     check_dims(M=M, K=K, N=N, bottleneck=R)
     cfg = configs(x.dtype, R, L._aligned(x, weight, D, U_s, dy), M, N, K, x.device)
     fl = _flags(x, D)
-    # split N above the decode bucket only: summing the partials in the decode tile's dX spilled 4-8 bytes with
-    # triton 3.6 (2 or 4 warps, 2 or 3 stages)
+    # dX sums the dP partials above the decode bucket only (in the decode tile's dX that spilled 4-8 bytes with
+    # triton 3.6, 2 or 4 warps, 2 or 3 stages): at decode, and without dX, the dY launch reduces them itself
     dP, gthp, csp, Pm, dPp, splits = _dp(dy, U_s, P, activation, need_up, cfg, fl,
-                                         split=need_dx and L.m_bucket(M) != "decode")
+                                         dx_sums=need_dx and L.m_bucket(M) != "decode")
     dx = None
     if need_dx:  # dX = dY·W + dP·D in one GEMM (it sums the dP partials and stores dP for the dD programs)
         c = cfg["dx"]

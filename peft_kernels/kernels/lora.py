@@ -22,6 +22,17 @@ block would have left the shrink and the dY launch a single program each (the dY
 alone: 12-99 µs in the launch model against ~2 µs). Every launch fills the machine at the Llama-3-8B shapes
 (``python -m peft_kernels.bench --model h200``): the decode GEMM tiles narrow to 16 columns where 32 would
 leave programs short (``_fill_cols``), and the dA launch's K tile narrows likewise (``_fill_da``).
+sm_90 past the decode bucket (``tma_gemm``: 16-bit x, W and adapters of one dtype, TMA-aligned strides): the
+forward GEMM and dX are persistent TMA kernels (``_fwd_gemm_tma_kernel``, ``_bwd_dx_tma_kernel``): at most one
+program per SM walks output tiles in grouped order, x/dY and W tiles arrive by TMA (host-side tensor
+descriptors, so no global allocator is set; out-of-range rows read as 0) into 4 shared-memory stages feeding
+async wgmma; the LoRA tile and the epilogue are the same code as the cp.async kernels'. That is what the
+supported triton versions (3.6-3.8) offer on Hopper without changing a user's global state: device-side
+descriptors need ``triton.set_allocator``; ``tl.range(flatten=True)`` compiles to the same kernel (the LoRA
+tile's loops keep the nest from flattening); warp specialization was not tried (no GPU to measure it). The
+H200 measured the cp.async GEMM at 0.57-0.73 of ``torch.mm``; the launch model says fusion ties our cuBLAS
+path at prefill only at 1.00-1.04 of cuBLAS's rate (``bench --model``), so the measured dispatch keeps
+prefill on the torch path until gpu-check measures the TMA kernels there. ``PEFT_KERNELS_TMA=0`` turns them off.
 Dropout: the shrink draws the mask once, a byte (8 elements) per two Philox calls using all 4 outputs of
 each (``_common.dropout_bytes``), unpacks it in registers for its own x tile, and writes it packed (uint8
 [M, ⌈K/8⌉], M·K/8 bytes); dX and dA read those bits. Before, all three kernels regenerated the mask, one
@@ -52,8 +63,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ACT_NONE, INTERPRETED, acc_chunk, acc_flush, act, act_grad, check_dims, dropout_bytes,
-                      expand_bytes, f32_precision, load_keep, mma, mma_acc, next_pow2, program_budget, upcast_needed)
+from ._common import (ACT_NONE, INTERPRETED, TensorDescriptor, acc_chunk, acc_flush, act, act_grad, check_dims,
+                      dropout_bytes, expand_bytes, f32_precision, load_keep, mma, mma_acc, next_pow2, program_budget,
+                      tma_available, upcast_needed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,6 +263,14 @@ def _fwd_gemm_kernel(
                              pid_n == 0, STORE_S) * scaling
         acc = _gemm_mainloop(acc, x_ptr, rm64, m_ok, stride_xm, stride_xk, w_ptr, rn64, n_ok, stride_wk, stride_wn,
                              K, UPCAST, F32_PREC, BLOCK_K, ACC_CHUNK)
+    _fwd_epilogue(acc, rm64, m_ok, rn, rn64, n_ok, y_ptr, stride_ym, stride_yn, bias_ptr, HAS_BIAS, g_ptr, z_ptr,
+                  COL_SCALE, STORE_Z)
+
+
+@triton.jit
+def _fwd_epilogue(acc, rm64, m_ok, rn, rn64, n_ok, y_ptr, stride_ym, stride_yn, bias_ptr, HAS_BIAS: tl.constexpr,
+                  g_ptr, z_ptr, COL_SCALE: tl.constexpr, STORE_Z: tl.constexpr):
+    """The forward GEMM's epilogue: DoRA's column scale (storing z first with STORE_Z), the bias, the store."""
     if COL_SCALE:
         if STORE_Z:
             tl.store(z_ptr + rm64[:, None] * stride_ym + rn64[None, :] * stride_yn, acc.to(z_ptr.dtype.element_ty),
@@ -263,6 +283,58 @@ def _fwd_gemm_kernel(
 
 
 @triton.jit
+def _tma_mainloop(acc, a_desc, off_m, b_desc, off_c, KD, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
+                  BLOCK_K: tl.constexpr, B_TRANS: tl.constexpr):
+    """``acc + a[off_m : off_m + BM, :KD] · b``, both tiles loaded by TMA from their descriptors (rows and
+    columns past the tensor's end read as 0, so no masks). ``b_desc`` describes W [N, K]. With B_TRANS (the
+    forward GEMM: output columns are W's rows) the [BC, BLOCK_K] tile at [off_c, k] is used transposed, as
+    wgmma reads it from shared memory; otherwise (dX: W's rows are the reduction) the [BLOCK_K, BC] tile at
+    [k, off_c] is used as it is."""
+    for k0 in range(0, KD, BLOCK_K):
+        a = a_desc.load([off_m, k0])
+        if B_TRANS:
+            b = b_desc.load([off_c, k0]).T
+        else:
+            b = b_desc.load([k0, off_c])
+        acc = mma(a, b, acc, UPCAST, F32_PREC)
+    return acc
+
+
+@triton.jit
+def _tile_index(tile, num_m, num_c, M, C, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Output tile ``tile`` of a persistent GEMM in grouped order: (row block, column block, int64 rows, row
+    mask, columns, int64 columns, column mask)."""
+    pid_m, pid_c = _grouped_tile(tile, num_m, num_c, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return pid_m, pid_c, rm.to(tl.int64), rm < M, rc, rc.to(tl.int64), rc < C
+
+
+@triton.jit
+def _fwd_gemm_tma_kernel(
+    x_desc, w_desc, bias_ptr, s_ptr, b_ptr, y_ptr, M, N, K, R,
+    stride_bn, stride_br, stride_ym, stride_yn, scaling, num_progs,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr, LORA_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, g_ptr=None, z_ptr=None, COL_SCALE: tl.constexpr = False, STORE_Z: tl.constexpr = False,
+    num_parts=1, part_stride=0, s_out_ptr=None, STORE_S: tl.constexpr = False,
+):
+    # ``_fwd_gemm_kernel`` for sm_90 at M > 64 (16-bit x, W and adapters): persistent (``num_progs`` programs,
+    # at most one per SM, each walking output tiles pid, pid + num_progs, ... in grouped order) with x and W
+    # tiles loaded by TMA (``_tma_mainloop``). The LoRA expand and the epilogue are the same code.
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), num_m * num_n, num_progs):
+        pid_m, pid_n, rm64, m_ok, rn, rn64, n_ok = _tile_index(tile, num_m, num_n, M, N, GROUP_M, BLOCK_M, BLOCK_N)
+        acc = _low_rank_tile(s_ptr, rm64, m_ok, R, b_ptr, rn64, n_ok, stride_br, stride_bn,
+                             UPCAST, LORA_PREC, BLOCK_M, BLOCK_R, BLOCK_N, num_parts, part_stride, s_out_ptr,
+                             pid_n == 0, STORE_S) * scaling
+        acc = _tma_mainloop(acc, x_desc, pid_m * BLOCK_M, w_desc, pid_n * BLOCK_N, K, UPCAST, F32_PREC, BLOCK_K, True)
+        _fwd_epilogue(acc, rm64, m_ok, rn, rn64, n_ok, y_ptr, stride_ym, stride_yn, bias_ptr, HAS_BIAS, g_ptr, z_ptr,
+                      COL_SCALE, STORE_Z)
+
+
+@triton.jit
 def _bwd_dy_kernel(
     dy_ptr, b_ptr, s_ptr, ds_ptr, dbp_ptr, csp_ptr, M, N, R,
     stride_dym, stride_dyn, stride_bn, stride_br,
@@ -270,6 +342,7 @@ def _bwd_dy_kernel(
     COMPUTE_DB: tl.constexpr, COLSUM: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr,
     F32_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ACC_CHUNK: tl.constexpr = 0, n_per_split=0, ds_part_stride=0, N_SPLIT: tl.constexpr = False,
+    ds_sum_ptr=None, cnt_ptr=None, REDUCE: tl.constexpr = False, RED: tl.constexpr = 512,
 ):
     # Grid (P, R-chunks, splits). N split (``dy_splits``): split j covers the columns [j·n_per_split,
     # (j+1)·n_per_split) and writes its own fp32 partial of dS, ds_part_stride = M·R apart (dX adds the partials
@@ -282,6 +355,11 @@ def _bwd_dy_kernel(
     # LoRA: S is the shrink output, ACT = ACT_NONE. Bottleneck adapter: S is the pre-activation P,
     # dS becomes dP = (dY·U)⊙act'(P), the dB partials use act(P), and COLSUM adds the per-program
     # column sums of dY (for the up bias and the scale).
+    # REDUCE (with N_SPLIT; the bottleneck adapter, whose dP readers take one dS): the last program of each row
+    # program's splits × rank chunks to arrive (a self-resetting arrival counter per row program, as in the
+    # adapter's shrink) adds the partials in split order into ds_sum_ptr. A split launch has one row block per row program (it splits only
+    # when the row programs, one per row block, are fewer than the machine's).
+    ds_base = ds_ptr
     pid_p = tl.program_id(0)
     num_p = tl.num_programs(0)
     pid_r = tl.program_id(1)
@@ -344,6 +422,23 @@ def _bwd_dy_kernel(
         if COMPUTE_DB:
             # the next row block re-reads the partial: every thread's stores must precede its loads
             tl.debug_barrier()
+    if REDUCE:
+        tl.debug_barrier()  # this split's dS stores precede the release
+        # the last of the row block's splits × rank chunks to arrive sums its rows: one contiguous run of
+        # rows·R floats per partial, reduced as flat 1-D chunks (a 2-D tile here spilled 8 bytes on sm_90)
+        if tl.atomic_add(cnt_ptr + pid_p, 1, sem="acq_rel") == tl.num_programs(2) * tl.num_programs(1) - 1:
+            base = pid_p.to(tl.int64) * BLOCK_M * R
+            n_el = tl.minimum(BLOCK_M, M - pid_p * BLOCK_M).to(tl.int64) * R
+            for o in range(0, n_el, RED):
+                e = o + tl.arange(0, RED)
+                e_ok = e < n_el
+                tot = tl.zeros((RED,), dtype=tl.float32)
+                ptrs = ds_base + base + e
+                for _ in range(0, tl.num_programs(2)):  # split order: deterministic; 64-bit pointer steps
+                    tot += tl.load(ptrs, mask=e_ok, other=0.0, cache_modifier=".cg")
+                    ptrs += ds_part_stride
+                tl.store(ds_sum_ptr + base + e, tot, mask=e_ok)
+            tl.atomic_xchg(cnt_ptr + pid_p, 0)  # leave the counter at 0 for the next launch
 
 
 @triton.jit
@@ -391,6 +486,31 @@ def _bwd_dx_kernel(
                              N, UPCAST, F32_PREC, BLOCK_N, ACC_CHUNK)
     tl.store(dx_ptr + rm64[:, None] * stride_dxm + rk64[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=m_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _bwd_dx_tma_kernel(
+    dy_desc, w_desc, ds_ptr, a_ptr, dx_ptr, bits_ptr, M, N, K, R,
+    stride_ar, stride_ak, stride_dxm, stride_dxk, p, keep_scale, num_progs,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr, LORA_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, num_parts=1, part_stride=0, ds_out_ptr=None, STORE_S: tl.constexpr = False,
+):
+    # ``_bwd_dx_kernel`` (unfused) for sm_90 at M > 64: persistent, with dY and W tiles loaded by TMA. The LoRA
+    # term (dS partials summed, column block 0 storing the sum, the dropout mask) is the same code.
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_k = tl.cdiv(K, BLOCK_K)
+    for tile in range(tl.program_id(0), num_m * num_k, num_progs):
+        pid_m, pid_k, rm64, m_ok, _, rk64, k_ok = _tile_index(tile, num_m, num_k, M, K, GROUP_M, BLOCK_M, BLOCK_K)
+        acc = _low_rank_tile(ds_ptr, rm64, m_ok, R, a_ptr, rk64, k_ok, stride_ar, stride_ak,
+                             UPCAST, LORA_PREC, BLOCK_M, BLOCK_R, BLOCK_K, num_parts, part_stride, ds_out_ptr,
+                             pid_k == 0, STORE_S)
+        if HAS_DROPOUT:
+            keep = load_keep(bits_ptr, rm64, m_ok, pid_k * BLOCK_K, tl.cdiv(K, 8), BLOCK_M, BLOCK_K)
+            acc = tl.where(keep != 0, acc * keep_scale, 0.0)
+        acc = _tma_mainloop(acc, dy_desc, pid_m * BLOCK_M, w_desc, pid_k * BLOCK_K, N, UPCAST, F32_PREC, BLOCK_N, False)
+        tl.store(dx_ptr + rm64[:, None] * stride_dxm + rk64[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
@@ -676,6 +796,43 @@ def _fill_da(c: "Config", K: int, N: int, need_da: bool, need_db: bool, r_chunks
     return c
 
 
+# The persistent TMA GEMM's tile (sm_90, M > 64): 128×128×64 in 8 warps, 4 stages of x and W tiles in shared
+# memory (4 × 32 KiB), one CTA per SM (the grid is at most the SM count). Under the interpreter the small tiles
+# of ``configs`` keep tests multi-tile.
+TMA_GEMM = Config(128, 128, 64, num_warps=8, num_stages=4)
+
+
+def _tma_config() -> "Config":
+    return Config(32, 32, 32) if INTERPRETED else TMA_GEMM
+
+
+def tma_gemm(M: int, *tensors, a: Optional[torch.Tensor] = None) -> bool:
+    """Whether a base GEMM over ``tensors`` (x and W; dY and W) takes the persistent TMA kernel: an sm_90 GPU
+    (``_common.tma_unavailable_reason``), M past the decode bucket (a decode GEMM is a GEMV, whose narrow
+    tiles TMA's box would not help), 16-bit operands of one dtype with adapters ``a`` of that dtype, and what
+    a TMA descriptor requires: unit inner stride, 16-byte aligned base and row stride, no empty dimension."""
+    x = tensors[0]
+    if not tma_available(x.device) or m_bucket(M) == "decode" or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if a is not None and a.dtype != x.dtype:
+        return False
+    for t in tensors:
+        if (t.dtype != x.dtype or t.dim() != 2 or 0 in t.shape or t.stride(1) != 1 or t.data_ptr() % 16
+                or (t.stride(0) * t.element_size()) % 16):
+            return False
+    return True
+
+
+def _desc(t: torch.Tensor, block) -> "TensorDescriptor":
+    """A TMA descriptor of the 2-D, unit-inner-stride ``t`` with tiles ``block`` (out-of-range reads are 0)."""
+    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], list(block))
+
+
+def _persistent_grid(tiles: int, device: torch.device) -> int:
+    """Programs of a persistent launch: one per SM at most, none idle."""
+    return max(1, min(tiles, program_budget(device)))
+
+
 def shrink_splits(device: torch.device, M: int, K: int, R: int, block_m: int, block_k: int, block_r: int,
                   dtype: Optional[torch.dtype] = None):
     """(splits, K per split) of the shrink launch. Split-K when its row blocks × rank chunks are fewer than
@@ -732,6 +889,17 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed, col_scal
     # Narrowed to fill the machine (``_fill_cols``) where every variant compiles without spills at 16 columns: not
     # for fp32 adapters on a 16-bit base (their DoRA split-K variants spilled 8 bytes on sm_90 with triton 3.8),
     # nor for the split-K GEMM at rank tile 64 (12 bytes on sm_90 with triton 3.6)
+    if tma_gemm(M, x, weight, a=A) and B.dtype == A.dtype:
+        c = _tma_config()
+        progs = _persistent_grid(triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n), x.device)
+        _fwd_gemm_tma_kernel[(progs,)](
+            _desc(x, (c.block_m, c.block_k)), _desc(weight, (c.block_n, c.block_k)), bias if bias is not None else y,
+            parts, B, y, M, N, K, R, B.stride(0), B.stride(1), y.stride(0), y.stride(1), scaling, progs,
+            HAS_BIAS=bias is not None, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+            BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages,
+            g_ptr=col_scale, z_ptr=z, COL_SCALE=col_scale is not None, STORE_Z=z is not None,
+            num_parts=splits, part_stride=M * R, s_out_ptr=S if splits > 1 else None, STORE_S=splits > 1, **fl)
+        return (y, S, z) if store_z else (y, S)
     narrow = A.dtype == x.dtype != torch.float32 and (fused or cfg["gemm_block_r"] <= 32)
     c = _fill_cols(cfg["gemm"], M, N, x.device) if narrow else cfg["gemm"]
     _fwd_gemm_kernel[(triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n),)](
@@ -793,16 +961,27 @@ def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, bits,
         if c.block_m == 16 and ((fused and cfg["gemm_block_r"] > 32) or ds_parts > 1):
             c = Config(c.block_m, c.block_n, c.block_k, c.num_warps, min(c.num_stages, 2))
         dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
-        _bwd_dx_kernel[(triton.cdiv(M, c.block_m) * triton.cdiv(K, c.block_n),)](
-            dy, weight, dSp, A, x, dx, seed_t, M, N, K, R,
-            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), A.stride(0), A.stride(1),
-            dx.stride(0), dx.stride(1), p, keep_scale,
-            HAS_DROPOUT=p > 0, BLOCK_M=c.block_m, BLOCK_K=c.block_n, BLOCK_N=c.block_k,
-            BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, ACC_CHUNK=acc_chunk(x.dtype, c.block_k), num_warps=c.num_warps,
-            num_stages=c.num_stages, num_parts=ds_parts, part_stride=M * R,
-            ds_out_ptr=dS if fused or ds_parts > 1 else None, STORE_S=ds_parts > 1,
-            b_ptr=B if fused else None, stride_bn=B.stride(0), stride_br=B.stride(1), scaling=scaling,
-            FUSE_DS=fused, **fl)
+        if not fused and tma_gemm(M, dy, weight, a=A):
+            c = _tma_config()  # block_n: dX's output columns (K), block_k: its reduction (N)
+            progs = _persistent_grid(triton.cdiv(M, c.block_m) * triton.cdiv(K, c.block_n), x.device)
+            _bwd_dx_tma_kernel[(progs,)](
+                _desc(dy, (c.block_m, c.block_k)), _desc(weight, (c.block_k, c.block_n)), dSp, A, dx, seed_t,
+                M, N, K, R, A.stride(0), A.stride(1), dx.stride(0), dx.stride(1), p, keep_scale, progs,
+                HAS_DROPOUT=p > 0, BLOCK_M=c.block_m, BLOCK_K=c.block_n, BLOCK_N=c.block_k,
+                BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages,
+                num_parts=ds_parts, part_stride=M * R, ds_out_ptr=dS if ds_parts > 1 else None,
+                STORE_S=ds_parts > 1, **fl)
+        else:
+            _bwd_dx_kernel[(triton.cdiv(M, c.block_m) * triton.cdiv(K, c.block_n),)](
+                dy, weight, dSp, A, x, dx, seed_t, M, N, K, R,
+                dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), A.stride(0), A.stride(1),
+                dx.stride(0), dx.stride(1), p, keep_scale,
+                HAS_DROPOUT=p > 0, BLOCK_M=c.block_m, BLOCK_K=c.block_n, BLOCK_N=c.block_k,
+                BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, ACC_CHUNK=acc_chunk(x.dtype, c.block_k), num_warps=c.num_warps,
+                num_stages=c.num_stages, num_parts=ds_parts, part_stride=M * R,
+                ds_out_ptr=dS if fused or ds_parts > 1 else None, STORE_S=ds_parts > 1,
+                b_ptr=B if fused else None, stride_bn=B.stride(0), stride_br=B.stride(1), scaling=scaling,
+                FUSE_DS=fused, **fl)
         # dX left the summed (or fused) dS in dS for dA
     dA = dB = None
     if need_da or need_db:

@@ -320,19 +320,23 @@ def record_lora_launches():
                L._fwd_gemm_tma_kernel, L._bwd_dx_tma_kernel]
     seed = torch.zeros(1, dtype=torch.int64)
     with record_launches(kernels) as calls:
-        for (dt, adt, R, p, M, K, N), tma in itertools.product(lora_launch_matrix(), (False, True)):
+        for (dt, adt, R, p, M, K0, N0), tma in itertools.product(lora_launch_matrix(), (False, True)):
+            sizes = [(K0, N0)]
             if tma:  # what an sm_90 GPU runs where it takes the persistent TMA GEMMs (compiled for sm_90 only)
                 with tma_override(True):
-                    if not L.tma_gemm(M, torch.empty(1, K, dtype=dt), a=torch.empty(0, dtype=adt)):
+                    if not L.tma_gemm(M, torch.empty(1, K0, dtype=dt), a=torch.empty(0, dtype=adt)):
                         continue
-                # K and N 16× smaller: the same divisibility, splits and constexprs (so the same compiled variants),
-                # while the recorded launches, which keep their tensors, stay small enough for the compile pool's
-                # fork (at full size they were not: ENOMEM)
-                K, N = K // 16, N // 16
-            for prec in _precisions(dt, adt):
+                # The recorded launches keep their tensors, and the compile pool's fork failed (ENOMEM) with full-size
+                # copies here: W is a stride-0 expansion of one row (only the TMA kernels read it, through a
+                # descriptor, whose specialization has no strides), and past M = 1024 rows K and N are 16× smaller
+                # (the same divisibility, splits and constexprs). At M ≤ 1024 the full sizes: there the persistent
+                # grid (128 tiles) and the K and N splits (16) are multiples of 16, which the JIT specializes on.
+                if M > 1024:
+                    sizes = [(K0 // 16, N0 // 16)]
+            for (K, N), prec in itertools.product(sizes, _precisions(dt, adt)):
                 with fp32_precision_override(prec), tma_override(tma):  # fp32 dots follow torch's TF32 setting
                     x = torch.empty(M, K, dtype=dt)
-                    W = torch.empty(N, K, dtype=dt)
+                    W = torch.empty(1, K, dtype=dt).expand(N, K) if tma else torch.empty(N, K, dtype=dt)
                     b = torch.empty(N, dtype=dt)
                     A = torch.empty(R, K, dtype=adt)
                     B = torch.empty(N, R, dtype=adt)

@@ -357,8 +357,8 @@ def _bwd_dy_kernel(
     # column sums of dY (for the up bias and the scale).
     # REDUCE (with N_SPLIT; the bottleneck adapter, whose dP readers take one dS): the last program of each row
     # program's splits × rank chunks to arrive (a self-resetting arrival counter per row program, as in the
-    # adapter's shrink) adds the partials in split order into ds_sum_ptr. A split launch has one row block per row program (it splits only
-    # when the row programs, one per row block, are fewer than the machine's).
+    # adapter's shrink) adds the partials in split order into ds_sum_ptr. A split launch has one row block per
+    # row program (it splits only when the row programs, one per row block, are fewer than the machine's).
     ds_base = ds_ptr
     pid_p = tl.program_id(0)
     num_p = tl.num_programs(0)

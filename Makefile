@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.peft_kernels-installed
 # torch is pinned to the CPU wheel: a bare `torch` would pull a multi-GB CUDA build.
-DEPS   := torch==2.13.0 triton==3.8.0 numpy pytest hypothesis ninja peft==0.21.0 setuptools wheel matplotlib tqdm
+DEPS   := torch==2.13.0 triton==3.8.0 numpy pytest hypothesis ninja peft==0.21.0 setuptools wheel matplotlib tqdm \
+          bitsandbytes==0.50.2 torchao==0.18.0
 
 .PHONY: test bench bench-baseline venv info clean cuda-build-check test-triton36 gpu-check gpu-check-dry fuzz asan-test
 

@@ -41,6 +41,8 @@ void sgmv_expand(at::Tensor y, const at::Tensor& S, const at::Tensor& w, const a
                  const c10::optional<at::Tensor>& scalings, int64_t max_count);
 void lora_expand(at::Tensor y, const at::Tensor& S, const at::Tensor& B, const c10::optional<at::Tensor>& bias,
                  double scale);
+at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                           int64_t blocksize, int64_t N, int64_t K, at::ScalarType dtype);
 }  // namespace cpu
 }  // namespace peft_kernels
 
@@ -77,6 +79,10 @@ TORCH_LIBRARY(peft_kernels, m) {
         "Tensor ranks, Tensor? scalings, int max_count) -> ()");
   // single-adapter LoRA expand epilogue: y += scale · S·Bᵀ (+ bias), S fp32 [M, R], B [N, R]
   m.def("lora_expand(Tensor(a!) y, Tensor S, Tensor B, Tensor? bias, float scale) -> ()");
+  // bitsandbytes' 4-bit blockwise weight (NF4/FP4; code: the 16-entry table, absmax fp32 per block) as a
+  // [N, K] tensor of dtype (csrc/cpu/dequant.cpp)
+  m.def("dequantize_4bit(Tensor packed, Tensor absmax, Tensor code, int blocksize, int N, int K, "
+        "ScalarType dtype) -> Tensor");
   // how this library was built: "cpu" or "cuda <archs>" (python -m peft_kernels info)
   m.def("build_info() -> str", []() -> std::string {
 #ifdef PK_WITH_CUDA
@@ -100,6 +106,7 @@ TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
   m.impl("sgmv_expand", &peft_kernels::cpu::sgmv_expand);
   m.impl("lora_expand", &peft_kernels::cpu::lora_expand);
   m.impl("group_by_adapter", &peft_kernels::cpu::group_by_adapter);
+  m.impl("dequantize_4bit", &peft_kernels::cpu::dequantize_4bit);
 }
 
 TORCH_LIBRARY_IMPL(peft_kernels, CompositeExplicitAutograd, m) {

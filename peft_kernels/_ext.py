@@ -64,7 +64,10 @@ def _register_fakes() -> None:
         return (ids.new_empty((ta,), **i32), ids.new_empty((ta,), **i32), ids.new_empty((g,), **i32),
                 ids.new_empty((g + 1,), **i32), ids.new_empty((bad,), dtype=torch.int64))
 
-    for name, fn in (("bgmv_shrink", shrink), ("sgmv_shrink", shrink), ("bgmv_expand", nothing),
+    def dequantize_4bit(packed, absmax, code, blocksize, N, K, dtype):
+        return packed.new_empty((N, K), dtype=dtype)
+
+    for name, fn in (("dequantize_4bit", dequantize_4bit), ("bgmv_shrink", shrink), ("sgmv_shrink", shrink), ("bgmv_expand", nothing),
                      ("sgmv_expand", nothing), ("lora_expand", nothing), ("lora_dropout_shrink", dropout_shrink),
                      ("lora_dropout_bwd", dropout_bwd), ("multi_lora_fwd", multi_fwd), ("multi_lora_bwd", multi_bwd),
                      ("group_by_adapter", group)):

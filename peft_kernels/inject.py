@@ -21,6 +21,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from . import quant
 from .nn.ia3 import IA3Linear
 from .nn.lora import LoRALinear, is_conv1d
 from .nn.multi_lora import MultiLoRALinear
@@ -87,12 +88,17 @@ def find_targets(model: nn.Module, target_modules: Targets, exclude_modules: Opt
             continue
         if targets == "all-linear":
             if _is_linear(mod) and mod is not head:
+                quant.check_layer(mod, name)
                 names.append(name)
             continue
         if not _matches(name, targets):
             continue
         if isinstance(mod, ADAPTER_TYPES):
             raise ValueError(f"module {name!r} already is a {type(mod).__name__}: an adapter is injected once")
+        if quant.is_other_quantized(mod):
+            raise quant.UnsupportedQuantization(f"module {name!r} is a {type(mod).__name__}, a quantized layer type "
+                                                f"peft_kernels does not support; supported: {quant.SUPPORTED}")
+        quant.check_layer(mod, name)
         if not _is_linear(mod):
             raise ValueError(f"target module {name!r} is a {type(mod).__name__}; only nn.Linear and transformers' "
                              f"Conv1D can take LoRA (narrow target_modules)")

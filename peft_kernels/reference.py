@@ -180,3 +180,14 @@ def ia3_linear_ref(x, weight, bias, ia3_l, feedforward: bool = False) -> torch.T
     if feedforward:
         return F.linear((x * l).to(x.dtype), weight, bias)
     return (F.linear(x, weight, bias) * l).to(x.dtype)
+
+
+def qlora_linear_ref(x, qbase, bias, lora_A, lora_B, scaling: float, dropout_mask=None,
+                     dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """LoRA on a quantized frozen base (``peft_kernels.quant.QuantBase``): the weight dequantized to the
+    compute dtype (``dtype``, default ``qbase.compute_dtype(x.dtype)``; tests pass float64), then
+    :func:`lora_linear_ref` on x and the bias in that dtype; the result in x's dtype."""
+    cdt = dtype if dtype is not None else qbase.compute_dtype(x.dtype)
+    w = qbase.dequantize(torch.float32).to(cdt)  # the quantizer's values, exactly representable in fp32
+    y = lora_linear_ref(x.to(cdt), w, None if bias is None else bias.to(cdt), lora_A, lora_B, scaling, dropout_mask)
+    return y.to(x.dtype)

@@ -46,13 +46,13 @@ def test_cli_quick_writes_every_output(quick_run):
         assert meta.get(k), k
     rows = _rows(out)
     timed = [r for r in rows if not r["skipped"]]
-    assert {r["op"] for r in timed} == {"lora", "multi_lora", "adapter", "dora", "ia3"}
-    for op in ("lora", "multi_lora", "adapter", "dora", "ia3"):
+    assert {r["op"] for r in timed} == {"lora", "multi_lora", "adapter", "dora", "ia3", "qlora"}
+    for op in ("lora", "multi_lora", "adapter", "dora", "ia3", "qlora"):
         assert {r["mode"] for r in timed if r["op"] == op} == {"fwd", "bwd", "full"}, op
         provs = {r["provider"] for r in timed if r["op"] == op}
-        assert {"nn.Linear (frozen)", "nn.Linear (frozen, control)", "reference", "ours (torch)",
-                "ours (triton)"} <= provs, (op, provs)
-    for op in ("lora", "multi_lora", "dora", "ia3"):
+        assert {"nn.Linear (frozen)", "nn.Linear (frozen, control)", "reference", "ours (torch)"} <= provs, (op, provs)
+        assert ("ours (triton)" in provs) == (op != "qlora"), (op, provs)
+    for op in ("lora", "multi_lora", "dora", "ia3", "qlora"):
         assert "HF PEFT" in {r["provider"] for r in timed if r["op"] == op}, op
     for r in timed:
         p20, p50, p80 = float(r["p20_ms"]), float(r["p50_ms"]), float(r["p80_ms"])
@@ -63,6 +63,7 @@ def test_cli_quick_writes_every_output(quick_run):
     assert "inference-only" in skipped[("multi_lora", "HF PEFT", "full")]
     assert "no bottleneck" in skipped[("adapter", "HF PEFT", "*")]
     assert "no cuda kernels" in skipped[("lora", "ours (cuda)", "*")]
+    assert "no triton kernels" in skipped[("qlora", "ours (triton)", "*")]
 
 
 def test_cli_quick_outputs_are_checked_results(quick_run):
@@ -101,6 +102,11 @@ def test_cli_quick_outputs_are_checked_results(quick_run):
         assert by[("ia3", "ours (triton)", "fwd", sc)]["launched_ops"].split() == ["triton::_ia3_gemm_kernel"]
     for prov in ("ours (torch)", "ours (triton)", "HF PEFT"):
         assert float(by[("dora", prov, "fwd", "")]["max_abs_diff"]) < 1e-5
+    # QLoRA: ours and PEFT's QLoRA layer against the reference (dequantize, then LoRA) on the same NF4 layer;
+    # ours saves x and S only (no dequantized weight)
+    for prov in ("ours (torch)", "HF PEFT"):
+        assert float(by[("qlora", prov, "fwd", "")]["max_abs_diff"]) < 1e-5
+    assert int(by[("qlora", "ours (torch)", "fwd", "")]["saved_bytes"]) == 40 * 64 * 4 + 40 * 4 * 4
 
 
 def test_cli_rejects_bad_arguments(capsys):
@@ -191,6 +197,20 @@ def test_traffic_model_favours_fusion_and_flops_floor():
     fr = traffic.frozen(512, 4096, 4096, 4)
     ad = traffic.adapter(512, 4096, 4096, 256, 4, "sequential")
     assert abs(ad["full"].flops / fr["full"].flops - (1 + 3 * 256 / 4096)) < 1e-12
+
+
+def test_qlora_traffic_swaps_the_weight_bytes():
+    """The fused QLoRA GEMM reads the packed weight (q bytes per weight) where LoRA's reads e; the unsloth-style
+    unfused path adds a dequantize kernel (read q, write e) in forward and again for dX."""
+    M, K, N, r, e = 512, 4096, 4096, 16, 2
+    q = traffic.nf4_bytes_per_weight(64, True)
+    assert q == 0.5 + (1 + 4 / 256) / 64 and traffic.nf4_bytes_per_weight(64, False) == 0.5 + 4 / 64
+    lo, ql = traffic.lora(M, K, N, r, e), traffic.qlora(M, K, N, r, e, q)
+    for m, n in (("fwd", 1), ("bwd", 1), ("full", 2)):
+        assert ql[m].flops == lo[m].flops
+        assert ql[m].fused_bytes == pytest.approx(lo[m].fused_bytes - n * N * K * (e - q))
+        assert ql[m].unfused_bytes == pytest.approx(lo[m].unfused_bytes + n * N * K * (q + e))
+        assert ql[m].fused_bytes < ql[m].unfused_bytes
 
 
 def test_saved_bytes_dedups_views_and_skips_params():

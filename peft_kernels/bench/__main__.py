@@ -32,9 +32,10 @@ from .shapes import PRESETS, parse_shapes
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPS = tuple(BUILDERS)
 DEFAULT_SHAPES = {"lora": ["512,4096,4096,16"], "multi_lora": ["256,1024,1024,16"],
-                  "adapter": ["512,4096,4096,256"], "dora": ["512,4096,4096,16"], "ia3": ["512,4096,4096,1"]}
+                  "adapter": ["512,4096,4096,256"], "dora": ["512,4096,4096,16"], "ia3": ["512,4096,4096,1"],
+                  "qlora": ["512,4096,4096,16"]}
 QUICK_SHAPES = {"lora": ["40,48,56,4"], "multi_lora": ["24,40,48,4"], "adapter": ["40,48,48,8"],
-                "dora": ["40,48,56,4"], "ia3": ["40,48,56,1"]}
+                "dora": ["40,48,56,4"], "ia3": ["40,48,56,1"], "qlora": ["40,64,56,4"]}
 
 
 def _csv_list(text: str, allowed, what: str) -> List[str]:
@@ -154,7 +155,7 @@ def _run(ops, shapes, cfg, modes, rounds, warmup, progress=True) -> List[dict]:
     n_cases = 0
     for op in ops:
         per_shape = {"lora": len(cfg.dropouts), "multi_lora": len(cfg.adapters), "adapter": len(cfg.placements),
-                     "dora": 1, "ia3": len(cfg.ia3_scalings)}[op]
+                     "dora": 1, "ia3": len(cfg.ia3_scalings), "qlora": 1}[op]
         n_cases += per_shape * len(shapes[op])
     bar = None
     if progress:

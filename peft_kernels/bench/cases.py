@@ -19,7 +19,7 @@ from .. import _ext, dispatch
 from ..ops.multi_lora import SUPPORTED as MULTI_SUPPORTED
 from ..nn import AdapterLinear, IA3Linear, LoRALinear, MultiLoRALinear
 from ..reference import (activation_ref, adapter_linear_ref, dora_linear_ref, ia3_linear_ref, lora_linear_ref,
-                         multi_lora_linear_ref)
+                         multi_lora_linear_ref, qlora_linear_ref)
 from . import traffic
 from .shapes import Shape
 
@@ -373,5 +373,48 @@ def ia3_cases(shape: Shape, cfg: Config) -> Iterator[Case]:
                    traffic.frozen(M, K, N, e), frozen_weights=[W, b])
 
 
+def qlora_cases(shape: Shape, cfg: Config) -> Iterator[Case]:
+    """LoRALinear on a bitsandbytes NF4 base (double quantization, compute dtype = the bench dtype) vs HF PEFT's
+    QLoRA layer on the same quantized layer, and the reference (dequantize W whole, then the LoRA math: the
+    unsloth-style path). The frozen rows are the bitsandbytes layer alone."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    M, K, N, r = shape.M, shape.K, shape.N, shape.r
+    base, _ = _base(shape, cfg)
+    q = bnb.nn.Linear4bit(K, N, compute_dtype=cfg.dtype, quant_type="nf4", compress_statistics=True)
+    q.load_state_dict(base.state_dict())
+    q = q.to(cfg.device).requires_grad_(False)
+    del base
+    x, dy = _inputs(shape, cfg)
+    provs: Dict[str, Provider] = {FROZEN: Provider(lambda: q(x), []), CONTROL: Provider(lambda: q(x), [])}
+    skipped: Dict[str, str] = {}
+    pl = _peft_model(q, {"default": dict(r=r, lora_alpha=2 * r, init_lora_weights=False)})
+    if pl is None:
+        skipped[PEFT] = "peft is not installed"
+        A = (torch.randn(r, K, device=cfg.device) / K ** 0.5).requires_grad_()
+        B = (torch.randn(N, r, device=cfg.device) / r ** 0.5).requires_grad_()
+    else:
+        pl.train()
+        A, B = pl.lora_A["default"].weight, pl.lora_B["default"].weight
+        provs[PEFT] = Provider(lambda: pl(x), [A, B])
+    A0, B0 = (t.detach().clone().requires_grad_() for t in (A, B))
+
+    def make(be):
+        m = LoRALinear.from_linear(q, r=r, lora_alpha=2 * r, backend=be)
+        with torch.no_grad():
+            m.lora_A.copy_(A0)
+            m.lora_B.copy_(B0)
+        return m.train()
+    ours = make("torch")
+    provs[REFERENCE] = Provider(lambda: qlora_linear_ref(x, ours.quant_base, q.bias, A0, B0, 2.0), [A0, B0])
+    _ours(cfg, make, skipped, provs, x, params_of=lambda m: [m.lora_A, m.lora_B], supported=("torch",))
+    e = _elem(cfg.dtype)
+    qb = traffic.nf4_bytes_per_weight(int(q.weight.quant_state.blocksize), True)
+    yield Case("qlora", shape, {"quant": "nf4-dq"}, provs, skipped, x, dy, traffic.qlora(M, K, N, r, e, qb),
+               traffic.frozen(M, K, N, e), frozen_weights=[q.weight, q.bias])
+
+
 BUILDERS = {"lora": lora_cases, "multi_lora": multi_lora_cases, "adapter": adapter_cases, "dora": dora_cases,
-            "ia3": ia3_cases}
+            "ia3": ia3_cases, "qlora": qlora_cases}

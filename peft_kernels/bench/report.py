@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from . import traffic
 from .cases import NO_EXT, PLAIN_LORA
 
 FIELDS = ["op", "shape", "M", "K", "N", "r", "p", "adapters", "placement", "scaling", "dtype", "device", "mode", "provider",
@@ -99,6 +100,19 @@ def targets(rows: List[dict]) -> List[str]:
                 lim = one + r["M"] * r["r"] * 4
                 out.append(f"#4 adapter {r['placement']}: saved {r['saved_bytes']} B (target ≤ one activation + "
                            f"M·b·4 = {lim}) {'MET' if r['saved_bytes'] <= lim else 'MISSED'}")
+    # issue #17: QLoRA forward+backward at most 0.9x PEFT's QLoRA on CPU; modelled GPU traffic (bf16) at most 0.6x
+    # the unsloth-style dequantize-then-GEMM
+    for r in cpu32:
+        if r["op"] == "qlora" and r["provider"] == "ours (torch)" and (r["M"], r["K"], r["N"], r["r"]) == (
+                512, 4096, 4096, 16) and r["mode"] in ("fwd", "full") and r.get("ratio_to_peft") is not None:
+            v = r["ratio_to_peft"]
+            tgt = " (target ≤ 0.9) " + ("MET" if v <= 0.9 else "MISSED") if r["mode"] == "full" else ""
+            out.append(f"#17 qlora nf4 {r['mode']}: {v:.3f}× PEFT QLoRA{tgt}")
+            if r["mode"] == "full":
+                c = traffic.qlora(512, 4096, 4096, 16, 2, traffic.nf4_bytes_per_weight(64, True))["full"]
+                v = c.fused_bytes / c.unfused_bytes
+                out.append(f"#17 qlora modelled GPU traffic (bf16, fwd+bwd): fused / unsloth-style dequantize-then-GEMM "
+                           f"= {v:.3f} (target ≤ 0.6) {'MET' if v <= 0.6 else 'MISSED'}")
     # issue #8: DoRA forward+backward at most 1.3× plain LoRA on CPU (PEFT's DoRA is about 2×)
     for r in cpu32:
         if r["op"] == "dora" and r["mode"] == "full" and r["provider"] in ("ours (torch)", "HF PEFT"):

@@ -198,3 +198,22 @@ def dora(M: int, K: int, N: int, r: int, e: int) -> Dict[str, Cost]:
              + 3 * M * N * e + 3 * M * N * e + 2 * N * e)                     # dm: Σ dY ⊙ base, Σ dY ⊙ lora
     flops_f = lo["fwd"].flops + 2 * N * K * r  # + the norm's W·Aᵀ (PEFT's B·A·I costs 2K²r + 2KrN instead)
     return _with_full(Cost(flops_f, fused_f, unf_f), Cost(lo["bwd"].flops, fused_b, unf_b))
+
+
+def nf4_bytes_per_weight(blocksize: int = 64, double_quant: bool = True) -> float:
+    """Stored bytes per weight of a bitsandbytes NF4 weight: 0.5 (the 4-bit codes) + its absmax scales (fp32 per
+    block, or uint8 per block plus an fp32 per 256 blocks with double quantization)."""
+    return 0.5 + ((1 + 4 / 256) / blocksize if double_quant else 4 / blocksize)
+
+
+def qlora(M: int, K: int, N: int, r: int, e: int, q: float) -> Dict[str, Cost]:
+    """LoRA on a 4-bit frozen base, ``q`` stored bytes per weight (:func:`nf4_bytes_per_weight`).
+    Fused = the LoRA kernels with the GEMM dequantizing W inside its mainloop (reads N·K·q instead of N·K·e),
+    forward and dX. Unfused = unsloth's QLoRA: a dequantize kernel writes W in the compute dtype (reads N·K·q,
+    writes N·K·e), then the unfused LoRA graph on that W (which reads N·K·e), in forward and again for dX."""
+    lo = lora(M, K, N, r, e)
+    swap = N * K * (e - q)           # the GEMM reads the packed weight instead of the dequantized one
+    deq = N * K * q + N * K * e      # unsloth's dequantize kernel
+    f, b = lo["fwd"], lo["bwd"]
+    return _with_full(Cost(f.flops, f.fused_bytes - swap, f.unfused_bytes + deq),
+                      Cost(b.flops, b.fused_bytes - swap, b.unfused_bytes + deq))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .. import dispatch
+from .. import dispatch, quant
 from ..ops.ia3 import ia3_linear
 from .lora import adopt_frozen_base, base_features
 
@@ -39,6 +39,7 @@ class IA3Linear(nn.Module):
                     backend: str = "auto") -> "IA3Linear":
         """Wrap ``linear`` (nn.Linear or GPT-2 Conv1D): its weight/bias Parameters are reused and frozen."""
         in_f, out_f = base_features(linear)
+        quant.refuse_quantized(linear, "IA3Linear")
         return cls(in_f, out_f, feedforward, init_ia3_weights=init_ia3_weights, backend=backend, _base=linear)
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import dispatch
+from .. import dispatch, quant
 from ..ops.dora import dora_linear, dora_weight_norm
 from ..ops.lora import lora_linear
 
@@ -91,14 +91,16 @@ class LoRALinear(nn.Module):
     ):
         super().__init__()
         self._check_hparams(r, lora_alpha, lora_dropout, init_lora_weights, backend)
-        adopt_frozen_base(self, _base, in_features, out_features, bias, device, dtype)
+        self._adopt_base(_base, in_features, out_features, bias, device, dtype)
         self.r = int(r)
         self.lora_alpha = lora_alpha
         self.lora_dropout = float(lora_dropout)
         self.use_rslora = bool(use_rslora)
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.backend = backend
-        ldtype = lora_dtype if lora_dtype is not None else self.weight.dtype
+        ldtype = lora_dtype if lora_dtype is not None else self._default_lora_dtype()
+        if not ldtype.is_floating_point:
+            raise TypeError(f"lora_dtype must be a floating dtype, got {ldtype}")
         dev = self.weight.device
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=dev, dtype=ldtype))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, device=dev, dtype=ldtype))
@@ -113,10 +115,20 @@ class LoRALinear(nn.Module):
             raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
         if use_dora and lora_bias:
             raise ValueError("use_dora=True with lora_bias=True is not supported (neither is it by HF PEFT)")
+        self._check_dora(use_dora)
         self.use_dora = use_dora
         self.lora_magnitude_vector = (nn.Parameter(torch.empty(self.out_features, device=dev, dtype=ldtype))
                                       if use_dora else None)
         self.reset_lora_parameters()
+
+    def _adopt_base(self, base, in_features, out_features, bias, device, dtype) -> None:
+        adopt_frozen_base(self, base, in_features, out_features, bias, device, dtype)
+
+    def _check_dora(self, use_dora: bool) -> None:
+        pass
+
+    def _default_lora_dtype(self) -> torch.dtype:
+        return self.weight.dtype
 
     @staticmethod
     def _check_hparams(r, lora_alpha, lora_dropout, init_lora_weights, backend):
@@ -139,6 +151,10 @@ class LoRALinear(nn.Module):
         """Wrap ``linear`` (an nn.Linear, or a GPT-2-style Conv1D: fan_in_fan_out): its own weight/bias
         Parameters are reused (no copy) and frozen."""
         in_f, out_f = base_features(linear)
+        if cls is LoRALinear and quant.kind_of(linear) is not None:
+            from .qlora import QLoRALinear  # a quantized frozen base (bitsandbytes, torchao)
+
+            cls = QLoRALinear
         return cls(in_f, out_f, r=r, lora_alpha=lora_alpha,
                    lora_dropout=lora_dropout, use_rslora=use_rslora, init_lora_weights=init_lora_weights,
                    backend=backend, lora_dtype=lora_dtype, lora_bias=lora_bias, use_dora=use_dora, _base=linear)

@@ -11,7 +11,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .. import dispatch
+from .. import dispatch, quant
 from ..ops.multi_lora import PATHS, AdapterMapping, build_mapping, multi_lora_linear
 from ..reference import expand_adapter_ids
 from .lora import adopt_frozen_base, base_features
@@ -220,6 +220,7 @@ class MultiLoRALinear(nn.Module):
         """Wrap ``linear`` (an nn.Linear, or a GPT-2-style Conv1D): its own weight/bias Parameters are reused
         (no copy) and frozen. All slots start empty."""
         in_f, out_f = base_features(linear)
+        quant.refuse_quantized(linear, "MultiLoRALinear")
         return cls(in_f, out_f, max_adapters, max_rank, backend=backend,
                    lora_dtype=lora_dtype, path=path, check_ids=check_ids, _base=linear)
 

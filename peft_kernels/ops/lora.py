@@ -107,6 +107,16 @@ def _use_ext(x: torch.Tensor, A: torch.Tensor, p: float) -> bool:
         and _ext.available()
 
 
+def base_addmm_(out, a, weight, *, transpose: bool):
+    """``out += a·Wᵀ`` (transpose) or ``out += a·W``: W a frozen float tensor, or a quantized base
+    (``quant.QuantBase``: dequantized chunk by chunk, never whole)."""
+    if isinstance(weight, torch.Tensor):
+        return out.addmm_(a, weight.t() if transpose else weight)
+    from .. import quant
+
+    return quant.base_mm(out, a, weight, transpose=transpose)
+
+
 def _torch_forward(x, weight, bias, A, B, scaling: float, p: float, seed):
     cdt = A.dtype
     if p > 0:
@@ -125,7 +135,7 @@ def _torch_forward(x, weight, bias, A, B, scaling: float, p: float, seed):
         y = torch.mm(S * scaling, B.t())
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
-    y.addmm_(x, weight.t())
+    base_addmm_(y, x, weight, transpose=True)
     return y, S
 
 
@@ -153,7 +163,7 @@ def _torch_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed,
     if dx is not None:
         if dx.dtype != x.dtype:
             dx = dx.to(x.dtype)
-        dx.addmm_(dy, weight)  # the base dX GEMM accumulates into the LoRA term: no extra pass
+        base_addmm_(dx, dy, weight, transpose=False)  # the base dX GEMM accumulates into the LoRA term
     return dx, dA, dB
 
 

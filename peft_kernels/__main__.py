@@ -45,6 +45,22 @@ def info() -> str:
     lines.append(f"'auto' is measured on: {', '.join(dispatch.TUNER.devices)}; " + dispatch.describe_choices())
     from .ops.ia3 import SUPPORTED as IA3
     from .ops.multi_lora import SUPPORTED as MULTI
+    from .ops.qlora import SUPPORTED as QLORA
+
+    found = []
+    for lib in ("bitsandbytes", "torchao"):
+        if importlib.util.find_spec(lib) is None:
+            found.append(f"{lib} not installed")
+            continue
+        try:
+            from importlib.metadata import version
+
+            found.append(f"{lib} {version(lib)}")
+        except Exception:  # noqa: BLE001 - a broken install is reported, not fatal
+            found.append(f"{lib} (version unknown)")
+    from . import quant
+
+    lines.append(f"quantized frozen bases (QLoRA; {'; '.join(found)}): {quant.SUPPORTED}")
 
     lines.append("ops and the backends they have kernels for:")
     for op, sup in (("lora_linear (LoRALinear)", dispatch.DEFAULT_SUPPORTED),
@@ -52,6 +68,7 @@ def info() -> str:
                     ("multi_lora_linear (MultiLoRALinear)", MULTI),
                     ("bottleneck_adapter / adapter_linear", dispatch.DEFAULT_SUPPORTED),
                     ("ia3_linear (IA3Linear)", IA3),
+                    ("qlora_linear (LoRALinear on a quantized base)", QLORA),
                     ("PromptTuning / PrefixTuning", ("none needed: plain torch",))):
         lines.append(f"  {op:58s} {', '.join(sup)}")
     return "\n".join(lines)

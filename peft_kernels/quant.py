@@ -136,6 +136,11 @@ class QuantBase:
         return self.layer.weight
 
     @property
+    def shape(self):
+        """(out_features, in_features): the logical weight's shape."""
+        return (self.out_features, self.in_features)
+
+    @property
     def device(self) -> torch.device:
         return self.layer.weight.device
 
@@ -184,6 +189,43 @@ class QuantBase:
         is resolved once here."""
         return _Reader(self, dtype)
 
+    def triton_reason(self) -> Optional[str]:
+        """Why the Triton kernels cannot read this weight (None when they can): their blocks are powers of two."""
+        if self.kind in ("torchao-int8", "torchao-intx"):
+            w = self.weight
+            gs, row = int(w.block_size[-1]), tuple(w.block_size) == (1, self.in_features)
+            if not row and (gs < 2 or gs & (gs - 1)):
+                return f"the Triton kernels read quantization groups of a power-of-two size, this weight's are {gs}"
+        return None
+
+    def kernel_operand(self):
+        """The weight as the Triton GEMMs read it (``kernels.lora.QuantOperand``): the packed data and its scales as
+        stored, on its device (a double-quantized absmax stays uint8: the kernels dequantize it)."""
+        from .kernels.lora import QuantOperand
+
+        w, N, K = self.weight, self.out_features, self.in_features
+        if self.kind in ("bnb-nf4", "bnb-fp4"):
+            qs = w.quant_state
+            packed = w.data.reshape(-1)
+            packed = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
+            code = qs.code.float().to(w.device)
+            if qs.nested:  # the kernels dequantize the uint8 absmax themselves (double quantization in the mainloop)
+                s2 = qs.state2
+                return QuantOperand(1, packed, qs.absmax, int(qs.blocksize), N, K, code=code,
+                                    absmax_code=s2.code.float().to(w.device), absmax2=s2.absmax.float(),
+                                    absmax_offset=float(qs.offset), block2=int(s2.blocksize))
+            return QuantOperand(1, packed, qs.absmax.float(), int(qs.blocksize), N, K, code=code)
+        if self.kind == "bnb-int8":
+            rd = self.reader(torch.float32)
+            return QuantOperand(2, rd.cb.reshape(-1), rd.scale.float().reshape(-1), K, N, K, row_scale=True)
+        gs = int(w.block_size[-1])
+        zp = getattr(w, "zero_point", None)
+        scale = w.scale.float().reshape(-1)
+        row = gs == K and tuple(w.block_size)[0] == 1
+        if isinstance(zp, torch.Tensor) and bool((zp != 0).any()):
+            return QuantOperand(3, w.qdata.reshape(-1), scale, gs, N, K, zero=zp.to(torch.int8).reshape(-1))
+        return QuantOperand(2, w.qdata.reshape(-1), scale, gs, N, K, row_scale=row)
+
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The whole weight [N, K] in ``dtype`` (merging, DoRA norms, tests; never on the GEMM path)."""
         return self.reader(dtype).rows(0, self.out_features)
@@ -228,6 +270,29 @@ class _Reader:
             return self.cb[n0:n1].to(self.dtype).mul_(self.scale[n0:n1])
         w = qb.weight[n0:n1]
         return w.dequantize().to(self.dtype)
+
+
+def work_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the base GEMMs run in for ``t``: on the CPU, half-precision inputs run in float32 (CPU bf16/fp16
+    GEMMs without AVX512-BF16/AMX are several times slower than fp32 ones, and fp32 is the more exact, the dX
+    chunks included); the results are stored in ``t``'s dtype."""
+    return torch.float32 if t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def base_linear(x: torch.Tensor, qb: QuantBase, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x·deq(W)ᵀ + b`` (x [M, K]) in x's dtype, not differentiable (the ops' autograd Functions call it)."""
+    wdt = work_dtype(x)
+    xw = x.to(wdt)
+    M, N = x.shape[0], qb.out_features
+    y = bias.to(wdt).expand(M, N).contiguous() if bias is not None else xw.new_zeros((M, N))
+    return base_mm(y, xw, qb, transpose=True).to(x.dtype)
+
+
+def base_grad_input(dy: torch.Tensor, qb: QuantBase) -> torch.Tensor:
+    """``dy·deq(W)`` (dy [M, N]) in dy's dtype: the base's part of dX."""
+    wdt = work_dtype(dy)
+    out = dy.new_zeros((dy.shape[0], qb.in_features), dtype=wdt)
+    return base_mm(out, dy.to(wdt), qb, transpose=False).to(dy.dtype)
 
 
 def base_mm(out: torch.Tensor, a: torch.Tensor, qb: QuantBase, *, transpose: bool) -> torch.Tensor:

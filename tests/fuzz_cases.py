@@ -10,6 +10,7 @@ from the same inputs says. Groups:
               seg_starts from 0 to len(perm), ranks clamped to [0, R]); expand ops leave other rows untouched
   public      hypothesis: lora_linear / multi_lora_linear / MultiLoRALinear over shapes, dtypes, strides,
               ids (bad ones too), ranks and non-finite values, every CPU backend
+  dequant     hypothesis: the 4-bit dequantize op with random sizes and short or mistyped buffers
   checkpoint  hypothesis: PEFT adapter folders with random JSON values in random config fields, corrupted
               weights and adapter names: a load succeeds or raises CheckpointError/ValueError/TypeError and
               then leaves the model unchanged
@@ -523,8 +524,59 @@ def group_checkpoint(examples):
     run()
 
 
+def group_dequant(examples):
+    """dequantize_4bit (csrc/cpu/dequant.cpp) with random sizes, block sizes and buffers that may be too short or
+    mistyped: it raises ValueError/TypeError, or returns what a float64 torch reference of the same formula says
+    (bit for bit in fp32: one product, as the op computes it)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    op = _ext.ops().dequantize_4bit
+    cfg = settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+                   suppress_health_check=list(HealthCheck))
+
+    @cfg
+    @given(N=st.integers(0, 9), K=st.integers(0, 70), bs=st.sampled_from([1, 2, 3, 16, 32, 64, 4096]),
+           dpack=st.integers(-2, 2), dabs=st.integers(-2, 2), ncode=st.sampled_from([16, 16, 16, 15, 17]),
+           dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+           pdt=st.sampled_from([torch.uint8, torch.uint8, torch.int8]), strided=st.booleans(), seed=st.integers(0, 99))
+    def run(N, K, bs, dpack, dabs, ncode, dtype, pdt, strided, seed):
+        name = f"dequant N={N} K={K} bs={bs} dpack={dpack} dabs={dabs} code={ncode} {dtype} {pdt} strided={strided}"
+        case(name)
+        g = torch.Generator().manual_seed(seed)
+        nbytes = max(0, (N * K + 1) // 2 + dpack)
+        nblk = max(0, -(-(N * K) // bs) + dabs)
+        packed = torch.randint(0, 256, (2 * nbytes if strided else nbytes,), generator=g).to(torch.uint8)
+        packed = packed[::2] if strided else packed
+        packed = packed.view(torch.int8) if pdt == torch.int8 else packed
+        absmax = torch.rand(nblk, generator=g) * 4
+        code = torch.randn(ncode, generator=g)
+        try:
+            out = op(packed, absmax, code, bs, N, K, dtype)
+        except OK_ERRORS:
+            results["refused"] += 1
+            if dpack >= 0 and dabs >= 0 and ncode == 16 and pdt == torch.uint8 and dtype != torch.float64:
+                fail(name, "a valid call was refused")
+            return
+        except Exception as e:  # noqa: BLE001
+            fail(name, f"raised {type(e).__name__}: {e}")
+            return
+        if dpack < 0 and N * K or dabs < 0 and N * K or ncode != 16 or pdt != torch.uint8 or dtype == torch.float64:
+            fail(name, "an invalid call was accepted")
+            return
+        e = torch.arange(N * K)
+        byte = packed[e // 2].to(torch.int64)
+        nib = torch.where(e % 2 == 0, byte >> 4, byte & 15)
+        want = (code[nib] * absmax[e // bs]).to(dtype).reshape(N, K)
+        results["checked"] += 1
+        if out.dtype != dtype or out.shape != (N, K) or not torch.equal(out, want):
+            fail(name, f"wrong result: dtype {out.dtype} shape {tuple(out.shape)}")
+
+    run()
+
+
 GROUPS = {"raw_bad": group_raw_bad, "raw_random": group_raw_random, "public": group_public,
-          "checkpoint": group_checkpoint}
+          "checkpoint": group_checkpoint, "dequant": group_dequant}
 
 if __name__ == "__main__":
     group = sys.argv[1]

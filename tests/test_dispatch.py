@@ -70,6 +70,8 @@ def test_info_cli(capsys):
     assert "torch" in out and "triton" in out and "peft_kernels" in out
     assert "cuda" in out and ("built without CUDA" in out or "built with CUDA for archs" in out)
     assert "persistent TMA GEMMs (16-bit LoRA/DoRA past decode) on cpu: not used: device cpu is not CUDA" in out
+    assert "quantized frozen bases (QLoRA; bitsandbytes " in out and "Linear8bitLt" in out
+    assert "qlora_linear (LoRALinear on a quantized base)" in out
 
 
 def test_cuda_backend_says_why_it_cannot_run():

@@ -41,9 +41,10 @@ def _needs_ext():
 
 @pytest.mark.parametrize("group,examples,min_checked", [("raw_bad", 0, 0), ("raw_random", EXAMPLES, 0.5),
                                                         ("public", EXAMPLES // 2, 0.2),
-                                                        ("checkpoint", EXAMPLES, 0.02)])
+                                                        ("checkpoint", EXAMPLES, 0.02),
+                                                        ("dequant", EXAMPLES, 0.2)])
 def test_fuzz_group_is_clean(group, examples, min_checked):
-    if group.startswith("raw"):
+    if group.startswith("raw") or group == "dequant":
         _needs_ext()
     res = run_group(group, examples)
     assert not res["failures"], f"{len(res['failures'])} of {res['cases']} cases failed:\n" + "\n".join(

@@ -58,6 +58,21 @@ def _cases(dev):
                                        training=True, backend="triton")
                     y.backward(torch.ones_like(y))
             yield f"lora triton (TMA GEMMs on sm_90) {dt} M={M} K={K} N={N} r={r} p={p}", lora_tma
+    # the GEMMs dequantizing a quantized W (NF4 blocks spanning rows at K=45, int8 row scales, zero points)
+    from peft_kernels.gpucheck.cases import QUANT_KINDS, _Operand, quant_operand
+    from peft_kernels.ops.qlora import QLoRACall, QLoRALinearFunction
+
+    for dt in (torch.float32, torch.bfloat16):
+        for kind in QUANT_KINDS:
+            for M, K, N, r, p in ((33, 45, 31, 7, 0.25), (1, 128, 200, 16, 0.0), (70, 130, 66, 72, 0.25)):
+                def qlora(M=M, K=K, N=N, r=r, dt=dt, p=p, kind=kind):
+                    x = strided(M, K, dt)
+                    A, B = rn(r, K, dt=dt, scale=K ** -0.5).requires_grad_(), rn(N, r, dt=dt).requires_grad_()
+                    seed = torch.zeros(1, dtype=torch.int64, device=dev) + 7
+                    call = QLoRACall(_Operand(quant_operand(g, dev, N, K, kind)), 0.5, p, seed if p else None, "triton")
+                    y = QLoRALinearFunction.apply(x, rn(N, dt=dt), A, B, call)
+                    y.backward(torch.ones_like(y))
+                yield f"qlora triton {kind} {dt} M={M} K={K} N={N} r={r} p={p}", qlora
     for dt in (torch.float32, torch.bfloat16):
         for backend in ("triton",) if CPU else ("triton", "cuda"):
             for path in ("bgmv", "sgmv"):

@@ -359,6 +359,117 @@ def _ia3_group(backend: str, dname: str) -> Callable:
 
 
 # --------------------------------------------------------------------------------------------
+# QLoRA: the GEMMs dequantizing a quantized W in their mainloop (no bitsandbytes needed: the operand is built
+# here in bitsandbytes' NF4 layout, with and without double quantization, as int8 with a row scale, and as int8
+# with per-group zero points)
+# --------------------------------------------------------------------------------------------
+NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+
+
+QUANT_KINDS = ("nf4", "nf4-dq", "int8-row", "int8-zp")
+
+
+def quant_operand(g, dev, N: int, K: int, kind: str):
+    """A random ``QuantOperand`` [N, K] of ``kind`` (``QUANT_KINDS``: NF4 in blocks of 64, with its absmax fp32 or
+    double-quantized as bitsandbytes stores it; int8 with a row scale; int8 with zero points in groups of 32), its
+    values O(1/sqrt(K))."""
+    from ..kernels.lora import QuantOperand
+
+    ri = lambda lo, hi, n, dt: torch.randint(lo, hi, (n,), generator=g, device=dev, dtype=torch.int64).to(dt)  # noqa: E731
+    if kind.startswith("nf4"):
+        nb = -(-(N * K) // 64)
+        packed, code = ri(0, 256, (N * K + 1) // 2, torch.uint8), torch.tensor(NF4, device=dev)
+        if kind == "nf4":
+            return QuantOperand(1, packed, (torch.rand(nb, generator=g, device=dev) + 0.5) * 2 / math.sqrt(K), 64, N, K,
+                                code=code)
+        code2 = torch.sort(torch.rand(256, generator=g, device=dev) * 2 - 1).values
+        return QuantOperand(1, packed, ri(0, 256, nb, torch.uint8), 64, N, K, code=code, absmax_code=code2,
+                            absmax2=torch.rand(-(-nb // 256), generator=g, device=dev) / math.sqrt(K),
+                            absmax_offset=2.0 / math.sqrt(K), block2=256)
+    if kind == "int8-row":
+        return QuantOperand(2, ri(-127, 128, N * K, torch.int8), torch.rand(N, generator=g, device=dev) / (64 * math.sqrt(K)),
+                            K, N, K, row_scale=True)
+    nb = -(-(N * K) // 32)
+    return QuantOperand(3, ri(-8, 8, N * K, torch.int8), torch.rand(nb, generator=g, device=dev) / (4 * math.sqrt(K)), 32,
+                        N, K, zero=ri(-2, 3, nb, torch.int8))
+
+
+def dequantize_operand(op) -> torch.Tensor:
+    """The fp32 [N, K] weight a ``QuantOperand`` holds, by the kernels' formula written in torch."""
+    e = torch.arange(op.N * op.K, device=op.data.device)
+    blk = e // (op.K if op.row_scale else op.block)
+    if op.wq == 1:
+        byte = op.data[e // 2].to(torch.int64)
+        v = op.code[torch.where(e % 2 == 0, byte >> 4, byte & 15)]
+    elif op.wq == 2:
+        v = op.data.float()
+    else:
+        v = (op.data.to(torch.int32) - op.zero[blk].to(torch.int32)).float()
+    scale = op.scale[blk]
+    if op.absmax_code is not None:  # double quantization: the absmax is a uint8 code
+        scale = op.absmax_code[scale.long()] * op.absmax2[blk // op.block2] + op.absmax_offset
+    return (v * scale).reshape(op.N, op.K)
+
+
+class _Operand:
+    """What ``ops.qlora`` asks of a quantized base on the Triton path: its kernel operand."""
+
+    def __init__(self, op):
+        self.op = op
+
+    def kernel_operand(self):
+        return self.op
+
+
+def _qlora_check(sc: Scale, tag: str, dt, adt, kind: str, M, K, N, r, p) -> List[dict]:
+    from ..ops import lora as LO
+    from ..ops.qlora import QLoRACall, QLoRALinearFunction
+    from ..reference import lora_linear_ref
+
+    dev = sc.device
+    g = _gen(dev, 77 + M + 3 * K + N + QUANT_KINDS.index(kind))
+    op = quant_operand(g, dev, N, K, kind)
+    W = dequantize_operand(op).to(dt)  # the reference's weight: dequantized to the compute dtype
+    x, b, dy = _randn(g, M, K, dev=dev).to(dt), _randn(g, N, dev=dev).to(dt), _randn(g, M, N, dev=dev).to(dt)
+    A, B = _randn(g, r, K, dev=dev, scale=K ** -0.5).to(adt), _randn(g, N, r, dev=dev, scale=r ** -0.5).to(adt)
+    seed = LO._draw_seed(dev) if p > 0 else None
+    xg, Ag, Bg = _leaf(x), _leaf(A), _leaf(B)
+    y = QLoRALinearFunction.apply(xg, b, Ag, Bg, QLoRACall(_Operand(op), 2.0, p, seed, "triton"))
+    y.backward(dy)
+    mask = LO.dropout_mask("triton", seed, (M, K), p, dev) if p > 0 else None
+    ins64 = [_leaf(v.double()) for v in (x, A, B)]
+    ref = lora_linear_ref(ins64[0], W.double(), b.double(), ins64[1], ins64[2], 2.0,
+                          None if mask is None else mask.double())
+    ref.backward(dy.double())
+    insl = [_leaf(v) for v in (x, A, B)]
+    lp = lora_linear_ref(insl[0], W, b, insl[1], insl[2], 2.0, mask)
+    lp.backward(dy)
+    # The dry run's interpreter converts each dequantized fp32 W element to bf16 by truncation (one-signed, summed over
+    # K or N: up to 4.7x torch's rounding at these sizes); a GPU rounds to nearest, and is held to 4x
+    mult = 8.0 if sc.dry and dt == torch.bfloat16 else 4.0
+    gm = 8.0 if adt != dt else mult
+    out = [compare(f"{tag} y", y, ref, lp, mult)]
+    for nm, got, r64, rl in (("dx", xg, ins64[0], insl[0]), ("dA", Ag, ins64[1], insl[1]), ("dB", Bg, ins64[2], insl[2])):
+        out.append(compare(f"{tag} {nm}", got.grad, r64.grad, rl.grad, mult if nm == "dx" else gm))
+    return out
+
+
+def _qlora_group(dname: str) -> Callable:
+    def run(sc: Scale) -> List[dict]:
+        dt, adt = _dtypes(dname)
+        out = []
+        shapes = [("qproj", *sc.qproj()), ("tail", *sc.tail())] + [("decode", *d) for d in sc.decode()]
+        for kind in QUANT_KINDS:
+            for tag, M, K, N in shapes:
+                for r, p in ((16, 0.0), (16, 0.1)):
+                    out += _qlora_check(sc, f"{kind} {tag} {M}x{K}->{N} r={r} p={p}", dt, adt, kind, M, K, N, r, p)
+        return out
+    return run
+
+
+# --------------------------------------------------------------------------------------------
 # bottleneck adapters
 # --------------------------------------------------------------------------------------------
 def _adapter_params(g, dev, H_in, H_out, b, dt):
@@ -703,6 +814,8 @@ def _groups() -> Dict[str, Callable]:
         g[f"multi-skew/{be}"] = _multi_skew(be)
     for be in ("triton", "cuda"):
         g[f"multi-graph/{be}"] = _multi_graph(be)
+    for d in ("fp16", "bf16", "fp32", "bf16+fp32"):
+        g[f"qlora/triton/{d}"] = _qlora_group(d)
     g["lora-tma/triton"] = _lora_tma
     g["lora-past-2^31/triton"] = _lora_past_2g
     g["bottleneck-determinism/triton"] = _bottleneck_determinism

@@ -278,6 +278,14 @@ def _markdown(rep: dict) -> str:
             us = None if r.get("seconds") is None else r["seconds"] * 1e6
             lines.append(f"| {r['batch']} | {r['T']} | {r['mode']} | {r['provider']} | {_fmt(us, '.1f')} | "
                          f"{_fmt(r.get('vs_loop'), '.3f')} | {r.get('note', '')} |")
+    if sp.get("qlora"):
+        lines += ["", "## QLoRA (NF4, double quantization layout, r=16): the GEMMs dequantizing W in their mainloop against "
+                  "LoRA on the dense weight (cuBLAS) and PEFT's QLoRA on bitsandbytes", "",
+                  "| shape | M | mode | provider | µs | × dense LoRA | note |", "|---|---|---|---|---|---|---|"]
+        for r in sp["qlora"]:
+            us = None if r.get("seconds") is None else r["seconds"] * 1e6
+            lines.append(f"| {r['shape']} | {r['M']} | {r['mode']} | {r['provider']} | {_fmt(us, '.1f')} | "
+                         f"{_fmt(r.get('vs_dense'), '.3f')} | {r.get('note', '')} |")
     if sp.get("tuner"):
         lines += ["", "## What \"auto\" measured (its choice and the fastest round of each candidate, ms)", "",
                   "| bucket | choice | timings |", "|---|---|---|"]

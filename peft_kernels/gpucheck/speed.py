@@ -263,6 +263,62 @@ def time_dropout(dev, dt, K, N, M, providers, p=0.1, reps=20, warmup=3, r=16) ->
     return rows
 
 
+def time_qlora(dev, dt, shapes, tokens, reps=20, warmup=3, r=16) -> List[dict]:
+    """LoRA on an NF4 base (bitsandbytes' layout, built here: no bitsandbytes needed), forward and forward+backward,
+    interleaved: ours (the Triton GEMMs dequantizing W in their mainloop), against the same LoRA on the dense weight
+    already in ``dt`` (our torch path: cuBLAS with the LoRA expand as its C, the floor a dequantize-then-GEMM cannot
+    beat), and PEFT's QLoRA layer on bitsandbytes' Linear4bit where bitsandbytes is importable."""
+    from ..ops.qlora import QLoRACall, QLoRALinearFunction
+    from .cases import _Operand, dequantize_operand, quant_operand
+
+    import peft_kernels as pk
+
+    rows = []
+    g = torch.Generator(device=dev).manual_seed(5)
+    for sname, (K, N) in shapes.items():
+        op = quant_operand(g, dev, N, K, "nf4-dq")
+        W = dequantize_operand(op).to(dt)
+        A = (torch.randn(r, K, device=dev, dtype=dt) / K ** 0.5).requires_grad_()
+        B = (torch.randn(N, r, device=dev, dtype=dt) / r ** 0.5).requires_grad_()
+        fns_for = {"qlora-triton": lambda xg: QLoRALinearFunction.apply(xg, None, A, B,
+                                                                       QLoRACall(_Operand(op), 2.0, 0.0, None, "triton")),
+                   "dense-lora-torch": lambda xg: pk.lora_linear(xg, W, None, A, B, 2.0, backend="torch")}
+        try:
+            import bitsandbytes as bnb
+            from peft import LoraConfig, get_peft_model
+
+            q = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=dt, quant_type="nf4", compress_statistics=True)
+            q.load_state_dict({"weight": W.float().cpu()})
+            holder = nn.Module()
+            holder.proj = q.to(dev)
+            pm = get_peft_model(holder, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]))
+            fns_for["peft-qlora-bnb"] = lambda xg: pm.base_model.model.proj(xg)
+        except Exception as e:  # noqa: BLE001 - reported, the table goes on
+            rows.append({"shape": sname, "K": K, "N": N, "provider": "peft-qlora-bnb", "M": None, "mode": "-",
+                         "seconds": None, "vs_dense": None, "note": f"{type(e).__name__}: {str(e)[:160]}"})
+        for M in tokens:
+            x = torch.randn(M, K, device=dev, dtype=dt)
+            for mode in ("fwd", "fwd+bwd"):
+                fns = {}
+                for name, f in fns_for.items():
+                    def fn(f=f, mode=mode):
+                        xg = x.detach().requires_grad_(mode != "fwd")
+                        with torch.set_grad_enabled(mode != "fwd"):
+                            y = f(xg)
+                            if mode != "fwd":
+                                y.backward(torch.ones_like(y))
+                        return y
+                    fns[name] = fn
+                res = paired(dev, fns, reps, warmup)
+                dense = res.get("dense-lora-torch")
+                for name, v in res.items():
+                    ok = isinstance(v, list)
+                    rows.append({"shape": sname, "K": K, "N": N, "M": M, "mode": mode, "provider": name,
+                                 "seconds": _median(v) if ok else None, "note": "" if ok else v,
+                                 "vs_dense": paired_ratio(v, dense) if ok and isinstance(dense, list) else None})
+    return rows
+
+
 def _multi_batches(M: int, S: int, decode: int) -> Dict[str, torch.Tensor]:
     per = M // S
     distinct = torch.arange(S).repeat_interleave(per)
@@ -335,13 +391,15 @@ def run(dry: bool) -> Dict[str, list]:
                "gemm": time_gemm(dev, dt, {"q_proj": (48, 40)}, 70, reps=2, warmup=1, force_tma=True),
                "memory": peak_memory(dev, dt, 24, 48, 40, 8, ("frozen", "peft", "triton", "torch")),
                "dropout": time_dropout(dev, dt, 48, 40, 24, ("peft-bf16", "triton", "torch"), reps=2, warmup=1),
-               "multi": time_multi(dev, dt, 48, 40, 32, 4, ("triton", "torch", "auto"), reps=2, warmup=1)}
+               "multi": time_multi(dev, dt, 48, 40, 32, 4, ("triton", "torch", "auto"), reps=2, warmup=1),
+               "qlora": time_qlora(dev, dt, {"q_proj": (64, 40)}, (24,), reps=2, warmup=1)}
     else:
         res = {"linear": time_linear(dev, dt, SHAPES, TOKENS, PROVIDERS),
                "gemm": time_gemm(dev, dt, SHAPES, 4096),
                "memory": peak_memory(dev, dt, 16384, 4096, 14336, 64, ("frozen", "peft", "triton", "torch")),
                "dropout": time_dropout(dev, dt, 4096, 4096, 4096, ("peft", "peft-bf16", "triton", "torch")),
-               "multi": time_multi(dev, dt, 4096, 4096, 4096, 32, ("triton", "cuda", "torch", "auto"))}
+               "multi": time_multi(dev, dt, 4096, 4096, 4096, 32, ("triton", "cuda", "torch", "auto")),
+               "qlora": time_qlora(dev, dt, SHAPES, (16, 4096))}
     from .. import dispatch
 
     # what "auto" measured in this process: the timings behind each choice (the report's auto rows)

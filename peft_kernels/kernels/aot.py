@@ -351,6 +351,87 @@ def record_lora_launches():
     return calls
 
 
+QLORA_KINDS = ("nf4", "nf4-dq", "int8-row", "int8-group", "int8-zp")
+
+
+def qlora_operand(kind: str, N: int, K: int):
+    """An empty ``QuantOperand`` [N, K] laid out as ``kind``'s real weights are (the dtypes, alignments and
+    constexprs the JIT sees): bitsandbytes NF4/FP4 in blocks of 64 with an fp32 absmax ("nf4") or a double-quantized
+    one ("nf4-dq"), bitsandbytes Linear8bitLt / torchao int8 with a row scale ("int8-row"), torchao's symmetric intx in
+    groups of 64 ("int8-group") and its asymmetric one with zero points ("int8-zp")."""
+    import torch
+
+    from .lora import QuantOperand
+
+    blocks = -(-(N * K) // 64)
+    if kind.startswith("nf4"):
+        dq = kind == "nf4-dq"
+        return QuantOperand(1, torch.empty((N * K + 1) // 2, dtype=torch.uint8),
+                            torch.empty(blocks, dtype=torch.uint8) if dq else torch.empty(blocks), 64, N, K,
+                            code=torch.empty(16), absmax_code=torch.empty(256) if dq else None,
+                            absmax2=torch.empty(-(-blocks // 256)) if dq else None, absmax_offset=0.03)
+    if kind == "int8-row":
+        return QuantOperand(2, torch.empty(N * K, dtype=torch.int8), torch.empty(N), K, N, K, row_scale=True)
+    return QuantOperand(2 if kind == "int8-group" else 3, torch.empty(N * K, dtype=torch.int8), torch.empty(blocks),
+                        64, N, K, zero=torch.empty(blocks, dtype=torch.int8) if kind == "int8-zp" else None)
+
+
+def qlora_launch_matrix():
+    """(dtype, adapter dtype, kind, rank, dropout p, M, K, N) classes of the quantized-base GEMMs (the shrink, dY
+    and dA launches are LoRA's, covered there). The QLoRA layouts (``nf4-dq``: bitsandbytes' default; ``int8-row``:
+    Linear8bitLt and torchao int8) take every dtype and adapter dtype at each M bucket (decode 16, the split-K
+    shrink's M=512, prefill 16384) with and without dropout, and rank tile 64; the other layouts take bf16;
+    odd sizes (rows that do not start on a block). ``tests/test_qlora.py`` checks that the launches of real
+    bitsandbytes layers at these buckets are all in here."""
+    import torch
+
+    out = []
+    for dt, adt in ((torch.float16, None), (torch.bfloat16, None), (torch.float32, None),
+                    (torch.float16, torch.float32), (torch.bfloat16, torch.float32)):
+        for kind in ("nf4-dq", "int8-row"):
+            for R, p, M in ((16, 0.0, 16), (16, 0.1, 16), (16, 0.0, 512), (16, 0.1, 512), (16, 0.0, 16384),
+                            (16, 0.1, 16384), (64, 0.0, 512)):
+                out.append((dt, adt or dt, kind, R, p, M, 4096, 4096))
+    for kind in ("nf4", "int8-group", "int8-zp"):
+        for R, p, M in ((16, 0.1, 512), (16, 0.0, 16), (16, 0.0, 16384)):
+            out.append((torch.bfloat16, torch.bfloat16, kind, R, p, M, 4096, 4096))
+    out.append((torch.float16, torch.float16, "nf4-dq", 16, 0.1, 511, 4095, 4097))
+    out.append((torch.bfloat16, torch.float32, "int8-row", 64, 0.1, 511, 4095, 4097))
+    out.append((torch.bfloat16, torch.bfloat16, "nf4", 16, 0.0, 15, 4095, 4097))
+    return out
+
+
+def record_quant_gemms(W, dt, adt, R, p, M, seed):
+    """One forward and backward of LoRA's launchers on the quantized ``W`` (``QuantOperand``)."""
+    import torch
+
+    from . import lora as L
+
+    N, K = W.shape
+    x = torch.empty(M, K, dtype=dt)
+    A, B = torch.empty(R, K, dtype=adt), torch.empty(N, R, dtype=adt)
+    L.lora_forward(x, W, torch.empty(N, dtype=dt), A, B, 0.5, p, seed)
+    L.lora_backward(torch.empty(M, N, dtype=dt), x, W, A, B, torch.empty(M, R), 0.5, p,
+                    L.dropout_mask_buffer(M, K, x.device), True, True, True)
+
+
+def record_qlora_launches():
+    """LoRA's launches with a quantized W for every ``qlora_launch_matrix`` class."""
+    import torch
+
+    from . import lora as L
+
+    seed = torch.zeros(1, dtype=torch.int64)
+    with record_launches([L._shrink_kernel, L._fwd_gemm_kernel, L._bwd_dy_kernel, L._bwd_dx_kernel,
+                          L._bwd_da_kernel]) as calls:
+        for dt, adt, kind, R, p, M, K, N in qlora_launch_matrix():
+            W = qlora_operand(kind, N, K)
+            for prec in _precisions(dt, adt):
+                with fp32_precision_override(prec):
+                    record_quant_gemms(W, dt, adt, R, p, M, seed)
+    return calls
+
+
 def multi_lora_launch_matrix():
     """(dtype, adapter dtype, max rank, K, N) classes for the multi-adapter kernels: each dtype, fp32 slot
     stacks on a 16-bit base, rank tiles 16/64 (and a rank above 64, which takes several rank blocks),
@@ -464,7 +545,7 @@ def record_ia3_launches():
 
 
 RECORDERS = {"lora": lambda: record_lora_launches(), "multi_lora": lambda: record_multi_lora_launches(),
-             "ia3": lambda: record_ia3_launches(),
+             "ia3": lambda: record_ia3_launches(), "qlora": lambda: record_qlora_launches(),
              "adapter": lambda: record_adapter_launches()}
 
 
@@ -476,7 +557,7 @@ def _compile_indexed(job):
     return compile_launch(_POOL_CALLS[i], arch)
 
 
-def check_all(archs=(80, 90), verbose=True, ops=("lora", "multi_lora", "adapter", "ia3"), jobs=None,
+def check_all(archs=(80, 90), verbose=True, ops=("lora", "multi_lora", "adapter", "ia3", "qlora"), jobs=None,
               first_per_kernel=False):
     """Compile every distinct shipped launch of ``ops`` (in ``jobs`` forked processes, default one per
     CPU); return (rows, problems). ``first_per_kernel``: only the first launch of each kernel per arch

@@ -111,19 +111,92 @@ def _low_rank_tile(s_ptr, rm, m_ok, R, w_ptr, rc, c_ok, stride_wr, stride_wc,
 
 
 @triton.jit
+def _wq_tile(q_ptr, row_e, n, n_ok, k, k_ok, code_ptr, scale_ptr, zero_ptr, WQ: tl.constexpr, WQ_SHIFT: tl.constexpr,
+             WQ_ROW: tl.constexpr, WQ_ALIGNED: tl.constexpr, code2_ptr=None, absmax2_ptr=None, offset=0.0,
+             WQ_DQ: tl.constexpr = False, WQ_SHIFT2: tl.constexpr = 8):
+    """W[n, k] of a row-major [N, K] quantized weight (``QuantOperand``), dequantized to fp32 as the quantizers
+    compute it (one fp32 product), as an [n, k] tile. ``row_e`` = n·K (int64, per row); ``k`` int32 columns.
+
+    WQ=1: 4-bit codes, two per byte in bitsandbytes' order (even element in the high nibble), through the
+    16-entry fp32 ``code`` table, times the fp32 absmax of the element's block of 2^WQ_SHIFT elements; WQ=2:
+    int8 times the scale of its block (WQ_ROW: one scale per row); WQ=3: (int8 - zero point) times the scale.
+    WQ_DQ (bitsandbytes' double quantization): the absmax is itself a uint8 code, dequantized here as
+    bitsandbytes does, ``code2[q] · absmax2[block >> WQ_SHIFT2] + offset`` (on a GPU ptxas may fuse that into one
+    FMA: the absmax then differs from bitsandbytes' by at most an fp32 rounding).
+
+    WQ_ALIGNED (K a multiple of the block, so even): rows start on a byte and a block, and the addresses are a
+    per-row base plus 32-bit column offsets; otherwise each element's flat index e = n·K + k is formed in 64 bits.
+    Each element loads its byte (the neighbour's load hits the same cache line): loading a [n, KW/2] byte tile and
+    interleaving the nibbles in registers (``tl.join``) took a third of the byte loads but spilled 8-20 bytes in 7
+    of the matrix's variants (decode tiles and fp32 dX, triton 3.8), so it is not used."""
+    msk = n_ok[:, None] & k_ok[None, :]
+    if WQ_ALIGNED:
+        if WQ == 1:
+            byte = tl.load(q_ptr + (row_e >> 1)[:, None] + (k >> 1)[None, :], mask=msk, other=0).to(tl.int32)
+            odd = (k & 1)[None, :]
+        else:
+            qv = tl.load(q_ptr + row_e[:, None] + k[None, :], mask=msk, other=0)
+        blk = (row_e >> WQ_SHIFT)[:, None] + (k >> WQ_SHIFT)[None, :]
+    else:
+        e = row_e[:, None] + k[None, :]
+        if WQ == 1:
+            byte = tl.load(q_ptr + (e >> 1), mask=msk, other=0).to(tl.int32)
+            odd = (e & 1).to(tl.int32)
+        else:
+            qv = tl.load(q_ptr + e, mask=msk, other=0)
+        blk = e >> WQ_SHIFT
+    if WQ_ROW:
+        sc = tl.load(scale_ptr + n, mask=n_ok, other=0.0)[:, None]
+    elif WQ_DQ:
+        q8 = tl.load(scale_ptr + blk, mask=msk, other=0).to(tl.int32)
+        sc = tl.load(code2_ptr + q8, mask=msk, other=0.0) * tl.load(absmax2_ptr + (blk >> WQ_SHIFT2), mask=msk,
+                                                                     other=0.0) + offset
+    else:
+        sc = tl.load(scale_ptr + blk, mask=msk, other=0.0)
+    if WQ == 1:
+        v = tl.load(code_ptr + ((byte >> (4 - 4 * odd)) & 15), mask=msk, other=0.0)
+    elif WQ == 2:
+        v = qv.to(tl.float32)
+    else:
+        zp = tl.load(zero_ptr + blk, mask=msk, other=0).to(tl.int32)
+        v = (qv.to(tl.int32) - zp).to(tl.float32)
+    return v * sc
+
+
+@triton.jit
 def _gemm_mainloop(acc, a_ptr, rm, m_ok, stride_am, stride_ak, b_ptr, rc, c_ok, stride_bk, stride_bc, KD,
-                   UPCAST: tl.constexpr, F32_PREC: tl.constexpr, BLOCK_K: tl.constexpr, ACC_CHUNK: tl.constexpr = 0):
+                   UPCAST: tl.constexpr, F32_PREC: tl.constexpr, BLOCK_K: tl.constexpr, ACC_CHUNK: tl.constexpr = 0,
+                   WQ: tl.constexpr = 0, wq_code_ptr=None, wq_scale_ptr=None, wq_zero_ptr=None, wq_K=1,
+                   WQ_SHIFT: tl.constexpr = 0, WQ_ROW: tl.constexpr = False, WQ_ALIGNED: tl.constexpr = False,
+                   WQ_T: tl.constexpr = False, wq_code2_ptr=None, wq_absmax2_ptr=None, wq_offset=0.0,
+                   WQ_DQ: tl.constexpr = False, WQ_SHIFT2: tl.constexpr = 8):
     """``acc + a[rm, :KD] · b[:KD, rc]``, both operands read through their strides (``rm``/``rc`` int64);
-    summed in two levels with ACC_CHUNK > 0 (fp32 operands, see ``_common.mma_acc``)."""
+    summed in two levels with ACC_CHUNK > 0 (fp32 operands, see ``_common.mma_acc``). WQ > 0: b is a quantized
+    weight W [N, K=wq_K] (``b_ptr`` its packed data; the strides are unused), dequantized tile by tile into a's
+    dtype in registers (``_wq_tile``): nothing dequantized reaches memory. b = Wᵀ (the forward: the reduction runs
+    over W's columns) or, with WQ_T, b = W (dX: over its rows)."""
     rk0 = tl.arange(0, BLOCK_K)
     a_row = a_ptr + rm[:, None] * stride_am
     b_col = b_ptr + rc[None, :] * stride_bc
     part = tl.zeros_like(acc) if ACC_CHUNK > 0 else 0.0
+    if WQ > 0 and not WQ_T:
+        row_e = rc * wq_K  # the output columns are W's rows: their flat offsets, once
     for k0 in range(0, KD, BLOCK_K):
         rk = k0 + rk0
         rk64 = rk.to(tl.int64)
         at = tl.load(a_row + rk64[None, :] * stride_ak, mask=m_ok[:, None] & (rk[None, :] < KD), other=0.0)
-        bt = tl.load(b_col + rk64[:, None] * stride_bk, mask=(rk[:, None] < KD) & c_ok[None, :], other=0.0)
+        if WQ > 0:
+            if WQ_T:  # [n = rk, k = rc]
+                bt = _wq_tile(b_ptr, rk64 * wq_K, rk64, rk < KD, rc.to(tl.int32), c_ok, wq_code_ptr, wq_scale_ptr,
+                              wq_zero_ptr, WQ, WQ_SHIFT, WQ_ROW, WQ_ALIGNED, wq_code2_ptr, wq_absmax2_ptr, wq_offset,
+                              WQ_DQ, WQ_SHIFT2)
+            else:  # [n = rc, k = rk], transposed to [k, n]
+                bt = tl.trans(_wq_tile(b_ptr, row_e, rc, c_ok, rk, rk < KD, wq_code_ptr, wq_scale_ptr, wq_zero_ptr,
+                                       WQ, WQ_SHIFT, WQ_ROW, WQ_ALIGNED, wq_code2_ptr, wq_absmax2_ptr, wq_offset,
+                                       WQ_DQ, WQ_SHIFT2))
+            bt = bt.to(at.dtype)
+        else:
+            bt = tl.load(b_col + rk64[:, None] * stride_bk, mask=(rk[:, None] < KD) & c_ok[None, :], other=0.0)
         acc, part = mma_acc(at, bt, acc, part, k0 // BLOCK_K, UPCAST, F32_PREC, ACC_CHUNK)
     return acc_flush(acc, part, ACC_CHUNK)
 
@@ -233,7 +306,12 @@ def _fwd_gemm_kernel(
     GROUP_M: tl.constexpr, g_ptr=None, z_ptr=None, COL_SCALE: tl.constexpr = False, STORE_Z: tl.constexpr = False,
     num_parts=1, part_stride=0, s_out_ptr=None, STORE_S: tl.constexpr = False, ACC_CHUNK: tl.constexpr = 0,
     a_ptr=None, stride_ar=0, stride_ak=0, FUSE_SHRINK: tl.constexpr = False,
+    WQ: tl.constexpr = 0, wq_code_ptr=None, wq_scale_ptr=None, wq_zero_ptr=None, WQ_SHIFT: tl.constexpr = 0,
+    WQ_ROW: tl.constexpr = False, WQ_ALIGNED: tl.constexpr = False, wq_code2_ptr=None, wq_absmax2_ptr=None,
+    wq_offset=0.0, WQ_DQ: tl.constexpr = False, WQ_SHIFT2: tl.constexpr = 8,
 ):
+    # WQ > 0: w_ptr is a quantized weight's packed data (``QuantOperand``), dequantized in the mainloop (never
+    # with FUSE_SHRINK).
     # Split-K shrink (STORE_S): s_ptr holds num_parts partials of S; the programs of column block 0 write
     # their sum to s_out_ptr for backward.
     # COL_SCALE (DoRA's epilogue): z = x·Wᵀ + s·S·Bᵀ is scaled per output column by g before the bias,
@@ -262,7 +340,9 @@ def _fwd_gemm_kernel(
                              UPCAST, LORA_PREC, BLOCK_M, BLOCK_R, BLOCK_N, num_parts, part_stride, s_out_ptr,
                              pid_n == 0, STORE_S) * scaling
         acc = _gemm_mainloop(acc, x_ptr, rm64, m_ok, stride_xm, stride_xk, w_ptr, rn64, n_ok, stride_wk, stride_wn,
-                             K, UPCAST, F32_PREC, BLOCK_K, ACC_CHUNK)
+                             K, UPCAST, F32_PREC, BLOCK_K, ACC_CHUNK, WQ, wq_code_ptr, wq_scale_ptr, wq_zero_ptr, K,
+                             WQ_SHIFT, WQ_ROW, WQ_ALIGNED, False, wq_code2_ptr, wq_absmax2_ptr, wq_offset, WQ_DQ,
+                             WQ_SHIFT2)
     _fwd_epilogue(acc, rm64, m_ok, rn, rn64, n_ok, y_ptr, stride_ym, stride_yn, bias_ptr, HAS_BIAS, g_ptr, z_ptr,
                   COL_SCALE, STORE_Z)
 
@@ -451,7 +531,11 @@ def _bwd_dx_kernel(
     GROUP_M: tl.constexpr, ACC_CHUNK: tl.constexpr = 0,
     num_parts=1, part_stride=0, ds_out_ptr=None, STORE_S: tl.constexpr = False,
     b_ptr=None, stride_bn=0, stride_br=0, scaling=1.0, FUSE_DS: tl.constexpr = False,
+    WQ: tl.constexpr = 0, wq_code_ptr=None, wq_scale_ptr=None, wq_zero_ptr=None, WQ_SHIFT: tl.constexpr = 0,
+    WQ_ROW: tl.constexpr = False, WQ_ALIGNED: tl.constexpr = False, wq_code2_ptr=None, wq_absmax2_ptr=None,
+    wq_offset=0.0, WQ_DQ: tl.constexpr = False, WQ_SHIFT2: tl.constexpr = 8,
 ):
+    # WQ > 0: a quantized W dequantized in the mainloop, as in the forward GEMM (never with FUSE_DS).
     # num_parts > 1 (the dY launch split N): ds_ptr holds that many fp32 partials of dS, part_stride apart,
     # added in a fixed order; with STORE_S the programs of column block 0 write the sum to ds_out_ptr (for dA).
     # FUSE_DS (decode, no dY launch): dS = s·dY·B from the mainloop's own dY tiles, stored by column block 0
@@ -483,7 +567,9 @@ def _bwd_dx_kernel(
             keep = load_keep(bits_ptr, rm64, m_ok, pid_k * BLOCK_K, tl.cdiv(K, 8), BLOCK_M, BLOCK_K)
             acc = tl.where(keep != 0, acc * keep_scale, 0.0)
         acc = _gemm_mainloop(acc, dy_ptr, rm64, m_ok, stride_dym, stride_dyn, w_ptr, rk64, k_ok, stride_wn, stride_wk,
-                             N, UPCAST, F32_PREC, BLOCK_N, ACC_CHUNK)
+                             N, UPCAST, F32_PREC, BLOCK_N, ACC_CHUNK, WQ, wq_code_ptr, wq_scale_ptr, wq_zero_ptr, K,
+                             WQ_SHIFT, WQ_ROW, WQ_ALIGNED, True, wq_code2_ptr, wq_absmax2_ptr, wq_offset, WQ_DQ,
+                             WQ_SHIFT2)
     tl.store(dx_ptr + rm64[:, None] * stride_dxm + rk64[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=m_ok[:, None] & k_ok[None, :])
 
@@ -700,6 +786,85 @@ def configs(dtype: torch.dtype, R: int, aligned: bool = True, interpreted: bool 
     }
 
 
+@dataclass(frozen=True)
+class QuantOperand:
+    """A quantized frozen weight [N, K] as the GEMM kernels read it (``quant.QuantBase.kernel_operand``):
+    element e = n·K + k of the row-major weight is ``_wq_tile``'s dequantization of ``data`` with the fp32
+    ``scale`` of its block of ``block`` elements (a power of two), or of its row (``row_scale``)
+    (WQ=1: 4-bit codes through ``code``; 2: int8; 3: int8 − ``zero``, per block)."""
+
+    wq: int
+    data: torch.Tensor                    # uint8 packed 4-bit codes (WQ=1) or int8 values, flat
+    scale: torch.Tensor                   # fp32, one per block (or per row)
+    block: int                            # elements per scale block: a power of two (ignored with row_scale)
+    N: int
+    K: int
+    code: Optional[torch.Tensor] = None   # fp32 [16] (WQ=1)
+    zero: Optional[torch.Tensor] = None   # int8 zero points, one per block (WQ=3)
+    row_scale: bool = False
+    # bitsandbytes' double quantization (WQ=1): ``scale`` holds uint8 codes of the absmax, each block's absmax is
+    # absmax_code[q] · absmax2[block // block2] + absmax_offset
+    absmax_code: Optional[torch.Tensor] = None  # fp32 [256]
+    absmax2: Optional[torch.Tensor] = None      # fp32, one per block2 blocks
+    absmax_offset: float = 0.0
+    block2: int = 256
+
+    def __post_init__(self):
+        for name, b in (("block", self.block), ("block2", self.block2)):
+            if not (self.row_scale and name == "block") and (b < 2 or b & (b - 1)):
+                raise ValueError(f"QuantOperand: {name} must be a power of two >= 2, got {b}")
+
+    @property
+    def shape(self):
+        return (self.N, self.K)
+
+    def kernel_args(self) -> dict:
+        shift = 0 if self.row_scale else self.block.bit_length() - 1
+        aligned = (self.K % 2 == 0) if self.row_scale else (self.K % self.block == 0)
+        dq = self.absmax_code is not None
+        return dict(WQ=self.wq, wq_code_ptr=self.code, wq_scale_ptr=self.scale, wq_zero_ptr=self.zero,
+                    WQ_SHIFT=shift, WQ_ROW=self.row_scale, WQ_ALIGNED=aligned, WQ_DQ=dq,
+                    WQ_SHIFT2=self.block2.bit_length() - 1, wq_code2_ptr=self.absmax_code,
+                    wq_absmax2_ptr=self.absmax2, wq_offset=float(self.absmax_offset))
+
+
+WQ_ELEMS_PER_THREAD = 16
+
+
+def quant_config(c: "Config", wq: "QuantOperand", dtype: torch.dtype, dx: bool = False) -> "Config":
+    """The tile of a GEMM that dequantizes W (``QuantOperand``): its W tile (block_n × block_k, in either GEMM)
+    is held as packed codes, table values and scales beside the accumulator, so at most WQ_ELEMS_PER_THREAD
+    dequantized elements per thread, half that where rows do not start on a block (each element's index is then
+    64-bit), and half again in dX (which also holds the LoRA tile's dS and the dropout bits): the reduction tile
+    halves (not below 16), then the warps double (up to 8), then the output tile halves (not below 16). dX takes at
+    least 4 warps (its 2-warp decode tile with fp32 adapters spilled 8 bytes on sm_80 with triton 3.8, at 56
+    registers; at 4 warps and 2 stages still 8 with 4-bit codes on sm_80 and sm_90, triton 3.8: the decode dX tile
+    takes 1 stage). fp32 x and dX take 2 stages, unaligned rows 1 (no software pipelining: the odd-size case). Measured in the AOT
+    matrix (``--op qlora``, sm_80 and sm_90, triton 3.6 and 3.8): the 128×128×64 prefill tile at 32 per thread
+    spilled 12-164 bytes; at 16 per thread dX still spilled 8-64 with triton 3.6, and int8 dX at 8 per thread
+    and 3 stages 20 (ptxas held it to 128 registers); an unaligned tile at 16 per thread 92, at 8 per thread 20
+    with 3 or 2 stages; the fp32 dX tile at 3 stages 8. These are 0."""
+    aligned = wq.kernel_args()["WQ_ALIGNED"]
+    cap = (WQ_ELEMS_PER_THREAD if aligned else WQ_ELEMS_PER_THREAD // 2) // (2 if dx else 1)
+    bn, bk, warps = c.block_n, c.block_k, max(c.num_warps, 4) if dx else c.num_warps
+    while bn * bk > cap * warps * 32 and bk > 16:
+        bk //= 2
+    while bn * bk > cap * warps * 32 and warps < 8:
+        warps *= 2
+    while bn * bk > cap * warps * 32 and bn > 16:
+        bn //= 2
+    stages = 1 if not aligned or (dx and c.block_m <= 16) else min(c.num_stages, 2) if dtype == torch.float32 or dx \
+        else c.num_stages
+    return Config(c.block_m, bn, bk, num_warps=warps, num_stages=stages)
+
+
+def _weight_args(weight):
+    """(tensor, stride_n, stride_k, extra kernel kwargs) of a float weight or a ``QuantOperand``."""
+    if isinstance(weight, QuantOperand):
+        return weight.data, weight.K, 1, weight.kernel_args()
+    return weight, weight.stride(0), weight.stride(1), {}
+
+
 def _aligned(*tensors) -> bool:
     """All strides and sizes 16-byte aligned (what the JIT's divisibility hints will see)."""
     for t in tensors:
@@ -863,13 +1028,15 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed, col_scal
     M, K = x.shape
     N, R = weight.shape[0], A.shape[0]
     check_dims(M=M, K=K, N=N, r=R)
-    cfg = configs(x.dtype, R, _aligned(x, weight, A, B), adapter_dtype=A.dtype, M=M)
+    quantized = isinstance(weight, QuantOperand)  # dequantized in the GEMM's mainloop: not the TMA or decode paths
+    cfg = configs(x.dtype, R, _aligned(x, A, B) if quantized else _aligned(x, weight, A, B), adapter_dtype=A.dtype,
+                  M=M)
     fl = _flags(x, A)
     keep_scale = 1.0 / (1.0 - p)
     S = torch.empty((M, R), dtype=torch.float32, device=x.device)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     z = torch.empty_like(y) if store_z else None
-    fused = p == 0 and fused_decode(M, x, A, R, cfg)  # decode: S inside the GEMM, no shrink launch
+    fused = p == 0 and not quantized and fused_decode(M, x, A, R, cfg)  # decode: S inside the GEMM, no shrink
     splits, parts = 1, S
     if not fused:
         seed_t = seed if p > 0 else S  # never read without dropout
@@ -889,7 +1056,7 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed, col_scal
     # Narrowed to fill the machine (``_fill_cols``) where every variant compiles without spills at 16 columns: not
     # for fp32 adapters on a 16-bit base (their DoRA split-K variants spilled 8 bytes on sm_90 with triton 3.8),
     # nor for the split-K GEMM at rank tile 64 (12 bytes on sm_90 with triton 3.6)
-    if tma_gemm(M, x, weight, a=A) and B.dtype == A.dtype:
+    if not quantized and tma_gemm(M, x, weight, a=A) and B.dtype == A.dtype:
         c = _tma_config()
         progs = _persistent_grid(triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n), x.device)
         _fwd_gemm_tma_kernel[(progs,)](
@@ -902,16 +1069,18 @@ def lora_forward(x, weight, bias, A, B, scaling: float, p: float, seed, col_scal
         return (y, S, z) if store_z else (y, S)
     narrow = A.dtype == x.dtype != torch.float32 and (fused or cfg["gemm_block_r"] <= 32)
     c = _fill_cols(cfg["gemm"], M, N, x.device) if narrow else cfg["gemm"]
+    c = quant_config(c, weight, x.dtype) if quantized else c
+    w, swn, swk, wq = _weight_args(weight)
     _fwd_gemm_kernel[(triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n),)](
-        x, weight, bias if bias is not None else y, parts, B, y, M, N, K, R,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), B.stride(0), B.stride(1),
+        x, w, bias if bias is not None else y, parts, B, y, M, N, K, R,
+        x.stride(0), x.stride(1), swn, swk, B.stride(0), B.stride(1),
         y.stride(0), y.stride(1), scaling,
         HAS_BIAS=bias is not None, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages,
         g_ptr=col_scale, z_ptr=z, COL_SCALE=col_scale is not None, STORE_Z=z is not None,
         num_parts=splits, part_stride=M * R, s_out_ptr=S if splits > 1 or fused else None, STORE_S=splits > 1,
         ACC_CHUNK=acc_chunk(x.dtype, c.block_k), a_ptr=A if fused else None, stride_ar=A.stride(0),
-        stride_ak=A.stride(1), FUSE_SHRINK=fused, **fl)
+        stride_ak=A.stride(1), FUSE_SHRINK=fused, **wq, **fl)
     return (y, S, z) if store_z else (y, S)
 
 
@@ -928,13 +1097,15 @@ def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, bits,
     M, K = x.shape
     N, R = weight.shape[0], A.shape[0]
     check_dims(M=M, K=K, N=N, r=R)
-    cfg = configs(x.dtype, R, _aligned(x, weight, A, B, dy), adapter_dtype=A.dtype, M=M)
+    quantized = isinstance(weight, QuantOperand)
+    cfg = configs(x.dtype, R, _aligned(x, A, B, dy) if quantized else _aligned(x, weight, A, B, dy),
+                  adapter_dtype=A.dtype, M=M)
     fl = _flags(x, A)
     lora_fl = _only(fl, "UPCAST", "F32_PREC")
     keep_scale = 1.0 / (1.0 - p)
     br = cfg["block_r"]
     r_chunks = triton.cdiv(R, br)
-    fused = need_dx and fused_decode(M, x, A, R, cfg)
+    fused = need_dx and not quantized and fused_decode(M, x, A, R, cfg)
     dS = torch.empty((M, R), dtype=torch.float32, device=x.device)
     ds_parts, P, dbp, dSp = 1, 0, dS, dS
     if not fused:
@@ -961,7 +1132,7 @@ def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, bits,
         if c.block_m == 16 and ((fused and cfg["gemm_block_r"] > 32) or ds_parts > 1):
             c = Config(c.block_m, c.block_n, c.block_k, c.num_warps, min(c.num_stages, 2))
         dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
-        if not fused and tma_gemm(M, dy, weight, a=A):
+        if not fused and not quantized and tma_gemm(M, dy, weight, a=A):
             c = _tma_config()  # block_n: dX's output columns (K), block_k: its reduction (N)
             progs = _persistent_grid(triton.cdiv(M, c.block_m) * triton.cdiv(K, c.block_n), x.device)
             _bwd_dx_tma_kernel[(progs,)](
@@ -972,16 +1143,18 @@ def lora_backward(dy, x, weight, A, B, S, scaling: float, p: float, bits,
                 num_parts=ds_parts, part_stride=M * R, ds_out_ptr=dS if ds_parts > 1 else None,
                 STORE_S=ds_parts > 1, **fl)
         else:
+            c = quant_config(c, weight, x.dtype, dx=True) if quantized else c
+            w, swn, swk, wq = _weight_args(weight)
             _bwd_dx_kernel[(triton.cdiv(M, c.block_m) * triton.cdiv(K, c.block_n),)](
-                dy, weight, dSp, A, x, dx, seed_t, M, N, K, R,
-                dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), A.stride(0), A.stride(1),
+                dy, w, dSp, A, x, dx, seed_t, M, N, K, R,
+                dy.stride(0), dy.stride(1), swn, swk, A.stride(0), A.stride(1),
                 dx.stride(0), dx.stride(1), p, keep_scale,
                 HAS_DROPOUT=p > 0, BLOCK_M=c.block_m, BLOCK_K=c.block_n, BLOCK_N=c.block_k,
                 BLOCK_R=cfg["gemm_block_r"], GROUP_M=8, ACC_CHUNK=acc_chunk(x.dtype, c.block_k), num_warps=c.num_warps,
                 num_stages=c.num_stages, num_parts=ds_parts, part_stride=M * R,
                 ds_out_ptr=dS if fused or ds_parts > 1 else None, STORE_S=ds_parts > 1,
                 b_ptr=B if fused else None, stride_bn=B.stride(0), stride_br=B.stride(1), scaling=scaling,
-                FUSE_DS=fused, **fl)
+                FUSE_DS=fused, **wq, **fl)
         # dX left the summed (or fused) dS in dS for dA
     dA = dB = None
     if need_da or need_db:

@@ -26,11 +26,11 @@ class IA3Linear(nn.Module):
             raise TypeError(f"feedforward must be a bool, got {feedforward!r}")
         if backend not in dispatch.BACKENDS:
             raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
-        adopt_frozen_base(self, _base, in_features, out_features, bias, device, dtype)
+        self._adopt_base(_base, in_features, out_features, bias, device, dtype)
         self.feedforward = feedforward
         self.backend = backend
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
-        self.ia3_l = nn.Parameter(torch.empty(shape, device=self.weight.device, dtype=self.weight.dtype))
+        self.ia3_l = nn.Parameter(torch.empty(shape, device=self.weight.device, dtype=self._param_dtype()))
         self.init_ia3_weights = bool(init_ia3_weights)
         self.reset_ia3_parameters()
 
@@ -39,8 +39,17 @@ class IA3Linear(nn.Module):
                     backend: str = "auto") -> "IA3Linear":
         """Wrap ``linear`` (nn.Linear or GPT-2 Conv1D): its weight/bias Parameters are reused and frozen."""
         in_f, out_f = base_features(linear)
-        quant.refuse_quantized(linear, "IA3Linear")
+        if cls is IA3Linear and quant.kind_of(linear) is not None:
+            from .qlora import QIA3Linear  # a quantized frozen base (bitsandbytes, torchao)
+
+            cls = QIA3Linear
         return cls(in_f, out_f, feedforward, init_ia3_weights=init_ia3_weights, backend=backend, _base=linear)
+
+    def _adopt_base(self, base, in_features, out_features, bias, device, dtype) -> None:
+        adopt_frozen_base(self, base, in_features, out_features, bias, device, dtype)
+
+    def _param_dtype(self) -> torch.dtype:
+        return self.weight.dtype
 
     @torch.no_grad()
     def reset_ia3_parameters(self) -> None:

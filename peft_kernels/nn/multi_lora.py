@@ -194,14 +194,14 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-        adopt_frozen_base(self, _base, in_features, out_features, bias, device, dtype)
+        self._adopt_base(_base, in_features, out_features, bias, device, dtype)
         self.max_adapters = max_adapters
         self.max_rank = max_rank
         self.backend = backend
         self.path = path
         self.check_ids = bool(check_ids)
         dev = self.weight.device
-        ldt = lora_dtype if lora_dtype is not None else self.weight.dtype
+        ldt = lora_dtype if lora_dtype is not None else self._default_lora_dtype()
         S, R = max_adapters, max_rank
         self.lora_A = nn.Parameter(torch.zeros(S, R, self.in_features, device=dev, dtype=ldt))
         self.lora_B = nn.Parameter(torch.zeros(S, self.out_features, R, device=dev, dtype=ldt))
@@ -220,9 +220,22 @@ class MultiLoRALinear(nn.Module):
         """Wrap ``linear`` (an nn.Linear, or a GPT-2-style Conv1D): its own weight/bias Parameters are reused
         (no copy) and frozen. All slots start empty."""
         in_f, out_f = base_features(linear)
-        quant.refuse_quantized(linear, "MultiLoRALinear")
+        if cls is MultiLoRALinear and quant.kind_of(linear) is not None:
+            from .qlora import QMultiLoRALinear  # a quantized frozen base (bitsandbytes, torchao)
+
+            cls = QMultiLoRALinear
         return cls(in_f, out_f, max_adapters, max_rank, backend=backend,
                    lora_dtype=lora_dtype, path=path, check_ids=check_ids, _base=linear)
+
+    def _adopt_base(self, base, in_features, out_features, bias, device, dtype) -> None:
+        adopt_frozen_base(self, base, in_features, out_features, bias, device, dtype)
+
+    def _default_lora_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def _op_weight(self):
+        """The frozen base as ``multi_lora_linear`` takes it: [out, in] (a view for a Conv1D base)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
 
     # ------------------------------------------------------------------------------ slots
     def _check_slot(self, slot) -> int:
@@ -326,7 +339,7 @@ class MultiLoRALinear(nn.Module):
                 ids = active.mapping(x.shape, self.max_adapters, x.device)
         else:
             ids = adapter_ids
-        w = self.weight.t() if self.fan_in_fan_out else self.weight  # Conv1D base: [in, out] stored
+        w = self._op_weight()
         # a graph cannot take the lock: under torch.compile, swap adapters between compiled calls
         with contextlib.nullcontext() if torch.compiler.is_compiling() else self._slots_lock.reading():
             return multi_lora_linear(x, w, self.bias, self.lora_A, self.lora_B, self.scalings, ids,

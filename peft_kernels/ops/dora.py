@@ -39,9 +39,12 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
     row blocks (a bounded fp64 copy); fp32 only where the device has no fp64 (MPS). Nothing is cached: each
     call reads the current W, A and B, so no update (in place, through ``.data``, a reload) leaves a stale norm.
     """
-    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+    from ..quant import QuantBase
+
+    quantized = isinstance(weight, QuantBase)  # a quantized base: dequantized row block by row block
+    if (not quantized and weight.dim() != 2) or lora_A.dim() != 2 or lora_B.dim() != 2:
         raise ValueError("weight, lora_A and lora_B must be 2-D ([N, K], [r, K], [N, r])")
-    N, K = weight.shape
+    N, K = (weight.out_features, weight.in_features) if quantized else weight.shape
     r = lora_A.shape[0]
     if tuple(lora_A.shape) != (r, K) or tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lora_A must be [r, {K}] and lora_B [{N}, r] for a [{N}, {K}] weight, got "
@@ -52,12 +55,22 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
         A, B = lora_A.detach().to(acc), lora_B.detach().to(acc)
         quad = (s * s) * ((B @ (A @ A.t())) * B).sum(1)                  # s²·B_n(AAᵀ)B_nᵀ
         n2 = torch.empty(N, dtype=acc, device=weight.device)
-        for i in range(0, N, _NORM_ROWS):
-            w = weight.detach()[i:i + _NORM_ROWS].to(acc)
-            n2[i:i + _NORM_ROWS] = (w * w).sum(1) + (2.0 * s) * ((w @ A.t()) * B[i:i + _NORM_ROWS]).sum(1) \
-                + quad[i:i + _NORM_ROWS]
-        out = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        if quantized:  # the quantizer's fp32 values, exact in fp64; blocks start at multiples of row_align()
+            rd, a = weight.reader(torch.float32), weight.row_align()
+            step = max(a, _NORM_ROWS // a * a)
+        else:
+            step = _NORM_ROWS
+        for i in range(0, N, step):
+            w = (rd.rows(i, min(N, i + step)) if quantized else weight.detach()[i:i + step]).to(acc)
+            n2[i:i + step] = (w * w).sum(1) + (2.0 * s) * ((w @ A.t()) * B[i:i + step]).sum(1) + quad[i:i + step]
+        out = torch.float64 if not quantized and weight.dtype == torch.float64 else torch.float32
         return n2.clamp_min_(0).sqrt_().to(out)
+
+
+def check_magnitude(magnitude, N: int) -> None:
+    if not isinstance(magnitude, torch.Tensor) or tuple(magnitude.shape) != (N,):
+        raise ValueError(f"magnitude must be a [{N}] tensor (one per output feature), got "
+                         f"{tuple(magnitude.shape) if isinstance(magnitude, torch.Tensor) else type(magnitude).__name__}")
 
 
 def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
@@ -75,10 +88,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             return dora_linear(*_amp.cast(amp, x, weight, bias, lora_A, lora_B), scaling, magnitude,
                                dropout_p=dropout_p, training=training, backend=backend, weight_norm=weight_norm)
     validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    N = weight.shape[0]
-    if not isinstance(magnitude, torch.Tensor) or tuple(magnitude.shape) != (N,):
-        raise ValueError(f"magnitude must be a [{N}] tensor (one per output feature), got "
-                         f"{tuple(magnitude.shape) if isinstance(magnitude, torch.Tensor) else type(magnitude).__name__}")
+    check_magnitude(magnitude, weight.shape[0])
     if weight_norm is None:
         weight_norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
     p = float(dropout_p) if training else 0.0

@@ -22,7 +22,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .. import _ext, dispatch
+from .. import _ext, dispatch, quant
 from ..reference import expand_adapter_ids
 from . import _amp
 from ._autograd import torch_backend_double_backward
@@ -264,8 +264,15 @@ def _as_float_vector(v, name: str, S: int, device, dtype=torch.float32) -> torch
 
 
 def validate(x, weight, bias, lora_A, lora_B, scalings, ranks):
-    """Raise ValueError/TypeError naming the bad argument; return (scalings fp32, ranks int32) on x's device."""
-    N, K = check_base(x, weight, bias, lora_A, lora_B)
+    """Raise ValueError/TypeError naming the bad argument; return (scalings fp32, ranks int32) on x's device.
+    ``weight``: the frozen [N, K] tensor, or a quantized base (``quant.QuantBase``, x in its compute dtype)."""
+    quantized = isinstance(weight, quant.QuantBase)
+    if quantized:
+        from .qlora import check_quant_base
+
+        N, K = check_quant_base(x, weight, bias, lora_A, lora_B)
+    else:
+        N, K = check_base(x, weight, bias, lora_A, lora_B)
     if lora_A.dim() != 3 or lora_A.shape[2] != K or lora_A.shape[0] < 1 or lora_A.shape[1] < 1:
         raise ValueError(f"lora_A must have shape [slots, max_rank, in_features={K}] with slots, max_rank ≥ 1, "
                          f"got {tuple(lora_A.shape)}")
@@ -273,7 +280,12 @@ def validate(x, weight, bias, lora_A, lora_B, scalings, ranks):
     if tuple(lora_B.shape) != (S, N, R):
         raise ValueError(f"lora_B must have shape [slots={S}, out_features={N}, max_rank={R}] (from lora_A and "
                          f"weight), got {tuple(lora_B.shape)}")
-    check_dtypes_devices(x, weight, bias, lora_A, lora_B)
+    if quantized:
+        if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"lora_A/lora_B must both be x's dtype ({x.dtype}) or float32, got {lora_A.dtype} and "
+                            f"{lora_B.dtype}")
+    else:
+        check_dtypes_devices(x, weight, bias, lora_A, lora_B)
     dev = x.device
     # fp64 scalings for fp64 inputs (the torch backend's float64 stays float64 end to end)
     scal = _as_float_vector(scalings, "scalings", S, dev, torch.float64 if x.dtype == torch.float64 else torch.float32)
@@ -302,6 +314,19 @@ def _check_ranks(ranks_h, R: int) -> None:
 # --------------------------------------------------------------------------------------------
 # torch backend (any device; the CPU hot path): one pair of small GEMMs per segment, never per token
 # --------------------------------------------------------------------------------------------
+def _base_out(x, weight, bias):
+    """The frozen base's output x·Wᵀ + b: W a float tensor (one GEMM), or a quantized base (``quant.QuantBase``:
+    dequantized in row chunks, ``quant.base_linear``)."""
+    if isinstance(weight, torch.Tensor):
+        return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    return quant.base_linear(x, weight, bias)
+
+
+def _base_dx(dy, weight):
+    """The base's part of dX, dY·W (as ``_base_out``)."""
+    return torch.mm(dy, weight) if isinstance(weight, torch.Tensor) else quant.base_grad_input(dy, weight)
+
+
 def _segments(m: AdapterMapping, ranks_h: Sequence[int], R: int):
     """(slot, start, end, rank) of every segment whose slot has rank > 0; ranks clamped to [0, R] as the
     kernels clamp them."""
@@ -321,7 +346,7 @@ def _torch_forward(x, weight, bias, A, B, m: AdapterMapping, scal, ranks, scal_h
     """y [T, N] in x.dtype and S [T_active, R] in the adapter dtype (sorted rows, unscaled)."""
     cdt = A.dtype
     R = A.shape[1]
-    y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    y = _base_out(x, weight, bias)
     if m.num_active == 0:
         return y, x.new_empty((0, R), dtype=cdt)
     if ext:
@@ -349,7 +374,7 @@ def _torch_forward(x, weight, bias, A, B, m: AdapterMapping, scal, ranks, scal_h
 def _torch_backward(dy, x, weight, A, B, S, m: AdapterMapping, scal, ranks, scal_h, ranks_h, ext: bool,
                     need_dx, need_da, need_db):
     cdt = A.dtype
-    dx = torch.mm(dy, weight) if need_dx else None
+    dx = _base_dx(dy, weight) if need_dx else None
     if ext and m.num_active and (need_dx or need_da or need_db):
         dA, dB = _ext.ops().multi_lora_bwd(dy, x, S, A, B, m._perm, m._seg_slots, m._seg_starts, ranks, scal,
                                            dx, need_da, need_db, None)
@@ -384,14 +409,14 @@ def _torch_backward(dy, x, weight, A, B, S, m: AdapterMapping, scal, ranks, scal
 def _triton_forward(x, weight, bias, A, B, m, scal, ranks, path):
     from ..kernels import multi_lora as K
 
-    y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    y = _base_out(x, weight, bias)
     return K.multi_lora_forward(y, x, A, B, m, scal, ranks, path)
 
 
 def _triton_backward(dy, x, weight, A, B, S, m, scal, ranks, path, need_dx, need_da, need_db):
     from ..kernels import multi_lora as K
 
-    dx = torch.mm(dy, weight) if need_dx else None
+    dx = _base_dx(dy, weight) if need_dx else None
     dA, dB = K.multi_lora_backward(dy, x, dx, A, B, S, m, scal, ranks, path, need_da, need_db)
     return dx, dA, dB
 
@@ -400,7 +425,7 @@ def _gather_forward(x, weight, bias, A, B, m, scal, ranks, path):
     """The "cuda" backend: base GEMM, then the compiled gather ops (``torch.ops.peft_kernels.{b,s}gmv_*``,
     csrc/cuda on CUDA tensors; their csrc/cpu twins run the same code path on CPU tensors in the tests)."""
     ops = _ext.ops()
-    y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    y = _base_out(x, weight, bias)
     if m.num_active == 0:
         return y, x.new_zeros((0, A.shape[1]), dtype=torch.float32)
     S = _gather_shrink(ops, path, x, A, m, ranks, None)
@@ -427,7 +452,7 @@ def _gather_backward(dy, x, weight, A, B, S, m, scal, ranks, path, need_dx, need
     ranks or scalings: S and dS are zero past each slot's rank (the shrinks write only r < rank), so the
     full-width products are zero there, and the scale is a device scalar."""
     ops = _ext.ops()
-    dx = torch.mm(dy, weight) if need_dx else None
+    dx = _base_dx(dy, weight) if need_dx else None
     dA = torch.zeros_like(A) if need_da else None
     dB = torch.zeros_like(B) if need_db else None
     if m.num_active == 0 or not (need_dx or need_da or need_db):
@@ -453,7 +478,7 @@ def _masked_slots(x, weight, bias, A, B, scal, ranks, ids):
     and no host sync, so a whole model compiles into one graph; it costs S× the LoRA FLOPs of the
     grouped paths (fine for a few adapters). Ids outside [0, S) add nothing. Autograd does the backward."""
     x2 = x.reshape(-1, x.shape[-1])
-    y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+    y = _base_out(x2, weight, bias)
     ids = ids.to(device=x.device).reshape(-1, 1)
     xa = x2.to(A.dtype)
     R = A.shape[1]
@@ -498,12 +523,15 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         K = x.shape[-1]
         x2d = x.reshape(-1, K)
         y, S = _forward_2d(x2d, weight, bias, lora_A, lora_B, call)
-        return save_for_lora_backward(ctx, x, x2d, S, weight, bias, lora_A, lora_B, call, y)
+        ctx.qbase = None if isinstance(weight, torch.Tensor) else weight  # a quantized base: read again in backward
+        saved = x.new_empty((weight.shape[0], 0)) if ctx.qbase is not None else weight
+        return save_for_lora_backward(ctx, x, x2d, S, saved, bias, lora_A, lora_B, call, y)
 
     @staticmethod
     @torch_backend_double_backward("multi_lora_linear", lambda ctx, dy: _differentiable_backward(ctx, dy))
     def backward(ctx, dy):
         x2d, S, weight, A, B = saved_lora_tensors(ctx)
+        weight = weight if ctx.qbase is None else ctx.qbase
         call: MultiLoRACall = ctx.call
         need_x, _, _, need_a, need_bb, _ = ctx.needs_input_grad
         dy2d = dy.reshape(-1, weight.shape[0])
@@ -523,6 +551,7 @@ def _differentiable_backward(ctx, dy):
     """The torch backend's backward as differentiable torch ops (create_graph=True): per segment, the same
     GEMMs as ``_torch_backward`` with S recomputed from x and A, so gradients of the gradients are exact."""
     x, _, weight, A, B = ctx.saved_tensors
+    weight = weight if ctx.qbase is None else ctx.qbase
     call: MultiLoRACall = ctx.call
     m = call.mapping
     need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
@@ -548,7 +577,7 @@ def _differentiable_backward(ctx, dy):
                 dB[a, :, :r] = (dys[s:e].t() @ Sg) * sc
             if need_x:
                 dxl = dxl.index_add(0, perm[s:e], dSg @ A[a, :r])
-    dx = (dy2d @ weight + dxl.to(x.dtype)).view(ctx.x_shape) if need_x else None
+    dx = (_base_dx(dy2d, weight) + dxl.to(x.dtype)).view(ctx.x_shape) if need_x else None
     dW = dy2d.t() @ x2d if need_w else None
     db = dy2d.sum(0) if need_b and ctx.has_bias else None
     return dx, dW, db, dA, dB, None
@@ -616,7 +645,8 @@ def multi_lora_linear(
             raise TypeError("under torch.compile, adapter_ids must be an id tensor (an AdapterMapping holds host "
                             "copies that a graph cannot)")
         return _masked_slots(x, weight, bias, lora_A, lora_B, scal, rk, expand_adapter_ids(adapter_ids, x.shape))
-    name = dispatch.resolve(backend, x.device, _op_reason(x, lora_A), SUPPORTED, tune=lambda: dispatch.op_tune(
+    name = dispatch.resolve(backend, x.device, _op_reason(x, lora_A), SUPPORTED, tune=None if isinstance(
+        weight, quant.QuantBase) else lambda: dispatch.op_tune(
         "multi_lora_linear", (x, weight, bias, lora_A, lora_B), (f"path={path}",),
         lambda t, be: multi_lora_linear(*t, scalings, adapter_ids, ranks=ranks, backend=be, path=path, check_ids=False),
         static=("cuda", "triton", "torch"), capture_ok=("cuda", "triton")))
@@ -645,7 +675,8 @@ def multi_lora_linear(
     chosen = choose_path(m, path)  # validates `path` on every backend
     if name == "torch":
         chosen = "grouped"  # the torch backend always groups per segment
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
+    grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in (x, weight, bias, lora_A, lora_B))
     if grad:
         # private copies, so a slot changed between forward and backward cannot skew the gradients
         rk = rk.clone() if ranks is not None and rk.data_ptr() == ranks.data_ptr() else rk

@@ -251,7 +251,9 @@ def test_compute_dtype_is_bitsandbytes():
     w64 = quant.QuantBase(layer).dequantize(torch.float32).double()
     y64 = nn.functional.linear(x.bfloat16().double(), w64, layer.bias.bfloat16().double())  # B = 0: the base
     assert_close(y, y64, layer(x).float(), "y")  # as close as bitsandbytes' own bf16 layer
-    assert not torch.equal(y, nn.functional.linear(x, w64.float(), layer.bias.float()))  # x was rounded to bf16
+    # computed in bf16 and cast back, as bitsandbytes does: every value is a bf16 one (an fp32 computation is not)
+    assert torch.equal(y, y.bfloat16().float())
+    assert not torch.equal(y, nn.functional.linear(x, w64.float(), layer.bias.float()))
 
 
 # ------------------------------------------------------------------------------- modules and models
@@ -639,3 +641,26 @@ def test_aot_matrix_covers_the_launches_of_real_quantized_layers():
     assert out.returncode == 0, out.stderr[-3000:]
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("CHECKED")][0].split()
     assert int(line[1]) >= 3 * 3 * 3 * 2 * 2 and line[3] == "0", out.stdout
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4-dq", "int8", "ao-int8", "ao-int4"])
+@pytest.mark.parametrize("K", [128, 95], ids=["aligned", "odd"])
+def test_triton_gemms_dequantize_bit_for_bit(kind, K):
+    """The Triton GEMMs' own dequantization against the quantizer's, bit for bit: with x = I (fp32, IEEE dots, B = 0)
+    the forward GEMM returns deq(W)ᵀ exactly (every product is a weight times 1 or 0), and with dY = I dX returns
+    deq(W) exactly. K=95: rows that start mid-byte and mid-block (torchao's int4 groups need 96)."""
+    from peft_kernels.kernels import lora as L
+
+    K = 96 if (kind == "ao-int4" and K == 95) else K
+    layer = quantized(kind, K, 40)
+    want = own_dequantize(layer)
+    op = quant.QuantBase(layer).kernel_operand()
+    A, B = torch.zeros(4, K), torch.zeros(40, 4)
+    from peft_kernels.kernels._common import fp32_precision_override
+
+    with fp32_precision_override("ieee"):
+        y, S = L.lora_forward(torch.eye(K), op, None, A, B, 1.0, 0.0, None)
+        dx, _, _ = L.lora_backward(torch.eye(40), torch.zeros(40, K), op, A, B, torch.zeros(40, 4), 1.0, 0.0, None,
+                                   True, False, False)
+    assert torch.equal(y, want.t()), f"forward: {int((y != want.t()).sum())} of {y.numel()} values differ"
+    assert torch.equal(dx, want), f"dX: {int((dx != want).sum())} of {dx.numel()} values differ"

@@ -385,16 +385,19 @@ def qlora_launch_matrix():
     bitsandbytes layers at these buckets are all in here."""
     import torch
 
+    def kn(M):  # the recorded launches keep their tensors (the compile pool forks): prefill at K = N = 256, the same
+        return (256, 256) if M > 1024 else (4096, 4096)  # divisibility, tiles and constexprs as 4096 at M = 16384
+
     out = []
     for dt, adt in ((torch.float16, None), (torch.bfloat16, None), (torch.float32, None),
                     (torch.float16, torch.float32), (torch.bfloat16, torch.float32)):
         for kind in ("nf4-dq", "int8-row"):
             for R, p, M in ((16, 0.0, 16), (16, 0.1, 16), (16, 0.0, 512), (16, 0.1, 512), (16, 0.0, 16384),
                             (16, 0.1, 16384), (64, 0.0, 512)):
-                out.append((dt, adt or dt, kind, R, p, M, 4096, 4096))
+                out.append((dt, adt or dt, kind, R, p, M, *kn(M)))
     for kind in ("nf4", "int8-group", "int8-zp"):
         for R, p, M in ((16, 0.1, 512), (16, 0.0, 16), (16, 0.0, 16384)):
-            out.append((torch.bfloat16, torch.bfloat16, kind, R, p, M, 4096, 4096))
+            out.append((torch.bfloat16, torch.bfloat16, kind, R, p, M, *kn(M)))
     out.append((torch.float16, torch.float16, "nf4-dq", 16, 0.1, 511, 4095, 4097))
     out.append((torch.bfloat16, torch.float32, "int8-row", 64, 0.1, 511, 4095, 4097))
     out.append((torch.bfloat16, torch.bfloat16, "nf4", 16, 0.0, 15, 4095, 4097))
@@ -549,7 +552,12 @@ RECORDERS = {"lora": lambda: record_lora_launches(), "multi_lora": lambda: recor
              "adapter": lambda: record_adapter_launches()}
 
 
-_POOL_CALLS: list = []  # the launches a forked compile worker reads (by index: nothing is pickled)
+_POOL_CALLS: list = []  # the launches a compile worker recorded itself (read by index: nothing is pickled)
+
+
+def _record_into_pool(ops):
+    """A compile worker's initializer: record the launches of ``ops`` into this process's ``_POOL_CALLS``."""
+    _POOL_CALLS[:] = [c for op in ops for c in RECORDERS[op]()]
 
 
 def _compile_indexed(job):
@@ -564,6 +572,12 @@ def check_all(archs=(80, 90), verbose=True, ops=("lora", "multi_lora", "adapter"
     (a quick look, not the full check)."""
     import multiprocessing
 
+    jobs = jobs or os.cpu_count() or 1
+    # The compile workers fork before anything is recorded and each records the launches itself (the same order,
+    # so the same indices): the recorded launches keep their (untouched, but committed) tensors, about 69 GB of
+    # address space for every op, and a fork of a parent that size failed with ENOMEM
+    pool = multiprocessing.get_context("fork").Pool(jobs, initializer=_record_into_pool, initargs=(ops,)) \
+        if jobs > 1 else None
     calls = [c for op in ops for c in RECORDERS[op]()]
     work = []
     for arch in archs:
@@ -575,13 +589,12 @@ def check_all(archs=(80, 90), verbose=True, ops=("lora", "multi_lora", "adapter"
             if key not in seen:
                 seen.add(key)
                 work.append((i, arch))
-    _POOL_CALLS[:] = calls
-    jobs = jobs or os.cpu_count() or 1
-    if jobs > 1:
-        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+    if pool is not None:
+        with pool:
             results = pool.imap(_compile_indexed, work, chunksize=4)
             rows = [_report(r, verbose) for r in results]
     else:
+        _POOL_CALLS[:] = calls
         rows = [_report(_compile_indexed(w), verbose) for w in work]
     problems = []
     for r in rows:

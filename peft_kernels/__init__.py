@@ -9,7 +9,11 @@ Public API:
     bottleneck_adapter, adapter_linear, BottleneckAdapter, AdapterLinear   bottleneck adapters (torch, Triton)
     inject_lora, inject_multi_lora, merge_lora, unmerge_lora, lora_state_dict   swap fused layers into a model
     load_peft_adapter, save_peft_adapter   HF PEFT LoRA checkpoints, both ways
-    from_peft, adapter_names_to_ids        convert a PeftModel's LoRA layers in place
+    from_peft, adapter_names_to_ids        convert a PeftModel's LoRA / IA3 layers (and trained heads) in place
+    LoRAEmbedding, lora_embedding  LoRA on nn.Embedding (PEFT's lora_embedding_A/B)
+    merge_and_unload, unload, disable_adapters, print_trainable_parameters, trainable_parameters
+                                   model-level controls (PEFT's PeftModel methods, as functions)
+    ModulesToSave                  a trained head (modules_to_save= / task_type= on inject_lora, inject_ia3)
     reference.lora_linear_ref      the plain-PyTorch spec
     dispatch.explain(backend, device)  which backend runs and why
 """
@@ -17,7 +21,9 @@ from . import dispatch, reference
 from .dispatch import BackendUnavailable
 from .checkpoint import CheckpointError, adapter_names_to_ids, from_peft, load_peft_adapter, save_peft_adapter
 from .inject import inject_ia3, inject_lora, inject_multi_lora, lora_state_dict, merge_lora, unmerge_lora
-from .nn import AdapterLinear, BottleneckAdapter, IA3Linear, LoRALinear, MultiLoRALinear, adapter_ids
+from .model import disable_adapters, merge_and_unload, print_trainable_parameters, trainable_parameters, unload
+from .nn import AdapterLinear, BottleneckAdapter, IA3Linear, LoRAEmbedding, LoRALinear, ModulesToSave, MultiLoRALinear, adapter_ids
+from .ops.embedding import lora_embedding
 from .ops.bottleneck import adapter_linear, bottleneck_adapter
 from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
@@ -38,4 +44,6 @@ if not _ext_mod.disabled():
 __all__ = ["PromptTuning", "PrefixTuning", "inject_ia3", "ia3_linear", "IA3Linear", "dora_linear", "lora_linear", "LoRALinear", "multi_lora_linear", "MultiLoRALinear", "adapter_ids", "AdapterMapping",
            "build_mapping", "bottleneck_adapter", "adapter_linear", "BottleneckAdapter", "AdapterLinear", "reference", "dispatch", "BackendUnavailable", "__version__",
            "inject_lora", "inject_multi_lora", "merge_lora", "unmerge_lora", "lora_state_dict", "load_peft_adapter",
-           "save_peft_adapter", "CheckpointError", "from_peft", "adapter_names_to_ids"]
+           "save_peft_adapter", "CheckpointError", "from_peft", "adapter_names_to_ids", "LoRAEmbedding", "lora_embedding",
+           "ModulesToSave", "merge_and_unload", "unload", "disable_adapters", "trainable_parameters",
+           "print_trainable_parameters"]

@@ -22,7 +22,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .inject import _replace
+from . import model as model_mod
+from .inject import _finish_saved, _replace
+from .model import TASK_TYPE_MODULES
 from .nn.lora import LoRALinear, base_features, is_conv1d
 from .nn.multi_lora import MultiLoRALinear
 
@@ -32,8 +34,9 @@ LEGACY_WEIGHTS = "adapter_model.bin"
 PREFIX = "base_model.model."
 # config fields whose non-default values this loader cannot honour
 _UNSUPPORTED = {"layers_to_transform": None, "layer_replication": None,
-                "modules_to_save": None, "trainable_token_indices": None, "target_parameters": None}
-_SUFFIX = re.compile(r"^(?P<mod>.+)\.(?:(?P<ab>lora_A|lora_B)\.(?P<what>weight|bias)|(?P<mag>lora_magnitude_vector))$")
+                "trainable_token_indices": None, "target_parameters": None}
+_SUFFIX = re.compile(r"^(?P<mod>.+)\.(?:(?P<ab>lora_A|lora_B)\.(?P<what>weight|bias)|(?P<mag>lora_magnitude_vector)"
+                     r"|lora_embedding_(?P<eab>A|B)|(?P<table>base_layer\.weight))$")
 _IA3_SUFFIX = re.compile(r"^(?P<mod>.+)\.ia3_l$")
 
 
@@ -164,6 +167,12 @@ def _read_config(d: str) -> dict:
     for key, default in _UNSUPPORTED.items():
         if cfg.get(key, default) not in (default, [], {}):
             raise CheckpointError(f"unsupported {ptype} option in {f!r}: {key}={cfg[key]!r}")
+    mts = cfg.get("modules_to_save")
+    if mts is not None and not (isinstance(mts, list) and all(isinstance(t, str) and t for t in mts)):
+        raise CheckpointError(f"{f!r}: modules_to_save must be a list of module names, got {mts!r}")
+    tt = cfg.get("task_type")
+    if isinstance(tt, str) and tt.upper() not in TASK_TYPE_MODULES or not isinstance(tt, (str, type(None))):
+        raise CheckpointError(f"{f!r}: task_type must be one of {[k for k in TASK_TYPE_MODULES if k]} or null, got {tt!r}")
     if ptype == "IA3":
         cfg["fan_in_fan_out"] = _bool_field(cfg, "fan_in_fan_out", f)
         for key in ("target_modules", "exclude_modules", "feedforward_modules"):
@@ -215,6 +224,8 @@ class _Layer:
     alpha: float
     bias: Optional[torch.Tensor] = None
     magnitude: Optional[torch.Tensor] = None
+    table: Optional[torch.Tensor] = None  # an embedding's saved table (PEFT saves it beside embedding LoRA)
+    kind: str = "linear"  # or "embedding" (lora_embedding_A [r, V] / lora_embedding_B [D, r])
 
 
 def _check_targeted(cfg: dict, mod: str, src: str) -> None:
@@ -251,7 +262,8 @@ def _plan(model: nn.Module, cfg: dict, sd: Dict[str, torch.Tensor], slot: Option
             raise CheckpointError(f"{src}: unexpected key {key!r}")
         if m["mag"] and not cfg.get("use_dora", False):
             raise CheckpointError(f"{src}: {key!r} is a DoRA magnitude but the config says use_dora=False")
-        slot_key = "mag" if m["mag"] else "B_bias" if m["what"] == "bias" else m["ab"][-1]
+        slot_key = ("mag" if m["mag"] else "e" + m["eab"] if m["eab"] else "table" if m["table"]
+                    else "B_bias" if m["what"] == "bias" else m["ab"][-1])
         _check_targeted(cfg, m["mod"], src)
         groups.setdefault(m["mod"], {})[slot_key] = t
     if not groups:
@@ -260,6 +272,10 @@ def _plan(model: nn.Module, cfg: dict, sd: Dict[str, torch.Tensor], slot: Option
     rp, ap = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     layers = []
     for mod, g in sorted(groups.items()):
+        if "eA" in g or "eB" in g or "table" in g:
+            layers.append(_plan_embedding(model, mod, g, slot, _pattern_value(rp, mod, r0), _pattern_value(ap, mod, a0),
+                                          src))
+            continue
         if "A" not in g or "B" not in g:
             raise CheckpointError(f"{src}: {mod!r} has lora_{'A' if 'A' not in g else 'B'}.weight missing")
         if "B_bias" in g and not cfg.get("lora_bias", False):
@@ -316,6 +332,94 @@ def _plan(model: nn.Module, cfg: dict, sd: Dict[str, torch.Tensor], slot: Option
     return layers
 
 
+def _plan_embedding(model, mod: str, g: dict, slot, r, alpha, src: str) -> _Layer:
+    """An embedding's LoRA (``lora_embedding_A`` [r, V], ``lora_embedding_B`` [D, r], and the table PEFT saves
+    beside them), validated against the model's nn.Embedding."""
+    from .nn.embedding import check_embedding
+
+    other = sorted(set(g) - {"eA", "eB", "table"})
+    if other or "eA" not in g or "eB" not in g:
+        raise CheckpointError(f"{src}: {mod!r} must have lora_embedding_A and lora_embedding_B (and nothing of a "
+                              f"linear layer's LoRA), got {sorted(g)}")
+    if slot is not None:
+        raise CheckpointError(f"{src}: {mod!r} is an embedding LoRA, which MultiLoRALinear slots cannot take")
+    try:
+        target = model.get_submodule(mod)
+    except AttributeError:
+        raise CheckpointError(f"{src}: the model has no module {mod!r}") from None
+    try:
+        check_embedding(target, f"{src}: {mod!r}")
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+    V, D = target.num_embeddings, target.embedding_dim
+    A, B, r = g["eA"], g["eB"], int(r)
+    if tuple(A.shape) != (r, V) or tuple(B.shape) != (D, r):
+        raise CheckpointError(f"{src}: {mod!r}: lora_embedding_A {tuple(A.shape)} / lora_embedding_B {tuple(B.shape)} "
+                              f"do not fit a rank-{r} adapter on a [{V}, {D}] embedding (expected [{r}, {V}] / [{D}, {r}])")
+    table = g.get("table")
+    if table is not None and tuple(table.shape) != (V, D):
+        raise CheckpointError(f"{src}: {mod!r}: base_layer.weight has shape {tuple(table.shape)}, the model's table is "
+                              f"[{V}, {D}] (a resized vocabulary must be resized in the model first)")
+    for nm, t in (("lora_embedding_A", A), ("lora_embedding_B", B)) + ((("base_layer.weight", table),) if table is not None else ()):
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise CheckpointError(f"{src}: {mod!r}: {nm} must be finite floating-point values")
+    return _Layer(mod, A, B, r, float(alpha), table=table, kind="embedding")
+
+
+def _plan_saved(model: nn.Module, cfg: dict, sd: Dict[str, torch.Tensor], src: str):
+    """The checkpoint's ``modules_to_save`` tensors (PEFT's keys: ``<module>.<param>``, for the modules the
+    config's ``modules_to_save`` and ``task_type`` name): {module name: a trained copy holding them}, and the
+    rest of ``sd``. Each copy is built and loaded here (strict: every key of the module, right shapes), so a
+    bad file fails before the model changes."""
+    import copy
+
+    from .nn.saved import ModulesToSave
+
+    explicit, defaults = model_mod.save_rules(cfg.get("modules_to_save"), (cfg.get("task_type") or None) and
+                                              cfg["task_type"].upper())
+    if not explicit and not defaults:
+        return {}, sd
+    keys = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): k for k in sd}
+    candidates: List[str] = []
+    for name, mod in model.named_modules():
+        if name and any(name.endswith(r) for r in explicit + defaults) and not any(
+                name.startswith(c + ".") for c in candidates):
+            candidates.append(name)
+    plan, used = {}, set()
+    for name in candidates:
+        mod = model.get_submodule(name)
+        wrapped = isinstance(mod, ModulesToSave)
+        mine = {k[len(name) + 1:]: full for k, full in keys.items() if k.startswith(name + ".")}
+        if wrapped:  # already trained in full: the checkpoint's tensors go into its copy
+            mine = {k: v for k, v in mine.items() if not k.startswith(("original_module.", "modules_to_save."))}
+        if not mine:
+            continue
+        copy_ = copy.deepcopy(mod.trained if wrapped else mod)
+        try:
+            copy_.load_state_dict({k: sd[full] for k, full in mine.items()}, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{src}: modules_to_save {name!r}: the checkpoint's tensors do not fit the model's "
+                                  f"module: {' '.join(str(e).split())[:400]}") from None
+        plan[name] = copy_
+        used.update(mine.values())
+    if explicit and not plan:  # (PEFT lists both "classifier" and "score" for SEQ_CLS: one of them is enough)
+        raise CheckpointError(f"{src}: modules_to_save names {explicit}, and the checkpoint holds no tensors for a "
+                              "module of the model with such a name")
+    return plan, {k: v for k, v in sd.items() if k not in used}
+
+
+def _apply_saved(model: nn.Module, plan: Dict[str, nn.Module], cfg: dict) -> None:
+    """Wrap each planned module as a ModulesToSave whose trainable copy holds the checkpoint's tensors."""
+    from .nn.saved import ModulesToSave
+
+    if cfg.get("task_type"):
+        model.__dict__["_peft_kernels_task_type"] = cfg["task_type"].upper()
+    todo = [n for n in plan if not isinstance(model.get_submodule(n), ModulesToSave)]
+    _finish_saved(model, todo)
+    for n, copy_ in plan.items():
+        model.get_submodule(n).trained.load_state_dict(copy_.state_dict())
+
+
 def load_peft_adapter(model: nn.Module, path, *, adapter_name: Optional[str] = None, slot: Optional[int] = None,
                       backend: str = "auto") -> List[str]:
     """Load a PEFT LoRA adapter into ``model``; returns the module names it was applied to.
@@ -332,10 +436,16 @@ def load_peft_adapter(model: nn.Module, path, *, adapter_name: Optional[str] = N
     d = _adapter_dir(path, adapter_name)
     cfg = _read_config(d)
     sd = _read_weights(d)
+    saved, sd = _plan_saved(model, cfg, sd, d)
+    if saved and slot is not None:
+        raise CheckpointError(f"{d!r} trains modules in full (modules_to_save {sorted(saved)}), which MultiLoRALinear "
+                              "slots cannot hold per adapter; load it into the plain model")
     if cfg["peft_type"] == "IA3":
         if slot is not None:
             raise CheckpointError(f"{d!r} is an IA3 adapter: slot= applies to LoRA adapters only")
-        return _load_ia3(model, cfg, sd, d, backend)
+        names = _load_ia3(model, cfg, sd, d, backend)
+        _apply_saved(model, saved, cfg)
+        return names
     layers = _plan(model, cfg, sd, slot, d)
     rslora = bool(cfg.get("use_rslora", False))
     dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
@@ -346,6 +456,15 @@ def load_peft_adapter(model: nn.Module, path, *, adapter_name: Optional[str] = N
 
     def make(lin):
         L = by_name[name_of[id(lin)]]
+        if L.kind == "embedding":
+            from .nn.embedding import LoRAEmbedding
+
+            new = LoRAEmbedding.from_embedding(lin, r=L.r, lora_alpha=L.alpha, use_rslora=rslora, backend=backend,
+                                               lora_dropout=dropout)
+            with torch.no_grad():
+                new.lora_embedding_A.copy_(L.A)
+                new.lora_embedding_B.copy_(L.B)
+            return new
         new = LoRALinear.from_linear(lin, r=L.r, lora_alpha=L.alpha, lora_dropout=dropout, use_rslora=rslora,
                                      backend=backend, lora_bias=L.bias is not None,
                                      use_dora=L.magnitude is not None)
@@ -359,7 +478,15 @@ def load_peft_adapter(model: nn.Module, path, *, adapter_name: Optional[str] = N
         return new
 
     name_of = {id(model.get_submodule(n)): n for n in by_name}
-    return _replace(model, sorted(by_name), make)
+    names = _replace(model, sorted(by_name), make)
+    with torch.no_grad():  # PEFT loads the embedding table it saved beside an embedding LoRA (new tokens' rows)
+        for L in layers:
+            if L.table is not None:
+                w = model.get_submodule(L.name).weight
+                if not torch.equal(w, L.table.to(w)):
+                    w.copy_(L.table)
+    _apply_saved(model, saved, cfg)
+    return names
 
 
 def _load_slots(model: nn.Module, layers: List[_Layer], slot: int, rslora: bool, src: str) -> None:
@@ -442,7 +569,7 @@ def _layer_config(layers: List[Tuple[str, LoRALinear]]) -> dict:
     rslora = {m.use_rslora for _, m in layers}
     if len(rslora) > 1:
         raise ValueError("save_peft_adapter: layers mix use_rslora=True and False, which one PEFT config cannot say")
-    fan = {m.fan_in_fan_out for _, m in layers}
+    fan = {m.fan_in_fan_out for _, m in layers if m.fan_in_fan_out is not None} or {False}  # (embeddings: None)
     if len(fan) > 1:
         raise ValueError("save_peft_adapter: layers mix nn.Linear and Conv1D bases (fan_in_fan_out), which one PEFT "
                          "config cannot say")
@@ -482,10 +609,14 @@ def save_peft_adapter(model: nn.Module, path, *, slot: Optional[int] = None) -> 
                "target_modules": sorted(n for n, _ in ia3),
                "feedforward_modules": sorted(n for n, m in ia3 if m.feedforward),
                "fan_in_fan_out": ia3[0][1].fan_in_fan_out, "init_ia3_weights": True, "modules_to_save": None}
-        _write_folder(path, {f"{PREFIX}{n}.ia3_l": m.ia3_l.detach().to("cpu").contiguous() for n, m in ia3}, cfg)
+        sd = {f"{PREFIX}{n}.ia3_l": m.ia3_l.detach().to("cpu").contiguous() for n, m in ia3}
+        _add_saved(model, sd, cfg)
+        _write_folder(path, sd, cfg)
         return [n for n, _ in ia3]
+    from .nn.embedding import LoRAEmbedding
+
     if slot is None:
-        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))]
     else:
         layers = []
         for n, m in model.named_modules():
@@ -500,14 +631,32 @@ def save_peft_adapter(model: nn.Module, path, *, slot: Optional[int] = None) -> 
     # target_modules as full names: PEFT matches them exactly (a name equal to the module's)
     sd = {}
     for n, m in layers:
+        if isinstance(m, LoRAEmbedding):
+            sd[f"{PREFIX}{n}.lora_embedding_A"] = m.lora_embedding_A.detach().to("cpu").contiguous()
+            sd[f"{PREFIX}{n}.lora_embedding_B"] = m.lora_embedding_B.detach().to("cpu").contiguous()
+            continue
         sd[f"{PREFIX}{n}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()
         sd[f"{PREFIX}{n}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous()
         if m.lora_bias:
             sd[f"{PREFIX}{n}.lora_B.bias"] = m.lora_B_bias.detach().to("cpu").contiguous()
         if getattr(m, "use_dora", False):
             sd[f"{PREFIX}{n}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach().to("cpu").contiguous()
+    if slot is None:
+        _add_saved(model, sd, cfg)
     _write_folder(path, sd, cfg)
     return [n for n, _ in layers]
+
+
+def _add_saved(model: nn.Module, sd: Dict[str, torch.Tensor], cfg: dict) -> None:
+    """The ``modules_to_save`` copies under PEFT's keys (``<module>.<param>``) and names in the config; the task
+    type the model was injected with; a warning for trainable parameters that no checkpoint would hold."""
+    saved = model_mod.saved_modules(model)
+    for n, w in saved:
+        for k, v in w.trained.state_dict().items():
+            sd[f"{PREFIX}{n}.{k}"] = v.detach().to("cpu").contiguous()
+    cfg["modules_to_save"] = sorted(n for n, _ in saved) or None
+    cfg["task_type"] = model.__dict__.get("_peft_kernels_task_type")
+    model_mod.warn_unsaved(model, "save_peft_adapter")
 
 
 _OURS = {CONFIG, WEIGHTS, LEGACY_WEIGHTS}
@@ -602,50 +751,104 @@ class _SlotView:
 
 
 def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
-    """Replace the HF PEFT LoRA layers of ``peft_model`` in place with fused modules carrying the same
+    """Replace the HF PEFT adapter layers of ``peft_model`` in place with fused modules carrying the same
     weights, and return the underlying (unwrapped) model.
 
-    One adapter: :class:`LoRALinear` per layer (r, alpha, rsLoRA, dropout, lora_bias as configured).
-    Several: :class:`MultiLoRALinear` with one slot per adapter, in ``peft_model.peft_config`` order;
-    ``model.peft_kernels_slots`` maps adapter names to slots and :func:`adapter_names_to_ids` turns
-    PEFT's mixed-batch ``adapter_names`` (``"__base__"`` = no adapter) into ``adapter_ids``.
-    Everything is checked before the first layer is replaced (DoRA, merged layers, other PEFT types
-    raise ValueError and leave the model as it was).
+    LoRA, one adapter: :class:`LoRALinear` per linear layer (r, alpha, rsLoRA, dropout, lora_bias, DoRA as
+    configured) and :class:`LoRAEmbedding` per embedding. Several LoRA adapters: :class:`MultiLoRALinear` with
+    one slot per adapter, in ``peft_model.peft_config`` order; ``model.peft_kernels_slots`` maps adapter names
+    to slots and :func:`adapter_names_to_ids` turns PEFT's mixed-batch ``adapter_names`` (``"__base__"`` = no
+    adapter) into ``adapter_ids``. IA3 (one adapter): :class:`IA3Linear`. ``modules_to_save`` modules (a
+    trained head) become :class:`ModulesToSave` holding PEFT's trained copy.
+    Everything is checked before the first layer is replaced: other PEFT types, merged layers, several IA3
+    adapters, and what slots cannot hold (DoRA, lora_bias, embeddings, trained heads) raise ValueError and
+    leave the model as it was.
     """
     try:
+        from peft.tuners.ia3 import IA3Layer
         from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
     except ImportError as e:  # pragma: no cover (peft is a test dependency)
         raise ImportError("from_peft needs the `peft` package") from e
+    from .nn.embedding import LoRAEmbedding, check_embedding
+    from .nn.ia3 import IA3Linear
+    from .nn.saved import ModulesToSave
+
     cfgs = getattr(peft_model, "peft_config", None)
     get_base = getattr(peft_model, "get_base_model", None)
     if not isinstance(cfgs, dict) or not callable(get_base):
         raise TypeError(f"peft_model must be a peft.PeftModel, got {type(peft_model).__name__}")
     names = list(cfgs)
+    kinds = {a: str(getattr(c, "peft_type", "")).split(".")[-1] for a, c in cfgs.items()}
+    for a, k in kinds.items():
+        if k not in ("LORA", "IA3"):
+            raise ValueError(f"adapter {a!r} is {cfgs[a].peft_type}: from_peft converts LoRA and IA3 adapters")
+    if "IA3" in kinds.values() and len(names) > 1:
+        raise ValueError(f"from_peft converts one IA3 adapter alone, got adapters {kinds}")
+    multi = len(names) > 1
     for a, c in cfgs.items():
-        if str(getattr(c, "peft_type", "")).split(".")[-1] != "LORA":
-            raise ValueError(f"adapter {a!r} is {c.peft_type}: from_peft converts LoRA adapters only")
-        if getattr(c, "use_dora", False) and len(cfgs) > 1:
+        if getattr(c, "use_dora", False) and multi:
             raise ValueError(f"adapter {a!r} uses DoRA: a DoRA adapter converts alone (to LoRALinear(use_dora=True)), "
                              "not into MultiLoRALinear slots")
     base = get_base()
-    layers = [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLayer)]
-    if not layers:
-        raise ValueError("peft_model has no LoRA layers")
-    plans = {}
-    for n, m in layers:
+    plans, heads = {}, {}
+    for n, m in base.named_modules():
+        if isinstance(m, ModulesToSaveWrapper):
+            if multi:
+                raise ValueError(f"{n!r} is a modules_to_save module of several adapters; MultiLoRALinear slots "
+                                 "cannot hold a trained head per adapter (convert one adapter at a time)")
+            a = names[0]
+            if a not in m.modules_to_save:
+                raise ValueError(f"{n!r}: modules_to_save holds no copy for adapter {a!r}")
+            heads[n] = m
+            continue
+        if isinstance(m, AuxiliaryTrainingWrapper):
+            raise ValueError(f"{n!r} is a PEFT {type(m).__name__} (e.g. trainable_token_indices), which from_peft "
+                             "does not convert")
+        if not isinstance(m, BaseTunerLayer):
+            continue
+        if not isinstance(m, (LoraLayer, IA3Layer)):
+            raise ValueError(f"layer {n!r} is a PEFT {type(m).__name__}: from_peft converts LoRA and IA3 layers")
         if m.merged:
             raise ValueError(f"layer {n!r} has merged adapters {m.merged_adapters}: unmerge before from_peft")
-        present = [a for a in names if a in m.lora_A]
         lin = m.get_base_layer()
+        if isinstance(m, LoraLayer) and isinstance(lin, nn.Embedding):
+            if multi:
+                raise ValueError(f"layer {n!r}: an embedding LoRA converts for one adapter, not into slots")
+            check_embedding(lin, f"layer {n!r}")
+            plans[n] = ("embedding", m, lin, [a for a in names if a in m.lora_embedding_A])
+            continue
         if not isinstance(lin, nn.Linear) and not is_conv1d(lin):
-            raise ValueError(f"layer {n!r} wraps a {type(lin).__name__}; only Linear/Conv1D LoRA layers convert")
+            raise ValueError(f"layer {n!r} wraps a {type(lin).__name__}; only Linear/Conv1D (and nn.Embedding LoRA) "
+                             "layers convert")
+        if isinstance(m, IA3Layer):
+            plans[n] = ("ia3", m, lin, [a for a in names if a in m.ia3_l])
+            continue
+        present = [a for a in names if a in m.lora_A]
         for a in present:
-            if m.lora_B[a].bias is not None and len(names) > 1:
+            if m.lora_B[a].bias is not None and multi:
                 raise ValueError(f"layer {n!r}: lora_bias adapters cannot share a MultiLoRALinear")
-        plans[n] = (m, lin, present)
+        plans[n] = ("lora", m, lin, present)
+    if not plans:
+        raise ValueError("peft_model has no LoRA or IA3 layers")
 
-    def make(m, lin, present):
-        if len(names) == 1:
+    def make(kind, m, lin, present):
+        if kind == "ia3":
+            new = IA3Linear.from_linear(lin, feedforward=bool(m.is_feedforward), backend=backend)
+            with torch.no_grad():
+                new.ia3_l.copy_(m.ia3_l[present[0]])
+            return new
+        if kind == "embedding":
+            a = present[0]
+            new = LoRAEmbedding.from_embedding(lin, r=m.r[a], lora_alpha=m.lora_alpha[a], backend=backend,
+                                               lora_dtype=m.lora_embedding_A[a].dtype)
+            new.scaling = float(m.scaling[a])
+            with torch.no_grad():
+                new.lora_embedding_A.copy_(m.lora_embedding_A[a])
+                new.lora_embedding_B.copy_(m.lora_embedding_B[a])
+            return new
+        if not multi:
             a = present[0]
             drop = m.lora_dropout[a]
             new = LoRALinear.from_linear(lin, r=m.r[a], lora_alpha=m.lora_alpha[a],
@@ -671,10 +874,16 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
         return new
 
     new = {n: make(*p) for n, p in plans.items()}
-    for n, mod in new.items():
+    saved = {}
+    for n, w in heads.items():
+        saved[n] = ModulesToSave(w.original_module, trained=w.modules_to_save[names[0]])
+    for n, mod in list(new.items()) + list(saved.items()):
         parent, _, child = n.rpartition(".")
         setattr(base.get_submodule(parent) if parent else base, child, mod)
     base.peft_kernels_slots = {a: i for i, a in enumerate(names)}
+    tt = getattr(cfgs[names[0]], "task_type", None)
+    if tt is not None and not multi:
+        base.__dict__["_peft_kernels_task_type"] = str(getattr(tt, "value", tt))
     return base
 
 

@@ -15,6 +15,7 @@ and leaves the model as it was. After injection only LoRA parameters are trainab
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -29,7 +30,8 @@ from .nn.multi_lora import MultiLoRALinear
 Targets = Union[str, Sequence[str]]
 LORA_TYPES = (LoRALinear, MultiLoRALinear)
 ADAPTER_TYPES = (LoRALinear, MultiLoRALinear, IA3Linear)
-ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector", "ia3_l")  # trainable: all else frozen
+ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector", "ia3_l", "lora_embedding_A",
+                  "lora_embedding_B")  # trainable: all else frozen
 
 
 def _check_targets(targets, what: str, allow_none: bool = False):
@@ -74,17 +76,24 @@ def _output_head(model: nn.Module) -> Optional[nn.Module]:
     return getattr(model, "lm_head", None) if isinstance(getattr(model, "lm_head", None), nn.Module) else None
 
 
-def find_targets(model: nn.Module, target_modules: Targets, exclude_modules: Optional[Targets] = None) -> List[str]:
+def find_targets(model: nn.Module, target_modules: Targets, exclude_modules: Optional[Targets] = None, *,
+                 embeddings: bool = False) -> List[str]:
     """Qualified names of the layers ``target_modules`` selects (validated: every one is an nn.Linear or
-    Conv1D). Raises ValueError when nothing matches or a match is another kind of module."""
+    Conv1D, or with ``embeddings`` an nn.Embedding named explicitly). Raises ValueError when nothing matches or
+    a match is another kind of module. Modules inside a ``modules_to_save`` wrapper are never targets."""
+    from .nn.saved import ModulesToSave
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     targets = _check_targets(target_modules, "target_modules")
     exclude = _check_targets(exclude_modules, "exclude_modules", allow_none=True)
     head = _output_head(model) if targets == "all-linear" else None
-    names = []
+    names: List[str] = []
+    saved = [n for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
     for name, mod in model.named_modules():
         if not name or (exclude is not None and _matches(name, exclude)):
+            continue
+        if any(name == s or name.startswith(s + ".") for s in saved):
             continue
         if targets == "all-linear":
             if _is_linear(mod) and mod is not head:
@@ -93,66 +102,173 @@ def find_targets(model: nn.Module, target_modules: Targets, exclude_modules: Opt
             continue
         if not _matches(name, targets):
             continue
-        if isinstance(mod, ADAPTER_TYPES):
+        if isinstance(mod, ADAPTER_TYPES + _embedding_types()):
             raise ValueError(f"module {name!r} already is a {type(mod).__name__}: an adapter is injected once")
         if quant.is_other_quantized(mod):
             raise quant.UnsupportedQuantization(f"module {name!r} is a {type(mod).__name__}, a quantized layer type "
                                                 f"peft_kernels does not support; supported: {quant.SUPPORTED}")
         quant.check_layer(mod, name)
+        if embeddings and isinstance(mod, nn.Embedding):
+            from .nn.embedding import check_embedding
+
+            check_embedding(mod, f"target module {name!r}")
+            names.append(name)
+            continue
         if not _is_linear(mod):
-            raise ValueError(f"target module {name!r} is a {type(mod).__name__}; only nn.Linear and transformers' "
-                             f"Conv1D can take LoRA (narrow target_modules)")
+            raise ValueError(f"target module {name!r} is a {type(mod).__name__}; only nn.Linear, transformers' "
+                             f"Conv1D{' and nn.Embedding' if embeddings else ''} can take LoRA (narrow target_modules)")
         names.append(name)
     if not names:
         raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear/Conv1D in the model")
     return names
 
 
-def _replace(model: nn.Module, names: List[str], make: Callable[[nn.Module], nn.Module]) -> List[str]:
-    """Swap in the new layers, then freeze every parameter that is not LoRA (PEFT's
-    ``mark_only_lora_as_trainable``)."""
-    new = {n: make(model.get_submodule(n)) for n in names}  # build all first: a failure changes nothing
-    # a layer reachable under several names (aliased, e.g. tied) is replaced under every one of them by the
-    # same new module, so the model stays tied
+def _module_paths(model: nn.Module) -> Dict[int, List[str]]:
+    """id(module) -> every qualified name it has (a module reachable under several names: aliased, tied)."""
     paths: Dict[int, List[str]] = {}
     for n, mod in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(mod), []).append(n)
+    return paths
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def adapter_parameter_ids(model: nn.Module) -> set:
+    """ids of the parameters an adapter checkpoint holds: the adapter layers' own, and the trainable copies of
+    ``modules_to_save`` modules."""
+    from .nn.saved import ModulesToSave
+
+    keep = {id(p) for m in model.modules() if isinstance(m, ADAPTER_TYPES + _embedding_types())
+            for p in (getattr(m, k, None) for k in ADAPTER_PARAMS) if isinstance(p, torch.Tensor)}
+    keep |= {id(p) for m in model.modules() if isinstance(m, ModulesToSave) for p in m.trained.parameters()}
+    return keep
+
+
+def _embedding_types():
+    from .nn.embedding import LoRAEmbedding
+
+    return (LoRAEmbedding,)
+
+
+@contextlib.contextmanager
+def frozen_by_us(model: nn.Module):
+    """Remember the parameters that the block turns from trainable to frozen, so ``peft_kernels.unload`` turns
+    them back on."""
+    before = [p for p in model.parameters() if p.requires_grad]
+    yield
+    froze = model.__dict__.setdefault("_peft_kernels_frozen", [])
+    seen = {id(p) for p in froze}
+    froze.extend(p for p in before if not p.requires_grad and id(p) not in seen)
+
+
+def _freeze_rest(model: nn.Module) -> None:
+    """Freeze every parameter that is not an adapter's (PEFT's ``mark_only_lora_as_trainable``)."""
+    keep = adapter_parameter_ids(model)
+    for p in model.parameters():
+        if id(p) not in keep and p.requires_grad:
+            p.requires_grad_(False)
+
+
+def _replace(model: nn.Module, names: List[str], make: Callable[[nn.Module], nn.Module]) -> List[str]:
+    """Swap in the new layers, then freeze every parameter that is not an adapter's."""
+    before = [p for p in model.parameters() if p.requires_grad]
+    try:
+        new = {n: make(model.get_submodule(n)) for n in names}  # build all first: a failure changes nothing
+    except BaseException:
+        for p in before:  # (building a layer freezes its base)
+            p.requires_grad_(True)
+        raise
+    # a layer reachable under several names (aliased, e.g. tied) is replaced under every one of them by the
+    # same new module, so the model stays tied
+    paths = _module_paths(model)
     ids = {n: id(model.get_submodule(n)) for n in new}
     for n, m in new.items():
         for alias in paths.get(ids[n], [n]):
-            parent, _, child = alias.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, m)
-    lora = {id(p) for m in model.modules() if isinstance(m, ADAPTER_TYPES)
-            for p in (getattr(m, k, None) for k in ADAPTER_PARAMS) if p is not None}
-    for p in model.parameters():
-        if id(p) not in lora:
-            p.requires_grad_(False)
+            _set_module(model, alias, m)
+    _freeze_rest(model)
+    froze = model.__dict__.setdefault("_peft_kernels_frozen", [])
+    seen = {id(p) for p in froze}
+    froze.extend(p for p in before if not p.requires_grad and id(p) not in seen)
     return names
+
+
+def _with_saved(model: nn.Module, target_modules, exclude_modules, modules_to_save, task_type, find=None):
+    """(targets, modules to save): PEFT's precedence (``all-linear`` leaves the saved modules out; a target the
+    user named explicitly inside one is an error). Checked before anything changes."""
+    from . import model as model_mod
+
+    explicit, defaults = model_mod.save_rules(modules_to_save, task_type)
+    saved = model_mod.find_modules_to_save(model, explicit, defaults, task_type) if explicit or defaults else []
+    names = (find or find_targets)(model, target_modules, exclude_modules)
+    clash = [n for n in names for s in saved if n == s or n.startswith(s + ".")]
+    if clash and _check_targets(target_modules, "target_modules") != "all-linear":
+        raise ValueError(f"target_modules selects {clash[:4]}, which modules_to_save/task_type trains in full; a "
+                         "layer cannot be both (narrow one of them)")
+    names = [n for n in names if n not in clash]
+    if not names:
+        raise ValueError(f"target_modules {target_modules!r} selects only modules that modules_to_save trains in full")
+    return names, saved
+
+
+def _finish_saved(model: nn.Module, saved: List[str], task_type: Optional[str] = None) -> None:
+    if task_type is not None:
+        from .model import check_task_type
+
+        model.__dict__["_peft_kernels_task_type"] = check_task_type(task_type)
+    if saved:
+        from . import model as model_mod
+
+        model_mod.wrap_modules_to_save(model, saved)
 
 
 def inject_lora(model: nn.Module, target_modules: Targets, r: int = 8, lora_alpha: float = 8,
                 lora_dropout: float = 0.0, use_rslora: bool = False, exclude_modules: Optional[Targets] = None,
                 backend: str = "auto", init_lora_weights: Union[bool, str] = True,
-                lora_dtype: Optional[torch.dtype] = None, use_dora: bool = False) -> List[str]:
+                lora_dtype: Optional[torch.dtype] = None, use_dora: bool = False,
+                modules_to_save: Optional[Sequence[str]] = None, task_type: Optional[str] = None) -> List[str]:
     """Replace the matching nn.Linear / Conv1D layers of ``model`` with :class:`LoRALinear` (the same frozen
-    weight Parameters, fresh LoRA parameters; DoRA with ``use_dora=True``) in place; returns their
-    qualified names."""
-    names = find_targets(model, target_modules, exclude_modules)
-    return _replace(model, names, lambda lin: LoRALinear.from_linear(
-        lin, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
-        init_lora_weights=init_lora_weights, backend=backend, lora_dtype=lora_dtype, use_dora=use_dora))
+    weight Parameters, fresh LoRA parameters; DoRA with ``use_dora=True``), and the matching nn.Embedding
+    layers with :class:`LoRAEmbedding`, in place; returns their qualified names.
+
+    ``modules_to_save`` (PEFT's rule: module names ending with an entry) and ``task_type`` (PEFT's defaults:
+    ``"SEQ_CLS"``/``"TOKEN_CLS"`` train ``classifier``/``score``, ``"QUESTION_ANS"`` ``qa_outputs``) name
+    modules trained in full beside the adapter: each becomes a trainable copy (``ModulesToSave``), saved
+    with the adapter; the original stays untouched."""
+    from .nn.embedding import LoRAEmbedding
+
+    names, saved = _with_saved(model, target_modules, exclude_modules, modules_to_save, task_type,
+                               lambda m, t, e: find_targets(m, t, e, embeddings=True))
+
+    def make(lin):
+        if isinstance(lin, nn.Embedding):
+            return LoRAEmbedding.from_embedding(lin, r=r, lora_alpha=lora_alpha, use_rslora=use_rslora,
+                                                init_lora_weights=init_lora_weights, backend=backend,
+                                                lora_dtype=lora_dtype, use_dora=use_dora, lora_dropout=lora_dropout)
+        return LoRALinear.from_linear(lin, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                      use_rslora=use_rslora, init_lora_weights=init_lora_weights, backend=backend,
+                                      lora_dtype=lora_dtype, use_dora=use_dora)
+    out = _replace(model, names, make)
+    _finish_saved(model, saved, task_type)
+    return out
 
 
 def inject_ia3(model: nn.Module, target_modules: Targets, feedforward_modules: Optional[Targets] = None,
-               exclude_modules: Optional[Targets] = None, backend: str = "auto") -> List[str]:
+               exclude_modules: Optional[Targets] = None, backend: str = "auto",
+               modules_to_save: Optional[Sequence[str]] = None, task_type: Optional[str] = None) -> List[str]:
     """Replace the matching linear layers with :class:`IA3Linear` (PEFT ``IA3Config`` rules: a target that
-    also matches ``feedforward_modules`` scales its input, the others their output); returns the names."""
-    names = find_targets(model, target_modules, exclude_modules)
+    also matches ``feedforward_modules`` scales its input, the others their output); returns the names.
+    ``modules_to_save`` / ``task_type``: as :func:`inject_lora`."""
+    names, saved = _with_saved(model, target_modules, exclude_modules, modules_to_save, task_type)
     if feedforward_modules is not None:
         _check_targets(feedforward_modules, "feedforward_modules")
     ff = {id(model.get_submodule(n)) for n in names
           if feedforward_modules is not None and _matches(n, feedforward_modules)}
-    return _replace(model, names, lambda lin: IA3Linear.from_linear(lin, feedforward=id(lin) in ff, backend=backend))
+    out = _replace(model, names, lambda lin: IA3Linear.from_linear(lin, feedforward=id(lin) in ff, backend=backend))
+    _finish_saved(model, saved, task_type)
+    return out
 
 
 def inject_multi_lora(model: nn.Module, target_modules: Targets, max_adapters: int = 8, max_rank: int = 16,
@@ -166,13 +282,16 @@ def inject_multi_lora(model: nn.Module, target_modules: Targets, max_adapters: i
 
 
 def _lora_layers(model: nn.Module):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear,) + _embedding_types())]
 
 
 def merge_lora(model: nn.Module, safe_merge: bool = False) -> List[str]:
     """Fold every unmerged LoRALinear's update into its weight; returns the layers merged. With
     ``safe_merge`` all merges are checked for NaN/Inf first, and none happens if one would fail."""
     todo = [(n, m) for n, m in _lora_layers(model) if not m.merged]
+    from .model import check_untied
+
+    check_untied(model, [(n, m) for n, m in todo if isinstance(m.weight, nn.Parameter)], "merge_lora()")
     if safe_merge:
         for n, m in todo:
             if not torch.isfinite(m._merged_weight_fp32()).all():  # DoRA: the rescaled weight
@@ -192,16 +311,27 @@ def unmerge_lora(model: nn.Module) -> List[str]:
 
 
 def lora_state_dict(model: nn.Module) -> dict:
-    """The trainable LoRA tensors only (``<layer>.lora_A`` / ``<layer>.lora_B`` of every LoRALinear and
-    MultiLoRALinear, plus MultiLoRALinear's ``scalings``/``ranks`` buffers), detached, under the keys of
-    ``model.state_dict()``."""
+    """The trainable adapter tensors only, detached, under the keys of ``model.state_dict()``: ``lora_A`` /
+    ``lora_B`` (and ``lora_B_bias``, ``lora_magnitude_vector``) of every LoRALinear and MultiLoRALinear, plus
+    MultiLoRALinear's ``scalings``/``ranks`` buffers, LoRAEmbedding's ``lora_embedding_A``/``_B``, and the whole
+    state of every ``modules_to_save`` copy (``<name>.modules_to_save.default.*``)."""
+    from .nn.saved import ModulesToSave
+
     out = {}
     for name, m in model.named_modules():
+        pre = f"{name}." if name else ""
         if isinstance(m, LORA_TYPES):
-            pre = f"{name}." if name else ""
             keys = ("lora_A", "lora_B") + (("lora_B_bias",) if getattr(m, "lora_bias", False) else ()) + (
                 ("lora_magnitude_vector",) if getattr(m, "use_dora", False) else ()) + (
                 ("scalings", "ranks") if isinstance(m, MultiLoRALinear) else ())
-            for key in keys:
-                out[pre + key] = getattr(m, key).detach()
+        elif isinstance(m, _embedding_types()):
+            keys = ("lora_embedding_A", "lora_embedding_B")
+        elif isinstance(m, ModulesToSave):
+            for k, v in m.trained.state_dict().items():
+                out[f"{pre}modules_to_save.default.{k}"] = v.detach()
+            continue
+        else:
+            continue
+        for key in keys:
+            out[pre + key] = getattr(m, key).detach()
     return out

@@ -191,3 +191,15 @@ def qlora_linear_ref(x, qbase, bias, lora_A, lora_B, scaling: float, dropout_mas
     w = qbase.dequantize(torch.float32).to(cdt)  # the quantizer's values, exactly representable in fp32
     y = lora_linear_ref(x.to(cdt), w, None if bias is None else bias.to(cdt), lora_A, lora_B, scaling, dropout_mask)
     return y.to(x.dtype)
+
+
+def lora_embedding_ref(ids: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                       scaling: float, padding_idx: Optional[int] = None) -> torch.Tensor:
+    """``y = W[ids] + scaling · (Aᵀ[ids])·Bᵀ`` (HF PEFT's LoRA on nn.Embedding).
+
+    ``weight`` [V, D] (frozen table), ``lora_A`` [r, V] (``lora_embedding_A``), ``lora_B`` [D, r]
+    (``lora_embedding_B``). The update is computed in the adapter's dtype and the sum cast to the table's,
+    as PEFT does. Rows of ``padding_idx`` get no gradient in the table nor in ``lora_A``."""
+    base = F.embedding(ids, weight, padding_idx=padding_idx)
+    upd = F.embedding(ids, lora_A.t(), padding_idx=padding_idx) @ lora_B.t() * scaling
+    return (base.to(upd.dtype) + upd).to(weight.dtype) if upd.dtype != weight.dtype else base + upd

@@ -29,12 +29,12 @@ def gpt2(seed=0):
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
-def bert(seed=0):
+def bert(seed=0, cls=None, num_labels=3):
     cfg = transformers.BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=48, max_position_embeddings=32, num_labels=3,
+                                  intermediate_size=48, max_position_embeddings=32, num_labels=num_labels,
                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(seed)
-    return transformers.BertForSequenceClassification(cfg).eval()
+    return (cls or transformers.BertForSequenceClassification)(cfg).eval()
 
 
 IDS = torch.tensor([[3, 17, 5, 60, 9, 1, 22]])

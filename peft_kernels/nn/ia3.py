@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import dispatch, quant
 from ..ops.ia3 import ia3_linear
+from ._disabled import adapters_disabled
 from .lora import adopt_frozen_base, base_features
 
 
@@ -62,6 +64,8 @@ class IA3Linear(nn.Module):
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if adapters_disabled(self):
+            return F.linear(x, self.base_weight(), self.bias)
         return ia3_linear(x, self.base_weight(), self.bias, self.ia3_l, feedforward=self.feedforward,
                           backend=self.backend)
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from .. import dispatch, quant
 from ..ops.dora import dora_linear, dora_weight_norm
 from ..ops.lora import lora_linear
+from ._disabled import adapters_disabled
 
 
 def is_conv1d(m: nn.Module) -> bool:
@@ -36,6 +37,8 @@ def adopt_frozen_base(module: nn.Module, base: Optional[nn.Module], in_features,
     transpose, a view), so its state-dict keys and shapes stay the checkpoint's."""
     if base is None:
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+    # the wrapped layer itself (not a submodule: its Parameters are this module's), for peft_kernels.unload
+    object.__setattr__(module, "_original_base", base)
     module.fan_in_fan_out = is_conv1d(base)
     if module.fan_in_fan_out:
         module.in_features, module.out_features = base.weight.shape
@@ -47,6 +50,22 @@ def adopt_frozen_base(module: nn.Module, base: Optional[nn.Module], in_features,
     module.weight.requires_grad_(False)
     if module.bias is not None:
         module.bias.requires_grad_(False)
+
+
+def load_unmerged(module: nn.Module, load) -> None:
+    """Run ``load`` (a state-dict load of an unmerged layer) with ``module`` unmerged, merging it again after."""
+    was_merged = module.merged
+    if was_merged:
+        module.unmerge()
+    load()
+    if was_merged:
+        module.merge()
+
+
+def _check_unmerged(m: nn.Module) -> None:
+    if getattr(m, "merged", False):
+        raise ValueError(f"{type(m).__name__}: adapters are disabled (peft_kernels.disable_adapters) but this layer is "
+                         "merged, so its weight holds the update; unmerge it first")
 
 
 class LoRALinear(nn.Module):
@@ -194,6 +213,9 @@ class LoRALinear(nn.Module):
         return (self.lora_B_bias * self.scaling).to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if adapters_disabled(self):
+            _check_unmerged(self)
+            return F.linear(x, self.base_weight(), self.bias)
         if self.merged:
             return F.linear(x, self.base_weight(), self.bias)
         bias = self.bias
@@ -274,16 +296,9 @@ class LoRALinear(nn.Module):
             if b is not None:
                 destination[prefix + "bias"] = b
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(self, *args):
         # what is loaded is an unmerged base; a merged layer folds the loaded A, B (and magnitude) back in
-        was_merged = self.merged
-        if was_merged:
-            self.unmerge()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if was_merged:
-            self.merge()
+        load_unmerged(self, lambda: super(LoRALinear, self)._load_from_state_dict(*args))
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:

@@ -14,6 +14,7 @@ import torch.nn as nn
 from .. import dispatch, quant
 from ..ops.multi_lora import PATHS, AdapterMapping, build_mapping, multi_lora_linear
 from ..reference import expand_adapter_ids
+from ._disabled import adapters_disabled
 from .lora import adopt_frozen_base, base_features
 
 
@@ -233,6 +234,9 @@ class MultiLoRALinear(nn.Module):
     def _default_lora_dtype(self) -> torch.dtype:
         return self.weight.dtype
 
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self._op_weight(), self.bias)
+
     def _op_weight(self):
         """The frozen base as ``multi_lora_linear`` takes it: [out, in] (a view for a Conv1D base)."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
@@ -323,6 +327,8 @@ class MultiLoRALinear(nn.Module):
 
     # ---------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, adapter_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if adapters_disabled(self):
+            return self._base_forward(x)
         if adapter_ids is None:
             active = _active_ids(self)
             if active is None:

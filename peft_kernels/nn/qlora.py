@@ -17,7 +17,8 @@ from ..ops.dora import dora_weight_norm
 from ..ops.qlora import qdora_linear, qia3_linear, qlora_linear
 from ..quant import QuantBase
 from .ia3 import IA3Linear
-from .lora import LoRALinear
+from ._disabled import adapters_disabled
+from .lora import LoRALinear, _check_unmerged
 from .multi_lora import MultiLoRALinear
 
 MERGE_WARNING = ("Merging LoRA into a quantized base layer requantizes the merged weight: outputs may differ by "
@@ -118,6 +119,9 @@ class QLoRALinear(QuantBaseModule, LoRALinear):
         return self.lora_B_bias * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if adapters_disabled(self):
+            _check_unmerged(self)
+            return self.base_layer(x)
         if self.merged:
             return self.base_layer(x)
         bias = self.bias
@@ -204,6 +208,8 @@ class QIA3Linear(QuantBaseModule, IA3Linear):
         return torch.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if adapters_disabled(self):
+            return self.base_layer(x)
         return qia3_linear(x, self.quant_base, self.bias, self.ia3_l, feedforward=self.feedforward)
 
     @torch.no_grad()
@@ -231,6 +237,9 @@ class QMultiLoRALinear(QuantBaseModule, MultiLoRALinear):
 
     def _op_weight(self):
         return self.quant_base
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x)
 
     def forward(self, x: torch.Tensor, adapter_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         cdt = self.quant_base.compute_dtype(x.dtype) if isinstance(x, torch.Tensor) else None

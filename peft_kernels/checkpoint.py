@@ -450,7 +450,7 @@ def load_peft_adapter(model: nn.Module, path, *, adapter_name: Optional[str] = N
     rslora = bool(cfg.get("use_rslora", False))
     dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
     if slot is not None:
-        _load_slots(model, layers, slot, rslora, d)
+        _load_slots(model, layers, slot, rslora, d, dropout)
         return [L.name for L in layers]
     by_name = {L.name: L for L in layers}
 
@@ -489,7 +489,8 @@ def load_peft_adapter(model: nn.Module, path, *, adapter_name: Optional[str] = N
     return names
 
 
-def _load_slots(model: nn.Module, layers: List[_Layer], slot: int, rslora: bool, src: str) -> None:
+def _load_slots(model: nn.Module, layers: List[_Layer], slot: int, rslora: bool, src: str,
+                dropout: float = 0.0) -> None:
     """Every layer's slot, or none: each scaling is checked first, then the slots are written; if a write
     still fails, the slots already written get their previous adapters back."""
     plan = []
@@ -504,13 +505,13 @@ def _load_slots(model: nn.Module, layers: List[_Layer], slot: int, rslora: bool,
     try:
         for m, L, scaling in plan:
             A, B, s = m.get_adapter(slot)
-            prev = (A.detach().clone(), B.detach().clone(), s)
-            m.set_adapter(slot, L.A, L.B, scaling)
+            prev = (A.detach().clone(), B.detach().clone(), s, m.lora_dropout[slot])
+            m.set_adapter(slot, L.A, L.B, scaling, dropout=dropout)
             done.append((m, prev))
     except Exception:
-        for m, (A, B, s) in reversed(done):
+        for m, (A, B, s, p) in reversed(done):
             if A.shape[0]:
-                m.set_adapter(slot, A, B, s)
+                m.set_adapter(slot, A, B, s, dropout=p)
             else:
                 m.clear_adapter(slot)
         raise
@@ -624,7 +625,7 @@ def save_peft_adapter(model: nn.Module, path, *, slot: Optional[int] = None) -> 
                 A, B, s = m.get_adapter(slot)
                 if A.shape[0] == 0:
                     continue
-                layers.append((n, _SlotView(m, A, B, s)))
+                layers.append((n, _SlotView(m, A, B, s, slot)))
     if not layers:
         raise ValueError("save_peft_adapter: the model has no LoRA layers" + (f" with slot {slot} set" if slot is not None else ""))
     cfg = _layer_config(layers)
@@ -740,14 +741,14 @@ def _exchange(a: str, b: str) -> None:
 class _SlotView:
     """A MultiLoRALinear slot seen as a LoRALinear by the saver (r, alpha = scaling·r, tensors)."""
 
-    def __init__(self, m: MultiLoRALinear, A, B, scaling: float):
+    def __init__(self, m: MultiLoRALinear, A, B, scaling: float, slot: int):
         self.lora_A, self.lora_B = A, B
         self.r = int(A.shape[0])
         self.lora_alpha = scaling * self.r
         self.use_rslora = False
         self.fan_in_fan_out = m.fan_in_fan_out
         self.lora_bias = False
-        self.lora_dropout = 0.0
+        self.lora_dropout = m.lora_dropout[slot]
 
 
 def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
@@ -870,7 +871,7 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
                                           lora_dtype=m.lora_A[present[0]].weight.dtype if present else None)
         for a in present:
             new.set_adapter(names.index(a), m.lora_A[a].weight.detach(), m.lora_B[a].weight.detach(),
-                            float(m.scaling[a]))
+                            float(m.scaling[a]), dropout=float(getattr(m.lora_dropout[a], "p", 0.0)))
         return new
 
     new = {n: make(*p) for n, p in plans.items()}

@@ -273,12 +273,15 @@ def inject_ia3(model: nn.Module, target_modules: Targets, feedforward_modules: O
 
 def inject_multi_lora(model: nn.Module, target_modules: Targets, max_adapters: int = 8, max_rank: int = 16,
                       exclude_modules: Optional[Targets] = None, backend: str = "auto",
-                      lora_dtype: Optional[torch.dtype] = None) -> List[str]:
+                      lora_dtype: Optional[torch.dtype] = None, lora_dropout: float = 0.0) -> List[str]:
     """Replace the matching layers with :class:`MultiLoRALinear` (all slots empty); returns their names.
-    Set the ids for a whole forward with ``peft_kernels.adapter_ids(model, ids)``."""
+    Set the ids for a whole forward with ``peft_kernels.adapter_ids(model, ids)``. ``lora_dropout``: every
+    slot's dropout p in training unless the adapter loaded into it says otherwise (``set_adapter(...,
+    dropout=p)``; ``load_peft_adapter(..., slot=i)`` takes the checkpoint's ``lora_dropout``)."""
     names = find_targets(model, target_modules, exclude_modules)
     return _replace(model, names, lambda lin: MultiLoRALinear.from_linear(
-        lin, max_adapters=max_adapters, max_rank=max_rank, backend=backend, lora_dtype=lora_dtype))
+        lin, max_adapters=max_adapters, max_rank=max_rank, backend=backend, lora_dtype=lora_dtype,
+        lora_dropout=lora_dropout))
 
 
 def _lora_layers(model: nn.Module):

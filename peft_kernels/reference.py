@@ -66,9 +66,12 @@ def multi_lora_linear_ref(
     scalings: torch.Tensor,
     adapter_ids: torch.Tensor,
     ranks: Optional[torch.Tensor] = None,
+    dropout_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Mixed-batch LoRA, one token at a time: token t with adapter ``a = ids[t]`` gets
-    ``x_t·Wᵀ + b + scalings[a] · B[a, :, :r_a]·(A[a, :r_a]·x_t)``; ``a = -1`` gets the base only.
+    ``x_t·Wᵀ + b + scalings[a] · B[a, :, :r_a]·(A[a, :r_a]·drop(x_t))``; ``a = -1`` gets the base only.
+    ``dropout_mask``: ``[T, K]`` factors (0 or 1/(1-p_a), each row with its adapter's p) on the LoRA input,
+    or None.
 
     Args:
         lora_A: ``[S, R, K]`` slot stack; lora_B: ``[S, N, R]``; scalings: ``[S]``.
@@ -89,7 +92,8 @@ def multi_lora_linear_ref(
             continue
         r = lora_A.shape[1] if ranks is None else int(ranks[a])
         s = float(scalings[a])
-        upd = (lora_B[a, :, :r] @ (lora_A[a, :r] @ x2[t].to(lora_A.dtype))) * s
+        xt = x2[t] if dropout_mask is None else x2[t] * dropout_mask[t].to(x2.dtype)
+        upd = (lora_B[a, :, :r] @ (lora_A[a, :r] @ xt.to(lora_A.dtype))) * s
         rows.append((base[t] + upd).to(x.dtype))
     y = torch.stack(rows) if rows else base
     return y.view(*x.shape[:-1], N)

@@ -69,8 +69,8 @@ def test_compiled_model_has_no_graph_breaks_and_matches_eager():
 
 
 def test_lora_dropout_in_training_traces_without_breaks():
-    """With dropout on (training), the compiled LoRA path uses in-graph dropout: still one graph, and its
-    statistics are dropout's (about p of the LoRA input dropped, survivors scaled by 1/(1-p))."""
+    """With dropout on (training), the compiled LoRA path is a custom op taking a seed drawn in the graph: still
+    one graph, and its statistics are dropout's (about p of the LoRA input dropped, survivors scaled by 1/(1-p))."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     pk.inject_lora(net, ["0", "2"], r=4, lora_alpha=8, lora_dropout=0.25, init_lora_weights=False)
@@ -86,3 +86,73 @@ def test_lora_dropout_in_training_traces_without_breaks():
     full = (layer.lora_B @ layer.lora_A @ torch.ones(16)) * layer.scaling
     assert torch.allclose(lora.mean(0), full, rtol=0.1, atol=0.05 * full.abs().max().item())
     assert not torch.allclose(lora[0], lora[1])  # rows get different masks
+
+
+def _train_step(fn, x, ids=None):
+    x = x.clone().requires_grad_()
+    torch.manual_seed(123)  # the seed the dropout draws (in the graph under aot_eager: torch's eager RNG)
+    y = fn(x) if ids is None else fn(x, ids)
+    y.square().sum().backward()
+    return y.detach(), x.grad
+
+
+def test_compiled_dropout_keeps_the_regenerable_mask():
+    """Under torch.compile, LoRA dropout and per-adapter multi-LoRA dropout run as custom ops that take the seed
+    (issue #18): the compiled training step equals eager's (same seed, same mask, same gradients), with no graph
+    break and no mask saved for backward."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    pk.inject_lora(net, ["0"], r=4, lora_alpha=8, lora_dropout=0.25, init_lora_weights=False)
+    net[2] = pk.MultiLoRALinear.from_linear(net[2], max_adapters=3, max_rank=4, lora_dropout=0.3)
+    g = torch.Generator().manual_seed(1)
+    net[2].set_adapter(0, torch.randn(4, 32, generator=g), torch.randn(8, 4, generator=g), 0.5, dropout=0.5)
+    net[2].set_adapter(2, torch.randn(2, 32, generator=g), torch.randn(8, 2, generator=g), 2.0)
+    net.train()
+
+    class Wrap(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.n = n
+
+        def forward(self, x, ids):
+            return self.n[2](self.n[1](self.n[0](x)), ids)
+
+    model = Wrap(net)
+    x = torch.randn(7, 16)
+    ids = torch.tensor([0, 2, -1, 1, 0, 2, 0])
+    explain = torch._dynamo.explain(model)(x, ids)
+    assert explain.graph_break_count == 0, [str(b.reason)[:300] for b in explain.break_reasons]
+    torch._dynamo.reset()
+    y_e, dx_e = _train_step(model, x, ids)
+    gA = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    y_c, dx_c = _train_step(torch.compile(model, backend="aot_eager", fullgraph=True), x, ids)
+    torch.testing.assert_close(y_c, y_e, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx_c, dx_e, rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, gA[n], rtol=1e-6, atol=1e-6, msg=n)
+    # and the masks are dropout's: without the seed fixed, two compiled steps differ
+    model.zero_grad()
+    torch._dynamo.reset()
+    cm = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        assert not torch.equal(cm(x, ids), cm(x, ids))
+
+
+def test_custom_ops_pass_opcheck():
+    from peft_kernels.ops import _compiled as C
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, generator=g, requires_grad=True)
+    W, b = torch.randn(5, 8, generator=g), torch.randn(5, generator=g)
+    A = torch.randn(3, 8, generator=g, requires_grad=True)
+    B = torch.randn(5, 3, generator=g, requires_grad=True)
+    seed = torch.tensor([42])
+    torch.library.opcheck(C.lora_dropout_fwd, (x, W, b, A, B, 1.5, 0.2, seed))
+    A3 = torch.randn(2, 3, 8, generator=g, requires_grad=True)
+    B3 = torch.randn(2, 5, 3, generator=g, requires_grad=True)
+    args = (x, W, b, A3, B3, torch.tensor([1.0, 0.5]), torch.tensor([3, 2], dtype=torch.int32),
+            torch.tensor([0, 1, -1, 1, 0, 0]), [0.1, 0.0], seed, "torch", "auto")
+    torch.library.opcheck(C.multi_lora_fwd, args)
+    torch.library.opcheck(C.multi_lora_fwd, args[:8] + ([], seed, "torch", "auto"))

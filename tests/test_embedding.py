@@ -200,3 +200,22 @@ def test_inject_merge_unmerge_and_init():
         torch.testing.assert_close(emb.weight, table, rtol=0, atol=1e-6)
     assert emb.lora_embedding_A.requires_grad and not emb.weight.requires_grad
     assert set(pk.lora_state_dict(m)) == {"model.embed_tokens.lora_embedding_A", "model.embed_tokens.lora_embedding_B"}
+
+
+def test_the_table_peft_saves_beside_an_embedding_lora_is_applied(tmp_path):
+    """PEFT saves the embedding table with an embedding LoRA (new tokens' rows) and loads it back: ours too."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(llama(), peft.LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path)
+    f = tmp_path / "adapter_model.safetensors"
+    sd = load_file(f)
+    key = next(k for k in sd if k.endswith("embed_tokens.base_layer.weight"))
+    sd[key][5] += 0.5  # a row trained (or added) with the adapter; IDS uses token 5
+    save_file(sd, f)
+    theirs = peft.PeftModel.from_pretrained(llama(), tmp_path).eval()
+    ours = llama()
+    pk.load_peft_adapter(ours, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=1e-5, atol=1e-6)

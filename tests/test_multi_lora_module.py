@@ -322,3 +322,43 @@ def test_updates_of_every_kind_are_seen(backend, how):
     assert_close(xg.grad, x64.grad, x32.grad, f"dx after {how}")
     assert_close(m.lora_A.grad, p64[0].grad, p32[0].grad, f"dA after {how}")
     assert_close(m.lora_B.grad, p64[1].grad, p32[1].grad, f"dB after {how}")
+
+def test_slot_dropout_from_inject_load_and_from_peft(tmp_path):
+    """Each slot's dropout p: inject_multi_lora's default, a PEFT checkpoint's lora_dropout (load into a slot),
+    PEFT's per-adapter dropout (from_peft); applied in training only, per slot (issue #18)."""
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from test_inject import IDS, llama
+
+    m = llama()
+    pk.inject_multi_lora(m, ["q_proj"], max_adapters=3, max_rank=4, lora_dropout=0.1)
+    q = m.model.layers[0].self_attn.q_proj
+    assert q.lora_dropout == [0.1, 0.1, 0.1]
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.25,
+                                                      init_lora_weights=False))
+    pm.save_pretrained(tmp_path)
+    pk.load_peft_adapter(m, tmp_path, slot=1)
+    assert q.lora_dropout == [0.1, 0.25, 0.1]
+    q.clear_adapter(1)
+    assert q.lora_dropout[1] == 0.1
+    with pytest.raises(ValueError, match="lora_dropout"):
+        q.set_adapter(0, torch.randn(2, 32), torch.randn(32, 2), 1.0, dropout=1.5)
+
+    pm = peft.get_peft_model(llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.3,
+                                                      init_lora_weights=False), adapter_name="a")
+    pm.add_adapter("b", peft.LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.0, init_lora_weights=False))
+    ours = pk.from_peft(pm)
+    q = ours.model.layers[0].self_attn.q_proj
+    assert q.lora_dropout == [0.3, 0.0]
+    ids = torch.tensor([0])
+    with pk.adapter_ids(ours, ids), torch.no_grad():
+        ours.eval()
+        e1, e2 = ours(IDS).logits, ours(IDS).logits
+        ours.train()
+        t1, t2 = ours(IDS).logits, ours(IDS).logits
+    assert torch.equal(e1, e2) and not torch.equal(t1, e1) and not torch.equal(t1, t2)
+    with pk.adapter_ids(ours, torch.tensor([1])), torch.no_grad():  # slot b has p = 0: no dropout in training
+        tb = ours(IDS).logits
+        ours.eval()  # (equal to summation order: a training call with dropout on any slot takes the torch-op path)
+        torch.testing.assert_close(ours(IDS).logits, tb, rtol=1e-5, atol=1e-6)

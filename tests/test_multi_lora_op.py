@@ -384,3 +384,94 @@ def test_skewed_batch_launches_only_working_sgmv_programs(monkeypatch):
     want, same = ref(torch.float64), ref(torch.float32)  # fp64 truth; fp32 torch sets the bound
     for name, got, w, sp in zip(("y", "dx", "dA", "dB"), (y, dx, dA, dB), want, same):
         assert_close(got, w.detach(), sp.detach(), name)
+
+
+# --------------------------------------------------------------------------------------------
+# per-adapter dropout (issue #18): every backend applies the same regenerable mask, forward and backward
+# --------------------------------------------------------------------------------------------
+DROP_CASES = [c for c in CASES if c.id in ("mixed-ranks-minus1", "3d-per-row-ids", "uniform-noncontig")]
+
+
+def _slot_mask(ps, ids, x_shape, seed_value):
+    from peft_kernels.ops import _torch_dropout as D
+
+    torch.manual_seed(seed_value)
+    drop = D.SlotDropout.make(ps, D.draw_seed("cpu"), "cpu")
+    return drop.full_mask(expand_adapter_ids(ids, x_shape), x_shape[-1])
+
+
+@pytest.mark.parametrize("variant", variants(), indirect=True)
+@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("lead,K,N,ranks,R,pattern,bias,layout", DROP_CASES)
+def test_dropout_against_reference(variant, dtype, lead, K, N, ranks, R, pattern, bias, layout):
+    """Forward and every gradient against the reference fed the same mask (each row with its adapter's p),
+    so a backward that regenerated another mask, or applied none, fails dx and dA."""
+    backend, path = variant
+    t = make_inputs(lead, K, N, ranks, R, pattern, bias, layout, dtype)
+    S = len(ranks)
+    ps = [(0.1, 0.5, 0.0, 0.3, 0.7)[i % 5] for i in range(S)]
+    x = t["x"].detach().requires_grad_()
+    A = t["A"].detach().clone().requires_grad_()
+    B = t["B"].detach().clone().requires_grad_()
+    torch.manual_seed(11)
+    y = pk.multi_lora_linear(x, t["W"], t["b"], A, B, t["scal"], t["ids"], ranks=t["ranks"], backend=backend,
+                             path=path, dropout_p=ps, training=True)
+    y.backward(t["dy"])
+    mask = _slot_mask(ps, t["ids"], x.shape, 11)
+    dropped = (mask == 0).sum().item()
+    assert dropped > 0 or pattern == "all-base"
+
+    def ref(dt):
+        ins = [v.detach().to(dt(v)).requires_grad_() for v in (x, A, B)]
+        out = multi_lora_linear_ref(ins[0], t["W"].to(dt(x)), None if t["b"] is None else t["b"].to(dt(x)), ins[1],
+                                    ins[2], t["scal"], t["ids"], t["ranks"], dropout_mask=mask)
+        out.backward(t["dy"].to(out.dtype))
+        return out, ins
+
+    y64, i64 = ref(lambda v: torch.float64)
+    ylp, ilp = ref(lambda v: v.dtype)
+    assert_close(y, y64, ylp, "y (dropout)")
+    for name, got, r64, rlp in zip(("dx", "dA", "dB"), (x, A, B), i64, ilp):
+        assert_close(got.grad, r64.grad, rlp.grad, f"{name} (dropout)")
+
+
+def test_dropout_off_in_eval_and_checked():
+    t = make_inputs((37,), 45, 29, [20, 1, 7, 0, 16], 20, "mixed", True, "contig", torch.float32)
+    args = (t["x"], t["W"], t["b"], t["A"], t["B"], t["scal"], t["ids"])
+    plain = pk.multi_lora_linear(*args, ranks=t["ranks"])
+    assert torch.equal(pk.multi_lora_linear(*args, ranks=t["ranks"], dropout_p=0.5, training=False), plain)
+    assert not torch.equal(pk.multi_lora_linear(*args, ranks=t["ranks"], dropout_p=0.5, training=True), plain)
+    for bad, err in ((1.0, ValueError), ([0.1, 0.2], ValueError), ("0.1", TypeError), ([0.1, -0.1, 0, 0, 0], ValueError)):
+        with pytest.raises(err, match="dropout_p"):
+            pk.multi_lora_linear(*args, ranks=t["ranks"], dropout_p=bad, training=False)
+
+
+def test_dropout_gradcheck_backward_uses_forwards_mask():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(5, 6, dtype=torch.float64, generator=g)
+    A = torch.randn(2, 3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    B = torch.randn(2, 5, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    ids = torch.tensor([0, 1, -1, 1, 0, 0, 1, 1, 0])
+
+    def f(x, A, B):
+        torch.manual_seed(4)  # the same seed, so the same mask, on every evaluation gradcheck makes
+        return pk.multi_lora_linear(x, W, None, A, B, [1.5, 0.5], ids, dropout_p=[0.4, 0.6], training=True,
+                                    backend="torch")
+    assert (f(x, A, B) != pk.multi_lora_linear(x, W, None, A, B, [1.5, 0.5], ids, backend="torch")).any()
+    assert torch.autograd.gradcheck(f, (x, A, B))
+
+
+def test_dropout_keep_rate_per_slot_and_rows_independent():
+    from peft_kernels.ops import _torch_dropout as D
+
+    drop = D.SlotDropout.make((0.1, 0.5, 0.0), torch.tensor([123456789]), "cpu")
+    ids = torch.randint(0, 3, (3000,), generator=torch.Generator().manual_seed(0))
+    mask = drop.full_mask(ids, 256)
+    for a, p in enumerate((0.1, 0.5, 0.0)):
+        keep = (mask[ids == a] > 0).double().mean().item()
+        assert abs(keep - (1 - p)) < 0.005, (a, keep)
+        assert torch.allclose(mask[ids == a][mask[ids == a] > 0], torch.tensor(1 / (1 - p), dtype=torch.float64))
+    rows = torch.nonzero(ids == 1).reshape(-1)[:50]
+    alone = drop.rows_factor(rows, 1, 256, torch.float64)  # a row's mask does not depend on the other rows
+    assert torch.equal(alone, mask[rows])

@@ -224,6 +224,20 @@ def _hash_keep_kernel(out_ptr, seed_ptr, n, offset, thr, BLOCK: tl.constexpr):
     tl.store(out_ptr + i, h.to(tl.int64) >= thr, mask=i < n)  # uint32 -> int64 zero-extends
 
 
+@triton.jit
+def hash_keep(seed_ptr, idx, thr):
+    """Kept (True) where the keyed hash of element index ``idx`` (int64) is ≥ ``thr``: the torch backend's mask
+    (``ops._torch_dropout.rows_keep``), bit for bit, inside a kernel."""
+    s = tl.load(seed_ptr)
+    k0 = _fmix32(s.to(tl.uint32) ^ 0x9E3779B9)
+    k1 = _fmix32((s >> 32).to(tl.uint32) ^ k0 ^ 0x85EBCA77)
+    k2 = _fmix32(k1 ^ 0xC2B2AE3D)
+    h = _fmix32(idx.to(tl.uint32) ^ k0)
+    h = _fmix32(h ^ (idx >> 32).to(tl.uint32) ^ k1)
+    h = _fmix32(h ^ k2)
+    return h.to(tl.int64) >= thr
+
+
 def hash_keep_mask(seed: torch.Tensor, thr: int, n: int, offset: int, device) -> torch.Tensor:
     """``ops._torch_dropout.keep_mask`` as one Triton launch (bool, ``n`` elements). On a GPU the torch-op
     version is ~25 int64 elementwise passes over M·K plus ~15 tiny launches for the round keys (dropout

@@ -462,6 +462,8 @@ def record_multi_lora_launches():
     # launches keep their tensors, and at 4096 columns they held GBs (the compile pool's fork then failed).
     batches = [(512, 8), (4352, 8), (32, 32)]
     small = {4096: 256, 4095: 255, 4097: 257}
+    from ..ops._torch_dropout import SlotDropout
+
     with record_launches(kernels) as calls:
         for T, S in batches:
             m = build_mapping(torch.arange(T) % S, T, S)
@@ -473,10 +475,14 @@ def record_multi_lora_launches():
                         x, y, dy = torch.empty(T, K, dtype=dt), torch.empty(T, N, dtype=dt), torch.empty(T, N, dtype=dt)
                         A, B = torch.empty(S, R, K, dtype=adt), torch.empty(S, N, R, dtype=adt)
                         scal, ranks = torch.ones(S), torch.full((S,), R, dtype=torch.int32)
+                        # per-adapter dropout (training): the training batches, not the decode step
+                        drops = [None] + ([SlotDropout.make([0.1] * S, torch.zeros(1, dtype=torch.int64), "cpu")]
+                                          if T >= 512 else [])
                         for path in ("bgmv", "sgmv"):
-                            _, Sb = ML.multi_lora_forward(y, x, A, B, m, scal, ranks, path)
-                            ML.multi_lora_backward(dy, x, torch.empty(T, K, dtype=dt), A, B, Sb, m, scal, ranks, path,
-                                                   True, True)
+                            for drop in drops:
+                                _, Sb = ML.multi_lora_forward(y, x, A, B, m, scal, ranks, path, drop)
+                                ML.multi_lora_backward(dy, x, torch.empty(T, K, dtype=dt), A, B, Sb, m, scal, ranks,
+                                                       path, True, True, drop)
     return calls
 
 

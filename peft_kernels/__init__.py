@@ -10,7 +10,7 @@ Public API:
     inject_lora, inject_multi_lora, merge_lora, unmerge_lora, lora_state_dict   swap fused layers into a model
     load_peft_adapter, save_peft_adapter   HF PEFT LoRA checkpoints, both ways
     from_peft, adapter_names_to_ids        convert a PeftModel's LoRA / IA3 layers (and trained heads) in place
-    LoRAEmbedding, lora_embedding  LoRA on nn.Embedding (PEFT's lora_embedding_A/B)
+    LoRAEmbedding, lora_embedding  LoRA on nn.Embedding (PEFT's lora_embedding_A/B); MultiLoRAEmbedding: per-token slots
     merge_and_unload, unload, disable_adapters, print_trainable_parameters, trainable_parameters
                                    model-level controls (PEFT's PeftModel methods, as functions)
     ModulesToSave                  a trained head (modules_to_save= / task_type= on inject_lora, inject_ia3)
@@ -22,7 +22,8 @@ from .dispatch import BackendUnavailable
 from .checkpoint import CheckpointError, adapter_names_to_ids, from_peft, load_peft_adapter, save_peft_adapter
 from .inject import inject_ia3, inject_lora, inject_multi_lora, lora_state_dict, merge_lora, unmerge_lora
 from .model import disable_adapters, merge_and_unload, print_trainable_parameters, trainable_parameters, unload
-from .nn import AdapterLinear, BottleneckAdapter, IA3Linear, LoRAEmbedding, LoRALinear, ModulesToSave, MultiLoRALinear, adapter_ids
+from .nn import (AdapterLinear, BottleneckAdapter, IA3Linear, LoRAEmbedding, LoRALinear, ModulesToSave, MultiLoRAEmbedding,
+                 MultiLoRALinear, adapter_ids)
 from .ops.embedding import lora_embedding
 from .ops.bottleneck import adapter_linear, bottleneck_adapter
 from .ops.dora import dora_linear
@@ -44,6 +45,6 @@ if not _ext_mod.disabled():
 __all__ = ["PromptTuning", "PrefixTuning", "inject_ia3", "ia3_linear", "IA3Linear", "dora_linear", "lora_linear", "LoRALinear", "multi_lora_linear", "MultiLoRALinear", "adapter_ids", "AdapterMapping",
            "build_mapping", "bottleneck_adapter", "adapter_linear", "BottleneckAdapter", "AdapterLinear", "reference", "dispatch", "BackendUnavailable", "__version__",
            "inject_lora", "inject_multi_lora", "merge_lora", "unmerge_lora", "lora_state_dict", "load_peft_adapter",
-           "save_peft_adapter", "CheckpointError", "from_peft", "adapter_names_to_ids", "LoRAEmbedding", "lora_embedding",
+           "save_peft_adapter", "CheckpointError", "from_peft", "adapter_names_to_ids", "LoRAEmbedding", "MultiLoRAEmbedding", "lora_embedding",
            "ModulesToSave", "merge_and_unload", "unload", "disable_adapters", "trainable_parameters",
            "print_trainable_parameters"]

@@ -341,16 +341,26 @@ def _plan_embedding(model, mod: str, g: dict, slot, r, alpha, src: str) -> _Laye
     if other or "eA" not in g or "eB" not in g:
         raise CheckpointError(f"{src}: {mod!r} must have lora_embedding_A and lora_embedding_B (and nothing of a "
                               f"linear layer's LoRA), got {sorted(g)}")
-    if slot is not None:
-        raise CheckpointError(f"{src}: {mod!r} is an embedding LoRA, which MultiLoRALinear slots cannot take")
+    from .nn.embedding import MultiLoRAEmbedding
+
     try:
         target = model.get_submodule(mod)
     except AttributeError:
         raise CheckpointError(f"{src}: the model has no module {mod!r}") from None
-    try:
-        check_embedding(target, f"{src}: {mod!r}")
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(str(e)) from None
+    if isinstance(target, MultiLoRAEmbedding):
+        if slot is None:
+            raise CheckpointError(f"{mod!r} is a MultiLoRAEmbedding: pass slot=<index> to load into one of its slots")
+        if not 0 <= slot < target.max_adapters or int(r) > target.max_rank:
+            raise CheckpointError(f"{mod!r}: slot {slot} / rank {r} do not fit the MultiLoRAEmbedding "
+                                  f"(max_adapters={target.max_adapters}, max_rank={target.max_rank})")
+    else:
+        if slot is not None:
+            raise CheckpointError(f"slot={slot} was given but {mod!r} is a plain {type(target).__name__}, not a "
+                                  "MultiLoRAEmbedding (inject_multi_lora first)")
+        try:
+            check_embedding(target, f"{src}: {mod!r}")
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(str(e)) from None
     V, D = target.num_embeddings, target.embedding_dim
     A, B, r = g["eA"], g["eB"], int(r)
     if tuple(A.shape) != (r, V) or tuple(B.shape) != (D, r):
@@ -577,7 +587,7 @@ def _layer_config(layers: List[Tuple[str, LoRALinear]]) -> dict:
     lbias = {m.lora_bias for _, m in layers}
     if len(lbias) > 1:
         raise ValueError("save_peft_adapter: layers mix lora_bias=True and False")
-    drop = {m.lora_dropout for _, m in layers}
+    drop = {m.lora_dropout for _, m in layers if m.fan_in_fan_out is not None}  # (embeddings take no dropout)
     dora = {bool(getattr(m, "use_dora", False)) for _, m in layers}
     if len(dora) > 1:
         raise ValueError("save_peft_adapter: layers mix use_dora=True and False")
@@ -632,9 +642,9 @@ def save_peft_adapter(model: nn.Module, path, *, slot: Optional[int] = None) -> 
     # target_modules as full names: PEFT matches them exactly (a name equal to the module's)
     sd = {}
     for n, m in layers:
-        if isinstance(m, LoRAEmbedding):
-            sd[f"{PREFIX}{n}.lora_embedding_A"] = m.lora_embedding_A.detach().to("cpu").contiguous()
-            sd[f"{PREFIX}{n}.lora_embedding_B"] = m.lora_embedding_B.detach().to("cpu").contiguous()
+        if isinstance(m, LoRAEmbedding) or getattr(m, "embedding", False):
+            sd[f"{PREFIX}{n}.lora_embedding_A"] = m.lora_A.detach().to("cpu").contiguous()
+            sd[f"{PREFIX}{n}.lora_embedding_B"] = m.lora_B.detach().to("cpu").contiguous()
             continue
         sd[f"{PREFIX}{n}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()
         sd[f"{PREFIX}{n}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous()
@@ -747,8 +757,10 @@ class _SlotView:
         self.lora_alpha = scaling * self.r
         self.use_rslora = False
         self.fan_in_fan_out = m.fan_in_fan_out
+        self.use_dora = False
         self.lora_bias = False
         self.lora_dropout = m.lora_dropout[slot]
+        self.embedding = m.fan_in_fan_out is None  # a MultiLoRAEmbedding slot: PEFT's lora_embedding_A/B keys
 
 
 def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
@@ -772,7 +784,7 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
         from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
     except ImportError as e:  # pragma: no cover (peft is a test dependency)
         raise ImportError("from_peft needs the `peft` package") from e
-    from .nn.embedding import LoRAEmbedding, check_embedding
+    from .nn.embedding import LoRAEmbedding, MultiLoRAEmbedding, check_embedding
     from .nn.ia3 import IA3Linear
     from .nn.saved import ModulesToSave
 
@@ -815,8 +827,6 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
             raise ValueError(f"layer {n!r} has merged adapters {m.merged_adapters}: unmerge before from_peft")
         lin = m.get_base_layer()
         if isinstance(m, LoraLayer) and isinstance(lin, nn.Embedding):
-            if multi:
-                raise ValueError(f"layer {n!r}: an embedding LoRA converts for one adapter, not into slots")
             check_embedding(lin, f"layer {n!r}")
             plans[n] = ("embedding", m, lin, [a for a in names if a in m.lora_embedding_A])
             continue
@@ -839,6 +849,14 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
             new = IA3Linear.from_linear(lin, feedforward=bool(m.is_feedforward), backend=backend)
             with torch.no_grad():
                 new.ia3_l.copy_(m.ia3_l[present[0]])
+            return new
+        if kind == "embedding" and multi:
+            new = MultiLoRAEmbedding.from_embedding(lin, max_adapters=len(names),
+                                                    max_rank=max([m.r[a] for a in present] or [1]),
+                                                    lora_dtype=m.lora_embedding_A[present[0]].dtype if present else None)
+            for a in present:
+                new.set_adapter(names.index(a), m.lora_embedding_A[a].detach(), m.lora_embedding_B[a].detach(),
+                                float(m.scaling[a]))
             return new
         if kind == "embedding":
             a = present[0]

@@ -277,11 +277,19 @@ def inject_multi_lora(model: nn.Module, target_modules: Targets, max_adapters: i
     """Replace the matching layers with :class:`MultiLoRALinear` (all slots empty); returns their names.
     Set the ids for a whole forward with ``peft_kernels.adapter_ids(model, ids)``. ``lora_dropout``: every
     slot's dropout p in training unless the adapter loaded into it says otherwise (``set_adapter(...,
-    dropout=p)``; ``load_peft_adapter(..., slot=i)`` takes the checkpoint's ``lora_dropout``)."""
-    names = find_targets(model, target_modules, exclude_modules)
-    return _replace(model, names, lambda lin: MultiLoRALinear.from_linear(
-        lin, max_adapters=max_adapters, max_rank=max_rank, backend=backend, lora_dtype=lora_dtype,
-        lora_dropout=lora_dropout))
+    dropout=p)``; ``load_peft_adapter(..., slot=i)`` takes the checkpoint's ``lora_dropout``). Embeddings named
+    in ``target_modules`` become :class:`MultiLoRAEmbedding` (no dropout, as PEFT's embedding LoRA)."""
+    from .nn.embedding import MultiLoRAEmbedding
+
+    names = find_targets(model, target_modules, exclude_modules, embeddings=True)
+
+    def make(lin):
+        if isinstance(lin, nn.Embedding):
+            return MultiLoRAEmbedding.from_embedding(lin, max_adapters=max_adapters, max_rank=max_rank,
+                                                     lora_dtype=lora_dtype)
+        return MultiLoRALinear.from_linear(lin, max_adapters=max_adapters, max_rank=max_rank, backend=backend,
+                                           lora_dtype=lora_dtype, lora_dropout=lora_dropout)
+    return _replace(model, names, make)
 
 
 def _lora_layers(model: nn.Module):

@@ -271,3 +271,22 @@ def test_gpu_resources_report(tmp_path):
                                                   int(r["smem_bytes"]))["occupancy"]
         assert 0 < float(r["occupancy"]) <= 1
     assert "occupancy" in p.stdout and "sm_90" in p.stdout
+
+
+def test_model_bench_quick_runs_end_to_end():
+    """``--op model`` (issue #18) on the packaged all-MiniLM-L6-v2, quick and without compiling: it trains ours,
+    PEFT and the frozen model, serves 8 adapters, and reports every number (finite, positive)."""
+    pytest.importorskip("peft")
+    from peft_kernels.bench import model as mb
+
+    res = mb.run(quick=True, compile_=False)
+    assert "all-MiniLM-L6-v2" in res["model"] or "random weights" in res["model"]
+    for t in ("q,v", "all-linear"):
+        r = res["train"][t]
+        assert all(0 < r[k] < 100 for k in ("ours/peft", "frozen/peft")), r
+        sv = res["saved_MiB"][t]
+        assert 0 < sv["ours"] < sv["peft"], sv  # ours saves less than PEFT for backward
+    assert 0 < res["serve"]["ours/peft"] < 100
+    text = mb.format_report(res)
+    assert "| q,v |" in text and "multi-adapter serving, 8 adapters" in text
+    assert len(mb.targets(res)) == 2 and all("#18" in line for line in mb.targets(res))

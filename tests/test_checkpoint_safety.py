@@ -126,11 +126,11 @@ def test_slot_loading_is_all_or_nothing(tmp_path, monkeypatch):
     real = pk.MultiLoRALinear.set_adapter
     calls = []
 
-    def failing_late(self, slot, A, B, s):
+    def failing_late(self, slot, A, B, s, dropout=None):
         calls.append(self)
         if self is m.v_proj:  # the second layer written (sorted names: q_proj, up_proj, v_proj)
             raise RuntimeError("device lost")
-        return real(self, slot, A, B, s)
+        return real(self, slot, A, B, s, dropout)
 
     monkeypatch.setattr(pk.MultiLoRALinear, "set_adapter", failing_late)
     with pytest.raises(RuntimeError, match="device lost"):

@@ -219,3 +219,63 @@ def test_the_table_peft_saves_beside_an_embedding_lora_is_applied(tmp_path):
     pk.load_peft_adapter(ours, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ many adapters
+def test_multi_lora_embedding_matches_one_adapter_per_token():
+    """Each token gets its own slot's update (or none): equal to LoRAEmbedding per adapter, forward and each
+    slot's gradients (only from its own tokens), in fp64 and fp32 against fp64."""
+    g = torch.Generator().manual_seed(0)
+    V, D, S, R = 40, 12, 3, 6
+    table = nn.Embedding(V, D, padding_idx=2)
+    mods = []
+    for a, r in enumerate((6, 2, 4)):
+        single = pk.LoRAEmbedding.from_embedding(copy.deepcopy(table), r=r, lora_alpha=2.0 * r + a,
+                                                 init_lora_weights=False)
+        mods.append(single)
+    multi = pk.nn.embedding.MultiLoRAEmbedding.from_embedding(copy.deepcopy(table), max_adapters=S, max_rank=R)
+    for a, single in enumerate(mods):
+        multi.set_adapter(a, single.lora_embedding_A.detach(), single.lora_embedding_B.detach(), single.scaling)
+    ids = torch.randint(0, V, (4, 9), generator=g)
+    ids[0, 0] = 2
+    aid = torch.randint(-1, S, (4, 9), generator=g)
+    dy = torch.randn(4, 9, D, generator=g)
+    y = multi(ids, aid)
+    y.backward(dy)
+    for a, single in enumerate(mods):
+        want = single(ids)
+        want.backward(dy * (aid == a)[..., None])
+        sel = aid == a
+        torch.testing.assert_close(y[sel], want[sel], rtol=1e-5, atol=1e-6)
+        r = single.r
+        torch.testing.assert_close(multi.lora_A.grad[a, :r], single.lora_embedding_A.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(multi.lora_B.grad[a, :, :r], single.lora_embedding_B.grad, rtol=1e-5, atol=1e-6)
+        assert not multi.lora_A.grad[a, r:].any() and not multi.lora_B.grad[a, :, r:].any()
+    torch.testing.assert_close(y[aid == -1], table(ids)[aid == -1])
+
+
+def test_multi_lora_embedding_from_peft_and_slots(tmp_path):
+    """Two PEFT adapters with embedding LoRA: from_peft serves them in one mixed batch (PEFT's adapter_names),
+    and a PEFT embedding adapter loads into / saves from a slot."""
+    torch.manual_seed(0)
+    cfg = dict(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+    pm = peft.get_peft_model(llama(), peft.LoraConfig(**cfg), adapter_name="a").eval()
+    pm.add_adapter("b", peft.LoraConfig(**dict(cfg, r=2)))
+    ids2 = torch.cat([IDS, IDS.flip(1)])
+    with torch.no_grad():
+        want = pm(ids2, adapter_names=["a", "b"]).logits
+    ours = pk.from_peft(copy.deepcopy(pm))
+    assert isinstance(ours.model.embed_tokens, pk.nn.embedding.MultiLoRAEmbedding)
+    with torch.no_grad(), pk.adapter_ids(ours, pk.adapter_names_to_ids(ours, ["a", "b"])):
+        torch.testing.assert_close(ours(ids2).logits, want, rtol=1e-5, atol=1e-6)
+    pm.set_adapter("b")
+    pm.save_pretrained(tmp_path / "p")  # adapter b in the subfolder "b"
+    m = llama()
+    pk.inject_multi_lora(m, ["embed_tokens", "q_proj"], max_adapters=2, max_rank=4)
+    pk.load_peft_adapter(m, tmp_path / "p", adapter_name="b", slot=1)
+    with torch.no_grad(), pk.adapter_ids(m, torch.tensor([1])):
+        torch.testing.assert_close(m(IDS.flip(1)).logits, want[1:], rtol=1e-5, atol=1e-6)
+    pk.save_peft_adapter(m, tmp_path / "ours", slot=1)
+    back = peft.PeftModel.from_pretrained(llama(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS.flip(1)).logits, want[1:], rtol=1e-5, atol=1e-6)

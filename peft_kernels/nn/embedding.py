@@ -1,6 +1,7 @@
 """``LoRAEmbedding``: a drop-in ``nn.Embedding`` with a LoRA update (HF PEFT's ``lora.Embedding``)."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Union
 
@@ -12,6 +13,7 @@ from .. import dispatch
 from ..ops.embedding import lora_embedding
 from ._disabled import adapters_disabled
 from .lora import load_unmerged
+from .multi_lora import MultiLoRALinear
 
 
 def check_embedding(emb: nn.Module, name: str = "embedding") -> None:
@@ -171,3 +173,68 @@ class LoRAEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, r={self.r}, lora_alpha={self.lora_alpha}, "
                 f"use_rslora={self.use_rslora}, padding_idx={self.padding_idx}, merged={self.merged}")
+
+
+class MultiLoRAEmbedding(MultiLoRALinear):
+    """Frozen ``nn.Embedding`` plus ``max_adapters`` embedding-LoRA slots; each token picks one (or none), set per
+    call or for a whole model with ``peft_kernels.adapter_ids(model, ids)``, like :class:`MultiLoRALinear` (whose
+    slot management it shares: ``set_adapter(slot, A [r, V], B [D, r], scaling)``, ``clear_adapter``,
+    ``get_adapter``, the readers/writer lock, the per-slot checks).
+
+    State: the frozen ``weight`` [V, D] (nn.Embedding's), ``lora_A`` [S, R, V] and ``lora_B`` [S, D, R] (slot ``a``
+    holds PEFT's ``lora_embedding_A`` / ``lora_embedding_B``), buffers ``scalings`` and ``ranks``. No dropout (as
+    PEFT's embedding LoRA). Op: ``peft_kernels.ops.embedding.multi_lora_embedding``.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, max_adapters: int = 8, max_rank: int = 16,
+                 padding_idx=None, device=None, dtype=None, lora_dtype: Optional[torch.dtype] = None,
+                 check_ids: bool = True, *, _base: Optional[nn.Embedding] = None):
+        self._emb_args = (padding_idx, device, dtype)
+        super().__init__(num_embeddings, embedding_dim, max_adapters, max_rank, bias=False, lora_dtype=lora_dtype,
+                         check_ids=check_ids, _base=_base)
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, max_adapters: int = 8, max_rank: int = 16,
+                       lora_dtype: Optional[torch.dtype] = None, check_ids: bool = True) -> "MultiLoRAEmbedding":
+        """Wrap ``emb``: its weight Parameter is reused (no copy) and frozen. All slots start empty."""
+        check_embedding(emb)
+        return cls(emb.num_embeddings, emb.embedding_dim, max_adapters, max_rank, lora_dtype=lora_dtype,
+                   check_ids=check_ids, _base=emb)
+
+    def _adopt_base(self, base, in_features, out_features, bias, device, dtype) -> None:
+        padding_idx, device, dtype = self.__dict__.pop("_emb_args")
+        if base is None:
+            base = nn.Embedding(in_features, out_features, padding_idx=padding_idx, device=device, dtype=dtype)
+        check_embedding(base, "the base embedding")
+        object.__setattr__(self, "_original_base", base)
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.bias = None
+        self.fan_in_fan_out = None
+        self.in_features, self.out_features = base.num_embeddings, base.embedding_dim
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx, self.scale_grad_by_freq = base.padding_idx, base.scale_grad_by_freq
+        if base.scale_grad_by_freq:
+            raise ValueError("MultiLoRAEmbedding: scale_grad_by_freq=True is not supported on multi-adapter embeddings")
+
+    def _base_forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight, self.padding_idx)
+
+    def forward(self, ids: torch.Tensor, adapter_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if adapters_disabled(self):
+            return self._base_forward(ids)
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+        a_ids = self._resolve_ids(adapter_ids, (*ids.shape, 1), ids.device)  # one token per id
+        with contextlib.nullcontext() if torch.compiler.is_compiling() else self._slots_lock.reading():
+            return self._run_op(ids, a_ids)
+
+    def _run_op(self, ids: torch.Tensor, a_ids) -> torch.Tensor:
+        from ..ops.embedding import multi_lora_embedding
+
+        return multi_lora_embedding(ids, self.weight, self.lora_A, self.lora_B, self.scalings, a_ids,
+                                    ranks=self.ranks, padding_idx=self.padding_idx, check_ids=self.check_ids)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, max_adapters={self.max_adapters}, "
+                f"max_rank={self.max_rank}, padding_idx={self.padding_idx}")

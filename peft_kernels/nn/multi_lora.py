@@ -345,29 +345,33 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, adapter_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if adapters_disabled(self):
             return self._base_forward(x)
-        if adapter_ids is None:
-            active = _active_ids(self)
-            if active is None:
-                raise ValueError("MultiLoRALinear.forward: adapter_ids is required (pass it, or set it for the whole "
-                                 "model with `with peft_kernels.adapter_ids(model, ids): ...`)")
-            if not isinstance(x, torch.Tensor) or x.dim() < 1:
-                raise TypeError(f"x must be a torch.Tensor with at least 1 dim, got {type(x).__name__}")
-            if torch.compiler.is_compiling():  # a graph takes the ids, not the host-side grouping
-                if active.ids is None:
-                    raise TypeError("under torch.compile, adapter_ids(model, ...) needs an id tensor, not a prebuilt "
-                                    "AdapterMapping (its host copies cannot be part of a graph)")
-                ids = active.ids
-            else:
-                ids = active.mapping(x.shape, self.max_adapters, x.device)
-        else:
-            ids = adapter_ids
-        w = self._op_weight()
+        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+            raise TypeError(f"x must be a torch.Tensor with at least 1 dim, got {type(x).__name__}")
+        ids = self._resolve_ids(adapter_ids, x.shape, x.device)
         # a graph cannot take the lock: under torch.compile, swap adapters between compiled calls
         with contextlib.nullcontext() if torch.compiler.is_compiling() else self._slots_lock.reading():
-            return multi_lora_linear(x, w, self.bias, self.lora_A, self.lora_B, self.scalings, ids,
-                                     ranks=self.ranks, backend=self.backend, path=self.path, check_ids=self.check_ids,
-                                     dropout_p=tuple(self.lora_dropout) if self.training else None,
-                                     training=self.training)
+            return self._run_op(x, ids)
+
+    def _resolve_ids(self, adapter_ids, x_shape, device):
+        """The call's ids, or those set by ``adapter_ids(model, ids)`` (as the shared grouping when eager)."""
+        if adapter_ids is not None:
+            return adapter_ids
+        active = _active_ids(self)
+        if active is None:
+            raise ValueError(f"{type(self).__name__}.forward: adapter_ids is required (pass it, or set it for the whole "
+                             "model with `with peft_kernels.adapter_ids(model, ids): ...`)")
+        if torch.compiler.is_compiling():  # a graph takes the ids, not the host-side grouping
+            if active.ids is None:
+                raise TypeError("under torch.compile, adapter_ids(model, ...) needs an id tensor, not a prebuilt "
+                                "AdapterMapping (its host copies cannot be part of a graph)")
+            return active.ids
+        return active.mapping(x_shape, self.max_adapters, device)
+
+    def _run_op(self, x: torch.Tensor, ids) -> torch.Tensor:
+        return multi_lora_linear(x, self._op_weight(), self.bias, self.lora_A, self.lora_B, self.scalings, ids,
+                                 ranks=self.ranks, backend=self.backend, path=self.path, check_ids=self.check_ids,
+                                 dropout_p=tuple(self.lora_dropout) if self.training else None,
+                                 training=self.training)
 
     def __getstate__(self):  # deepcopy / pickle: a lock does not copy; the copy gets its own
         state = self.__dict__.copy()

@@ -136,3 +136,61 @@ class _NoCtx:
 
 def embedding_base(ids, weight, padding_idx=None):
     return F.embedding(ids, weight, padding_idx=padding_idx)
+
+
+def multi_lora_embedding(ids: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                         scalings, adapter_ids, *, ranks: Optional[torch.Tensor] = None,
+                         padding_idx: Optional[int] = None, check_ids: bool = True) -> torch.Tensor:
+    """Many embedding LoRAs, one chosen per token: ``y_t = W[i_t] + s_a · B_a[:, :r_a]·A_a[:r_a, i_t]``,
+    ``a = adapter_ids[t]`` (-1: the table only).
+
+    ``lora_A`` [S, R, V] and ``lora_B`` [S, D, R] are the slot stacks (slot ``a`` holds PEFT's
+    ``lora_embedding_A`` [r, V] in ``lora_A[a, :r]`` and ``lora_embedding_B`` [D, r] in ``lora_B[a, :, :r]``),
+    ``scalings``/``ranks`` [S]. ``adapter_ids``: one id per token of ``ids`` (or per row of a 2-D ``ids``), or an
+    ``AdapterMapping`` built for ``ids.numel()`` tokens. Tokens are grouped by adapter once (``build_mapping``)
+    and each adapter's tokens take one gather of A's columns and one GEMM; autograd gives dA and dB (the gather's
+    gradient follows ``F.embedding``'s rules for ``padding_idx``). Torch ops on every device (see
+    :func:`lora_embedding` for why there is no kernel)."""
+    from ..ops.multi_lora import AdapterMapping, _as_float_vector, _build_mapping
+    from ..reference import expand_adapter_ids
+
+    for name, t in (("ids", ids), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be the 2-D table [num_embeddings, embedding_dim], got {tuple(weight.shape)}")
+    V, D = weight.shape
+    if lora_A.dim() != 3 or lora_A.shape[2] != V:
+        raise ValueError(f"lora_A must have shape [slots, max_rank, num_embeddings={V}], got {tuple(lora_A.shape)}")
+    S, R = lora_A.shape[:2]
+    if tuple(lora_B.shape) != (S, D, R):
+        raise ValueError(f"lora_B must have shape [slots={S}, embedding_dim={D}, max_rank={R}], got {tuple(lora_B.shape)}")
+    pad = validate(ids, weight, lora_A[0], lora_B[0], 1.0, padding_idx)
+    scal = _as_float_vector(scalings, "scalings", S, weight.device, torch.float64)
+    ranks_h = [R] * S if ranks is None else [min(max(int(v), 0), R) for v in ranks.tolist()]
+    flat = ids.reshape(-1).long()
+    T = flat.numel()
+    if isinstance(adapter_ids, AdapterMapping):
+        m = adapter_ids
+        if m.num_tokens != T or m.num_slots != S:
+            raise ValueError(f"adapter_ids (an AdapterMapping) is for {m.num_tokens} tokens and {m.num_slots} slots; "
+                             f"ids has {T} tokens and lora_A {S} slots")
+    else:
+        a_ids = expand_adapter_ids(adapter_ids, (*ids.shape, 1))
+        m, _ = _build_mapping(a_ids, T, S, weight.device, check_ids)
+    y = F.embedding(flat, weight, padding_idx=pad)
+    perm = m._perm.long()
+    parts, rows = [], []
+    for a, s, e in zip(m.slots, m.starts, m.starts[1:]):
+        r = ranks_h[a]
+        if r == 0:
+            continue
+        toks = flat.index_select(0, perm[s:e])
+        Sa = F.embedding(toks, lora_A[a, :r].t(), padding_idx=pad)  # [n, r]
+        parts.append((Sa @ lora_B[a, :, :r].t()) * float(scal[a]))
+        rows.append(perm[s:e])
+    if not parts:
+        return y.view(*ids.shape, D)
+    Z = torch.cat(parts)
+    out = y.to(Z.dtype).index_add(0, torch.cat(rows), Z)
+    return out.to(weight.dtype).view(*ids.shape, D)

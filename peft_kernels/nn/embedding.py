@@ -232,6 +232,14 @@ class MultiLoRAEmbedding(MultiLoRALinear):
     def _run_op(self, ids: torch.Tensor, a_ids) -> torch.Tensor:
         from ..ops.embedding import multi_lora_embedding
 
+        if torch.compiler.is_compiling():  # one custom op: the grouping's host reads stay out of the graph
+            from ..ops._compiled import multi_lora_embedding_fwd
+            from ..reference import expand_adapter_ids
+
+            a = expand_adapter_ids(a_ids, (*ids.shape, 1)).reshape(ids.shape).to(torch.int64)
+            return multi_lora_embedding_fwd(ids.to(torch.int64), self.weight, self.lora_A, self.lora_B,
+                                            self.scalings.to(torch.float64), self.ranks, a,
+                                            -1 if self.padding_idx is None else int(self.padding_idx))
         return multi_lora_embedding(ids, self.weight, self.lora_A, self.lora_B, self.scalings, a_ids,
                                     ranks=self.ranks, padding_idx=self.padding_idx, check_ids=self.check_ids)
 

@@ -7,6 +7,7 @@ reads a graph cannot (a dropout seed's round keys, the multi-adapter token group
   * ``peft_kernels_py::multi_lora_fwd`` / ``_bwd``: ``multi_lora_linear``'s grouped path. The op groups the
     tokens itself (one counting sort) and returns S padded to ``[T, R]`` (a data-independent shape); the
     backward op groups again from the same ids (cheaper than carrying the grouping through the graph).
+  * ``peft_kernels_py::multi_lora_embedding_fwd`` / ``_bwd``: ``MultiLoRAEmbedding``'s lookup, likewise.
 """
 from __future__ import annotations
 
@@ -151,3 +152,49 @@ def _multi_backward(ctx, dy, _dS):
 
 
 multi_lora_fwd.register_autograd(_multi_backward, setup_context=_multi_setup)
+
+
+# ------------------------------------------------------------------------------------ multi_lora_embedding
+@torch.library.custom_op(f"{_NS}::multi_lora_embedding_fwd", mutates_args=())
+def multi_lora_embedding_fwd(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scal: Tensor, ranks: Tensor,
+                             adapter_ids: Tensor, padding_idx: int) -> Tensor:
+    from .embedding import multi_lora_embedding
+
+    return multi_lora_embedding(ids, weight, lora_A, lora_B, scal, adapter_ids, ranks=ranks,
+                                padding_idx=None if padding_idx < 0 else padding_idx, check_ids=False).clone()
+
+
+@multi_lora_embedding_fwd.register_fake
+def _(ids, weight, lora_A, lora_B, scal, ranks, adapter_ids, padding_idx):
+    return weight.new_empty((*ids.shape, weight.shape[1]))
+
+
+@torch.library.custom_op(f"{_NS}::multi_lora_embedding_bwd", mutates_args=())
+def multi_lora_embedding_bwd(dy: Tensor, ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scal: Tensor,
+                             ranks: Tensor, adapter_ids: Tensor, padding_idx: int) -> Tuple[Tensor, Tensor]:
+    """dA, dB per adapter (``ops.embedding.multi_lora_embedding_grads``; autograd does not run inside an op)."""
+    from .embedding import multi_lora_embedding_grads
+
+    return multi_lora_embedding_grads(dy, ids, lora_A, lora_B, scal, ranks, adapter_ids,
+                                      None if padding_idx < 0 else padding_idx)
+
+
+@multi_lora_embedding_bwd.register_fake
+def _(dy, ids, weight, lora_A, lora_B, scal, ranks, adapter_ids, padding_idx):
+    return lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+
+
+def _emb_setup(ctx, inputs, output):
+    ids, weight, A, B, scal, ranks, a_ids, pad = inputs
+    ctx.save_for_backward(ids, weight, A, B, scal, ranks, a_ids)
+    ctx.pad = pad
+
+
+def _emb_backward(ctx, dy):
+    ids, weight, A, B, scal, ranks, a_ids = ctx.saved_tensors
+    dA, dB = multi_lora_embedding_bwd(dy, ids, weight, A, B, scal, ranks, a_ids, ctx.pad)
+    return (None, None, dA if ctx.needs_input_grad[2] else None, dB if ctx.needs_input_grad[3] else None,
+            None, None, None, None)
+
+
+multi_lora_embedding_fwd.register_autograd(_emb_backward, setup_context=_emb_setup)

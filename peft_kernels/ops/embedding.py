@@ -194,3 +194,33 @@ def multi_lora_embedding(ids: torch.Tensor, weight: torch.Tensor, lora_A: torch.
     Z = torch.cat(parts)
     out = y.to(Z.dtype).index_add(0, torch.cat(rows), Z)
     return out.to(weight.dtype).view(*ids.shape, D)
+
+
+def multi_lora_embedding_grads(dy, ids, lora_A, lora_B, scalings, ranks, adapter_ids, padding_idx=None):
+    """(dA, dB) of :func:`multi_lora_embedding` for the output gradient ``dy`` (what its autograd computes: the
+    compiled path's backward). Per adapter a with rank r: S = Aᵀ[ids] (its tokens), dB = s·dYᵀ·S, dA[:, ids] +=
+    (s·dY·B)ᵀ, padding tokens giving A no gradient."""
+    from ..ops.multi_lora import _build_mapping
+    from ..reference import expand_adapter_ids
+
+    S, R = lora_A.shape[:2]
+    flat = ids.reshape(-1).long()
+    T = flat.numel()
+    m, _ = _build_mapping(expand_adapter_ids(adapter_ids, (*ids.shape, 1)), T, S, lora_A.device, False)
+    ranks_h = [min(max(int(v), 0), R) for v in ranks.tolist()]
+    scal_h = [float(v) for v in scalings.tolist()]
+    dy2 = dy.reshape(T, -1).to(lora_A.dtype)
+    dA, dB = torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+    perm = m._perm.long()
+    for a, s, e in zip(m.slots, m.starts, m.starts[1:]):
+        r = ranks_h[a]
+        if r == 0:
+            continue
+        toks = flat.index_select(0, perm[s:e])
+        dz = dy2.index_select(0, perm[s:e]) * scal_h[a]
+        dB[a, :, :r] = dz.t() @ lora_A[a, :r].index_select(1, toks).t()
+        dS = dz @ lora_B[a, :, :r]
+        if padding_idx is not None:
+            dS = dS * (toks != padding_idx).to(dS.dtype)[:, None]
+        dA[a, :r].index_add_(1, toks, dS.t())
+    return dA, dB

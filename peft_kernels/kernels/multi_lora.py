@@ -371,6 +371,8 @@ def _outer(cfg, P, p_gather, Q, q_gather, out, scal, m, ranks, rank_on_i, has_sc
     """out[slot] (viewed [S, I, J]) = s? · Σ over the slot's tokens of P[row]ᵀ drop?(Q[row])."""
     c = cfg["outer"]
     dptrs, dropout = _drop_args(drop, ranks)
+    if dropout:  # the hash of a [BLOCK_M, BLOCK_J] tile takes registers: 8 warps share them (triton 3.6 spilled at 4)
+        c = replace(c, num_warps=8)
     I, J = out.shape[1], out.shape[2]
     bi, bj = (c.r, c.k) if rank_on_i else (c.k, c.r)
     _seg_outer_kernel[(m.num_segments, triton.cdiv(I, bi), triton.cdiv(J, bj))](

@@ -239,6 +239,14 @@ def _check_targeted(cfg: dict, mod: str, src: str) -> None:
         raise CheckpointError(f"{src}: the weights hold {mod!r}, which exclude_modules {ex!r} excludes")
 
 
+def _submodule(model: nn.Module, mod: str, src: str) -> nn.Module:
+    """The checkpoint's module ``mod`` in ``model``; CheckpointError when the model has none."""
+    try:
+        return model.get_submodule(mod)
+    except AttributeError:
+        raise CheckpointError(f"{src}: the model has no module {mod!r}") from None
+
+
 def _no_aliases(model: nn.Module, names, src: str) -> None:
     """Two names of the checkpoint that reach one module object would load two adapters into one layer."""
     seen: Dict[int, str] = {}
@@ -284,10 +292,7 @@ def _plan(model: nn.Module, cfg: dict, sd: Dict[str, torch.Tensor], slot: Option
             raise CheckpointError(f"{src}: {mod!r} has no lora_B.bias but the config says lora_bias=True")
         if cfg.get("use_dora", False) and "mag" not in g:
             raise CheckpointError(f"{src}: {mod!r} has no lora_magnitude_vector but the config says use_dora=True")
-        try:
-            target = model.get_submodule(mod)
-        except AttributeError:
-            raise CheckpointError(f"{src}: the model has no module {mod!r}") from None
+        target = _submodule(model, mod, src)
         if isinstance(target, MultiLoRALinear):
             if slot is None:
                 raise CheckpointError(f"{mod!r} is a MultiLoRALinear: pass slot=<index> to load into one of its slots")
@@ -343,10 +348,7 @@ def _plan_embedding(model, mod: str, g: dict, slot, r, alpha, src: str) -> _Laye
                               f"linear layer's LoRA), got {sorted(g)}")
     from .nn.embedding import MultiLoRAEmbedding
 
-    try:
-        target = model.get_submodule(mod)
-    except AttributeError:
-        raise CheckpointError(f"{src}: the model has no module {mod!r}") from None
+    target = _submodule(model, mod, src)
     if isinstance(target, MultiLoRAEmbedding):
         if slot is None:
             raise CheckpointError(f"{mod!r} is a MultiLoRAEmbedding: pass slot=<index> to load into one of its slots")
@@ -542,10 +544,7 @@ def _load_ia3(model: nn.Module, cfg: dict, sd: Dict[str, torch.Tensor], src: str
             raise CheckpointError(f"{src}: unexpected key {key!r} (not an IA3 ia3_l tensor)")
         mod = m["mod"]
         _check_targeted(cfg, mod, src)
-        try:
-            target = model.get_submodule(mod)
-        except AttributeError:
-            raise CheckpointError(f"{src}: the model has no module {mod!r}") from None
+        target = _submodule(model, mod, src)
         if not (isinstance(target, nn.Linear) or is_conv1d(target)) or isinstance(target, (LoRALinear,)):
             raise CheckpointError(f"{src}: {mod!r} is a {type(target).__name__}, not a plain linear layer")
         in_f, out_f = base_features(target)

@@ -156,9 +156,14 @@ def _embedding_types():
 @contextlib.contextmanager
 def frozen_by_us(model: nn.Module):
     """Remember the parameters that the block turns from trainable to frozen, so ``peft_kernels.unload`` turns
-    them back on."""
+    them back on; if the block raises, they are trainable again (a failed injection changes nothing)."""
     before = [p for p in model.parameters() if p.requires_grad]
-    yield
+    try:
+        yield
+    except BaseException:
+        for p in before:  # (building a layer freezes its base)
+            p.requires_grad_(True)
+        raise
     froze = model.__dict__.setdefault("_peft_kernels_frozen", [])
     seen = {id(p) for p in froze}
     froze.extend(p for p in before if not p.requires_grad and id(p) not in seen)
@@ -174,24 +179,16 @@ def _freeze_rest(model: nn.Module) -> None:
 
 def _replace(model: nn.Module, names: List[str], make: Callable[[nn.Module], nn.Module]) -> List[str]:
     """Swap in the new layers, then freeze every parameter that is not an adapter's."""
-    before = [p for p in model.parameters() if p.requires_grad]
-    try:
+    with frozen_by_us(model):
         new = {n: make(model.get_submodule(n)) for n in names}  # build all first: a failure changes nothing
-    except BaseException:
-        for p in before:  # (building a layer freezes its base)
-            p.requires_grad_(True)
-        raise
-    # a layer reachable under several names (aliased, e.g. tied) is replaced under every one of them by the
-    # same new module, so the model stays tied
-    paths = _module_paths(model)
-    ids = {n: id(model.get_submodule(n)) for n in new}
-    for n, m in new.items():
-        for alias in paths.get(ids[n], [n]):
-            _set_module(model, alias, m)
-    _freeze_rest(model)
-    froze = model.__dict__.setdefault("_peft_kernels_frozen", [])
-    seen = {id(p) for p in froze}
-    froze.extend(p for p in before if not p.requires_grad and id(p) not in seen)
+        # a layer reachable under several names (aliased, e.g. tied) is replaced under every one of them by the
+        # same new module, so the model stays tied
+        paths = _module_paths(model)
+        ids = {n: id(model.get_submodule(n)) for n in new}
+        for n, m in new.items():
+            for alias in paths.get(ids[n], [n]):
+                _set_module(model, alias, m)
+        _freeze_rest(model)
     return names
 
 

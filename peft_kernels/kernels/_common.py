@@ -209,33 +209,25 @@ def _fmix32(h):
 
 
 @triton.jit
-def _hash_keep_kernel(out_ptr, seed_ptr, n, offset, thr, BLOCK: tl.constexpr):
-    # the torch backend's mask (ops._torch_dropout.keep_mask) for elements [offset, offset + n), in one pass;
-    # the round keys are derived here from the seed's two 32-bit words as ``_torch_dropout.keys`` does
+def hash_keep(seed_ptr, idx, thr):
+    """Kept (True) where the keyed hash of element index ``idx`` (int64) is ≥ ``thr``: the torch backend's mask
+    (``ops._torch_dropout.keep_mask`` / ``rows_keep``), bit for bit, inside a kernel. The round keys are derived
+    from the seed's two 32-bit words as ``_torch_dropout.keys`` does."""
     s = tl.load(seed_ptr)
     k0 = _fmix32(s.to(tl.uint32) ^ 0x9E3779B9)  # int64 -> uint32 truncates: the low word
     k1 = _fmix32((s >> 32).to(tl.uint32) ^ k0 ^ 0x85EBCA77)
     k2 = _fmix32(k1 ^ 0xC2B2AE3D)
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    idx = i + offset
     h = _fmix32(idx.to(tl.uint32) ^ k0)
     h = _fmix32(h ^ (idx >> 32).to(tl.uint32) ^ k1)
     h = _fmix32(h ^ k2)
-    tl.store(out_ptr + i, h.to(tl.int64) >= thr, mask=i < n)  # uint32 -> int64 zero-extends
+    return h.to(tl.int64) >= thr  # uint32 -> int64 zero-extends
 
 
 @triton.jit
-def hash_keep(seed_ptr, idx, thr):
-    """Kept (True) where the keyed hash of element index ``idx`` (int64) is ≥ ``thr``: the torch backend's mask
-    (``ops._torch_dropout.rows_keep``), bit for bit, inside a kernel."""
-    s = tl.load(seed_ptr)
-    k0 = _fmix32(s.to(tl.uint32) ^ 0x9E3779B9)
-    k1 = _fmix32((s >> 32).to(tl.uint32) ^ k0 ^ 0x85EBCA77)
-    k2 = _fmix32(k1 ^ 0xC2B2AE3D)
-    h = _fmix32(idx.to(tl.uint32) ^ k0)
-    h = _fmix32(h ^ (idx >> 32).to(tl.uint32) ^ k1)
-    h = _fmix32(h ^ k2)
-    return h.to(tl.int64) >= thr
+def _hash_keep_kernel(out_ptr, seed_ptr, n, offset, thr, BLOCK: tl.constexpr):
+    # the torch backend's mask (ops._torch_dropout.keep_mask) for elements [offset, offset + n), in one pass
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, hash_keep(seed_ptr, i + offset, thr), mask=i < n)
 
 
 def hash_keep_mask(seed: torch.Tensor, thr: int, n: int, offset: int, device) -> torch.Tensor:

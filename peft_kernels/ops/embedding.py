@@ -167,7 +167,6 @@ def multi_lora_embedding(ids: torch.Tensor, weight: torch.Tensor, lora_A: torch.
         raise ValueError(f"lora_B must have shape [slots={S}, embedding_dim={D}, max_rank={R}], got {tuple(lora_B.shape)}")
     pad = validate(ids, weight, lora_A[0], lora_B[0], 1.0, padding_idx)
     scal = _as_float_vector(scalings, "scalings", S, weight.device, torch.float64)
-    ranks_h = [R] * S if ranks is None else [min(max(int(v), 0), R) for v in ranks.tolist()]
     flat = ids.reshape(-1).long()
     T = flat.numel()
     if isinstance(adapter_ids, AdapterMapping):
@@ -179,21 +178,27 @@ def multi_lora_embedding(ids: torch.Tensor, weight: torch.Tensor, lora_A: torch.
         a_ids = expand_adapter_ids(adapter_ids, (*ids.shape, 1))
         m, _ = _build_mapping(a_ids, T, S, weight.device, check_ids)
     y = F.embedding(flat, weight, padding_idx=pad)
-    perm = m._perm.long()
     parts, rows = [], []
-    for a, s, e in zip(m.slots, m.starts, m.starts[1:]):
-        r = ranks_h[a]
-        if r == 0:
-            continue
-        toks = flat.index_select(0, perm[s:e])
+    for a, r, seg_rows, toks in _token_segments(flat, m, ranks, R):
         Sa = F.embedding(toks, lora_A[a, :r].t(), padding_idx=pad)  # [n, r]
         parts.append((Sa @ lora_B[a, :, :r].t()) * float(scal[a]))
-        rows.append(perm[s:e])
+        rows.append(seg_rows)
     if not parts:
         return y.view(*ids.shape, D)
     Z = torch.cat(parts)
     out = y.to(Z.dtype).index_add(0, torch.cat(rows), Z)
     return out.to(weight.dtype).view(*ids.shape, D)
+
+
+def _token_segments(flat, m, ranks, R: int):
+    """(slot, rank, rows, token ids) of each adapter's tokens in the grouping ``m``, ranks clamped to [0, R] and
+    rank-0 slots skipped (``ops.multi_lora._segments``)."""
+    from .multi_lora import _segments
+
+    perm = m._perm.long()
+    for a, s, e, r in _segments(m, [R] * m.num_slots if ranks is None else ranks.tolist(), R):
+        rows = perm[s:e]
+        yield a, r, rows, flat.index_select(0, rows)
 
 
 def multi_lora_embedding_grads(dy, ids, lora_A, lora_B, scalings, ranks, adapter_ids, padding_idx=None):
@@ -207,17 +212,11 @@ def multi_lora_embedding_grads(dy, ids, lora_A, lora_B, scalings, ranks, adapter
     flat = ids.reshape(-1).long()
     T = flat.numel()
     m, _ = _build_mapping(expand_adapter_ids(adapter_ids, (*ids.shape, 1)), T, S, lora_A.device, False)
-    ranks_h = [min(max(int(v), 0), R) for v in ranks.tolist()]
     scal_h = [float(v) for v in scalings.tolist()]
     dy2 = dy.reshape(T, -1).to(lora_A.dtype)
     dA, dB = torch.zeros_like(lora_A), torch.zeros_like(lora_B)
-    perm = m._perm.long()
-    for a, s, e in zip(m.slots, m.starts, m.starts[1:]):
-        r = ranks_h[a]
-        if r == 0:
-            continue
-        toks = flat.index_select(0, perm[s:e])
-        dz = dy2.index_select(0, perm[s:e]) * scal_h[a]
+    for a, r, rows, toks in _token_segments(flat, m, ranks, R):
+        dz = dy2.index_select(0, rows) * scal_h[a]
         dB[a, :, :r] = dz.t() @ lora_A[a, :r].index_select(1, toks).t()
         dS = dz @ lora_B[a, :, :r]
         if padding_idx is not None:

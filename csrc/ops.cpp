@@ -13,6 +13,7 @@ at::Tensor dropout_keep_mask(int64_t M, int64_t K, int64_t k0, int64_t k1, int64
                              int64_t offset);
 at::Tensor lora_dropout_shrink(const at::Tensor& x, const at::Tensor& A, int64_t k0, int64_t k1, int64_t k2,
                                int64_t thr);
+at::Tensor hash_dropout(const at::Tensor& x, int64_t k0, int64_t k1, int64_t k2, int64_t thr, double scale);
 std::tuple<at::Tensor, at::Tensor> lora_dropout_bwd(const at::Tensor& dS, const at::Tensor& x, const at::Tensor& A,
                                                     int64_t k0, int64_t k1, int64_t k2, int64_t thr, bool need_dx,
                                                     bool need_da);
@@ -49,6 +50,8 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, c
 TORCH_LIBRARY(peft_kernels, m) {
   // keep-mask of the torch backend's dropout for element indices offset + m*K + k (tests, debugging)
   m.def("dropout_keep_mask(int M, int K, int k0, int k1, int k2, int thr, int offset=0) -> Tensor");
+  // whole-tensor dropout with the same mask: x * (keep ? scale : 0) by flat index (ops/hash_dropout.py)
+  m.def("hash_dropout(Tensor x, int k0, int k1, int k2, int thr, float scale) -> Tensor");
   m.def("lora_dropout_shrink(Tensor x, Tensor lora_A, int k0, int k1, int k2, int thr) -> Tensor");
   // (dX, dA); an output not asked for is an empty tensor
   m.def("lora_dropout_bwd(Tensor dS, Tensor x, Tensor lora_A, int k0, int k1, int k2, int thr, bool need_dx, "
@@ -98,6 +101,7 @@ TORCH_LIBRARY(peft_kernels, m) {
 TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
   m.impl("lora_dropout_shrink", &peft_kernels::cpu::lora_dropout_shrink);
   m.impl("lora_dropout_bwd", &peft_kernels::cpu::lora_dropout_bwd);
+  m.impl("hash_dropout", &peft_kernels::cpu::hash_dropout);
   m.impl("multi_lora_fwd", &peft_kernels::cpu::multi_lora_fwd);
   m.impl("multi_lora_bwd", &peft_kernels::cpu::multi_lora_bwd);
   m.impl("bgmv_shrink", &peft_kernels::cpu::bgmv_shrink);

@@ -21,10 +21,14 @@ from . import dispatch, reference
 from .dispatch import BackendUnavailable
 from .checkpoint import CheckpointError, adapter_names_to_ids, from_peft, load_peft_adapter, save_peft_adapter
 from .inject import inject_ia3, inject_lora, inject_multi_lora, lora_state_dict, merge_lora, unmerge_lora
-from .model import disable_adapters, merge_and_unload, print_trainable_parameters, trainable_parameters, unload
+from .model import (disable_adapters, merge_and_unload, print_trainable_parameters, trainable_parameters, unload,
+                    use_hash_dropout)
 from .nn import (AdapterLinear, BottleneckAdapter, IA3Linear, LoRAEmbedding, LoRALinear, ModulesToSave, MultiLoRAEmbedding,
                  MultiLoRALinear, adapter_ids)
 from .ops.embedding import lora_embedding
+from .ops.hash_dropout import hash_dropout
+from .ops.linear_ce import linear_cross_entropy
+from .nn.lm_head import causal_lm_loss, head_cross_entropy
 from .ops.bottleneck import adapter_linear, bottleneck_adapter
 from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
@@ -47,4 +51,5 @@ __all__ = ["PromptTuning", "PrefixTuning", "inject_ia3", "ia3_linear", "IA3Linea
            "inject_lora", "inject_multi_lora", "merge_lora", "unmerge_lora", "lora_state_dict", "load_peft_adapter",
            "save_peft_adapter", "CheckpointError", "from_peft", "adapter_names_to_ids", "LoRAEmbedding", "MultiLoRAEmbedding", "lora_embedding",
            "ModulesToSave", "merge_and_unload", "unload", "disable_adapters", "trainable_parameters",
-           "print_trainable_parameters"]
+           "print_trainable_parameters", "use_hash_dropout", "hash_dropout", "HashDropout",
+           "linear_cross_entropy", "head_cross_entropy", "causal_lm_loss"]

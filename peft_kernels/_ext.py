@@ -57,6 +57,9 @@ def _register_fakes() -> None:
         return (A.new_empty(A.shape) if need_da else A.new_empty((0,)),
                 B.new_empty(B.shape) if need_db else B.new_empty((0,)))
 
+    def hash_dropout(x, *keys_and_scale):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
     def group(ids, num_slots):
         ctx = torch.library.get_ctx()
         ta, g, bad = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
@@ -70,7 +73,7 @@ def _register_fakes() -> None:
     for name, fn in (("dequantize_4bit", dequantize_4bit), ("bgmv_shrink", shrink), ("sgmv_shrink", shrink), ("bgmv_expand", nothing),
                      ("sgmv_expand", nothing), ("lora_expand", nothing), ("lora_dropout_shrink", dropout_shrink),
                      ("lora_dropout_bwd", dropout_bwd), ("multi_lora_fwd", multi_fwd), ("multi_lora_bwd", multi_bwd),
-                     ("group_by_adapter", group)):
+                     ("group_by_adapter", group), ("hash_dropout", hash_dropout)):
         torch.library.register_fake(f"peft_kernels::{name}")(fn)
 
 

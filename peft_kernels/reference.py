@@ -207,3 +207,52 @@ def lora_embedding_ref(ids: torch.Tensor, weight: torch.Tensor, lora_A: torch.Te
     base = F.embedding(ids, weight, padding_idx=padding_idx)
     upd = F.embedding(ids, lora_A.t(), padding_idx=padding_idx) @ lora_B.t() * scaling
     return (base.to(upd.dtype) + upd).to(weight.dtype) if upd.dtype != weight.dtype else base + upd
+
+
+def dropout_ref(x: torch.Tensor, dropout_mask: torch.Tensor) -> torch.Tensor:
+    """Inverted dropout with given factors (``ops.hash_dropout``): ``y = x ⊙ mask``, mask 0 or the keep scale."""
+    return x * dropout_mask.to(x.dtype)
+
+
+def sdpa_attention_ref(q, k, v, attn_mask=None, is_causal: bool = False, scale=None,
+                       dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Scaled dot-product attention with the dropout factors applied to the probabilities (``nn.dropout``'s
+    attention function): ``softmax(q·kᵀ·scale + mask) ⊙ dropout_mask · v``. ``attn_mask``: bool (True = attend)
+    or additive; a query row that a bool mask hides entirely gives zeros, as ``F.scaled_dot_product_attention``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    w = (q @ k.transpose(-2, -1)) * scale
+    hidden = None
+    if is_causal:
+        hidden = ~torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    elif attn_mask is not None and attn_mask.dtype == torch.bool:
+        hidden = ~attn_mask
+    elif attn_mask is not None:
+        w = w + attn_mask
+    if hidden is not None:
+        w = w.masked_fill(hidden, float("-inf"))
+    p = torch.softmax(w, dim=-1)
+    if hidden is not None:
+        p = torch.nan_to_num(p, nan=0.0)
+    if dropout_mask is not None:
+        p = p * dropout_mask.to(p.dtype)
+    return p @ v
+
+
+def linear_cross_entropy_ref(hidden, weight, labels, bias=None, lora_A=None, lora_B=None, scaling: float = 1.0,
+                             dropout_mask=None, ignore_index: int = -100, label_smoothing: float = 0.0,
+                             z_loss: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """The unfused head loss (``ops.linear_ce``): the full logits, ``F.cross_entropy`` on them, plus
+    ``z_loss · logsumexp²`` per non-ignored token; "mean" divides by the non-ignored count."""
+    if lora_A is not None:
+        logits = lora_linear_ref(hidden, weight, bias, lora_A, lora_B, scaling, dropout_mask)
+    else:
+        logits = F.linear(hidden, weight, bias)
+    V = weight.shape[0]
+    lg, t = logits.reshape(-1, V), labels.reshape(-1).long()
+    tok = F.cross_entropy(lg, t, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none")
+    valid = t != ignore_index
+    if z_loss:
+        tok = tok + torch.where(valid, z_loss * torch.logsumexp(lg, dim=-1) ** 2, 0.0)
+    if reduction == "none":
+        return tok.view(labels.shape)
+    return tok.sum() / valid.sum() if reduction == "mean" else tok.sum()

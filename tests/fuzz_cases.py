@@ -213,6 +213,27 @@ def group_raw_bad(_examples):
     expect_error("lora_dropout_bwd dS cols", lambda: ops.lora_dropout_bwd(torch.zeros(T, R + 1), x, wA[0], 1, 2, 3, 5,
                                                                           True, True), "dS")
     expect_error("dropout_keep_mask M<0", lambda: ops.dropout_keep_mask(-1, 4, 1, 2, 3, 5), "")
+    expect_error("hash_dropout int", lambda: ops.hash_dropout(torch.ones(3, dtype=torch.int32), 1, 2, 3, 5, 1.5), "x")
+    expect_error("hash_dropout bool", lambda: ops.hash_dropout(torch.ones(3, dtype=torch.bool), 1, 2, 3, 5, 1.5), "x")
+    expect_error("hash_dropout key<0", lambda: ops.hash_dropout(x, 1, -2, 3, 5, 1.5), "uint32")
+    expect_error("hash_dropout key>=2^32", lambda: ops.hash_dropout(x, 1, 2, 2**32, 5, 1.5), "uint32")
+    expect_error("hash_dropout thr>=2^32", lambda: ops.hash_dropout(x, 1, 2, 3, 2**32, 1.5), "uint32")
+    for bad in (0.5, float("nan"), float("inf"), -1.0):
+        expect_error(f"hash_dropout scale={bad}", lambda bad=bad: ops.hash_dropout(x, 1, 2, 3, 5, bad), "scale")
+    # any shape, stride and size (0-d and empty included): the definition, element by element
+    from peft_kernels.ops import _torch_dropout as _td
+    for name, t in {"0-d": torch.tensor(2.5), "empty": torch.zeros(0, 7), "strided": torch.randn(9, 31)[::2, 1::3],
+                    "transposed 3-D": torch.randn(4, 5, 6).transpose(0, 2), "bf16": torch.randn(33).bfloat16(),
+                    "odd 1-D": torch.randn(4099)}.items():
+        case(f"hash_dropout {name}")
+        got = ops.hash_dropout(t, 7, 8, 9, 2**31, 2.0)
+        k = _td.Keys(7, 8, 9, 2**31)
+        idx = torch.arange(t.numel(), dtype=torch.int64)
+        h = _td._fmix32(_td._fmix32(_td._fmix32((idx & 0xFFFFFFFF) ^ k.k0) ^ (idx >> 32) ^ k.k1) ^ k.k2)
+        want = (t.contiguous().reshape(-1) * ((h >= k.thr).float() * 2.0)).to(t.dtype).view(t.shape)
+        if got.shape != t.shape or not torch.equal(got, want):
+            fail(f"hash_dropout {name}", "differs from the mask's definition")
+        results["checked"] += 1
     # ranks past R (or negative) are clamped to [0, R]: the same result as the clamped ranks, no error
     for n, rk in {"ranks>R": [9, 0, 2**31 - 1], "ranks<0": [-4, 0, -2**31]}.items():
         clamped = i32([min(max(v, 0), R) for v in rk])

@@ -283,10 +283,27 @@ def test_model_bench_quick_runs_end_to_end():
     assert "all-MiniLM-L6-v2" in res["model"] or "random weights" in res["model"]
     for t in ("q,v", "all-linear"):
         r = res["train"][t]
-        assert all(0 < r[k] < 100 for k in ("ours/peft", "frozen/peft")), r
+        assert all(0 < r[k] < 100 for k in ("ours/peft", "ours+hash/peft", "frozen/peft")), r
         sv = res["saved_MiB"][t]
         assert 0 < sv["ours"] < sv["peft"], sv  # ours saves less than PEFT for backward
+        assert 0 < sv["ours+hash"] < sv["ours"], sv  # the hash dropout stores no mask
     assert 0 < res["serve"]["ours/peft"] < 100
     text = mb.format_report(res)
     assert "| q,v |" in text and "multi-adapter serving, 8 adapters" in text
-    assert len(mb.targets(res)) == 2 and all("#18" in line for line in mb.targets(res))
+    assert len(mb.targets(res)) == 4 and all("#18" in line for line in mb.targets(res))
+
+
+def test_lm_head_bench_quick_reports_memory_and_time():
+    """``--op lm_head --quick``: every number present and finite; the fused head's peak extra memory is below the
+    unfused one's at the larger M (which grows with M, the fused one does not need to)."""
+    from peft_kernels.bench import lm_head as lb
+
+    res = lb.run(quick=True)
+    assert [m["M"] for m in res["memory"]] == [128, 512]
+    for m in res["memory"]:
+        assert m["unfused_MiB"] > 0 and m["fused_MiB"] >= 0, m
+    big = res["memory"][-1]
+    assert big["fused_MiB"] < big["unfused_MiB"], big
+    assert 0 < res["time"]["fused/unfused"] < 100
+    text = lb.format_report(res)
+    assert "| 512 |" in text and "fused / unfused" in text

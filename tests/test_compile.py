@@ -1,5 +1,6 @@
 """torch.compile(fullgraph=True) of a model with every fused layer runs on CPU with no graph breaks and
 matches eager, forward and gradients. (Inductor compiles C++ here: one model, compiled once.)"""
+import pytest
 import torch
 import torch.nn as nn
 
@@ -189,3 +190,103 @@ def test_multi_lora_embedding_compiles_without_breaks():
     torch.testing.assert_close(emb.lora_A.grad, ga)
     torch.testing.assert_close(emb.lora_B.grad, gb)
     assert ga[1].abs().sum() == 0 and ga[0, :, 3].abs().sum() == 0  # unused slot; the padding row
+
+
+class _Served(nn.Module):
+    """Two multi-adapter layers whose ids come from an adapter_ids block (as a transformers model's would)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = pk.MultiLoRALinear(24, 24, max_adapters=3, max_rank=4)
+        self.b = pk.MultiLoRALinear(24, 16, max_adapters=3, max_rank=4)
+        g = torch.Generator().manual_seed(1)
+        for layer in (self.a, self.b):
+            for s, r in ((0, 4), (1, 2), (2, 3)):
+                layer.set_adapter(s, torch.randn(r, layer.in_features, generator=g),
+                                  torch.randn(layer.out_features, r, generator=g), 0.5 + s)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _served_eager(model, x, ids):
+    return model.b(torch.relu(model.a(x, ids)), ids)
+
+
+def test_adapter_ids_block_compiles_without_graph_breaks_per_thread():
+    """The ids of an ``adapter_ids`` block reach the compiled layers (no ContextVar read in the graph): no graph
+    break, one compile for every block, the block's own ids in each thread, and a refusal outside any block."""
+    import asyncio
+    import threading
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = _Served().eval()
+    x = torch.randn(4, 5, 24)
+    all_ids = [torch.tensor([0, 2, -1, 1]), torch.tensor([2, 2, 0, 1]), torch.tensor([1, -1, -1, 0])]
+    with torch.no_grad():
+        want = [_served_eager(model, x, ids) for ids in all_ids]
+        torch._dynamo.reset()
+        with pk.adapter_ids(model, all_ids[0]):
+            ex = torch._dynamo.explain(model)(x)
+        assert ex.graph_break_count == 0, [str(b.reason)[:300] for b in ex.break_reasons]
+        torch._dynamo.reset()
+        cnt = CompileCounterWithBackend("eager")
+        cm = torch.compile(model, backend=cnt, fullgraph=True)
+        for ids, w in zip(all_ids, want):
+            with pk.adapter_ids(model, ids):
+                assert torch.equal(cm(x), w)
+        assert cnt.frame_count == 1  # a new block is not a new graph
+        # two threads, both blocks open at once: each sees its own ids
+        got, barrier = {}, threading.Barrier(2)
+
+        def serve(k):
+            with torch.no_grad(), pk.adapter_ids(model, all_ids[k]):
+                barrier.wait()
+                got[k] = cm(x)
+                barrier.wait()
+        ts = [threading.Thread(target=serve, args=(k,)) for k in (1, 2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+        # two asyncio tasks with blocks open at once on one thread: the compiled layers refuse, never mix ids
+        async def task(k, started, go, out):
+            with pk.adapter_ids(model, all_ids[k]):
+                started.set()
+                await go.wait()
+                try:
+                    out[k] = cm(x)
+                except Exception as e:  # noqa: BLE001
+                    out[k] = e
+
+        async def main():
+            s1, s2, go, out = asyncio.Event(), asyncio.Event(), asyncio.Event(), {}
+            t1 = asyncio.create_task(task(1, s1, go, out))
+            t2 = asyncio.create_task(task(2, s2, go, out))
+            await s1.wait()
+            await s2.wait()
+            go.set()
+            await asyncio.gather(t1, t2)
+            return out
+        out = asyncio.run(main())
+        for k in (1, 2):
+            assert isinstance(out[k], Exception) or torch.equal(out[k], want[k]), k
+        assert isinstance(out[1], Exception)  # both blocks were open when task 1 ran
+        # once the blocks are closed, a fresh block works again
+        with pk.adapter_ids(model, all_ids[0]):
+            assert torch.equal(cm(x), want[0])
+
+
+def test_compiled_layers_refuse_without_an_adapter_ids_block():
+    model = _Served().eval()
+    torch._dynamo.reset()
+    try:
+        for fullgraph in (True, False):
+            with torch.no_grad(), pytest.raises(Exception, match="adapter"):
+                torch.compile(model, backend="eager", fullgraph=fullgraph)(torch.randn(2, 3, 24))
+    finally:
+        torch._dynamo.reset()

@@ -8,6 +8,8 @@
 // AVX-512, AVX2+FMA and baseline x86-64 (include/peft_kernels/cpu_isa.h: the best supported runs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 
 #include <algorithm>
 #include <cstring>
@@ -55,6 +57,43 @@ void check_f32_2d(const at::Tensor& t, const char* name) {
 }
 
 }  // namespace
+
+// Whole-tensor dropout (peft_kernels.ops.hash_dropout, the model's own dropout layers):
+//   y[i] = x[i] * m[i],  m[i] = keep(i) ? scale : 0 (fp32),  i = the flat index of contiguous x,
+// the product in x's op-math type (fp32 for half types, fp64 for double), as torch computes
+// x * m. Backward is this op on dy with the same keys; no mask is stored. Chunks of 4096
+// elements: the factors are generated into a stack buffer (the masked-copy micro-kernel, SIMD)
+// and applied while in L1. Threads split chunks; the result does not depend on the split.
+at::Tensor hash_dropout(const at::Tensor& x_, int64_t k0, int64_t k1, int64_t k2, int64_t thr, double scale) {
+  TORCH_CHECK_VALUE(x_.device().is_cpu(), "peft_kernels: hash_dropout: x must be a CPU tensor, got ", x_.device());
+  const auto st = x_.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+                   "peft_kernels: hash_dropout: x must be float32, float64, float16 or bfloat16, got ", st);
+  TORCH_CHECK_VALUE(scale >= 1.0 && scale < 1e10, "peft_kernels: hash_dropout: scale must be in [1, 1e10), got ",
+                    scale);
+  const DropoutKeys keys = make_keys(k0, k1, k2, thr);
+  const at::Tensor x = x_.detach().contiguous();
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t n = x.numel();
+  constexpr int64_t CH = 4096;
+  const float s = static_cast<float>(scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "hash_dropout", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, (n + CH - 1) / CH, 16, [&](int64_t b, int64_t e) {
+      float fill[CH], fac[CH];
+      std::fill(fill, fill + CH, s);
+      for (int64_t c = b; c < e; ++c) {
+        const int64_t i0 = c * CH, len = std::min(CH, n - i0);
+        masked_copy(fill, fac, len, static_cast<uint64_t>(i0), keys);
+        for (int64_t k = 0; k < len; ++k)
+          op[i0 + k] = static_cast<scalar_t>(static_cast<acc_t>(xp[i0 + k]) * static_cast<acc_t>(fac[k]));
+      }
+    });
+  });
+  return out;
+}
 
 at::Tensor dropout_keep_mask(int64_t M, int64_t K, int64_t k0, int64_t k1, int64_t k2, int64_t thr,
                              int64_t offset) {

@@ -179,6 +179,16 @@ def write_outputs(out_dir: str, rows: List[dict], meta: dict, stem: str = "bench
     return paths
 
 
+def write_json(out_dir: str, name: str, obj) -> str:
+    """``<out_dir>/<name>`` written atomically (a temporary file, then a rename); returns the path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def plot(rows: List[dict], path: str, title: str = "") -> None:
     """Horizontal bars: each provider's time ratio to the frozen nn.Linear, one panel per op, grouped by
     (shape, variant, mode); a dashed line at 1 (the frozen layer) and a marker at the FLOP floor."""

@@ -122,14 +122,43 @@ class _SlotsLock:
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("peft_kernels_adapter_ids", default={})
 
 
+# The same blocks as seen by compiled graphs (dynamo cannot trace ContextVar.get; it traces a threading.local, and
+# its guards read it in the calling thread): per thread, a stack of (asyncio task or None, {id(layer): ids}).
+# ``_COMPILED.ids`` is the innermost block's map, or None while blocks opened by different asyncio tasks are open
+# at once on this thread: a compiled layer then refuses (no ids) rather than read another task's ids.
+_COMPILED = threading.local()
+
+
+def _current_task():
+    import asyncio
+
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running event loop
+        return None
+
+
+def _sync_compiled() -> None:
+    stack = _COMPILED.stack
+    _COMPILED.ids = None if not stack or len({id(t) for t, _ in stack}) > 1 else stack[-1][1]
+
+
 def _active_ids(module: nn.Module) -> Optional[AdapterIds]:
     e = _ACTIVE.get().get(id(module))
     return e[1] if e is not None and e[0] is module else None
 
 
+def _compiled_ids(module: nn.Module) -> Optional[torch.Tensor]:
+    """The id tensor of ``module``'s innermost ``adapter_ids`` block on this thread (what a graph reads)."""
+    d = getattr(_COMPILED, "ids", None)
+    return d.get(id(module)) if d is not None else None
+
+
 def _start_of_forward(model: nn.Module, args) -> None:
     """Forward pre-hook left on a model once adapter_ids() was used on it (one fixed hook, so a compiled model
     is not re-guarded per block): each forward of the model groups the current ids afresh."""
+    if torch.compiler.is_compiling():  # a graph groups inside the op; the ids come from _compiled_ids
+        return
     st = _active_ids(model)
     if st is not None:
         st._new_forward()
@@ -166,10 +195,18 @@ def adapter_ids(model: nn.Module, ids, *, check_ids: bool = True):
     for m in layers:
         active[id(m)] = (m, state)
     token = _ACTIVE.set(active)
+    if not hasattr(_COMPILED, "stack"):
+        _COMPILED.stack = []
+    prev = _COMPILED.stack[-1][1] if _COMPILED.stack else {}
+    entry = (_current_task(), {**prev, **{id(m): state.ids for m in layers}})
+    _COMPILED.stack.append(entry)
+    _sync_compiled()
     try:
         yield state
     finally:
         _ACTIVE.reset(token)
+        _COMPILED.stack = [e for e in _COMPILED.stack if e is not entry]
+        _sync_compiled()
 
 
 class MultiLoRALinear(nn.Module):
@@ -356,15 +393,18 @@ class MultiLoRALinear(nn.Module):
         """The call's ids, or those set by ``adapter_ids(model, ids)`` (as the shared grouping when eager)."""
         if adapter_ids is not None:
             return adapter_ids
+        if torch.compiler.is_compiling():  # a graph takes the ids, not the host-side grouping
+            ids = _compiled_ids(self)
+            if ids is None:
+                raise ValueError(f"{type(self).__name__}.forward under torch.compile: no adapter ids. Pass "
+                                 "adapter_ids=, or set them with `with peft_kernels.adapter_ids(model, ids):` around the "
+                                 "call, on this thread, with an id tensor (not a prebuilt AdapterMapping), and with "
+                                 "no other asyncio task's adapter_ids block open on this thread")
+            return ids
         active = _active_ids(self)
         if active is None:
             raise ValueError(f"{type(self).__name__}.forward: adapter_ids is required (pass it, or set it for the whole "
                              "model with `with peft_kernels.adapter_ids(model, ids): ...`)")
-        if torch.compiler.is_compiling():  # a graph takes the ids, not the host-side grouping
-            if active.ids is None:
-                raise TypeError("under torch.compile, adapter_ids(model, ...) needs an id tensor, not a prebuilt "
-                                "AdapterMapping (its host copies cannot be part of a graph)")
-            return active.ids
         return active.mapping(x_shape, self.max_adapters, device)
 
     def _run_op(self, x: torch.Tensor, ids) -> torch.Tensor:

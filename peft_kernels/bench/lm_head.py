@@ -3,7 +3,8 @@ computation (logits, then ``F.cross_entropy`` on their fp32 upcast, as a transfo
 
 A LoRA r = 16 on a head of H × V (default 512 × 32000, a CPU-sized Llama head), fp32:
   * peak extra resident memory of one forward + backward, each in a fresh process (Linux ``VmHWM`` after a reset
-    through ``/proc/self/clear_refs``, minus the resident bytes before the call), at several token counts M;
+    through ``/proc/self/clear_refs``, minus the resident bytes before the call; glibc's mmap threshold fixed at
+    128 KiB so that freed tensors leave the resident set), at several token counts M;
   * time of forward + backward, fused / unfused, paired medians over interleaved rounds.
 """
 from __future__ import annotations
@@ -76,7 +77,10 @@ def _peak_child(which: str, M: int, H: int, V: int, chunk: Optional[int]) -> Dic
 def peak_extra(which: str, M: int, H: int, V: int, chunk: Optional[int]) -> float:
     code = _CHILD.format(root=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                          which=which, M=M, H=H, V=V, chunk=chunk)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200)
+    # large blocks straight from mmap and back to the system when freed (a fixed threshold turns off glibc's
+    # adaptive one): the resident peak then follows the live tensors, not the allocator's reuse of freed chunks
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200, env=env)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])["peak_extra_MiB"]

@@ -114,7 +114,9 @@ def _run(h, t, W, b, A, B, s, factor, ignore_index, eps, zl, C, weight_tok, need
         logits = (hc @ W.t()).to(adt)
         if b is not None:
             logits += b.to(adt)
-        if lora:
+        if lora and ldt == adt:
+            logits.addmm_(z[sl], B.t(), alpha=s)  # no C × V temporary
+        elif lora:
             logits += s * (z[sl] @ B.t()).to(adt)
         lse = torch.logsumexp(logits, dim=-1)
         lt = logits.gather(1, tsafe[sl, None])[:, 0]

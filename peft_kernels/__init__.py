@@ -29,6 +29,8 @@ from .ops.embedding import lora_embedding
 from .ops.hash_dropout import hash_dropout
 from .ops.linear_ce import linear_cross_entropy
 from .nn.lm_head import causal_lm_loss, head_cross_entropy
+from .nn.siblings import SiblingGroup, fuse_siblings, unfuse_siblings
+from .ops.siblings import lora_siblings
 from .ops.bottleneck import adapter_linear, bottleneck_adapter
 from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
@@ -52,4 +54,5 @@ __all__ = ["PromptTuning", "PrefixTuning", "inject_ia3", "ia3_linear", "IA3Linea
            "save_peft_adapter", "CheckpointError", "from_peft", "adapter_names_to_ids", "LoRAEmbedding", "MultiLoRAEmbedding", "lora_embedding",
            "ModulesToSave", "merge_and_unload", "unload", "disable_adapters", "trainable_parameters",
            "print_trainable_parameters", "use_hash_dropout", "hash_dropout", "HashDropout",
-           "linear_cross_entropy", "head_cross_entropy", "causal_lm_loss"]
+           "linear_cross_entropy", "head_cross_entropy", "causal_lm_loss",
+           "fuse_siblings", "unfuse_siblings", "SiblingGroup", "lora_siblings"]

@@ -225,7 +225,8 @@ def inject_lora(model: nn.Module, target_modules: Targets, r: int = 8, lora_alph
                 lora_dropout: float = 0.0, use_rslora: bool = False, exclude_modules: Optional[Targets] = None,
                 backend: str = "auto", init_lora_weights: Union[bool, str] = True,
                 lora_dtype: Optional[torch.dtype] = None, use_dora: bool = False,
-                modules_to_save: Optional[Sequence[str]] = None, task_type: Optional[str] = None) -> List[str]:
+                modules_to_save: Optional[Sequence[str]] = None, task_type: Optional[str] = None,
+                fuse_siblings=False) -> List[str]:
     """Replace the matching nn.Linear / Conv1D layers of ``model`` with :class:`LoRALinear` (the same frozen
     weight Parameters, fresh LoRA parameters; DoRA with ``use_dora=True``), and the matching nn.Embedding
     layers with :class:`LoRAEmbedding`, in place; returns their qualified names.
@@ -233,9 +234,15 @@ def inject_lora(model: nn.Module, target_modules: Targets, r: int = 8, lora_alph
     ``modules_to_save`` (PEFT's rule: module names ending with an entry) and ``task_type`` (PEFT's defaults:
     ``"SEQ_CLS"``/``"TOKEN_CLS"`` train ``classifier``/``score``, ``"QUESTION_ANS"`` ``qa_outputs``) name
     modules trained in full beside the adapter: each becomes a trainable copy (``ModulesToSave``), saved
-    with the adapter; the original stays untouched."""
-    from .nn.embedding import LoRAEmbedding
+    with the adapter; the original stays untouched.
 
+    ``fuse_siblings``: True groups the new layers that share their input (children of one module named
+    q_proj/k_proj/v_proj, query/key/value, gate_proj/up_proj, …; ``nn/siblings.py``) so that each group runs as
+    one op; or a list of groups of child names. Parameters and state-dict keys stay per layer."""
+    from .nn.embedding import LoRAEmbedding
+    from .nn.siblings import check_groups_arg
+
+    check_groups_arg(fuse_siblings)
     names, saved = _with_saved(model, target_modules, exclude_modules, modules_to_save, task_type,
                                lambda m, t, e: find_targets(m, t, e, embeddings=True))
 
@@ -249,6 +256,13 @@ def inject_lora(model: nn.Module, target_modules: Targets, r: int = 8, lora_alph
                                       lora_dtype=lora_dtype, use_dora=use_dora)
     out = _replace(model, names, make)
     _finish_saved(model, saved, task_type)
+    if fuse_siblings is not False:
+        from .nn.siblings import SiblingGroup, find_sibling_groups
+
+        lora = [n for n in out if isinstance(model.get_submodule(n), LoRALinear)
+                and not model.get_submodule(n).use_dora]
+        for g in find_sibling_groups(model, lora, fuse_siblings):
+            SiblingGroup([model.get_submodule(n) for n in g], g)
     return out
 
 

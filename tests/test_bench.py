@@ -307,3 +307,17 @@ def test_lm_head_bench_quick_reports_memory_and_time():
     assert 0 < res["time"]["fused/unfused"] < 100
     text = lb.format_report(res)
     assert "| 512 |" in text and "fused / unfused" in text
+
+
+def test_siblings_bench_quick_reports_every_provider():
+    pytest.importorskip("peft")
+    from peft_kernels.bench import siblings as sb
+
+    res = sb.run(quick=True)
+    assert len(res["cases"]) == 4
+    for case in res["cases"].values():
+        assert set(case) == {"fused", "ours separate", "PEFT separate"}
+        assert case["fused"]["still fused"]  # the group ran fused, not its fallback
+        assert case["fused"]["launches"] < case["ours separate"]["launches"]
+        assert all(v["ms"] > 0 and 0 < v["vs PEFT"] < 100 for v in case.values())
+    assert len(sb.targets(res)) == 4 and "fused" in sb.format_report(res)

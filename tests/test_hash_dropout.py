@@ -39,7 +39,8 @@ def _inputs():
     base = torch.randn(6, 37, 10, generator=g)
     return {"odd 2-D": torch.randn(7, 13, generator=g), "3-D": torch.randn(3, 5, 129, generator=g),
             "transposed view": base.transpose(0, 2), "strided slice": base[:, ::3, 1:],
-            "one element": torch.randn(1, generator=g), "empty": torch.randn(0, 4, generator=g)}
+            "one element": torch.randn(1, generator=g), "empty": torch.randn(0, 4, generator=g),
+            "several 4096-element chunks": torch.randn(3, 3001, generator=g)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -119,9 +119,6 @@ def format_report(res: dict) -> str:
 
 def main(rounds: Optional[int], quick: bool, out: Optional[str]) -> int:
     res = run(rounds=rounds or 7, quick=quick)
-    print(format_report(res))
-    if out:
-        from .report import write_json
+    from .report import print_and_write
 
-        print(f"wrote {write_json(out, 'lm_head.json', res)}")
-    return 0
+    return print_and_write(res, format_report(res), [], out, "lm_head.json")

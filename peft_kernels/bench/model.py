@@ -352,12 +352,6 @@ def targets(res: dict) -> List[str]:
 
 def main(rounds: Optional[int], quick: bool, compile_: bool, out: Optional[str]) -> int:
     res = run(rounds=rounds or 7, compile_=compile_, quick=quick)
-    print(format_report(res))
-    print("\nIssue targets measured in this run (a report, not a test):")
-    for line in targets(res):
-        print("  " + line)
-    if out:
-        from .report import write_json
+    from .report import print_and_write
 
-        print(f"wrote {write_json(out, 'model.json', res)}")
-    return 0
+    return print_and_write(res, format_report(res), targets(res), out, 'model.json')

@@ -189,6 +189,18 @@ def write_json(out_dir: str, name: str, obj) -> str:
     return path
 
 
+def print_and_write(res: dict, text: str, target_lines: List[str], out: Optional[str], name: str) -> int:
+    """A bench's ending: its report, the issue targets it measured, and ``<out>/<name>`` when ``out`` is given."""
+    print(text)
+    if target_lines:
+        print("\nIssue targets measured in this run (a report, not a test):")
+        for line in target_lines:
+            print("  " + line)
+    if out:
+        print(f"wrote {write_json(out, name, res)}")
+    return 0
+
+
 def plot(rows: List[dict], path: str, title: str = "") -> None:
     """Horizontal bars: each provider's time ratio to the frozen nn.Linear, one panel per op, grouped by
     (shape, variant, mode); a dashed line at 1 (the frozen layer) and a marker at the FLOP floor."""

@@ -218,6 +218,11 @@ class LoRALinear(nn.Module):
             return F.linear(x, self.base_weight(), self.bias)
         if self.merged:
             return F.linear(x, self.base_weight(), self.bias)
+        group = self.__dict__.get("_siblings")  # nn/siblings.py: q/k/v-style layers fused into one op
+        if group is not None and group.enabled and not torch.compiler.is_compiling():
+            out = group.member_forward(self, x)
+            if out is not None:
+                return out
         bias = self.bias
         if self.lora_bias:  # differentiable in lora_B_bias through the op's bias gradient
             bias = self._lora_bias_term() if bias is None else bias + self._lora_bias_term()

@@ -1,0 +1,117 @@
+"""``python -m peft_kernels.bench --op siblings``: q/k/v with LoRA as one sibling group against three separate
+layers (ours, and HF PEFT's).
+
+The shape: a Llama-3-8B attention block's q/k/v (hidden 4096, q 4096, k/v 1024 with GQA) at CPU scale (÷ 4: in
+1024, q 1024, k/v 256), 64 and 1024 tokens, LoRA r = 16 on each, fp32, with and without dropout (0.05). Measured:
+forward + backward time (paired medians over interleaved rounds) and the ATen/custom ops each one launches
+(``common.OpCounter``: one kernel per op on CPU) and the bytes those ops move.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from .common import OpCounter
+from .model import paired, ratio
+
+
+class QKV(nn.Module):
+    def __init__(self, K: int, widths):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(K, n) for n in widths)
+
+    def forward(self, x):
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+
+def build(K: int = 1024, widths=(1024, 256, 256), r: int = 16, dropout: float = 0.0):
+    import peft
+
+    import peft_kernels as pk
+
+    torch.manual_seed(0)
+    base = QKV(K, widths)
+    targets = ["q_proj", "k_proj", "v_proj"]
+    out = {}
+    for name, fuse in (("fused", True), ("ours separate", False)):
+        m = copy.deepcopy(base)
+        torch.manual_seed(1)
+        pk.inject_lora(m, targets, r=r, lora_alpha=2 * r, lora_dropout=dropout, init_lora_weights=False,
+                       fuse_siblings=fuse)
+        out[name] = m.train()
+    torch.manual_seed(1)
+    out["PEFT separate"] = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets, init_lora_weights=False)).train()
+    return out
+
+
+def _step(m, x, gys):
+    def f() -> float:
+        import time
+
+        t = time.perf_counter()
+        xx = x.detach().requires_grad_()
+        ys = m(xx)
+        torch.autograd.backward(ys, gys)
+        for p in m.parameters():
+            p.grad = None
+        return time.perf_counter() - t
+    return f
+
+
+def run(tokens=(64, 1024), K: int = 1024, widths=(1024, 256, 256), r: int = 16, rounds: int = 9,
+        quick: bool = False) -> dict:
+    if quick:
+        tokens, K, widths, rounds = (16, 64), 128, (128, 32, 32), 3
+    res: dict = {"tokens": list(tokens), "K": K, "widths": list(widths), "r": r, "rounds": rounds, "cases": {}}
+    for M, dropout in ((M, d) for M in tokens for d in (0.0, 0.05)):
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(M, K, generator=g)
+        gys = [torch.randn(M, n, generator=g) for n in widths]
+        models = build(K, widths, r, dropout)
+        steps = {k: _step(m, x, gys) for k, m in models.items()}
+        t = paired(steps, rounds)
+        case: Dict[str, dict] = {}
+        for k, m in models.items():
+            with OpCounter() as oc:
+                steps[k]()
+            case[k] = {"ms": 1e3 * statistics.median(t[k]), "launches": len(oc.ops), "MiB_moved": oc.bytes / 2 ** 20,
+                       "vs separate": ratio(t, k, "ours separate"), "vs PEFT": ratio(t, k, "PEFT separate")}
+        group = models["fused"].q_proj._siblings
+        case["fused"]["still fused"] = bool(group.enabled)
+        res["cases"][f"M={M}, dropout {dropout}"] = case
+    return res
+
+
+def format_report(res: dict) -> str:
+    w = res["widths"]
+    lines = [f"q/k/v with LoRA r={res['r']}: in {res['K']}, outputs {w[0]}/{w[1]}/{w[2]}, fp32, forward + backward; "
+             f"paired medians over {res['rounds']} rounds", "",
+             "| case | provider | ms | / ours separate | / PEFT separate | launches | MiB moved |",
+             "|---|---|---|---|---|---|---|"]
+    for dk, case in res["cases"].items():
+        for k, v in case.items():
+            lines.append(f"| {dk} | {k} | {v['ms']:.1f} | {v['vs separate']:.3f}× | {v['vs PEFT']:.3f}× | "
+                         f"{v['launches']} | {v['MiB_moved']:.1f} |")
+    return "\n".join(lines)
+
+
+def targets(res: dict):
+    out = []
+    for dk, case in res["cases"].items():
+        v = case["fused"]["vs separate"]
+        out.append(f"#19 fused q/k/v, {dk}: {v:.3f}× three separate LoRALinears (target ≤ 0.9: "
+                   f"{'met' if v <= 0.9 else 'MISSED'}); launches {case['fused']['launches']} vs "
+                   f"{case['ours separate']['launches']}")
+    return out
+
+
+def main(rounds: Optional[int], quick: bool, out: Optional[str]) -> int:
+    res = run(rounds=rounds or 9, quick=quick)
+    from .report import print_and_write
+
+    return print_and_write(res, format_report(res), targets(res), out, 'siblings.json')

@@ -1,0 +1,228 @@
+"""Sibling projections: ``LoRALinear`` layers that read the same input (q/k/v, gate/up) run as one op
+(``ops/siblings.py``) while staying separate modules, so parameter names, state dicts and checkpoints do not change.
+
+How: the members' frozen weights are packed once into one ``[Σ out, in]`` buffer, and each member's ``weight`` (and
+``bias``) Parameter is re-pointed at its block (``p.data = view``; the same Parameter objects, so the original
+layers ``unload`` puts back share them, and no second copy exists). The first member a model calls with some
+``x`` computes every member's output in one call and leaves the others' outputs for them (per thread); a
+sibling called with the same ``x`` (the same tensor object, not modified since) takes its output. If a sibling is
+called with another input instead, the group does not share its input (e.g. cross-attention): it turns itself
+off for good and every member runs alone. A member whose weight was re-bound (``load_state_dict(assign=True)``,
+``p.data = …``, a deep copy) is packed again at the next call.
+
+Not fused (each member runs alone): under ``torch.compile`` (the hand-off between calls is Python state), inside
+``disable_adapters``, when a member is merged, and for DoRA / ``lora_bias`` / Conv1D / quantized members (refused
+when the group is built).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..ops.siblings import lora_siblings
+from ._disabled import adapters_disabled
+
+# sibling names a model's structure gives (members are the LoRA'd ones among them, children of one module)
+KNOWN_GROUPS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("gate_proj", "up_proj"),
+                ("wq", "wk", "wv"), ("w1", "w3"), ("q", "k", "v"))
+
+
+class _Pending:
+    __slots__ = ("x", "version", "left")
+
+    def __init__(self, x, version, left):
+        self.x, self.version, self.left = x, version, left
+
+
+class SiblingGroup:
+    """Members (``LoRALinear``) that share their input; see the module docstring."""
+
+    def __init__(self, members: Sequence[nn.Module], names: Sequence[str] = ()):
+        from .lora import LoRALinear
+
+        members = list(members)
+        self.names = list(names) or [f"member{i}" for i in range(len(members))]
+        if len(members) < 2:
+            raise ValueError(f"a sibling group needs at least 2 members, got {len(members)}")
+        for n, m in zip(self.names, members):
+            if not isinstance(m, LoRALinear):
+                raise TypeError(f"sibling {n!r} must be a LoRALinear, got {type(m).__name__}")
+            if m.use_dora or m.lora_bias or m.fan_in_fan_out or m.merged:
+                raise ValueError(f"sibling {n!r}: DoRA, lora_bias, Conv1D bases and merged layers are not fused")
+            if type(m.weight) is not nn.Parameter or not m.weight.is_floating_point():
+                raise TypeError(f"sibling {n!r}: a quantized base is not fused")
+            if getattr(m, "_siblings", None) is not None:
+                raise ValueError(f"sibling {n!r} is already in a group")
+        first = members[0]
+        for n, m in zip(self.names[1:], members[1:]):
+            if (m.in_features, m.weight.dtype, m.weight.device) != (first.in_features, first.weight.dtype,
+                                                                    first.weight.device):
+                raise ValueError(f"sibling {n!r}: in_features, dtype and device must equal {self.names[0]!r}'s")
+        self.members = members
+        self.enabled = True
+        self.why_off: Optional[str] = None
+        self._tls = threading.local()
+        self._lock = threading.Lock()
+        self._pack()
+        for m in members:
+            object.__setattr__(m, "_siblings", self)
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        new = object.__new__(SiblingGroup)
+        memo[id(self)] = new
+        new.__setstate__({k: copy.deepcopy(v, memo) for k, v in self.__getstate__().items()})
+        return new
+
+    def __getstate__(self):  # the per-thread hand-off and the lock are not state
+        return {k: v for k, v in self.__dict__.items() if k not in ("_tls", "_lock")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._tls = threading.local()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------ packing
+    def _pack(self) -> None:
+        ms = self.members
+        with torch.no_grad():
+            W = torch.cat([m.weight.detach() for m in ms])
+            has_bias = any(m.bias is not None for m in ms)
+            b = torch.cat([m.bias.detach() if m.bias is not None else
+                           torch.zeros(m.out_features, dtype=W.dtype, device=W.device) for m in ms]) if has_bias else None
+            off = 0
+            for m in ms:
+                n = m.out_features
+                m.weight.data = W[off:off + n]
+                if m.bias is not None:
+                    m.bias.data = b[off:off + n]
+                off += n
+        self.W, self.b = W, b
+
+    def packed(self) -> bool:
+        """Whether every member's weight and bias are still their blocks of the packed buffers."""
+        off = 0
+        es = self.W.element_size()
+        for m in self.members:
+            n = m.out_features
+            w = m.weight
+            if (w.untyped_storage().data_ptr() != self.W.untyped_storage().data_ptr() or w.shape != (n, m.in_features)
+                    or w.stride() != (m.in_features, 1)
+                    or w.data_ptr() != self.W.data_ptr() + off * m.in_features * es):
+                return False
+            if m.bias is not None and (self.b is None or m.bias.untyped_storage().data_ptr() !=
+                                       self.b.untyped_storage().data_ptr() or m.bias.data_ptr() !=
+                                       self.b.data_ptr() + off * es or m.bias.shape != (n,)):
+                return False
+            off += n
+        return True
+
+    def dissolve(self) -> None:
+        """Give every member its own weight and bias again (copies) and leave the group."""
+        with torch.no_grad():
+            for m in self.members:
+                m.weight.data = m.weight.data.clone()
+                if m.bias is not None:
+                    m.bias.data = m.bias.data.clone()
+                object.__setattr__(m, "_siblings", None)
+        self.enabled = False
+        self.why_off = "dissolved"
+
+    # ------------------------------------------------------------------------------------ forward
+    def turn_off(self, why: str) -> None:
+        self.enabled = False
+        self.why_off = why
+        self._tls.pending = None
+
+    def member_forward(self, member: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``member``'s output from the group (computing every member's, or taking the one left for it), or None
+        when the member must run alone."""
+        tls = self._tls
+        pend: Optional[_Pending] = getattr(tls, "pending", None)
+        if pend is not None:
+            tls.pending = None
+            if pend.x is x and pend.version == x._version and id(member) in pend.left:
+                out = pend.left.pop(id(member))
+                if pend.left:
+                    tls.pending = pend
+                return out
+            self.turn_off(f"{type(member).__name__} siblings were called with different inputs")
+            return None
+        ms = self.members
+        if any(adapters_disabled(m) or m.merged for m in ms):
+            return None
+        if not self.packed():
+            with self._lock:
+                if not self.packed():
+                    self._pack()
+        y = lora_siblings(x, self.W, self.b, [m.lora_A for m in ms], [m.lora_B for m in ms],
+                          [m.scaling for m in ms], [m.lora_dropout if m.training else 0.0 for m in ms],
+                          training=any(m.training for m in ms))
+        outs = y.split([m.out_features for m in ms], dim=-1)
+        left: Dict[int, torch.Tensor] = {id(m): o for m, o in zip(ms, outs) if m is not member}
+        tls.pending = _Pending(x, x._version, left)
+        return outs[ms.index(member)]
+
+
+def find_sibling_groups(model: nn.Module, names: Sequence[str], groups=True) -> List[List[str]]:
+    """Qualified names of the LoRA'd layers (``names``) that form sibling groups: children of one module named as one
+    of ``KNOWN_GROUPS`` (``groups=True``) or of the given groups of child names; groups of fewer than 2 LoRA'd
+    members are dropped."""
+    spec = KNOWN_GROUPS if groups is True else tuple(tuple(g) for g in groups)
+    chosen = set(names)
+    by_parent: Dict[str, List[str]] = {}
+    for n in names:
+        parent, _, child = n.rpartition(".")
+        by_parent.setdefault(parent, []).append(child)
+    out = []
+    for parent, children in by_parent.items():
+        for g in spec:
+            members = [c for c in g if c in children and (f"{parent}.{c}" if parent else c) in chosen]
+            if len(members) >= 2:
+                out.append([f"{parent}.{c}" if parent else c for c in members])
+    return out
+
+
+def check_groups_arg(groups) -> None:
+    if groups is True or groups is False:
+        return
+    ok = isinstance(groups, (list, tuple)) and groups and all(
+        isinstance(g, (list, tuple)) and len(g) >= 2 and all(isinstance(c, str) and c for c in g) for g in groups)
+    if not ok:
+        raise ValueError("fuse_siblings must be True, False, or a list of groups of child names (each at least 2), "
+                         f"e.g. [['q_proj', 'k_proj', 'v_proj'], ['gate_proj', 'up_proj']]; got {groups!r}")
+
+
+def fuse_siblings(model: nn.Module, groups=True) -> List[List[str]]:
+    """Group the model's ``LoRALinear`` siblings (see the module docstring); returns the groups made, by qualified
+    name. ``groups``: True (the names in ``KNOWN_GROUPS``) or a list of groups of child names."""
+    from .lora import LoRALinear
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse_siblings: model must be an nn.Module, got {type(model).__name__}")
+    check_groups_arg(groups)
+    if groups is False:
+        return []
+    lora = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and getattr(m, "_siblings", None) is None]
+    made = []
+    for g in find_sibling_groups(model, lora, groups):
+        mods = [model.get_submodule(n) for n in g]
+        SiblingGroup(mods, g)
+        made.append(g)
+    return made
+
+
+def unfuse_siblings(model: nn.Module) -> int:
+    """Dissolve every sibling group in ``model`` (each member gets its own weight again); returns how many."""
+    seen = {}
+    for m in model.modules():
+        g = getattr(m, "_siblings", None)
+        if g is not None:
+            seen[id(g)] = g
+    for g in seen.values():
+        g.dissolve()
+    return len(seen)

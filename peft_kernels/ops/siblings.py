@@ -1,0 +1,187 @@
+"""``lora_siblings``: several LoRA'd projections of the same input (q/k/v, gate/up) as one op.
+
+    y = x·Wᵀ + b  with W = [W_1; …; W_n] stacked (one GEMM),   S_i = drop_i(x)·A_iᵀ,
+    y[:, slice_i] += s_i · S_i·B_iᵀ
+
+x is read once by the base GEMM and once by one stacked shrink (the members without dropout share it; a member
+with dropout has its own mask, as PEFT's separate layers have, so its shrink is its own pass, masked on the fly
+by the C++ kernel on CPU). Backward: ``dx = dy·W`` (one GEMM) ``+ Σ_i mask_i ⊙ (s_i·dy_i·B_i)·A_i`` (the members
+without dropout as one stacked GEMM), ``dA_i``, ``dB_i`` per member; masks regenerated from their seeds.
+
+The reference is ``reference.lora_linear_ref`` per member (the separate projections).
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _torch_dropout
+from .lora import _use_ext
+
+
+class SiblingCall(NamedTuple):
+    """Non-tensor arguments of one call: each member's output width, scaling, dropout p and seed."""
+    widths: tuple
+    scalings: tuple
+    ps: tuple
+    seeds: tuple  # int64 [1] tensors, or None where p = 0
+
+
+def _ext_ops():
+    from .. import _ext
+
+    return _ext.ops()
+
+
+def _shrinks(x, As, call: SiblingCall) -> List[Tensor]:
+    """S_i = drop_i(x)·A_iᵀ · keep_scale_i, each in A_i's dtype."""
+    S: List[Optional[Tensor]] = [None] * len(As)
+    plain = [i for i, p in enumerate(call.ps) if p == 0]
+    if plain:
+        cdt = As[plain[0]].dtype
+        same = [i for i in plain if As[i].dtype == cdt]
+        cat = torch.cat([As[i] for i in same]) if len(same) > 1 else As[same[0]]
+        for i, s in zip(same, torch.mm(x.to(cdt), cat.t()).split([As[i].shape[0] for i in same], dim=1)):
+            S[i] = s
+        for i in plain:
+            if S[i] is None:
+                S[i] = torch.mm(x.to(As[i].dtype), As[i].t())
+    for i, p in enumerate(call.ps):
+        if p == 0:
+            continue
+        A, seed = As[i], call.seeds[i]
+        if _use_ext(x, A, p):
+            s = _ext_ops().lora_dropout_shrink(x, A, *_torch_dropout.keys(seed, p))
+        else:
+            keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device)
+            s = torch.mm(torch.where(keep, x, 0.0).to(A.dtype), A.t())
+        S[i] = s.mul_(_torch_dropout.keep_scale(p))
+    return S
+
+
+def _forward(x, W, b, As, Bs, call: SiblingCall):
+    y = torch.addmm(b, x, W.t()) if b is not None else torch.mm(x, W.t())
+    S = _shrinks(x, As, call)
+    off = 0
+    for i, n in enumerate(call.widths):
+        ys = y[:, off:off + n]
+        if Bs[i].dtype == y.dtype:
+            ys.addmm_(S[i], Bs[i].t(), alpha=call.scalings[i])
+        else:  # fp32 adapters on a half base: the branch in fp32, added once rounded
+            ys += (torch.mm(S[i], Bs[i].t()) * call.scalings[i]).to(y.dtype)
+        off += n
+    return y, S
+
+
+def _backward(dy, x, W, As, Bs, S, call: SiblingCall, need_dx: bool, need_da, need_db):
+    n = len(As)
+    dx = torch.mm(dy, W) if need_dx else None
+    dA: List[Optional[Tensor]] = [None] * n
+    dB: List[Optional[Tensor]] = [None] * n
+    dS: List[Optional[Tensor]] = [None] * n
+    off = 0
+    for i, w in enumerate(call.widths):
+        cdt = As[i].dtype
+        dyi = dy[:, off:off + w]
+        dyc = dyi.to(cdt) if dyi.dtype != cdt else dyi
+        off += w
+        if need_db[i]:
+            dB[i] = torch.mm(dyc.t(), S[i].to(cdt)).mul_(call.scalings[i])
+        if need_dx or need_da[i]:
+            dS[i] = torch.mm(dyc, Bs[i]).mul_(call.scalings[i] * (_torch_dropout.keep_scale(call.ps[i])
+                                                                   if call.ps[i] else 1.0))
+    plain = [i for i in range(n) if call.ps[i] == 0 and dS[i] is not None]
+    if plain:
+        cdt = As[plain[0]].dtype
+        same = [i for i in plain if As[i].dtype == cdt]
+        dS_cat = torch.cat([dS[i] for i in same], dim=1) if len(same) > 1 else dS[same[0]]
+        A_cat = torch.cat([As[i] for i in same]) if len(same) > 1 else As[same[0]]
+        if need_dx:
+            lo = torch.mm(dS_cat, A_cat)
+            dx += lo.to(dx.dtype) if lo.dtype != dx.dtype else lo
+        if any(need_da[i] for i in same):
+            dA_cat = torch.mm(dS_cat.t(), x.to(cdt))
+            for i, g in zip(same, dA_cat.split([As[i].shape[0] for i in same])):
+                dA[i] = g if need_da[i] else None
+        plain = [i for i in plain if i not in same]
+    for i in plain + [i for i in range(n) if call.ps[i] > 0 and dS[i] is not None]:
+        p, A = call.ps[i], As[i]
+        if p > 0 and _use_ext(x, A, p):
+            ddx, da = _ext_ops().lora_dropout_bwd(dS[i], x, A, *_torch_dropout.keys(call.seeds[i], p), need_dx,
+                                                  need_da[i])
+            ddx, da = (ddx if need_dx else None), (da if need_da[i] else None)
+        else:
+            keep = _torch_dropout.keep_mask(call.seeds[i], x.shape, p, x.device) if p > 0 else None
+            xk = x if keep is None else torch.where(keep, x, 0.0)
+            da = torch.mm(dS[i].t(), xk.to(A.dtype)) if need_da[i] else None
+            ddx = None
+            if need_dx:
+                ddx = torch.mm(dS[i], A)
+                if keep is not None:
+                    ddx.mul_(keep)
+        if need_dx:
+            dx += ddx.to(dx.dtype) if ddx.dtype != dx.dtype else ddx
+        dA[i] = da
+    return dx, dA, dB
+
+
+class _Siblings(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W, b, call, *ab):
+        n = len(call.widths)
+        As, Bs = ab[:n], ab[n:]
+        y, S = _forward(x, W, b, As, Bs, call)
+        ctx.save_for_backward(x, W, *As, *Bs, *S)
+        ctx.call = call
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        call = ctx.call
+        n = len(call.widths)
+        saved = ctx.saved_tensors
+        x, W, As, Bs, S = saved[0], saved[1], saved[2:2 + n], saved[2 + n:2 + 2 * n], saved[2 + 2 * n:]
+        need = ctx.needs_input_grad
+        dx, dA, dB = _backward(dy.contiguous(), x, W, As, Bs, S, call, need[0], need[4:4 + n], need[4 + n:4 + 2 * n])
+        return (dx, None, None, None, *dA, *dB)
+
+
+def lora_siblings(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As: Sequence[Tensor],
+                  lora_Bs: Sequence[Tensor], scalings: Sequence[float], dropout_ps: Sequence[float] = (),
+                  training: bool = False) -> Tensor:
+    """``[y_1 | … | y_n]`` (``[..., Σ out_i]``), ``y_i = x·W_iᵀ + b_i + s_i·(drop_i(x)·A_iᵀ)·B_iᵀ``, for the stacked
+    base ``weight`` ``[Σ out_i, in]`` (and ``bias`` ``[Σ out_i]`` or None). ``dropout_ps``: each member's p (applied
+    when ``training``; default none). The members' outputs are the column blocks, in order."""
+    n = len(lora_As)
+    if n < 1 or len(lora_Bs) != n or len(scalings) != n:
+        raise ValueError(f"lora_As, lora_Bs and scalings must have one entry per member, got {len(lora_As)}, "
+                         f"{len(lora_Bs)}, {len(scalings)}")
+    ps = tuple(float(p) for p in dropout_ps) if dropout_ps else (0.0,) * n
+    if len(ps) != n or any(not 0.0 <= p < 1.0 for p in ps):
+        raise ValueError(f"dropout_ps must hold one p in [0, 1) per member, got {dropout_ps!r}")
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise TypeError("x must be a torch.Tensor with at least 1 dim")
+    K = x.shape[-1]
+    widths = tuple(int(B.shape[0]) for B in lora_Bs)
+    if weight.dim() != 2 or tuple(weight.shape) != (sum(widths), K):
+        raise ValueError(f"weight must have shape [{sum(widths)}, {K}] (the members' outputs stacked), got "
+                         f"{tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (sum(widths),):
+        raise ValueError(f"bias must have shape [{sum(widths)}], got {tuple(bias.shape)}")
+    for i, (A, B) in enumerate(zip(lora_As, lora_Bs)):
+        if A.dim() != 2 or A.shape[1] != K or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(f"member {i}: lora_A must be [r, {K}] and lora_B [out, r], got {tuple(A.shape)} and "
+                             f"{tuple(B.shape)}")
+        if A.dtype not in (x.dtype, torch.float32) or B.dtype != A.dtype:
+            raise TypeError(f"member {i}: lora_A/lora_B must both have x's dtype or float32, got {A.dtype}/{B.dtype}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"weight and bias must have x's dtype {x.dtype}")
+    if not training:
+        ps = (0.0,) * n
+    seeds = tuple(_torch_dropout.draw_seed(x.device) if p > 0 else None for p in ps)
+    call = SiblingCall(widths, tuple(float(s) for s in scalings), ps, seeds)
+    x2 = x.reshape(-1, K)
+    y = _Siblings.apply(x2, weight, bias, call, *lora_As, *lora_Bs)
+    return y.view(*x.shape[:-1], sum(widths))

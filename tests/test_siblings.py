@@ -1,0 +1,340 @@
+"""Sibling projections (q/k/v, gate/up) as one op: ``lora_siblings`` against the separate projections' fp64
+reference (forward and every gradient, fp32/fp16/bf16, fp32 adapters on half bases, ranks 1 and 80, bias / no
+bias / mixed, 3-D and strided x, dropout with each member's own mask), and ``fuse_siblings`` in models: the same
+outputs, gradients, state dicts and checkpoints as unfused layers, one packed copy of the frozen weights, a group
+that turns itself off when its members do not share their input, repacking after a re-bind, threads, compile,
+merge / unload."""
+import copy
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+
+import peft_kernels as pk
+from peft_kernels import reference
+from peft_kernels.nn.siblings import SiblingGroup
+from peft_kernels.ops import _torch_dropout
+
+from helpers import assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _members(dtype, K=40, widths=(48, 16, 16), ranks=(4, 4, 4), bias=(True, True, True), lora_dtype=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ms = []
+    for n, r, b in zip(widths, ranks, bias):
+        ldt = lora_dtype or dtype
+        ms.append(dict(W=(torch.randn(n, K, generator=g) / K ** 0.5).to(dtype),
+                       b=(torch.randn(n, generator=g) * 0.1).to(dtype) if b else None,
+                       A=(torch.randn(r, K, generator=g) / K ** 0.5).to(ldt),
+                       B=(torch.randn(n, r, generator=g) * 0.5).to(ldt), s=0.5 + r / 8))
+    return ms
+
+
+def _stack(ms):
+    W = torch.cat([m["W"] for m in ms])
+    has_b = any(m["b"] is not None for m in ms)
+    b = torch.cat([m["b"] if m["b"] is not None else torch.zeros(m["W"].shape[0], dtype=W.dtype) for m in ms]) \
+        if has_b else None
+    return W, b
+
+
+def _leaf(t):
+    return None if t is None else t.detach().clone().requires_grad_()
+
+
+CASES = {
+    "qkv": dict(), "gate/up": dict(widths=(64, 64), ranks=(8, 8), bias=(False, False)),
+    "rank 1 and 80": dict(ranks=(1, 80, 4)), "mixed bias": dict(bias=(True, False, True)),
+    "fp32 adapters": dict(lora_dtype=torch.float32),
+}
+
+
+@pytest.mark.parametrize("xshape", ["2-D", "3-D strided"])
+@pytest.mark.parametrize("dtype,case", [pytest.param(d, c, id=f"{d}-{c}") for d in DTYPES for c in CASES
+                                        if not (d == torch.float32 and c == "fp32 adapters")])
+def test_op_against_the_separate_projections(dtype, case, xshape):
+    ms = _members(dtype, **CASES[case])
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(13, 40, generator=g) if xshape == "2-D" else torch.randn(3, 40, 7, generator=g).transpose(1, 2)
+    x = x.to(dtype)
+    gy = [torch.randn(*x.shape[:-1], m["W"].shape[0], generator=g) for m in ms]
+
+    def run(dt, fused):
+        xx = x.to(dt).requires_grad_()
+        As = [_leaf(m["A"].to(dt if m["A"].dtype == dtype else m["A"].dtype)) for m in ms]
+        Bs = [_leaf(m["B"].to(dt if m["B"].dtype == dtype else m["B"].dtype)) for m in ms]
+        if dt == torch.float64:
+            As, Bs = [_leaf(a.double()) for a in As], [_leaf(b.double()) for b in Bs]
+        Ws = [m["W"].to(dt) for m in ms]
+        bs = [None if m["b"] is None else m["b"].to(dt) for m in ms]
+        if fused:
+            W, b = _stack([dict(W=w, b=bb) for w, bb in zip(Ws, bs)])
+            y = pk.lora_siblings(xx, W, b, As, Bs, [m["s"] for m in ms])
+            ys = y.split([m["W"].shape[0] for m in ms], dim=-1)
+        else:
+            ys = [reference.lora_linear_ref(xx, w, bb, a, bq, m["s"]) for w, bb, a, bq, m in zip(Ws, bs, As, Bs, ms)]
+        grads = torch.autograd.grad(ys, [xx, *As, *Bs], [t.to(ys[0].dtype) for t in gy])
+        return [y.detach() for y in ys], grads
+    ref_y, ref_g = run(torch.float64, False)
+    same_y, same_g = run(dtype, False)
+    got_y, got_g = run(dtype, True)
+    for i, (a, r, s) in enumerate(zip(got_y, ref_y, same_y)):
+        assert a.dtype == dtype
+        assert_close(a, r, s, f"{case} y[{i}]")
+    names = ["dx"] + [f"dA{i}" for i in range(len(ms))] + [f"dB{i}" for i in range(len(ms))]
+    for n, a, r, s in zip(names, got_g, ref_g, same_g):
+        assert_close(a, r, s, f"{case} {n}")
+
+
+def test_dropout_each_member_has_its_own_mask():
+    ms = _members(torch.float32, ranks=(4, 2, 3))
+    x = torch.randn(11, 40, dtype=torch.float32)
+    ps = (0.3, 0.0, 0.5)
+    torch.manual_seed(8)
+    seeds = [_torch_dropout.draw_seed("cpu") if p else None for p in ps]
+    masks = [None if p == 0 else _torch_dropout.dropout_mask(s, tuple(x.shape), p, "cpu") for s, p in zip(seeds, ps)]
+    xx = x.double().requires_grad_()
+    As = [_leaf(m["A"].double()) for m in ms]
+    Bs = [_leaf(m["B"].double()) for m in ms]
+    ys = [reference.lora_linear_ref(xx, m["W"].double(), m["b"].double(), a, b, m["s"],
+                                    None if mk is None else mk.double()) for m, a, b, mk in zip(ms, As, Bs, masks)]
+    gy = [torch.randn_like(y) for y in ys]
+    ref_g = torch.autograd.grad(ys, [xx, *As, *Bs], gy)
+    xf = x.clone().requires_grad_()
+    Af = [_leaf(m["A"]) for m in ms]
+    Bf = [_leaf(m["B"]) for m in ms]
+    W, b = _stack(ms)
+    torch.manual_seed(8)
+    y = pk.lora_siblings(xf, W, b, Af, Bf, [m["s"] for m in ms], ps, training=True)
+    got = y.split([m["W"].shape[0] for m in ms], dim=-1)
+    for a, r in zip(got, ys):
+        torch.testing.assert_close(a.double(), r.detach(), rtol=1e-5, atol=1e-5)
+    g = torch.autograd.grad(got, [xf, *Af, *Bf], [t.float() for t in gy])
+    for a, r in zip(g, ref_g):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5)
+    assert masks[0] is not None and not torch.equal(masks[0] != 0, masks[2] != 0)
+
+
+def test_gradcheck_fp64_with_dropout():
+    ms = _members(torch.float64, K=6, widths=(5, 3), ranks=(2, 3))
+    W, b = _stack(ms)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    ab = [_leaf(m["A"]) for m in ms] + [_leaf(m["B"]) for m in ms]
+
+    def f(xx, *t):
+        torch.manual_seed(4)
+        return pk.lora_siblings(xx, W, b, list(t[:2]), list(t[2:]), [0.5, 1.5], [0.3, 0.4], training=True)
+    assert torch.autograd.gradcheck(f, (x, *ab))
+
+
+def test_op_errors():
+    ms = _members(torch.float32)
+    W, b = _stack(ms)
+    x = torch.randn(3, 40)
+    As, Bs, s = [m["A"] for m in ms], [m["B"] for m in ms], [1.0] * 3
+    with pytest.raises(ValueError, match="one entry per member"):
+        pk.lora_siblings(x, W, b, As, Bs[:2], s)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        pk.lora_siblings(x, W[:-1], b, As, Bs, s)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        pk.lora_siblings(x, W, b[:-1], As, Bs, s)
+    with pytest.raises(ValueError, match="member 1"):
+        pk.lora_siblings(x, W, b, [As[0], As[1][:, :5], As[2]], Bs, s)
+    with pytest.raises(TypeError, match="member 0"):
+        pk.lora_siblings(x, W, b, [As[0].double()] + As[1:], Bs, s)
+    with pytest.raises(ValueError, match="dropout_ps"):
+        pk.lora_siblings(x, W, b, As, Bs, s, [0.1, 1.0, 0.0], training=True)
+
+
+# ------------------------------------------------------------------------------------ models
+def _llama(fuse, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=96)
+    m = transformers.LlamaForCausalLM(cfg)
+    torch.manual_seed(1)
+    pk.inject_lora(m, list(targets), r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
+                   fuse_siblings=fuse)
+    return m
+
+
+def _loss_and_grads(m, ids):
+    loss = m(input_ids=ids, labels=ids).loss
+    ps = [p for p in m.parameters() if p.requires_grad]
+    return loss, torch.autograd.grad(loss, ps)
+
+
+def _storages(m):
+    return {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in m.parameters()}
+
+
+def test_fused_model_equals_unfused_and_keeps_one_copy():
+    plain, fused = _llama(False), _llama([["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]])
+    attn = fused.model.layers[0].self_attn
+    g = attn.q_proj._siblings
+    assert g is attn.k_proj._siblings is attn.v_proj._siblings and g.packed()
+    assert fused.model.layers[0].mlp.gate_proj._siblings is fused.model.layers[0].mlp.up_proj._siblings
+    assert getattr(fused.model.layers[0].mlp.down_proj, "_siblings", None) is None
+    assert sum(_storages(fused).values()) == sum(_storages(plain).values())  # packed, not copied
+    assert sorted(fused.state_dict()) == sorted(plain.state_dict())
+    for k, v in plain.state_dict().items():
+        assert torch.equal(fused.state_dict()[k], v), k
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(5))
+    for mode in ("eval", "train"):
+        for m in (plain, fused):
+            m.train(mode == "train")
+        lp, gp = _loss_and_grads(plain, ids)
+        lf, gf = _loss_and_grads(fused, ids)
+        torch.testing.assert_close(lf, lp, rtol=1e-6, atol=0)
+        for a, b in zip(gf, gp):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert g.enabled, g.why_off  # the group really ran fused
+    calls = []
+    orig = SiblingGroup.member_forward
+    try:
+        SiblingGroup.member_forward = lambda self, mem, x: calls.append(id(self)) or orig(self, mem, x)
+        fused(input_ids=ids)
+    finally:
+        SiblingGroup.member_forward = orig
+    assert len(calls) == 2 * (3 + 2)  # every member of the 4 groups went through its group
+
+
+def test_peft_checkpoint_round_trip_unchanged(tmp_path):
+    plain, fused = _llama(False), _llama(True)
+    pk.save_peft_adapter(fused, str(tmp_path / "f"))
+    pk.save_peft_adapter(plain, str(tmp_path / "p"))
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "f" / "adapter_model.safetensors")), load_file(
+        str(tmp_path / "p" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    other = transformers.LlamaForCausalLM(plain.config)  # the same base weights as _llama's
+    pk.load_peft_adapter(other, str(tmp_path / "p"))
+    assert len(pk.fuse_siblings(other)) == 4  # 2 layers × (q,k,v) and (gate,up)
+    ids = torch.randint(0, 120, (2, 7))
+    other.eval()
+    plain.eval()
+    torch.testing.assert_close(other(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_rebound_weights_are_packed_again_and_load_state_dict_writes_through():
+    m = _llama(True)
+    q = m.model.layers[0].self_attn.q_proj
+    g = q._siblings
+    ids = torch.randint(0, 120, (2, 7))
+    m.eval()
+    new = {k: (v + 0.01) for k, v in m.state_dict().items() if k.endswith("q_proj.weight")}
+    m.load_state_dict(new, strict=False)  # copies into the views
+    assert g.packed()
+    want = _llama(False)
+    want.load_state_dict(new, strict=False)
+    want.eval()
+    torch.testing.assert_close(m(input_ids=ids).logits, want(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    m.load_state_dict({k: v + 0.01 for k, v in new.items()}, strict=False, assign=True)  # a re-bind
+    assert not g.packed()
+    want.load_state_dict({k: v + 0.01 for k, v in new.items()}, strict=False)
+    torch.testing.assert_close(m(input_ids=ids).logits, want(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    assert g.packed()
+    c = copy.deepcopy(m)
+    torch.testing.assert_close(c(input_ids=ids).logits, want(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
+class _Cross(nn.Module):
+    """q from one input, k and v from another (cross-attention): siblings by name, not by input."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+
+    def forward(self, x, mem):
+        return self.q(x).sum(-1) + self.k(mem).sum(-1) + self.v(mem).sum(-1)
+
+
+def test_group_that_does_not_share_its_input_turns_itself_off():
+    torch.manual_seed(0)
+    net = _Cross()
+    ref = copy.deepcopy(net)
+    for m in (net, ref):
+        torch.manual_seed(1)
+        pk.inject_lora(m, ["q", "k", "v"], r=2, init_lora_weights=False, fuse_siblings=m is net)
+    g = net.q._siblings
+    x, mem = torch.randn(3, 16), torch.randn(3, 16)
+    for _ in range(2):
+        torch.testing.assert_close(net(x, mem), ref(x, mem))
+    assert not g.enabled and "different inputs" in g.why_off
+
+
+def test_threads_each_get_their_own_outputs():
+    m = _llama(True).eval()
+    ids = [torch.randint(0, 120, (2, 8), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    with torch.no_grad():
+        want = [m(input_ids=i).logits for i in ids]
+    got, errors = {}, []
+    barrier = threading.Barrier(4)
+
+    def run(k):
+        try:
+            barrier.wait()
+            with torch.no_grad():
+                for _ in range(3):
+                    got[k] = m(input_ids=ids[k]).logits
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    ts = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+    for k in range(4):
+        torch.testing.assert_close(got[k], want[k])
+    assert m.model.layers[0].self_attn.q_proj._siblings.enabled
+
+
+def test_disable_merge_unload_and_compile():
+    ids = torch.randint(0, 120, (2, 7))
+    fused, plain = _llama(True).eval(), _llama(False).eval()
+    with pk.disable_adapters(fused), pk.disable_adapters(plain):
+        torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
+    explain = torch._dynamo.explain(fused)(input_ids=ids)
+    assert explain.graph_break_count == 0
+    torch._dynamo.reset()
+    cm = torch.compile(fused, backend="eager", fullgraph=True)
+    torch.testing.assert_close(cm(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+    merged_f, merged_p = pk.merge_and_unload(copy.deepcopy(fused)), pk.merge_and_unload(copy.deepcopy(plain))
+    ptrs = [mod.weight.untyped_storage().data_ptr() for mod in merged_f.modules() if type(mod) is nn.Linear]
+    assert len(ptrs) == len(set(ptrs))  # every plain layer owns its weight (transformers saves disjoint tensors)
+    torch.testing.assert_close(merged_f(input_ids=ids).logits, merged_p(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    un = pk.unload(fused)
+    assert not any(getattr(mod, "_siblings", None) for mod in un.modules())
+    ptrs = [mod.weight.untyped_storage().data_ptr() for mod in un.modules() if type(mod) is nn.Linear]
+    assert len(ptrs) == len(set(ptrs))
+
+
+def test_group_errors():
+    with pytest.raises(ValueError, match="fuse_siblings must be"):
+        _llama([["q_proj"]])
+    with pytest.raises(ValueError, match="fuse_siblings must be"):
+        _llama("yes")
+    m = _llama(False, targets=("q_proj", "v_proj"))
+    attn = m.model.layers[0].self_attn
+    with pytest.raises(TypeError, match="must be a LoRALinear"):
+        SiblingGroup([attn.q_proj, attn.k_proj], ["q_proj", "k_proj"])
+    with pytest.raises(ValueError, match="at least 2"):
+        SiblingGroup([attn.q_proj])
+    SiblingGroup([attn.q_proj, attn.v_proj])
+    with pytest.raises(ValueError, match="already in a group"):
+        SiblingGroup([attn.q_proj, attn.v_proj])
+    d = pk.LoRALinear(64, 8, r=2, use_dora=True)
+    with pytest.raises(ValueError, match="DoRA"):
+        SiblingGroup([d, pk.LoRALinear(64, 8, r=2)])
+    assert pk.fuse_siblings(m) == [[f"model.layers.{i}.self_attn.q_proj", f"model.layers.{i}.self_attn.v_proj"]
+                                   for i in (1,)]  # layer 0 was grouped by hand above
+    assert pk.unfuse_siblings(m) == 2

@@ -34,7 +34,7 @@ LEGACY_WEIGHTS = "adapter_model.bin"
 PREFIX = "base_model.model."
 # config fields whose non-default values this loader cannot honour
 _UNSUPPORTED = {"layers_to_transform": None, "layer_replication": None,
-                "trainable_token_indices": None, "target_parameters": None}
+                "trainable_token_indices": None}
 _SUFFIX = re.compile(r"^(?P<mod>.+)\.(?:(?P<ab>lora_A|lora_B)\.(?P<what>weight|bias)|(?P<mag>lora_magnitude_vector)"
                      r"|lora_embedding_(?P<eab>A|B)|(?P<table>base_layer\.weight))$")
 _IA3_SUFFIX = re.compile(r"^(?P<mod>.+)\.ia3_l$")
@@ -156,6 +156,9 @@ def _validate_lora_config(cfg: dict, f: str) -> None:
         cfg[key] = pat
     _targets_field(cfg, "target_modules", f)
     _targets_field(cfg, "exclude_modules", f)
+    tp = cfg.get("target_parameters")
+    if tp is not None and not (isinstance(tp, list) and all(isinstance(t, str) and t for t in tp)):
+        raise CheckpointError(f"{f!r}: target_parameters must be a list of parameter names, got {tp!r}")
 
 
 def _read_config(d: str) -> dict:
@@ -458,7 +461,15 @@ def load_peft_adapter(model: nn.Module, path, *, adapter_name: Optional[str] = N
         names = _load_ia3(model, cfg, sd, d, backend)
         _apply_saved(model, saved, cfg)
         return names
-    layers = _plan(model, cfg, sd, slot, d)
+    experts: dict = {}
+    if cfg.get("target_parameters"):  # LoRA on MoE expert weights (nn/experts.py)
+        if slot is not None:
+            raise CheckpointError(f"{d!r} adapts expert weights (target_parameters): load it into the plain model, "
+                                  "not into MultiLoRALinear slots")
+        from .nn.experts import plan_peft_load
+
+        experts, sd = plan_peft_load(model, cfg, sd, PREFIX, d)
+    layers = _plan(model, cfg, sd, slot, d) if not experts or any(_SUFFIX.match(k) for k in sd) else []
     rslora = bool(cfg.get("use_rslora", False))
     dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
     if slot is not None:
@@ -467,6 +478,16 @@ def load_peft_adapter(model: nn.Module, path, *, adapter_name: Optional[str] = N
     by_name = {L.name: L for L in layers}
 
     def make(lin):
+        if name_of[id(lin)] in experts:
+            from .nn.experts import LoRAExperts
+
+            params, got = experts[name_of[id(lin)]]
+            new = LoRAExperts(lin, params, r=cfg["r"], lora_alpha=cfg["lora_alpha"], use_rslora=rslora)
+            with torch.no_grad():
+                for p, (A, B) in got.items():
+                    new.lora_A[p].copy_(A)
+                    new.lora_B[p].copy_(B)
+            return new
         L = by_name[name_of[id(lin)]]
         if L.kind == "embedding":
             from .nn.embedding import LoRAEmbedding
@@ -489,8 +510,8 @@ def load_peft_adapter(model: nn.Module, path, *, adapter_name: Optional[str] = N
                 new.lora_magnitude_vector.copy_(L.magnitude)
         return new
 
-    name_of = {id(model.get_submodule(n)): n for n in by_name}
-    names = _replace(model, sorted(by_name), make)
+    name_of = {id(model.get_submodule(n)): n for n in list(by_name) + list(experts)}
+    names = _replace(model, sorted(by_name) + sorted(experts), make)
     with torch.no_grad():  # PEFT loads the embedding table it saved beside an embedding LoRA (new tokens' rows)
         for L in layers:
             if L.table is not None:
@@ -625,8 +646,10 @@ def save_peft_adapter(model: nn.Module, path, *, slot: Optional[int] = None) -> 
         return [n for n, _ in ia3]
     from .nn.embedding import LoRAEmbedding
 
+    from .nn.experts import LoRAExperts
+
     if slot is None:
-        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))]
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding, LoRAExperts))]
     else:
         layers = []
         for n, m in model.named_modules():
@@ -639,8 +662,20 @@ def save_peft_adapter(model: nn.Module, path, *, slot: Optional[int] = None) -> 
         raise ValueError("save_peft_adapter: the model has no LoRA layers" + (f" with slot {slot} set" if slot is not None else ""))
     cfg = _layer_config(layers)
     # target_modules as full names: PEFT matches them exactly (a name equal to the module's)
+    experts = [(n, m) for n, m in layers if isinstance(m, LoRAExperts)]
+    if experts:
+        if cfg["rank_pattern"] and any(f"^{re.escape(n)}" in cfg["rank_pattern"] for n, _ in experts) or \
+                cfg["alpha_pattern"] and any(f"^{re.escape(n)}" in cfg["alpha_pattern"] for n, _ in experts):
+            raise ValueError("save_peft_adapter: expert LoRA (target_parameters) must use the config's r and lora_alpha")
+        cfg["target_modules"] = [n for n in cfg["target_modules"] if n not in {e for e, _ in experts}] or None
+        cfg["target_parameters"] = sorted(f"{n}.{p}" for n, m in experts for p in m.targets)
+        cfg["rank_pattern"] = {k: v for k, v in cfg["rank_pattern"].items() if k not in {f"^{re.escape(n)}" for n, _ in experts}}
+        cfg["alpha_pattern"] = {k: v for k, v in cfg["alpha_pattern"].items() if k not in {f"^{re.escape(n)}" for n, _ in experts}}
     sd = {}
     for n, m in layers:
+        if isinstance(m, LoRAExperts):
+            sd.update(m.peft_tensors(f"{PREFIX}{n}"))
+            continue
         if isinstance(m, LoRAEmbedding) or getattr(m, "embedding", False):
             sd[f"{PREFIX}{n}.lora_embedding_A"] = m.lora_A.detach().to("cpu").contiguous()
             sd[f"{PREFIX}{n}.lora_embedding_B"] = m.lora_B.detach().to("cpu").contiguous()

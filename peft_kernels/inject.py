@@ -144,13 +144,19 @@ def adapter_parameter_ids(model: nn.Module) -> set:
     keep = {id(p) for m in model.modules() if isinstance(m, ADAPTER_TYPES + _embedding_types())
             for p in (getattr(m, k, None) for k in ADAPTER_PARAMS) if isinstance(p, torch.Tensor)}
     keep |= {id(p) for m in model.modules() if isinstance(m, ModulesToSave) for p in m.trained.parameters()}
+    from .nn.experts import LoRAExperts
+
+    keep |= {id(p) for m in model.modules() if isinstance(m, LoRAExperts)
+             for p in (*m.lora_A.values(), *m.lora_B.values())}
     return keep
 
 
 def _embedding_types():
+    """The adapter layers defined outside this file (imported late): embeddings and experts."""
     from .nn.embedding import LoRAEmbedding
+    from .nn.experts import LoRAExperts
 
-    return (LoRAEmbedding,)
+    return (LoRAEmbedding, LoRAExperts)
 
 
 @contextlib.contextmanager
@@ -210,6 +216,14 @@ def _with_saved(model: nn.Module, target_modules, exclude_modules, modules_to_sa
     return names, saved
 
 
+def _with_saved_only(model: nn.Module, modules_to_save, task_type) -> List[str]:
+    """The modules to save when no target_modules are given (expert weights only)."""
+    from . import model as model_mod
+
+    explicit, defaults = model_mod.save_rules(modules_to_save, task_type)
+    return model_mod.find_modules_to_save(model, explicit, defaults, task_type) if explicit or defaults else []
+
+
 def _finish_saved(model: nn.Module, saved: List[str], task_type: Optional[str] = None) -> None:
     if task_type is not None:
         from .model import check_task_type
@@ -226,7 +240,7 @@ def inject_lora(model: nn.Module, target_modules: Targets, r: int = 8, lora_alph
                 backend: str = "auto", init_lora_weights: Union[bool, str] = True,
                 lora_dtype: Optional[torch.dtype] = None, use_dora: bool = False,
                 modules_to_save: Optional[Sequence[str]] = None, task_type: Optional[str] = None,
-                fuse_siblings=False) -> List[str]:
+                fuse_siblings=False, target_parameters: Optional[Sequence[str]] = None) -> List[str]:
     """Replace the matching nn.Linear / Conv1D layers of ``model`` with :class:`LoRALinear` (the same frozen
     weight Parameters, fresh LoRA parameters; DoRA with ``use_dora=True``), and the matching nn.Embedding
     layers with :class:`LoRAEmbedding`, in place; returns their qualified names.
@@ -238,13 +252,32 @@ def inject_lora(model: nn.Module, target_modules: Targets, r: int = 8, lora_alph
 
     ``fuse_siblings``: True groups the new layers that share their input (children of one module named
     q_proj/k_proj/v_proj, query/key/value, gate_proj/up_proj, …; ``nn/siblings.py``) so that each group runs as
-    one op; or a list of groups of child names. Parameters and state-dict keys stay per layer."""
+    one op; or a list of groups of child names. Parameters and state-dict keys stay per layer.
+
+    ``target_parameters`` (PEFT's): 3-D expert weights of transformers' MoE models, e.g.
+    ``["experts.gate_up_proj", "experts.down_proj"]``; each matching experts module becomes a
+    :class:`~peft_kernels.nn.experts.LoRAExperts` (``target_modules`` may then be empty). No dropout, DoRA or
+    lora_dtype other than the weight's on experts (PEFT refuses dropout and DoRA there too)."""
     from .nn.embedding import LoRAEmbedding
     from .nn.siblings import check_groups_arg
 
     check_groups_arg(fuse_siblings)
-    names, saved = _with_saved(model, target_modules, exclude_modules, modules_to_save, task_type,
-                               lambda m, t, e: find_targets(m, t, e, embeddings=True))
+    experts = {}
+    if target_parameters is not None:
+        from .nn.experts import find_expert_targets
+
+        if lora_dropout or use_dora:
+            raise ValueError("target_parameters: lora_dropout and use_dora are not supported on expert weights (x "
+                             "cannot be factored out of a weight update; PEFT refuses them too)")
+        experts = find_expert_targets(model, target_parameters)
+    if experts and not target_modules:
+        names, saved = [], _with_saved_only(model, modules_to_save, task_type)
+    else:
+        names, saved = _with_saved(model, target_modules, exclude_modules, modules_to_save, task_type,
+                                   lambda m, t, e: find_targets(m, t, e, embeddings=True))
+    clash = [n for n in names if any(n == e or n.startswith(e + ".") for e in experts)]
+    if clash:
+        raise ValueError(f"target_modules selects {clash[:4]} inside experts that target_parameters adapts")
 
     def make(lin):
         if isinstance(lin, nn.Embedding):
@@ -254,7 +287,19 @@ def inject_lora(model: nn.Module, target_modules: Targets, r: int = 8, lora_alph
         return LoRALinear.from_linear(lin, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                       use_rslora=use_rslora, init_lora_weights=init_lora_weights, backend=backend,
                                       lora_dtype=lora_dtype, use_dora=use_dora)
-    out = _replace(model, names, make)
+    if experts:
+        from .nn.experts import LoRAExperts
+
+        def make_any(mod):
+            n = name_of[id(mod)]
+            if n in experts:
+                return LoRAExperts(mod, experts[n], r=r, lora_alpha=lora_alpha, use_rslora=use_rslora,
+                                   init_lora_weights=init_lora_weights, lora_dtype=lora_dtype)
+            return make(mod)
+        name_of = {id(model.get_submodule(n)): n for n in list(names) + list(experts)}
+        out = _replace(model, list(names) + list(experts), make_any)
+    else:
+        out = _replace(model, names, make)
     _finish_saved(model, saved, task_type)
     if fuse_siblings is not False:
         from .nn.siblings import SiblingGroup, find_sibling_groups
@@ -335,7 +380,8 @@ def unmerge_lora(model: nn.Module) -> List[str]:
 def lora_state_dict(model: nn.Module) -> dict:
     """The trainable adapter tensors only, detached, under the keys of ``model.state_dict()``: ``lora_A`` /
     ``lora_B`` (and ``lora_B_bias``, ``lora_magnitude_vector``) of every LoRALinear and MultiLoRALinear, plus
-    MultiLoRALinear's ``scalings``/``ranks`` buffers, LoRAEmbedding's ``lora_embedding_A``/``_B``, and the whole
+    MultiLoRALinear's ``scalings``/``ranks`` buffers, LoRAEmbedding's ``lora_embedding_A``/``_B``, LoRAExperts'
+    ``lora_A.<param>``/``lora_B.<param>``, and the whole
     state of every ``modules_to_save`` copy (``<name>.modules_to_save.default.*``)."""
     from .nn.saved import ModulesToSave
 
@@ -346,6 +392,11 @@ def lora_state_dict(model: nn.Module) -> dict:
             keys = ("lora_A", "lora_B") + (("lora_B_bias",) if getattr(m, "lora_bias", False) else ()) + (
                 ("lora_magnitude_vector",) if getattr(m, "use_dora", False) else ()) + (
                 ("scalings", "ranks") if isinstance(m, MultiLoRALinear) else ())
+        elif isinstance(m, _embedding_types()) and hasattr(m, "targets"):  # LoRAExperts
+            for d in ("lora_A", "lora_B"):
+                for p, v in getattr(m, d).items():
+                    out[f"{pre}{d}.{p}"] = v.detach()
+            continue
         elif isinstance(m, _embedding_types()):
             keys = ("lora_embedding_A", "lora_embedding_B")
         elif isinstance(m, ModulesToSave):

@@ -256,3 +256,26 @@ def linear_cross_entropy_ref(hidden, weight, labels, bias=None, lora_A=None, lor
     if reduction == "none":
         return tok.view(labels.shape)
     return tok.sum() / valid.sum() if reduction == "mean" else tok.sum()
+
+
+def moe_experts_ref(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, act, gate_up_lora=None,
+                    down_lora=None) -> torch.Tensor:
+    """transformers' fused-expert MLP with LoRA on its 3-D weights (``ops.moe``), one routed assignment at a time:
+    for token t and its j-th expert e, ``W = W_e + s·B_e·A_e`` for each projection,
+    ``out[t] += w[t, j] · down(act(gate) ⊙ up)``. Entries of ``top_k_index`` outside [0, E) count nowhere."""
+    def eff(W, lora, e):
+        if lora is None:
+            return W[e]
+        A, B, s = lora
+        return W[e] + s * (B[e].to(W.dtype) @ A[e].to(W.dtype))
+    E = gate_up_proj.shape[0]
+    out = torch.zeros_like(hidden)
+    for t in range(hidden.shape[0]):
+        for j in range(top_k_index.shape[1]):
+            e = int(top_k_index[t, j])
+            if not 0 <= e < E:
+                continue
+            gate, up = F.linear(hidden[t], eff(gate_up_proj, gate_up_lora, e)).chunk(2, dim=-1)
+            y = F.linear(act(gate) * up, eff(down_proj, down_lora, e))
+            out[t] = out[t] + top_k_weights[t, j] * y
+    return out

@@ -321,3 +321,15 @@ def test_siblings_bench_quick_reports_every_provider():
         assert case["fused"]["launches"] < case["ours separate"]["launches"]
         assert all(v["ms"] > 0 and 0 < v["vs PEFT"] < 100 for v in case.values())
     assert len(sb.targets(res)) == 4 and "fused" in sb.format_report(res)
+
+
+def test_moe_bench_quick_reports_against_peft():
+    pytest.importorskip("peft")
+    from peft_kernels.bench import moe as mb
+
+    res = mb.run(quick=True)
+    assert res["max_rel_diff"] < 1e-4  # ours and PEFT compute the same function before they are timed
+    assert 0 < res["ours/PEFT"] < 100 and set(res["ms"]) == {"ours", "PEFT", "frozen experts"}
+    gm = res["gpu_model"]
+    assert 0 < gm["base_ms"] < gm["ours_ms"] < gm["peft_ms"]
+    assert len(mb.targets(res)) == 2 and "roofline" in mb.format_report(res)

@@ -17,6 +17,7 @@ dora 512,4096,4096,16; ia3 512,4096,4096 (r unused).
 ``--op model`` trains and serves all-MiniLM-L6-v2 end to end against HF PEFT (peft_kernels/bench/model.py).
 ``--op lm_head`` measures the fused head loss against the unfused logits (peft_kernels/bench/lm_head.py).
 ``--op siblings`` measures q/k/v as one sibling group against separate layers (peft_kernels/bench/siblings.py).
+``--op moe`` measures LoRA on MoE expert weights against PEFT's target_parameters (peft_kernels/bench/moe.py).
 """
 from __future__ import annotations
 
@@ -52,13 +53,14 @@ def _csv_list(text: str, allowed, what: str) -> List[str]:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m peft_kernels.bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--op", choices=OPS + ("all", "meta", "model", "lm_head", "siblings"), default="all",
+    ap.add_argument("--op", choices=OPS + ("all", "meta", "model", "lm_head", "siblings", "moe"), default="all",
                     help="lora, multi_lora (mixed-batch adapters), adapter (bottleneck), dora, ia3, or all of these; "
                          "meta: the meta-learned LoRA comparison (peft_kernels.meta) and its batched inner-loop timing; "
                          "model: train and serve a real small transformer (all-MiniLM-L6-v2) against HF PEFT, eager "
                          "and compiled (several minutes); lm_head: the fused head + LoRA + cross-entropy against the "
                          "unfused computation (peak memory per token count, time); siblings: q/k/v as one sibling group "
-                         "against three separate layers (ours and PEFT's)")
+                         "against three separate layers (ours and PEFT's); moe: LoRA on MoE expert weights against PEFT's "
+                         "target_parameters")
     ap.add_argument("--no-compile", action="store_true", help="--op model: skip the torch.compile measurements")
     ap.add_argument("--shapes", nargs="+", action="extend", metavar="SHAPE",
                     help=f"presets ({', '.join(PRESETS)}; preset:proj) or M,K,N,r (default: each op's issue case)")
@@ -105,6 +107,10 @@ def main(argv=None) -> int:
         return _launch_model(a, argv)
     if a.op == "meta":
         return _meta(a)
+    if a.op == "moe":
+        from . import moe as moe_bench
+
+        return moe_bench.main(a.rounds, a.quick, a.out)
     if a.op == "siblings":
         from . import siblings as siblings_bench
 

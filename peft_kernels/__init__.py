@@ -30,6 +30,8 @@ from .ops.hash_dropout import hash_dropout
 from .ops.linear_ce import linear_cross_entropy
 from .nn.lm_head import causal_lm_loss, head_cross_entropy
 from .nn.siblings import SiblingGroup, fuse_siblings, unfuse_siblings
+from .nn.packed import PackedLoRALinear, inject_packed_lora
+from .nn.experts import LoRAExperts
 from .ops.siblings import lora_siblings
 from .ops.bottleneck import adapter_linear, bottleneck_adapter
 from .ops.dora import dora_linear
@@ -55,4 +57,5 @@ __all__ = ["PromptTuning", "PrefixTuning", "inject_ia3", "ia3_linear", "IA3Linea
            "ModulesToSave", "merge_and_unload", "unload", "disable_adapters", "trainable_parameters",
            "print_trainable_parameters", "use_hash_dropout", "hash_dropout", "HashDropout",
            "linear_cross_entropy", "head_cross_entropy", "causal_lm_loss",
-           "fuse_siblings", "unfuse_siblings", "SiblingGroup", "lora_siblings"]
+           "fuse_siblings", "unfuse_siblings", "SiblingGroup", "lora_siblings", "PackedLoRALinear",
+           "inject_packed_lora", "LoRAExperts"]

@@ -436,13 +436,16 @@ def _apply_saved(model: nn.Module, plan: Dict[str, nn.Module], cfg: dict) -> Non
 
 
 def load_peft_adapter(model: nn.Module, path, *, adapter_name: Optional[str] = None, slot: Optional[int] = None,
-                      backend: str = "auto") -> List[str]:
+                      backend: str = "auto", packed: Optional[dict] = None) -> List[str]:
     """Load a PEFT LoRA adapter into ``model``; returns the module names it was applied to.
 
     Plain nn.Linear / Conv1D targets become :class:`LoRALinear` (r, lora_alpha, use_rslora, rank_pattern,
     alpha_pattern, lora_bias, fan_in_fan_out from the config; the weights from the file). Targets that
     already are :class:`MultiLoRALinear` get the adapter in ``slot``. ``adapter_name`` picks a named
-    adapter's subfolder. Everything is validated first: on any error the model is unchanged.
+    adapter's subfolder. ``packed`` (e.g. ``{"qkv_proj": ["q_proj", "k_proj", "v_proj"]}``) serves an adapter
+    trained on separate projections on a model that packs them: each packed layer becomes a
+    :class:`~peft_kernels.nn.packed.PackedLoRALinear` with one slice per projection. Everything is validated first:
+    on any error the model is unchanged.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -469,7 +472,14 @@ def load_peft_adapter(model: nn.Module, path, *, adapter_name: Optional[str] = N
         from .nn.experts import plan_peft_load
 
         experts, sd = plan_peft_load(model, cfg, sd, PREFIX, d)
-    layers = _plan(model, cfg, sd, slot, d) if not experts or any(_SUFFIX.match(k) for k in sd) else []
+    packs: dict = {}
+    if packed is not None:
+        if slot is not None:
+            raise CheckpointError(f"{d!r}: packed= loads into the plain model, not into MultiLoRALinear slots")
+        from .nn.packed import plan_packed_load
+
+        packs, sd = plan_packed_load(model, cfg, sd, packed, PREFIX, d)
+    layers = _plan(model, cfg, sd, slot, d) if not (experts or packs) or any(_SUFFIX.match(k) for k in sd) else []
     rslora = bool(cfg.get("use_rslora", False))
     dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
     if slot is not None:
@@ -478,6 +488,19 @@ def load_peft_adapter(model: nn.Module, path, *, adapter_name: Optional[str] = N
     by_name = {L.name: L for L in layers}
 
     def make(lin):
+        if name_of[id(lin)] in packs:
+            from .nn.packed import PackedLoRALinear
+
+            got = packs[name_of[id(lin)]]
+            new = PackedLoRALinear(lin, {p: B.shape[0] for p, (A, B, r, a) in got.items()},
+                                   r={p: r for p, (A, B, r, a) in got.items()},
+                                   lora_alpha={p: a for p, (A, B, r, a) in got.items()}, lora_dropout=dropout,
+                                   use_rslora=rslora)
+            with torch.no_grad():
+                for p, (A, B, r, a) in got.items():
+                    new.lora_A[p].copy_(A)
+                    new.lora_B[p].copy_(B)
+            return new
         if name_of[id(lin)] in experts:
             from .nn.experts import LoRAExperts
 
@@ -510,8 +533,8 @@ def load_peft_adapter(model: nn.Module, path, *, adapter_name: Optional[str] = N
                 new.lora_magnitude_vector.copy_(L.magnitude)
         return new
 
-    name_of = {id(model.get_submodule(n)): n for n in list(by_name) + list(experts)}
-    names = _replace(model, sorted(by_name) + sorted(experts), make)
+    name_of = {id(model.get_submodule(n)): n for n in list(by_name) + list(experts) + list(packs)}
+    names = _replace(model, sorted(by_name) + sorted(experts) + sorted(packs), make)
     with torch.no_grad():  # PEFT loads the embedding table it saved beside an embedding LoRA (new tokens' rows)
         for L in layers:
             if L.table is not None:
@@ -647,9 +670,11 @@ def save_peft_adapter(model: nn.Module, path, *, slot: Optional[int] = None) -> 
     from .nn.embedding import LoRAEmbedding
 
     from .nn.experts import LoRAExperts
+    from .nn.packed import PackedLoRALinear
 
-    if slot is None:
-        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding, LoRAExperts))]
+    if slot is None:  # a PackedLoRALinear as its equivalent single LoRA on the packed layer (PEFT loads it there)
+        layers = [(n, m.peft_view() if isinstance(m, PackedLoRALinear) else m) for n, m in model.named_modules()
+                  if isinstance(m, (LoRALinear, LoRAEmbedding, LoRAExperts, PackedLoRALinear))]
     else:
         layers = []
         for n, m in model.named_modules():

@@ -144,10 +144,8 @@ def adapter_parameter_ids(model: nn.Module) -> set:
     keep = {id(p) for m in model.modules() if isinstance(m, ADAPTER_TYPES + _embedding_types())
             for p in (getattr(m, k, None) for k in ADAPTER_PARAMS) if isinstance(p, torch.Tensor)}
     keep |= {id(p) for m in model.modules() if isinstance(m, ModulesToSave) for p in m.trained.parameters()}
-    from .nn.experts import LoRAExperts
-
-    keep |= {id(p) for m in model.modules() if isinstance(m, LoRAExperts)
-             for p in (*m.lora_A.values(), *m.lora_B.values())}
+    keep |= {id(p) for m in model.modules() if isinstance(getattr(m, "lora_A", None), nn.ParameterDict)
+             and isinstance(m, _embedding_types()) for p in (*m.lora_A.values(), *m.lora_B.values())}
     return keep
 
 
@@ -155,8 +153,9 @@ def _embedding_types():
     """The adapter layers defined outside this file (imported late): embeddings and experts."""
     from .nn.embedding import LoRAEmbedding
     from .nn.experts import LoRAExperts
+    from .nn.packed import PackedLoRALinear
 
-    return (LoRAEmbedding, LoRAExperts)
+    return (LoRAEmbedding, LoRAExperts, PackedLoRALinear)
 
 
 @contextlib.contextmanager
@@ -381,7 +380,7 @@ def lora_state_dict(model: nn.Module) -> dict:
     """The trainable adapter tensors only, detached, under the keys of ``model.state_dict()``: ``lora_A`` /
     ``lora_B`` (and ``lora_B_bias``, ``lora_magnitude_vector``) of every LoRALinear and MultiLoRALinear, plus
     MultiLoRALinear's ``scalings``/``ranks`` buffers, LoRAEmbedding's ``lora_embedding_A``/``_B``, LoRAExperts'
-    ``lora_A.<param>``/``lora_B.<param>``, and the whole
+    ``lora_A.<param>``/``lora_B.<param>`` and PackedLoRALinear's ``lora_A.<slice>``/``lora_B.<slice>``, and the whole
     state of every ``modules_to_save`` copy (``<name>.modules_to_save.default.*``)."""
     from .nn.saved import ModulesToSave
 
@@ -392,7 +391,7 @@ def lora_state_dict(model: nn.Module) -> dict:
             keys = ("lora_A", "lora_B") + (("lora_B_bias",) if getattr(m, "lora_bias", False) else ()) + (
                 ("lora_magnitude_vector",) if getattr(m, "use_dora", False) else ()) + (
                 ("scalings", "ranks") if isinstance(m, MultiLoRALinear) else ())
-        elif isinstance(m, _embedding_types()) and hasattr(m, "targets"):  # LoRAExperts
+        elif isinstance(m, _embedding_types()) and isinstance(getattr(m, "lora_A", None), nn.ParameterDict):
             for d in ("lora_A", "lora_B"):
                 for p, v in getattr(m, d).items():
                     out[f"{pre}{d}.{p}"] = v.detach()

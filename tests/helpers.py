@@ -158,3 +158,27 @@ def spy_triton_launches(monkeypatch, kernels) -> list:
 def arg(kernel, args, name):
     """The launch argument ``name`` of ``kernel`` from its positional ``args``."""
     return args[kernel.arg_names.index(name)]
+
+
+def check_controls(model, base, ids, adapter_type) -> None:
+    """An injected ``model`` against its untouched ``base`` (a transformers LM): its trainable parameters are what
+    ``lora_state_dict`` returns; the adapter changes the logits; ``disable_adapters`` gives the base's;
+    ``merge_and_unload`` leaves no ``adapter_type`` and the adapter's logits; ``unload`` gives the base's and makes
+    what the injection froze trainable again."""
+    import copy
+
+    import peft_kernels as pk
+
+    assert set(pk.lora_state_dict(model)) == {n for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        lora = model(input_ids=ids).logits
+        assert (lora - plain).abs().max() > 1e-3
+        with pk.disable_adapters(model):
+            torch.testing.assert_close(model(input_ids=ids).logits, plain)
+        merged = pk.merge_and_unload(copy.deepcopy(model))
+        assert not any(isinstance(x, adapter_type) for x in merged.modules())
+        torch.testing.assert_close(merged(input_ids=ids).logits, lora, rtol=1e-4, atol=1e-5)
+        un = pk.unload(model)
+        torch.testing.assert_close(un(input_ids=ids).logits, plain)
+    assert all(p.requires_grad for p in un.parameters())

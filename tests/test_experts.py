@@ -15,7 +15,7 @@ from peft_kernels import reference
 from peft_kernels.nn.experts import LoRAExperts
 from peft_kernels.ops.moe import grouped_lora_linear, moe_experts_forward
 
-from helpers import assert_close
+from helpers import assert_close, check_controls
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TP = ["experts.gate_up_proj", "experts.down_proj"]
@@ -170,20 +170,7 @@ def test_inject_merge_unload_disable():
     assert {n for n, p in m.named_parameters() if p.requires_grad} == {
         f"model.layers.{i}.mlp.experts.lora_{ab}.{p}" for i in (0, 1) for ab in "AB" for p in ("gate_up_proj",
                                                                                               "down_proj")}
-    assert set(pk.lora_state_dict(m)) == {n for n, p in m.named_parameters() if p.requires_grad}
-    ids = torch.randint(0, 100, (2, 8))
-    with torch.no_grad():
-        want_base = base(input_ids=ids).logits
-        lora = m(input_ids=ids).logits
-        assert (lora - want_base).abs().max() > 1e-3
-        with pk.disable_adapters(m):
-            torch.testing.assert_close(m(input_ids=ids).logits, want_base)
-        merged = pk.merge_and_unload(copy.deepcopy(m))
-        assert not any(isinstance(x, LoRAExperts) for x in merged.modules())
-        torch.testing.assert_close(merged(input_ids=ids).logits, lora, rtol=1e-4, atol=1e-5)
-        un = pk.unload(m)
-        torch.testing.assert_close(un(input_ids=ids).logits, want_base)
-        assert all(p.requires_grad for p in un.parameters())  # what the injection froze is trainable again
+    check_controls(m, base, torch.randint(0, 100, (2, 8)), LoRAExperts)
 
 
 class _TransposedExperts(nn.Module):

@@ -476,6 +476,18 @@ MUTANTS = [
      "                getattr(self.base_layer, name).add_(self.delta(name))",
      "                getattr(self.base_layer, name).sub_(self.delta(name))",
      ["tests/test_experts.py"], "merging subtracts the experts' update"),
+    ("packed-rank-pattern", "peft_kernels/nn/packed.py",
+     "            r = _pattern_value(rp, f, r0)",
+     "            r = r0",
+     ["tests/test_packed.py"], "a packed slice ignores the adapter's rank_pattern"),
+    ("packed-peft-view-scale", "peft_kernels/nn/packed.py",
+     "        B = torch.block_diag(*[self.lora_B[n].detach() * self.scaling[n] for n in self.slices])",
+     "        B = torch.block_diag(*[self.lora_B[n].detach() for n in self.slices])",
+     ["tests/test_packed.py"], "the packed adapter saved for PEFT without each slice's scale"),
+    ("packed-merge-conv1d", "peft_kernels/nn/packed.py",
+     "            self.weight.add_(d.t() if self.fan_in_fan_out else d)",
+     "            self.weight.add_(d.reshape(self.weight.shape))",
+     ["tests/test_packed.py"], "merging into a Conv1D packed layer adds the update untransposed"),
 ]
 
 

@@ -114,7 +114,8 @@ class LoRAExperts(nn.Module):
         """``s·B_e·A_e`` for every expert, ``[E, out, in]`` in the weight's dtype (fp32 math)."""
         A, B = self.lora_A[name], self.lora_B[name]
         W = getattr(self.base_layer, name)
-        return (torch.bmm(B.float(), A.float()) * self.scaling).to(W.dtype)
+        dt = torch.promote_types(W.dtype, torch.float32)
+        return (torch.bmm(B.to(dt), A.to(dt)) * self.scaling).to(W.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -796,6 +796,147 @@ def _dropout_hash(sc: Scale) -> List[dict]:
 
 
 # --------------------------------------------------------------------------------------------
+# the whole-model and modern-architecture ops (hash dropout, fused head loss, siblings, MoE experts)
+# --------------------------------------------------------------------------------------------
+def _hash_dropout_device(sc: Scale) -> List[dict]:
+    """``hash_dropout`` on the device (the one-pass Triton mask times x) against the torch-op mask's definition,
+    bit for bit, forward and backward, fp32 and bf16."""
+    from ..ops import _torch_dropout as D
+    from ..ops.hash_dropout import hash_dropout
+
+    out = []
+    n = (37, 129) if sc.dry else (2048, 4099)
+    for dt in (torch.float32, torch.bfloat16):
+        g = _gen(sc.device, 11)
+        x = _randn(g, *n, dev=sc.device).to(dt).requires_grad_()
+        torch.manual_seed(5)
+        seed = D.draw_seed(sc.device)
+        torch.manual_seed(5)
+        y = hash_dropout(x, 0.3)
+        keep = D.keep_mask_ops(seed, x.numel(), 0.3, sc.device).view(x.shape)
+        fac = keep.to(torch.float32) * D.keep_scale(0.3)
+        gy = torch.ones_like(y)
+        (dx,) = torch.autograd.grad(y, x, gy)
+        ok = torch.equal(y, (x * fac).to(dt)) and torch.equal(dx, (gy * fac).to(dt))
+        out.append(fact(f"{dt}: forward and backward = x·mask by definition", ok,
+                        f"{x.numel()} elements, kept {keep.float().mean().item():.4f}"))
+    return out
+
+
+def _linear_ce_group(dname: str) -> Callable:
+    def run(sc: Scale) -> List[dict]:
+        """The fused head loss (+ LoRA) against the fp64 unfused reference, loss and every gradient, within 4× the
+        unfused computation at the same precision; and on a GPU its peak extra memory against the unfused one's."""
+        from .. import reference as R
+        from ..ops.linear_ce import linear_cross_entropy
+
+        dt = DTYPES[dname]
+        M, H, V, r = (40, 24, 97, 4) if sc.dry else (4096, 4096, 32000, 16)
+        g = _gen(sc.device, 12)
+        t = {"hidden": _randn(g, M, H, dev=sc.device), "weight": _randn(g, V, H, dev=sc.device, scale=H ** -0.5),
+             "lora_A": _randn(g, r, H, dev=sc.device, scale=H ** -0.5), "lora_B": _randn(g, V, r, dev=sc.device,
+                                                                                       scale=0.1)}
+        labels = torch.randint(0, V, (M,), generator=g, device=sc.device)
+        labels[::7] = -100
+        names = list(t)
+
+        def run_one(which, dtype):
+            ts = {k: _leaf(v.to(dtype)) for k, v in t.items()}
+            if which == "fused":
+                loss = linear_cross_entropy(ts["hidden"], ts["weight"], labels, lora_A=ts["lora_A"],
+                                            lora_B=ts["lora_B"], scaling=2.0, label_smoothing=0.1, chunk_size=M // 3)
+            else:
+                logits = R.lora_linear_ref(ts["hidden"], ts["weight"], None, ts["lora_A"], ts["lora_B"], 2.0)
+                loss = R.linear_cross_entropy_ref(logits.float() if dtype != torch.float64 else logits,
+                                                  torch.eye(V, device=sc.device, dtype=torch.float32 if dtype !=
+                                                            torch.float64 else dtype), labels, label_smoothing=0.1)
+            return loss, torch.autograd.grad(loss, [ts[k] for k in names])
+        ref = run_one("ref", torch.float64)
+        same = run_one("ref", dt)
+        if not sc.dry:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            m0 = torch.cuda.memory_allocated()
+        got = run_one("fused", dt)
+        out = [compare(f"{dname} loss", got[0], ref[0], same[0])]
+        out += [compare(f"{dname} d{k}", a, b, c) for k, a, b, c in zip(names, got[1], ref[1], same[1])]
+        if not sc.dry:
+            fused_peak = torch.cuda.max_memory_allocated() - m0
+            logits = M * V * 4
+            out.append(fact(f"{dname} peak extra memory below the fp32 logits' size", fused_peak < logits,
+                            f"fused peak {fused_peak / 2 ** 20:.0f} MiB; M×V fp32 logits {logits / 2 ** 20:.0f} MiB"))
+        return out
+    return run
+
+
+def _siblings_group(dname: str) -> Callable:
+    def run(sc: Scale) -> List[dict]:
+        """q/k/v as one ``lora_siblings`` op against each projection's fp64 reference (Llama-3-8B's q/k/v)."""
+        from .. import reference as R
+        from ..ops.siblings import lora_siblings
+
+        dt = DTYPES[dname]
+        M, K, widths, r = (33, 48, (40, 16, 16), 4) if sc.dry else (4096, 4096, (4096, 1024, 1024), 16)
+        g = _gen(sc.device, 13)
+        x = _randn(g, M, K, dev=sc.device)
+        Ws = [_randn(g, n, K, dev=sc.device, scale=K ** -0.5) for n in widths]
+        As = [_randn(g, r, K, dev=sc.device, scale=K ** -0.5) for _ in widths]
+        Bs = [_randn(g, n, r, dev=sc.device, scale=0.1) for n in widths]
+        gy = _randn(g, M, sum(widths), dev=sc.device)
+
+        def run_one(fused, dtype):
+            xx, a, b = _leaf(x.to(dtype)), [_leaf(v.to(dtype)) for v in As], [_leaf(v.to(dtype)) for v in Bs]
+            if fused:
+                y = lora_siblings(xx, torch.cat(Ws).to(dtype), None, a, b, [2.0] * 3)
+            else:
+                y = torch.cat([R.lora_linear_ref(xx, w.to(dtype), None, ai, bi, 2.0) for w, ai, bi in zip(Ws, a, b)],
+                              -1)
+            return [y] + list(torch.autograd.grad(y, [xx] + a + b, gy.to(dtype)))
+        ref, same, got = run_one(False, torch.float64), run_one(False, dt), run_one(True, dt)
+        names = ["y", "dx"] + [f"dA{i}" for i in range(3)] + [f"dB{i}" for i in range(3)]
+        return [compare(f"{dname} {n}", a, b, c) for n, a, b, c in zip(names, got, ref, same)]
+    return run
+
+
+def _moe_group(dname: str) -> Callable:
+    def run(sc: Scale) -> List[dict]:
+        """The experts' grouped GEMMs + LoRA (``ops.moe``) against the per-assignment fp64 reference."""
+        import torch.nn.functional as F
+
+        from .. import reference as R
+        from ..ops.moe import moe_experts_forward
+
+        dt = DTYPES[dname]
+        T, H, I, E, k, r = (20, 16, 12, 5, 2, 3) if sc.dry else (256, 1024, 384, 16, 4, 16)
+        g = _gen(sc.device, 14)
+        idx = torch.stack([torch.randperm(E, generator=g, device=sc.device)[:k] for _ in range(T)])
+        t = {"h": _randn(g, T, H, dev=sc.device), "w": torch.rand(T, k, generator=g, device=sc.device,
+                                                                 dtype=torch.float64),
+             "Wgu": _randn(g, E, 2 * I, H, dev=sc.device, scale=H ** -0.5),
+             "Wd": _randn(g, E, H, I, dev=sc.device, scale=I ** -0.5),
+             "Agu": _randn(g, E, r, H, dev=sc.device, scale=H ** -0.5), "Bgu": _randn(g, E, 2 * I, r, dev=sc.device,
+                                                                                     scale=0.1),
+             "Ad": _randn(g, E, r, I, dev=sc.device, scale=I ** -0.5), "Bd": _randn(g, E, H, r, dev=sc.device,
+                                                                                   scale=0.1)}
+        gy = _randn(g, T, H, dev=sc.device)
+        names = ["h", "Agu", "Bgu", "Ad", "Bd"]
+
+        def run_one(fused, dtype):
+            c = {n: _leaf(v.to(dtype), n in names) for n, v in t.items()}
+            args = (c["h"], idx, c["w"], c["Wgu"], c["Wd"])
+            if fused:
+                y = moe_experts_forward(*args, act=F.silu, gate_up_lora=(c["Agu"], c["Bgu"], 0.5),
+                                        down_lora=(c["Ad"], c["Bd"], 2.0))
+            else:
+                y = R.moe_experts_ref(*args, F.silu, (c["Agu"], c["Bgu"], 0.5), (c["Ad"], c["Bd"], 2.0))
+            return [y] + list(torch.autograd.grad(y, [c[n] for n in names], gy.to(dtype)))
+        ref, same, got = run_one(False, torch.float64), run_one(False, dt), run_one(True, dt)
+        return [compare(f"{dname} {n}", a, b, c) for n, a, b, c in zip(["y"] + [f"d{n}" for n in names], got, ref,
+                                                                          same)]
+    return run
+
+
+# --------------------------------------------------------------------------------------------
 # the group table
 # --------------------------------------------------------------------------------------------
 def _groups() -> Dict[str, Callable]:
@@ -820,6 +961,11 @@ def _groups() -> Dict[str, Callable]:
     g["lora-past-2^31/triton"] = _lora_past_2g
     g["bottleneck-determinism/triton"] = _bottleneck_determinism
     g["dropout-hash/triton"] = _dropout_hash
+    g["hash-dropout/torch"] = _hash_dropout_device
+    for d in ("fp32", "bf16"):
+        g[f"linear-ce/torch/{d}"] = _linear_ce_group(d)
+        g[f"siblings/torch/{d}"] = _siblings_group(d)
+        g[f"moe/torch/{d}"] = _moe_group(d)
     return g
 
 

@@ -1,5 +1,7 @@
 """torch.compile(fullgraph=True) of a model with every fused layer runs on CPU with no graph breaks and
 matches eager, forward and gradients. (Inductor compiles C++ here: one model, compiled once.)"""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -128,11 +130,17 @@ def test_compiled_dropout_keeps_the_regenerable_mask():
     gA = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     y_c, dx_c = _train_step(torch.compile(model, backend="aot_eager", fullgraph=True), x, ids)
-    torch.testing.assert_close(y_c, y_e, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(dx_c, dx_e, rtol=1e-6, atol=1e-6)
-    for n, p in model.named_parameters():
+    gC = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    # the truth: the same step in fp64 with the same seed (the masks depend on the seed and indices only); compiled
+    # within 4× eager fp32's error of it (the two sum in other orders)
+    m64 = copy.deepcopy(model).double()
+    m64.zero_grad()
+    y64, dx64 = _train_step(m64, x.double(), ids)
+    assert_close(y_c, y64, y_e, "y")
+    assert_close(dx_c, dx64, dx_e, "dx")
+    for n, p in m64.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(p.grad, gA[n], rtol=1e-6, atol=1e-6, msg=n)
+            assert_close(gC[n], p.grad, gA[n], n)
     # and the masks are dropout's: without the seed fixed, two compiled steps differ
     model.zero_grad()
     torch._dynamo.reset()
@@ -148,9 +156,8 @@ def test_custom_ops_pass_opcheck():
     x = torch.randn(6, 8, generator=g, requires_grad=True)
     W, b = torch.randn(5, 8, generator=g), torch.randn(5, generator=g)
     A = torch.randn(3, 8, generator=g, requires_grad=True)
-    B = torch.randn(5, 3, generator=g, requires_grad=True)
     seed = torch.tensor([42])
-    torch.library.opcheck(C.lora_dropout_fwd, (x, W, b, A, B, 1.5, 0.2, seed))
+    torch.library.opcheck(C.lora_dropout_shrink, (x, A, 0.2, seed))
     A3 = torch.randn(2, 3, 8, generator=g, requires_grad=True)
     B3 = torch.randn(2, 5, 3, generator=g, requires_grad=True)
     args = (x, W, b, A3, B3, torch.tensor([1.0, 0.5]), torch.tensor([3, 2], dtype=torch.int32),

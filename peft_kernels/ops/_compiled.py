@@ -2,8 +2,9 @@
 kernels as opaque ops (with fake implementations for tracing) instead of tracing their Python, which holds host
 reads a graph cannot (a dropout seed's round keys, the multi-adapter token grouping's segment bounds).
 
-  * ``peft_kernels_py::lora_dropout_fwd`` / ``_bwd``: ``lora_linear`` with dropout. The seed is drawn in the
-    graph (a captured RNG op) and passed in; the mask is regenerated in the backward op from it, never stored.
+  * ``peft_kernels_py::lora_dropout_shrink`` / ``_bwd``: ``lora_linear``'s masked shrink ``drop(x)·Aᵀ`` with
+    dropout. The seed is drawn in the graph (a captured RNG op) and passed in; the mask is regenerated in the
+    backward op from it, never stored. The base GEMM and the expand around it are traced.
   * ``peft_kernels_py::multi_lora_fwd`` / ``_bwd``: ``multi_lora_linear``'s grouped path. The op groups the
     tokens itself (one counting sort) and returns S padded to ``[T, R]`` (a data-independent shape); the
     backward op groups again from the same ids (cheaper than carrying the grouping through the graph).
@@ -20,58 +21,83 @@ _NS = "peft_kernels_py"
 
 
 # ------------------------------------------------------------------------------------ lora_linear + dropout
-@torch.library.custom_op(f"{_NS}::lora_dropout_fwd", mutates_args=())
-def lora_dropout_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                     scaling: float, p: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
-    from .lora import _torch_forward
+# Only the masked shrink S = drop(x)·Aᵀ is opaque (the C++ pass that makes, applies and consumes the mask on the
+# CPU); the base GEMM, the expand and the gradients that need no mask stay traced, so the compiler fuses around
+# them as it does without dropout.
+def _shrink(x: Tensor, A: Tensor, p: float, seed: Tensor) -> Tensor:
+    from . import _torch_dropout
+    from .lora import _use_ext
 
-    return _torch_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+    if _use_ext(x, A, p):
+        from .. import _ext
 
-
-@lora_dropout_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, p, seed):
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=lora_A.dtype)
-
-
-@torch.library.custom_op(f"{_NS}::lora_dropout_bwd", mutates_args=())
-def lora_dropout_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, S: Tensor, scaling: float,
-                     p: float, seed: Tensor, need_dx: bool, need_da: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    from .lora import _torch_backward
-
-    dx, dA, dB = _torch_backward(dy, x, weight, lora_A, lora_B, S, scaling, p, seed, need_dx, need_da, True)
-    return (dx if dx is not None else x.new_empty(0)), (dA if dA is not None else lora_A.new_empty(0)), dB
+        S = _ext.ops().lora_dropout_shrink(x, A, *_torch_dropout.keys(seed, p))
+    else:
+        keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device)
+        S = torch.mm(torch.where(keep, x, 0.0).to(A.dtype), A.t())
+    return S.mul_(_torch_dropout.keep_scale(p))
 
 
-@lora_dropout_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, S, scaling, p, seed, need_dx, need_da):
+@torch.library.custom_op(f"{_NS}::lora_dropout_shrink", mutates_args=())
+def lora_dropout_shrink(x: Tensor, A: Tensor, p: float, seed: Tensor) -> Tensor:
+    return _shrink(x, A, p, seed)
+
+
+@lora_dropout_shrink.register_fake
+def _(x, A, p, seed):
+    return x.new_empty((x.shape[0], A.shape[0]), dtype=A.dtype)
+
+
+@torch.library.custom_op(f"{_NS}::lora_dropout_shrink_bwd", mutates_args=())
+def lora_dropout_shrink_bwd(dS: Tensor, x: Tensor, A: Tensor, p: float, seed: Tensor, need_dx: bool,
+                            need_da: bool) -> Tuple[Tensor, Tensor]:
+    """(dx, dA) of the masked shrink for dS (an output not asked for: empty): the mask regenerated from ``seed``."""
+    from . import _torch_dropout
+    from .lora import _use_ext
+
+    dS = dS.to(A.dtype) * _torch_dropout.keep_scale(p)
+    if _use_ext(x, A, p):
+        from .. import _ext
+
+        dx, dA = _ext.ops().lora_dropout_bwd(dS.contiguous(), x, A, *_torch_dropout.keys(seed, p), need_dx, need_da)
+    else:
+        keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device)
+        dx = torch.mm(dS, A).mul_(keep) if need_dx else A.new_empty(0)
+        dA = torch.mm(dS.t(), torch.where(keep, x, 0.0).to(A.dtype)) if need_da else A.new_empty(0)
+    return (dx.to(x.dtype) if need_dx else x.new_empty(0)), (dA if need_da else A.new_empty(0))
+
+
+@lora_dropout_shrink_bwd.register_fake
+def _(dS, x, A, p, seed, need_dx, need_da):
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
-            lora_A.new_empty(lora_A.shape) if need_da else lora_A.new_empty(0), lora_B.new_empty(lora_B.shape))
+            A.new_empty(A.shape) if need_da else A.new_empty(0))
 
 
-def _lora_setup(ctx, inputs, output):
-    x, weight, bias, A, B, scaling, p, seed = inputs
-    ctx.save_for_backward(x, weight, A, B, output[1], seed)
-    ctx.scaling, ctx.p, ctx.has_bias = scaling, p, bias is not None
+def _shrink_setup(ctx, inputs, output):
+    x, A, p, seed = inputs
+    ctx.save_for_backward(x, A, seed)
+    ctx.p = p
 
 
-def _lora_backward(ctx, dy, _dS):
-    x, weight, A, B, S, seed = ctx.saved_tensors
-    need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-    dx, dA, dB = lora_dropout_bwd(dy, x, weight, A, B, S, ctx.scaling, ctx.p, seed, need_x, need_a)
-    return (dx if need_x else None, dy.t() @ x if need_w else None,
-            dy.sum(0) if need_b and ctx.has_bias else None, dA if need_a else None, dB if need_bb else None,
-            None, None, None)
+def _shrink_backward(ctx, dS):
+    x, A, seed = ctx.saved_tensors
+    need_x, need_a = ctx.needs_input_grad[:2]
+    dx, dA = lora_dropout_shrink_bwd(dS, x, A, ctx.p, seed, need_x, need_a)
+    return (dx if need_x else None), (dA if need_a else None), None, None
 
 
-lora_dropout_fwd.register_autograd(_lora_backward, setup_context=_lora_setup)
+lora_dropout_shrink.register_autograd(_shrink_backward, setup_context=_shrink_setup)
 
 
 def lora_linear_dropout(x2d, weight, bias, lora_A, lora_B, scaling: float, p: float) -> Tensor:
-    """``lora_linear``'s torch backend with dropout, as one custom op (2-D x)."""
+    """``lora_linear``'s torch backend with dropout under torch.compile (2-D x): the masked shrink as one custom op
+    taking a seed drawn in the graph (the mask regenerated in its backward, never stored), the rest traced."""
     from . import _torch_dropout
 
     seed = _torch_dropout.draw_seed(x2d.device)
-    return lora_dropout_fwd(x2d, weight, bias, lora_A, lora_B, float(scaling), float(p), seed)[0]
+    S = lora_dropout_shrink(x2d, lora_A, float(p), seed)
+    lo = torch.nn.functional.linear(S, lora_B) * scaling
+    return torch.nn.functional.linear(x2d, weight, bias) + lo.to(x2d.dtype)
 
 
 # ------------------------------------------------------------------------------------ multi_lora_linear

@@ -270,6 +270,16 @@ def test_group_that_does_not_share_its_input_turns_itself_off():
     assert not g.enabled and "different inputs" in g.why_off
 
 
+def test_a_forward_that_stopped_early_does_not_turn_the_group_off():
+    m = _llama(True).eval()
+    q = m.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        q(x)  # the group computed q, k and v and left k's and v's: then the "forward" stopped
+        m(input_ids=torch.randint(0, 120, (1, 4)))  # a new forward starts with q again
+    assert q._siblings.enabled, q._siblings.why_off
+
+
 def test_threads_each_get_their_own_outputs():
     m = _llama(True).eval()
     ids = [torch.randint(0, 120, (2, 8), generator=torch.Generator().manual_seed(s)) for s in range(4)]

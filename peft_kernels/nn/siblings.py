@@ -145,13 +145,17 @@ class SiblingGroup:
         pend: Optional[_Pending] = getattr(tls, "pending", None)
         if pend is not None:
             tls.pending = None
-            if pend.x is x and pend.version == x._version and id(member) in pend.left:
-                out = pend.left.pop(id(member))
-                if pend.left:
-                    tls.pending = pend
-                return out
-            self.turn_off(f"{type(member).__name__} siblings were called with different inputs")
-            return None
+            if id(member) in pend.left:
+                if pend.x is x and pend.version == x._version:
+                    out = pend.left.pop(id(member))
+                    if pend.left:
+                        tls.pending = pend
+                    return out
+                # a sibling whose output is waiting was called with another input: they do not share it
+                self.turn_off(f"{type(member).__name__} siblings were called with different inputs")
+                return None
+            # the member that computed the pending outputs is called again: a new forward (the last one stopped
+            # before its siblings ran, e.g. it raised); the stale outputs are dropped
         ms = self.members
         if any(adapters_disabled(m) or m.merged for m in ms):
             return None

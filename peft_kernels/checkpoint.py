@@ -890,8 +890,10 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
             plans[n] = ("embedding", m, lin, [a for a in names if a in m.lora_embedding_A])
             continue
         if not isinstance(lin, nn.Linear) and not is_conv1d(lin):
+            hint = (" (LoRA on expert weights, target_parameters: save it with save_pretrained and load the folder "
+                    "with peft_kernels.load_peft_adapter)" if type(m).__name__ == "ParamWrapper" else "")
             raise ValueError(f"layer {n!r} wraps a {type(lin).__name__}; only Linear/Conv1D (and nn.Embedding LoRA) "
-                             "layers convert")
+                             f"layers convert{hint}")
         if isinstance(m, IA3Layer):
             plans[n] = ("ia3", m, lin, [a for a in names if a in m.ia3_l])
             continue

@@ -213,3 +213,5 @@ def test_errors_change_nothing(tmp_path):
     with pytest.raises(pk.CheckpointError, match="LoRA shapes"):
         pk.load_peft_adapter(target, str(tmp_path / "a"))
     assert not any(isinstance(x, LoRAExperts) for x in target.modules())
+    with pytest.raises(ValueError, match="load_peft_adapter"):  # from_peft names the way that works
+        pk.from_peft(pm)

@@ -200,10 +200,7 @@ def _replace(model: nn.Module, names: List[str], make: Callable[[nn.Module], nn.
 def _with_saved(model: nn.Module, target_modules, exclude_modules, modules_to_save, task_type, find=None):
     """(targets, modules to save): PEFT's precedence (``all-linear`` leaves the saved modules out; a target the
     user named explicitly inside one is an error). Checked before anything changes."""
-    from . import model as model_mod
-
-    explicit, defaults = model_mod.save_rules(modules_to_save, task_type)
-    saved = model_mod.find_modules_to_save(model, explicit, defaults, task_type) if explicit or defaults else []
+    saved = _with_saved_only(model, modules_to_save, task_type)
     names = (find or find_targets)(model, target_modules, exclude_modules)
     clash = [n for n in names for s in saved if n == s or n.startswith(s + ".")]
     if clash and _check_targets(target_modules, "target_modules") != "all-linear":
@@ -216,7 +213,7 @@ def _with_saved(model: nn.Module, target_modules, exclude_modules, modules_to_sa
 
 
 def _with_saved_only(model: nn.Module, modules_to_save, task_type) -> List[str]:
-    """The modules to save when no target_modules are given (expert weights only)."""
+    """The modules ``modules_to_save`` / ``task_type`` name (alone: when only expert weights are targeted)."""
     from . import model as model_mod
 
     explicit, defaults = model_mod.save_rules(modules_to_save, task_type)

@@ -24,23 +24,11 @@ _NS = "peft_kernels_py"
 # Only the masked shrink S = drop(x)·Aᵀ is opaque (the C++ pass that makes, applies and consumes the mask on the
 # CPU); the base GEMM, the expand and the gradients that need no mask stay traced, so the compiler fuses around
 # them as it does without dropout.
-def _shrink(x: Tensor, A: Tensor, p: float, seed: Tensor) -> Tensor:
-    from . import _torch_dropout
-    from .lora import _use_ext
-
-    if _use_ext(x, A, p):
-        from .. import _ext
-
-        S = _ext.ops().lora_dropout_shrink(x, A, *_torch_dropout.keys(seed, p))
-    else:
-        keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device)
-        S = torch.mm(torch.where(keep, x, 0.0).to(A.dtype), A.t())
-    return S.mul_(_torch_dropout.keep_scale(p))
-
-
 @torch.library.custom_op(f"{_NS}::lora_dropout_shrink", mutates_args=())
 def lora_dropout_shrink(x: Tensor, A: Tensor, p: float, seed: Tensor) -> Tensor:
-    return _shrink(x, A, p, seed)
+    from .lora import shrink
+
+    return shrink(x, A, p, seed)
 
 
 @lora_dropout_shrink.register_fake
@@ -53,17 +41,9 @@ def lora_dropout_shrink_bwd(dS: Tensor, x: Tensor, A: Tensor, p: float, seed: Te
                             need_da: bool) -> Tuple[Tensor, Tensor]:
     """(dx, dA) of the masked shrink for dS (an output not asked for: empty): the mask regenerated from ``seed``."""
     from . import _torch_dropout
-    from .lora import _use_ext
+    from .lora import shrink_backward
 
-    dS = dS.to(A.dtype) * _torch_dropout.keep_scale(p)
-    if _use_ext(x, A, p):
-        from .. import _ext
-
-        dx, dA = _ext.ops().lora_dropout_bwd(dS.contiguous(), x, A, *_torch_dropout.keys(seed, p), need_dx, need_da)
-    else:
-        keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device)
-        dx = torch.mm(dS, A).mul_(keep) if need_dx else A.new_empty(0)
-        dA = torch.mm(dS.t(), torch.where(keep, x, 0.0).to(A.dtype)) if need_da else A.new_empty(0)
+    dx, dA = shrink_backward(dS.to(A.dtype) * _torch_dropout.keep_scale(p), x, A, p, seed, need_dx, need_da)
     return (dx.to(x.dtype) if need_dx else x.new_empty(0)), (dA if need_da else A.new_empty(0))
 
 

@@ -116,17 +116,43 @@ def base_addmm_(out, a, weight, *, transpose: bool):
     return quant.base_mm(out, a, weight, transpose=transpose)
 
 
+def shrink(x, A, p: float, seed):
+    """``S = drop(x)·Aᵀ`` (2-D x), in A's dtype, the inverted-dropout scale folded in (M×r: it costs nothing
+    here). With p > 0 the mask is the torch backend's for ``seed``: made, applied and consumed in one pass by the
+    C++ kernel on CPU (never materialised), or built with ``keep_mask`` elsewhere."""
+    if p <= 0:
+        return torch.mm(x.to(A.dtype), A.t())
+    if _use_ext(x, A, p):
+        S = _ext.ops().lora_dropout_shrink(x, A, *_torch_dropout.keys(seed, p))
+    else:
+        keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device)
+        S = torch.mm(torch.where(keep, x, 0.0).to(A.dtype), A.t())
+    return S.mul_(_torch_dropout.keep_scale(p))
+
+
+def shrink_backward(dS, x, A, p: float, seed, need_dx: bool, need_da: bool):
+    """(dx, dA) of ``shrink`` for ``dS`` (in A's dtype, already carrying the inverted-dropout scale), each None when
+    not asked for: ``dx = mask ⊙ (dS·A)`` (A's dtype, or fp32 from the C++ kernel), ``dA = dSᵀ·(mask ⊙ x)``; the mask
+    regenerated from ``seed``."""
+    dA = dx = None
+    if _use_ext(x, A, p):
+        if need_dx or need_da:
+            dx, dA = _ext.ops().lora_dropout_bwd(dS, x, A, *_torch_dropout.keys(seed, p), need_dx, need_da)
+            dx, dA = (dx if need_dx else None), (dA if need_da else None)
+        return dx, dA
+    keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device) if p > 0 and (need_dx or need_da) else None
+    if need_da:
+        dA = torch.mm(dS.t(), (x if keep is None else torch.where(keep, x, 0.0)).to(A.dtype))
+    if need_dx:
+        dx = torch.mm(dS, A)
+        if keep is not None:
+            dx.mul_(keep)
+    return dx, dA
+
+
 def _torch_forward(x, weight, bias, A, B, scaling: float, p: float, seed):
     cdt = A.dtype
-    if p > 0:
-        if _use_ext(x, A, p):  # mask made, applied and consumed in one pass: never materialised
-            S = _ext.ops().lora_dropout_shrink(x, A, *_torch_dropout.keys(seed, p))
-        else:
-            keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device)
-            S = torch.mm(torch.where(keep, x, 0.0).to(cdt), A.t())
-        S.mul_(_torch_dropout.keep_scale(p))  # M×r: folding 1/(1-p) here costs nothing
-    else:
-        S = torch.mm(x.to(cdt), A.t())
+    S = shrink(x, A, p, seed)
     # addmm-style fusion: the small LoRA expand (plus bias) is the GEMM's C, the base GEMM adds into it
     if bias is not None:
         y = torch.addmm(bias.to(cdt), S, B.t(), alpha=scaling)
@@ -146,19 +172,7 @@ def _torch_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed,
     dB = torch.mm(dyc.t(), S.to(cdt)).mul_(scaling) if need_db else None
     if p > 0:
         dS.mul_(_torch_dropout.keep_scale(p))  # both dX and dA carry the inverted-dropout scale
-    dA = dx = None
-    if _use_ext(x, A, p):
-        if need_dx or need_da:
-            dx, dA = _ext.ops().lora_dropout_bwd(dS, x, A, *_torch_dropout.keys(seed, p), need_dx, need_da)
-            dx, dA = (dx if need_dx else None), (dA if need_da else None)
-    else:
-        keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device) if p > 0 and (need_dx or need_da) else None
-        if need_da:
-            dA = torch.mm(dS.t(), (x if keep is None else torch.where(keep, x, 0.0)).to(cdt))
-        if need_dx:
-            dx = torch.mm(dS, A)
-            if keep is not None:
-                dx.mul_(keep)
+    dx, dA = shrink_backward(dS, x, A, p, seed, need_dx, need_da)
     if dx is not None:
         if dx.dtype != x.dtype:
             dx = dx.to(x.dtype)

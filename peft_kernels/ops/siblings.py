@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _torch_dropout
-from .lora import _use_ext
+from .lora import shrink, shrink_backward
 
 
 class SiblingCall(NamedTuple):
@@ -27,12 +27,6 @@ class SiblingCall(NamedTuple):
     scalings: tuple
     ps: tuple
     seeds: tuple  # int64 [1] tensors, or None where p = 0
-
-
-def _ext_ops():
-    from .. import _ext
-
-    return _ext.ops()
 
 
 def _shrinks(x, As, call: SiblingCall) -> List[Tensor]:
@@ -45,19 +39,9 @@ def _shrinks(x, As, call: SiblingCall) -> List[Tensor]:
         cat = torch.cat([As[i] for i in same]) if len(same) > 1 else As[same[0]]
         for i, s in zip(same, torch.mm(x.to(cdt), cat.t()).split([As[i].shape[0] for i in same], dim=1)):
             S[i] = s
-        for i in plain:
-            if S[i] is None:
-                S[i] = torch.mm(x.to(As[i].dtype), As[i].t())
-    for i, p in enumerate(call.ps):
-        if p == 0:
-            continue
-        A, seed = As[i], call.seeds[i]
-        if _use_ext(x, A, p):
-            s = _ext_ops().lora_dropout_shrink(x, A, *_torch_dropout.keys(seed, p))
-        else:
-            keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device)
-            s = torch.mm(torch.where(keep, x, 0.0).to(A.dtype), A.t())
-        S[i] = s.mul_(_torch_dropout.keep_scale(p))
+    for i, p in enumerate(call.ps):  # members with dropout (each its own mask) or another adapter dtype
+        if S[i] is None:
+            S[i] = shrink(x, As[i], p, call.seeds[i])
     return S
 
 
@@ -107,23 +91,9 @@ def _backward(dy, x, W, As, Bs, S, call: SiblingCall, need_dx: bool, need_da, ne
                 dA[i] = g if need_da[i] else None
         plain = [i for i in plain if i not in same]
     for i in plain + [i for i in range(n) if call.ps[i] > 0 and dS[i] is not None]:
-        p, A = call.ps[i], As[i]
-        if p > 0 and _use_ext(x, A, p):
-            ddx, da = _ext_ops().lora_dropout_bwd(dS[i], x, A, *_torch_dropout.keys(call.seeds[i], p), need_dx,
-                                                  need_da[i])
-            ddx, da = (ddx if need_dx else None), (da if need_da[i] else None)
-        else:
-            keep = _torch_dropout.keep_mask(call.seeds[i], x.shape, p, x.device) if p > 0 else None
-            xk = x if keep is None else torch.where(keep, x, 0.0)
-            da = torch.mm(dS[i].t(), xk.to(A.dtype)) if need_da[i] else None
-            ddx = None
-            if need_dx:
-                ddx = torch.mm(dS[i], A)
-                if keep is not None:
-                    ddx.mul_(keep)
+        ddx, dA[i] = shrink_backward(dS[i], x, As[i], call.ps[i], call.seeds[i], need_dx, need_da[i])
         if need_dx:
             dx += ddx.to(dx.dtype) if ddx.dtype != dx.dtype else ddx
-        dA[i] = da
     return dx, dA, dB
 
 

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..ops.moe import moe_experts_forward
 from ._disabled import adapters_disabled
+from .lora import _check_unmerged
 
 PARAMS = ("gate_up_proj", "down_proj")
 
@@ -102,8 +103,8 @@ class LoRAExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         base = self.base_layer
         if adapters_disabled(self) or self.merged:
-            if adapters_disabled(self) and self.merged:
-                raise ValueError("LoRAExperts: adapters are disabled but this layer is merged; unmerge it first")
+            if adapters_disabled(self):
+                _check_unmerged(self)
             return base(hidden_states, top_k_index, top_k_weights)
         return moe_experts_forward(hidden_states, top_k_index, top_k_weights, base.gate_up_proj, base.down_proj,
                                    gate_up_lora=self._lora("gate_up_proj"), down_lora=self._lora("down_proj"),

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..ops.siblings import lora_siblings
 from ._disabled import adapters_disabled
-from .lora import adopt_frozen_base, base_features, is_conv1d
+from .lora import _check_unmerged, adopt_frozen_base, base_features, is_conv1d
 
 
 class PackedLoRALinear(nn.Module):
@@ -74,8 +74,8 @@ class PackedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if adapters_disabled(self) or self.merged:
-            if adapters_disabled(self) and self.merged:
-                raise ValueError("PackedLoRALinear: adapters are disabled but this layer is merged; unmerge it first")
+            if adapters_disabled(self):
+                _check_unmerged(self)
             return nn.functional.linear(x, self.base_weight(), self.bias)
         names = list(self.slices)
         return lora_siblings(x, self.base_weight(), self.bias, [self.lora_A[n] for n in names],

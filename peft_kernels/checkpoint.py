@@ -689,13 +689,10 @@ def save_peft_adapter(model: nn.Module, path, *, slot: Optional[int] = None) -> 
     # target_modules as full names: PEFT matches them exactly (a name equal to the module's)
     experts = [(n, m) for n, m in layers if isinstance(m, LoRAExperts)]
     if experts:
-        if cfg["rank_pattern"] and any(f"^{re.escape(n)}" in cfg["rank_pattern"] for n, _ in experts) or \
-                cfg["alpha_pattern"] and any(f"^{re.escape(n)}" in cfg["alpha_pattern"] for n, _ in experts):
+        if {f"^{re.escape(n)}" for n, _ in experts} & (set(cfg["rank_pattern"]) | set(cfg["alpha_pattern"])):
             raise ValueError("save_peft_adapter: expert LoRA (target_parameters) must use the config's r and lora_alpha")
         cfg["target_modules"] = [n for n in cfg["target_modules"] if n not in {e for e, _ in experts}] or None
         cfg["target_parameters"] = sorted(f"{n}.{p}" for n, m in experts for p in m.targets)
-        cfg["rank_pattern"] = {k: v for k, v in cfg["rank_pattern"].items() if k not in {f"^{re.escape(n)}" for n, _ in experts}}
-        cfg["alpha_pattern"] = {k: v for k, v in cfg["alpha_pattern"].items() if k not in {f"^{re.escape(n)}" for n, _ in experts}}
     sd = {}
     for n, m in layers:
         if isinstance(m, LoRAExperts):

@@ -215,6 +215,9 @@ def _swap_all(model: nn.Module, make) -> nn.Module:
         skip.append(n)
     if isinstance(model, adapters):
         raise ValueError("the model itself is an adapter layer; call its to_linear() instead")
+    from .nn.siblings import unfuse_siblings
+
+    unfuse_siblings(model)  # each plain layer owns its weight again, not a block of a packed buffer
     new = {id(m): make(n, m) for n, m in todo}  # built first: a refusal changes nothing
     paths = _module_paths(model)
     for n, m in todo:
@@ -243,9 +246,6 @@ def unload(model: nn.Module) -> nn.Module:
     own weight Parameters; a merged layer is unmerged first), every ``modules_to_save`` module its untouched
     original, and the parameters the injection froze are trainable again. Returns ``model`` (changed in place)."""
     _check_model(model, "unload")
-    from .nn.siblings import unfuse_siblings
-
-    unfuse_siblings(model)  # each original layer gets its own weight again (not a block of a packed buffer)
 
     def make(n, m):
         if isinstance(m, ModulesToSave):
@@ -293,9 +293,6 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
             if w is not None and not torch.isfinite(w).all():
                 raise ValueError(f"merge_and_unload(safe_merge=True): merging {n!r} would produce NaN/Inf weights; "
                                  "nothing was merged")
-    from .nn.siblings import unfuse_siblings
-
-    unfuse_siblings(model)  # plain layers with their own weights (transformers saves disjoint tensors)
 
     def make(n, m):
         if isinstance(m, ModulesToSave):

@@ -43,8 +43,7 @@ def apply_mask(x: Tensor, seed: Tensor, p: float) -> Tensor:
     fp32 for half types (as torch computes ``x * m`` with an fp32 m)."""
     if x.device.type == "cpu" and _ext.available():
         return _ext.ops().hash_dropout(x, *_torch_dropout.keys(seed, p), _torch_dropout.keep_scale(p))
-    keep = _torch_dropout.keep_mask(seed, (x.numel(),), p, x.device)
-    factor = keep.to(torch.float32) * _torch_dropout.keep_scale(p)
+    factor = _torch_dropout.dropout_mask(seed, (x.numel(),), p, x.device)
     return (x.contiguous().reshape(-1) * factor).to(x.dtype).view(x.shape)
 
 

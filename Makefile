@@ -83,7 +83,7 @@ cuda-build-check:
 # family, the AOT compile of the LoRA, multi-adapter and quantized-base kernels for sm_80/sm_90, and the gpu-check dry run
 # (the GPU machine's triton is 3.6) on 3.6.
 TRITON36 := $(VENV)/triton36
-TRITON36_TESTS ?= tests/test_lora_op.py tests/test_multi_lora_op.py tests/test_bottleneck.py tests/test_ia3.py                   tests/test_dora.py tests/test_gpu_path.py tests/test_tma_gemm.py \
+TRITON36_TESTS ?= tests/test_lora_op.py tests/test_multi_lora_op.py tests/test_experts.py tests/test_bottleneck.py tests/test_ia3.py                   tests/test_dora.py tests/test_gpu_path.py tests/test_tma_gemm.py \
                   tests/test_qlora.py
 test-triton36: $(STAMP)
 	test -f $(TRITON36)/triton/__init__.py || $(BIN)/python -m pip install --quiet --no-deps \
@@ -91,7 +91,7 @@ test-triton36: $(STAMP)
 	PYTHONPATH=$(TRITON36) $(BIN)/python -c "import triton, numpy; assert triton.__version__.startswith('3.6'), triton.__version__; print('triton', triton.__version__, 'numpy', numpy.__version__)"
 	PYTHONPATH=$(TRITON36) PEFT_KERNELS_REQUIRE_EXT=1 $(BIN)/python -m pytest -q -k "triton or gpu_path or tma" \
 	  -W "ignore:Conversion of an array with ndim:DeprecationWarning" $(TRITON36_TESTS)
-	@PYTHONPATH=$(TRITON36) $(BIN)/python -m peft_kernels.kernels.aot --op lora --op multi_lora --op qlora > $(VENV)/aot-triton36.log 2>&1; \
+	@PYTHONPATH=$(TRITON36) $(BIN)/python -m peft_kernels.kernels.aot --op lora --op multi_lora --op qlora --op moe > $(VENV)/aot-triton36.log 2>&1; \
 	rc=$$?; grep "PROBLEM" $(VENV)/aot-triton36.log | head -20; tail -1 $(VENV)/aot-triton36.log; exit $$rc
 	@PYTHONPATH=$(CURDIR)/$(TRITON36) $(BIN)/python -m peft_kernels.gpucheck --dry-run --out $(VENV)/gpucheck-triton36 \
 	  > $(VENV)/gpucheck-triton36.log 2>&1; rc=$$?; tail -3 $(VENV)/gpucheck-triton36.log; exit $$rc

@@ -290,7 +290,7 @@ def inject_lora(model: nn.Module, target_modules: Targets, r: int = 8, lora_alph
             n = name_of[id(mod)]
             if n in experts:
                 return LoRAExperts(mod, experts[n], r=r, lora_alpha=lora_alpha, use_rslora=use_rslora,
-                                   init_lora_weights=init_lora_weights, lora_dtype=lora_dtype)
+                                   init_lora_weights=init_lora_weights, lora_dtype=lora_dtype, backend=backend)
             return make(mod)
         name_of = {id(model.get_submodule(n)): n for n in list(names) + list(experts)}
         out = _replace(model, list(names) + list(experts), make_any)

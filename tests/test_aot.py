@@ -25,7 +25,7 @@ def test_shipped_configs_compile_without_spills():
     kernels = {"_shrink_kernel", "_fwd_gemm_kernel", "_bwd_dy_kernel", "_bwd_dx_kernel", "_bwd_da_kernel",
                "_sgmv_shrink_kernel", "_sgmv_expand_kernel", "_bgmv_shrink_kernel", "_bgmv_expand_kernel",
                "_seg_outer_kernel", "_adapter_shrink_kernel", "_expand_kernel", "_seq_fwd_kernel",
-               "_adapter_bwd_kernel", "_ia3_gemm_kernel"}
+               "_adapter_bwd_kernel", "_ia3_gemm_kernel", "_grouped_gemm_kernel"}
     tma = {"_fwd_gemm_tma_kernel", "_bwd_dx_tma_kernel"}  # sm_90's persistent TMA GEMMs (16-bit, M > 64)
     for arch in ("sm_80", "sm_90"):
         for dt in ("fp16", "bf16", "fp32"):
@@ -38,7 +38,7 @@ def test_shipped_configs_compile_without_spills():
             assert {r.split()[1] for r in mixed} >= {"_shrink_kernel", "_fwd_gemm_kernel", "_bwd_dy_kernel",
                                                      "_bwd_dx_kernel", "_bwd_da_kernel", "_sgmv_shrink_kernel",
                                                      "_sgmv_expand_kernel", "_bgmv_shrink_kernel",
-                                                     "_bgmv_expand_kernel"}, (arch, dt)
+                                                     "_bgmv_expand_kernel", "_grouped_gemm_kernel"}, (arch, dt)
             assert any("'tf32x3'" in r for r in mixed) and any("'tf32'" in r for r in mixed), (arch, dt)
     for r in rows:
         assert int(re.search(r"spills=(\d+)", r).group(1)) == 0, r

@@ -96,6 +96,7 @@ def test_group_list_covers_every_op_backend_and_dtype():
     assert {f"multi/{be}/{d}" for be in ("triton", "cuda", "torch") for d in ("fp32", "fp16", "bf16")} <= g
     assert {"multi-graph/triton", "multi-graph/cuda", "lora-past-2^31/triton", "bottleneck-determinism/triton",
             "multi-skew/triton", "multi-skew/cuda"} <= g
+    assert {f"moe/{be}/{d}" for be in ("triton", "torch") for d in ("fp32", "bf16")} <= g
 
 
 def test_source_hash_names_the_tree(tmp_path):

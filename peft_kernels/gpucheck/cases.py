@@ -898,9 +898,10 @@ def _siblings_group(dname: str) -> Callable:
     return run
 
 
-def _moe_group(dname: str) -> Callable:
+def _moe_group(be: str, dname: str) -> Callable:
     def run(sc: Scale) -> List[dict]:
-        """The experts' grouped GEMMs + LoRA (``ops.moe``) against the per-assignment fp64 reference."""
+        """The experts' grouped GEMMs + LoRA (``ops.moe``, backend ``be``) against the per-assignment fp64
+        reference; one expert gets no token (its gradients must be exactly zero)."""
         import torch.nn.functional as F
 
         from .. import reference as R
@@ -909,7 +910,7 @@ def _moe_group(dname: str) -> Callable:
         dt = DTYPES[dname]
         T, H, I, E, k, r = (20, 16, 12, 5, 2, 3) if sc.dry else (256, 1024, 384, 16, 4, 16)
         g = _gen(sc.device, 14)
-        idx = torch.stack([torch.randperm(E, generator=g, device=sc.device)[:k] for _ in range(T)])
+        idx = torch.stack([torch.randperm(E - 1, generator=g, device=sc.device)[:k] for _ in range(T)])
         t = {"h": _randn(g, T, H, dev=sc.device), "w": torch.rand(T, k, generator=g, device=sc.device,
                                                                  dtype=torch.float64),
              "Wgu": _randn(g, E, 2 * I, H, dev=sc.device, scale=H ** -0.5),
@@ -926,13 +927,16 @@ def _moe_group(dname: str) -> Callable:
             args = (c["h"], idx, c["w"], c["Wgu"], c["Wd"])
             if fused:
                 y = moe_experts_forward(*args, act=F.silu, gate_up_lora=(c["Agu"], c["Bgu"], 0.5),
-                                        down_lora=(c["Ad"], c["Bd"], 2.0))
+                                        down_lora=(c["Ad"], c["Bd"], 2.0), backend=be)
             else:
                 y = R.moe_experts_ref(*args, F.silu, (c["Agu"], c["Bgu"], 0.5), (c["Ad"], c["Bd"], 2.0))
             return [y] + list(torch.autograd.grad(y, [c[n] for n in names], gy.to(dtype)))
         ref, same, got = run_one(False, torch.float64), run_one(False, dt), run_one(True, dt)
-        return [compare(f"{dname} {n}", a, b, c) for n, a, b, c in zip(["y"] + [f"d{n}" for n in names], got, ref,
-                                                                          same)]
+        out = [compare(f"{dname} {n}", a, b, c) for n, a, b, c in zip(["y"] + [f"d{n}" for n in names], got, ref,
+                                                                         same)]
+        idle = sum(int(torch.count_nonzero(gr[-1])) for gr in got[2:])
+        out.append(fact(f"{dname} idle expert's gradients are zero", idle == 0, f"{idle} nonzero entries"))
+        return out
     return run
 
 
@@ -965,7 +969,9 @@ def _groups() -> Dict[str, Callable]:
     for d in ("fp32", "bf16"):
         g[f"linear-ce/torch/{d}"] = _linear_ce_group(d)
         g[f"siblings/torch/{d}"] = _siblings_group(d)
-        g[f"moe/torch/{d}"] = _moe_group(d)
+        g[f"moe/torch/{d}"] = _moe_group("torch", d)
+    for d in ("fp32", "fp16", "bf16"):
+        g[f"moe/triton/{d}"] = _moe_group("triton", d)
     return g
 
 

@@ -553,9 +553,42 @@ def record_ia3_launches():
     return calls
 
 
+def record_moe_launches():
+    """The MoE grouped GEMM (forward and dX) and its per-expert dA/dB reductions, for each dtype (fp32 with and
+    without TF32), fp32 adapters on a 16-bit base, rank tiles 16/32/64/128, aligned and odd sizes; the frozen
+    experts alone (no LoRA) too."""
+    import torch
+
+    from . import moe as MO
+    from . import multi_lora as ML
+
+    E, M = 8, 512
+    starts = [0, 40, 40, 200, 260, 300, 420, 500, 512]
+    shapes = [(256, 768), (255, 769)]  # (K, N): the recorded tensors stay small; same divisibility as 2048/768
+    with record_launches([MO._grouped_gemm_kernel, ML._seg_outer_kernel]) as calls:
+        for dt in (torch.float16, torch.bfloat16, torch.float32):
+            for adt in {dt, torch.float32}:
+                for prec in _precisions(dt, adt):
+                    with fp32_precision_override(prec):
+                        for R in (16, 32, 64, 128):
+                            for K, N in shapes:
+                                x, W, dy = torch.empty(M, K, dtype=dt), torch.empty(E, N, K, dtype=dt), \
+                                    torch.empty(M, N, dtype=dt)
+                                A, B = torch.empty(E, R, K, dtype=adt), torch.empty(E, N, R, dtype=adt)
+                                _, S = MO.grouped_forward(x, starts, W, A, B, 2.0)
+                                MO.grouped_backward(dy, x, starts, W, A, B, S, 2.0, True, True, True)
+                        if adt == dt:
+                            for K, N in shapes:
+                                x, W = torch.empty(M, K, dtype=dt), torch.empty(E, N, K, dtype=dt)
+                                MO.grouped_forward(x, starts, W, None, None, 1.0)
+                                MO.grouped_backward(torch.empty(M, N, dtype=dt), x, starts, W, None, None, None,
+                                                    1.0, True, False, False)
+    return calls
+
+
 RECORDERS = {"lora": lambda: record_lora_launches(), "multi_lora": lambda: record_multi_lora_launches(),
              "ia3": lambda: record_ia3_launches(), "qlora": lambda: record_qlora_launches(),
-             "adapter": lambda: record_adapter_launches()}
+             "adapter": lambda: record_adapter_launches(), "moe": lambda: record_moe_launches()}
 
 
 _POOL_CALLS: list = []  # the launches a compile worker recorded itself (read by index: nothing is pickled)
@@ -571,7 +604,7 @@ def _compile_indexed(job):
     return compile_launch(_POOL_CALLS[i], arch)
 
 
-def check_all(archs=(80, 90), verbose=True, ops=("lora", "multi_lora", "adapter", "ia3", "qlora"), jobs=None,
+def check_all(archs=(80, 90), verbose=True, ops=("lora", "multi_lora", "adapter", "ia3", "qlora", "moe"), jobs=None,
               first_per_kernel=False):
     """Compile every distinct shipped launch of ``ops`` (in ``jobs`` forked processes, default one per
     CPU); return (rows, problems). ``first_per_kernel``: only the first launch of each kernel per arch

@@ -57,11 +57,16 @@ class LoRAExperts(nn.Module):
     """A transformers fused-experts module (``base_layer``) with LoRA on ``gate_up_proj`` and/or ``down_proj``.
 
     ``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`` as the experts module's. No
-    dropout (PEFT refuses it on ``target_parameters`` too: x cannot be factored out of a weight update)."""
+    dropout (PEFT refuses it on ``target_parameters`` too: x cannot be factored out of a weight update).
+    ``backend``: the grouped op's (``ops.moe.grouped_lora_linear``): "auto", "torch" or "triton"."""
 
     def __init__(self, base: nn.Module, params: Sequence[str], r: int = 8, lora_alpha: float = 8,
-                 use_rslora: bool = False, init_lora_weights=True, lora_dtype: Optional[torch.dtype] = None):
+                 use_rslora: bool = False, init_lora_weights=True, lora_dtype: Optional[torch.dtype] = None,
+                 backend: str = "auto"):
         super().__init__()
+        from .. import dispatch
+
+        dispatch._check_name(backend, "backend")
         why = unsupported_reason(base)
         if why is not None:
             raise TypeError(f"LoRAExperts: {type(base).__name__} is not supported: {why}")
@@ -74,6 +79,7 @@ class LoRAExperts(nn.Module):
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
             raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
         self.base_layer = base
+        self.backend = backend
         self.targets = params
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, bool(use_rslora)
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
@@ -108,7 +114,7 @@ class LoRAExperts(nn.Module):
             return base(hidden_states, top_k_index, top_k_weights)
         return moe_experts_forward(hidden_states, top_k_index, top_k_weights, base.gate_up_proj, base.down_proj,
                                    gate_up_lora=self._lora("gate_up_proj"), down_lora=self._lora("down_proj"),
-                                   apply_gate=base._apply_gate)
+                                   apply_gate=base._apply_gate, backend=self.backend)
 
     # ------------------------------------------------------------------------------------ merge
     def delta(self, name: str) -> torch.Tensor:

@@ -33,7 +33,15 @@ def _segments(starts):
 
 class _GroupedLoRA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W, A, B, scaling, starts):
+    def forward(ctx, x, W, A, B, scaling, starts, backend="torch"):
+        ctx.backend = backend
+        if backend == "triton":
+            from ..kernels.moe import grouped_forward
+
+            y, S = grouped_forward(x, starts, W, A, B, scaling)
+            ctx.save_for_backward(x, W, A, B, S)
+            ctx.scaling, ctx.starts = scaling, starts
+            return y
         M, N = x.shape[0], W.shape[1]
         y = x.new_empty((M, N))
         lora = A is not None
@@ -60,6 +68,16 @@ class _GroupedLoRA(torch.autograd.Function):
         s, starts = ctx.scaling, ctx.starts
         need_x, need_w, need_a, need_b = ctx.needs_input_grad[:4]
         lora = A is not None
+        if ctx.backend == "triton":
+            from ..kernels.moe import grouped_backward
+
+            dx, dA, dB = grouped_backward(dy, x, starts, W, A, B, S, s, need_x, lora and need_a, lora and need_b)
+            dW = None
+            if need_w:  # a trainable expert stack (never under LoRA): per expert, on torch
+                dW = torch.zeros_like(W)
+                for e, a, b in _segments(starts):
+                    torch.mm(dy[a:b].t(), x[a:b], out=dW[e])
+            return dx, dW, dA, dB, None, None, None
         dy = dy.contiguous()
         dx = torch.empty_like(x) if need_x else None
         dW = torch.zeros_like(W) if need_w else None
@@ -89,7 +107,7 @@ class _GroupedLoRA(torch.autograd.Function):
                         dx[a:b] += lo.to(dx.dtype)
         if need_x and starts[-1] < x.shape[0]:  # rows past the last expert (none are built) get no gradient
             dx[starts[-1]:].zero_()
-        return dx, dW, dA, dB, None, None
+        return dx, dW, dA, dB, None, None, None
 
 
 def _check(x, W, A, B, starts):
@@ -113,14 +131,38 @@ def _check(x, W, A, B, starts):
         raise TypeError(f"weight must have x's dtype {x.dtype}, got {W.dtype}")
 
 
+def _op_reason(x: Tensor, A: Optional[Tensor]):
+    def reason(name: str):
+        if name != "triton":
+            return None
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"the Triton kernels take float32/float16/bfloat16, got {x.dtype}"
+        from ..kernels.moe import MAX_RANK
+
+        if A is not None and A.shape[1] > MAX_RANK:
+            return f"the Triton grouped GEMM holds the rank in one tile (at most {MAX_RANK}), got rank {A.shape[1]}"
+        return None
+    return reason
+
+
 def grouped_lora_linear(x: Tensor, starts: Sequence[int], weight: Tensor, lora_A: Optional[Tensor] = None,
-                        lora_B: Optional[Tensor] = None, scaling: float = 1.0) -> Tensor:
+                        lora_B: Optional[Tensor] = None, scaling: float = 1.0, backend: str = "auto") -> Tensor:
     """Each expert's rows of ``x`` (sorted by expert; ``starts``: E + 1 host offsets) through its frozen weight
     and its LoRA (see the module docstring). Rows past ``starts[-1]`` are left uninitialised (callers never read
-    them)."""
+    them). ``backend``: "torch" (a GEMM per expert), "triton" (``kernels.moe``: one grouped launch with the LoRA
+    in its accumulator) or "auto" (the measured choice on CUDA, see ``dispatch``; torch elsewhere)."""
+    from .. import dispatch
+
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError(f"x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [rows, in_features], got shape {tuple(x.shape)}")
     starts = tuple(int(v) for v in starts)
     _check(x, weight, lora_A, lora_B, starts)
-    return _GroupedLoRA.apply(x, weight, lora_A, lora_B, float(scaling), starts)
+    name = dispatch.resolve(backend, x.device, _op_reason(x, lora_A), tune=lambda: dispatch.op_tune(
+        "grouped_lora_linear", (x, weight, lora_A, lora_B), (),
+        lambda t, be: grouped_lora_linear(t[0], starts, *t[1:], scaling, backend=be)))
+    return _GroupedLoRA.apply(x, weight, lora_A, lora_B, float(scaling), starts, name)
 
 
 def route(top_k_index: Tensor, num_experts: int):
@@ -140,11 +182,12 @@ def route(top_k_index: Tensor, num_experts: int):
 
 
 def moe_experts_forward(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up_proj: Tensor,
-                        down_proj: Tensor, act=None, gate_up_lora=None, down_lora=None, apply_gate=None) -> Tensor:
+                        down_proj: Tensor, act=None, gate_up_lora=None, down_lora=None, apply_gate=None,
+                        backend: str = "auto") -> Tensor:
     """transformers' fused experts with LoRA: ``hidden`` [T, H], ``top_k_index``/``top_k_weights`` [T, k],
     ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]; ``act`` the activation (``act(gate) * up``) or
     ``apply_gate`` (the experts module's own ``[.., 2I] -> [.., I]`` gate); ``*_lora``: (A, B, scaling) or None.
-    Returns [T, H]."""
+    ``backend``: as in ``grouped_lora_linear``. Returns [T, H]."""
     if (act is None) == (apply_gate is None):
         raise ValueError("give exactly one of act and apply_gate")
     if hidden.dim() != 2 or top_k_index.shape != top_k_weights.shape or top_k_index.dim() != 2 \
@@ -155,13 +198,13 @@ def moe_experts_forward(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tens
     order, starts = route(top_k_index, E)
     tok = torch.div(order, k, rounding_mode="floor")
     xs = hidden[tok]
-    gu = grouped_lora_linear(xs, starts, gate_up_proj, *(gate_up_lora or (None, None, 1.0)))
+    gu = grouped_lora_linear(xs, starts, gate_up_proj, *(gate_up_lora or (None, None, 1.0)), backend=backend)
     if apply_gate is not None:
         h = apply_gate(gu)
     else:
         gate, up = gu.chunk(2, dim=-1)
         h = act(gate) * up
-    out = grouped_lora_linear(h, starts, down_proj, *(down_lora or (None, None, 1.0)))
+    out = grouped_lora_linear(h, starts, down_proj, *(down_lora or (None, None, 1.0)), backend=backend)
     w = top_k_weights.reshape(-1)[order]
     out = out * w[:, None].to(out.dtype)
     return torch.zeros_like(hidden).index_add_(0, tok, out.to(hidden.dtype))

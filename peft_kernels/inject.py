@@ -325,13 +325,19 @@ def inject_ia3(model: nn.Module, target_modules: Targets, feedforward_modules: O
 
 def inject_multi_lora(model: nn.Module, target_modules: Targets, max_adapters: int = 8, max_rank: int = 16,
                       exclude_modules: Optional[Targets] = None, backend: str = "auto",
-                      lora_dtype: Optional[torch.dtype] = None, lora_dropout: float = 0.0) -> List[str]:
+                      lora_dtype: Optional[torch.dtype] = None, lora_dropout: float = 0.0,
+                      fuse_siblings=False) -> List[str]:
     """Replace the matching layers with :class:`MultiLoRALinear` (all slots empty); returns their names.
     Set the ids for a whole forward with ``peft_kernels.adapter_ids(model, ids)``. ``lora_dropout``: every
     slot's dropout p in training unless the adapter loaded into it says otherwise (``set_adapter(...,
     dropout=p)``; ``load_peft_adapter(..., slot=i)`` takes the checkpoint's ``lora_dropout``). Embeddings named
-    in ``target_modules`` become :class:`MultiLoRAEmbedding` (no dropout, as PEFT's embedding LoRA)."""
+    in ``target_modules`` become :class:`MultiLoRAEmbedding` (no dropout, as PEFT's embedding LoRA).
+    ``fuse_siblings``: as :func:`inject_lora`'s; a multi-adapter group runs its stacked base GEMM once and each
+    member's per-token update on its block (``nn/siblings.py``)."""
     from .nn.embedding import MultiLoRAEmbedding
+    from .nn.siblings import check_groups_arg
+
+    check_groups_arg(fuse_siblings)
 
     names = find_targets(model, target_modules, exclude_modules, embeddings=True)
 
@@ -341,7 +347,14 @@ def inject_multi_lora(model: nn.Module, target_modules: Targets, max_adapters: i
                                                      lora_dtype=lora_dtype)
         return MultiLoRALinear.from_linear(lin, max_adapters=max_adapters, max_rank=max_rank, backend=backend,
                                            lora_dtype=lora_dtype, lora_dropout=lora_dropout)
-    return _replace(model, names, make)
+    out = _replace(model, names, make)
+    if fuse_siblings is not False:
+        from .nn.siblings import SiblingGroup, find_sibling_groups
+
+        multi = [n for n in out if type(model.get_submodule(n)) is MultiLoRALinear]
+        for g in find_sibling_groups(model, multi, fuse_siblings):
+            SiblingGroup([model.get_submodule(n) for n in g], g)
+    return out
 
 
 def _lora_layers(model: nn.Module):

@@ -348,3 +348,127 @@ def test_group_errors():
     assert pk.fuse_siblings(m) == [[f"model.layers.{i}.self_attn.q_proj", f"model.layers.{i}.self_attn.v_proj"]
                                    for i in (1,)]  # layer 0 was grouped by hand above
     assert pk.unfuse_siblings(m) == 2
+
+
+# ------------------------------------------------------------------------------------ multi-adapter groups
+class _QKV(nn.Module):
+    def __init__(self, K=40, widths=(48, 16, 16)):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(K, widths[0]), nn.Linear(K, widths[1], bias=False), \
+            nn.Linear(K, widths[2])
+
+    def forward(self, x):
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+
+def _multi_qkv(fuse, dtype=torch.float32, backend="torch", dropout=(0.0, 0.0, 0.0)):
+    torch.manual_seed(0)
+    m = _QKV().to(dtype)
+    pk.inject_multi_lora(m, ["q_proj", "k_proj", "v_proj"], max_adapters=3, max_rank=8, backend=backend,
+                         fuse_siblings=fuse)
+    g = torch.Generator().manual_seed(1)
+    for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        lay = getattr(m, name)
+        for slot, r in enumerate((2, 8, 5)[: 3 - (i == 1)]):  # k_proj leaves slot 2 empty
+            lay.set_adapter(slot, torch.randn(r, 40, generator=g) / 6, torch.randn(lay.out_features, r, generator=g),
+                            scaling=0.5 + slot + i, dropout=dropout[slot])
+    return m
+
+
+def _multi_run(m, x, ids, gys):
+    xx = x.detach().clone().requires_grad_()
+    with pk.adapter_ids(m, ids):
+        ys = m(xx)
+    params = [p for n, p in sorted(m.named_parameters()) if "lora" in n]
+    grads = torch.autograd.grad(ys, [xx] + params, gys, allow_unused=True)
+    return [y.detach() for y in ys] + [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, [xx] + params)]
+
+
+@pytest.mark.parametrize("dtype,backend", [(torch.float32, "torch"), (torch.bfloat16, "torch"),
+                                           (torch.float32, "triton")])
+def test_multi_adapter_group_against_the_reference(dtype, backend):
+    """MultiLoRALinear q/k/v as one group (the stacked base GEMM once, each member's per-token update on its block):
+    every output and gradient against the same layers run separately in fp64, bounded by the separate layers' own
+    error at the same precision; ids mix every slot, an empty slot and -1; x is 3-D and strided; the group ran."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 14, 2 * 40, generator=g)[..., ::2].to(dtype)  # stride 2 in the last dim
+    ids = torch.tensor([0, 2, -1])
+    gy64 = [torch.randn(3, 14, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+            for n in (48, 16, 16)]
+    ref = _multi_run(_multi_qkv(False, torch.float64), x.double(), ids, gy64)
+    gys = [t.to(dtype) for t in gy64]
+    same = _multi_run(_multi_qkv(False, dtype, "torch"), x, ids, gys)
+    fused = _multi_qkv(True, dtype, backend)
+    calls = []
+    orig = SiblingGroup._multi_outputs
+    try:
+        SiblingGroup._multi_outputs = lambda self, xx: calls.append(1) or orig(self, xx)
+        got = _multi_run(fused, x, ids, gys)
+    finally:
+        SiblingGroup._multi_outputs = orig
+    assert calls == [1] and fused.q_proj._siblings.enabled  # one group call served all three members
+    assert len(got) == len(ref) == 3 + 1 + 6
+    for i, (a, b, c) in enumerate(zip(got, ref, same)):
+        assert_close(a, b, c, f"tensor {i}")
+
+
+def test_multi_adapter_group_dropout_slots_and_weights():
+    """Per-slot dropout: with the same seed the group draws each member's mask as the separate layers do (equal
+    outputs and gradients); a slot loaded after grouping is used at once; the packed base is one copy; a member
+    called with explicit ids runs alone; groups refuse mixed kinds and unequal max_adapters."""
+    x = torch.randn(2, 9, 40, generator=torch.Generator().manual_seed(4))
+    ids = torch.tensor([1, 0])
+    gys = [torch.randn(2, 9, n, generator=torch.Generator().manual_seed(n)) for n in (48, 16, 16)]
+    sep, fused = (_multi_qkv(f, dropout=(0.0, 0.3, 0.1)).train() for f in (False, True))
+    assert fused.q_proj.weight.untyped_storage().data_ptr() == fused.v_proj.weight.untyped_storage().data_ptr()
+    for step in range(2):
+        torch.manual_seed(11)
+        a = _multi_run(sep, x, ids, gys)
+        torch.manual_seed(11)
+        b = _multi_run(fused, x, ids, gys)
+        for i, (u, v) in enumerate(zip(a, b)):
+            torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6, msg=f"step {step} tensor {i}")
+        nA, nB = torch.randn(3, 40) / 6, torch.randn(16, 3)
+        for m in (sep, fused):  # a new adapter into k_proj's slot 1
+            m.k_proj.set_adapter(1, nA, nB, scaling=2.0, dropout=0.2)
+    assert fused.q_proj._siblings.enabled
+    sep.eval()
+    fused.eval()
+    with pk.adapter_ids(fused, ids):
+        alone = fused.k_proj(x, adapter_ids=ids)  # explicit ids: runs alone, same result
+    with pk.adapter_ids(sep, ids):
+        torch.testing.assert_close(alone, sep.k_proj(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="MultiLoRALinear"):
+        SiblingGroup([_multi_qkv(False).q_proj, pk.LoRALinear(40, 16)])
+    other = _multi_qkv(False)
+    bigger = pk.MultiLoRALinear(40, 16, max_adapters=5, max_rank=8)
+    with pytest.raises(ValueError, match="max_adapters"):
+        SiblingGroup([other.q_proj, bigger])
+    assert getattr(other.q_proj, "_siblings", None) is None  # a refused group changes nothing
+
+
+def test_multi_lora_delta_arguments():
+    """The LoRA-only multi-adapter call: its base output and weight are checked (named), and with them it equals
+    multi_lora_linear (forward and dX, which gets the base's dY·W)."""
+    from peft_kernels.ops.multi_lora import multi_lora_delta, multi_lora_linear
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(7, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(10, 12, generator=g, dtype=torch.float64)
+    A, B = torch.randn(2, 3, 12, generator=g, dtype=torch.float64), torch.randn(2, 10, 3, generator=g,
+                                                                             dtype=torch.float64)
+    ids = torch.tensor([0, 1, -1, 1, 0, 0, 1])
+    want = multi_lora_linear(x, W, None, A, B, [0.5, 2.0], ids)
+    got = multi_lora_delta(x, A, B, [0.5, 2.0], ids, (x @ W.t()).detach().contiguous(), W)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    gy = torch.randn(7, 10, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(got, x, gy)[0], torch.autograd.grad(want, x, gy)[0], rtol=1e-12,
+                               atol=0)
+    with pytest.raises(ValueError, match="base_out"):
+        multi_lora_delta(x, A, B, [0.5, 2.0], ids, torch.zeros(7, 9, dtype=torch.float64))
+    with pytest.raises(ValueError, match="base_out"):
+        multi_lora_delta(x, A, B, [0.5, 2.0], ids, torch.zeros(10, 7, dtype=torch.float64).t())
+    with pytest.raises(ValueError, match="base_weight"):
+        multi_lora_delta(x, A, B, [0.5, 2.0], ids, None, W[:, :5])
+    with pytest.raises(ValueError, match="lora_A must have shape"):
+        multi_lora_delta(x[:, :5], A, B, [0.5, 2.0], ids)

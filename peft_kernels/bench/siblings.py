@@ -5,6 +5,9 @@ The shape: a Llama-3-8B attention block's q/k/v (hidden 4096, q 4096, k/v 1024 w
 1024, q 1024, k/v 256), 64 and 1024 tokens, LoRA r = 16 on each, fp32, with and without dropout (0.05). Measured:
 forward + backward time (paired medians over interleaved rounds) and the ATen/custom ops each one launches
 (``common.OpCounter``: one kernel per op on CPU) and the bytes those ops move.
+
+Multi-adapter (``inject_multi_lora(fuse_siblings=True)`` against the same layers unfused): 8 adapters in slots,
+each token's adapter drawn at random, serving (forward, no grad) at the same shapes.
 """
 from __future__ import annotations
 
@@ -49,6 +52,67 @@ def build(K: int = 1024, widths=(1024, 256, 256), r: int = 16, dropout: float = 
     return out
 
 
+def build_multi(K: int = 1024, widths=(1024, 256, 256), r: int = 16, slots: int = 8):
+    import peft_kernels as pk
+
+    torch.manual_seed(0)
+    base = QKV(K, widths)
+    out = {}
+    for name, fuse in (("fused", True), ("separate", False)):
+        m = copy.deepcopy(base)
+        pk.inject_multi_lora(m, ["q_proj", "k_proj", "v_proj"], max_adapters=slots, max_rank=r, fuse_siblings=fuse)
+        g = torch.Generator().manual_seed(1)
+        for lay in (m.q_proj, m.k_proj, m.v_proj):
+            for s in range(slots):
+                lay.set_adapter(s, torch.randn(r, K, generator=g) / K ** 0.5, torch.randn(lay.out_features, r,
+                                                                                          generator=g) * 0.1, 2.0)
+        out[name] = m.eval()
+    return out
+
+
+def _serve(m, x, ids):
+    def f() -> float:
+        import time
+
+        import peft_kernels as pk
+
+        t = time.perf_counter()
+        with torch.no_grad(), pk.adapter_ids(m, ids):
+            m(x)
+        return time.perf_counter() - t
+    return f
+
+
+def run_multi(tokens=(64, 1024), K: int = 1024, widths=(1024, 256, 256), r: int = 16, slots: int = 8,
+              rounds: int = 9) -> dict:
+    models = build_multi(K, widths, r, slots)
+    res = {}
+    for M in tokens:
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(M, K, generator=g)
+        ids = torch.randint(0, slots, (M,), generator=g)
+        with torch.no_grad():
+            import peft_kernels as pk
+
+            outs = {}
+            for k, m in models.items():
+                with pk.adapter_ids(m, ids):
+                    outs[k] = m(x)
+            err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(outs["fused"], outs["separate"]))
+        steps = {k: _serve(m, x, ids) for k, m in models.items()}
+        t = paired(steps, rounds)
+        case = {}
+        for k, m in models.items():
+            with OpCounter() as oc:
+                steps[k]()
+            case[k] = {"ms": 1e3 * statistics.median(t[k]), "launches": len(oc.ops), "MiB_moved": oc.bytes / 2 ** 20}
+        case["fused/separate"] = ratio(t, "fused", "separate")
+        case["max_rel_diff"] = err
+        case["still fused"] = bool(models["fused"].q_proj._siblings.enabled)
+        res[f"M={M}"] = case
+    return res
+
+
 def _step(m, x, gys):
     def f() -> float:
         import time
@@ -84,6 +148,8 @@ def run(tokens=(64, 1024), K: int = 1024, widths=(1024, 256, 256), r: int = 16, 
         group = models["fused"].q_proj._siblings
         case["fused"]["still fused"] = bool(group.enabled)
         res["cases"][f"M={M}, dropout {dropout}"] = case
+    res["multi"] = run_multi(tokens, K, widths, r, rounds=rounds) if not quick else \
+        run_multi(tokens, K, widths, r, slots=4, rounds=rounds)
     return res
 
 
@@ -97,6 +163,13 @@ def format_report(res: dict) -> str:
         for k, v in case.items():
             lines.append(f"| {dk} | {k} | {v['ms']:.1f} | {v['vs separate']:.3f}× | {v['vs PEFT']:.3f}× | "
                          f"{v['launches']} | {v['MiB_moved']:.1f} |")
+    if res.get("multi"):
+        lines += ["", "Multi-adapter q/k/v (8 adapters in slots, random ids per token), serving (forward, no grad):", "",
+                  "| case | fused ms | separate ms | fused / separate | launches fused / separate | max rel diff |",
+                  "|---|---|---|---|---|---|"]
+        for dk, c in res["multi"].items():
+            lines.append(f"| {dk} | {c['fused']['ms']:.2f} | {c['separate']['ms']:.2f} | {c['fused/separate']:.3f}× | "
+                         f"{c['fused']['launches']} / {c['separate']['launches']} | {c['max_rel_diff']:.1e} |")
     return "\n".join(lines)
 
 
@@ -107,6 +180,10 @@ def targets(res: dict):
         out.append(f"#19 fused q/k/v, {dk}: {v:.3f}× three separate LoRALinears (target ≤ 0.9: "
                    f"{'met' if v <= 0.9 else 'MISSED'}); launches {case['fused']['launches']} vs "
                    f"{case['ours separate']['launches']}")
+    for dk, c in res.get("multi", {}).items():
+        out.append(f"#19 multi-adapter fused q/k/v serving, {dk}: {c['fused/separate']:.3f}× the separate layers "
+                   f"(launches {c['fused']['launches']} vs {c['separate']['launches']}; group still fused: "
+                   f"{c['still fused']})")
     return out
 
 

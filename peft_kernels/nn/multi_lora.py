@@ -382,6 +382,11 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, adapter_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if adapters_disabled(self):
             return self._base_forward(x)
+        group = self.__dict__.get("_siblings")  # nn/siblings.py: q/k/v-style layers, the base GEMM stacked
+        if adapter_ids is None and group is not None and group.enabled and not torch.compiler.is_compiling():
+            out = group.member_forward(self, x)
+            if out is not None:
+                return out
         if not isinstance(x, torch.Tensor) or x.dim() < 1:
             raise TypeError(f"x must be a torch.Tensor with at least 1 dim, got {type(x).__name__}")
         ids = self._resolve_ids(adapter_ids, x.shape, x.device)

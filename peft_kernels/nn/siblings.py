@@ -13,6 +13,12 @@ off for good and every member runs alone. A member whose weight was re-bound (``
 Not fused (each member runs alone): under ``torch.compile`` (the hand-off between calls is Python state), inside
 ``disable_adapters``, when a member is merged, and for DoRA / ``lora_bias`` / Conv1D / quantized members (refused
 when the group is built).
+
+Multi-adapter groups (``MultiLoRALinear`` members, ``inject_multi_lora(fuse_siblings=...)``): the stacked frozen
+GEMM runs once for the group (x read once, one launch instead of one per member), then each member adds its own
+per-token LoRA update (``ops.multi_lora.multi_lora_delta``: its slots, ranks, scalings and per-slot dropout, read
+at the call under the member's slot lock) to its column block. The token grouping is the ``adapter_ids`` block's,
+built once for all of them. A member called with ``adapter_ids=`` passed explicitly runs alone.
 """
 from __future__ import annotations
 
@@ -22,6 +28,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+import torch.nn.functional as F
+
+from ..ops.multi_lora import multi_lora_delta
 from ..ops.siblings import lora_siblings
 from ._disabled import adapters_disabled
 
@@ -38,19 +47,30 @@ class _Pending:
 
 
 class SiblingGroup:
-    """Members (``LoRALinear``) that share their input; see the module docstring."""
+    """Members (all ``LoRALinear`` or all ``MultiLoRALinear``) that share their input; see the module docstring."""
 
     def __init__(self, members: Sequence[nn.Module], names: Sequence[str] = ()):
         from .lora import LoRALinear
+        from .multi_lora import MultiLoRALinear
 
         members = list(members)
         self.names = list(names) or [f"member{i}" for i in range(len(members))]
         if len(members) < 2:
             raise ValueError(f"a sibling group needs at least 2 members, got {len(members)}")
+        self.multi = type(members[0]) is MultiLoRALinear
+        kind = MultiLoRALinear if self.multi else LoRALinear
         for n, m in zip(self.names, members):
-            if not isinstance(m, LoRALinear):
-                raise TypeError(f"sibling {n!r} must be a LoRALinear, got {type(m).__name__}")
-            if m.use_dora or m.lora_bias or m.fan_in_fan_out or m.merged:
+            if (type(m) is not MultiLoRALinear) if self.multi else not isinstance(m, LoRALinear):
+                raise TypeError(f"sibling {n!r} must be a {kind.__name__} (all members of one kind; a quantized "
+                                f"multi-adapter base is not fused), got {type(m).__name__}")
+            if self.multi:
+                if m.fan_in_fan_out:
+                    raise ValueError(f"sibling {n!r}: Conv1D bases are not fused")
+                if m.max_adapters != members[0].max_adapters:
+                    raise ValueError(f"sibling {n!r}: max_adapters {m.max_adapters} differs from "
+                                     f"{self.names[0]!r}'s {members[0].max_adapters} (the members share the token "
+                                     f"grouping)")
+            elif m.use_dora or m.lora_bias or m.fan_in_fan_out or m.merged:
                 raise ValueError(f"sibling {n!r}: DoRA, lora_bias, Conv1D bases and merged layers are not fused")
             if type(m.weight) is not nn.Parameter or not m.weight.is_floating_point():
                 raise TypeError(f"sibling {n!r}: a quantized base is not fused")
@@ -157,19 +177,36 @@ class SiblingGroup:
             # the member that computed the pending outputs is called again: a new forward (the last one stopped
             # before its siblings ran, e.g. it raised); the stale outputs are dropped
         ms = self.members
-        if any(adapters_disabled(m) or m.merged for m in ms):
+        if any(adapters_disabled(m) or getattr(m, "merged", False) for m in ms):
             return None
         if not self.packed():
             with self._lock:
                 if not self.packed():
                     self._pack()
-        y = lora_siblings(x, self.W, self.b, [m.lora_A for m in ms], [m.lora_B for m in ms],
-                          [m.scaling for m in ms], [m.lora_dropout if m.training else 0.0 for m in ms],
-                          training=any(m.training for m in ms))
-        outs = y.split([m.out_features for m in ms], dim=-1)
+        if self.multi:
+            outs = self._multi_outputs(x)
+        else:
+            outs = lora_siblings(x, self.W, self.b, [m.lora_A for m in ms], [m.lora_B for m in ms],
+                                 [m.scaling for m in ms], [m.lora_dropout if m.training else 0.0 for m in ms],
+                                 training=any(m.training for m in ms), split=True)
         left: Dict[int, torch.Tensor] = {id(m): o for m, o in zip(ms, outs) if m is not member}
         tls.pending = _Pending(x, x._version, left)
         return outs[ms.index(member)]
+
+    def _multi_outputs(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Multi-adapter members: the stacked base GEMM once, each member's per-token LoRA update on its block."""
+        ms = self.members
+        ids = ms[0]._resolve_ids(None, x.shape, x.device)  # the adapter_ids block's grouping (raises without one)
+        with torch.no_grad():  # the base's dX comes from each member's op (base_weight): no graph through it
+            base = F.linear(x, self.W, self.b).split([m.out_features for m in ms], dim=-1)
+        outs = []
+        for m, yb in zip(ms, base):
+            with m._slots_lock.reading():
+                outs.append(multi_lora_delta(x, m.lora_A, m.lora_B, m.scalings, ids, yb.contiguous(), m.weight,
+                                             ranks=m.ranks, backend=m.backend, path=m.path, check_ids=m.check_ids,
+                                             dropout_p=tuple(m.lora_dropout) if m.training else None,
+                                             training=m.training))
+        return outs
 
 
 def find_sibling_groups(model: nn.Module, names: Sequence[str], groups=True) -> List[List[str]]:
@@ -202,21 +239,24 @@ def check_groups_arg(groups) -> None:
 
 
 def fuse_siblings(model: nn.Module, groups=True) -> List[List[str]]:
-    """Group the model's ``LoRALinear`` siblings (see the module docstring); returns the groups made, by qualified
-    name. ``groups``: True (the names in ``KNOWN_GROUPS``) or a list of groups of child names."""
+    """Group the model's ``LoRALinear`` siblings, and its ``MultiLoRALinear`` siblings (see the module docstring);
+    returns the groups made, by qualified name. ``groups``: True (the names in ``KNOWN_GROUPS``) or a list of groups
+    of child names."""
     from .lora import LoRALinear
+    from .multi_lora import MultiLoRALinear
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse_siblings: model must be an nn.Module, got {type(model).__name__}")
     check_groups_arg(groups)
     if groups is False:
         return []
-    lora = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and getattr(m, "_siblings", None) is None]
     made = []
-    for g in find_sibling_groups(model, lora, groups):
-        mods = [model.get_submodule(n) for n in g]
-        SiblingGroup(mods, g)
-        made.append(g)
+    for ok in (lambda m: isinstance(m, LoRALinear) and not m.use_dora and not m.lora_bias,
+               lambda m: type(m) is MultiLoRALinear):
+        names = [n for n, m in model.named_modules() if ok(m) and getattr(m, "_siblings", None) is None]
+        for g in find_sibling_groups(model, names, groups):
+            SiblingGroup([model.get_submodule(n) for n in g], g)
+            made.append(g)
     return made
 
 

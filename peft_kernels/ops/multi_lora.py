@@ -265,6 +265,18 @@ def _as_float_vector(v, name: str, S: int, device, dtype=torch.float32) -> torch
     return v.to(device=device, dtype=dtype)
 
 
+class NoBase:
+    """The frozen base of a call whose base output was computed outside it (``multi_lora_delta``). Stands for a
+    weight of shape [N, K] in x's dtype and device. ``y0``: the base output [T, N] (contiguous, owned by the call:
+    the update is added into it in place), or None for zeros; ``weight``: the frozen [N, K] block whose dY·W
+    backward adds to dX, or None (no base term)."""
+    __slots__ = ("shape", "dtype", "device", "y0", "weight")
+
+    def __init__(self, N: int, K: int, dtype: torch.dtype, device: torch.device, y0=None, weight=None):
+        self.shape, self.dtype, self.device = (int(N), int(K)), dtype, device
+        self.y0, self.weight = y0, weight
+
+
 def validate(x, weight, bias, lora_A, lora_B, scalings, ranks):
     """Raise ValueError/TypeError naming the bad argument; return (scalings fp32, ranks int32) on x's device.
     ``weight``: the frozen [N, K] tensor, or a quantized base (``quant.QuantBase``, x in its compute dtype)."""
@@ -273,6 +285,13 @@ def validate(x, weight, bias, lora_A, lora_B, scalings, ranks):
         from .qlora import check_quant_base
 
         N, K = check_quant_base(x, weight, bias, lora_A, lora_B)
+    elif isinstance(weight, NoBase):
+        for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        N, K = weight.shape
+        if bias is not None or x.dim() < 1 or x.shape[-1] != K:
+            raise ValueError(f"a LoRA-only call takes no bias and x [..., {K}], got x {tuple(x.shape)}")
     else:
         N, K = check_base(x, weight, bias, lora_A, lora_B)
     if lora_A.dim() != 3 or lora_A.shape[2] != K or lora_A.shape[0] < 1 or lora_A.shape[1] < 1:
@@ -321,11 +340,17 @@ def _base_out(x, weight, bias):
     dequantized in row chunks, ``quant.base_linear``)."""
     if isinstance(weight, torch.Tensor):
         return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    if isinstance(weight, NoBase):
+        return x.new_zeros((x.shape[0], weight.shape[0])) if weight.y0 is None else weight.y0.view(x.shape[0], -1)
     return quant.base_linear(x, weight, bias)
 
 
 def _base_dx(dy, weight):
     """The base's part of dX, dY·W (as ``_base_out``)."""
+    if isinstance(weight, NoBase):
+        if weight.weight is not None:
+            return torch.mm(dy, weight.weight)
+        return dy.new_zeros((dy.shape[0], weight.shape[1]))
     return torch.mm(dy, weight) if isinstance(weight, torch.Tensor) else quant.base_grad_input(dy, weight)
 
 
@@ -518,6 +543,9 @@ def _compiled_call(x, weight, bias, A, B, scal, ranks, ids, ps, backend: str, pa
 
     if isinstance(weight, quant.QuantBase):
         raise TypeError("torch.compile of a multi-adapter layer on a quantized base is not supported; run it eagerly")
+    if isinstance(weight, NoBase):
+        raise TypeError("multi_lora_delta is not supported under torch.compile (sibling groups run their members "
+                        "alone there); run it eagerly")
     name = dispatch.resolve(backend, x.device, _op_reason(x, A), SUPPORTED)  # (no measured choice while tracing)
     seed = _torch_dropout.draw_seed(x.device) if ps else torch.zeros(1, dtype=torch.int64, device=x.device)
     x2d = x.reshape(-1, x.shape[-1])
@@ -716,7 +744,7 @@ def multi_lora_linear(
         return _compiled_call(x, weight, bias, lora_A, lora_B, scal, rk, expand_adapter_ids(adapter_ids, x.shape),
                               ps, backend, path)
     name = dispatch.resolve(backend, x.device, _op_reason(x, lora_A), SUPPORTED, tune=None if isinstance(
-        weight, quant.QuantBase) else lambda: dispatch.op_tune(
+        weight, (quant.QuantBase, NoBase)) else lambda: dispatch.op_tune(
         "multi_lora_linear", (x, weight, bias, lora_A, lora_B), (f"path={path}",),
         lambda t, be: multi_lora_linear(*t, scalings, adapter_ids, ranks=ranks, backend=be, path=path, check_ids=False),
         static=("cuda", "triton", "torch"), capture_ok=("cuda", "triton")))
@@ -761,3 +789,31 @@ def multi_lora_linear(
         y, _ = _forward_2d(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, call)
         return y.view(*x.shape[:-1], weight.shape[0])
     return MultiLoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, call)
+
+
+def multi_lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                     scalings: Union[torch.Tensor, Sequence[float]], adapter_ids: Union[torch.Tensor, AdapterMapping],
+                     base_out: Optional[torch.Tensor] = None, base_weight: Optional[torch.Tensor] = None,
+                     **kwargs) -> torch.Tensor:
+    """The per-token LoRA update, ``s_a·(drop_a(x)·A_aᵀ)·B_aᵀ`` for each token's adapter a (0 for id -1), with
+    autograd for x, lora_A and lora_B: ``multi_lora_linear`` with its base computed outside (sibling groups: their
+    stacked base GEMM). ``base_out``: that base output ``[..., N]``, contiguous and owned by the caller (the update is
+    added into it in place and it is returned; without it the update alone); ``base_weight``: the frozen ``[N, K]``
+    weight whose ``dY·W`` backward adds to dX (no gradient reaches ``base_out``'s graph: compute it without one).
+    Keyword arguments as ``multi_lora_linear``'s. Eager only (not under torch.compile)."""
+    amp = _amp.autocast_dtype(x)
+    if amp is not None:
+        with _amp.disabled(x):
+            x, lora_A, lora_B, base_out, base_weight = _amp.cast(amp, x, lora_A, lora_B, base_out, base_weight)
+            return multi_lora_delta(x, lora_A, lora_B, scalings, adapter_ids, base_out, base_weight, **kwargs)
+    if not isinstance(x, torch.Tensor) or not isinstance(lora_B, torch.Tensor) or lora_B.dim() != 3:
+        raise TypeError("x must be a torch.Tensor and lora_B a 3-D [slots, out_features, max_rank] tensor")
+    N, K = lora_B.shape[1], x.shape[-1]
+    if base_out is not None and (tuple(base_out.shape) != (*x.shape[:-1], N) or not base_out.is_contiguous()
+                                 or base_out.dtype != x.dtype or base_out.requires_grad):
+        raise ValueError(f"base_out must be a contiguous {x.dtype} tensor of shape {(*x.shape[:-1], N)} outside "
+                         f"autograd, got {tuple(base_out.shape)} {base_out.dtype}")
+    if base_weight is not None and (tuple(base_weight.shape) != (N, K) or base_weight.dtype != x.dtype):
+        raise ValueError(f"base_weight must be a {x.dtype} tensor of shape {(N, K)}, got {tuple(base_weight.shape)}")
+    return multi_lora_linear(x, NoBase(N, K, x.dtype, x.device, base_out, base_weight), None, lora_A, lora_B,
+                             scalings, adapter_ids, **kwargs)

@@ -59,18 +59,30 @@ def _forward(x, W, b, As, Bs, call: SiblingCall):
     return y, S
 
 
-def _backward(dy, x, W, As, Bs, S, call: SiblingCall, need_dx: bool, need_da, need_db):
+def _backward(dys, x, W, As, Bs, S, call: SiblingCall, need_dx: bool, need_da, need_db):
+    """``dys``: each member's dY (None where its output got no gradient), or the stacked dY [T, Σ out]."""
     n = len(As)
-    dx = torch.mm(dy, W) if need_dx else None
+    if isinstance(dys, Tensor):  # stacked: dx in one GEMM, each member's dY a column block
+        dx = torch.mm(dys, W) if need_dx else None
+        dys = list(dys.split(list(call.widths), dim=1))
+    else:  # per member (no concatenation): dx = Σ_i dY_i·W_i, accumulated by the GEMMs
+        dx = None
+        off = 0
+        for w, d in zip(call.widths, dys):
+            if need_dx and d is not None:
+                Wi = W[off:off + w]
+                dx = torch.mm(d, Wi) if dx is None else dx.addmm_(d, Wi)
+            off += w
+        if need_dx and dx is None:
+            dx = torch.zeros_like(x)
     dA: List[Optional[Tensor]] = [None] * n
     dB: List[Optional[Tensor]] = [None] * n
     dS: List[Optional[Tensor]] = [None] * n
-    off = 0
-    for i, w in enumerate(call.widths):
+    for i in range(n):
+        if dys[i] is None:
+            continue
         cdt = As[i].dtype
-        dyi = dy[:, off:off + w]
-        dyc = dyi.to(cdt) if dyi.dtype != cdt else dyi
-        off += w
+        dyc = dys[i].to(cdt) if dys[i].dtype != cdt else dys[i]
         if need_db[i]:
             dB[i] = torch.mm(dyc.t(), S[i].to(cdt)).mul_(call.scalings[i])
         if need_dx or need_da[i]:
@@ -94,36 +106,45 @@ def _backward(dy, x, W, As, Bs, S, call: SiblingCall, need_dx: bool, need_da, ne
         ddx, dA[i] = shrink_backward(dS[i], x, As[i], call.ps[i], call.seeds[i], need_dx, need_da[i])
         if need_dx:
             dx += ddx.to(dx.dtype) if ddx.dtype != dx.dtype else ddx
+    for i in range(n):  # a member whose output got no gradient: zero gradients for its factors
+        if dys[i] is None:
+            dA[i] = torch.zeros_like(As[i]) if need_da[i] else None
+            dB[i] = torch.zeros_like(Bs[i]) if need_db[i] else None
     return dx, dA, dB
 
 
 class _Siblings(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W, b, call, *ab):
+    def forward(ctx, x, W, b, call, split, *ab):
         n = len(call.widths)
         As, Bs = ab[:n], ab[n:]
         y, S = _forward(x, W, b, As, Bs, call)
         ctx.save_for_backward(x, W, *As, *Bs, *S)
-        ctx.call = call
+        ctx.call, ctx.split = call, split
+        if split:  # each member's output a column block: backward gets each one's dY, never concatenated
+            return tuple(y.split(list(call.widths), dim=1))
         return y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, *dys):
         call = ctx.call
         n = len(call.widths)
         saved = ctx.saved_tensors
         x, W, As, Bs, S = saved[0], saved[1], saved[2:2 + n], saved[2 + n:2 + 2 * n], saved[2 + 2 * n:]
         need = ctx.needs_input_grad
-        dx, dA, dB = _backward(dy.contiguous(), x, W, As, Bs, S, call, need[0], need[4:4 + n], need[4 + n:4 + 2 * n])
-        return (dx, None, None, None, *dA, *dB)
+        dy = [None if d is None else d.contiguous() for d in dys] if ctx.split else dys[0].contiguous()
+        dx, dA, dB = _backward(dy, x, W, As, Bs, S, call, need[0], need[5:5 + n], need[5 + n:5 + 2 * n])
+        return (dx, None, None, None, None, *dA, *dB)
 
 
 def lora_siblings(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As: Sequence[Tensor],
                   lora_Bs: Sequence[Tensor], scalings: Sequence[float], dropout_ps: Sequence[float] = (),
-                  training: bool = False) -> Tensor:
+                  training: bool = False, split: bool = False):
     """``[y_1 | … | y_n]`` (``[..., Σ out_i]``), ``y_i = x·W_iᵀ + b_i + s_i·(drop_i(x)·A_iᵀ)·B_iᵀ``, for the stacked
     base ``weight`` ``[Σ out_i, in]`` (and ``bias`` ``[Σ out_i]`` or None). ``dropout_ps``: each member's p (applied
-    when ``training``; default none). The members' outputs are the column blocks, in order."""
+    when ``training``; default none). The members' outputs are the column blocks, in order; ``split=True`` returns
+    them as a tuple (views of those blocks, as ``torch.split`` gives: not modifiable in place), and backward then
+    takes each member's dY as it comes (dX = Σ dY_i·W_i) instead of concatenating them."""
     n = len(lora_As)
     if n < 1 or len(lora_Bs) != n or len(scalings) != n:
         raise ValueError(f"lora_As, lora_Bs and scalings must have one entry per member, got {len(lora_As)}, "
@@ -153,5 +174,8 @@ def lora_siblings(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As: Se
     seeds = tuple(_torch_dropout.draw_seed(x.device) if p > 0 else None for p in ps)
     call = SiblingCall(widths, tuple(float(s) for s in scalings), ps, seeds)
     x2 = x.reshape(-1, K)
-    y = _Siblings.apply(x2, weight, bias, call, *lora_As, *lora_Bs)
+    if split:
+        return tuple(y.view(*x.shape[:-1], w) for y, w in zip(_Siblings.apply(x2, weight, bias, call, True, *lora_As,
+                                                                               *lora_Bs), widths))
+    y = _Siblings.apply(x2, weight, bias, call, False, *lora_As, *lora_Bs)
     return y.view(*x.shape[:-1], sum(widths))

@@ -320,7 +320,10 @@ def test_siblings_bench_quick_reports_every_provider():
         assert case["fused"]["still fused"]  # the group ran fused, not its fallback
         assert case["fused"]["launches"] < case["ours separate"]["launches"]
         assert all(v["ms"] > 0 and 0 < v["vs PEFT"] < 100 for v in case.values())
-    assert len(sb.targets(res)) == 4 and "fused" in sb.format_report(res)
+    assert set(res["multi"]) == {"M=16", "M=64"}
+    for c in res["multi"].values():  # multi-adapter serving: the group ran fused and agreed with the separate layers
+        assert c["still fused"] and c["max_rel_diff"] < 1e-5 and c["fused"]["ms"] > 0 and c["separate"]["ms"] > 0
+    assert len(sb.targets(res)) == 6 and "Multi-adapter" in sb.format_report(res)
 
 
 def test_moe_bench_quick_reports_against_peft():

@@ -20,7 +20,7 @@ $(STAMP): setup.py pyproject.toml Makefile $(wildcard csrc/*.cpp csrc/cpu/*.cpp 
 # Runs the whole suite on CPU (Triton kernels under TRITON_INTERPRET=1, set by tests/conftest.py).
 # pytest exit code 5 ("no tests collected") is turned into a failure: an empty suite is a defect.
 test: $(STAMP)
-	@PEFT_KERNELS_REQUIRE_EXT=1 PEFT_KERNELS_REQUIRE_CUDA_TOOLKIT=1 $(BIN)/python -m pytest -q tests $(PYTEST_ARGS); rc=$$?; \
+	@PEFT_KERNELS_REQUIRE_EXT=1 PEFT_KERNELS_REQUIRE_CUDA_TOOLKIT=1 $(BIN)/python -m pytest -q --durations=30 tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; exit 1; fi; \
 	exit $$rc
 

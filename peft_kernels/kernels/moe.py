@@ -20,6 +20,8 @@ dA and dB are per-expert reductions over the expert's rows, written straight int
 multi-adapter LoRA's ``_seg_outer_kernel`` with the expert as the slot (the identity permutation), one program per
 output tile walking its expert's rows in order: deterministic, no atomics, an expert without tokens keeps zeros.
 
+fp32 inputs compute the side product in a launch of its own (``split_side``): the fused tile spilled there.
+
 fp32 operands sum the base GEMM in two levels (``_common.mma_acc``). Addresses are 64-bit: rows, experts and
 columns are widened before they meet a stride. The rank is one tile (≤ ``MAX_RANK``); above it the op runs on
 torch (``ops.moe`` says why).
@@ -119,28 +121,28 @@ class Tile:
 def config(dtype: torch.dtype, adapter_dtype: torch.dtype, R: int, interpreted: bool = INTERPRETED) -> Tile:
     """The grouped GEMM's tile for operands of ``dtype``, adapters of ``adapter_dtype`` and rank ``R``.
     A routed expert holds few rows (tokens·top-k / E: 256 at 4096 tokens, top-8, 128 experts), so the row tile
-    is 64. fp32 operands, fp32 adapters and rank tiles above 32 take narrower tiles: the side tile
-    [BLOCK_M, BLOCK_R] and the factor's [BLOCK_K, BLOCK_R] live beside the accumulator."""
+    is 64. Rank tiles above 32 take narrower tiles: the side tile [BLOCK_M, BLOCK_R] and the factor's
+    [BLOCK_K, BLOCK_R] live beside the accumulator; fp32 operands a 16-deep K step (their side product takes its
+    own launch, ``split_side``). (``adapter_dtype`` does not change the tile today: fp32
+    adapters on a 16-bit base compile without spills at the 16-bit tiles.)"""
     if interpreted:
         return Tile(16, 32, 32)
     br = next_pow2(R)
     f32 = dtype == torch.float32
-    lf32 = adapter_dtype == torch.float32
-    if f32:  # (rank tiles above 32 take the split path, see ``split_side``: the tile then holds no side product)
+    if f32:  # the split path (``split_side``): this tile holds no side product
         return Tile(64, 64, 16, num_warps=8, num_stages=3)
     if br > 32:  # (64, 128, 32) spilled 64 bytes at rank tile 64 on sm_80
         return Tile(64, 64, 32, num_warps=8, num_stages=3 if br == 64 else 2)
-    if lf32 or br > 16:  # (64, 128, 64) spilled 128 bytes at rank tile 32 on sm_80
-        return Tile(64, 128, 32, num_warps=8, num_stages=3)
-    return Tile(64, 128, 64, num_warps=8, num_stages=3)
+    # a 32-deep K step: (64, 128, 64) spilled 128 bytes at rank tile 32 (triton 3.8) and 192 at 16 (3.6) on sm_80
+    return Tile(64, 128, 32, num_warps=8, num_stages=3)
 
 
 def split_side(dtype: torch.dtype, R: int) -> bool:
     """Whether the side product (S = x·Aᵀ, or dY·B) takes its own launch before the grouped GEMM (the grouped
-    kernel with the factor as the weight) instead of the GEMM's mainloop: fp32 operands at rank tiles above 32,
-    where the fp32 side tile beside the accumulator and the two-level sum's partial spilled (204–4684 bytes on
-    sm_80/sm_90 with IEEE dots, at every row tile tried from 16 to 64)."""
-    return dtype == torch.float32 and next_pow2(R) > 32
+    kernel with the factor as the weight) instead of the GEMM's mainloop: fp32 operands, where the fp32 side tile
+    beside the accumulator and the two-level sum's partial spilled with IEEE dots (8–28 bytes at rank tiles 16/32 on
+    triton 3.6 and 3.8, 204–4684 bytes at 64/128, on sm_80/sm_90, at every row tile tried from 16 to 64)."""
+    return dtype == torch.float32
 
 
 def row_blocks(starts: Sequence[int], block_m: int, device) -> tuple:

@@ -13,6 +13,10 @@ the order of every sum is fixed, so results are deterministic. HF PEFT's ``targe
 ``s·B·A`` to the whole expert stack on every forward (a ``baddbmm`` the size of all experts' weights) and
 differentiates through it.
 
+Backends: "torch" (the per-expert GEMMs below, any device) and "triton" (``kernels/moe.py``: one grouped-GEMM launch
+per projection with each expert's LoRA in its accumulator, forward and dX, and dA/dB as per-expert fixed-order
+reductions; rank ≤ 128); "auto" is the measured choice on CUDA (``dispatch``), torch elsewhere.
+
 ``moe_experts_forward``: transformers' fused-expert MLP (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I],
 ``act(gate) * up``, routing weights, scatter-add) with the tokens grouped by expert once per layer
 (``build_mapping``) and both projections through ``grouped_lora_linear``.

@@ -45,17 +45,17 @@ MAX_RANK = 128  # one rank tile; past it ops.moe takes the torch path
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, w_ptr, f_ptr, g_ptr, out_ptr, side_ptr, blk_e_ptr, blk_row0_ptr, starts_ptr,
+    x_ptr, w_ptr, a_ptr, b_ptr, out_ptr, side_ptr, blk_e_ptr, blk_row0_ptr, starts_ptr,
     C, KD, R, scaling,
-    stride_am, stride_ak, stride_we, stride_wk, stride_wc, stride_fe, stride_fk, stride_fr,
-    stride_ge, stride_gr, stride_gc, stride_om, stride_oc,
+    stride_xm, stride_xk, stride_we, stride_wk, stride_wc, stride_ae, stride_ak, stride_ar,
+    stride_be, stride_br, stride_bc, stride_om, stride_oc,
     LORA: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr, LORA_PREC: tl.constexpr,
     ACC_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """out[rows of e, c] = Σ_k a[row, k]·W[e, k, c] + scaling·Σ_r side[row, r]·G[e, r, c] with
-    side = Σ_k a[row, k]·F[e, k, r]; every operand is read through its strides (forward: a = x, W as Wᵀ, F = Aᵀ,
-    G = Bᵀ; dX: a = dY, W, F = B, G = A). LORA: 0 none; 1 the side product computed in the mainloop, column block
+    """out[rows of e, c] = Σ_k x[row, k]·W[e, k, c] + scaling·Σ_r side[row, r]·B[e, r, c] with
+    side = Σ_k x[row, k]·A[e, k, r]; every operand is read through its strides (forward: x, W as Wᵀ, A as Aᵀ, B as
+    Bᵀ; dX: x = dY, W, A = B, B = A: the names are the forward's). LORA: 0 none; 1 the side product computed in the mainloop, column block
     0 storing it (fp32 [M, R]) to ``side_ptr`` (R ≤ BLOCK_R); 2 ``side`` read from ``side_ptr`` (computed by a launch
     before), BLOCK_R ranks at a time."""
     b = tl.program_id(0)
@@ -71,9 +71,9 @@ def _grouped_gemm_kernel(
     rk0 = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
     r_ok = rr < R
-    a_row = a_ptr + rm64[:, None] * stride_am
+    x_row = x_ptr + rm64[:, None] * stride_xm
     w_col = w_ptr + e * stride_we + rc64[None, :] * stride_wc
-    f_col = f_ptr + e * stride_fe + rr.to(tl.int64)[None, :] * stride_fr
+    a_col = a_ptr + e * stride_ae + rr.to(tl.int64)[None, :] * stride_ar
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     part = tl.zeros_like(acc) if ACC_CHUNK > 0 else 0.0
     side = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -81,16 +81,16 @@ def _grouped_gemm_kernel(
         rk = k0 + rk0
         k_ok = rk < KD
         rk64 = rk.to(tl.int64)
-        at = tl.load(a_row + rk64[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        at = tl.load(x_row + rk64[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w_col + rk64[:, None] * stride_wk, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         acc, part = mma_acc(at, wt, acc, part, k0 // BLOCK_K, UPCAST, F32_PREC, ACC_CHUNK)
         if LORA == 1:
-            ft = tl.load(f_col + rk64[:, None] * stride_fk, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            ft = tl.load(a_col + rk64[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
             side = mma(at.to(ft.dtype), ft, side, UPCAST, LORA_PREC)
     acc = acc_flush(acc, part, ACC_CHUNK)
     if LORA == 1:
         tl.store(side_ptr + rm64[:, None] * R + rr[None, :], side, mask=m_ok[:, None] & r_ok[None, :] & (pid_c == 0))
-        gt = tl.load(g_ptr + e * stride_ge + rr.to(tl.int64)[:, None] * stride_gr + rc64[None, :] * stride_gc,
+        gt = tl.load(b_ptr + e * stride_be + rr.to(tl.int64)[:, None] * stride_br + rc64[None, :] * stride_bc,
                      mask=r_ok[:, None] & c_ok[None, :], other=0.0)
         acc += mma(side.to(gt.dtype), gt, tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32), UPCAST, LORA_PREC) * scaling
     elif LORA == 2:  # the side product from memory, BLOCK_R ranks at a time
@@ -98,7 +98,7 @@ def _grouped_gemm_kernel(
             rq = r0 + rr
             q_ok = rq < R
             st = tl.load(side_ptr + rm64[:, None] * R + rq[None, :], mask=m_ok[:, None] & q_ok[None, :], other=0.0)
-            gt = tl.load(g_ptr + e * stride_ge + rq.to(tl.int64)[:, None] * stride_gr + rc64[None, :] * stride_gc,
+            gt = tl.load(b_ptr + e * stride_be + rq.to(tl.int64)[:, None] * stride_br + rc64[None, :] * stride_bc,
                          mask=q_ok[:, None] & c_ok[None, :], other=0.0)
             acc += mma(st.to(gt.dtype), gt, tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32), UPCAST,
                        LORA_PREC) * scaling

@@ -298,12 +298,9 @@ def inject_lora(model: nn.Module, target_modules: Targets, r: int = 8, lora_alph
         out = _replace(model, names, make)
     _finish_saved(model, saved, task_type)
     if fuse_siblings is not False:
-        from .nn.siblings import SiblingGroup, find_sibling_groups
+        from .nn.siblings import group_siblings
 
-        lora = [n for n in out if isinstance(model.get_submodule(n), LoRALinear)
-                and not model.get_submodule(n).use_dora]
-        for g in find_sibling_groups(model, lora, fuse_siblings):
-            SiblingGroup([model.get_submodule(n) for n in g], g)
+        group_siblings(model, out, fuse_siblings)
     return out
 
 
@@ -349,11 +346,9 @@ def inject_multi_lora(model: nn.Module, target_modules: Targets, max_adapters: i
                                            lora_dtype=lora_dtype, lora_dropout=lora_dropout)
     out = _replace(model, names, make)
     if fuse_siblings is not False:
-        from .nn.siblings import SiblingGroup, find_sibling_groups
+        from .nn.siblings import group_siblings
 
-        multi = [n for n in out if type(model.get_submodule(n)) is MultiLoRALinear]
-        for g in find_sibling_groups(model, multi, fuse_siblings):
-            SiblingGroup([model.get_submodule(n) for n in g], g)
+        group_siblings(model, out, fuse_siblings)
     return out
 
 

@@ -84,6 +84,9 @@ def _ours_hash(model, targets, dropout):
     return model
 
 
+_MAKERS = {"ours": _ours, "ours+hash": _ours_hash, "peft": _peft}
+
+
 def _frozen(model, targets, dropout):
     for n, p in model.named_parameters():
         p.requires_grad_(n.startswith("classifier"))
@@ -156,30 +159,28 @@ def _compiled_step(model, data):
 def cold_compile(which: str, batch_size: int, seq: int, dropout: float = 0.05) -> float:
     """Seconds of the first compiled training step of ``which`` ("ours" | "peft", q,v targets), in a fresh process
     with empty inductor and Triton caches (a compile in this process would reuse the other's kernels)."""
-    import subprocess
-    import sys
     import tempfile
 
-    code = (f"import copy, time, torch\nfrom peft_kernels.bench import model as mb\ntorch.manual_seed(0)\n"
-            f"base, _ = mb.load_model()\ndata = mb.batch({batch_size}, {seq}, base.config.vocab_size)\n"
-            f"m = mb._{which}(copy.deepcopy(base), mb.TARGETS['q,v'], {dropout})\n"
-            f"step = mb.trainer(m, data)\nstep()\n"  # eager warm-up: imports and first-call costs are not the compile's
-            f"cm = torch.compile(m)\nstep = mb.trainer(cm, data)\nt = time.perf_counter()\nstep()\n"
-            f"print('COLD', time.perf_counter() - t)\n")
     with tempfile.TemporaryDirectory() as d:
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(d, "inductor"), TRITON_CACHE_DIR=os.path.join(d, "t"))
-        env.pop("TRITON_INTERPRET", None)
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800)
-    for line in out.stdout.splitlines():
-        if line.startswith("COLD "):
-            return float(line.split()[1])
-    raise RuntimeError(f"cold compile of {which} failed: {(out.stdout + out.stderr)[-2000:]}")
+        env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(d, "inductor"), "TRITON_CACHE_DIR": os.path.join(d, "t")}
+        return _fresh(f"cold_step(base, data, {which!r}, {dropout})", batch_size, seq, env)["cold_s"]
+
+
+def cold_step(base, data, which: str, dropout: float) -> dict:
+    """The first compiled step's seconds (run by ``cold_compile`` in its fresh process), after an eager warm-up
+    step: imports and first-call costs are not the compile's."""
+    m = _MAKERS[which](copy.deepcopy(base), TARGETS["q,v"], dropout)
+    trainer(m, data)()
+    step = trainer(torch.compile(m), data)
+    t = time.perf_counter()
+    step()
+    return {"cold_s": time.perf_counter() - t}
 
 
 def compile_pair(base, data, which: str, dropout: float, rounds: int) -> dict:
     """compiled/eager of one variant ("ours" | "ours+hash" | "peft", q,v targets): its eager model and its compiled
     model alone in this process, paired rounds. Run by ``_fresh``, one variant per process."""
-    make = {"ours": _ours, "ours+hash": _ours_hash, "peft": _peft}[which]
+    make = _MAKERS[which]
     eager = trainer(make(copy.deepcopy(base), TARGETS["q,v"], dropout), data)
     comp, cold = _compiled_step(make(copy.deepcopy(base), TARGETS["q,v"], dropout), data)
     t = paired({"eager": eager, "compiled": comp}, rounds)
@@ -187,13 +188,13 @@ def compile_pair(base, data, which: str, dropout: float, rounds: int) -> dict:
             "eager_ms": 1e3 * statistics.median(t["eager"]), "compiled_ms": 1e3 * statistics.median(t["compiled"])}
 
 
-def _fresh(call: str, batch_size: int, seq: int) -> dict:
+def _fresh(call: str, batch_size: int, seq: int, env: Optional[Dict[str, str]] = None) -> dict:
     """``call`` (a call of this module's functions on ``base`` and ``data``, returning a JSON-able dict) evaluated
-    in a fresh Python process with the same model and batch."""
+    in a fresh Python process with the same model and batch (``env``: variables to set there)."""
     code = ("import json, torch\nfrom peft_kernels.bench import model as mb\ntorch.manual_seed(0)\n"
             f"base, _ = mb.load_model()\ndata = mb.batch({batch_size}, {seq}, base.config.vocab_size)\n"
             f"print('RESULT ' + json.dumps(mb.{call}))\n")
-    env = dict(os.environ)
+    env = dict(os.environ, **(env or {}))
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
     for line in out.stdout.splitlines():

@@ -165,14 +165,18 @@ def _flags(dtype: torch.dtype, adapter_dtype: torch.dtype) -> dict:
 def _gemm(a, w3, f3, g3, out, side, starts, starts_t, scaling, R, adapter_dtype):
     """Launch ``_grouped_gemm_kernel``; ``w3``/``f3``/``g3``: (tensor, stride_e, stride over the reduction or rank,
     stride over the output columns / rank). With ``split_side`` the side product is a grouped GEMM of its own
-    (the factor as the weight, fp32 out) and the main launch reads it."""
+    (the factor as the weight, fp32 out, the same tile and row blocks) and the main launch reads it."""
     lora = 0 if f3 is None else (2 if split_side(a.dtype, R) else 1)
-    if lora == 2:
-        _gemm(a, f3, None, None, side, None, starts, starts_t, 1.0, R, a.dtype)
     t = config(a.dtype, adapter_dtype, R)
     blk_e, blk_r0 = row_blocks(starts, t.m, a.device)
     if blk_e.numel() == 0:
         return
+    if lora == 2:  # (an fp32 tile: the same for every adapter dtype and rank)
+        _launch(a, f3, None, None, side, None, blk_e, blk_r0, starts_t, 1.0, R, a.dtype, t, 0)
+    _launch(a, w3, f3, g3, out, side, blk_e, blk_r0, starts_t, scaling, R, adapter_dtype, t, lora)
+
+
+def _launch(a, w3, f3, g3, out, side, blk_e, blk_r0, starts_t, scaling, R, adapter_dtype, t: Tile, lora: int):
     C, KD = out.shape[1], a.shape[1]
     f3 = f3 or (w3[0], 0, 0, 0)
     g3 = g3 or (w3[0], 0, 0, 0)
@@ -180,7 +184,8 @@ def _gemm(a, w3, f3, g3, out, side, starts, starts_t, scaling, R, adapter_dtype)
         a, w3[0], f3[0], g3[0], out, side if side is not None else out, blk_e, blk_r0, starts_t,
         C, KD, R, float(scaling), a.stride(0), a.stride(1), *w3[1:], *f3[1:], *g3[1:], out.stride(0), out.stride(1),
         LORA=lora, ACC_CHUNK=acc_chunk(a.dtype, t.k), BLOCK_M=t.m, BLOCK_C=t.c, BLOCK_K=t.k,
-        BLOCK_R=min(next_pow2(max(R, 1)), 32) if lora == 2 else next_pow2(max(R, 1)), num_warps=t.num_warps, num_stages=t.num_stages, **_flags(a.dtype, adapter_dtype))
+        BLOCK_R=min(next_pow2(max(R, 1)), 32) if lora == 2 else next_pow2(max(R, 1)), num_warps=t.num_warps,
+        num_stages=t.num_stages, **_flags(a.dtype, adapter_dtype))
 
 
 def _starts_tensor(starts, device):

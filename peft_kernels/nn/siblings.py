@@ -242,19 +242,27 @@ def fuse_siblings(model: nn.Module, groups=True) -> List[List[str]]:
     """Group the model's ``LoRALinear`` siblings, and its ``MultiLoRALinear`` siblings (see the module docstring);
     returns the groups made, by qualified name. ``groups``: True (the names in ``KNOWN_GROUPS``) or a list of groups
     of child names."""
-    from .lora import LoRALinear
-    from .multi_lora import MultiLoRALinear
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse_siblings: model must be an nn.Module, got {type(model).__name__}")
     check_groups_arg(groups)
     if groups is False:
         return []
+    return group_siblings(model, [n for n, _ in model.named_modules()], groups)
+
+
+def group_siblings(model: nn.Module, names: Sequence[str], groups=True) -> List[List[str]]:
+    """Make the sibling groups among the layers ``names`` (qualified names in ``model``) that are not in one yet:
+    ``LoRALinear`` (no DoRA, no ``lora_bias``) and ``MultiLoRALinear``, each kind among its own; returns them.
+    The one place ``fuse_siblings``, ``inject_lora`` and ``inject_multi_lora`` group layers."""
+    from .lora import LoRALinear
+    from .multi_lora import MultiLoRALinear
+
     made = []
     for ok in (lambda m: isinstance(m, LoRALinear) and not m.use_dora and not m.lora_bias,
                lambda m: type(m) is MultiLoRALinear):
-        names = [n for n, m in model.named_modules() if ok(m) and getattr(m, "_siblings", None) is None]
-        for g in find_sibling_groups(model, names, groups):
+        kind = [n for n in names if ok(model.get_submodule(n))
+                and getattr(model.get_submodule(n), "_siblings", None) is None]
+        for g in find_sibling_groups(model, kind, groups):
             SiblingGroup([model.get_submodule(n) for n in g], g)
             made.append(g)
     return made

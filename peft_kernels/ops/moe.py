@@ -35,6 +35,14 @@ def _segments(starts):
     return [(e, a, b) for e, (a, b) in enumerate(zip(starts, starts[1:])) if a < b]
 
 
+def _weight_grad(dy, x, W, starts):
+    """dW[e] = dY_eᵀ·x_e per expert (a trainable expert stack, never under LoRA; every backend, on torch)."""
+    dW = torch.zeros_like(W)
+    for e, a, b in _segments(starts):
+        torch.mm(dy[a:b].t(), x[a:b], out=dW[e])
+    return dW
+
+
 class _GroupedLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, A, B, scaling, starts, backend="torch"):
@@ -76,21 +84,13 @@ class _GroupedLoRA(torch.autograd.Function):
             from ..kernels.moe import grouped_backward
 
             dx, dA, dB = grouped_backward(dy, x, starts, W, A, B, S, s, need_x, lora and need_a, lora and need_b)
-            dW = None
-            if need_w:  # a trainable expert stack (never under LoRA): per expert, on torch
-                dW = torch.zeros_like(W)
-                for e, a, b in _segments(starts):
-                    torch.mm(dy[a:b].t(), x[a:b], out=dW[e])
-            return dx, dW, dA, dB, None, None, None
+            return dx, _weight_grad(dy, x, W, starts) if need_w else None, dA, dB, None, None, None
         dy = dy.contiguous()
         dx = torch.empty_like(x) if need_x else None
-        dW = torch.zeros_like(W) if need_w else None
         dA = torch.zeros_like(A) if lora and need_a else None
         dB = torch.zeros_like(B) if lora and need_b else None
         for e, a, b in _segments(starts):
             dye = dy[a:b]
-            if need_w:
-                torch.mm(dye.t(), x[a:b], out=dW[e])
             if not lora:
                 if need_x:
                     torch.mm(dye, W[e], out=dx[a:b])
@@ -111,7 +111,7 @@ class _GroupedLoRA(torch.autograd.Function):
                         dx[a:b] += lo.to(dx.dtype)
         if need_x and starts[-1] < x.shape[0]:  # rows past the last expert (none are built) get no gradient
             dx[starts[-1]:].zero_()
-        return dx, dW, dA, dB, None, None, None
+        return dx, _weight_grad(dy, x, W, starts) if need_w else None, dA, dB, None, None, None
 
 
 def _check(x, W, A, B, starts):

@@ -493,6 +493,19 @@ def test_merge_requantizes_as_peft_does(kind):
 def test_multi_lora_on_a_quantized_base_matches_reference(kind, dtype, backend):
     """MultiLoRALinear.from_linear on a quantized layer (QMultiLoRALinear): a mixed batch (ids -1, 0, 2, ranks 3 and
     7) against multi_lora_linear_ref on the dequantized weight, forward and the gradients of x and the slots."""
+    _check_quantized_multi_lora(kind, dtype, backend, compiled=False)
+
+
+@pytest.mark.parametrize("kind,dtype", [("nf4-dq", torch.float32), ("nf4-dq", torch.bfloat16),
+                                        ("int8", torch.float32), ("ao-int4", torch.float32)],
+                         ids=["nf4-dq-fp32", "nf4-dq-bf16", "int8-fp32", "ao-int4-fp32"])
+def test_compiled_multi_lora_on_a_quantized_base_matches_reference(kind, dtype):
+    """The same under torch.compile(fullgraph=True): no graph break (the quantized base is traced, the slots'
+    update is the multi-adapter custom op), and the compiled layer matches the fp64 reference."""
+    _check_quantized_multi_lora(kind, dtype, "torch", compiled=True)
+
+
+def _check_quantized_multi_lora(kind, dtype, backend, compiled: bool):
     from peft_kernels.reference import multi_lora_linear_ref
 
     m = pk.MultiLoRALinear.from_linear(quantized(kind, 96, 40), max_adapters=3, max_rank=8, backend=backend)
@@ -502,7 +515,9 @@ def test_multi_lora_on_a_quantized_base_matches_reference(kind, dtype, backend):
         m.set_adapter(slot, torch.randn(r, 96) * 0.1, torch.randn(40, r) * 0.1, 0.5 + slot)
     ids = torch.tensor([0, -1, 2, 2, 0, 1, 2, -1, 0, 2, 2])
     x = torch.randn(len(ids), 96, dtype=dtype, requires_grad=True)
-    y = m(x, ids)
+    if compiled:
+        torch._dynamo.reset()
+    y = (torch.compile(m, fullgraph=True) if compiled else m)(x, ids)
     assert y.dtype == dtype
     g = torch.randn_like(y)
     y.backward(g)

@@ -516,6 +516,9 @@ MUTANTS = [
      "            self.weight.add_(d.t() if self.fan_in_fan_out else d)",
      "            self.weight.add_(d.reshape(self.weight.shape))",
      ["tests/test_packed.py"], "merging into a Conv1D packed layer adds the update untransposed"),
+    ("multi-compiled-quant-update", "peft_kernels/ops/multi_lora.py",
+     "    y = y if base is None else base + y\n", "    y = y if base is None else base\n",
+     ["tests/test_qlora.py"], "compiled QMultiLoRALinear: the quantized base's output without the slots' update"),
 ]
 
 

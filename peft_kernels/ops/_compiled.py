@@ -96,14 +96,22 @@ def _call(x, A, scal, ranks, ids, ps, seed, backend: str, path: str):
     return MultiLoRACall(m, scal, ranks, scal_h, ranks_h, backend, chosen, ext, drop)
 
 
+def _base(weight: Optional[Tensor], x: Tensor, lora_B: Tensor):
+    """The frozen [N, K] weight, or (None: a quantized base, whose output the caller adds outside the op, its
+    autograd its own) a zero base of lora_B's N."""
+    from .multi_lora import NoBase
+
+    return weight if weight is not None else NoBase(lora_B.shape[1], x.shape[1], x.dtype, x.device)
+
+
 @torch.library.custom_op(f"{_NS}::multi_lora_fwd", mutates_args=())
-def multi_lora_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scal: Tensor,
-                   ranks: Tensor, ids: Tensor, ps: List[float], seed: Tensor, backend: str,
+def multi_lora_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                   scal: Tensor, ranks: Tensor, ids: Tensor, ps: List[float], seed: Tensor, backend: str,
                    path: str) -> Tuple[Tensor, Tensor]:
     from .multi_lora import _forward_2d
 
     call = _call(x, lora_A, scal, ranks, ids, ps, seed, backend, path)
-    y, S = _forward_2d(x, weight, bias, lora_A, lora_B, call)
+    y, S = _forward_2d(x, _base(weight, x, lora_B), bias, lora_A, lora_B, call)
     Sp = S.new_zeros((x.shape[0], lora_A.shape[1]))
     Sp[:S.shape[0]] = S  # sorted order, padded to T rows: a shape the graph knows
     return y, Sp
@@ -112,16 +120,17 @@ def multi_lora_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
 @multi_lora_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scal, ranks, ids, ps, seed, backend, path):
     sdt = lora_A.dtype if backend == "torch" else torch.float32
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[1]), dtype=sdt)
+    return x.new_empty((x.shape[0], lora_B.shape[1])), x.new_empty((x.shape[0], lora_A.shape[1]), dtype=sdt)
 
 
 @torch.library.custom_op(f"{_NS}::multi_lora_bwd", mutates_args=())
-def multi_lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, Sp: Tensor, scal: Tensor,
+def multi_lora_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, Sp: Tensor, scal: Tensor,
                    ranks: Tensor, ids: Tensor, ps: List[float], seed: Tensor, backend: str, path: str, need_dx: bool,
                    need_da: bool, need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
     from .multi_lora import _gather_backward, _torch_backward, _triton_backward
 
     c = _call(x, lora_A, scal, ranks, ids, ps, seed, backend, path)
+    weight = _base(weight, x, lora_B)
     m = c.mapping
     S = Sp[:m.num_active]
     if backend == "torch":

@@ -541,8 +541,6 @@ def _compiled_call(x, weight, bias, A, B, scal, ranks, ids, ps, backend: str, pa
     (no measured choice while tracing: the torch backend on the CPU, Triton on a GPU)."""
     from ._compiled import multi_lora_fwd
 
-    if isinstance(weight, quant.QuantBase):
-        raise TypeError("torch.compile of a multi-adapter layer on a quantized base is not supported; run it eagerly")
     if isinstance(weight, NoBase):
         raise TypeError("multi_lora_delta is not supported under torch.compile (sibling groups run their members "
                         "alone there); run it eagerly")
@@ -550,8 +548,14 @@ def _compiled_call(x, weight, bias, A, B, scal, ranks, ids, ps, backend: str, pa
     seed = _torch_dropout.draw_seed(x.device) if ps else torch.zeros(1, dtype=torch.int64, device=x.device)
     x2d = x.reshape(-1, x.shape[-1])
     ids = ids.reshape(-1).to(torch.int64)
+    base = None
+    if isinstance(weight, quant.QuantBase):  # the quantized base traced (its own autograd), the update the op's
+        from .qlora import qbase_linear
+
+        base, weight, bias = qbase_linear(x2d, weight, bias), None, None
     y, _ = multi_lora_fwd(x2d, weight, bias, A, B, scal, ranks, ids, list(ps or ()), seed, name, path)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    y = y if base is None else base + y
+    return y.view(*x.shape[:-1], B.shape[1])
 
 
 # --------------------------------------------------------------------------------------------

@@ -316,10 +316,14 @@ def test_siblings_bench_quick_reports_every_provider():
     res = sb.run(quick=True)
     assert len(res["cases"]) == 4
     for case in res["cases"].values():
-        assert set(case) == {"fused", "ours separate", "PEFT separate"}
+        assert set(case) == {"fused", "ours separate", "PEFT separate", "frozen base", "frozen stacked", "floor"}
         assert case["fused"]["still fused"]  # the group ran fused, not its fallback
         assert case["fused"]["launches"] < case["ours separate"]["launches"]
-        assert all(v["ms"] > 0 and 0 < v["vs PEFT"] < 100 for v in case.values())
+        # the floors run the frozen GEMMs alone: fewer ops than any LoRA provider, the stacked one fewest
+        assert case["frozen stacked"]["launches"] < case["frozen base"]["launches"] < case["fused"]["launches"]
+        rows = [v for v in case.values() if isinstance(v, dict)]
+        assert all(v["ms"] > 0 and 0 < v["vs PEFT"] < 100 for v in rows)
+        assert case["floor"] == min(case["frozen base"]["vs separate"], case["frozen stacked"]["vs separate"])
     assert set(res["multi"]) == {"M=16", "M=64"}
     for c in res["multi"].values():  # multi-adapter serving: the group ran fused and agreed with the separate layers
         assert c["still fused"] and c["max_rel_diff"] < 1e-5 and c["fused"]["ms"] > 0 and c["separate"]["ms"] > 0

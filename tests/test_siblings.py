@@ -472,3 +472,49 @@ def test_multi_lora_delta_arguments():
         multi_lora_delta(x, A, B, [0.5, 2.0], ids, None, W[:, :5])
     with pytest.raises(ValueError, match="lora_A must have shape"):
         multi_lora_delta(x[:, :5], A, B, [0.5, 2.0], ids)
+
+
+class _InPlaceQKV(_QKV):
+    """Modifies its projections' outputs in place (scaling, a slice update, an activation), as some models do."""
+
+    def forward(self, x):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q.mul_(0.5)
+        k[..., :4] += 1.0
+        return q, k, v.tanh_()
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["lora", "multi-adapter"])
+def test_member_outputs_can_be_modified_in_place(multi):
+    """A group member's output is a tensor of its own, not a view of the stacked output: a model may modify it in
+    place, as it may a separate layer's (autograd forbids that on a custom Function's views). fp64, fused against
+    unfused: outputs and the gradients of x and every LoRA factor."""
+    out = {}
+    for fuse in (True, False):
+        torch.manual_seed(0)
+        m = _InPlaceQKV().double()
+        if multi:
+            pk.inject_multi_lora(m, ["q_proj", "k_proj", "v_proj"], max_adapters=2, max_rank=4, fuse_siblings=fuse)
+            g = torch.Generator().manual_seed(1)
+            for lay in (m.q_proj, m.k_proj, m.v_proj):
+                for slot in range(2):
+                    lay.set_adapter(slot, torch.randn(4, 40, generator=g, dtype=torch.float64) / 6,
+                                    torch.randn(lay.out_features, 4, generator=g, dtype=torch.float64), 0.5 + slot)
+        else:
+            pk.inject_lora(m, ["q_proj", "k_proj", "v_proj"], r=4, init_lora_weights=False, fuse_siblings=fuse)
+        x = torch.randn(2, 5, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        gys = [torch.randn(2, 5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(3 + n))
+               for n in (48, 16, 16)]
+        ids = torch.tensor([0, 1])
+        if multi:
+            out[fuse] = _multi_run(m, x, ids, gys)
+        else:
+            xx = x.clone().requires_grad_()
+            ys = m(xx)
+            params = [p for n, p in sorted(m.named_parameters()) if "lora" in n]
+            out[fuse] = [y.detach() for y in ys] + list(torch.autograd.grad(ys, [xx] + params, gys))
+        group = m.q_proj.__dict__.get("_siblings")
+        assert (group is not None and group.enabled) == fuse  # the group ran fused
+    assert len(out[True]) == len(out[False]) >= 9
+    for i, (a, b) in enumerate(zip(out[True], out[False])):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda s: f"tensor {i}: {s}")

@@ -519,6 +519,14 @@ MUTANTS = [
     ("multi-compiled-quant-update", "peft_kernels/ops/multi_lora.py",
      "    y = y if base is None else base + y\n", "    y = y if base is None else base\n",
      ["tests/test_qlora.py"], "compiled QMultiLoRALinear: the quantized base's output without the slots' update"),
+    ("lora-output-view", "peft_kernels/ops/lora.py",
+     "    ctx.has_bias = bias is not None\n    return y2d\n",
+     "    ctx.has_bias = bias is not None\n    return y2d.view(*x.shape[:-1], weight.shape[0])\n",
+     ["tests/test_inplace_outputs.py"], "the LoRA Functions return a view made inside them: editing the output in place "
+     "raises"),
+    ("siblings-split-views", "peft_kernels/ops/siblings.py",
+     "            return _blocks(y, call.widths)", "            return tuple(y.split(list(call.widths), dim=1))",
+     ["tests/test_siblings.py"], "sibling members' outputs are split views: editing one in place raises"),
 ]
 
 

@@ -50,3 +50,10 @@ def torch_backend_double_backward(op: str, differentiable):
             return first(ctx, *grad_outputs)
         return wrapper
     return deco
+
+
+def own_shape(y2d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A Function's 2-D output ``[T, N]`` viewed with ``x``'s leading dims, outside the Function. Our Functions return
+    their outputs unviewed: autograd forbids modifying in place a view made inside a custom Function, and a layer's
+    output may be modified in place (``out += residual``, ``nn.ReLU(inplace=True)``) as ``nn.Linear``'s may."""
+    return y2d.view(*x.shape[:-1], y2d.shape[-1])

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from . import _amp
-from ._autograd import first_order_only
+from ._autograd import first_order_only, own_shape
 from ..reference import ACTIVATIONS, activation_ref
 from .lora import _FLOATS, _name_dtypes, _op_reason
 
@@ -239,7 +239,7 @@ class BottleneckFunction(torch.autograd.Function):
         ctx.save_for_backward(h2, P, down_w, up_w, up_b, scaling_t)
         ctx.call = call
         ctx.h_shape = h.shape
-        return out.view(*h.shape[:-1], up_w.shape[0])
+        return out  # 2-D: viewed outside (own_shape)
 
     @staticmethod
     @first_order_only("bottleneck_adapter")
@@ -290,20 +290,20 @@ def bottleneck_adapter(h: torch.Tensor, down_w: torch.Tensor, down_b: Optional[t
                     (activation, f"residual={bool(residual)}"),
                     lambda t, sc, be: bottleneck_adapter(*t, sc, activation=activation, residual=residual, backend=be))
     scaling_t, scale = _scaling_args(scaling)
-    return BottleneckFunction.apply(h, down_w, down_b, up_w, up_b, scaling_t,
-                                    AdapterCall(activation, scale, bool(residual), name))
+    return own_shape(BottleneckFunction.apply(h, down_w, down_b, up_w, up_b, scaling_t,
+                                              AdapterCall(activation, scale, bool(residual), name)), h)
 
 
 # --------------------------------------------------------------------------------------------
 # adapter_linear: a frozen linear with a sequential or parallel adapter
 # --------------------------------------------------------------------------------------------
 def _save_linear(ctx, call: AdapterCall, x, bias, out2, *saved):
-    """The adapter_linear Functions' bookkeeping; returns ``out2`` with x's leading dims."""
+    """The adapter_linear Functions' bookkeeping; returns ``out2`` (2-D: viewed outside, ``own_shape``)."""
     ctx.save_for_backward(*saved)
     ctx.call = call
     ctx.x_shape = x.shape
     ctx.has_bias = bias is not None
-    return out2.view(*x.shape[:-1], out2.shape[-1])
+    return out2
 
 
 class SequentialAdapterLinearFunction(torch.autograd.Function):
@@ -423,4 +423,5 @@ def adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
                     (activation, mode), lambda t, sc, be: adapter_linear(*t, sc, activation=activation, mode=mode,
                                                                          backend=be))
     scaling_t, scale = _scaling_args(scaling)
-    return fn.apply(x, weight, bias, down_w, down_b, up_w, up_b, scaling_t, AdapterCall(activation, scale, mode == "sequential", name))
+    return own_shape(fn.apply(x, weight, bias, down_w, down_b, up_w, up_b, scaling_t,
+                              AdapterCall(activation, scale, mode == "sequential", name)), x)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from . import _amp
-from ._autograd import first_order_only
+from ._autograd import first_order_only, own_shape
 from .lora import (_op_reason, finish_lora_backward, lora_linear, save_for_lora_backward, saved_lora_tensors,
                    validate)
 
@@ -96,7 +96,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             backend, x.device, _op_reason(x), tune=lambda: dispatch.op_tune(
                 "dora_linear", (x, weight, bias, lora_A, lora_B, magnitude, weight_norm), (),
                 lambda t, be: dora_linear(*t[:5], scaling, t[5], backend=be, weight_norm=t[6]))) == "triton":
-        return _DoRATriton.apply(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, float(scaling))
+        return own_shape(_DoRATriton.apply(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, float(scaling)), x)
     g = (magnitude / weight_norm).to(x.dtype)
     if p > 0:
         xd = F.dropout(x, p, True)

@@ -84,7 +84,7 @@ class LoRAEmbeddingFunction(torch.autograd.Function):
         ctx.save_for_backward(flat, lora_A, lora_B)
         ctx.scaling, ctx.padding_idx, ctx.by_freq = scaling, padding_idx, by_freq
         ctx.V, ctx.wdtype = weight.shape[0], weight.dtype
-        return y.view(*ids.shape, weight.shape[1])
+        return y  # [T, D]: viewed with ids' shape outside (a view made inside a Function could not be modified in place)
 
     @staticmethod
     def backward(ctx, dy):
@@ -124,9 +124,11 @@ def lora_embedding(ids: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor
         ids = ids.long()
     if not (torch.is_grad_enabled() and (weight.requires_grad or lora_A.requires_grad or lora_B.requires_grad)):
         with torch.no_grad():
-            return LoRAEmbeddingFunction.forward(_NoCtx(), ids, weight, lora_A, lora_B, float(scaling), pad,
-                                                 scale_grad_by_freq)
-    return LoRAEmbeddingFunction.apply(ids, weight, lora_A, lora_B, float(scaling), pad, scale_grad_by_freq)
+            y = LoRAEmbeddingFunction.forward(_NoCtx(), ids, weight, lora_A, lora_B, float(scaling), pad,
+                                              scale_grad_by_freq)
+    else:
+        y = LoRAEmbeddingFunction.apply(ids, weight, lora_A, lora_B, float(scaling), pad, scale_grad_by_freq)
+    return y.view(*ids.shape, weight.shape[1])
 
 
 class _NoCtx:

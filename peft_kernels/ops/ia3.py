@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from . import _amp
-from ._autograd import first_order_only
+from ._autograd import first_order_only, own_shape
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SUPPORTED = ("torch", "triton")
@@ -78,7 +78,7 @@ class _IA3Triton(torch.autograd.Function):
         # the input for dl (input scaling) or dW; the unscaled output for dl (output scaling)
         keep_x = (feedforward and l.requires_grad) or weight.requires_grad
         ctx.save_for_backward(x2 if keep_x else None, weight, lv, raw)
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return y  # 2-D: viewed outside (own_shape)
 
     @staticmethod
     @first_order_only("ia3_linear")
@@ -119,7 +119,7 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         "ia3_linear", (x, weight, bias, ia3_l), (f"feedforward={bool(feedforward)}",),
         lambda t, be: ia3_linear(*t, feedforward=feedforward, backend=be)))
     if name == "triton" and x.numel() > 0:
-        return _IA3Triton.apply(x, weight, bias, ia3_l, feedforward)
+        return own_shape(_IA3Triton.apply(x, weight, bias, ia3_l, feedforward), x)
     lv = ia3_l.reshape(-1)
     if feedforward:
         return F.linear((x * lv).to(x.dtype), weight, bias)

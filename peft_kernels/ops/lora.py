@@ -19,7 +19,7 @@ import torch
 
 from .. import _ext, dispatch
 from . import _amp, _torch_dropout
-from ._autograd import torch_backend_double_backward
+from ._autograd import own_shape, torch_backend_double_backward
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -214,12 +214,13 @@ class LoRACall:
 def save_for_lora_backward(ctx, x, x2d, S, weight, bias, lora_A, lora_B, call, y2d):
     """The saved-tensor policy shared by the LoRA Functions: x as given (so a double backward can reach it;
     :func:`saved_lora_tensors` views it as 2-D again), the small S, the frozen weight and the adapter tensors;
-    returns y with x's leading dims."""
+    returns y2d as it is: the caller views it with x's leading dims outside the Function (``own_shape``), so the
+    output is not a view made inside a custom Function, which autograd would forbid modifying in place."""
     ctx.save_for_backward(x, S, weight, lora_A, lora_B)
     ctx.call = call
     ctx.x_shape = x.shape
     ctx.has_bias = bias is not None
-    return y2d.view(*x.shape[:-1], weight.shape[0])
+    return y2d
 
 
 def saved_lora_tensors(ctx):
@@ -347,7 +348,8 @@ def lora_linear(
         y = lora_linear_dropout(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, p)
         return y.view(*x.shape[:-1], weight.shape[0])
     seed = _draw_seed(x.device) if p > 0 else None
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, LoRACall(float(scaling), p, seed, name))
+    return own_shape(LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, LoRACall(float(scaling), p, seed, name)),
+                     x)
 
 
 def dropout_mask(backend: str, seed: torch.Tensor, shape2d, p: float, device) -> torch.Tensor:

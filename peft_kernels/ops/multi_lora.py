@@ -27,7 +27,7 @@ import torch
 from .. import _ext, dispatch, quant
 from ..reference import expand_adapter_ids
 from . import _amp, _torch_dropout
-from ._autograd import torch_backend_double_backward
+from ._autograd import own_shape, torch_backend_double_backward
 from .lora import check_base, check_dtypes_devices, finish_lora_backward, save_for_lora_backward, saved_lora_tensors
 
 PATHS = ("auto", "bgmv", "sgmv")
@@ -341,7 +341,7 @@ def _base_out(x, weight, bias):
     if isinstance(weight, torch.Tensor):
         return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
     if isinstance(weight, NoBase):
-        return x.new_zeros((x.shape[0], weight.shape[0])) if weight.y0 is None else weight.y0.view(x.shape[0], -1)
+        return x.new_zeros((x.shape[0], weight.shape[0])) if weight.y0 is None else weight.y0  # [T, N]
     return quant.base_linear(x, weight, bias)
 
 
@@ -792,7 +792,7 @@ def multi_lora_linear(
     if not grad:  # inference (serving): no backward can follow, so skip the autograd.Function machinery
         y, _ = _forward_2d(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, call)
         return y.view(*x.shape[:-1], weight.shape[0])
-    return MultiLoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, call)
+    return own_shape(MultiLoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, call), x)
 
 
 def multi_lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -819,5 +819,10 @@ def multi_lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
                          f"autograd, got {tuple(base_out.shape)} {base_out.dtype}")
     if base_weight is not None and (tuple(base_weight.shape) != (N, K) or base_weight.dtype != x.dtype):
         raise ValueError(f"base_weight must be a {x.dtype} tensor of shape {(N, K)}, got {tuple(base_weight.shape)}")
-    return multi_lora_linear(x, NoBase(N, K, x.dtype, x.device, base_out, base_weight), None, lora_A, lora_B,
+    y0 = None
+    if base_out is not None:  # [T, N] over base_out's memory, not a view of it: the op returns it, and autograd
+        # forbids modifying in place a view that a custom Function returns
+        y0 = base_out.new_empty(0).set_(base_out.untyped_storage(), base_out.storage_offset(),
+                                        (base_out.numel() // max(N, 1), N), (N, 1))
+    return multi_lora_linear(x, NoBase(N, K, x.dtype, x.device, y0, base_weight), None, lora_A, lora_B,
                              scalings, adapter_ids, **kwargs)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .. import dispatch
 from ..quant import QuantBase, base_grad_input, base_linear, work_dtype
 from . import _amp
-from ._autograd import first_order_only
+from ._autograd import first_order_only, own_shape
 from .lora import _draw_seed, _torch_backward, _torch_forward
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -143,7 +143,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         y, S, bits = fwd(x2d, call, bias, lora_A, lora_B)
         ctx.save_for_backward(x, S, lora_A, lora_B)  # x in the compute dtype, as given
         ctx.call, ctx.has_bias, ctx.dropout_bits = call, bias is not None, bits
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y  # 2-D: viewed outside (own_shape)
 
     @staticmethod
     @first_order_only("qlora_linear")
@@ -180,7 +180,8 @@ def qlora_linear(x: torch.Tensor, qbase: QuantBase, bias: Optional[torch.Tensor]
     xc = x if x.dtype == cdt else x.to(cdt)
     bc = bias if bias is None or bias.dtype == cdt else bias.to(cdt)
     seed = _draw_seed(x.device) if p > 0 else None
-    y = QLoRALinearFunction.apply(xc, bc, lora_A, lora_B, QLoRACall(qbase, float(scaling), p, seed, name))
+    y = own_shape(QLoRALinearFunction.apply(xc, bc, lora_A, lora_B, QLoRACall(qbase, float(scaling), p, seed, name)),
+                  x)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -194,7 +195,7 @@ class QBaseLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, qbase: QuantBase):
         ctx.qbase, ctx.x_shape, ctx.has_bias = qbase, x.shape, bias is not None
-        return base_linear(x.reshape(-1, x.shape[-1]), qbase, bias).view(*x.shape[:-1], qbase.out_features)
+        return base_linear(x.reshape(-1, x.shape[-1]), qbase, bias)  # 2-D: viewed outside (own_shape)
 
     @staticmethod
     @first_order_only("qbase_linear")
@@ -216,7 +217,7 @@ def qbase_linear(x: torch.Tensor, qbase: QuantBase, bias: Optional[torch.Tensor]
     A = torch.empty(1, qbase.in_features, device=qbase.device)
     cdt = validate(x, qbase, bias, A, torch.empty(qbase.out_features, 1, device=qbase.device), 1.0, 0.0)
     xc = x if x.dtype == cdt else x.to(cdt)
-    y = QBaseLinearFunction.apply(xc, bias if bias is None or bias.dtype == cdt else bias.to(cdt), qbase)
+    y = own_shape(QBaseLinearFunction.apply(xc, bias if bias is None or bias.dtype == cdt else bias.to(cdt), qbase), x)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 

@@ -113,6 +113,18 @@ def _backward(dys, x, W, As, Bs, S, call: SiblingCall, need_dx: bool, need_da, n
     return dx, dA, dB
 
 
+def _blocks(y: Tensor, widths) -> tuple:
+    """y's column blocks as tensors of their own over y's storage (``set_``), not views of y: autograd forbids
+    modifying in place the views a custom Function returns (or ``split``'s), and a member's output may be modified
+    in place (as a separate layer's may). The blocks are disjoint, and the op saves none of them."""
+    out, off = [], 0
+    for w in widths:
+        out.append(y.new_empty(0).set_(y.untyped_storage(), y.storage_offset() + off, (y.shape[0], w),
+                                       (y.stride(0), 1)))
+        off += w
+    return tuple(out)
+
+
 class _Siblings(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, b, call, split, *ab):
@@ -122,7 +134,7 @@ class _Siblings(torch.autograd.Function):
         ctx.save_for_backward(x, W, *As, *Bs, *S)
         ctx.call, ctx.split = call, split
         if split:  # each member's output a column block: backward gets each one's dY, never concatenated
-            return tuple(y.split(list(call.widths), dim=1))
+            return _blocks(y, call.widths)
         return y
 
     @staticmethod
@@ -143,8 +155,9 @@ def lora_siblings(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As: Se
     """``[y_1 | … | y_n]`` (``[..., Σ out_i]``), ``y_i = x·W_iᵀ + b_i + s_i·(drop_i(x)·A_iᵀ)·B_iᵀ``, for the stacked
     base ``weight`` ``[Σ out_i, in]`` (and ``bias`` ``[Σ out_i]`` or None). ``dropout_ps``: each member's p (applied
     when ``training``; default none). The members' outputs are the column blocks, in order; ``split=True`` returns
-    them as a tuple (views of those blocks, as ``torch.split`` gives: not modifiable in place), and backward then
-    takes each member's dY as it comes (dX = Σ dY_i·W_i) instead of concatenating them."""
+    them as a tuple (those blocks, each a tensor of its own over the one output buffer: modifiable in place, as a
+    separate layer's output), and backward then takes each member's dY as it comes (dX = Σ dY_i·W_i) instead of
+    concatenating them."""
     n = len(lora_As)
     if n < 1 or len(lora_Bs) != n or len(scalings) != n:
         raise ValueError(f"lora_As, lora_Bs and scalings must have one entry per member, got {len(lora_As)}, "

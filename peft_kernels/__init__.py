@@ -5,6 +5,7 @@ Public API:
     LoRALinear                     drop-in nn.Linear with a fused LoRA update
     multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, *, ranks=None, backend="auto")
     MultiLoRALinear, adapter_ids   many adapters in one layer, one per token (serving and batched training)
+    checkpoint_context             context_fn for activation checkpointing inside adapter_ids blocks
     build_mapping, AdapterMapping  the token grouping, built once per batch and reused across layers
     bottleneck_adapter, adapter_linear, BottleneckAdapter, AdapterLinear   bottleneck adapters (torch, Triton)
     inject_lora, inject_multi_lora, merge_lora, unmerge_lora, lora_state_dict   swap fused layers into a model
@@ -32,6 +33,7 @@ from .nn.lm_head import causal_lm_loss, head_cross_entropy
 from .nn.siblings import SiblingGroup, fuse_siblings, unfuse_siblings
 from .nn.packed import PackedLoRALinear, inject_packed_lora
 from .nn.experts import LoRAExperts
+from .nn.multi_lora import checkpoint_context
 from .ops.siblings import lora_siblings
 from .ops.bottleneck import adapter_linear, bottleneck_adapter
 from .ops.dora import dora_linear
@@ -58,4 +60,4 @@ __all__ = ["PromptTuning", "PrefixTuning", "inject_ia3", "ia3_linear", "IA3Linea
            "print_trainable_parameters", "use_hash_dropout", "hash_dropout", "HashDropout",
            "linear_cross_entropy", "head_cross_entropy", "causal_lm_loss",
            "fuse_siblings", "unfuse_siblings", "SiblingGroup", "lora_siblings", "PackedLoRALinear",
-           "inject_packed_lora", "LoRAExperts"]
+           "inject_packed_lora", "LoRAExperts", "checkpoint_context"]

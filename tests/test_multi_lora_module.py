@@ -362,3 +362,94 @@ def test_slot_dropout_from_inject_load_and_from_peft(tmp_path):
         tb = ours(IDS).logits
         ours.eval()  # (equal to summation order: a training call with dropout on any slot takes the torch-op path)
         torch.testing.assert_close(ours(IDS).logits, tb, rtol=1e-5, atol=1e-6)
+
+
+class _CkptBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.q_proj(x).sum(-1) + self.k_proj(x).sum(-1) * self.v_proj(x).sum(-1)
+
+
+class _CkptModel(nn.Module):
+    def __init__(self, checkpoint_kwargs=None):
+        super().__init__()
+        self.block, self.kw = _CkptBlock(), checkpoint_kwargs
+
+    def forward(self, x):
+        if self.kw is None:
+            return self.block(x)
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False, **self.kw)
+
+
+def _ckpt_grads(checkpoint_kwargs, fuse):
+    """Two forwards in two adapter_ids blocks (other ids each: gradient accumulation), one backward after both
+    blocks closed; per-slot dropout, so the recompute must also regenerate the same masks."""
+    torch.manual_seed(0)
+    m = _CkptModel(checkpoint_kwargs)
+    pk.inject_multi_lora(m, ["q_proj", "k_proj", "v_proj"], max_adapters=2, max_rank=4, fuse_siblings=fuse)
+    g = torch.Generator().manual_seed(1)
+    for lay in (m.block.q_proj, m.block.k_proj, m.block.v_proj):
+        for s in range(2):
+            lay.set_adapter(s, torch.randn(4, 16, generator=g), torch.randn(lay.out_features, 4, generator=g),
+                            0.5 + s, dropout=0.3)
+    m.train()
+    x = torch.randn(6, 16, generator=g, requires_grad=True)
+    torch.manual_seed(5)
+    loss = 0
+    for ids in ([0, 1, 1, 0, -1, 1], [1, 1, 0, -1, 0, 0]):
+        with pk.adapter_ids(m, torch.tensor(ids)):
+            loss = loss + m(x).square().sum()
+    loss.backward()
+    return [x.grad] + [p.grad for _, p in sorted(m.named_parameters()) if p.requires_grad]
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["layers", "sibling group"])
+def test_activation_checkpointing_recomputes_with_each_forwards_ids(fuse):
+    """torch.utils.checkpoint with context_fn=checkpoint_context: the recompute in backward (after the blocks
+    closed) uses the ids of the forward it recomputes, and the same dropout masks: every gradient equals the
+    uncheckpointed run's. Without the context_fn the recompute has no ids and says how to fix it."""
+    want = _ckpt_grads(None, fuse)
+    got = _ckpt_grads({"context_fn": pk.checkpoint_context}, fuse)
+    assert len(got) == len(want) == 7 and all(g is not None for g in got)
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda s: f"tensor {i}: {s}")
+    with pytest.raises(ValueError, match="checkpoint_context"):
+        _ckpt_grads({}, fuse)
+
+
+def test_transformers_gradient_checkpointing_with_checkpoint_context():
+    """A transformers Llama with gradient_checkpointing_enable(context_fn=checkpoint_context) and two adapters
+    trained in one mixed batch: loss and gradients equal the same model without checkpointing."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    out = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg)
+        pk.inject_multi_lora(model, ["q_proj", "v_proj"], max_adapters=2, max_rank=4)
+        g = torch.Generator().manual_seed(1)
+        for name, lay in model.named_modules():
+            if isinstance(lay, pk.MultiLoRALinear):
+                for s in range(2):
+                    lay.set_adapter(s, torch.randn(4, lay.in_features, generator=g) / 4,
+                                    torch.randn(lay.out_features, 4, generator=g) / 4, 2.0, dropout=0.1)
+        if ckpt:  # transformers 5's name for it, or the older one
+            kw = {"use_reentrant": False, "context_fn": pk.checkpoint_context}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        model.train()
+        ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+        torch.manual_seed(3)
+        with pk.adapter_ids(model, torch.tensor([0, 1])):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        out[ckpt] = [loss.detach()] + [p.grad for _, p in sorted(model.named_parameters()) if p.requires_grad]
+    assert len(out[True]) == len(out[False]) == 9 and all(t is not None for t in out[True])
+    for i, (a, b) in enumerate(zip(out[True], out[False])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda s: f"tensor {i}: {s}")

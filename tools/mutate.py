@@ -527,6 +527,9 @@ MUTANTS = [
     ("siblings-split-views", "peft_kernels/ops/siblings.py",
      "            return _blocks(y, call.widths)", "            return tuple(y.split(list(call.widths), dim=1))",
      ["tests/test_siblings.py"], "sibling members' outputs are split views: editing one in place raises"),
+    ("checkpoint-context-noop", "peft_kernels/nn/multi_lora.py",
+     "    return contextlib.nullcontext(), recompute()", "    return contextlib.nullcontext(), contextlib.nullcontext()",
+     ["tests/test_multi_lora_module.py"], "checkpoint_context does not reopen the ids: the recompute has none"),
 ]
 
 

@@ -209,6 +209,34 @@ def adapter_ids(model: nn.Module, ids, *, check_ids: bool = True):
         _sync_compiled()
 
 
+def checkpoint_context():
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the ``adapter_ids`` blocks
+    open when the checkpointed region runs forward are open again when backward recomputes it (backward usually
+    runs after the block has closed, and the recompute would find no ids). With transformers::
+
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={   # gradient_checkpointing_enable(
+            "use_reentrant": False, "context_fn": peft_kernels.checkpoint_context})  # gradient_checkpointing_kwargs=)
+
+    Each checkpointed call captures the ids of its own forward, so several forwards before one backward (gradient
+    accumulation) each recompute with theirs. The reentrant checkpoint takes no context_fn: run its backward
+    inside the block."""
+    state = _ACTIVE.get()  # the blocks' map is replaced, never changed in place, when a block opens or closes
+
+    @contextlib.contextmanager
+    def recompute():
+        token = _ACTIVE.set(state)
+        try:
+            yield
+        finally:
+            _ACTIVE.reset(token)
+    return contextlib.nullcontext(), recompute()
+
+
+def _in_backward() -> bool:
+    f = getattr(torch._C, "_current_graph_task_id", None)
+    return f is not None and f() != -1
+
+
 class MultiLoRALinear(nn.Module):
     """Frozen ``nn.Linear`` plus ``max_adapters`` LoRA slots; each token picks one (or none).
 
@@ -407,6 +435,11 @@ class MultiLoRALinear(nn.Module):
                                  "no other asyncio task's adapter_ids block open on this thread")
             return ids
         active = _active_ids(self)
+        if active is None and _in_backward():  # a checkpointed region recomputed after its block closed
+            raise ValueError(f"{type(self).__name__}.forward ran in backward (activation checkpointing recomputing "
+                             "it) with no adapter ids: the adapter_ids block had closed. Pass context_fn="
+                             "peft_kernels.checkpoint_context to torch.utils.checkpoint (use_reentrant=False; with "
+                             "transformers, in gradient_checkpointing_kwargs), or run backward inside the block")
         if active is None:
             raise ValueError(f"{type(self).__name__}.forward: adapter_ids is required (pass it, or set it for the whole "
                              "model with `with peft_kernels.adapter_ids(model, ids): ...`)")

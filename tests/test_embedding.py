@@ -46,7 +46,8 @@ def _grads(fn, ids, W, A, B, dy, **kw):
     (50, 33, 1, (9,), False, 3, False),
     (29, 40, 80, (3, 4), False, None, True),
     (64, 17, 8, (6, 11), True, 0, True),
-], ids=["3d", "rank1-pad", "rank80-freq", "strided-pad-freq"])
+    (20, 8, 4, (0, 5), False, None, False),
+], ids=["3d", "rank1-pad", "rank80-freq", "strided-pad-freq", "no-ids"])
 @pytest.mark.parametrize("ladapter", ["same", "fp32"])
 def test_op_matches_reference(dtype, V, D, r, shape, strided, pad, freq, ladapter):
     ldt = torch.float32 if ladapter == "fp32" else dtype

@@ -1,7 +1,8 @@
 """Every layer's output may be modified in place, as ``nn.Linear``'s / ``nn.Embedding``'s may (``out += residual``,
 ``nn.ReLU(inplace=True)``, ``q *= scale``, a slice update), and the gradients then equal those of the same edit
 made out of place. autograd forbids modifying in place a view made inside a custom Function; our Functions used to
-return ``y2d.view(...)`` and every LoRA layer raised on ``y.mul_(2)``."""
+return ``y2d.view(...)`` and every LoRA layer raised on ``y.mul_(2)``. And an empty batch works as it does for
+``nn.Linear``."""
 import pytest
 import torch
 import torch.nn as nn
@@ -112,3 +113,25 @@ def test_output_modified_in_place_has_the_out_of_place_gradients(layer, edit):
     assert len(got) == len(want) >= 3  # the output, and the gradients of x and/or the adapter's parameters
     for i, (a, b) in enumerate(zip(got, want)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda s: f"{layer}, tensor {i}: {s}")
+
+
+@pytest.mark.parametrize("shape", [(0,), (2, 0)], ids=["0 tokens", "2x0 tokens"])
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_empty_batch_as_nn_linear(layer, shape):
+    """No tokens is a valid batch, as for nn.Linear / nn.Embedding: an empty output of the right shape, and a
+    backward that gives zero gradients (LoRAEmbedding's backward used to fail on it)."""
+    m = LAYERS[layer]().train()
+    if "embedding" in layer:
+        x = torch.randint(0, 30, shape)
+        n = m.embedding_dim
+    else:
+        x = torch.randn(*shape, 24, requires_grad=True)
+        n = m.out_features if hasattr(m, "out_features") else 24
+    multi = isinstance(m, (pk.MultiLoRALinear, pk.MultiLoRAEmbedding))
+    y = m(x, adapter_ids=torch.zeros(shape[0], dtype=torch.long)) if multi else m(x)
+    assert tuple(y.shape) == (*shape, n)
+    params = [p for p in m.parameters() if p.requires_grad]
+    if y.requires_grad:  # (a frozen table with no adapter rows: no graph, as nn.Embedding's)
+        ins = ([x] if x.requires_grad else []) + params
+        for g, t in zip(torch.autograd.grad(y.sum(), ins, allow_unused=True), ins):
+            assert g is None or (g.shape == t.shape and not g.any())

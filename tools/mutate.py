@@ -530,6 +530,9 @@ MUTANTS = [
     ("checkpoint-context-noop", "peft_kernels/nn/multi_lora.py",
      "    return contextlib.nullcontext(), recompute()", "    return contextlib.nullcontext(), contextlib.nullcontext()",
      ["tests/test_multi_lora_module.py"], "checkpoint_context does not reopen the ids: the recompute has none"),
+    ("embedding-bwd-empty", "peft_kernels/ops/embedding.py",
+     "        dy2 = dy.reshape(flat.numel(), B.shape[0])", "        dy2 = dy.reshape(flat.numel(), -1)",
+     ["tests/test_embedding.py"], "LoRAEmbedding's backward fails on a batch with no ids"),
 ]
 
 

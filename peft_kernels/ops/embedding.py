@@ -90,7 +90,7 @@ class LoRAEmbeddingFunction(torch.autograd.Function):
     def backward(ctx, dy):
         flat, A, B = ctx.saved_tensors
         need_w, need_a, need_b = ctx.needs_input_grad[1:4]
-        dy2 = dy.reshape(flat.numel(), -1)
+        dy2 = dy.reshape(flat.numel(), B.shape[0])  # (not -1: no ids is a valid batch, as for nn.Embedding)
         rw = _row_weights(flat, ctx.padding_idx, ctx.by_freq, ctx.V, dy2.dtype)
         dyw = dy2 if rw is None else dy2 * rw[:, None]
         dW = dA = dB = None

@@ -89,32 +89,44 @@ def test_op_against_the_separate_projections(dtype, case, xshape):
         assert_close(a, r, s, f"{case} {n}")
 
 
-def test_dropout_each_member_has_its_own_mask():
-    ms = _members(torch.float32, ranks=(4, 2, 3))
-    x = torch.randn(11, 40, dtype=torch.float32)
+@pytest.mark.parametrize("split", [False, True], ids=["stacked", "split"])
+@pytest.mark.parametrize("dtype,lora_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32),
+                                              (torch.float16, None)], ids=["fp32", "bf16-fp32-adapters", "fp16"])
+def test_dropout_each_member_has_its_own_mask(dtype, lora_dtype, split):
+    """Members with dropout (two of three, each its own mask; the third without) against each member's reference fed
+    that mask: fp64, bounded by the same reference in the op's precision; the outputs stacked, or split (backward
+    then takes each member's dY)."""
+    ms = _members(dtype, ranks=(4, 2, 3), lora_dtype=lora_dtype)
+    x = torch.randn(11, 40).to(dtype)
     ps = (0.3, 0.0, 0.5)
     torch.manual_seed(8)
     seeds = [_torch_dropout.draw_seed("cpu") if p else None for p in ps]
     masks = [None if p == 0 else _torch_dropout.dropout_mask(s, tuple(x.shape), p, "cpu") for s, p in zip(seeds, ps)]
-    xx = x.double().requires_grad_()
-    As = [_leaf(m["A"].double()) for m in ms]
-    Bs = [_leaf(m["B"].double()) for m in ms]
-    ys = [reference.lora_linear_ref(xx, m["W"].double(), m["b"].double(), a, b, m["s"],
-                                    None if mk is None else mk.double()) for m, a, b, mk in zip(ms, As, Bs, masks)]
-    gy = [torch.randn_like(y) for y in ys]
-    ref_g = torch.autograd.grad(ys, [xx, *As, *Bs], gy)
+    gy = [torch.randn(11, m["W"].shape[0]).to(dtype) for m in ms]
+    refs = {}
+    for rdt in (torch.float64, dtype):  # the spec in fp64, and in the op's precision (the bound's yardstick)
+        xx = x.to(rdt).requires_grad_()
+        As = [_leaf(m["A"] if rdt == dtype else m["A"].to(rdt)) for m in ms]
+        Bs = [_leaf(m["B"] if rdt == dtype else m["B"].to(rdt)) for m in ms]
+        ys = [reference.lora_linear_ref(xx, m["W"].to(rdt), m["b"].to(rdt), a, b, m["s"],
+                                        None if mk is None else mk.to(a.dtype)) for m, a, b, mk in
+              zip(ms, As, Bs, masks)]
+        ys = [y.to(rdt) for y in ys]
+        refs[rdt] = [y.detach() for y in ys] + list(torch.autograd.grad(ys, [xx, *As, *Bs],
+                                                                       [g.to(rdt) for g in gy]))
     xf = x.clone().requires_grad_()
     Af = [_leaf(m["A"]) for m in ms]
     Bf = [_leaf(m["B"]) for m in ms]
     W, b = _stack(ms)
     torch.manual_seed(8)
-    y = pk.lora_siblings(xf, W, b, Af, Bf, [m["s"] for m in ms], ps, training=True)
-    got = y.split([m["W"].shape[0] for m in ms], dim=-1)
-    for a, r in zip(got, ys):
-        torch.testing.assert_close(a.double(), r.detach(), rtol=1e-5, atol=1e-5)
-    g = torch.autograd.grad(got, [xf, *Af, *Bf], [t.float() for t in gy])
-    for a, r in zip(g, ref_g):
-        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5)
+    y = pk.lora_siblings(xf, W, b, Af, Bf, [m["s"] for m in ms], ps, training=True, split=split)
+    got = y if split else y.split([m["W"].shape[0] for m in ms], dim=-1)
+    got = [t.detach() for t in got] + list(torch.autograd.grad(got, [xf, *Af, *Bf], gy))
+    names = ["y_q", "y_k", "y_v", "dx", "dA_q", "dA_k", "dA_v", "dB_q", "dB_k", "dB_v"]
+    assert len(got) == len(names) == len(refs[dtype])
+    for name, a, r64, rl in zip(names, got, refs[torch.float64], refs[dtype]):
+        assert a.dtype == rl.dtype, name
+        assert_close(a, r64, rl, name)
     assert masks[0] is not None and not torch.equal(masks[0] != 0, masks[2] != 0)
 
 

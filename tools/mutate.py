@@ -533,6 +533,9 @@ MUTANTS = [
     ("embedding-bwd-empty", "peft_kernels/ops/embedding.py",
      "        dy2 = dy.reshape(flat.numel(), B.shape[0])", "        dy2 = dy.reshape(flat.numel(), -1)",
      ["tests/test_embedding.py"], "LoRAEmbedding's backward fails on a batch with no ids"),
+    ("siblings-second-dropout-dx", "peft_kernels/ops/siblings.py",
+     "            dx = ddx if dx is None else dx.add_(ddx)", "            dx = ddx if dx is None else dx",
+     ["tests/test_siblings.py"], "sibling backward: only the first member with dropout reaches dx"),
 ]
 
 

@@ -60,21 +60,16 @@ def _forward(x, W, b, As, Bs, call: SiblingCall):
 
 
 def _backward(dys, x, W, As, Bs, S, call: SiblingCall, need_dx: bool, need_da, need_db):
-    """``dys``: each member's dY (None where its output got no gradient), or the stacked dY [T, Σ out]."""
+    """``dys``: each member's dY (None where its output got no gradient), or the stacked dY [T, Σ out].
+
+    dx is built without a pass of its own: the first masked ``dS_i·A_i`` (a member with dropout) is its buffer, as in
+    a separate layer, and the stacked ``dS·A`` of the members without dropout and the base's ``dY_i·W_i`` are GEMMs
+    accumulating into it; only a second or third member with dropout adds its masked term with an add."""
     n = len(As)
-    if isinstance(dys, Tensor):  # stacked: dx in one GEMM, each member's dY a column block
-        dx = torch.mm(dys, W) if need_dx else None
+    dy_all = None
+    if isinstance(dys, Tensor):  # stacked: the base's dx in one GEMM, each member's dY a column block
+        dy_all = dys
         dys = list(dys.split(list(call.widths), dim=1))
-    else:  # per member (no concatenation): dx = Σ_i dY_i·W_i, accumulated by the GEMMs
-        dx = None
-        off = 0
-        for w, d in zip(call.widths, dys):
-            if need_dx and d is not None:
-                Wi = W[off:off + w]
-                dx = torch.mm(d, Wi) if dx is None else dx.addmm_(d, Wi)
-            off += w
-        if need_dx and dx is None:
-            dx = torch.zeros_like(x)
     dA: List[Optional[Tensor]] = [None] * n
     dB: List[Optional[Tensor]] = [None] * n
     dS: List[Optional[Tensor]] = [None] * n
@@ -88,24 +83,45 @@ def _backward(dys, x, W, As, Bs, S, call: SiblingCall, need_dx: bool, need_da, n
         if need_dx or need_da[i]:
             dS[i] = torch.mm(dyc, Bs[i]).mul_(call.scalings[i] * (_torch_dropout.keep_scale(call.ps[i])
                                                                    if call.ps[i] else 1.0))
+    dx: Optional[Tensor] = None
     plain = [i for i in range(n) if call.ps[i] == 0 and dS[i] is not None]
+    same: List[int] = []
     if plain:
         cdt = As[plain[0]].dtype
         same = [i for i in plain if As[i].dtype == cdt]
+    # members with dropout (each its own mask) or another adapter dtype: masked dS_i·A_i, the first one dx's buffer
+    for i in [i for i in plain if i not in same] + [i for i in range(n) if call.ps[i] > 0 and dS[i] is not None]:
+        ddx, dA[i] = shrink_backward(dS[i], x, As[i], call.ps[i], call.seeds[i], need_dx, need_da[i])
+        if need_dx:
+            ddx = ddx.to(x.dtype) if ddx.dtype != x.dtype else ddx
+            dx = ddx if dx is None else dx.add_(ddx)
+    if same:  # the members without dropout: one stacked dS·A, a GEMM into dx
         dS_cat = torch.cat([dS[i] for i in same], dim=1) if len(same) > 1 else dS[same[0]]
         A_cat = torch.cat([As[i] for i in same]) if len(same) > 1 else As[same[0]]
         if need_dx:
-            lo = torch.mm(dS_cat, A_cat)
-            dx += lo.to(dx.dtype) if lo.dtype != dx.dtype else lo
+            if dx is None:
+                dx = torch.mm(dS_cat, A_cat)
+                dx = dx.to(x.dtype) if dx.dtype != x.dtype else dx
+            elif A_cat.dtype == dx.dtype:
+                dx.addmm_(dS_cat, A_cat)
+            else:
+                dx += torch.mm(dS_cat, A_cat).to(dx.dtype)
         if any(need_da[i] for i in same):
-            dA_cat = torch.mm(dS_cat.t(), x.to(cdt))
+            dA_cat = torch.mm(dS_cat.t(), x.to(A_cat.dtype))
             for i, g in zip(same, dA_cat.split([As[i].shape[0] for i in same])):
                 dA[i] = g if need_da[i] else None
-        plain = [i for i in plain if i not in same]
-    for i in plain + [i for i in range(n) if call.ps[i] > 0 and dS[i] is not None]:
-        ddx, dA[i] = shrink_backward(dS[i], x, As[i], call.ps[i], call.seeds[i], need_dx, need_da[i])
-        if need_dx:
-            dx += ddx.to(dx.dtype) if ddx.dtype != dx.dtype else ddx
+    if need_dx:  # the frozen base: dY·W (stacked) or Σ_i dY_i·W_i, GEMMs accumulating into dx
+        if dy_all is not None:
+            dx = torch.mm(dy_all, W) if dx is None else dx.addmm_(dy_all, W)
+        else:
+            off = 0
+            for w, d in zip(call.widths, dys):
+                if d is not None:
+                    Wi = W[off:off + w]
+                    dx = torch.mm(d, Wi) if dx is None else dx.addmm_(d, Wi)
+                off += w
+        if dx is None:
+            dx = torch.zeros_like(x)
     for i in range(n):  # a member whose output got no gradient: zero gradients for its factors
         if dys[i] is None:
             dA[i] = torch.zeros_like(As[i]) if need_da[i] else None

@@ -476,6 +476,12 @@ def test_multi_lora_delta_arguments():
     gy = torch.randn(7, 10, generator=g, dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.grad(got, x, gy)[0], torch.autograd.grad(want, x, gy)[0], rtol=1e-12,
                                atol=0)
+    wide = torch.zeros(7, 16, dtype=torch.float64)  # base_out as a column block of a wider output: added in place
+    wide[:, 3:13] = (x @ W.t()).detach()
+    got = multi_lora_delta(x, A, B, [0.5, 2.0], ids, wide[:, 3:13], W)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(wide[:, 3:13], want.detach(), rtol=1e-12, atol=0)
+    assert not wide[:, :3].any() and not wide[:, 13:].any()  # nothing written outside the block
     with pytest.raises(ValueError, match="base_out"):
         multi_lora_delta(x, A, B, [0.5, 2.0], ids, torch.zeros(7, 9, dtype=torch.float64))
     with pytest.raises(ValueError, match="base_out"):

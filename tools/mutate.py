@@ -525,7 +525,7 @@ MUTANTS = [
      ["tests/test_inplace_outputs.py"], "the LoRA Functions return a view made inside them: editing the output in place "
      "raises"),
     ("siblings-split-views", "peft_kernels/ops/siblings.py",
-     "            return _blocks(y, call.widths)", "            return tuple(y.split(list(call.widths), dim=1))",
+     "            return column_blocks(y, call.widths)", "            return tuple(y.split(list(call.widths), dim=1))",
      ["tests/test_siblings.py"], "sibling members' outputs are split views: editing one in place raises"),
     ("checkpoint-context-noop", "peft_kernels/nn/multi_lora.py",
      "    return contextlib.nullcontext(), recompute()", "    return contextlib.nullcontext(), contextlib.nullcontext()",

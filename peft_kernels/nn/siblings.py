@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.multi_lora import multi_lora_delta
-from ..ops.siblings import lora_siblings
+from ..ops.siblings import column_blocks, lora_siblings
 from ._disabled import adapters_disabled
 
 # sibling names a model's structure gives (members are the LoRA'd ones among them, children of one module)
@@ -198,12 +198,12 @@ class SiblingGroup:
         ms = self.members
         ids = ms[0]._resolve_ids(None, x.shape, x.device)  # the adapter_ids block's grouping (raises without one)
         with torch.no_grad():  # the base's dX comes from each member's op (base_weight): no graph through it
-            base = F.linear(x, self.W, self.b).split([m.out_features for m in ms], dim=-1)
-        outs = []
-        for m, yb in zip(ms, base):
+            y = F.linear(x.reshape(-1, x.shape[-1]), self.W, self.b)
+        outs = []  # each member's update added in place into its column block of the one base output (no copies)
+        for m, yb in zip(ms, column_blocks(y, [m.out_features for m in ms])):
             with m._slots_lock.reading():
-                outs.append(multi_lora_delta(x, m.lora_A, m.lora_B, m.scalings, ids, yb.contiguous(), m.weight,
-                                             ranks=m.ranks, backend=m.backend, path=m.path, check_ids=m.check_ids,
+                outs.append(multi_lora_delta(x, m.lora_A, m.lora_B, m.scalings, ids,
+                                             yb.view(*x.shape[:-1], m.out_features), m.weight, ranks=m.ranks, backend=m.backend, path=m.path, check_ids=m.check_ids,
                                              dropout_p=tuple(m.lora_dropout) if m.training else None,
                                              training=m.training))
         return outs

@@ -267,8 +267,8 @@ def _as_float_vector(v, name: str, S: int, device, dtype=torch.float32) -> torch
 
 class NoBase:
     """The frozen base of a call whose base output was computed outside it (``multi_lora_delta``). Stands for a
-    weight of shape [N, K] in x's dtype and device. ``y0``: the base output [T, N] (contiguous, owned by the call:
-    the update is added into it in place), or None for zeros; ``weight``: the frozen [N, K] block whose dY·W
+    weight of shape [N, K] in x's dtype and device. ``y0``: the base output [T, N] (unit column stride, owned by the
+    call: the update is added into it in place), or None for zeros; ``weight``: the frozen [N, K] block whose dY·W
     backward adds to dX, or None (no base term)."""
     __slots__ = ("shape", "dtype", "device", "y0", "weight")
 
@@ -801,8 +801,9 @@ def multi_lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
                      **kwargs) -> torch.Tensor:
     """The per-token LoRA update, ``s_a·(drop_a(x)·A_aᵀ)·B_aᵀ`` for each token's adapter a (0 for id -1), with
     autograd for x, lora_A and lora_B: ``multi_lora_linear`` with its base computed outside (sibling groups: their
-    stacked base GEMM). ``base_out``: that base output ``[..., N]``, contiguous and owned by the caller (the update is
-    added into it in place and it is returned; without it the update alone); ``base_weight``: the frozen ``[N, K]``
+    stacked base GEMM). ``base_out``: that base output ``[..., N]`` with unit column stride (its rows may be strided:
+    a column block of a wider output), owned by the caller (the update is added into it in place and it is
+    returned; without it the update alone); ``base_weight``: the frozen ``[N, K]``
     weight whose ``dY·W`` backward adds to dX (no gradient reaches ``base_out``'s graph: compute it without one).
     Keyword arguments as ``multi_lora_linear``'s. Eager only (not under torch.compile)."""
     amp = _amp.autocast_dtype(x)
@@ -813,16 +814,21 @@ def multi_lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     if not isinstance(x, torch.Tensor) or not isinstance(lora_B, torch.Tensor) or lora_B.dim() != 3:
         raise TypeError("x must be a torch.Tensor and lora_B a 3-D [slots, out_features, max_rank] tensor")
     N, K = lora_B.shape[1], x.shape[-1]
-    if base_out is not None and (tuple(base_out.shape) != (*x.shape[:-1], N) or not base_out.is_contiguous()
-                                 or base_out.dtype != x.dtype or base_out.requires_grad):
-        raise ValueError(f"base_out must be a contiguous {x.dtype} tensor of shape {(*x.shape[:-1], N)} outside "
-                         f"autograd, got {tuple(base_out.shape)} {base_out.dtype}")
+    rows = None
+    if base_out is not None and tuple(base_out.shape) == (*x.shape[:-1], N) and base_out.stride(-1) == 1:
+        try:  # its rows as one strided [T, N] (a column block of a wider output is; a transposed tensor is not)
+            rows = base_out.view(-1, N)
+        except RuntimeError:
+            rows = None
+    if base_out is not None and (rows is None or base_out.dtype != x.dtype or base_out.requires_grad):
+        raise ValueError(f"base_out must be a {x.dtype} tensor of shape {(*x.shape[:-1], N)} with unit column stride "
+                         f"and rows viewable as [T, N], outside autograd, got {tuple(base_out.shape)} "
+                         f"{base_out.dtype} strides {base_out.stride()}")
     if base_weight is not None and (tuple(base_weight.shape) != (N, K) or base_weight.dtype != x.dtype):
         raise ValueError(f"base_weight must be a {x.dtype} tensor of shape {(N, K)}, got {tuple(base_weight.shape)}")
     y0 = None
-    if base_out is not None:  # [T, N] over base_out's memory, not a view of it: the op returns it, and autograd
+    if rows is not None:  # [T, N] over base_out's memory, not a view of it: the op returns it, and autograd
         # forbids modifying in place a view that a custom Function returns
-        y0 = base_out.new_empty(0).set_(base_out.untyped_storage(), base_out.storage_offset(),
-                                        (base_out.numel() // max(N, 1), N), (N, 1))
+        y0 = rows.new_empty(0).set_(rows.untyped_storage(), rows.storage_offset(), rows.shape, rows.stride())
     return multi_lora_linear(x, NoBase(N, K, x.dtype, x.device, y0, base_weight), None, lora_A, lora_B,
                              scalings, adapter_ids, **kwargs)

@@ -129,7 +129,7 @@ def _backward(dys, x, W, As, Bs, S, call: SiblingCall, need_dx: bool, need_da, n
     return dx, dA, dB
 
 
-def _blocks(y: Tensor, widths) -> tuple:
+def column_blocks(y: Tensor, widths) -> tuple:
     """y's column blocks as tensors of their own over y's storage (``set_``), not views of y: autograd forbids
     modifying in place the views a custom Function returns (or ``split``'s), and a member's output may be modified
     in place (as a separate layer's may). The blocks are disjoint, and the op saves none of them."""
@@ -150,7 +150,7 @@ class _Siblings(torch.autograd.Function):
         ctx.save_for_backward(x, W, *As, *Bs, *S)
         ctx.call, ctx.split = call, split
         if split:  # each member's output a column block: backward gets each one's dY, never concatenated
-            return _blocks(y, call.widths)
+            return column_blocks(y, call.widths)
         return y
 
     @staticmethod

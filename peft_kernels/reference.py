@@ -53,8 +53,13 @@ def expand_adapter_ids(adapter_ids: torch.Tensor, x_shape) -> torch.Tensor:
         return ids
     if len(x_shape) == 3 and adapter_ids.dim() == 1 and ids.numel() == x_shape[0]:
         return ids.repeat_interleave(int(x_shape[1]))
+    hint = ""
+    if len(x_shape) == 3 and adapter_ids.dim() == 1 and 0 < ids.numel() < x_shape[0] and x_shape[0] % ids.numel() == 0:
+        n = x_shape[0] // ids.numel()
+        hint = (f" (the batch has {n}x as many rows as ids: generate() with num_beams or num_return_sequences repeats "
+                f"each row; pass ids.repeat_interleave({n}))")
     raise ValueError(f"adapter_ids must hold one id per token ({T} for x of shape {tuple(x_shape)}) or, for "
-                     f"x of shape [B, L, K], one per batch row (B ids); got shape {tuple(adapter_ids.shape)}")
+                     f"x of shape [B, L, K], one per batch row (B ids); got shape {tuple(adapter_ids.shape)}{hint}")
 
 
 def multi_lora_linear_ref(

@@ -453,3 +453,36 @@ def test_transformers_gradient_checkpointing_with_checkpoint_context():
     assert len(out[True]) == len(out[False]) == 9 and all(t is not None for t in out[True])
     for i, (a, b) in enumerate(zip(out[True], out[False])):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda s: f"tensor {i}: {s}")
+
+
+def test_generate_with_beams_per_row_adapters():
+    """generate() with num_beams repeats each batch row: ids.repeat_interleave(num_beams) serves each row with its
+    adapter (equal to generating that row alone with it), and the ids as given raise naming the fix."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    pk.inject_multi_lora(model, ["q_proj", "v_proj"], max_adapters=2, max_rank=4)
+    g = torch.Generator().manual_seed(1)
+    for lay in model.modules():
+        if isinstance(lay, pk.MultiLoRALinear):
+            for s in range(2):
+                lay.set_adapter(s, torch.randn(4, lay.in_features, generator=g),
+                                torch.randn(lay.out_features, 4, generator=g), 4.0)
+    prompts = torch.randint(0, 64, (3, 5), generator=g)
+    ids = torch.tensor([1, 0, -1])
+    kw = dict(num_beams=2, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with pk.adapter_ids(model, ids.repeat_interleave(2)):
+        out = model.generate(prompts, attention_mask=torch.ones_like(prompts), **kw)
+    alone = []
+    for i in range(3):
+        with pk.adapter_ids(model, ids[i:i + 1].repeat_interleave(2)):
+            alone.append(model.generate(prompts[i:i + 1], attention_mask=torch.ones_like(prompts[i:i + 1]), **kw))
+    assert torch.equal(out, torch.cat(alone))
+    with pk.disable_adapters(model):
+        base = model.generate(prompts, attention_mask=torch.ones_like(prompts), **kw)
+    assert torch.equal(out[2], base[2])  # id -1 is the base model
+    assert not torch.equal(out[:2], base[:2])  # and the adapters change the generated tokens
+    with pytest.raises(ValueError, match=r"repeat_interleave\(2\)"), pk.adapter_ids(model, ids):
+        model.generate(prompts, attention_mask=torch.ones_like(prompts), **kw)

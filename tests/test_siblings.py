@@ -476,6 +476,12 @@ def test_multi_lora_delta_arguments():
     gy = torch.randn(7, 10, generator=g, dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.grad(got, x, gy)[0], torch.autograd.grad(want, x, gy)[0], rtol=1e-12,
                                atol=0)
+    # the update alone (no base output, no base weight): y - x·Wᵀ, and a dX without the base's dY·W term
+    alone = multi_lora_delta(x, A, B, [0.5, 2.0], ids)
+    update = multi_lora_linear(x, W, None, A, B, [0.5, 2.0], ids) - x @ W.t()
+    torch.testing.assert_close(alone, update, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(alone, x, gy)[0], torch.autograd.grad(update, x, gy)[0],
+                               rtol=1e-12, atol=1e-12)
     wide = torch.zeros(7, 16, dtype=torch.float64)  # base_out as a column block of a wider output: added in place
     wide[:, 3:13] = (x @ W.t()).detach()
     got = multi_lora_delta(x, A, B, [0.5, 2.0], ids, wide[:, 3:13], W)

@@ -91,7 +91,7 @@ MUTANTS = [
      ["tests/test_gpu_path.py"], "fp32 precision: torch's 'none' read as TF32"),
     # concurrency, stale state, safety (#15)
     ("adapter-ids-leak", "peft_kernels/nn/multi_lora.py",
-     "        _ACTIVE.reset(token)", "        pass",
+     "        _ACTIVE.reset(token)\n        _COMPILED.stack", "        pass\n        _COMPILED.stack",
      ["tests/test_multi_lora_module.py"], "adapter_ids' ids outlive the block"),
     ("hot-swap-no-lock", "peft_kernels/nn/multi_lora.py",
      "    def _write_slot(self, slot: int, A, B, scaling: float, r: int) -> None:\n"
@@ -433,8 +433,8 @@ MUTANTS = [
      "            ys.addmm_(S[i], Bs[i].t(), alpha=call.scalings[0])",
      ["tests/test_siblings.py"], "every sibling's update uses the first member's scaling"),
     ("siblings-dx-no-lora", "peft_kernels/ops/siblings.py",
-     "            dx += lo.to(dx.dtype) if lo.dtype != dx.dtype else lo",
-     "            pass",
+     "                dx = torch.mm(dS_cat, A_cat)\n",
+     "                dx = torch.zeros_like(x, dtype=A_cat.dtype)\n",
      ["tests/test_siblings.py"], "the stacked dS·A term is left out of dx"),
     ("siblings-shared-mask", "peft_kernels/ops/siblings.py",
      "            S[i] = shrink(x, As[i], p, call.seeds[i])",

@@ -199,7 +199,8 @@ class OpCounter(TorchDispatchMode):
     ATen ops read and write (sum of their tensor arguments' and results' sizes: the one-kernel-per-op
     traffic of an eager graph)."""
 
-    _FREE = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh"}
+    _FREE = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh",
+             "set_"}  # allocations without a fill, and re-pointing a tensor at memory: no kernel
 
     def __init__(self):
         super().__init__()

@@ -439,7 +439,8 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"{type(self).__name__}.forward ran in backward (activation checkpointing recomputing "
                              "it) with no adapter ids: the adapter_ids block had closed. Pass context_fn="
                              "peft_kernels.checkpoint_context to torch.utils.checkpoint (use_reentrant=False; with "
-                             "transformers, in gradient_checkpointing_kwargs), or run backward inside the block")
+                             "transformers, in activation_checkpointing_kwargs / gradient_checkpointing_kwargs), or "
+                             "run backward inside the block")
         if active is None:
             raise ValueError(f"{type(self).__name__}.forward: adapter_ids is required (pass it, or set it for the whole "
                              "model with `with peft_kernels.adapter_ids(model, ids): ...`)")

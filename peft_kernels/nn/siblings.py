@@ -203,7 +203,8 @@ class SiblingGroup:
         for m, yb in zip(ms, column_blocks(y, [m.out_features for m in ms])):
             with m._slots_lock.reading():
                 outs.append(multi_lora_delta(x, m.lora_A, m.lora_B, m.scalings, ids,
-                                             yb.view(*x.shape[:-1], m.out_features), m.weight, ranks=m.ranks, backend=m.backend, path=m.path, check_ids=m.check_ids,
+                                             yb.view(*x.shape[:-1], m.out_features), m.weight, ranks=m.ranks,
+                                             backend=m.backend, path=m.path, check_ids=m.check_ids,
                                              dropout_p=tuple(m.lora_dropout) if m.training else None,
                                              training=m.training))
         return outs

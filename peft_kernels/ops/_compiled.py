@@ -124,9 +124,9 @@ def _(x, weight, bias, lora_A, lora_B, scal, ranks, ids, ps, seed, backend, path
 
 
 @torch.library.custom_op(f"{_NS}::multi_lora_bwd", mutates_args=())
-def multi_lora_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, Sp: Tensor, scal: Tensor,
-                   ranks: Tensor, ids: Tensor, ps: List[float], seed: Tensor, backend: str, path: str, need_dx: bool,
-                   need_da: bool, need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def multi_lora_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, Sp: Tensor,
+                   scal: Tensor, ranks: Tensor, ids: Tensor, ps: List[float], seed: Tensor, backend: str, path: str,
+                   need_dx: bool, need_da: bool, need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
     from .multi_lora import _gather_backward, _torch_backward, _triton_backward
 
     c = _call(x, lora_A, scal, ranks, ids, ps, seed, backend, path)

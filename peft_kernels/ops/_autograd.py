@@ -53,7 +53,12 @@ def torch_backend_double_backward(op: str, differentiable):
 
 
 def own_shape(y2d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A Function's 2-D output ``[T, N]`` viewed with ``x``'s leading dims, outside the Function. Our Functions return
-    their outputs unviewed: autograd forbids modifying in place a view made inside a custom Function, and a layer's
-    output may be modified in place (``out += residual``, ``nn.ReLU(inplace=True)``) as ``nn.Linear``'s may."""
-    return y2d.view(*x.shape[:-1], y2d.shape[-1])
+    """A Function's 2-D output ``[T, N]`` with ``x``'s leading dims, reshaped outside the Function and, as
+    ``nn.Linear``'s output is, not a view (``aten._unsafe_view``, what ``matmul`` returns; the 2-D tensor itself
+    for 2-D x). Our Functions return their outputs unshaped: autograd forbids modifying in place a view made inside
+    a custom Function, a layer's output may be modified in place (``out += residual``, ``nn.ReLU(inplace=True)``),
+    and FSDP2 warns on a module that returns a view (an in-place op on it would skip its pre-backward hook)."""
+    shape = (*x.shape[:-1], y2d.shape[-1])
+    if tuple(y2d.shape) == shape:
+        return y2d
+    return torch.ops.aten._unsafe_view(y2d, shape) if y2d.is_contiguous() else y2d.view(shape)

@@ -384,7 +384,14 @@ def _torch_forward(x, weight, bias, A, B, m: AdapterMapping, scal, ranks, scal_h
     if m.num_active == 0:
         return y, x.new_empty((0, R), dtype=cdt)
     if ext:
-        S = _ext.ops().multi_lora_fwd(y, x, A, B, m._perm, m._seg_slots, m._seg_starts, ranks, scal, None)
+        if y.is_contiguous() or A.dtype == x.dtype == y.dtype == torch.float32:  # (the fp32 micro-kernels write
+            # through y's row stride)
+            return y, _ext.ops().multi_lora_fwd(y, x, A, B, m._perm, m._seg_slots, m._seg_starts, ranks, scal, None)
+        # the other dtypes' path index_adds each segment from its own thread, which on a row-strided y (a sibling
+        # group's column block) lost updates: it runs on contiguous rows, copied back
+        yc = y.contiguous()
+        S = _ext.ops().multi_lora_fwd(yc, x, A, B, m._perm, m._seg_slots, m._seg_starts, ranks, scal, None)
+        y.copy_(yc)
         return y, S
     perm = m._perm.long()
     xs = x.index_select(0, perm)

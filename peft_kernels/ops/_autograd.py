@@ -52,6 +52,14 @@ def torch_backend_double_backward(op: str, differentiable):
     return deco
 
 
+def unviewed(t: torch.Tensor) -> torch.Tensor:
+    """A tensor over ``t``'s memory with ``t``'s shape and strides that autograd does not see as a view of anything
+    (``set_``), with a version counter of its own: what a custom Function returns for a block of a buffer it wrote
+    (autograd forbids modifying in place a view a custom Function returns). Only for memory nothing else reads
+    through autograd (the blocks are disjoint, and no Function saves them)."""
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
 def own_shape(y2d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A Function's 2-D output ``[T, N]`` with ``x``'s leading dims, reshaped outside the Function and, as
     ``nn.Linear``'s output is, not a view (``aten._unsafe_view``, what ``matmul`` returns; the 2-D tensor itself

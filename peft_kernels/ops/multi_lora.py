@@ -27,7 +27,7 @@ import torch
 from .. import _ext, dispatch, quant
 from ..reference import expand_adapter_ids
 from . import _amp, _torch_dropout
-from ._autograd import own_shape, torch_backend_double_backward
+from ._autograd import own_shape, torch_backend_double_backward, unviewed
 from .lora import check_base, check_dtypes_devices, finish_lora_backward, save_for_lora_backward, saved_lora_tensors
 
 PATHS = ("auto", "bgmv", "sgmv")
@@ -836,6 +836,6 @@ def multi_lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     y0 = None
     if rows is not None:  # [T, N] over base_out's memory, not a view of it: the op returns it, and autograd
         # forbids modifying in place a view that a custom Function returns
-        y0 = rows.new_empty(0).set_(rows.untyped_storage(), rows.storage_offset(), rows.shape, rows.stride())
+        y0 = unviewed(rows)
     return multi_lora_linear(x, NoBase(N, K, x.dtype, x.device, y0, base_weight), None, lora_A, lora_B,
                              scalings, adapter_ids, **kwargs)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _torch_dropout
+from ._autograd import unviewed
 from .lora import shrink, shrink_backward
 
 
@@ -130,15 +131,10 @@ def _backward(dys, x, W, As, Bs, S, call: SiblingCall, need_dx: bool, need_da, n
 
 
 def column_blocks(y: Tensor, widths) -> tuple:
-    """y's column blocks as tensors of their own over y's storage (``set_``), not views of y: autograd forbids
-    modifying in place the views a custom Function returns (or ``split``'s), and a member's output may be modified
-    in place (as a separate layer's may). The blocks are disjoint, and the op saves none of them."""
-    out, off = [], 0
-    for w in widths:
-        out.append(y.new_empty(0).set_(y.untyped_storage(), y.storage_offset() + off, (y.shape[0], w),
-                                       (y.stride(0), 1)))
-        off += w
-    return tuple(out)
+    """y's column blocks as tensors of their own over y's storage (``_autograd.unviewed``), not views of y: autograd
+    forbids modifying in place the views a custom Function returns (or ``split``'s), and a member's output may be
+    modified in place (as a separate layer's may). The blocks are disjoint, and the op saves none of them."""
+    return tuple(unviewed(b) for b in y.split(list(widths), dim=1))
 
 
 class _Siblings(torch.autograd.Function):

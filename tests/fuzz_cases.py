@@ -185,6 +185,22 @@ def group_raw_bad(_examples):
                                                                          seg_starts, ranks, scal, None), "perm")
     expect_error("multi_lora_fwd ranks short", lambda: ops.multi_lora_fwd(y, x, wA, wB, perm, seg_slots, seg_starts,
                                                                           ranks[:2], scal, None), "ranks")
+    # outputs written in place whose elements share memory: expanded rows, or as_strided rows that overlap
+    for n, mk in {"expanded": lambda r, c, dt: torch.zeros(1, c, dtype=dt).expand(r, c),
+                  "overlapping": lambda r, c, dt: torch.zeros(r + c, dtype=dt).as_strided((r, c), (1, 1))}.items():
+        for dt in (torch.float32, torch.bfloat16):
+            xs, As, Bs = x.to(dt), wA.to(dt), wB.to(dt)
+            expect_error(f"multi_lora_fwd y {n} {dt}", lambda mk=mk, dt=dt, xs=xs, As=As, Bs=Bs: ops.multi_lora_fwd(
+                mk(T, N, dt), xs, As, Bs, perm, seg_slots, seg_starts, ranks, scal.double(), None), "y")
+            expect_error(f"multi_lora_bwd dx {n} {dt}", lambda mk=mk, dt=dt, xs=xs, As=As, Bs=Bs: ops.multi_lora_bwd(
+                torch.zeros(T, N, dtype=dt), xs, Sbuf.to(dt), As, Bs, perm, seg_slots, seg_starts, ranks,
+                scal.double(), mk(T, K, dt), True, True, None), "dx")
+            expect_error(f"bgmv_expand y {n} {dt}", lambda mk=mk, dt=dt, Bs=Bs: ops.bgmv_expand(
+                mk(T, N, dt), Sbuf, Bs, perm, pos, ranks, scal), "y")
+            expect_error(f"sgmv_expand y {n} {dt}", lambda mk=mk, dt=dt, Bs=Bs: ops.sgmv_expand(
+                mk(T, N, dt), Sbuf, Bs, perm, seg_slots, seg_starts, ranks, scal, 2), "y")
+            expect_error(f"lora_expand y {n} {dt}", lambda mk=mk, dt=dt: ops.lora_expand(
+                mk(T, N, dt), torch.zeros(T, R), torch.randn(N, R).to(dt), None, 1.0), "y")
     expect_error("bgmv_shrink perm int64", lambda: ops.bgmv_shrink(x, wA, perm.long(), pos, ranks, scal), "perm")
     expect_error("bgmv_shrink pos_slots short", lambda: ops.bgmv_shrink(x, wA, perm, pos[:3], ranks, scal), "pos_slots")
     expect_error("bgmv_shrink w dims", lambda: ops.bgmv_shrink(x, wA[0], perm, pos, ranks, scal), "w")

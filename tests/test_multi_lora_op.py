@@ -475,3 +475,49 @@ def test_dropout_keep_rate_per_slot_and_rows_independent():
     rows = torch.nonzero(ids == 1).reshape(-1)[:50]
     alone = drop.rows_factor(rows, 1, 256, torch.float64)  # a row's mask does not depend on the other rows
     assert torch.equal(alone, mask[rows])
+
+
+@pytest.mark.skipif(not _ext.available(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cpp_op_into_strided_outputs_every_time(dtype):
+    """The C++ op itself (not only the layer, which used to hand it a contiguous copy) adds the update into a
+    row-strided y, and its backward into a row-strided dx, exactly as into contiguous ones, every time: its 16-bit
+    path index_adds each segment from its own thread, and on a strided y that lost updates in about 2 calls of 5.
+    A y or dx with a non-unit column stride is taken too (the 16-bit path) or refused by name (fp32)."""
+    ops = _ext.ops()
+    g = torch.Generator().manual_seed(1)
+    for trial in range(8):
+        T, K, N, S, R = 41, 40, 48, 3, 8
+        x = torch.randn(T, K, generator=g).to(dtype)
+        A, B = (torch.randn(S, R, K, generator=g) / 6).to(dtype), torch.randn(S, N, R, generator=g).to(dtype)
+        ids = torch.randint(-1, S, (T,), generator=g)
+        perm, _, seg_slots, seg_starts, _ = ops.group_by_adapter(ids, S)
+        ranks, scal = torch.tensor([8, 5, 8], dtype=torch.int32), torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+        base = torch.randn(T, N, generator=g).to(dtype)
+        y = base.clone()
+        S_want = ops.multi_lora_fwd(y, x, A, B, perm, seg_slots, seg_starts, ranks, scal, None)
+        wide = torch.zeros(T, N + 32, dtype=dtype)
+        wide[:, 16:16 + N] = base
+        S_got = ops.multi_lora_fwd(wide[:, 16:16 + N], x, A, B, perm, seg_slots, seg_starts, ranks, scal, None)
+        assert torch.equal(S_got, S_want)
+        assert torch.equal(wide[:, 16:16 + N], y), f"trial {trial}: {(wide[:, 16:16 + N] != y).sum()} outputs differ"
+        assert not wide[:, :16].any() and not wide[:, 16 + N:].any(), "wrote outside the block"
+        dy = torch.randn(T, N, generator=g).to(dtype)
+        dx0 = torch.randn(T, K, generator=g).to(dtype)
+        dx = dx0.clone()
+        dA, dB = ops.multi_lora_bwd(dy, x, S_want, A, B, perm, seg_slots, seg_starts, ranks, scal, dx, True, True, None)
+        wdx = torch.zeros(T, K + 24, dtype=dtype)
+        wdx[:, 8:8 + K] = dx0
+        dA2, dB2 = ops.multi_lora_bwd(dy, x, S_want, A, B, perm, seg_slots, seg_starts, ranks, scal, wdx[:, 8:8 + K],
+                                      True, True, None)
+        assert torch.equal(wdx[:, 8:8 + K], dx), f"trial {trial}: {(wdx[:, 8:8 + K] != dx).sum()} dx entries differ"
+        assert torch.equal(dA2, dA) and torch.equal(dB2, dB)
+        assert not wdx[:, :8].any() and not wdx[:, 8 + K:].any(), "wrote outside dx's block"
+        # a y laid out column-major: the 16-bit path takes it, the fp32 micro-kernels refuse it by name
+        yt = base.t().contiguous().t()
+        if dtype == torch.float32:
+            with pytest.raises(ValueError, match="y must have unit column stride"):
+                ops.multi_lora_fwd(yt, x, A, B, perm, seg_slots, seg_starts, ranks, scal, None)
+        else:
+            ops.multi_lora_fwd(yt, x, A, B, perm, seg_slots, seg_starts, ranks, scal, None)
+            assert torch.equal(yt, y)

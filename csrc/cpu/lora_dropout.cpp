@@ -42,6 +42,15 @@ PK_BODY void masked_copy_body(const float* x, float* out, int64_t n, uint64_t ba
 PK_ISA_VARIANTS(masked_copy, (const float* x, float* out, int64_t n, uint64_t base, DropoutKeys keys),
                 (x, out, n, base, keys))
 
+// out[k] = keep[k] != 0 ? x[k] : 0, for a keep mask (1/0 floats) made by masked_copy: the same values as
+// masked_copy(x) gives, without hashing again. out may be x.
+PK_BODY void keep_select_body(const float* keep, const float* x, float* out, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) out[k] = keep[k] != 0.0f ? x[k] : 0.0f;
+}
+
+PK_ISA_VARIANTS(keep_select, (const float* keep, const float* x, float* out, int64_t n), (keep, x, out, n))
+
 DropoutKeys make_keys(int64_t k0, int64_t k1, int64_t k2, int64_t thr) {
   TORCH_CHECK_VALUE(k0 >= 0 && k0 < (int64_t(1) << 32) && k1 >= 0 && k1 < (int64_t(1) << 32) && k2 >= 0 &&
                   k2 < (int64_t(1) << 32) && thr >= 0 && thr < (int64_t(1) << 32),
@@ -146,6 +155,7 @@ at::Tensor lora_dropout_shrink(const at::Tensor& x_, const at::Tensor& A_, int64
 // Backward, one pass over row tiles (threads split the tiles):
 //   dX rows  = keep ⊙ (dS_tile · A)           written in place, masked while in cache
 //   dA      += dS_tileᵀ · (keep ⊙ x_tile)      into a per-thread-range partial
+// When both are asked for, a tile's mask is hashed once (into a 1/0 buffer) and applied to both.
 // The partials are summed in range order afterwards, so for a given thread count the result is
 // deterministic (the same property as the BLAS calls themselves).
 std::tuple<at::Tensor, at::Tensor> lora_dropout_bwd(const at::Tensor& dS_, const at::Tensor& x_, const at::Tensor& A_,
@@ -167,20 +177,33 @@ std::tuple<at::Tensor, at::Tensor> lora_dropout_bwd(const at::Tensor& dS_, const
   const int64_t TM = row_tile(K), ntiles = (M + TM - 1) / TM;
   std::vector<std::pair<int64_t, at::Tensor>> partials;  // (first tile, partial dA)
   std::mutex mu;
+  const bool both = need_da && need_dx;
   at::parallel_for(0, ntiles, 1, [&](int64_t b, int64_t e) {
     at::Tensor buf = need_da ? at::empty({TM, K}, at::kFloat) : at::Tensor();
     at::Tensor part = need_da ? at::zeros({R, K}, at::kFloat) : at::Tensor();
+    std::vector<float> keep(both ? static_cast<size_t>(TM * K) : 0);
     for (int64_t t = b; t < e; ++t) {
-      const int64_t m0 = t * TM, rows = std::min(TM, M - m0);
+      const int64_t m0 = t * TM, rows = std::min(TM, M - m0), n = rows * K;
+      const uint64_t base = static_cast<uint64_t>(m0) * K;
       const at::Tensor dS_t = dS.narrow(0, m0, rows);
+      if (both) {  // the tile's mask once, as 1/0 (masked_copy of ones, in place)
+        std::fill(keep.begin(), keep.begin() + n, 1.0f);
+        masked_copy(keep.data(), keep.data(), n, base, keys);
+      }
       if (need_da) {
-        masked_copy(xp + m0 * K, buf.data_ptr<float>(), rows * K, static_cast<uint64_t>(m0) * K, keys);
+        if (both)
+          keep_select(keep.data(), xp + m0 * K, buf.data_ptr<float>(), n);
+        else
+          masked_copy(xp + m0 * K, buf.data_ptr<float>(), n, base, keys);
         part.addmm_(dS_t.t(), buf.narrow(0, 0, rows));
       }
       if (need_dx) {
         at::Tensor out = dX.narrow(0, m0, rows);  // contiguous rows
         at::mm_out(out, dS_t, A);
-        masked_copy(dxp + m0 * K, dxp + m0 * K, rows * K, static_cast<uint64_t>(m0) * K, keys);
+        if (both)
+          keep_select(keep.data(), dxp + m0 * K, dxp + m0 * K, n);
+        else
+          masked_copy(dxp + m0 * K, dxp + m0 * K, n, base, keys);
       }
     }
     if (need_da) {

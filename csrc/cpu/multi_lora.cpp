@@ -19,6 +19,7 @@
 #define PK_T256 <v8, 2>
 #define PK_T128 <v4, 2>
 #include "peft_kernels/cpu_isa.h"
+#include "peft_kernels/gather_checks.h"
 
 namespace peft_kernels {
 namespace cpu {
@@ -294,6 +295,7 @@ at::Tensor multi_lora_fwd(at::Tensor y, const at::Tensor& x, const at::Tensor& l
                           const c10::optional<at::Tensor>& lora_B_t) {
   check_common(x, lora_A, lora_B, perm, ranks, scalings);
   check_matrix(y, "y", x.size(0), lora_B.size(1));
+  check_disjoint_2d(y, "multi_lora: y");
   const auto segs = read_segments(seg_slots, seg_starts, ranks, scalings, lora_A.size(1), perm.size(0));
   // at::parallel_for's workers do not inherit grad mode: never hand them tensors that require grad
   const auto xd = x.detach();
@@ -340,7 +342,10 @@ at::Tensor multi_lora_fwd(at::Tensor y, const at::Tensor& x, const at::Tensor& l
     });
     return S;
   }
-  // each item gathers its rows, does its two GEMMs and scatters into its (unique) rows of y
+  // each item gathers its rows, does its two GEMMs and scatters into its (unique) rows of y. index_add_ from
+  // several threads into a y that is not contiguous (a column block of a wider output, a transposed y) lost
+  // updates (618 of 2016 outputs in one bf16 CI run): such a y is worked on as a contiguous copy, copied back.
+  auto yw = y.is_contiguous() ? y : y.contiguous();
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t ib, int64_t ie) {
     for (int64_t i = ib; i < ie; ++i) {
       const auto& it = items[i];
@@ -355,9 +360,10 @@ at::Tensor multi_lora_fwd(at::Tensor y, const at::Tensor& x, const at::Tensor& l
       else
         Sg.copy_(at::mm(xg, At));
       auto Zg = at::mm(Sg.mul(segs.scal[it.slot]), B[it.slot].narrow(1, 0, r).t());  // scale the n×r side
-      y.index_add_(0, rows, Zg.scalar_type() == y.scalar_type() ? Zg : Zg.to(y.scalar_type()));
+      yw.index_add_(0, rows, Zg.scalar_type() == yw.scalar_type() ? Zg : Zg.to(yw.scalar_type()));
     }
   });
+  if (!yw.is_same(y)) y.copy_(yw);
   return S;
 }
 
@@ -374,7 +380,10 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_bwd(const at::Tensor& dy, const at
   check_common(x, lora_A, lora_B, perm, ranks, scalings);
   check_matrix(dy, "dy", x.size(0), lora_B.size(1));
   check_matrix(S, "S", perm.size(0), lora_A.size(1));
-  if (dx_opt.has_value() && dx_opt->defined()) check_matrix(*dx_opt, "dx", x.size(0), x.size(1));
+  if (dx_opt.has_value() && dx_opt->defined()) {
+    check_matrix(*dx_opt, "dx", x.size(0), x.size(1));
+    check_disjoint_2d(*dx_opt, "multi_lora: dx");
+  }
   const auto segs = read_segments(seg_slots, seg_starts, ranks, scalings, lora_A.size(1), perm.size(0));
   const auto xd = x.detach();
   const auto dyd = dy.detach();
@@ -436,6 +445,8 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_bwd(const at::Tensor& dy, const at
     });
     return {dA, dB};
   }
+  // as in the forward: index_add_ from several threads only into a contiguous dx
+  auto dxw = (need_dx && !dx.is_contiguous()) ? dx.contiguous() : dx;
   at::parallel_for(0, G, 1, [&](int64_t gb, int64_t ge) {
     for (int64_t g = gb; g < ge; ++g) {
       const int64_t a = segs.slots[g], r = segs.ranks[a], b = segs.starts[g], n = segs.starts[g + 1] - b;
@@ -459,10 +470,11 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_bwd(const at::Tensor& dy, const at
       }
       if (need_dx) {
         auto dXg = at::mm(dS, A[a].narrow(0, 0, r));
-        dx.index_add_(0, rows, dXg.scalar_type() == dx.scalar_type() ? dXg : dXg.to(dx.scalar_type()));
+        dxw.index_add_(0, rows, dXg.scalar_type() == dxw.scalar_type() ? dXg : dXg.to(dxw.scalar_type()));
       }
     }
   });
+  if (need_dx && !dxw.is_same(dx)) dx.copy_(dxw);
   return {dA, dB};
 }
 

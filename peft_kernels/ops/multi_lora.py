@@ -383,16 +383,8 @@ def _torch_forward(x, weight, bias, A, B, m: AdapterMapping, scal, ranks, scal_h
     y = _base_out(x, weight, bias)
     if m.num_active == 0:
         return y, x.new_empty((0, R), dtype=cdt)
-    if ext:
-        if y.is_contiguous() or A.dtype == x.dtype == y.dtype == torch.float32:  # (the fp32 micro-kernels write
-            # through y's row stride)
-            return y, _ext.ops().multi_lora_fwd(y, x, A, B, m._perm, m._seg_slots, m._seg_starts, ranks, scal, None)
-        # the other dtypes' path index_adds each segment from its own thread, which on a row-strided y (a sibling
-        # group's column block) lost updates: it runs on contiguous rows, copied back
-        yc = y.contiguous()
-        S = _ext.ops().multi_lora_fwd(yc, x, A, B, m._perm, m._seg_slots, m._seg_starts, ranks, scal, None)
-        y.copy_(yc)
-        return y, S
+    if ext:  # (y may be row-strided: a sibling group's column block)
+        return y, _ext.ops().multi_lora_fwd(y, x, A, B, m._perm, m._seg_slots, m._seg_starts, ranks, scal, None)
     perm = m._perm.long()
     xs = x.index_select(0, perm)
     if xs.dtype != cdt:
@@ -827,9 +819,11 @@ def multi_lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
             rows = base_out.view(-1, N)
         except RuntimeError:
             rows = None
+    if rows is not None and rows.shape[0] > 1 and N > 1 and rows.stride(0) < N:
+        rows = None  # rows that share memory (an expanded tensor): the update is added in place, row by row
     if base_out is not None and (rows is None or base_out.dtype != x.dtype or base_out.requires_grad):
         raise ValueError(f"base_out must be a {x.dtype} tensor of shape {(*x.shape[:-1], N)} with unit column stride "
-                         f"and rows viewable as [T, N], outside autograd, got {tuple(base_out.shape)} "
+                         f"and rows viewable as [T, N] that do not overlap, outside autograd, got {tuple(base_out.shape)} "
                          f"{base_out.dtype} strides {base_out.stride()}")
     if base_weight is not None and (tuple(base_weight.shape) != (N, K) or base_weight.dtype != x.dtype):
         raise ValueError(f"base_weight must be a {x.dtype} tensor of shape {(N, K)}, got {tuple(base_weight.shape)}")

@@ -45,6 +45,24 @@ inline int64_t check_shrink(const at::Tensor& x, const at::Tensor& w) {
   return w.size(1);
 }
 
+// A 2-D tensor an op writes in place must have no two elements at one address (an expand()ed or
+// as_strided tensor): threads writing different rows would race on one memory location, and torch's own
+// in-place ops refuse such a tensor. The test: positive strides, and the outer dim steps over the whole
+// inner one.
+inline void check_disjoint_2d(const at::Tensor& t, const char* name) {
+  const int64_t n0 = t.size(0), n1 = t.size(1), s0 = t.stride(0), s1 = t.stride(1);
+  bool ok = true;
+  if (n0 > 1 && n1 > 1)
+    ok = s1 <= s0 ? (s1 >= 1 && s0 >= n1 * s1) : (s0 >= 1 && s1 >= n0 * s0);
+  else if (n0 > 1)
+    ok = s0 >= 1;
+  else if (n1 > 1)
+    ok = s1 >= 1;
+  TORCH_CHECK_VALUE(ok, name, " is written in place, so no two of its elements may share memory (an expanded or "
+                    "as_strided tensor); got sizes ", t.sizes(), " and strides ", t.strides(), ": pass a tensor of its "
+                    "own (e.g. .clone())");
+}
+
 // expand: y [T, ND] (updated in place), S fp32 [T_active, R], w [S, ND, R] (any strides).
 inline void check_expand(const at::Tensor& y, const at::Tensor& S, const at::Tensor& w) {
   TORCH_CHECK_TYPE(is_kernel_float(y), "y must be float32, float16 or bfloat16, got ", y.scalar_type());
@@ -52,6 +70,7 @@ inline void check_expand(const at::Tensor& y, const at::Tensor& S, const at::Ten
                    y.scalar_type());
   TORCH_CHECK_TYPE(S.scalar_type() == at::kFloat, "S must be float32, got ", S.scalar_type());
   TORCH_CHECK_VALUE(y.dim() == 2, "y must be 2-D [tokens, out_features], got ", y.dim(), " dims");
+  check_disjoint_2d(y, "y");
   TORCH_CHECK_VALUE(S.dim() == 2 && S.is_contiguous(), "S must be a contiguous 2-D [tokens, rank] tensor");
   TORCH_CHECK_VALUE(w.dim() == 3 && w.size(1) == y.size(1) && w.size(2) == S.size(1), "w must be [slots, ",
                     y.size(1), ", ", S.size(1), "], got ", w.sizes());

@@ -1,6 +1,8 @@
 """Shared test helpers: backend/dtype parametrization and verbose, reference-relative allclose."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -8,6 +10,14 @@ from peft_kernels import dispatch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+
+def real_jit_env(**extra) -> dict:
+    """The environment for a child process that compiles Triton kernels for real (AOT, the gpu-check orchestrator,
+    an installed copy): ``os.environ`` plus ``extra``, without the suite's ``TRITON_INTERPRET=1``."""
+    env = dict(os.environ, **extra)
+    env.pop("TRITON_INTERPRET", None)
+    return env
 
 
 def backend_params(device="cpu", supported=dispatch.DEFAULT_SUPPORTED):

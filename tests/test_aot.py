@@ -1,24 +1,18 @@
 """Every shipped Triton config compiles for sm_80 and sm_90 with 0 spills and shared memory
 within the limit, using the JIT's own signature/divisibility hints (no GPU needed)."""
-import os
 import re
 import subprocess
 import sys
 
+import background
 import pytest
+from helpers import real_jit_env
 
 pytest.importorskip("triton")
 
 
-def _env():
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # AOT needs real (non-interpreted) JIT kernels
-    return env
-
-
 def test_shipped_configs_compile_without_spills():
-    out = subprocess.run([sys.executable, "-m", "peft_kernels.kernels.aot"], env=_env(),
-                         capture_output=True, text=True, timeout=1800)
+    out, _ = background.run("aot", timeout=1800)  # started at collection (tests/background.py)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-5000:]
     rows = [line for line in log.splitlines() if line.startswith("sm_")]
@@ -67,7 +61,7 @@ print("SPILLS", r.spills, "SMEM", r.shared_bytes)
 
 def test_checker_detects_spills():
     """The spill parser is not a check that cannot fail: an oversized tile must show spills."""
-    out = subprocess.run([sys.executable, "-c", SPILLY], env=_env(), capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", SPILLY], env=real_jit_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     m = re.search(r"SPILLS (\d+) SMEM (\d+)", out.stdout)
     assert m and int(m.group(1)) > 0, out.stdout
@@ -122,7 +116,7 @@ def test_checker_detects_32bit_address_arithmetic(tmp_path):
     in int32 (also through a loop) and passes the int64 and pointer-step forms the kernels use."""
     script = tmp_path / "offsets.py"  # a file: triton.jit reads the kernels' source
     script.write_text(OFFSETS)
-    out = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, str(script)], env=real_jit_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     got = dict(line.split() for line in out.stdout.strip().splitlines())
     assert int(got["i32_rows"]) >= 1 and int(got["i32_partials"]) >= 1, got

@@ -20,6 +20,8 @@ from peft_kernels.bench.gpu_resources import occupancy
 from peft_kernels.bench.shapes import PRESETS, parse_shapes, projections
 from peft_kernels.reference import adapter_linear_ref, lora_linear_ref
 
+from helpers import real_jit_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -236,12 +238,6 @@ def test_occupancy_matches_the_cuda_occupancy_calculator():
         occupancy(70, 32, 128, 0)
 
 
-def _env():
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # AOT needs real (non-interpreted) JIT kernels
-    return env
-
-
 def test_gpu_resources_report(tmp_path):
     """--gpu-resources --quick: the first config of each multi-adapter Triton kernel and every CUDA C++ kernel
     (CMake ptxas log + launch bounds from the PTX) for sm_80 and sm_90, with occupancy."""
@@ -253,7 +249,7 @@ def test_gpu_resources_report(tmp_path):
             pytest.fail(f"PEFT_KERNELS_REQUIRE_CUDA_TOOLKIT=1 but {why}")
         pytest.skip(why)
     p = subprocess.run([sys.executable, "-m", "peft_kernels.bench", "--gpu-resources", "--quick", "--op", "multi_lora",
-                        "--out", str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+                        "--out", str(tmp_path)], env=real_jit_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     with open(tmp_path / "gpu_resources.csv") as f:
         rows = list(csv.DictReader(f))

@@ -9,14 +9,15 @@ import sys
 import pytest
 import torch
 
+from helpers import real_jit_env
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _run(args, tmp_path, name):
     out = str(tmp_path / f"{name}.pt")
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
-               PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
-    env.pop("TRITON_INTERPRET", None)
+    env = real_jit_env(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
+                       PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([*args, os.path.join(HERE, "dist_worker.py"), name, out], capture_output=True, text=True,
                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

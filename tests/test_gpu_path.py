@@ -20,15 +20,9 @@ import torch.nn as nn
 import peft_kernels as pk
 from peft_kernels.reference import lora_linear_ref, multi_lora_linear_ref
 
-from helpers import HostSyncSpy, assert_close, backend_params, record_triton_launches
+from helpers import HostSyncSpy, assert_close, backend_params, real_jit_env, record_triton_launches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _no_interpreter_env():
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    return env
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,7 +437,7 @@ def test_dropout_seed_never_changes_the_compiled_variant():
     """Triton specializes integer arguments (== 1, divisible by 16): a host-int seed compiled a second
     variant whenever the draw was divisible by 16. The JIT's own binder sees the same specialization for a
     draw divisible by 16 and one that is not (the seed is a tensor the kernels load)."""
-    out = subprocess.run([sys.executable, "-c", SPECIALIZATION_SCRIPT], env=_no_interpreter_env(),
+    out = subprocess.run([sys.executable, "-c", SPECIALIZATION_SCRIPT], env=real_jit_env(),
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[0] == "SAME" and int(out.stdout.split()[1]) == 5, out.stdout

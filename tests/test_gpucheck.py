@@ -10,19 +10,24 @@ import torch
 
 from peft_kernels.gpucheck import cases
 
+from helpers import real_jit_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, timeout=1500):
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # the orchestrator sets it for its workers
-    return subprocess.run([sys.executable, "-m", "peft_kernels.gpucheck", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "peft_kernels.gpucheck", *args], cwd=ROOT, env=real_jit_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_dry_run_end_to_end(tmp_path):
+def test_dry_run_end_to_end():
     """Every group and the speed table run on the CPU; gpucheck.json and gpucheck.md are written; exit 0."""
-    out = _run("--dry-run", "--out", str(tmp_path))
+    import pathlib
+
+    import background
+
+    out, folder = background.run("gpucheck-dry", timeout=1500)  # started at collection (tests/background.py)
+    tmp_path = pathlib.Path(folder)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
     rep = json.loads((tmp_path / "gpucheck.json").read_text())

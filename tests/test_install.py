@@ -5,6 +5,8 @@ import subprocess
 import sys
 import tarfile
 
+from helpers import real_jit_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHECK = r"""
@@ -47,8 +49,7 @@ def test_installs_and_runs_without_a_compiler(tmp_path):
                           "--target", str(target), str(src)], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert not list((target / "peft_kernels").glob("_C*.so"))
-    env = dict(os.environ, PYTHONPATH=str(target))
-    env.pop("TRITON_INTERPRET", None)
-    run = subprocess.run([sys.executable, "-c", CHECK, str(target)], capture_output=True, text=True, env=env,
+    run = subprocess.run([sys.executable, "-c", CHECK, str(target)], capture_output=True, text=True,
+                         env=real_jit_env(PYTHONPATH=str(target)),
                          timeout=300, cwd=str(tmp_path))
     assert run.returncode == 0 and "OK" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]

@@ -22,7 +22,7 @@ from peft_kernels.gpucheck.cases import dequantize_operand
 from peft_kernels.ops import qlora as Q
 from peft_kernels.ops.lora import dropout_mask
 
-from helpers import assert_close
+from helpers import assert_close, real_jit_env
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a test dependency (make test installs it)")
 BF = pytest.importorskip("bitsandbytes.functional")
@@ -646,13 +646,10 @@ def test_aot_matrix_covers_the_launches_of_real_quantized_layers():
     """The AOT 0-spill matrix (``aot.qlora_launch_matrix``) holds every quantized GEMM variant that real bitsandbytes
     layers (NF4 and FP4 with double quantization, Linear8bitLt) launch at Llama's q_proj shape, in each M bucket,
     dtype and adapter dtype, with and without dropout: the JIT's own binder gives the same keys."""
-    import os
     import subprocess
     import sys
 
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run([sys.executable, "-c", COVERAGE_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run([sys.executable, "-c", COVERAGE_SCRIPT], env=real_jit_env(), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("CHECKED")][0].split()
     assert int(line[1]) >= 3 * 3 * 3 * 2 * 2 and line[3] == "0", out.stdout

@@ -492,6 +492,8 @@ def test_multi_lora_delta_arguments():
         multi_lora_delta(x, A, B, [0.5, 2.0], ids, torch.zeros(7, 9, dtype=torch.float64))
     with pytest.raises(ValueError, match="base_out"):
         multi_lora_delta(x, A, B, [0.5, 2.0], ids, torch.zeros(10, 7, dtype=torch.float64).t())
+    with pytest.raises(ValueError, match="base_out.*overlap"):  # rows sharing memory: the update would race
+        multi_lora_delta(x, A, B, [0.5, 2.0], ids, torch.zeros(1, 10, dtype=torch.float64).expand(7, 10))
     with pytest.raises(ValueError, match="base_weight"):
         multi_lora_delta(x, A, B, [0.5, 2.0], ids, None, W[:, :5])
     with pytest.raises(ValueError, match="lora_A must have shape"):

@@ -2,7 +2,6 @@
 Under the interpreter (``tma_override(True)``; it runs host-side tensor descriptors) the LoRA op through them
 matches the fp64 reference, forward and every gradient; the eligibility rules; and the sm_90 compile uses TMA
 loads and wgmma without spills (the AOT test covers every shipped variant)."""
-import os
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import peft_kernels as pk
 from peft_kernels import dispatch
 from peft_kernels.reference import dora_linear_ref
 
-from helpers import assert_close, count_launches
+from helpers import assert_close, count_launches, real_jit_env
 from test_lora_op import make_inputs, run_and_compare
 
 pytestmark = pytest.mark.skipif(dispatch.unavailable_reason("triton", torch.device("cpu")) is not None,
@@ -184,9 +183,7 @@ for c in tma:
 def test_sm90_compile_uses_tma_and_wgmma():
     """The recorded q_proj launches compile for sm_90 to TMA bulk-tensor loads feeding async wgmma (no cp.async
     copies of x or W), without spills or 32-bit address arithmetic; the AOT checker never compiles them for sm_80."""
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", COMPILE], env=real_jit_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert "TMA ['_fwd_gemm_tma_kernel', '_bwd_dx_tma_kernel'] SM80 [False, False, False]" in lines, out.stdout

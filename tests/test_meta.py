@@ -138,7 +138,7 @@ def _second_order(op, *args):
 
 
 @pytest.mark.parametrize("case", ["lora-triton", "multi-triton", "dora-triton", "ia3-triton", "bottleneck",
-                                  "adapter-linear"])
+                                  "adapter-linear", "moe-torch", "moe-triton", "linear-ce", "linear-ce-none"])
 def test_first_order_backends_raise_when_their_gradients_are_differentiated(case):
     """Backends without double backward raise a clear error under create_graph=True, even when dY needs no
     grad (never a silent first-order answer); with create_graph=False they are untouched."""
@@ -164,6 +164,18 @@ def test_first_order_backends_raise_when_their_gradients_are_differentiated(case
     elif case == "bottleneck":
         d, u = torch.randn(3, 8, requires_grad=True), torch.randn(8, 3, requires_grad=True)
         op, args = (lambda h, d, u: pk.bottleneck_adapter(h, d, None, u, None, 0.5)), (x, d, u)
+    elif case.startswith("moe"):  # two experts' rows of x (the saved S would make a silent first-order answer)
+        We, Ae, Be = torch.randn(2, 6, 8), torch.randn(2, 2, 8, requires_grad=True), torch.randn(2, 6, 2,
+                                                                                                  requires_grad=True)
+        from peft_kernels.ops.moe import grouped_lora_linear
+
+        op = lambda x, A, B: grouped_lora_linear(x, [0, 3, 4], We, A, B, 0.5, backend=case[4:])  # noqa: E731
+        args = (x, Ae, Be)
+    elif case.startswith("linear-ce"):  # (its gradients are computed in forward: they were silently constants)
+        labels = torch.tensor([1, 5, -100, 0])
+        op = lambda h, A, B: pk.linear_cross_entropy(  # noqa: E731
+            h, W, labels, lora_A=A, lora_B=B, scaling=0.5, reduction="none" if case.endswith("none") else "mean")
+        args = (x, A, B)
     else:
         d, u = torch.randn(3, 6, requires_grad=True), torch.randn(6, 3, requires_grad=True)
         op, args = (lambda x, d, u: pk.adapter_linear(x, W, None, d, None, u, None, 0.5)), (x, d, u)

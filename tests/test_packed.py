@@ -31,8 +31,9 @@ def _slices_ref(x, W, b, layer):
     return torch.cat(outs, -1)
 
 
+@pytest.mark.parametrize("unfrozen", [False, True], ids=["frozen", "unfrozen-base"])
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_layer_against_the_slices(kind):
+def test_layer_against_the_slices(kind, unfrozen):
     torch.manual_seed(0)
     if kind == "linear":
         base = nn.Linear(24, 40).double()
@@ -43,12 +44,15 @@ def test_layer_against_the_slices(kind):
         nn.init.normal_(base.weight)
     layer = PackedLoRALinear(base, {"q": 24, "k": 8, "v": 8}, r={"q": 4, "k": 1, "v": 80}, lora_alpha=8,
                              init_lora_weights=False)
-    W = layer.base_weight().detach()
+    layer.weight.requires_grad_(unfrozen)  # an unfrozen base gets its gradients too
+    layer.bias.requires_grad_(unfrozen)
+    W = layer.base_weight()
     x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
     y = layer(x)
     ref = _slices_ref(x, W, layer.bias, layer)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-    ps = [x] + list(layer.lora_A.values()) + list(layer.lora_B.values())
+    ps = [x] + list(layer.lora_A.values()) + list(layer.lora_B.values()) + ([layer.weight, layer.bias] if unfrozen
+                                                                           else [])
     g = torch.randn_like(y)
     for a, b in zip(torch.autograd.grad(y, ps, g), torch.autograd.grad(ref, ps, g)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

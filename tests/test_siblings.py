@@ -142,6 +142,62 @@ def test_gradcheck_fp64_with_dropout():
     assert torch.autograd.gradcheck(f, (x, *ab))
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["stacked", "split"])
+def test_second_order_and_an_unfrozen_base_fp64(split):
+    """gradcheck and gradgradcheck through every input, the base weight and bias included (an unfrozen base), without
+    and with dropout (one member without: a stack of one): the gradients of the op's gradients are exact (under
+    create_graph the saved S must not be a constant). Split: one member's output unused (its dY is None)."""
+    ms = _members(torch.float64, K=6, widths=(5, 3, 2), ranks=(2, 3, 1))
+    W, b = (_leaf(t) for t in _stack(ms))
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    ab = [_leaf(m["A"]) for m in ms] + [_leaf(m["B"]) for m in ms]
+    for ps in ([0.0, 0.0, 0.0], [0.3, 0.0, 0.4]):
+        def f(xx, WW, bb, *t):
+            torch.manual_seed(4)
+            out = pk.lora_siblings(xx, WW, bb, list(t[:3]), list(t[3:]), [0.5, 1.5, 2.0], ps, training=True,
+                                   split=split)
+            return torch.cat([out[0], out[2]], -1) if split else out
+        assert torch.autograd.gradcheck(f, (x, W, b, *ab)), ps
+        assert torch.autograd.gradgradcheck(f, (x, W, b, *ab)), ps
+
+
+def test_a_member_with_an_unfrozen_base_runs_alone_and_trains_it(monkeypatch):
+    """A member whose base weight or bias requires grad gets its gradient (the packed buffer carries none): the group
+    runs its members alone while that holds, with the unfused layers' gradients, and fuses again once refrozen."""
+    import peft_kernels.nn.siblings as nsib
+
+    calls = []
+    monkeypatch.setattr(nsib, "lora_siblings", lambda *a, **k: calls.append(1) or pk.lora_siblings(*a, **k))
+
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 6), nn.Linear(8, 4), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    torch.manual_seed(0)
+    base = QKV()
+    fused, plain = copy.deepcopy(base), copy.deepcopy(base)
+    for m, fuse in ((fused, True), (plain, False)):
+        torch.manual_seed(1)
+        pk.inject_lora(m, ["q_proj", "k_proj", "v_proj"], r=2, init_lora_weights=False, fuse_siblings=fuse)
+        m.q_proj.weight.requires_grad_(True)
+        m.k_proj.bias.requires_grad_(True)
+    x = torch.randn(3, 8)
+    for m in (fused, plain):
+        sum((o * o).sum() for o in m(x)).backward()
+    assert not calls
+    for name in ("q_proj.weight", "k_proj.bias", "v_proj.lora_A", "q_proj.lora_B"):
+        g, ref = fused.get_parameter(name).grad, plain.get_parameter(name).grad
+        assert g is not None and torch.equal(g, ref), name
+    fused.q_proj.weight.requires_grad_(False)
+    fused.k_proj.bias.requires_grad_(False)
+    fused(x)
+    assert calls and fused.q_proj._siblings.enabled
+
+
 def test_op_errors():
     ms = _members(torch.float32)
     W, b = _stack(ms)

@@ -11,8 +11,9 @@ off for good and every member runs alone. A member whose weight was re-bound (``
 ``p.data = …``, a deep copy) is packed again at the next call.
 
 Not fused (each member runs alone): under ``torch.compile`` (the hand-off between calls is Python state), inside
-``disable_adapters``, when a member is merged, and for DoRA / ``lora_bias`` / Conv1D / quantized members (refused
-when the group is built).
+``disable_adapters``, when a member is merged, while a member's base weight or bias requires grad (unfrozen: the
+packed buffer carries no gradient), and for DoRA / ``lora_bias`` / Conv1D / quantized members (refused when the group
+is built).
 
 Multi-adapter groups (``MultiLoRALinear`` members, ``inject_multi_lora(fuse_siblings=...)``): the stacked frozen
 GEMM runs once for the group (x read once, one launch instead of one per member), then each member adds its own
@@ -179,6 +180,8 @@ class SiblingGroup:
         ms = self.members
         if any(adapters_disabled(m) or getattr(m, "merged", False) for m in ms):
             return None
+        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for m in ms for p in (m.weight, m.bias)):
+            return None  # an unfrozen base trains through its own Parameter, which the packed buffer is not
         if not self.packed():
             with self._lock:
                 if not self.packed():

@@ -21,14 +21,18 @@ def second_order_message(op: str, backend: str, supported: bool = False) -> str:
             f"the {backend!r} backend: {how}")
 
 
-def first_order_only(op: str, supported_on_torch: bool = False):
+def first_order_only(op: str, supported_on_torch: bool = False, backend: str = "triton"):
     """Decorator for an autograd.Function ``backward(ctx, *grad_outputs)``: raises a RuntimeError naming ``op``
-    and the backend (``ctx.call.backend``, else "triton") under ``create_graph=True``; otherwise runs it."""
+    and the backend (``ctx.call.backend``, else ``ctx.backend``, else ``backend``) under ``create_graph=True``;
+    otherwise runs it."""
+    default = backend
+
     def deco(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grad_outputs):
             if torch.is_grad_enabled() and any(ctx.needs_input_grad):
-                backend = getattr(getattr(ctx, "call", None), "backend", None) or "triton"
+                backend = (getattr(getattr(ctx, "call", None), "backend", None) or getattr(ctx, "backend", None)
+                           or default)
                 raise RuntimeError(second_order_message(op, backend, supported_on_torch))
             return backward(ctx, *grad_outputs)
         return wrapper

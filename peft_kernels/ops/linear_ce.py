@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _torch_dropout
+from ._autograd import first_order_only
 
 REDUCTIONS = ("mean", "sum", "none")
 DEFAULT_CHUNK_BYTES = 256 << 20  # one C × V fp32 block
@@ -178,6 +179,7 @@ class _LinearCE(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_only("linear_cross_entropy", backend="torch")  # (the gradients are computed in forward)
     def backward(ctx, go):
         if ctx.reduction != "none":
             dh, dW, db, dA, dB = [g * go.to(g.dtype) if ok else None for g, ok in zip(ctx.saved_tensors, ctx.present)]

@@ -116,6 +116,12 @@ def base_addmm_(out, a, weight, *, transpose: bool):
     return quant.base_mm(out, a, weight, transpose=transpose)
 
 
+def scaled_mm(a, b, alpha: float, out=None):
+    """``alpha · a·b`` as one GEMM (``addmm`` with beta 0: the scale applied in the accumulator, no pass of its own;
+    the unfilled 0-dim C is never read), into ``out`` when given (e.g. a column block of a wider matrix)."""
+    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=alpha, out=out)
+
+
 def shrink(x, A, p: float, seed):
     """``S = drop(x)·Aᵀ`` (2-D x), in A's dtype, the inverted-dropout scale folded in (M×r: it costs nothing
     here). With p > 0 the mask is the torch backend's for ``seed``: made, applied and consumed in one pass by the
@@ -156,8 +162,8 @@ def _torch_forward(x, weight, bias, A, B, scaling: float, p: float, seed):
     # addmm-style fusion: the small LoRA expand (plus bias) is the GEMM's C, the base GEMM adds into it
     if bias is not None:
         y = torch.addmm(bias.to(cdt), S, B.t(), alpha=scaling)
-    else:  # scale the M×r S, never the M×N product
-        y = torch.mm(S * scaling, B.t())
+    else:
+        y = scaled_mm(S, B.t(), scaling)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     base_addmm_(y, x, weight, transpose=True)
@@ -168,10 +174,9 @@ def _torch_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed,
                     need_dx: bool, need_da: bool, need_db: bool):
     cdt = A.dtype
     dyc = dy.to(cdt) if dy.dtype != cdt else dy
-    dS = torch.mm(dyc, B).mul_(scaling)  # M×r
-    dB = torch.mm(dyc.t(), S.to(cdt)).mul_(scaling) if need_db else None
-    if p > 0:
-        dS.mul_(_torch_dropout.keep_scale(p))  # both dX and dA carry the inverted-dropout scale
+    # both dX and dA carry the inverted-dropout scale
+    dS = scaled_mm(dyc, B, scaling * (_torch_dropout.keep_scale(p) if p > 0 else 1.0))  # M×r
+    dB = scaled_mm(dyc.t(), S.to(cdt), scaling) if need_db else None
     dx, dA = shrink_backward(dS, x, A, p, seed, need_dx, need_da)
     if dx is not None:
         if dx.dtype != x.dtype:

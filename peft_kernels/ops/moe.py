@@ -29,6 +29,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ._autograd import first_order_only
+
 
 def _segments(starts):
     """(expert, first row, end row) of every expert that has rows."""
@@ -75,6 +77,7 @@ class _GroupedLoRA(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only("grouped_lora_linear")  # (the saved S and the in-place dA/dB: first-order only)
     def backward(ctx, dy):
         x, W, A, B, S = ctx.saved_tensors
         s, starts = ctx.scaling, ctx.starts

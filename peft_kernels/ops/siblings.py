@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import _torch_dropout
 from ._autograd import unviewed
-from .lora import shrink, shrink_backward
+from .lora import scaled_mm, shrink, shrink_backward
 
 
 class SiblingCall(NamedTuple):
@@ -30,38 +30,43 @@ class SiblingCall(NamedTuple):
     seeds: tuple  # int64 [1] tensors, or None where p = 0
 
 
-def _shrinks(x, As, call: SiblingCall) -> List[Tensor]:
-    """S_i = drop_i(x)·A_iᵀ · keep_scale_i, each in A_i's dtype."""
+def _shrinks(x, As, call: SiblingCall):
+    """(S, stacked): S_i = drop_i(x)·A_iᵀ · keep_scale_i, each in A_i's dtype; ``stacked`` is (the members of the one
+    stacked shrink, their A's concatenated) when it stacked more than one, else None (backward reuses the concat)."""
     S: List[Optional[Tensor]] = [None] * len(As)
+    stacked = None
     plain = [i for i, p in enumerate(call.ps) if p == 0]
     if plain:
         cdt = As[plain[0]].dtype
         same = [i for i in plain if As[i].dtype == cdt]
         cat = torch.cat([As[i] for i in same]) if len(same) > 1 else As[same[0]]
+        if len(same) > 1:
+            stacked = (tuple(same), cat)
         for i, s in zip(same, torch.mm(x.to(cdt), cat.t()).split([As[i].shape[0] for i in same], dim=1)):
             S[i] = s
     for i, p in enumerate(call.ps):  # members with dropout (each its own mask) or another adapter dtype
         if S[i] is None:
             S[i] = shrink(x, As[i], p, call.seeds[i])
-    return S
+    return S, stacked
 
 
 def _forward(x, W, b, As, Bs, call: SiblingCall):
     y = torch.addmm(b, x, W.t()) if b is not None else torch.mm(x, W.t())
-    S = _shrinks(x, As, call)
+    S, stacked = _shrinks(x, As, call)
     off = 0
     for i, n in enumerate(call.widths):
         ys = y[:, off:off + n]
         if Bs[i].dtype == y.dtype:
             ys.addmm_(S[i], Bs[i].t(), alpha=call.scalings[i])
         else:  # fp32 adapters on a half base: the branch in fp32, added once rounded
-            ys += (torch.mm(S[i], Bs[i].t()) * call.scalings[i]).to(y.dtype)
+            ys += scaled_mm(S[i], Bs[i].t(), call.scalings[i]).to(y.dtype)
         off += n
-    return y, S
+    return y, S, stacked
 
 
-def _backward(dys, x, W, As, Bs, S, call: SiblingCall, need_dx: bool, need_da, need_db):
-    """``dys``: each member's dY (None where its output got no gradient), or the stacked dY [T, Σ out].
+def _backward(dys, x, W, As, Bs, S, call: SiblingCall, need_dx: bool, need_da, need_db, stacked=None):
+    """``dys``: each member's dY (None where its output got no gradient), or the stacked dY [T, Σ out]; ``stacked``:
+    the forward's (members, concatenated A's), reused when the same members stack here.
 
     dx is built without a pass of its own: the first masked ``dS_i·A_i`` (a member with dropout) is its buffer, as in
     a separate layer, and the stacked ``dS·A`` of the members without dropout and the base's ``dY_i·W_i`` are GEMMs
@@ -74,22 +79,25 @@ def _backward(dys, x, W, As, Bs, S, call: SiblingCall, need_dx: bool, need_da, n
     dA: List[Optional[Tensor]] = [None] * n
     dB: List[Optional[Tensor]] = [None] * n
     dS: List[Optional[Tensor]] = [None] * n
+    has_ds = [dys[i] is not None and (need_dx or need_da[i]) for i in range(n)]
+    plain = [i for i in range(n) if call.ps[i] == 0 and has_ds[i]]
+    same = [i for i in plain if As[i].dtype == As[plain[0]].dtype] if plain else []
+    # the members without dropout write their dS straight into the columns of the stacked dS (no cat)
+    dS_cat, cols = None, {}
+    if len(same) > 1:
+        dS_cat = x.new_empty((x.shape[0], sum(As[i].shape[0] for i in same)), dtype=As[same[0]].dtype)
+        cols = dict(zip(same, dS_cat.split([As[i].shape[0] for i in same], dim=1)))
     for i in range(n):
         if dys[i] is None:
             continue
         cdt = As[i].dtype
         dyc = dys[i].to(cdt) if dys[i].dtype != cdt else dys[i]
         if need_db[i]:
-            dB[i] = torch.mm(dyc.t(), S[i].to(cdt)).mul_(call.scalings[i])
-        if need_dx or need_da[i]:
-            dS[i] = torch.mm(dyc, Bs[i]).mul_(call.scalings[i] * (_torch_dropout.keep_scale(call.ps[i])
-                                                                   if call.ps[i] else 1.0))
+            dB[i] = scaled_mm(dyc.t(), S[i].to(cdt), call.scalings[i])
+        if has_ds[i]:
+            alpha = call.scalings[i] * (_torch_dropout.keep_scale(call.ps[i]) if call.ps[i] else 1.0)
+            dS[i] = scaled_mm(dyc, Bs[i], alpha, out=cols.get(i))
     dx: Optional[Tensor] = None
-    plain = [i for i in range(n) if call.ps[i] == 0 and dS[i] is not None]
-    same: List[int] = []
-    if plain:
-        cdt = As[plain[0]].dtype
-        same = [i for i in plain if As[i].dtype == cdt]
     # members with dropout (each its own mask) or another adapter dtype: masked dS_i·A_i, the first one dx's buffer
     for i in [i for i in plain if i not in same] + [i for i in range(n) if call.ps[i] > 0 and dS[i] is not None]:
         ddx, dA[i] = shrink_backward(dS[i], x, As[i], call.ps[i], call.seeds[i], need_dx, need_da[i])
@@ -97,8 +105,12 @@ def _backward(dys, x, W, As, Bs, S, call: SiblingCall, need_dx: bool, need_da, n
             ddx = ddx.to(x.dtype) if ddx.dtype != x.dtype else ddx
             dx = ddx if dx is None else dx.add_(ddx)
     if same:  # the members without dropout: one stacked dS·A, a GEMM into dx
-        dS_cat = torch.cat([dS[i] for i in same], dim=1) if len(same) > 1 else dS[same[0]]
-        A_cat = torch.cat([As[i] for i in same]) if len(same) > 1 else As[same[0]]
+        if dS_cat is None:
+            dS_cat = torch.cat([dS[i] for i in same], dim=1) if len(same) > 1 else dS[same[0]]
+        if stacked is not None and stacked[0] == tuple(same):
+            A_cat = stacked[1]
+        else:
+            A_cat = torch.cat([As[i] for i in same]) if len(same) > 1 else As[same[0]]
         if need_dx:
             if dx is None:
                 dx = torch.mm(dS_cat, A_cat)
@@ -142,23 +154,76 @@ class _Siblings(torch.autograd.Function):
     def forward(ctx, x, W, b, call, split, *ab):
         n = len(call.widths)
         As, Bs = ab[:n], ab[n:]
-        y, S = _forward(x, W, b, As, Bs, call)
-        ctx.save_for_backward(x, W, *As, *Bs, *S)
-        ctx.call, ctx.split = call, split
+        y, S, stacked = _forward(x, W, b, As, Bs, call)
+        ctx.save_for_backward(x, W, *As, *Bs, *S)  # (the A's themselves too: their version is checked)
+        ctx.stacked = stacked
+        ctx.call, ctx.split, ctx.has_bias = call, split, b is not None
         if split:  # each member's output a column block: backward gets each one's dY, never concatenated
             return column_blocks(y, call.widths)
         return y
 
     @staticmethod
     def backward(ctx, *dys):
+        if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
+            return _differentiable_backward(ctx, dys)
         call = ctx.call
         n = len(call.widths)
         saved = ctx.saved_tensors
         x, W, As, Bs, S = saved[0], saved[1], saved[2:2 + n], saved[2 + n:2 + 2 * n], saved[2 + 2 * n:]
         need = ctx.needs_input_grad
         dy = [None if d is None else d.contiguous() for d in dys] if ctx.split else dys[0].contiguous()
-        dx, dA, dB = _backward(dy, x, W, As, Bs, S, call, need[0], need[5:5 + n], need[5 + n:5 + 2 * n])
-        return (dx, None, None, None, None, *dA, *dB)
+        dx, dA, dB = _backward(dy, x, W, As, Bs, S, call, need[0], need[5:5 + n], need[5 + n:5 + 2 * n],
+                               ctx.stacked)
+        dW = db = None
+        if need[1] or (need[2] and ctx.has_bias):  # an unfrozen base (correct, not fused)
+            dy_full = torch.cat([d if d is not None else x.new_zeros(x.shape[0], w) for d, w in zip(dy, call.widths)],
+                                dim=1) if ctx.split else dy
+            dW = torch.mm(dy_full.t(), x) if need[1] else None
+            db = dy_full.sum(0) if need[2] and ctx.has_bias else None
+        return (dx, dW, db, None, None, *dA, *dB)
+
+
+def _differentiable_backward(ctx, dys):
+    """The backward as differentiable torch ops (``create_graph=True``): per member, LoRA's math with S recomputed from
+    x and A (the saved S is a constant to autograd) and each mask regenerated from its seed, so the gradients of these
+    gradients are exact (second-order MAML, gradient penalties)."""
+    call = ctx.call
+    n = len(call.widths)
+    saved = ctx.saved_tensors
+    x, W, As, Bs = saved[0], saved[1], saved[2:2 + n], saved[2 + n:2 + 2 * n]
+    need = ctx.needs_input_grad
+    dys = list(dys) if ctx.split else list(dys[0].split(list(call.widths), dim=1))
+    dys = [d if d is not None else x.new_zeros(x.shape[0], w) for d, w in zip(dys, call.widths)]
+    dx = dW = db = None
+    dA: List[Optional[Tensor]] = [None] * n
+    dB: List[Optional[Tensor]] = [None] * n
+    off = 0
+    for i, (w, dy) in enumerate(zip(call.widths, dys)):
+        A, B, s, p = As[i], Bs[i], call.scalings[i], call.ps[i]
+        cdt = A.dtype
+        xd = x
+        if p > 0:
+            keep = _torch_dropout.keep_mask(call.seeds[i], x.shape, p, x.device)
+            xd = torch.where(keep, x, 0.0) * _torch_dropout.keep_scale(p)
+        xd = xd.to(cdt)
+        dyc = dy.to(cdt)
+        dS = (dyc @ B) * s
+        if need[0]:
+            dxl = dS @ A
+            if p > 0:
+                dxl = torch.where(keep, dxl, 0.0) * _torch_dropout.keep_scale(p)
+            term = dy @ W[off:off + w] + dxl.to(x.dtype)
+            dx = term if dx is None else dx + term
+        if need[5 + i]:
+            dA[i] = dS.t() @ xd
+        if need[5 + n + i]:
+            dB[i] = (dyc.t() @ (xd @ A.t())) * s
+        off += w
+    if need[1]:
+        dW = torch.cat(dys, dim=1).t() @ x
+    if need[2] and ctx.has_bias:
+        db = torch.cat(dys, dim=1).sum(0)
+    return (dx, dW, db, None, None, *dA, *dB)
 
 
 def lora_siblings(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As: Sequence[Tensor],

@@ -552,6 +552,12 @@ def test_multi_lora_delta_arguments():
         multi_lora_delta(x, A, B, [0.5, 2.0], ids, torch.zeros(1, 10, dtype=torch.float64).expand(7, 10))
     with pytest.raises(ValueError, match="base_weight"):
         multi_lora_delta(x, A, B, [0.5, 2.0], ids, None, W[:, :5])
+    Wg = W.clone().requires_grad_()
+    with pytest.raises(ValueError, match="base_weight requires grad"):  # its gradient would be silently dropped
+        multi_lora_delta(x, A, B, [0.5, 2.0], ids, None, Wg)
+    with torch.no_grad():  # outside autograd it is only read
+        torch.testing.assert_close(multi_lora_delta(x, A, B, [0.5, 2.0], ids, None, Wg), update, rtol=1e-12,
+                                   atol=1e-12)
     with pytest.raises(ValueError, match="lora_A must have shape"):
         multi_lora_delta(x[:, :5], A, B, [0.5, 2.0], ids)
 

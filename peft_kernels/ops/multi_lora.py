@@ -827,6 +827,9 @@ def multi_lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
                          f"{base_out.dtype} strides {base_out.stride()}")
     if base_weight is not None and (tuple(base_weight.shape) != (N, K) or base_weight.dtype != x.dtype):
         raise ValueError(f"base_weight must be a {x.dtype} tensor of shape {(N, K)}, got {tuple(base_weight.shape)}")
+    if base_weight is not None and base_weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("base_weight requires grad, but multi_lora_delta computes no gradient for it (the frozen base "
+                         "only adds dY·W to dX): use multi_lora_linear for an unfrozen base")
     y0 = None
     if rows is not None:  # [T, N] over base_out's memory, not a view of it: the op returns it, and autograd
         # forbids modifying in place a view that a custom Function returns

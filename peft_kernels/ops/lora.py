@@ -123,17 +123,16 @@ def scaled_mm(a, b, alpha: float, out=None):
 
 
 def shrink(x, A, p: float, seed):
-    """``S = drop(x)·Aᵀ`` (2-D x), in A's dtype, the inverted-dropout scale folded in (M×r: it costs nothing
-    here). With p > 0 the mask is the torch backend's for ``seed``: made, applied and consumed in one pass by the
-    C++ kernel on CPU (never materialised), or built with ``keep_mask`` elsewhere."""
+    """``S = drop(x)·Aᵀ`` (2-D x), in A's dtype, without the inverted-dropout scale: the callers fold
+    ``keep_scale(p)`` into the alpha of the GEMMs that read S (the expand, dB), so it costs no pass. With p > 0 the
+    mask is the torch backend's for ``seed``: made, applied and consumed in one pass by the C++ kernel on CPU (never
+    materialised), or built with ``keep_mask`` elsewhere."""
     if p <= 0:
         return torch.mm(x.to(A.dtype), A.t())
     if _use_ext(x, A, p):
-        S = _ext.ops().lora_dropout_shrink(x, A, *_torch_dropout.keys(seed, p))
-    else:
-        keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device)
-        S = torch.mm(torch.where(keep, x, 0.0).to(A.dtype), A.t())
-    return S.mul_(_torch_dropout.keep_scale(p))
+        return _ext.ops().lora_dropout_shrink(x, A, *_torch_dropout.keys(seed, p))
+    keep = _torch_dropout.keep_mask(seed, x.shape, p, x.device)
+    return torch.mm(torch.where(keep, x, 0.0).to(A.dtype), A.t())
 
 
 def shrink_backward(dS, x, A, p: float, seed, need_dx: bool, need_da: bool):
@@ -159,11 +158,12 @@ def shrink_backward(dS, x, A, p: float, seed, need_dx: bool, need_da: bool):
 def _torch_forward(x, weight, bias, A, B, scaling: float, p: float, seed):
     cdt = A.dtype
     S = shrink(x, A, p, seed)
+    alpha = scaling * _torch_dropout.keep_scale(p)  # (1 without dropout)
     # addmm-style fusion: the small LoRA expand (plus bias) is the GEMM's C, the base GEMM adds into it
     if bias is not None:
-        y = torch.addmm(bias.to(cdt), S, B.t(), alpha=scaling)
+        y = torch.addmm(bias.to(cdt), S, B.t(), alpha=alpha)
     else:
-        y = scaled_mm(S, B.t(), scaling)
+        y = scaled_mm(S, B.t(), alpha)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     base_addmm_(y, x, weight, transpose=True)
@@ -174,9 +174,9 @@ def _torch_backward(dy, x, weight, A, B, S, scaling: float, p: float, seed,
                     need_dx: bool, need_da: bool, need_db: bool):
     cdt = A.dtype
     dyc = dy.to(cdt) if dy.dtype != cdt else dy
-    # both dX and dA carry the inverted-dropout scale
-    dS = scaled_mm(dyc, B, scaling * (_torch_dropout.keep_scale(p) if p > 0 else 1.0))  # M×r
-    dB = scaled_mm(dyc.t(), S.to(cdt), scaling) if need_db else None
+    alpha = scaling * _torch_dropout.keep_scale(p)  # dX, dA and dB carry the inverted-dropout scale (S does not)
+    dS = scaled_mm(dyc, B, alpha)  # M×r
+    dB = scaled_mm(dyc.t(), S.to(cdt), alpha) if need_db else None
     dx, dA = shrink_backward(dS, x, A, p, seed, need_dx, need_da)
     if dx is not None:
         if dx.dtype != x.dtype:

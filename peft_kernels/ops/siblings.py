@@ -31,7 +31,7 @@ class SiblingCall(NamedTuple):
 
 
 def _shrinks(x, As, call: SiblingCall):
-    """(S, stacked): S_i = drop_i(x)·A_iᵀ · keep_scale_i, each in A_i's dtype; ``stacked`` is (the members of the one
+    """(S, stacked): S_i = drop_i(x)·A_iᵀ (without the inverted-dropout scale: see ``shrink``), each in A_i's dtype; ``stacked`` is (the members of the one
     stacked shrink, their A's concatenated) when it stacked more than one, else None (backward reuses the concat)."""
     S: List[Optional[Tensor]] = [None] * len(As)
     stacked = None
@@ -56,10 +56,11 @@ def _forward(x, W, b, As, Bs, call: SiblingCall):
     off = 0
     for i, n in enumerate(call.widths):
         ys = y[:, off:off + n]
+        alpha = call.scalings[i] * _torch_dropout.keep_scale(call.ps[i])
         if Bs[i].dtype == y.dtype:
-            ys.addmm_(S[i], Bs[i].t(), alpha=call.scalings[i])
+            ys.addmm_(S[i], Bs[i].t(), alpha=alpha)
         else:  # fp32 adapters on a half base: the branch in fp32, added once rounded
-            ys += scaled_mm(S[i], Bs[i].t(), call.scalings[i]).to(y.dtype)
+            ys += scaled_mm(S[i], Bs[i].t(), alpha).to(y.dtype)
         off += n
     return y, S, stacked
 
@@ -92,10 +93,10 @@ def _backward(dys, x, W, As, Bs, S, call: SiblingCall, need_dx: bool, need_da, n
             continue
         cdt = As[i].dtype
         dyc = dys[i].to(cdt) if dys[i].dtype != cdt else dys[i]
+        alpha = call.scalings[i] * _torch_dropout.keep_scale(call.ps[i])  # (1 without dropout)
         if need_db[i]:
-            dB[i] = scaled_mm(dyc.t(), S[i].to(cdt), call.scalings[i])
+            dB[i] = scaled_mm(dyc.t(), S[i].to(cdt), alpha)
         if has_ds[i]:
-            alpha = call.scalings[i] * (_torch_dropout.keep_scale(call.ps[i]) if call.ps[i] else 1.0)
             dS[i] = scaled_mm(dyc, Bs[i], alpha, out=cols.get(i))
     dx: Optional[Tensor] = None
     # members with dropout (each its own mask) or another adapter dtype: masked dS_i·A_i, the first one dx's buffer

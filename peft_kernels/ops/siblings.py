@@ -31,8 +31,9 @@ class SiblingCall(NamedTuple):
 
 
 def _shrinks(x, As, call: SiblingCall):
-    """(S, stacked): S_i = drop_i(x)·A_iᵀ (without the inverted-dropout scale: see ``shrink``), each in A_i's dtype; ``stacked`` is (the members of the one
-    stacked shrink, their A's concatenated) when it stacked more than one, else None (backward reuses the concat)."""
+    """(S, stacked): S_i = drop_i(x)·A_iᵀ (without the inverted-dropout scale: see ``shrink``), each in A_i's dtype;
+    ``stacked`` is (the members of the one stacked shrink, their A's concatenated) when it stacked more than one, else
+    None (backward reuses the concat)."""
     S: List[Optional[Tensor]] = [None] * len(As)
     stacked = None
     plain = [i for i, p in enumerate(call.ps) if p == 0]

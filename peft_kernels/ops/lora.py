@@ -272,34 +272,44 @@ class LoRALinearFunction(torch.autograd.Function):
         return finish_lora_backward(ctx, dy2d, x2d, dx, dA, dB)
 
 
+def differentiable_lora_grads(x2d, dy2d, A, B, scaling: float, p: float, seed, need_x: bool, need_a: bool,
+                              need_b: bool):
+    """(dX's LoRA term in x's dtype, dA, dB), each None when not asked for, as differentiable torch ops: S recomputed
+    from x and A (a saved S would be a constant to autograd) and the mask regenerated from ``seed``, so gradients of
+    these gradients are exact (second-order MAML, gradient penalties). Shared by the Functions whose backward
+    supports ``create_graph=True`` per LoRA (this op, sibling groups)."""
+    cdt = A.dtype
+    keep = _torch_dropout.keep_mask(seed, x2d.shape, p, x2d.device) if p > 0 else None
+    xd = x2d if keep is None else torch.where(keep, x2d, 0.0) * _torch_dropout.keep_scale(p)
+    xd = xd.to(cdt)
+    dyc = dy2d.to(cdt)
+    dS = (dyc @ B) * scaling
+    dxl = dA = dB = None
+    if need_x:
+        dxl = dS @ A
+        if keep is not None:
+            dxl = torch.where(keep, dxl, 0.0) * _torch_dropout.keep_scale(p)
+        dxl = dxl.to(x2d.dtype)
+    if need_a:
+        dA = dS.t() @ xd
+    if need_b:
+        dB = (dyc.t() @ (xd @ A.t())) * scaling
+    return dxl, dA, dB
+
+
 def _differentiable_backward(ctx, dy):
     """The torch backend's backward as differentiable torch ops (create_graph=True): the same math as
-    ``_torch_backward`` with S recomputed from x and A (the saved S is a constant), so gradients of these
-    gradients are exact (second-order MAML, gradient penalties)."""
+    ``_torch_backward`` (``differentiable_lora_grads``) plus the frozen base's terms."""
     x, _, weight, A, B = ctx.saved_tensors
     call: LoRACall = ctx.call
     need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
     x2d = x.reshape(-1, x.shape[-1])
     dy2d = dy.reshape(-1, weight.shape[0])
-    cdt, s, p = A.dtype, call.scaling, call.dropout_p
-    xd = x2d
-    if p > 0:
-        keep = _torch_dropout.keep_mask(call.seed, x2d.shape, p, x2d.device)
-        xd = torch.where(keep, x2d, 0.0) * _torch_dropout.keep_scale(p)
-    xd = xd.to(cdt)
-    S = xd @ A.t()
-    dyc = dy2d.to(cdt)
-    dS = (dyc @ B) * s
-    dx = dA = dB = dW = db = None
+    dxl, dA, dB = differentiable_lora_grads(x2d, dy2d, A, B, call.scaling, call.dropout_p, call.seed, need_x, need_a,
+                                            need_bb)
+    dx = dW = db = None
     if need_x:
-        dxl = dS @ A
-        if p > 0:
-            dxl = torch.where(keep, dxl, 0.0) * _torch_dropout.keep_scale(p)
-        dx = (dy2d @ weight + dxl.to(x.dtype)).view(ctx.x_shape)
-    if need_a:
-        dA = dS.t() @ xd
-    if need_bb:
-        dB = (dyc.t() @ S) * s
+        dx = (dy2d @ weight + dxl).view(ctx.x_shape)
     if need_w:
         dW = dy2d.t() @ x2d
     if need_b and ctx.has_bias:

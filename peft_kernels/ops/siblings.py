@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import _torch_dropout
 from ._autograd import unviewed
-from .lora import scaled_mm, shrink, shrink_backward
+from .lora import differentiable_lora_grads, scaled_mm, shrink, shrink_backward
 
 
 class SiblingCall(NamedTuple):
@@ -186,9 +186,8 @@ class _Siblings(torch.autograd.Function):
 
 
 def _differentiable_backward(ctx, dys):
-    """The backward as differentiable torch ops (``create_graph=True``): per member, LoRA's math with S recomputed from
-    x and A (the saved S is a constant to autograd) and each mask regenerated from its seed, so the gradients of these
-    gradients are exact (second-order MAML, gradient penalties)."""
+    """The backward as differentiable torch ops (``create_graph=True``): per member, ``differentiable_lora_grads`` (S
+    recomputed from x and A, each mask regenerated from its seed) plus the base's terms."""
     call = ctx.call
     n = len(call.widths)
     saved = ctx.saved_tensors
@@ -201,25 +200,11 @@ def _differentiable_backward(ctx, dys):
     dB: List[Optional[Tensor]] = [None] * n
     off = 0
     for i, (w, dy) in enumerate(zip(call.widths, dys)):
-        A, B, s, p = As[i], Bs[i], call.scalings[i], call.ps[i]
-        cdt = A.dtype
-        xd = x
-        if p > 0:
-            keep = _torch_dropout.keep_mask(call.seeds[i], x.shape, p, x.device)
-            xd = torch.where(keep, x, 0.0) * _torch_dropout.keep_scale(p)
-        xd = xd.to(cdt)
-        dyc = dy.to(cdt)
-        dS = (dyc @ B) * s
+        dxl, dA[i], dB[i] = differentiable_lora_grads(x, dy, As[i], Bs[i], call.scalings[i], call.ps[i], call.seeds[i],
+                                                      need[0], need[5 + i], need[5 + n + i])
         if need[0]:
-            dxl = dS @ A
-            if p > 0:
-                dxl = torch.where(keep, dxl, 0.0) * _torch_dropout.keep_scale(p)
-            term = dy @ W[off:off + w] + dxl.to(x.dtype)
+            term = dy @ W[off:off + w] + dxl
             dx = term if dx is None else dx + term
-        if need[5 + i]:
-            dA[i] = dS.t() @ xd
-        if need[5 + n + i]:
-            dB[i] = (dyc.t() @ (xd @ A.t())) * s
         off += w
     if need[1]:
         dW = torch.cat(dys, dim=1).t() @ x

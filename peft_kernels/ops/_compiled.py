@@ -40,10 +40,9 @@ def _(x, A, p, seed):
 def lora_dropout_shrink_bwd(dS: Tensor, x: Tensor, A: Tensor, p: float, seed: Tensor, need_dx: bool,
                             need_da: bool) -> Tuple[Tensor, Tensor]:
     """(dx, dA) of the masked shrink for dS (an output not asked for: empty): the mask regenerated from ``seed``."""
-    from . import _torch_dropout
     from .lora import shrink_backward
 
-    dx, dA = shrink_backward(dS.to(A.dtype) * _torch_dropout.keep_scale(p), x, A, p, seed, need_dx, need_da)
+    dx, dA = shrink_backward(dS.to(A.dtype), x, A, p, seed, need_dx, need_da)  # (S carries no inverted-dropout scale)
     return (dx.to(x.dtype) if need_dx else x.new_empty(0)), (dA if need_da else A.new_empty(0))
 
 
@@ -75,8 +74,8 @@ def lora_linear_dropout(x2d, weight, bias, lora_A, lora_B, scaling: float, p: fl
     from . import _torch_dropout
 
     seed = _torch_dropout.draw_seed(x2d.device)
-    S = lora_dropout_shrink(x2d, lora_A, float(p), seed)
-    lo = torch.nn.functional.linear(S, lora_B) * scaling
+    S = lora_dropout_shrink(x2d, lora_A, float(p), seed)  # drop(x)·Aᵀ, without the inverted-dropout scale (``shrink``)
+    lo = torch.nn.functional.linear(S, lora_B) * (scaling * _torch_dropout.keep_scale(p))
     return torch.nn.functional.linear(x2d, weight, bias) + lo.to(x2d.dtype)
 
 

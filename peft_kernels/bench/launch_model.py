@@ -246,14 +246,14 @@ def peft_lora_launches(M, K, N, R, e, backward=True, bias=True) -> List[Launch]:
 
 def torch_lora_launches(M, K, N, R, e, backward=True, bias=True) -> List[Launch]:
     """Our torch backend (ops/lora.py, dropout 0): S = x·Aᵀ; y = addmm(bias, S, Bᵀ, α=s); y += x·Wᵀ (addmm_);
-    backward dS = dY·B (·s in place), dB = dYᵀ·S (·s), dA = dSᵀ·x, dX = dS·A then += dY·W (addmm_)."""
+    backward dS = s·dY·B and dB = s·dYᵀ·S (the scale in the GEMMs' alpha: no launch of its own), dA = dSᵀ·x,
+    dX = dS·A then += dY·W (addmm_)."""
     p = "torch"
     out = [_mm(p, "S = x·Aᵀ", M, R, K, e), _mm(p, "y = addmm(b, S, Bᵀ)", M, N, R, e, N * e if bias else 0),
            _mm(p, "y += x·Wᵀ (addmm_)", M, N, K, e, M * N * e)]
     if backward:
-        out += [_mm(p, "dS = dY·B", M, R, N, e), _ew(p, "dS ·= s", M * R, e), _mm(p, "dB = dYᵀ·S", N, R, M, e),
-                _ew(p, "dB ·= s", N * R, e), _mm(p, "dA = dSᵀ·x", R, K, M, e), _mm(p, "dX = dS·A", M, K, R, e),
-                _mm(p, "dX += dY·W (addmm_)", M, K, N, e, M * K * e)]
+        out += [_mm(p, "dS = s·dY·B", M, R, N, e), _mm(p, "dB = s·dYᵀ·S", N, R, M, e), _mm(p, "dA = dSᵀ·x", R, K, M, e),
+                _mm(p, "dX = dS·A", M, K, R, e), _mm(p, "dX += dY·W (addmm_)", M, K, N, e, M * K * e)]
     return out
 
 

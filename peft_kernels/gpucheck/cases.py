@@ -191,12 +191,14 @@ def _lora_check(sc: Scale, tag: str, backend: str, dt, adt, M, K, N, r, p, tf32=
         sigma = math.sqrt(p * (1 - p) / mask.numel())
         out.append(fact(f"{tag} keep rate", abs(kept - (1 - p)) < 5 * sigma,
                         f"kept {kept:.5f}, expected {1 - p} ± {5 * sigma:.1e} (5σ)"))
-        # S = drop(x)·Aᵀ/(1-p), as the backend's own forward keeps it for backward
+        # S as the backend's own forward keeps it for backward: drop(x)·Aᵀ/(1-p) on Triton (its shrink applies the
+        # scale), drop(x)·Aᵀ on torch (the scale rides in the alpha of the GEMMs that read S: ops.lora.shrink)
+        smask = mask if backend == "triton" else (mask > 0).to(mask.dtype)
         with fp32_setting(tf32):
             fwd = LO._BACKENDS[backend][0]
             S = fwd(x, W, b, A, B, s, p, seed)[1]
-            S64 = (x.double() * mask.double()) @ A.double().t()
-            Slp = ((x * mask.to(dt)).to(adt) @ A.t())
+            S64 = (x.double() * smask.double()) @ A.double().t()
+            Slp = ((x * smask.to(dt)).to(adt) @ A.t())
         out.append(compare(f"{tag} S", S, S64, Slp, gm))
     return out
 

@@ -107,8 +107,8 @@ def _backward(dys, x, W, As, Bs, S, call: SiblingCall, need_dx: bool, need_da, n
             ddx = ddx.to(x.dtype) if ddx.dtype != x.dtype else ddx
             dx = ddx if dx is None else dx.add_(ddx)
     if same:  # the members without dropout: one stacked dS·A, a GEMM into dx
-        if dS_cat is None:
-            dS_cat = torch.cat([dS[i] for i in same], dim=1) if len(same) > 1 else dS[same[0]]
+        if dS_cat is None:  # one member (more write into the stacked dS above)
+            dS_cat = dS[same[0]]
         if stacked is not None and stacked[0] == tuple(same):
             A_cat = stacked[1]
         else:

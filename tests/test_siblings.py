@@ -169,31 +169,23 @@ def test_a_member_with_an_unfrozen_base_runs_alone_and_trains_it(monkeypatch):
     calls = []
     monkeypatch.setattr(nsib, "lora_siblings", lambda *a, **k: calls.append(1) or pk.lora_siblings(*a, **k))
 
-    class QKV(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 6), nn.Linear(8, 4), nn.Linear(8, 4)
-
-        def forward(self, x):
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-
     torch.manual_seed(0)
-    base = QKV()
+    base = _QKV(8, (6, 4, 4))
     fused, plain = copy.deepcopy(base), copy.deepcopy(base)
     for m, fuse in ((fused, True), (plain, False)):
         torch.manual_seed(1)
         pk.inject_lora(m, ["q_proj", "k_proj", "v_proj"], r=2, init_lora_weights=False, fuse_siblings=fuse)
         m.q_proj.weight.requires_grad_(True)
-        m.k_proj.bias.requires_grad_(True)
+        m.v_proj.bias.requires_grad_(True)
     x = torch.randn(3, 8)
     for m in (fused, plain):
         sum((o * o).sum() for o in m(x)).backward()
     assert not calls
-    for name in ("q_proj.weight", "k_proj.bias", "v_proj.lora_A", "q_proj.lora_B"):
+    for name in ("q_proj.weight", "v_proj.bias", "v_proj.lora_A", "q_proj.lora_B"):
         g, ref = fused.get_parameter(name).grad, plain.get_parameter(name).grad
         assert g is not None and torch.equal(g, ref), name
     fused.q_proj.weight.requires_grad_(False)
-    fused.k_proj.bias.requires_grad_(False)
+    fused.v_proj.bias.requires_grad_(False)
     fused(x)
     assert calls and fused.q_proj._siblings.enabled
 

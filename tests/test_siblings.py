@@ -4,6 +4,7 @@ bias / mixed, 3-D and strided x, dropout with each member's own mask), and ``fus
 outputs, gradients, state dicts and checkpoints as unfused layers, one packed copy of the frozen weights, a group
 that turns itself off when its members do not share their input, repacking after a re-bind, threads, compile,
 merge / unload."""
+import contextlib
 import copy
 import threading
 
@@ -159,6 +160,41 @@ def test_second_order_and_an_unfrozen_base_fp64(split):
             return torch.cat([out[0], out[2]], -1) if split else out
         assert torch.autograd.gradcheck(f, (x, W, b, *ab)), ps
         assert torch.autograd.gradgradcheck(f, (x, W, b, *ab)), ps
+
+@pytest.mark.parametrize("split", [False, True], ids=["stacked", "split"])
+def test_every_tensor_backward_reads_goes_through_saved_tensor_hooks(split):
+    """CPU offload (``save_on_cpu``) and activation accounting see what the op keeps for backward through
+    saved-tensor hooks: here the hooks hand backward copies, and it must read only those, the stacked A's (the
+    forward's concatenation, reused by backward) included; the gradients equal those without hooks."""
+    ms = _members(torch.float32, ranks=(4, 2, 3))
+    W, b = _stack(ms)
+    x = torch.randn(9, 40, requires_grad=True)
+    As, Bs = [_leaf(m["A"]) for m in ms], [_leaf(m["B"]) for m in ms]
+    gy = torch.randn(9, sum(m["W"].shape[0] for m in ms))
+
+    def run(hooks):
+        packed, unpacked = [], []
+
+        def pack(t):
+            packed.append(t.detach().clone())
+            return len(packed) - 1
+
+        def unpack(i):
+            unpacked.append(i)
+            return packed[i]
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack) if hooks else contextlib.nullcontext():
+            out = pk.lora_siblings(x, W, b, As, Bs, [m["s"] for m in ms], split=split)
+        y = torch.cat(out, -1) if split else out
+        return torch.autograd.grad(y, [x, *As, *Bs], gy), packed, unpacked
+
+    ref, _, _ = run(False)
+    got, packed, unpacked = run(True)
+    A_cat = torch.cat([a.detach() for a in As])
+    assert any(p.shape == A_cat.shape and torch.equal(p, A_cat) for p in packed), [tuple(p.shape) for p in packed]
+    assert sorted(set(unpacked)) == list(range(len(packed)))
+    for r, g in zip(ref, got):
+        assert torch.equal(r, g)
+
 
 
 def test_a_member_with_an_unfrozen_base_runs_alone_and_trains_it(monkeypatch):

@@ -157,8 +157,10 @@ class _Siblings(torch.autograd.Function):
         n = len(call.widths)
         As, Bs = ab[:n], ab[n:]
         y, S, stacked = _forward(x, W, b, As, Bs, call)
-        ctx.save_for_backward(x, W, *As, *Bs, *S)  # (the A's themselves too: their version is checked)
-        ctx.stacked = stacked
+        # (the A's themselves too: their version is checked; the stacked A's too, reused by backward: every tensor
+        # backward reads goes through saved-tensor hooks, e.g. CPU offload, and activation-memory accounting)
+        ctx.save_for_backward(x, W, *As, *Bs, *S, *(() if stacked is None else (stacked[1],)))
+        ctx.stacked_members = None if stacked is None else stacked[0]
         ctx.call, ctx.split, ctx.has_bias = call, split, b is not None
         if split:  # each member's output a column block: backward gets each one's dY, never concatenated
             return column_blocks(y, call.widths)
@@ -171,11 +173,11 @@ class _Siblings(torch.autograd.Function):
         call = ctx.call
         n = len(call.widths)
         saved = ctx.saved_tensors
-        x, W, As, Bs, S = saved[0], saved[1], saved[2:2 + n], saved[2 + n:2 + 2 * n], saved[2 + 2 * n:]
+        x, W, As, Bs, S = saved[0], saved[1], saved[2:2 + n], saved[2 + n:2 + 2 * n], saved[2 + 2 * n:2 + 3 * n]
+        stacked = None if ctx.stacked_members is None else (ctx.stacked_members, saved[2 + 3 * n])
         need = ctx.needs_input_grad
         dy = [None if d is None else d.contiguous() for d in dys] if ctx.split else dys[0].contiguous()
-        dx, dA, dB = _backward(dy, x, W, As, Bs, S, call, need[0], need[5:5 + n], need[5 + n:5 + 2 * n],
-                               ctx.stacked)
+        dx, dA, dB = _backward(dy, x, W, As, Bs, S, call, need[0], need[5:5 + n], need[5 + n:5 + 2 * n], stacked)
         dW = db = None
         if need[1] or (need[2] and ctx.has_bias):  # an unfrozen base (correct, not fused)
             dy_full = torch.cat([d if d is not None else x.new_zeros(x.shape[0], w) for d, w in zip(dy, call.widths)],

@@ -289,6 +289,30 @@ def test_model_bench_quick_runs_end_to_end():
     assert len(mb.targets(res)) == 4 and all("#18" in line for line in mb.targets(res))
 
 
+def test_model_bench_pools_processes_and_checks_the_worst():
+    """``--op model --processes N``: a compiled/eager row pooled from N fresh processes is the median over every
+    round of every process, each process's median kept; "never slower" is checked on the worst process, so one
+    process above 1.0 makes the row MISSED even when the pooled median is below."""
+    from peft_kernels.bench import model as mb
+
+    runs = [{"compiled/eager": 0.95, "compiled/eager rounds": [0.90, 0.95, 0.97], "cold_s": 60.0, "graph_breaks": 0},
+            {"compiled/eager": 1.02, "compiled/eager rounds": [0.94, 1.02, 1.03], "cold_s": 70.0, "graph_breaks": 0},
+            {"compiled/eager": 0.96, "compiled/eager rounds": [0.93, 0.96, 0.99], "cold_s": 80.0, "graph_breaks": 0}]
+    v = mb.pooled(runs)
+    assert v["compiled/eager"] == 0.96  # the median of the nine rounds, not of the three medians' mean (0.977)
+    assert v["compiled/eager per process"] == [0.95, 1.02, 0.96] and v["compiled/eager worst process"] == 1.02
+    assert v["cold_s"] == 70.0 and v["graph_breaks"] == 0 and v["processes"] == 3
+    assert "compiled/eager rounds" not in v
+    assert "MISSED" in mb._never_slower(v) and "worst of 3 processes 1.020" in mb._never_slower(v)
+    assert "met" in mb._never_slower(mb.pooled([runs[0], runs[2]]))
+    assert mb._spread(v) == " (processes: 0.950, 1.020, 0.960)" and mb._spread(mb.pooled(runs[:1])) == ""
+    assert "met" in mb._never_slower(mb.pooled(runs[:1])) and "MISSED" in mb._never_slower(mb.pooled(runs[1:2]))
+    with pytest.raises(ValueError, match="no results"):
+        mb.pooled([])
+    with pytest.raises(ValueError, match="processes must be an int >= 1"):
+        mb.run(quick=True, compile_=False, processes=0)
+
+
 def test_lm_head_bench_quick_reports_memory_and_time():
     """``--op lm_head --quick``: every number present and finite; the fused head's peak extra memory is below the
     unfused one's at the larger M (which grows with M, the fused one does not need to)."""

@@ -62,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
                          "against three separate layers (ours and PEFT's); moe: LoRA on MoE expert weights against PEFT's "
                          "target_parameters")
     ap.add_argument("--no-compile", action="store_true", help="--op model: skip the torch.compile measurements")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="--op model: run each compiled/eager pair and the serving case in this many fresh processes "
+                         "and pool their rounds (the compile targets are checked on the worst process; default 1)")
     ap.add_argument("--shapes", nargs="+", action="extend", metavar="SHAPE",
                     help=f"presets ({', '.join(PRESETS)}; preset:proj) or M,K,N,r (default: each op's issue case)")
     ap.add_argument("--tokens", type=int, default=512, help="M for presets (default 512)")
@@ -124,7 +127,9 @@ def main(argv=None) -> int:
 
         if a.threads:
             torch.set_num_threads(a.threads)
-        return model_bench.main(a.rounds, a.quick, not a.no_compile, a.out)
+        if a.processes < 1:
+            raise SystemExit(f"--processes: must be >= 1, got {a.processes}")
+        return model_bench.main(a.rounds, a.quick, not a.no_compile, a.out, a.processes)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))

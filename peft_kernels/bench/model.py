@@ -17,6 +17,9 @@ Measured, in interleaved rounds (each ratio is the median over rounds of the rat
   * the activation bytes one forward saves for backward;
   * multi-adapter serving: 8 PEFT adapters in one mixed batch (one adapter per row), PEFT's ``adapter_names``
     against ours (``from_peft`` → MultiLoRALinear), eager and compiled (in a fresh process, as above).
+
+``--processes N`` repeats each fresh-process measurement (the compiled pairs, serving) N times and pools the rounds
+(``pooled``): the compile targets ("never slower than eager") are checked on the worst process.
 """
 from __future__ import annotations
 
@@ -185,7 +188,33 @@ def compile_pair(base, data, which: str, dropout: float, rounds: int) -> dict:
     comp, cold = _compiled_step(make(copy.deepcopy(base), TARGETS["q,v"], dropout), data)
     t = paired({"eager": eager, "compiled": comp}, rounds)
     return {"compiled/eager": ratio(t, "compiled", "eager"), "cold_s": cold,
-            "eager_ms": 1e3 * statistics.median(t["eager"]), "compiled_ms": 1e3 * statistics.median(t["compiled"])}
+            "eager_ms": 1e3 * statistics.median(t["eager"]), "compiled_ms": 1e3 * statistics.median(t["compiled"]),
+            "compiled/eager rounds": [c / e for c, e in zip(t["compiled"], t["eager"])]}
+
+
+def pooled(results: List[dict], key: str = "compiled/eager") -> dict:
+    """One row from the same measurement repeated in several fresh processes (``--processes``): ``key`` is the
+    median over every round of every process (``results[i][key + " rounds"]``, each round's paired ratio), with each
+    process's own median and the worst of them (what a "never slower" target is checked on: the spread between
+    processes, ±4 % here, is larger than the spread within one); every other number is the median over processes."""
+    if not results:
+        raise ValueError("pooled: no results")
+    out: dict = {}
+    for k, v in results[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and all(k in r for r in results):
+            out[k] = statistics.median(r[k] for r in results)
+        elif k != key + " rounds":
+            out[k] = v
+    if all(key + " rounds" in r for r in results):
+        out[key] = statistics.median(x for r in results for x in r[key + " rounds"])
+        out[key + " per process"] = [r[key] for r in results]
+        out[key + " worst process"] = max(r[key] for r in results)
+    out["processes"] = len(results)
+    return out
+
+
+def _fresh_pooled(call: str, batch_size: int, seq: int, processes: int, key: str = "compiled/eager") -> dict:
+    return pooled([_fresh(call, batch_size, seq) for _ in range(processes)], key)
 
 
 def _fresh(call: str, batch_size: int, seq: int, env: Optional[Dict[str, str]] = None) -> dict:
@@ -212,7 +241,12 @@ def graph_breaks(model, data) -> int:
     return int(ex.graph_break_count)
 
 
-def run(rounds: int = 7, batch_size: int = 16, seq: int = 128, compile_: bool = True, quick: bool = False) -> dict:
+def run(rounds: int = 7, batch_size: int = 16, seq: int = 128, compile_: bool = True, quick: bool = False,
+        processes: int = 1) -> dict:
+    """``processes``: how many fresh processes each compiled/eager pair (and the serving case) runs in, pooled
+    (``pooled``)."""
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise ValueError(f"processes must be an int >= 1, got {processes!r}")
     import peft_kernels as pk
 
     torch.manual_seed(0)
@@ -221,8 +255,8 @@ def run(rounds: int = 7, batch_size: int = 16, seq: int = 128, compile_: bool = 
     if quick:
         batch_size, seq, rounds = 4, 32, 3
     data = batch(batch_size, seq, vocab)
-    res: dict = {"model": source, "batch": f"{batch_size}×{seq} tokens", "rounds": rounds, "threads":
-                 torch.get_num_threads(), "train": {}, "compile": {}, "saved_MiB": {}, "serve": {}}
+    res: dict = {"model": source, "batch": f"{batch_size}×{seq} tokens", "rounds": rounds, "processes": processes,
+                 "threads": torch.get_num_threads(), "train": {}, "compile": {}, "saved_MiB": {}, "serve": {}}
     for tname, targets in TARGETS.items():
         models = {"frozen": _frozen(copy.deepcopy(base), targets, 0.05),
                   "peft": _peft(copy.deepcopy(base), targets, 0.05),
@@ -239,11 +273,11 @@ def run(rounds: int = 7, batch_size: int = 16, seq: int = 128, compile_: bool = 
         del models, steps
     if compile_:
         targets = TARGETS["q,v"]
-        peft_pair = _fresh(f"compile_pair(base, data, 'peft', 0.05, {rounds})", batch_size, seq)
+        peft_pair = _fresh_pooled(f"compile_pair(base, data, 'peft', 0.05, {rounds})", batch_size, seq, processes)
         for drop in (0.05, 0.0):
             for name, make in (("ours", _ours), ("ours+hash", _ours_hash)):
                 key = f"train lora_dropout={drop}" + (", model dropout on the hash mask" if name == "ours+hash" else "")
-                r = _fresh(f"compile_pair(base, data, {name!r}, {drop}, {rounds})", batch_size, seq)
+                r = _fresh_pooled(f"compile_pair(base, data, {name!r}, {drop}, {rounds})", batch_size, seq, processes)
                 r["graph_breaks"] = graph_breaks(make(copy.deepcopy(base), targets, drop), data)
                 if drop:
                     r["peft compiled/eager"] = peft_pair["compiled/eager"]
@@ -251,7 +285,7 @@ def run(rounds: int = 7, batch_size: int = 16, seq: int = 128, compile_: bool = 
         cold_ours, cold_peft = cold_compile("ours", batch_size, seq), cold_compile("peft", batch_size, seq)
         res["compile"]["cold ours/peft"] = cold_ours / cold_peft
         res["compile"]["cold_ours_s"], res["compile"]["cold_peft_s"] = cold_ours, cold_peft
-    res["serve"] = _fresh(f"serve(base, data, {rounds}, {compile_})", batch_size, seq)
+    res["serve"] = _fresh_pooled(f"serve(base, data, {rounds}, {compile_})", batch_size, seq, processes)
     pk  # noqa: B018 (imported for inject/from_peft)
     return res
 
@@ -310,6 +344,7 @@ def serve(base, data, rounds: int, compile_: bool, n_adapters: int = 8) -> dict:
     out["ours/peft"] = ratio(t, "ours", "peft")
     if compile_:
         out["compiled/eager"] = ratio(t, "compiled", "ours")
+        out["compiled/eager rounds"] = [c / e for c, e in zip(t["compiled"], t["ours"])]
     return out
 
 
@@ -327,7 +362,9 @@ def _without_heads(pm):
 
 
 def format_report(res: dict) -> str:
-    lines = [f"model: {res['model']}; batch {res['batch']}; {res['rounds']} interleaved rounds; "
+    n = res.get("processes", 1)
+    lines = [f"model: {res['model']}; batch {res['batch']}; {res['rounds']} interleaved rounds"
+             f"{f' (compiled pairs and serving: in each of {n} fresh processes, pooled)' if n > 1 else ''}; "
              f"{res['threads']} CPU threads; fp32; LoRA r=16, alpha=32, dropout 0.05, task_type=SEQ_CLS", "",
              "| targets | ours / PEFT step | ours + hash dropout / PEFT | frozen / PEFT step | PEFT step | ours step | "
              "saved MiB (frozen / PEFT / ours / ours + hash) |",
@@ -345,17 +382,31 @@ def format_report(res: dict) -> str:
         for k, v in res["compile"].items():
             if isinstance(v, dict):
                 pv = v.get("peft compiled/eager")
-                lines.append(f"| {k} | {v['compiled/eager']:.3f}× | {f'{pv:.3f}×' if pv else ''} | {v['cold_s']:.1f} s | "
-                             f"{v['graph_breaks']} |")
+                lines.append(f"| {k} | {v['compiled/eager']:.3f}×{_spread(v)} | {f'{pv:.3f}×' if pv else ''} | "
+                             f"{v['cold_s']:.1f} s | {v['graph_breaks']} |")
         lines.append(f"| cold compile in a fresh process (empty caches), ours / PEFT (dropout 0.05) | | | "
                      f"{res['compile']['cold ours/peft']:.3f}× ({res['compile']['cold_ours_s']:.1f} s / "
                      f"{res['compile']['cold_peft_s']:.1f} s) | |")
     s = res["serve"]
     lines += ["", f"multi-adapter serving, {s['adapters']} adapters, one per row: ours / PEFT (adapter_names) "
-              f"{s['ours/peft']:.3f}×" + (f"; compiled / eager {s['compiled/eager']:.3f}× (cold "
+              f"{s['ours/peft']:.3f}×" + (f"; compiled / eager {s['compiled/eager']:.3f}×{_spread(s)} (cold "
                                            f"{s['compiled_cold_s']:.1f} s, {s['graph_breaks']} graph breaks)"
                                            if "compiled/eager" in s else "")]
     return "\n".join(lines)
+
+
+def _spread(v: dict, key: str = "compiled/eager") -> str:
+    """`` (processes: a, b, c)`` after a pooled ratio measured in more than one process, else ''."""
+    per = v.get(key + " per process") or []
+    return f" (processes: {', '.join(f'{x:.3f}' for x in per)})" if len(per) > 1 else ""
+
+
+def _never_slower(v: dict, key: str = "compiled/eager") -> str:
+    """A compiled/eager target line: checked on the worst process (or the one measurement)."""
+    worst = v.get(key + " worst process", v[key])
+    n = v.get("processes", 1)
+    where = f"worst of {n} processes {worst:.3f}, pooled median {v[key]:.3f}" if n > 1 else f"{v[key]:.3f}"
+    return f"{where} (target ≤ 1.0: {'met' if worst <= 1.0 else 'MISSED'})"
 
 
 def targets(res: dict) -> List[str]:
@@ -367,20 +418,18 @@ def targets(res: dict) -> List[str]:
                        f"{'met' if v <= want else 'MISSED'})")
     for k, v in res["compile"].items():
         if isinstance(v, dict):
-            out.append(f"#18 compiled/eager, {k}: {v['compiled/eager']:.3f} (target ≤ 1.0: "
-                       f"{'met' if v['compiled/eager'] <= 1.0 else 'MISSED'}); graph breaks {v['graph_breaks']}")
+            out.append(f"#18 compiled/eager, {k}: {_never_slower(v)}; graph breaks {v['graph_breaks']}")
     if "cold ours/peft" in res["compile"]:
         v = res["compile"]["cold ours/peft"]
         out.append(f"#18 cold compile: {v:.3f}× PEFT's (target ≤ 1.2: {'met' if v <= 1.2 else 'MISSED'})")
     s = res["serve"]
     if "compiled/eager" in s:
-        out.append(f"#18 compiled/eager, multi-adapter serving: {s['compiled/eager']:.3f} (target ≤ 1.0: "
-                   f"{'met' if s['compiled/eager'] <= 1.0 else 'MISSED'}); graph breaks {s['graph_breaks']}")
+        out.append(f"#18 compiled/eager, multi-adapter serving: {_never_slower(s)}; graph breaks {s['graph_breaks']}")
     return out
 
 
-def main(rounds: Optional[int], quick: bool, compile_: bool, out: Optional[str]) -> int:
-    res = run(rounds=rounds or 7, compile_=compile_, quick=quick)
+def main(rounds: Optional[int], quick: bool, compile_: bool, out: Optional[str], processes: int = 1) -> int:
+    res = run(rounds=rounds or 7, compile_=compile_, quick=quick, processes=processes)
     from .report import print_and_write
 
     return print_and_write(res, format_report(res), targets(res), out, 'model.json')

@@ -202,7 +202,8 @@ def pooled(results: List[dict], key: str = "compiled/eager") -> dict:
     out: dict = {}
     for k, v in results[0].items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and all(k in r for r in results):
-            out[k] = statistics.median(r[k] for r in results)
+            vals = [r[k] for r in results]
+            out[k] = v if all(x == v for x in vals) else statistics.median(vals)  # (counts stay ints)
         elif k != key + " rounds":
             out[k] = v
     if all(key + " rounds" in r for r in results):

@@ -336,7 +336,8 @@ def test_siblings_bench_quick_reports_every_provider():
     res = sb.run(quick=True)
     assert len(res["cases"]) == 4
     for case in res["cases"].values():
-        assert set(case) == {"fused", "ours separate", "PEFT separate", "frozen base", "frozen stacked", "floor"}
+        assert set(case) == {"fused", "ours separate", "PEFT separate", "frozen base", "frozen stacked", "floor",
+                             "bound"}
         assert case["fused"]["still fused"]  # the group ran fused, not its fallback
         assert case["fused"]["launches"] < case["ours separate"]["launches"]
         # the floors run the frozen GEMMs alone: fewer ops than any LoRA provider, the stacked one fewest
@@ -344,10 +345,14 @@ def test_siblings_bench_quick_reports_every_provider():
         rows = [v for v in case.values() if isinstance(v, dict)]
         assert all(v["ms"] > 0 and 0 < v["vs PEFT"] < 100 for v in rows)
         assert case["floor"] == min(case["frozen base"]["vs separate"], case["frozen stacked"]["vs separate"])
+        assert case["bound"] == case["floor"] * (1 + sb.lora_flop_share(128, (128, 32, 32), 16))
     assert set(res["multi"]) == {"M=16", "M=64"}
     for c in res["multi"].values():  # multi-adapter serving: the group ran fused and agreed with the separate layers
         assert c["still fused"] and c["max_rel_diff"] < 1e-5 and c["fused"]["ms"] > 0 and c["separate"]["ms"] > 0
     assert len(sb.targets(res)) == 6 and "Multi-adapter" in sb.format_report(res)
+    # the bench shape (K 1024, q 1024, k/v 256, r 16): LoRA FLOPs per token 3·1024·48 + 3·1536·16 = 221184 over the
+    # frozen GEMMs' 2·1024·1536 = 3145728, counted by hand
+    assert abs(sb.lora_flop_share(1024, (1024, 256, 256), 16) - 0.0703125) < 1e-12
 
 
 def test_moe_bench_quick_reports_against_peft():

@@ -355,6 +355,39 @@ def test_siblings_bench_quick_reports_every_provider():
     assert abs(sb.lora_flop_share(1024, (1024, 256, 256), 16) - 0.0703125) < 1e-12
 
 
+def test_siblings_bench_pools_fresh_processes():
+    """``--op siblings --processes N``: every ratio is the median over all rounds of all processes, each process's
+    ratio kept beside it; floor and bound come from the pooled ratios; two real quick runs in fresh processes."""
+    pytest.importorskip("peft")
+    import statistics
+
+    from peft_kernels.bench import siblings as sb
+
+    res = sb.run_in_processes(2, rounds=3, quick=True)
+    assert res["processes"] == 2 and len(res["cases"]) == 4 and set(res["multi"]) == {"M=16", "M=64"}
+    parts = []
+    for _ in range(2):  # the same structure from two more in-process runs, pooled here against a hand median
+        parts.append(sb.run(quick=True, rounds=3))
+    pooled = sb.pool(parts)
+    for ck, case in pooled["cases"].items():
+        for k in ("fused", "ours separate", "PEFT separate", "frozen base", "frozen stacked"):
+            rounds = parts[0]["cases"][ck][k]["vs separate rounds"] + parts[1]["cases"][ck][k]["vs separate rounds"]
+            assert len(rounds) == 6 and case[k]["vs separate"] == statistics.median(rounds)
+            assert case[k]["vs separate per process"] == [p["cases"][ck][k]["vs separate"] for p in parts]
+        assert case["ours separate"]["vs separate"] == 1.0
+        assert case["floor"] == min(case["frozen base"]["vs separate"], case["frozen stacked"]["vs separate"])
+        assert case["fused"]["still fused"]
+    for mk, c in pooled["multi"].items():
+        rounds = parts[0]["multi"][mk]["fused/separate rounds"] + parts[1]["multi"][mk]["fused/separate rounds"]
+        assert c["fused/separate"] == statistics.median(rounds) and len(c["fused/separate per process"]) == 2
+    text = sb.format_report(pooled)
+    assert "in each of 2 fresh processes" in text and len(sb.targets(pooled)) == 6
+    with pytest.raises(ValueError, match="no results"):
+        sb.pool([])
+    with pytest.raises(ValueError, match="processes must be an int >= 1"):
+        sb.main(None, True, None, processes=0)
+
+
 def test_moe_bench_quick_reports_against_peft():
     pytest.importorskip("peft")
     from peft_kernels.bench import moe as mb

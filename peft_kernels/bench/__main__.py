@@ -64,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-compile", action="store_true", help="--op model: skip the torch.compile measurements")
     ap.add_argument("--processes", type=int, default=1,
                     help="--op model: run each compiled/eager pair and the serving case in this many fresh processes "
-                         "and pool their rounds (the compile targets are checked on the worst process; default 1)")
+                         "and pool their rounds (the compile targets are checked on the worst process); --op siblings: "
+                         "run the whole bench in this many fresh processes, pooled (default 1)")
     ap.add_argument("--shapes", nargs="+", action="extend", metavar="SHAPE",
                     help=f"presets ({', '.join(PRESETS)}; preset:proj) or M,K,N,r (default: each op's issue case)")
     ap.add_argument("--tokens", type=int, default=512, help="M for presets (default 512)")
@@ -117,7 +118,9 @@ def main(argv=None) -> int:
     if a.op == "siblings":
         from . import siblings as siblings_bench
 
-        return siblings_bench.main(a.rounds, a.quick, a.out)
+        if a.processes < 1:
+            raise SystemExit(f"--processes: must be >= 1, got {a.processes}")
+        return siblings_bench.main(a.rounds, a.quick, a.out, a.processes)
     if a.op == "lm_head":
         from . import lm_head as lm_head_bench
 

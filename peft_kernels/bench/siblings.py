@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import statistics
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -128,6 +128,7 @@ def run_multi(tokens=(64, 1024), K: int = 1024, widths=(1024, 256, 256), r: int 
                 steps[k]()
             case[k] = {"ms": 1e3 * statistics.median(t[k]), "launches": len(oc.ops), "MiB_moved": oc.bytes / 2 ** 20}
         case["fused/separate"] = ratio(t, "fused", "separate")
+        case["fused/separate rounds"] = [a / b for a, b in zip(t["fused"], t["separate"])]
         case["max_rel_diff"] = err
         case["still fused"] = bool(models["fused"].q_proj._siblings.enabled)
         res[f"M={M}"] = case
@@ -173,7 +174,9 @@ def run(tokens=(64, 1024), K: int = 1024, widths=(1024, 256, 256), r: int = 16, 
             with OpCounter() as oc:
                 steps[k]()
             case[k] = {"ms": 1e3 * statistics.median(t[k]), "launches": len(oc.ops), "MiB_moved": oc.bytes / 2 ** 20,
-                       "vs separate": ratio(t, k, "ours separate"), "vs PEFT": ratio(t, k, "PEFT separate")}
+                       "vs separate": ratio(t, k, "ours separate"), "vs PEFT": ratio(t, k, "PEFT separate"),
+                       "vs separate rounds": [a / b for a, b in zip(t[k], t["ours separate"])],
+                       "vs PEFT rounds": [a / b for a, b in zip(t[k], t["PEFT separate"])]}
         group = models["fused"].q_proj._siblings
         case["fused"]["still fused"] = bool(group.enabled)
         case["floor"] = min(case["frozen base"]["vs separate"], case["frozen stacked"]["vs separate"])
@@ -186,22 +189,93 @@ def run(tokens=(64, 1024), K: int = 1024, widths=(1024, 256, 256), r: int = 16, 
     return res
 
 
+def _pool_ratio(dst: dict, parts: List[dict], key: str) -> None:
+    """``dst[key]``: the median over every round of every process (``parts[i][key + " rounds"]``), with each
+    process's own median beside it."""
+    dst[key] = statistics.median(x for p in parts for x in p[key + " rounds"])
+    dst[key + " per process"] = [p[key] for p in parts]
+
+
+def pool(results: List[dict]) -> dict:
+    """One result from ``run`` repeated in several fresh processes (``--processes``): each ratio the median over
+    every round of every process (the spread between processes, several percent here, is larger than within one),
+    each process's median kept beside it; times the median over processes; launches and bytes as measured (the
+    same in every process)."""
+    if not results:
+        raise ValueError("pool: no results")
+    res = {k: v for k, v in results[0].items() if k not in ("cases", "multi")}
+    res["processes"], res["cases"], res["multi"] = len(results), {}, {}
+    for ck, case0 in results[0]["cases"].items():
+        case: dict = {}
+        for k, v0 in case0.items():
+            if not isinstance(v0, dict):
+                continue
+            parts = [r["cases"][ck][k] for r in results]
+            v = {"ms": statistics.median(p["ms"] for p in parts), "launches": v0["launches"],
+                 "MiB_moved": v0["MiB_moved"]}
+            for key in ("vs separate", "vs PEFT"):
+                _pool_ratio(v, parts, key)
+            if "still fused" in v0:
+                v["still fused"] = all(p["still fused"] for p in parts)
+            case[k] = v
+        case["floor"] = min(case["frozen base"]["vs separate"], case["frozen stacked"]["vs separate"])
+        case["bound"] = case["floor"] * (1 + lora_flop_share(res["K"], res["widths"], res["r"]))
+        res["cases"][ck] = case
+    for mk, c0 in results[0].get("multi", {}).items():
+        parts = [r["multi"][mk] for r in results]
+        c = {k: v for k, v in c0.items() if k not in ("fused/separate", "fused/separate rounds")}
+        c["max_rel_diff"] = max(p["max_rel_diff"] for p in parts)
+        c["still fused"] = all(p["still fused"] for p in parts)
+        _pool_ratio(c, parts, "fused/separate")
+        res["multi"][mk] = c
+    return res
+
+
+def run_in_processes(processes: int, rounds: int, quick: bool = False) -> dict:
+    """``run`` in ``processes`` fresh Python processes, pooled (``pool``)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    results = []
+    for _ in range(processes):
+        code = ("import json\nfrom peft_kernels.bench import siblings as sb\n"
+                f"print('RESULT ' + json.dumps(sb.run(rounds={rounds}, quick={quick})))\n")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if not lines:
+            raise RuntimeError(f"bench siblings: a process failed: {(out.stdout + out.stderr)[-2000:]}")
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+    return pool(results)
+
+
+def _per_process(v: dict, key: str) -> str:
+    per = v.get(key + " per process") or []
+    return f" ({', '.join(f'{x:.3f}' for x in per)})" if len(per) > 1 else ""
+
+
 def format_report(res: dict) -> str:
     w = res["widths"]
     lines = [f"q/k/v with LoRA r={res['r']}: in {res['K']}, outputs {w[0]}/{w[1]}/{w[2]}, fp32, forward + backward; "
-             f"paired medians over {res['rounds']} rounds", "",
+             f"paired medians over {res['rounds']} rounds"
+             + (f" in each of {res['processes']} fresh processes, pooled (each process's ratio in brackets)"
+                if res.get("processes", 1) > 1 else ""), "",
              "| case | provider | ms | / ours separate | / PEFT separate | launches | MiB moved |",
              "|---|---|---|---|---|---|---|"]
     for dk, case in res["cases"].items():
         for k, v in ((k, v) for k, v in case.items() if isinstance(v, dict)):
-            lines.append(f"| {dk} | {k} | {v['ms']:.1f} | {v['vs separate']:.3f}× | {v['vs PEFT']:.3f}× | "
+            lines.append(f"| {dk} | {k} | {v['ms']:.1f} | {v['vs separate']:.3f}×{_per_process(v, 'vs separate')} | "
+                         f"{v['vs PEFT']:.3f}× | "
                          f"{v['launches']} | {v['MiB_moved']:.1f} |")
     if res.get("multi"):
         lines += ["", "Multi-adapter q/k/v (8 adapters in slots, random ids per token), serving (forward, no grad):", "",
                   "| case | fused ms | separate ms | fused / separate | launches fused / separate | max rel diff |",
                   "|---|---|---|---|---|---|"]
         for dk, c in res["multi"].items():
-            lines.append(f"| {dk} | {c['fused']['ms']:.2f} | {c['separate']['ms']:.2f} | {c['fused/separate']:.3f}× | "
+            lines.append(f"| {dk} | {c['fused']['ms']:.2f} | {c['separate']['ms']:.2f} | {c['fused/separate']:.3f}×"
+                         f"{_per_process(c, 'fused/separate')} | "
                          f"{c['fused']['launches']} / {c['separate']['launches']} | {c['max_rel_diff']:.1e} |")
     return "\n".join(lines)
 
@@ -210,7 +284,8 @@ def targets(res: dict):
     out = []
     for dk, case in res["cases"].items():
         v = case["fused"]["vs separate"]
-        out.append(f"#19 fused q/k/v, {dk}: {v:.3f}× three separate LoRALinears (target ≤ 0.9: "
+        out.append(f"#19 fused q/k/v, {dk}: {v:.3f}×{_per_process(case['fused'], 'vs separate')} three separate "
+                   "LoRALinears (target ≤ 0.9: "
                    f"{'met' if v <= 0.9 else 'MISSED'}); launches {case['fused']['launches']} vs "
                    f"{case['ours separate']['launches']}; the frozen GEMMs alone (no LoRA) take "
                    f"{case['floor']:.3f}×, and with the LoRA FLOPs at their rate {case['bound']:.3f}× (the lower "
@@ -223,8 +298,10 @@ def targets(res: dict):
     return out
 
 
-def main(rounds: Optional[int], quick: bool, out: Optional[str]) -> int:
-    res = run(rounds=rounds or 9, quick=quick)
+def main(rounds: Optional[int], quick: bool, out: Optional[str], processes: int = 1) -> int:
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise ValueError(f"processes must be an int >= 1, got {processes!r}")
+    res = run(rounds=rounds or 9, quick=quick) if processes == 1 else run_in_processes(processes, rounds or 9, quick)
     from .report import print_and_write
 
     return print_and_write(res, format_report(res), targets(res), out, 'siblings.json')

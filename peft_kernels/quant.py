@@ -120,6 +120,30 @@ def refuse_quantized(layer: nn.Module, what: str) -> None:
                                       "(inject_lora, load_peft_adapter, from_peft) is")
 
 
+def bnb_4bit_standard(w: torch.Tensor):
+    """(packed uint8 bytes [N·K/2], absmax fp32 [N·K/bs] or None when double-quantized and still in the standard
+    layout) of a bitsandbytes 4-bit weight, in bitsandbytes' standard layout: two codes a byte (the first in the high
+    nibble), the absmax blocks running over the flattened [N, K] weight.
+
+    bitsandbytes (0.50, on CPUs with AVX512-BF16) repacks a ``Linear4bit``'s weight in place on its first eval
+    forward without grad on the CPU (``quant_state.packing_format_for_cpu``): codes interleaved in blocks of 32
+    rows, the absmax de-nested, transposed to [K/bs, N] and rounded to bf16. Read as the standard layout that is
+    garbage, and bitsandbytes' own inverse leaves that absmax transposed; so the packed form is converted here,
+    exactly (the values bitsandbytes now computes with), without touching the layer (bitsandbytes' forward expects
+    its packed form)."""
+    qs = w.quant_state
+    data = w.data if w.data.dtype == torch.uint8 else w.data.view(torch.uint8)
+    if not getattr(qs, "packing_format_for_cpu", False):
+        return data.reshape(-1), (None if qs.nested else qs.absmax.float())
+    N, K = int(qs.shape[0]), int(qs.shape[1])
+    p = data.reshape(-1, 32)  # [N/32 · K/2, 32]: the low nibbles are rows 0-15 of a 32-row block, the high 16-31
+    codes = torch.cat([p & 15, p >> 4], dim=1)  # [.., 64]: rows 0-31 of the block, a (k, k+1) pair each
+    codes = codes.reshape(N // 32, K // 2, 32, 2).transpose(1, 2).reshape(-1)  # [N, K] row-major
+    packed = (codes[0::2] << 4) | codes[1::2]
+    absmax = qs.absmax.float().t().reshape(-1)  # [K/bs, N] → the standard [N, K/bs] order
+    return packed.contiguous(), absmax
+
+
 class QuantBase:
     """A frozen quantized weight [N, K], read from its layer at every call (nothing is cached, so a reloaded
     or moved layer is seen as it is now)."""
@@ -152,6 +176,14 @@ class QuantBase:
             if cd is not None:
                 return cd
         return x_dtype
+
+    def float_dtype(self) -> torch.dtype:
+        """A bitsandbytes 4-bit weight's float dtype (``quant_state.dtype``, or the one it had before bitsandbytes
+        repacked it for its CPU kernels, which sets bf16 there: see ``bnb_4bit_standard``)."""
+        qs = self.weight.quant_state
+        if getattr(qs, "packing_format_for_cpu", False):
+            return getattr(qs, "original_dtype", None) or qs.dtype
+        return qs.dtype
 
     def row_align(self) -> int:
         """Chunks start at multiples of this many rows (a 4-bit block never spans two chunks)."""
@@ -206,15 +238,14 @@ class QuantBase:
         w, N, K = self.weight, self.out_features, self.in_features
         if self.kind in ("bnb-nf4", "bnb-fp4"):
             qs = w.quant_state
-            packed = w.data.reshape(-1)
-            packed = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
+            packed, absmax = bnb_4bit_standard(w)
             code = qs.code.float().to(w.device)
-            if qs.nested:  # the kernels dequantize the uint8 absmax themselves (double quantization in the mainloop)
+            if absmax is None:  # the kernels dequantize the uint8 absmax themselves (double quantization, mainloop)
                 s2 = qs.state2
                 return QuantOperand(1, packed, qs.absmax, int(qs.blocksize), N, K, code=code,
                                     absmax_code=s2.code.float().to(w.device), absmax2=s2.absmax.float(),
                                     absmax_offset=float(qs.offset), block2=int(s2.blocksize))
-            return QuantOperand(1, packed, qs.absmax.float(), int(qs.blocksize), N, K, code=code)
+            return QuantOperand(1, packed, absmax, int(qs.blocksize), N, K, code=code)
         if self.kind == "bnb-int8":
             rd = self.reader(torch.float32)
             return QuantOperand(2, rd.cb.reshape(-1), rd.scale.float().reshape(-1), K, N, K, row_scale=True)
@@ -237,16 +268,12 @@ class _Reader:
         w = qb.weight
         if qb.kind in ("bnb-nf4", "bnb-fp4"):
             qs = w.quant_state
-            if qs.nested:
+            self.packed, absmax = bnb_4bit_standard(w)
+            if absmax is None:  # double-quantized
                 import bitsandbytes.functional as BF
 
                 absmax = BF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
-            else:
-                absmax = qs.absmax
             self.absmax = absmax.float()
-            self.packed = w.data.reshape(-1)
-            if self.packed.dtype != torch.uint8:
-                self.packed = self.packed.view(torch.uint8)
             self.code, self.bs, self.qt = qs.code.float(), int(qs.blocksize), qs.quant_type
         elif qb.kind == "bnb-int8":
             state = getattr(qb.layer, "state", None)
@@ -265,7 +292,10 @@ class _Reader:
             absmax = self.absmax[e0 // self.bs:(e1 + self.bs - 1) // self.bs]
             if packed.device.type == "cpu" and _ext.available():
                 return _ext.ops().dequantize_4bit(packed, absmax, self.code, self.bs, n1 - n0, K, self.dtype)
-            return torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, self.bs, self.qt, [n1 - n0, K], self.dtype)
+            # one flat row: the format's blocks run over the flattened weight, and bitsandbytes' AVX-512 CPU kernel
+            # indexes a block's absmax per row (wrong where K is not a multiple of the blocksize; flat, it is right)
+            return torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, self.bs, self.qt, [1, (n1 - n0) * K],
+                                                          self.dtype).view(n1 - n0, K)
         if qb.kind == "bnb-int8":
             return self.cb[n0:n1].to(self.dtype).mul_(self.scale[n0:n1])
         w = qb.weight[n0:n1]

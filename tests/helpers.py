@@ -1,7 +1,9 @@
 """Shared test helpers: backend/dtype parametrization and verbose, reference-relative allclose."""
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 
 import pytest
 import torch
@@ -192,3 +194,37 @@ def check_controls(model, base, ids, adapter_type) -> None:
         un = pk.unload(model)
         torch.testing.assert_close(un(input_ids=ids).logits, plain)
     assert all(p.requires_grad for p in un.parameters())
+
+
+@contextlib.contextmanager
+def bnb_reference_kernels():
+    """bitsandbytes' CPU 4-bit ops computed by its own reference math (``backends/default/ops.py``) inside the block.
+
+    On a CPU with AVX-512, bitsandbytes 0.50 registers native CPU kernels instead, which a test cannot take as the
+    spec: ``dequantize_4bit`` indexes each block's absmax per row, so it is wrong wherever a row's length is not a
+    multiple of the blocksize (the blocks of the format run over the flattened weight; ``quant.py`` calls the op with
+    one flat row for that reason), and ``gemv_4bit`` computes in bf16. The block re-registers the reference math for
+    the CPU (``torch.library`` fragment, removed on exit, which restores bitsandbytes' own kernels); on other CPUs
+    the reference is what runs anyway."""
+    import torch.nn.functional as F
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
+        A = A if A.dtype == torch.uint8 else A.view(torch.uint8)
+        return _dequantize_4bit_compute(A.reshape(-1), absmax, _get_4bit_code(quant_type, A.device), blocksize,
+                                        shape, dtype)
+
+    def gemv_4bit(A, B, shapeB, absmax, code, blocksize):
+        qt = "fp4" if code[1] > 0 else "nf4"
+        return F.linear(A, torch.ops.bitsandbytes.dequantize_4bit.default(B, absmax, blocksize, qt, shapeB, A.dtype))
+
+    lib = torch.library.Library("bitsandbytes", "FRAGMENT")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "overriding a previously registered kernel": that is the point
+            torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", dequantize_4bit, lib=lib)
+            torch.library.register_kernel("bitsandbytes::gemv_4bit", "cpu", gemv_4bit, lib=lib)
+        yield
+    finally:
+        lib._destroy()

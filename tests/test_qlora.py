@@ -22,7 +22,7 @@ from peft_kernels.gpucheck.cases import dequantize_operand
 from peft_kernels.ops import qlora as Q
 from peft_kernels.ops.lora import dropout_mask
 
-from helpers import assert_close, real_jit_env
+from helpers import assert_close, bnb_reference_kernels, real_jit_env
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a test dependency (make test installs it)")
 BF = pytest.importorskip("bitsandbytes.functional")
@@ -34,10 +34,80 @@ EXPECT_KIND = {"nf4": "bnb-nf4", "fp4": "bnb-fp4", "nf4-dq": "bnb-nf4", "fp4-dq"
 
 
 @pytest.fixture(autouse=True)
-def _quiet():
+def _quiet(request, monkeypatch):
+    """Warnings off; bitsandbytes' CPU 4-bit ops on its reference math (``helpers.bnb_reference_kernels``: its
+    AVX-512 kernels are not the spec), and its 4-bit layers made here without its AVX512-BF16 eval path (which
+    repacks the weight and computes in bf16: ``quant.bnb_4bit_standard``; tested on its own below), except for the
+    tests marked ``bnb_native``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        yield
+        if request.node.get_closest_marker("bnb_native"):
+            yield
+        else:
+            monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)
+            with bnb_reference_kernels():
+                yield
+
+
+def _format_dequantize(layer) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight dequantized from its format by hand (fp32): each byte holds two codes, the high
+    nibble first; value = code[nibble] · absmax of its block, the blocks running over the flattened weight."""
+    w = layer.weight
+    qs = w.quant_state
+    absmax = (BF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset) if qs.nested else qs.absmax
+    data = w.data.reshape(-1).view(torch.uint8).long()
+    nib = torch.stack([data >> 4, data & 15], 1).reshape(-1)[:qs.shape.numel()]
+    blocks = torch.arange(nib.numel()) // qs.blocksize
+    return (qs.code.float()[nib] * absmax.float()[blocks]).view(qs.shape)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4-dq"])
+def test_a_weight_bitsandbytes_repacked_for_its_cpu_kernels_is_read_as_it_now_holds(kind):
+    """bitsandbytes repacks a Linear4bit's weight in place on its first eval forward on a CPU with AVX512-BF16
+    (codes interleaved by 32 rows, absmax de-nested, transposed and rounded to bf16), on every such CPU; here that
+    repacking is applied by hand (bitsandbytes' own function), so the test runs on any CPU. Our reading of the
+    weight must give its codes times that bf16 absmax (not the standard layout misread: off by up to 0.18 here),
+    through the chunk reader, the kernels' operand and a LoRA layer; the float dtype stays the one it had."""
+    K, N = 128, 64
+    layer = quantized(kind, K, N)
+    qs = layer.weight.quant_state
+    absmax = (BF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset) if qs.nested else qs.absmax
+    data = layer.weight.data.reshape(-1).view(torch.uint8).long()
+    nib = torch.stack([data >> 4, data & 15], 1).reshape(-1)
+    want = (qs.code.float()[nib] * absmax.float().to(torch.bfloat16).float()[torch.arange(N * K) // qs.blocksize])
+    want = want.view(N, K)
+    model = nn.Sequential(layer)
+    pk.inject_lora(model, ["0"], r=4, init_lora_weights=False)
+    lora = model[0]
+    w = layer.weight
+    w.data, w.quant_state = BF._convert_weight_packed_for_cpu(w.data, w.quant_state)
+    assert w.quant_state.packing_format_for_cpu and w.quant_state.dtype == torch.bfloat16
+    qb = quant.QuantBase(layer)
+    assert torch.equal(qb.dequantize(torch.float32), want)
+    assert torch.equal(dequantize_operand(qb.kernel_operand()).float(), want)
+    assert qb.float_dtype() == torch.float32 and lora._float_dtype() == torch.float32
+    x = torch.randn(5, K)
+    with torch.no_grad():
+        ref = reference.lora_linear_ref(x.double(), want.double(), layer.bias.double(), lora.lora_A.double(),
+                                        lora.lora_B.double(), lora.scaling)
+        same = reference.lora_linear_ref(x, want, layer.bias, lora.lora_A, lora.lora_B, lora.scaling)
+        assert_close(lora(x), ref, same, "a LoRA layer on the repacked weight")
+
+
+@pytest.mark.bnb_native
+@pytest.mark.parametrize("kind", ["nf4", "fp4-dq"])
+def test_bnb_op_fallback_dequantizes_as_the_format_with_bitsandbytes_own_cpu_kernels(kind, monkeypatch):
+    """Without our extension, QuantBase dequantizes through ``torch.ops.bitsandbytes.dequantize_4bit``, here with
+    whatever kernel bitsandbytes registered for this CPU (on AVX-512, its native one, which indexes each absmax per
+    row): rows of 96 with blocks of 64 (blocks that straddle rows), whole and in chunks, equal the format by hand."""
+    layer = quantized(kind, 96, 40)
+    monkeypatch.setattr(quant._ext, "available", lambda: False)
+    qb = quant.QuantBase(layer)
+    want = _format_dequantize(layer)
+    assert torch.equal(qb.dequantize(torch.float32), want)
+    r = qb.reader(torch.float32)
+    step = qb.row_align() * 3
+    assert torch.equal(torch.cat([r.rows(n0, min(n0 + step, 40)) for n0 in range(0, 40, step)]), want)
 
 
 def quantized(kind: str, K: int, N: int, *, bias: bool = True, compute_dtype=None, seed: int = 0) -> nn.Module:

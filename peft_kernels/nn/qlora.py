@@ -55,7 +55,7 @@ class QuantBaseModule:
     def _float_dtype(self) -> torch.dtype:
         k, w = self.quant_base.kind, self.weight
         if k in ("bnb-nf4", "bnb-fp4"):
-            return getattr(self.base_layer, "compute_dtype", None) or w.quant_state.dtype
+            return getattr(self.base_layer, "compute_dtype", None) or self.quant_base.float_dtype()
         if k == "bnb-int8":
             return self.bias.dtype if self.bias is not None else torch.float32
         return w.dtype
@@ -70,7 +70,7 @@ class QuantBaseModule:
             kw = {k: v for k, v in old.__dict__.items() if not k.startswith("_") and k != "data"}
             kw.update(bnb_quantized=False, requires_grad=False)
             kw.pop("quant_state", None)
-            layer.weight = bnb.nn.Params4bit(w.to(old.quant_state.dtype).cpu(), **kw).to(dev)
+            layer.weight = bnb.nn.Params4bit(w.to(self.quant_base.float_dtype()).cpu(), **kw).to(dev)
         elif kind == "bnb-int8":
             import bitsandbytes as bnb
 

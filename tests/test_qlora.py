@@ -49,16 +49,17 @@ def _quiet(request, monkeypatch):
                 yield
 
 
-def _format_dequantize(layer) -> torch.Tensor:
+def _format_dequantize(layer, absmax_dtype=torch.float32) -> torch.Tensor:
     """A bitsandbytes 4-bit weight dequantized from its format by hand (fp32): each byte holds two codes, the high
-    nibble first; value = code[nibble] · absmax of its block, the blocks running over the flattened weight."""
+    nibble first; value = code[nibble] · absmax of its block (rounded to ``absmax_dtype``), the blocks running over
+    the flattened weight."""
     w = layer.weight
     qs = w.quant_state
     absmax = (BF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset) if qs.nested else qs.absmax
     data = w.data.reshape(-1).view(torch.uint8).long()
     nib = torch.stack([data >> 4, data & 15], 1).reshape(-1)[:qs.shape.numel()]
     blocks = torch.arange(nib.numel()) // qs.blocksize
-    return (qs.code.float()[nib] * absmax.float()[blocks]).view(qs.shape)
+    return (qs.code.float()[nib] * absmax.float().to(absmax_dtype).float()[blocks]).view(qs.shape)
 
 
 @pytest.mark.parametrize("kind", ["nf4", "fp4-dq"])
@@ -70,12 +71,7 @@ def test_a_weight_bitsandbytes_repacked_for_its_cpu_kernels_is_read_as_it_now_ho
     through the chunk reader, the kernels' operand and a LoRA layer; the float dtype stays the one it had."""
     K, N = 128, 64
     layer = quantized(kind, K, N)
-    qs = layer.weight.quant_state
-    absmax = (BF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset) if qs.nested else qs.absmax
-    data = layer.weight.data.reshape(-1).view(torch.uint8).long()
-    nib = torch.stack([data >> 4, data & 15], 1).reshape(-1)
-    want = (qs.code.float()[nib] * absmax.float().to(torch.bfloat16).float()[torch.arange(N * K) // qs.blocksize])
-    want = want.view(N, K)
+    want = _format_dequantize(layer, absmax_dtype=torch.bfloat16)  # before the repacking, absmax as it will be
     model = nn.Sequential(layer)
     pk.inject_lora(model, ["0"], r=4, init_lora_weights=False)
     lora = model[0]

@@ -109,6 +109,8 @@ def main(argv=None) -> int:
         return _gpu_resources(a, argv)
     if a.model:
         return _launch_model(a, argv)
+    if a.op in ("model", "siblings") and a.processes < 1:
+        raise SystemExit(f"--processes: must be >= 1, got {a.processes}")
     if a.op == "meta":
         return _meta(a)
     if a.op == "moe":
@@ -118,8 +120,6 @@ def main(argv=None) -> int:
     if a.op == "siblings":
         from . import siblings as siblings_bench
 
-        if a.processes < 1:
-            raise SystemExit(f"--processes: must be >= 1, got {a.processes}")
         return siblings_bench.main(a.rounds, a.quick, a.out, a.processes)
     if a.op == "lm_head":
         from . import lm_head as lm_head_bench
@@ -130,8 +130,6 @@ def main(argv=None) -> int:
 
         if a.threads:
             torch.set_num_threads(a.threads)
-        if a.processes < 1:
-            raise SystemExit(f"--processes: must be >= 1, got {a.processes}")
         return model_bench.main(a.rounds, a.quick, not a.no_compile, a.out, a.processes)
     if a.threads:
         torch.set_num_threads(a.threads)

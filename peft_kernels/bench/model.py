@@ -207,11 +207,34 @@ def pooled(results: List[dict], key: str = "compiled/eager") -> dict:
         elif k != key + " rounds":
             out[k] = v
     if all(key + " rounds" in r for r in results):
-        out[key] = statistics.median(x for r in results for x in r[key + " rounds"])
-        out[key + " per process"] = [r[key] for r in results]
+        pool_ratio(out, results, key)
         out[key + " worst process"] = max(r[key] for r in results)
     out["processes"] = len(results)
     return out
+
+
+def pool_ratio(dst: dict, parts: List[dict], key: str) -> None:
+    """``dst[key]``: the median over every round of every process (``parts[i][key + " rounds"]``), with each
+    process's own median beside it (``dst[key + " per process"]``)."""
+    dst[key] = statistics.median(x for p in parts for x in p[key + " rounds"])
+    dst[key + " per process"] = [p[key] for p in parts]
+
+
+def check_processes(processes) -> None:
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise ValueError(f"processes must be an int >= 1, got {processes!r}")
+
+
+def fresh_result(code: str, what: str, env: Optional[Dict[str, str]] = None) -> dict:
+    """Runs ``code`` (Python that prints one ``RESULT <json>`` line) in a fresh process without TRITON_INTERPRET
+    (``env``: variables to set there) and returns that JSON; ``what`` names it in the error when it fails."""
+    env = dict(os.environ, **(env or {}))
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{what} failed in its process: {(out.stdout + out.stderr)[-2000:]}")
 
 
 def _fresh_pooled(call: str, batch_size: int, seq: int, processes: int, key: str = "compiled/eager") -> dict:
@@ -224,13 +247,7 @@ def _fresh(call: str, batch_size: int, seq: int, env: Optional[Dict[str, str]] =
     code = ("import json, torch\nfrom peft_kernels.bench import model as mb\ntorch.manual_seed(0)\n"
             f"base, _ = mb.load_model()\ndata = mb.batch({batch_size}, {seq}, base.config.vocab_size)\n"
             f"print('RESULT ' + json.dumps(mb.{call}))\n")
-    env = dict(os.environ, **(env or {}))
-    env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"bench model: {call} failed in its process: {(out.stdout + out.stderr)[-2000:]}")
+    return fresh_result(code, f"bench model: {call}", env)
 
 
 def graph_breaks(model, data) -> int:
@@ -246,8 +263,7 @@ def run(rounds: int = 7, batch_size: int = 16, seq: int = 128, compile_: bool = 
         processes: int = 1) -> dict:
     """``processes``: how many fresh processes each compiled/eager pair (and the serving case) runs in, pooled
     (``pooled``)."""
-    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
-        raise ValueError(f"processes must be an int >= 1, got {processes!r}")
+    check_processes(processes)
     import peft_kernels as pk
 
     torch.manual_seed(0)

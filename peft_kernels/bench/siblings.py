@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .common import OpCounter
-from .model import paired, ratio
+from .model import check_processes, fresh_result, paired, pool_ratio, ratio
 
 
 class QKV(nn.Module):
@@ -189,13 +189,6 @@ def run(tokens=(64, 1024), K: int = 1024, widths=(1024, 256, 256), r: int = 16, 
     return res
 
 
-def _pool_ratio(dst: dict, parts: List[dict], key: str) -> None:
-    """``dst[key]``: the median over every round of every process (``parts[i][key + " rounds"]``), with each
-    process's own median beside it."""
-    dst[key] = statistics.median(x for p in parts for x in p[key + " rounds"])
-    dst[key + " per process"] = [p[key] for p in parts]
-
-
 def pool(results: List[dict]) -> dict:
     """One result from ``run`` repeated in several fresh processes (``--processes``): each ratio the median over
     every round of every process (the spread between processes, several percent here, is larger than within one),
@@ -214,7 +207,7 @@ def pool(results: List[dict]) -> dict:
             v = {"ms": statistics.median(p["ms"] for p in parts), "launches": v0["launches"],
                  "MiB_moved": v0["MiB_moved"]}
             for key in ("vs separate", "vs PEFT"):
-                _pool_ratio(v, parts, key)
+                pool_ratio(v, parts, key)
             if "still fused" in v0:
                 v["still fused"] = all(p["still fused"] for p in parts)
             case[k] = v
@@ -226,29 +219,16 @@ def pool(results: List[dict]) -> dict:
         c = {k: v for k, v in c0.items() if k not in ("fused/separate", "fused/separate rounds")}
         c["max_rel_diff"] = max(p["max_rel_diff"] for p in parts)
         c["still fused"] = all(p["still fused"] for p in parts)
-        _pool_ratio(c, parts, "fused/separate")
+        pool_ratio(c, parts, "fused/separate")
         res["multi"][mk] = c
     return res
 
 
 def run_in_processes(processes: int, rounds: int, quick: bool = False) -> dict:
     """``run`` in ``processes`` fresh Python processes, pooled (``pool``)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    results = []
-    for _ in range(processes):
-        code = ("import json\nfrom peft_kernels.bench import siblings as sb\n"
-                f"print('RESULT ' + json.dumps(sb.run(rounds={rounds}, quick={quick})))\n")
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
-        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if not lines:
-            raise RuntimeError(f"bench siblings: a process failed: {(out.stdout + out.stderr)[-2000:]}")
-        results.append(json.loads(lines[-1][len("RESULT "):]))
-    return pool(results)
+    code = ("import json\nfrom peft_kernels.bench import siblings as sb\n"
+            f"print('RESULT ' + json.dumps(sb.run(rounds={rounds}, quick={quick})))\n")
+    return pool([fresh_result(code, "bench siblings: a process") for _ in range(processes)])
 
 
 def _per_process(v: dict, key: str) -> str:
@@ -299,8 +279,7 @@ def targets(res: dict):
 
 
 def main(rounds: Optional[int], quick: bool, out: Optional[str], processes: int = 1) -> int:
-    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
-        raise ValueError(f"processes must be an int >= 1, got {processes!r}")
+    check_processes(processes)
     res = run(rounds=rounds or 9, quick=quick) if processes == 1 else run_in_processes(processes, rounds or 9, quick)
     from .report import print_and_write
 

@@ -4,6 +4,8 @@
 #include <torch/library.h>
 
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "peft_kernels/cpu_isa.h"
 
@@ -14,6 +16,10 @@ at::Tensor dropout_keep_mask(int64_t M, int64_t K, int64_t k0, int64_t k1, int64
 at::Tensor lora_dropout_shrink(const at::Tensor& x, const at::Tensor& A, int64_t k0, int64_t k1, int64_t k2,
                                int64_t thr);
 at::Tensor hash_dropout(const at::Tensor& x, int64_t k0, int64_t k1, int64_t k2, int64_t thr, double scale);
+std::vector<at::Tensor> lora_dropout_shrink_group(const at::Tensor& x, at::TensorList As, at::IntArrayRef keys);
+std::tuple<at::Tensor, std::vector<at::Tensor>> lora_dropout_bwd_group(at::TensorList dS, const at::Tensor& x,
+                                                                       at::TensorList As, at::IntArrayRef keys,
+                                                                       bool need_dx, at::IntArrayRef need_da);
 std::tuple<at::Tensor, at::Tensor> lora_dropout_bwd(const at::Tensor& dS, const at::Tensor& x, const at::Tensor& A,
                                                     int64_t k0, int64_t k1, int64_t k2, int64_t thr, bool need_dx,
                                                     bool need_da);
@@ -56,6 +62,11 @@ TORCH_LIBRARY(peft_kernels, m) {
   // (dX, dA); an output not asked for is an empty tensor
   m.def("lora_dropout_bwd(Tensor dS, Tensor x, Tensor lora_A, int k0, int k1, int k2, int thr, bool need_dx, "
         "bool need_da) -> (Tensor, Tensor)");
+  // the same for members that read one x, each with its own A and mask (keys: k0, k1, k2, thr per member):
+  // each member's S; (dX summed over the members, each member's dA where need_da[i] is 1, else empty)
+  m.def("lora_dropout_shrink_group(Tensor x, Tensor[] lora_As, int[] keys) -> Tensor[]");
+  m.def("lora_dropout_bwd_group(Tensor[] dS, Tensor x, Tensor[] lora_As, int[] keys, bool need_dx, "
+        "int[] need_da) -> (Tensor, Tensor[])");
   // multi-adapter LoRA over tokens grouped by adapter (perm, seg_slots, seg_starts: ops/multi_lora.py's
   // AdapterMapping): adds the LoRA updates into y in place, returns the shrink S [T_active, R]
   m.def("multi_lora_fwd(Tensor(a!) y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor perm, Tensor seg_slots, "
@@ -101,6 +112,8 @@ TORCH_LIBRARY(peft_kernels, m) {
 TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
   m.impl("lora_dropout_shrink", &peft_kernels::cpu::lora_dropout_shrink);
   m.impl("lora_dropout_bwd", &peft_kernels::cpu::lora_dropout_bwd);
+  m.impl("lora_dropout_shrink_group", &peft_kernels::cpu::lora_dropout_shrink_group);
+  m.impl("lora_dropout_bwd_group", &peft_kernels::cpu::lora_dropout_bwd_group);
   m.impl("hash_dropout", &peft_kernels::cpu::hash_dropout);
   m.impl("multi_lora_fwd", &peft_kernels::cpu::multi_lora_fwd);
   m.impl("multi_lora_bwd", &peft_kernels::cpu::multi_lora_bwd);

@@ -50,6 +50,14 @@ def _register_fakes() -> None:
         return (x.new_empty(x.shape, **f32) if need_dx else x.new_empty((0,), **f32),
                 x.new_empty((A.shape[0], x.shape[1]), **f32) if need_da else x.new_empty((0,), **f32))
 
+    def dropout_shrink_group(x, As, keys):
+        return [x.new_empty((x.shape[0], A.shape[0]), dtype=torch.float32) for A in As]
+
+    def dropout_bwd_group(dS, x, As, keys, need_dx, need_da):
+        f32 = dict(dtype=torch.float32, device=x.device)
+        return (x.new_empty(x.shape, **f32) if need_dx else x.new_empty((0,), **f32),
+                [x.new_empty((A.shape[0], x.shape[1]) if d else (0,), **f32) for A, d in zip(As, need_da)])
+
     def multi_fwd(y, x, A, B, perm, *rest):
         return A.new_empty((perm.shape[0], A.shape[1]))
 
@@ -73,7 +81,9 @@ def _register_fakes() -> None:
     for name, fn in (("dequantize_4bit", dequantize_4bit), ("bgmv_shrink", shrink), ("sgmv_shrink", shrink), ("bgmv_expand", nothing),
                      ("sgmv_expand", nothing), ("lora_expand", nothing), ("lora_dropout_shrink", dropout_shrink),
                      ("lora_dropout_bwd", dropout_bwd), ("multi_lora_fwd", multi_fwd), ("multi_lora_bwd", multi_bwd),
-                     ("group_by_adapter", group), ("hash_dropout", hash_dropout)):
+                     ("group_by_adapter", group), ("hash_dropout", hash_dropout),
+                     ("lora_dropout_shrink_group", dropout_shrink_group),
+                     ("lora_dropout_bwd_group", dropout_bwd_group)):
         torch.library.register_fake(f"peft_kernels::{name}")(fn)
 
 

@@ -228,6 +228,42 @@ def group_raw_bad(_examples):
                                                                           True, True), "dS")
     expect_error("lora_dropout_bwd dS cols", lambda: ops.lora_dropout_bwd(torch.zeros(T, R + 1), x, wA[0], 1, 2, 3, 5,
                                                                           True, True), "dS")
+    gk = [1, 2, 3, 5, 6, 7, 8, 9]  # two members' keys
+    gA = [wA[0], wA[1]]
+    expect_error("lora_dropout_shrink_group no members", lambda: ops.lora_dropout_shrink_group(x, [], []), "member")
+    expect_error("lora_dropout_shrink_group keys short", lambda: ops.lora_dropout_shrink_group(x, gA, gk[:7]), "keys")
+    expect_error("lora_dropout_shrink_group keys long", lambda: ops.lora_dropout_shrink_group(x, gA, gk + [1]), "keys")
+    expect_error("lora_dropout_shrink_group key>=2^32", lambda: ops.lora_dropout_shrink_group(
+        x, gA, gk[:6] + [2**32, 9]), "uint32")
+    expect_error("lora_dropout_shrink_group A K", lambda: ops.lora_dropout_shrink_group(
+        x, [wA[0], torch.randn(R, K + 1)], gk), "columns")
+    expect_error("lora_dropout_shrink_group A 1-D", lambda: ops.lora_dropout_shrink_group(x, [wA[0], wA[1][0]], gk), "")
+    expect_error("lora_dropout_shrink_group A int", lambda: ops.lora_dropout_shrink_group(
+        x, [wA[0], wA[1].int()], gk), "float32")
+    expect_error("lora_dropout_shrink_group x 3-D", lambda: ops.lora_dropout_shrink_group(x[None], gA, gk), "")
+    gdS = [torch.zeros(T, R), torch.zeros(T, R)]
+    expect_error("lora_dropout_bwd_group dS count", lambda: ops.lora_dropout_bwd_group(gdS[:1], x, gA, gk, True,
+                                                                                        [1, 1]), "dS")
+    expect_error("lora_dropout_bwd_group need_da count", lambda: ops.lora_dropout_bwd_group(gdS, x, gA, gk, True, [1]),
+                 "need_da")
+    expect_error("lora_dropout_bwd_group need_da value", lambda: ops.lora_dropout_bwd_group(gdS, x, gA, gk, True,
+                                                                                             [1, -1]), "need_da")
+    expect_error("lora_dropout_bwd_group dS rows", lambda: ops.lora_dropout_bwd_group(
+        [gdS[0], torch.zeros(T + 1, R)], x, gA, gk, True, [1, 1]), "dS")
+    expect_error("lora_dropout_bwd_group dS cols", lambda: ops.lora_dropout_bwd_group(
+        [torch.zeros(T, R - 1), gdS[1]], x, gA, gk, False, [1, 1]), "dS")
+    expect_error("lora_dropout_bwd_group dS 1-D", lambda: ops.lora_dropout_bwd_group(
+        [gdS[0], torch.zeros(T)], x, gA, gk, True, [0, 0]), "")
+    # valid calls at edge sizes: no rows, one column, many members of rank 1
+    for M_, K_, n_ in ((0, K, 2), (5, 1, 3), (T, K, 9)):
+        xs_ = torch.randn(M_, K_)
+        As_ = [torch.randn(1, K_) for _ in range(n_)]
+        ks_ = [v for i in range(n_) for v in (i, 2 * i, 3 * i, 2**31)]
+        Ss = ops.lora_dropout_shrink_group(xs_, As_, ks_)
+        dx_, dA_ = ops.lora_dropout_bwd_group([torch.ones(M_, 1)] * n_, xs_, As_, ks_, True, [1] * n_)
+        case(f"lora_dropout_group M={M_} K={K_} n={n_}")
+        if len(Ss) != n_ or any(s.shape != (M_, 1) for s in Ss) or dx_.shape != (M_, K_) or len(dA_) != n_:
+            fail(f"lora_dropout_group M={M_} K={K_} n={n_}", "wrong output shapes")
     expect_error("dropout_keep_mask M<0", lambda: ops.dropout_keep_mask(-1, 4, 1, 2, 3, 5), "")
     expect_error("hash_dropout int", lambda: ops.hash_dropout(torch.ones(3, dtype=torch.int32), 1, 2, 3, 5, 1.5), "x")
     expect_error("hash_dropout bool", lambda: ops.hash_dropout(torch.ones(3, dtype=torch.bool), 1, 2, 3, 5, 1.5), "x")

@@ -74,6 +74,84 @@ def test_fused_passes_non_contiguous_and_errors():
         _ext.ops().lora_dropout_shrink(x, A, -1, 0, 0, 0)
 
 
+def _group_inputs(M, K, ranks, ps, g):
+    x = torch.randn(M, K, generator=g)
+    As = [torch.randn(r, K, generator=g) for r in ranks]
+    dS = [torch.randn(M, r, generator=g) for r in ranks]
+    keys = [D.keys(1000 + i, p) for i, p in enumerate(ps)]
+    return x, As, dS, keys
+
+
+@needs_ext
+@pytest.mark.parametrize("cpu_isa", isa_params(), indirect=True)
+@pytest.mark.parametrize("M,K,ranks,ps", [(37, 53, (3, 1, 70), (0.1, 0.5, 0.3)), (1100, 300, (5, 16), (0.05, 0.05)),
+                                          (1, 1, (1, 1), (0.5, 0.999)), (64, 4100, (2,), (0.2,))])
+def test_dropout_group_kernels(cpu_isa, M, K, ranks, ps):
+    """The sibling group kernels against fp64 on each member's own mask (every member's mask differs), and bit for
+    bit equal to the one-member kernels member by member (dx: their sum in member order), whichever of dx / dA_i
+    are asked for."""
+    from helpers import assert_close
+
+    ops = _ext.ops()
+    x, As, dS, keys = _group_inputs(M, K, ranks, ps, torch.Generator().manual_seed(0))
+    flat = [int(k) for ks in keys for k in ks]
+    keeps = [D.keep_mask(1000 + i, (M, K), p, "cpu") for i, p in enumerate(ps)]
+    if len(ps) > 1:
+        assert not torch.equal(keeps[0], keeps[1])
+    S = ops.lora_dropout_shrink_group(x, As, flat)
+    for i, (A, kp) in enumerate(zip(As, keeps)):
+        assert_close(S[i], (x.double() * kp) @ A.double().t(), (x * kp) @ A.t(), f"S[{i}]")
+        assert torch.equal(S[i], ops.lora_dropout_shrink(x, A, *keys[i]))
+    ref_dx = sum((d.double() @ A.double()) * kp for d, A, kp in zip(dS, As, keeps))
+    plain_dx = sum((d @ A) * kp for d, A, kp in zip(dS, As, keeps))
+    for need_dx in (True, False):
+        for need_da in ([1] * len(ps), [0] * len(ps), [i % 2 for i in range(len(ps))]):
+            dx, dA = ops.lora_dropout_bwd_group(dS, x, As, flat, need_dx, need_da)
+            one = [ops.lora_dropout_bwd(d, x, A, *ks, need_dx, bool(f)) for d, A, ks, f in zip(dS, As, keys, need_da)]
+            if need_dx:
+                assert_close(dx, ref_dx, plain_dx, "dx")
+                want = one[0][0].clone()
+                for o in one[1:]:
+                    want.add_(o[0])
+                assert torch.equal(dx, want)
+            else:
+                assert dx.numel() == 0
+            for i, f in enumerate(need_da):
+                if f:
+                    assert_close(dA[i], dS[i].double().t() @ (x.double() * keeps[i]), dS[i].t() @ (x * keeps[i]),
+                                 f"dA[{i}]")
+                    assert torch.equal(dA[i], one[i][1])
+                else:
+                    assert dA[i].numel() == 0
+
+
+@needs_ext
+def test_dropout_group_kernels_errors():
+    """Inconsistent lists, shapes, dtypes and keys raise (no crash): the group ops check every member."""
+    ops = _ext.ops()
+    x, As, dS, keys = _group_inputs(13, 20, (3, 4), (0.1, 0.2), torch.Generator().manual_seed(0))
+    flat = [int(k) for ks in keys for k in ks]
+    bad = [
+        (ValueError, "at least one member", lambda: ops.lora_dropout_shrink_group(x, [], [])),
+        (ValueError, "4 values", lambda: ops.lora_dropout_shrink_group(x, As, flat[:-1])),
+        (ValueError, "columns", lambda: ops.lora_dropout_shrink_group(x, [As[0], torch.randn(4, 21)], flat)),
+        (TypeError, "float32", lambda: ops.lora_dropout_shrink_group(x, [As[0], As[1].double()], flat)),
+        (ValueError, "2-D", lambda: ops.lora_dropout_shrink_group(x, [As[0], As[1][None]], flat)),
+        (ValueError, "uint32", lambda: ops.lora_dropout_shrink_group(x, As, flat[:4] + [-1] + flat[5:])),
+        (ValueError, "one tensor per member", lambda: ops.lora_dropout_bwd_group(dS[:1], x, As, flat, True, [1, 1])),
+        (ValueError, "one flag per member", lambda: ops.lora_dropout_bwd_group(dS, x, As, flat, True, [1])),
+        (ValueError, "0 or 1", lambda: ops.lora_dropout_bwd_group(dS, x, As, flat, True, [1, 2])),
+        (ValueError, r"dS\[1\] must be \[13, 4\]", lambda: ops.lora_dropout_bwd_group([dS[0], dS[0]], x, As, flat,
+                                                                                      True, [1, 1])),
+        (ValueError, r"dS\[1\] must be", lambda: ops.lora_dropout_bwd_group([dS[0], torch.randn(14, 4)], x, As, flat,
+                                                                           True, [1, 1])),
+        (TypeError, "float32", lambda: ops.lora_dropout_bwd_group([dS[0], dS[1].half()], x, As, flat, True, [1, 1])),
+    ]
+    for exc, msg, f in bad:
+        with pytest.raises(exc, match=msg):
+            f()
+
+
 @pytest.mark.parametrize("lead,K,N,r,bias,layout", CASES[:3] + CASES[4:5])
 def test_torch_backend_without_extension(monkeypatch, lead, K, N, r, bias, layout):
     """The pure-torch fallback (no compiler, or other devices) gives the same results."""
@@ -122,6 +200,9 @@ def test_opcheck_dropout_and_multi_adapter_ops():
         (ops.multi_lora_bwd, (torch.randn(T, N, generator=g), xs, Sb, A3, B3, m.perm, m.seg_slots, m.seg_starts,
                               ranks, scal, torch.zeros(T, K), True, True, None)),
         (ops.group_by_adapter, (ids, S)),
+        (ops.lora_dropout_shrink_group, (x, [A, A[:2]], [*ks, *D.keys(4, 0.5)])),
+        (ops.lora_dropout_bwd_group, ([torch.randn(13, 5, generator=g), torch.randn(13, 2, generator=g)], x,
+                                      [A, A[:2]], [*ks, *D.keys(4, 0.5)], True, [1, 0])),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

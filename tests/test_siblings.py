@@ -7,15 +7,17 @@ merge / unload."""
 import contextlib
 import copy
 import threading
+import types
 
 import pytest
 import torch
 import torch.nn as nn
 
 import peft_kernels as pk
-from peft_kernels import reference
+from peft_kernels import _ext, reference
 from peft_kernels.nn.siblings import SiblingGroup
 from peft_kernels.ops import _torch_dropout
+from peft_kernels.ops import siblings as siblings_op
 
 from helpers import assert_close
 
@@ -90,13 +92,32 @@ def test_op_against_the_separate_projections(dtype, case, xshape):
         assert_close(a, r, s, f"{case} {n}")
 
 
+class _CountingOps:
+    """``_ext.ops()`` that records which ops the sibling op looks up."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(_ext.ops(), name)
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["stacked", "split"])
-@pytest.mark.parametrize("dtype,lora_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32),
-                                              (torch.float16, None)], ids=["fp32", "bf16-fp32-adapters", "fp16"])
-def test_dropout_each_member_has_its_own_mask(dtype, lora_dtype, split):
+@pytest.mark.parametrize("dtype,lora_dtype,ext", [(torch.float32, None, True), (torch.float32, None, False),
+                                                  (torch.bfloat16, torch.float32, True), (torch.float16, None, True)],
+                         ids=["fp32", "fp32-no-extension", "bf16-fp32-adapters", "fp16"])
+def test_dropout_each_member_has_its_own_mask(dtype, lora_dtype, ext, split, monkeypatch):
     """Members with dropout (two of three, each its own mask; the third without) against each member's reference fed
     that mask: fp64, bounded by the same reference in the op's precision; the outputs stacked, or split (backward
-    then takes each member's dY)."""
+    then takes each member's dY). In fp32 on CPU with the extension the two run as a group in the C++ kernels (one
+    shrink call, one backward call), else each on its own."""
+    if ext and not _ext.available():
+        pytest.skip(f"extension: {_ext.unavailable_reason()}")
+    if not ext:
+        monkeypatch.setenv("PEFT_KERNELS_DISABLE_EXT", "1")
+    counting = _CountingOps()
+    monkeypatch.setattr(siblings_op, "_ext", types.SimpleNamespace(ops=lambda: counting))
     ms = _members(dtype, ranks=(4, 2, 3), lora_dtype=lora_dtype)
     x = torch.randn(11, 40).to(dtype)
     ps = (0.3, 0.0, 0.5)
@@ -129,6 +150,8 @@ def test_dropout_each_member_has_its_own_mask(dtype, lora_dtype, split):
         assert a.dtype == rl.dtype, name
         assert_close(a, r64, rl, name)
     assert masks[0] is not None and not torch.equal(masks[0] != 0, masks[2] != 0)
+    grouped = ext and dtype == torch.float32
+    assert counting.calls == (["lora_dropout_shrink_group", "lora_dropout_bwd_group"] if grouped else [])
 
 
 def test_gradcheck_fp64_with_dropout():

@@ -602,6 +602,17 @@ MUTANTS = [
     ("siblings-second-dropout-dx", "peft_kernels/ops/siblings.py",
      "            dx = ddx if dx is None else dx.add_(ddx)", "            dx = ddx if dx is None else dx",
      ["tests/test_siblings.py"], "sibling backward: only the first member with dropout reaches dx"),
+    ("cpp-dropout-group-one-mask", "csrc/cpu/lora_dropout.cpp",
+     "masked_copy(xp + m0 * K, bp, rows * K, static_cast<uint64_t>(m0) * K, keys[i]);",
+     "masked_copy(xp + m0 * K, bp, rows * K, static_cast<uint64_t>(m0) * K, keys[0]);",
+     ["tests/test_ext.py"], "C++ sibling group shrink: every member's x is masked with the first member's mask"),
+    ("cpp-dropout-group-bwd-one-mask", "csrc/cpu/lora_dropout.cpp",
+     "masked_copy(keep.data(), keep.data(), cnt, base, g.keys[i]);",
+     "masked_copy(keep.data(), keep.data(), cnt, base, g.keys[0]);",
+     ["tests/test_ext.py"], "C++ sibling group backward: every member's dx and dA use the first member's mask"),
+    ("siblings-group-dx-lost", "peft_kernels/ops/siblings.py",
+     "        dx = gdx if need_dx else None", "        dx = None",
+     ["tests/test_siblings.py"], "sibling backward: the dropout group's masked dS·A terms never reach dx"),
 ]
 
 

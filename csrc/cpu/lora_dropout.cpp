@@ -51,6 +51,14 @@ PK_BODY void keep_select_body(const float* keep, const float* x, float* out, int
 
 PK_ISA_VARIANTS(keep_select, (const float* keep, const float* x, float* out, int64_t n), (keep, x, out, n))
 
+// acc[k] += keep[k] != 0 ? x[k] : 0 (the same sum as adding keep_select's output to acc).
+PK_BODY void keep_select_add_body(const float* keep, const float* x, float* acc, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) acc[k] += keep[k] != 0.0f ? x[k] : 0.0f;
+}
+
+PK_ISA_VARIANTS(keep_select_add, (const float* keep, const float* x, float* acc, int64_t n), (keep, x, acc, n))
+
 DropoutKeys make_keys(int64_t k0, int64_t k1, int64_t k2, int64_t thr) {
   TORCH_CHECK_VALUE(k0 >= 0 && k0 < (int64_t(1) << 32) && k1 >= 0 && k1 < (int64_t(1) << 32) && k2 >= 0 &&
                   k2 < (int64_t(1) << 32) && thr >= 0 && thr < (int64_t(1) << 32),
@@ -127,15 +135,17 @@ at::Tensor dropout_keep_mask(int64_t M, int64_t K, int64_t k0, int64_t k1, int64
 // split them.
 static int64_t row_tile(int64_t K) { return std::min<int64_t>(64, std::max<int64_t>(8, (int64_t(1) << 18) / std::max<int64_t>(K, 1))); }
 
-at::Tensor lora_dropout_shrink(const at::Tensor& x_, const at::Tensor& A_, int64_t k0, int64_t k1, int64_t k2,
-                               int64_t thr) {
-  check_f32_2d(x_, "x");
-  check_f32_2d(A_, "lora_A");
-  TORCH_CHECK_VALUE(x_.size(1) == A_.size(1), "peft_kernels: x has ", x_.size(1), " columns but lora_A has ", A_.size(1));
-  const DropoutKeys keys = make_keys(k0, k1, k2, thr);
-  const at::Tensor x = x_.detach().contiguous(), At = A_.detach().t();
-  const int64_t M = x.size(0), K = x.size(1), R = A_.size(0);
-  at::Tensor S = at::empty({M, R}, at::kFloat);
+// S_i = (keep_i ⊙ x)·A_iᵀ for each member i (A's and keys given per member): each row tile of x is masked into the
+// buffer and multiplied there, member after member while the tile is in cache.
+static std::vector<at::Tensor> shrink_tiles(const at::Tensor& x_, const std::vector<at::Tensor>& As,
+                                            const std::vector<DropoutKeys>& keys) {
+  const at::Tensor x = x_.detach().contiguous();
+  const int64_t M = x.size(0), K = x.size(1), n = static_cast<int64_t>(As.size());
+  std::vector<at::Tensor> S, At;
+  for (int64_t i = 0; i < n; ++i) {
+    S.push_back(at::empty({M, As[i].size(0)}, at::kFloat));
+    At.push_back(As[i].detach().t());
+  }
   const float* xp = x.data_ptr<float>();
   const int64_t TM = row_tile(K), ntiles = (M + TM - 1) / TM;
   at::parallel_for(0, ntiles, 1, [&](int64_t b, int64_t e) {
@@ -143,13 +153,23 @@ at::Tensor lora_dropout_shrink(const at::Tensor& x_, const at::Tensor& A_, int64
     float* bp = buf.data_ptr<float>();
     for (int64_t t = b; t < e; ++t) {
       const int64_t m0 = t * TM, rows = std::min(TM, M - m0);
-      // rows m0..m0+rows of contiguous x are element indices m0*K .. (m0+rows)*K - 1: one run
-      masked_copy(xp + m0 * K, bp, rows * K, static_cast<uint64_t>(m0) * K, keys);
-      at::Tensor out = S.narrow(0, m0, rows);
-      at::mm_out(out, buf.narrow(0, 0, rows), At);
+      for (int64_t i = 0; i < n; ++i) {
+        // rows m0..m0+rows of contiguous x are element indices m0*K .. (m0+rows)*K - 1: one run
+        masked_copy(xp + m0 * K, bp, rows * K, static_cast<uint64_t>(m0) * K, keys[i]);
+        at::Tensor out = S[i].narrow(0, m0, rows);
+        at::mm_out(out, buf.narrow(0, 0, rows), At[i]);
+      }
     }
   });
   return S;
+}
+
+at::Tensor lora_dropout_shrink(const at::Tensor& x_, const at::Tensor& A_, int64_t k0, int64_t k1, int64_t k2,
+                               int64_t thr) {
+  check_f32_2d(x_, "x");
+  check_f32_2d(A_, "lora_A");
+  TORCH_CHECK_VALUE(x_.size(1) == A_.size(1), "peft_kernels: x has ", x_.size(1), " columns but lora_A has ", A_.size(1));
+  return shrink_tiles(x_, {A_}, {make_keys(k0, k1, k2, thr)})[0];
 }
 
 // Backward, one pass over row tiles (threads split the tiles):
@@ -216,6 +236,128 @@ std::tuple<at::Tensor, at::Tensor> lora_dropout_bwd(const at::Tensor& dS_, const
     std::sort(partials.begin(), partials.end(), [](const auto& l, const auto& r) { return l.first < r.first; });
     dA = partials.empty() ? at::zeros({R, K}, at::kFloat) : partials[0].second;
     for (size_t i = 1; i < partials.size(); ++i) dA.add_(partials[i].second);
+  }
+  return {dX, dA};
+}
+
+
+// Groups of members that read the same x, each with its own A_i [R_i, K] and its own mask (keys_i): sibling
+// projections with dropout (ops/siblings.py). Each row tile of x is read from memory once and masked for every
+// member while in cache, and backward keeps each tile of dX in cache for every member's term, so dX is written
+// once, where separate calls write one dX per member and add them. Results equal the one-member ops' member by
+// member, bit for bit (the same tiles, masks, GEMM shapes and sums, in member order).
+namespace {
+
+struct Group {
+  std::vector<at::Tensor> As;  // contiguous, detached
+  std::vector<DropoutKeys> keys;
+  int64_t M = 0, K = 0;
+};
+
+Group check_group(const at::Tensor& x_, at::TensorList As_, at::IntArrayRef keys, const char* op) {
+  check_f32_2d(x_, "x");
+  const int64_t n = static_cast<int64_t>(As_.size());
+  TORCH_CHECK_VALUE(n >= 1, "peft_kernels: ", op, ": lora_As must hold at least one member");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(keys.size()) == 4 * n, "peft_kernels: ", op,
+                    ": keys must hold 4 values (k0, k1, k2, thr) per member: expected ", 4 * n, ", got ", keys.size());
+  Group g;
+  g.M = x_.size(0);
+  g.K = x_.size(1);
+  for (int64_t i = 0; i < n; ++i) {
+    check_f32_2d(As_[i], "lora_As[i]");
+    TORCH_CHECK_VALUE(As_[i].size(1) == g.K, "peft_kernels: ", op, ": x has ", g.K, " columns but lora_As[", i,
+                      "] has ", As_[i].size(1));
+    g.As.push_back(As_[i].detach().contiguous());
+    g.keys.push_back(make_keys(keys[4 * i], keys[4 * i + 1], keys[4 * i + 2], keys[4 * i + 3]));
+  }
+  return g;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> lora_dropout_shrink_group(const at::Tensor& x_, at::TensorList As_, at::IntArrayRef keys) {
+  const Group g = check_group(x_, As_, keys, "lora_dropout_shrink_group");
+  return shrink_tiles(x_, g.As, g.keys);
+}
+
+// dX = Σ_i keep_i ⊙ (dS_i·A_i) (when need_dx), dA_i = dS_iᵀ·(keep_i ⊙ x) (for the members need_da marks, else an
+// empty tensor). Per tile: member i's mask hashed once into a 1/0 buffer, applied to x for dA_i and to dS_i·A_i;
+// the first member's term is dX's tile, the others' are added to it in member order.
+std::tuple<at::Tensor, std::vector<at::Tensor>> lora_dropout_bwd_group(at::TensorList dS_, const at::Tensor& x_,
+                                                                       at::TensorList As_, at::IntArrayRef keys,
+                                                                       bool need_dx, at::IntArrayRef need_da) {
+  const Group g = check_group(x_, As_, keys, "lora_dropout_bwd_group");
+  const int64_t M = g.M, K = g.K, n = static_cast<int64_t>(g.As.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(dS_.size()) == n, "peft_kernels: lora_dropout_bwd_group: dS must hold one "
+                    "tensor per member: expected ", n, ", got ", dS_.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(need_da.size()) == n, "peft_kernels: lora_dropout_bwd_group: need_da must "
+                    "hold one flag per member: expected ", n, ", got ", need_da.size());
+  std::vector<at::Tensor> dS;
+  bool any_da = false;
+  for (int64_t i = 0; i < n; ++i) {
+    check_f32_2d(dS_[i], "dS[i]");
+    TORCH_CHECK_VALUE(dS_[i].size(0) == M && dS_[i].size(1) == g.As[i].size(0), "peft_kernels: "
+                      "lora_dropout_bwd_group: dS[", i, "] must be [", M, ", ", g.As[i].size(0), "], got [",
+                      dS_[i].size(0), ", ", dS_[i].size(1), "]");
+    TORCH_CHECK_VALUE(need_da[i] == 0 || need_da[i] == 1, "peft_kernels: lora_dropout_bwd_group: need_da flags "
+                      "must be 0 or 1, got ", need_da[i]);
+    dS.push_back(dS_[i].detach().contiguous());
+    any_da = any_da || need_da[i] != 0;
+  }
+  const at::Tensor x = x_.detach().contiguous();
+  at::Tensor dX = need_dx ? at::empty({M, K}, at::kFloat) : at::empty({0}, at::kFloat);
+  const float* xp = x.data_ptr<float>();
+  float* dxp = need_dx ? dX.data_ptr<float>() : nullptr;
+  const int64_t TM = row_tile(K), ntiles = (M + TM - 1) / TM;
+  std::vector<std::pair<int64_t, std::vector<at::Tensor>>> partials;  // (first tile, each member's partial dA)
+  std::mutex mu;
+  at::parallel_for(0, ntiles, 1, [&](int64_t b, int64_t e) {
+    at::Tensor buf = any_da ? at::empty({TM, K}, at::kFloat) : at::Tensor();
+    at::Tensor tmp = need_dx && n > 1 ? at::empty({TM, K}, at::kFloat) : at::Tensor();
+    std::vector<at::Tensor> part(n);
+    for (int64_t i = 0; i < n; ++i)
+      if (need_da[i]) part[i] = at::zeros({g.As[i].size(0), K}, at::kFloat);
+    std::vector<float> keep(static_cast<size_t>(TM * K));
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t m0 = t * TM, rows = std::min(TM, M - m0), cnt = rows * K;
+      const uint64_t base = static_cast<uint64_t>(m0) * K;
+      for (int64_t i = 0; i < n; ++i) {
+        if (!need_da[i] && !need_dx) continue;
+        std::fill(keep.begin(), keep.begin() + cnt, 1.0f);
+        masked_copy(keep.data(), keep.data(), cnt, base, g.keys[i]);
+        const at::Tensor dS_t = dS[i].narrow(0, m0, rows);
+        if (need_da[i]) {
+          keep_select(keep.data(), xp + m0 * K, buf.data_ptr<float>(), cnt);
+          part[i].addmm_(dS_t.t(), buf.narrow(0, 0, rows));
+        }
+        if (need_dx) {
+          if (i == 0) {
+            at::Tensor out = dX.narrow(0, m0, rows);  // contiguous rows
+            at::mm_out(out, dS_t, g.As[i]);
+            keep_select(keep.data(), dxp + m0 * K, dxp + m0 * K, cnt);
+          } else {
+            at::Tensor out = tmp.narrow(0, 0, rows);
+            at::mm_out(out, dS_t, g.As[i]);
+            keep_select_add(keep.data(), tmp.data_ptr<float>(), dxp + m0 * K, cnt);
+          }
+        }
+      }
+    }
+    if (any_da) {
+      std::lock_guard<std::mutex> lock(mu);
+      partials.emplace_back(b, std::move(part));
+    }
+  });
+  std::sort(partials.begin(), partials.end(), [](const auto& l, const auto& r) { return l.first < r.first; });
+  std::vector<at::Tensor> dA;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!need_da[i]) {
+      dA.push_back(at::empty({0}, at::kFloat));
+      continue;
+    }
+    at::Tensor a = partials.empty() ? at::zeros({g.As[i].size(0), K}, at::kFloat) : partials[0].second[i];
+    for (size_t j = 1; j < partials.size(); ++j) a.add_(partials[j].second[i]);
+    dA.push_back(a);
   }
   return {dX, dA};
 }

@@ -4,9 +4,15 @@
     y[:, slice_i] += s_i · S_i·B_iᵀ
 
 x is read once by the base GEMM and once by one stacked shrink (the members without dropout share it; a member
-with dropout has its own mask, as PEFT's separate layers have, so its shrink is its own pass, masked on the fly
-by the C++ kernel on CPU). Backward: ``dx = dy·W`` (one GEMM) ``+ Σ_i mask_i ⊙ (s_i·dy_i·B_i)·A_i`` (the members
-without dropout as one stacked GEMM), ``dA_i``, ``dB_i`` per member; masks regenerated from their seeds.
+with dropout has its own mask, as PEFT's separate layers have). Backward: ``dx = dy·W`` (one GEMM) ``+ Σ_i mask_i ⊙
+(s_i·dy_i·B_i)·A_i`` (the members without dropout as one stacked GEMM), ``dA_i``, ``dB_i`` per member; masks
+regenerated from their seeds.
+
+Members with dropout on CPU (fp32, the C++ extension built) run as a group in the C++ kernels
+(``lora_dropout_shrink_group``/``lora_dropout_bwd_group``): each row tile of x is read from memory once and masked
+for every member in cache, and dx's tile takes every member's masked term while in cache, so dx is written once
+(separate layers read x and write a dx per member, and add them). Each member keeps its own mask and its results
+equal the one-member kernels' bit for bit. Elsewhere each member with dropout is its own masked pass.
 
 The reference is ``reference.lora_linear_ref`` per member (the separate projections).
 """
@@ -17,9 +23,10 @@ from typing import List, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .. import _ext
 from . import _torch_dropout
 from ._autograd import unviewed
-from .lora import differentiable_lora_grads, scaled_mm, shrink, shrink_backward
+from .lora import _use_ext, differentiable_lora_grads, scaled_mm, shrink, shrink_backward
 
 
 class SiblingCall(NamedTuple):
@@ -45,10 +52,25 @@ def _shrinks(x, As, call: SiblingCall):
             stacked = (tuple(same), cat)
         for i, s in zip(same, torch.mm(x.to(cdt), cat.t()).split([As[i].shape[0] for i in same], dim=1)):
             S[i] = s
-    for i, p in enumerate(call.ps):  # members with dropout (each its own mask) or another adapter dtype
+    group = _dropout_group(x, As, call, [i for i in range(len(As)) if S[i] is None])
+    if group:  # members with dropout on the C++ kernels: x read once for all of them, each its own mask
+        for i, s in zip(group, _ext.ops().lora_dropout_shrink_group(x, [As[i] for i in group], _keys(call, group))):
+            S[i] = s
+    for i, p in enumerate(call.ps):  # other members with dropout (each its own mask) or another adapter dtype
         if S[i] is None:
             S[i] = shrink(x, As[i], p, call.seeds[i])
     return S, stacked
+
+
+def _dropout_group(x, As, call: SiblingCall, members) -> list:
+    """The ``members`` with dropout that the C++ group kernels take (fp32 on CPU, built), when there are at least
+    two of them (one runs as a separate layer does); else []."""
+    group = [i for i in members if call.ps[i] > 0 and _use_ext(x, As[i], call.ps[i])]
+    return group if len(group) > 1 else []
+
+
+def _keys(call: SiblingCall, members) -> list:
+    return [int(k) for i in members for k in _torch_dropout.keys(call.seeds[i], call.ps[i])]
 
 
 def _forward(x, W, b, As, Bs, call: SiblingCall):
@@ -70,9 +92,10 @@ def _backward(dys, x, W, As, Bs, S, call: SiblingCall, need_dx: bool, need_da, n
     """``dys``: each member's dY (None where its output got no gradient), or the stacked dY [T, Σ out]; ``stacked``:
     the forward's (members, concatenated A's), reused when the same members stack here.
 
-    dx is built without a pass of its own: the first masked ``dS_i·A_i`` (a member with dropout) is its buffer, as in
-    a separate layer, and the stacked ``dS·A`` of the members without dropout and the base's ``dY_i·W_i`` are GEMMs
-    accumulating into it; only a second or third member with dropout adds its masked term with an add."""
+    dx is built without a pass of its own: the masked ``dS_i·A_i`` of the members with dropout (the group kernel's
+    dx, or the first one's, as in a separate layer) is its buffer, and the stacked ``dS·A`` of the members without
+    dropout and the base's ``dY_i·W_i`` are GEMMs accumulating into it; only a member with dropout outside the group
+    kernels (not on CPU fp32) after the first adds its masked term with an add."""
     n = len(As)
     dy_all = None
     if isinstance(dys, Tensor):  # stacked: the base's dx in one GEMM, each member's dY a column block
@@ -100,8 +123,18 @@ def _backward(dys, x, W, As, Bs, S, call: SiblingCall, need_dx: bool, need_da, n
         if has_ds[i]:
             dS[i] = scaled_mm(dyc, Bs[i], alpha, out=cols.get(i))
     dx: Optional[Tensor] = None
-    # members with dropout (each its own mask) or another adapter dtype: masked dS_i·A_i, the first one dx's buffer
-    for i in [i for i in plain if i not in same] + [i for i in range(n) if call.ps[i] > 0 and dS[i] is not None]:
+    # members with dropout on the C++ kernels: one pass over x and dx's tiles for all of them (dx's buffer)
+    group = _dropout_group(x, As, call, [i for i in range(n) if dS[i] is not None])
+    if group and (need_dx or any(need_da[i] for i in group)):
+        gdx, gdA = _ext.ops().lora_dropout_bwd_group([dS[i] for i in group], x, [As[i] for i in group],
+                                                     _keys(call, group), need_dx, [int(need_da[i]) for i in group])
+        dx = gdx if need_dx else None
+        for i, g in zip(group, gdA):
+            dA[i] = g if need_da[i] else None
+    # other members with dropout (each its own mask) or another adapter dtype: masked dS_i·A_i, the first one dx's
+    # buffer if the group gave none
+    for i in [i for i in plain if i not in same] + [i for i in range(n) if call.ps[i] > 0 and dS[i] is not None
+                                                    and i not in group]:
         ddx, dA[i] = shrink_backward(dS[i], x, As[i], call.ps[i], call.seeds[i], need_dx, need_da[i])
         if need_dx:
             ddx = ddx.to(x.dtype) if ddx.dtype != x.dtype else ddx

@@ -149,6 +149,40 @@ def test_compiled_dropout_keeps_the_regenerable_mask():
         assert not torch.equal(cm(x, ids), cm(x, ids))
 
 
+def test_compiled_with_eager_rng_draws_eager_dropout():
+    """``torch.compile(model, options=EAGER_RNG)`` (the bench's and README's advice for a model's own ``nn.Dropout``
+    under inductor): the compiled training step draws the same masks as eager, the model's dropout and our LoRA
+    dropout's seed alike, so it equals eager (against fp64, within 4× eager fp32's error); inductor's default RNG
+    draws other masks (this check can fail), and the option does not change inductor's global config."""
+    import torch._inductor.config as inductor_config
+
+    from peft_kernels.bench.model import EAGER_RNG
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.3), nn.ReLU(), nn.Linear(32, 8))
+    pk.inject_lora(net, ["0", "3"], r=4, lora_alpha=8, lora_dropout=0.25, init_lora_weights=False)
+    net.train()
+    x = torch.randn(9, 16)
+    y_e, dx_e = _train_step(net, x)
+    g_e = {n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad}
+    net.zero_grad()
+    torch._dynamo.reset()
+    y_c, dx_c = _train_step(torch.compile(net, options=EAGER_RNG), x)
+    g_c = {n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad}
+    assert inductor_config.fallback_random is False
+    m64 = copy.deepcopy(net).double()
+    m64.zero_grad()
+    y64, dx64 = _train_step(m64, x.double())
+    assert_close(y_c, y64, y_e, "y")
+    assert_close(dx_c, dx64, dx_e, "dx")
+    for n, p in m64.named_parameters():
+        if p.requires_grad:
+            assert_close(g_c[n], p.grad, g_e[n], n)
+    torch._dynamo.reset()
+    y_d, _ = _train_step(torch.compile(net), x)  # inductor's own RNG: other masks
+    assert not torch.allclose(y_d, y_e)
+
+
 def test_custom_ops_pass_opcheck():
     from peft_kernels.ops import _compiled as C
 

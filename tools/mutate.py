@@ -613,6 +613,9 @@ MUTANTS = [
     ("siblings-group-dx-lost", "peft_kernels/ops/siblings.py",
      "        dx = gdx if need_dx else None", "        dx = None",
      ["tests/test_siblings.py"], "sibling backward: the dropout group's masked dS·A terms never reach dx"),
+    ("bench-eager-rng-noop", "peft_kernels/bench/model.py",
+     'EAGER_RNG = {"fallback_random": True}', "EAGER_RNG = {}",
+     ["tests/test_compile.py"], "the compile options the bench and README advise do not put dropout on eager's RNG"),
 ]
 
 

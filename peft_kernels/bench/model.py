@@ -9,11 +9,13 @@ Measured, in interleaved rounds (each ratio is the median over rounds of the rat
   * a training step (forward, backward, AdamW) of ours, HF PEFT and the frozen model (only the head trained),
     for q,v targets and for all-linear targets, LoRA r = 16, dropout 0.05; and ours with the model's own dropout
     (hidden and attention) on the hash mask, ``peft_kernels.use_hash_dropout`` ("ours + hash");
-  * the same step compiled (``torch.compile``) against eager, with and without LoRA dropout, for ours and ours + hash
-    (and PEFT's compiled against PEFT's eager, for scale): each variant's eager and compiled models alone in a fresh
-    process, as a user trains one model (in one process, six compiled and eager models of one class alternating
-    step by step measured 1.03–1.07 for a variant that measures 0.95 alone; see ``compile_pair``); and the first
-    compiled step of ours against PEFT's, each in a fresh process with empty compiler caches (cold);
+  * the same step compiled (``torch.compile``) against eager, with and without LoRA dropout, for ours, ours + hash
+    and ours compiled with ``options=EAGER_RNG`` (inductor's ``fallback_random`` for that compile: the model's own
+    dropout on eager's RNG ops) (and PEFT's compiled against PEFT's eager, for scale): each variant's eager and
+    compiled models alone in a fresh process, as a user trains one model (in one process, six compiled and eager
+    models of one class alternating step by step measured 1.03–1.07 for a variant that measures 0.95 alone; see
+    ``compile_pair``); and the first compiled step of ours against PEFT's, each in a fresh process with empty
+    compiler caches (cold);
   * the activation bytes one forward saves for backward;
   * multi-adapter serving: 8 PEFT adapters in one mixed batch (one adapter per row), PEFT's ``adapter_names``
     against ours (``from_peft`` → MultiLoRALinear), eager and compiled (in a fresh process, as above).
@@ -149,9 +151,15 @@ def ratio(times: Dict[str, List[float]], a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
-def _compiled_step(model, data):
-    """(step, cold seconds): the model compiled; the first step (compiling) is timed as cold."""
-    cm = torch.compile(model)
+# ``torch.compile(model, options=EAGER_RNG)``: inductor calls eager's RNG ops for this compile only (no global setting),
+# so the model's own dropout costs what it does in eager and draws eager's masks (tests/test_compile.py)
+EAGER_RNG = {"fallback_random": True}
+
+
+def _compiled_step(model, data, options: Optional[dict] = None):
+    """(step, cold seconds): the model compiled (``options``: inductor options for this compile); the first step
+    (compiling) is timed as cold."""
+    cm = torch.compile(model, options=options)
     step = trainer(cm, data)
     t0 = time.perf_counter()
     step()
@@ -180,12 +188,13 @@ def cold_step(base, data, which: str, dropout: float) -> dict:
     return {"cold_s": time.perf_counter() - t}
 
 
-def compile_pair(base, data, which: str, dropout: float, rounds: int) -> dict:
+def compile_pair(base, data, which: str, dropout: float, rounds: int, options: Optional[dict] = None) -> dict:
     """compiled/eager of one variant ("ours" | "ours+hash" | "peft", q,v targets): its eager model and its compiled
-    model alone in this process, paired rounds. Run by ``_fresh``, one variant per process."""
+    model (``options``: inductor options of that compile, e.g. ``EAGER_RNG``) alone in this process, paired rounds.
+    Run by ``_fresh``, one variant per process."""
     make = _MAKERS[which]
     eager = trainer(make(copy.deepcopy(base), TARGETS["q,v"], dropout), data)
-    comp, cold = _compiled_step(make(copy.deepcopy(base), TARGETS["q,v"], dropout), data)
+    comp, cold = _compiled_step(make(copy.deepcopy(base), TARGETS["q,v"], dropout), data, options)
     t = paired({"eager": eager, "compiled": comp}, rounds)
     return {"compiled/eager": ratio(t, "compiled", "eager"), "cold_s": cold,
             "eager_ms": 1e3 * statistics.median(t["eager"]), "compiled_ms": 1e3 * statistics.median(t["compiled"]),
@@ -292,9 +301,12 @@ def run(rounds: int = 7, batch_size: int = 16, seq: int = 128, compile_: bool = 
         targets = TARGETS["q,v"]
         peft_pair = _fresh_pooled(f"compile_pair(base, data, 'peft', 0.05, {rounds})", batch_size, seq, processes)
         for drop in (0.05, 0.0):
-            for name, make in (("ours", _ours), ("ours+hash", _ours_hash)):
-                key = f"train lora_dropout={drop}" + (", model dropout on the hash mask" if name == "ours+hash" else "")
-                r = _fresh_pooled(f"compile_pair(base, data, {name!r}, {drop}, {rounds})", batch_size, seq, processes)
+            for name, make, opts in (("ours", _ours, None), ("ours+hash", _ours_hash, None),
+                                     ("ours", _ours, EAGER_RNG)):
+                key = f"train lora_dropout={drop}" + (", model dropout on the hash mask" if name == "ours+hash" else
+                                                      ", options=EAGER_RNG (fallback_random)" if opts else "")
+                r = _fresh_pooled(f"compile_pair(base, data, {name!r}, {drop}, {rounds}, {opts!r})", batch_size, seq,
+                                  processes)
                 r["graph_breaks"] = graph_breaks(make(copy.deepcopy(base), targets, drop), data)
                 if drop:
                     r["peft compiled/eager"] = peft_pair["compiled/eager"]

@@ -154,6 +154,48 @@ def test_dropout_each_member_has_its_own_mask(dtype, lora_dtype, ext, split, mon
     assert counting.calls == (["lora_dropout_shrink_group", "lora_dropout_bwd_group"] if grouped else [])
 
 
+@pytest.mark.parametrize("unused,frozen_a,x_grad", [(1, None, True), (None, 2, True), (None, None, False),
+                                                     (0, 1, False)])
+def test_dropout_group_with_partial_gradients(unused, frozen_a, x_grad, monkeypatch):
+    """Three members with dropout (the C++ group in fp32 with the extension) when not every gradient is wanted: a
+    member's output unused (autograd hands the op zeros for it), a member's A frozen (its dA not asked for), x
+    without grad (no dx). Against each member's fp64 reference fed its mask, bounded by the same reference in fp32;
+    the unused member's factors get zero gradients."""
+    counting = _CountingOps()
+    monkeypatch.setattr(siblings_op, "_ext", types.SimpleNamespace(ops=lambda: counting))
+    ms = _members(torch.float32, ranks=(4, 1, 3))
+    x = torch.randn(13, 40)
+    ps = (0.3, 0.2, 0.5)
+    torch.manual_seed(9)
+    seeds = [_torch_dropout.draw_seed("cpu") for _ in ps]
+    masks = [_torch_dropout.dropout_mask(sd, tuple(x.shape), p, "cpu") for sd, p in zip(seeds, ps)]
+    gy = [torch.randn(13, m["W"].shape[0]) for m in ms]
+    used = [i for i in range(3) if i != unused]
+
+    def grads(rdt, op):
+        xx = x.to(rdt).requires_grad_(x_grad)
+        As = [m["A"].to(rdt).requires_grad_(i != frozen_a) for i, m in enumerate(ms)]
+        Bs = [_leaf(m["B"].to(rdt)) for m in ms]
+        if op:
+            W, b = _stack(ms)
+            torch.manual_seed(9)
+            ys = pk.lora_siblings(xx, W, b, As, Bs, [m["s"] for m in ms], ps, training=True, split=True)
+        else:
+            ys = [reference.lora_linear_ref(xx, m["W"].to(rdt), m["b"].to(rdt), a, bb, m["s"], mk.to(rdt))
+                  for m, a, bb, mk in zip(ms, As, Bs, masks)]
+        wrt = ([xx] if x_grad else []) + [a for a in As if a.requires_grad] + Bs
+        got = torch.autograd.grad([ys[i] for i in used], wrt, [gy[i].to(rdt) for i in used], allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(got, wrt)]
+    got, ref64, ref32 = grads(torch.float32, True), grads(torch.float64, False), grads(torch.float32, False)
+    assert len(got) == len(ref64) == (1 if x_grad else 0) + (2 if frozen_a is not None else 3) + 3
+    for k, (a, r64, r32) in enumerate(zip(got, ref64, ref32)):
+        assert_close(a, r64, r32, f"grad {k}")
+    if unused is not None:  # its factors: exactly zero
+        assert not got[-3 + unused].any()
+    if _ext.available():
+        assert counting.calls == ["lora_dropout_shrink_group", "lora_dropout_bwd_group"]
+
+
 def test_gradcheck_fp64_with_dropout():
     ms = _members(torch.float64, K=6, widths=(5, 3), ranks=(2, 3))
     W, b = _stack(ms)

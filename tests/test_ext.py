@@ -102,6 +102,17 @@ def test_dropout_group_kernels(cpu_isa, M, K, ranks, ps):
     for i, (A, kp) in enumerate(zip(As, keeps)):
         assert_close(S[i], (x.double() * kp) @ A.double().t(), (x * kp) @ A.t(), f"S[{i}]")
         assert torch.equal(S[i], ops.lora_dropout_shrink(x, A, *keys[i]))
+    # really strided inputs (a transposed x, every other column of each A, dS in column-major storage): the values
+    # of the contiguous call
+    xs = x.t().contiguous().t()
+    As_s = [torch.stack([A, A], 2)[:, :, 0] for A in As]
+    dS_s = [d.t().contiguous().t() for d in dS]
+    assert (M == 1 or K == 1) or not (xs.is_contiguous() or As_s[0].is_contiguous())
+    for a, b in zip(ops.lora_dropout_shrink_group(xs, As_s, flat), S):
+        assert torch.equal(a, b)
+    sdx, sdA = ops.lora_dropout_bwd_group(dS_s, xs, As_s, flat, True, [1] * len(ps))
+    cdx, cdA = ops.lora_dropout_bwd_group(dS, x, As, flat, True, [1] * len(ps))
+    assert torch.equal(sdx, cdx) and all(torch.equal(a, b) for a, b in zip(sdA, cdA))
     ref_dx = sum((d.double() @ A.double()) * kp for d, A, kp in zip(dS, As, keeps))
     plain_dx = sum((d @ A) * kp for d, A, kp in zip(dS, As, keeps))
     for need_dx in (True, False):

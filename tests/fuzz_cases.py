@@ -152,6 +152,9 @@ def group_raw_bad(_examples):
         expect_error(f"multi_lora_bwd {n}", lambda v=v: ops.multi_lora_bwd(y, x, Sbuf, wA, wB, perm, i32(v), seg_starts,
                                                                            ranks, scal, None, True, True, None),
                      "seg_slots")
+    expect_error("multi_lora_bwd seg_slots duplicate", lambda: ops.multi_lora_bwd(
+        y, x, Sbuf, wA, wB, perm, i32([2, 2]), seg_starts, ranks, scal, torch.zeros(T, K), True, True, None),
+        "seg_slots")
     for n, v in {"starts-past-end": [0, 2, 9], "starts-negative": [-3, 2, 4], "starts-decreasing": [0, 3, 2],
                  "starts-short": [0, 2, 3], "starts-huge": [0, 2**31 - 1, 4]}.items():
         expect_error(f"sgmv_shrink {n}", lambda v=v: ops.sgmv_shrink(x, wA, perm, seg_slots, i32(v), ranks, scal, 2),

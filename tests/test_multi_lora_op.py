@@ -521,3 +521,47 @@ def test_cpp_op_into_strided_outputs_every_time(dtype):
         else:
             ops.multi_lora_fwd(yt, x, A, B, perm, seg_slots, seg_starts, ranks, scal, None)
             assert torch.equal(yt, y)
+
+
+@pytest.mark.skipif(not _ext.available(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpp_16bit_path_on_threads_loses_no_update(dtype):
+    """The C++ op's 16-bit path on several threads, call after call: y and dx equal a one-thread run's bit for bit
+    (and dA, dB too), and y is the fp64 reference within 4× what torch gets at that precision. Before, every segment
+    index_add_'ed into the shared y (and dx) from its own thread, and updates were lost: on 2 threads, bf16 outputs
+    off by up to 85 % in one call of three, at N from 1 to 12 (the strided-y test's N = 48 rarely showed it)."""
+    ops = _ext.ops()
+    threads = torch.get_num_threads()
+    many = max(2, threads)
+    g = torch.Generator().manual_seed(7)
+    try:
+        for trial in range(24):
+            T, K, N, S, R = 6 + trial % 3 * 11, 24, (1, 8, 12, 33)[trial % 4], 3, 4
+            x = torch.randn(T, K, generator=g).to(dtype)
+            A, B = (torch.randn(S, R, K, generator=g) / 5).to(dtype), torch.randn(S, N, R, generator=g).to(dtype)
+            ids = torch.arange(T) % S
+            perm, _, seg_slots, seg_starts, _ = ops.group_by_adapter(ids, S)
+            ranks, scal = torch.tensor([4, 3, 4], dtype=torch.int32), torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64)
+            base = torch.randn(T, N, generator=g).to(dtype)
+            dy, dx0 = torch.randn(T, N, generator=g).to(dtype), torch.randn(T, K, generator=g).to(dtype)
+            runs = []
+            for n in (many, 1):
+                torch.set_num_threads(n)
+                y, dx = base.clone(), dx0.clone()
+                Sx = ops.multi_lora_fwd(y, x, A, B, perm, seg_slots, seg_starts, ranks, scal, None)
+                dA, dB = ops.multi_lora_bwd(dy, x, Sx, A, B, perm, seg_slots, seg_starts, ranks, scal, dx, True, True,
+                                            None)
+                runs.append((y, dx, dA, dB))
+            for name, a, b in zip(("y", "dx", "dA", "dB"), *runs):
+                assert torch.equal(a, b), f"trial {trial} (N={N}): {name} on {many} threads != on 1 ({(a != b).sum()})"
+
+            def ref(dt):
+                out = base.to(dt).clone()
+                for t in range(T):
+                    a, r = int(ids[t]), int(ranks[ids[t]])
+                    s = (x[t].to(dt) @ A[a, :r].to(dt).t()) * float(scal[a])
+                    out[t] += s @ B[a, :, :r].to(dt).t()
+                return out
+            assert_close(runs[0][0], ref(torch.float64), ref(dtype), f"trial {trial} (N={N}) y")
+    finally:
+        torch.set_num_threads(threads)

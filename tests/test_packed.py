@@ -3,6 +3,7 @@ and GPT-2's Conv1D), a PEFT adapter trained on a Llama's separate q/k/v and gate
 packed as a Phi-3 (equal logits and gradients), the packed adapter saved as PEFT's single equivalent LoRA (PEFT
 loads it), merge / unload / disable, and errors that change nothing."""
 import copy
+import types
 
 import pytest
 import torch
@@ -62,6 +63,44 @@ def test_layer_against_the_slices(kind, unfrozen):
         torch.testing.assert_close(layer(x), ref, rtol=1e-10, atol=1e-10)
         layer.unmerge()
         torch.testing.assert_close(layer(x), ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_layer_under_autocast(kind):
+    """Under CPU bf16 autocast the packed layer computes as the slices' ``F.linear`` would: a bf16 output equal to
+    the fp64 reference of the bf16-rounded inputs within what bf16 torch gets, and fp32 gradients for x and the
+    factors against the same references. Before: with x requiring grad, backward raised a dtype error."""
+    from helpers import assert_close
+
+    torch.manual_seed(0)
+    if kind == "linear":
+        base = nn.Linear(24, 40)
+    else:
+        from transformers.pytorch_utils import Conv1D
+
+        base = Conv1D(40, 24)
+        nn.init.normal_(base.weight, std=0.2)
+    layer = PackedLoRALinear(base, {"q": 24, "k": 8, "v": 8}, r={"q": 4, "k": 1, "v": 12}, lora_alpha=8,
+                             init_lora_weights=False)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    g = torch.randn(y.shape)
+    y.float().backward(g)
+    ps = [x, *layer.lora_A.values(), *layer.lora_B.values()]
+    assert all(p.grad.dtype == torch.float32 for p in ps)
+    refs = []
+    for dt in (torch.float64, torch.bfloat16):
+        c = [p.detach().to(torch.bfloat16).to(dt).requires_grad_() for p in ps]
+        ref_layer = types.SimpleNamespace(slices=layer.slices, scaling=layer.scaling, lora_A=dict(zip(
+            layer.slices, c[1:4])), lora_B=dict(zip(layer.slices, c[4:])))
+        W, b = (t.detach().to(torch.bfloat16).to(dt) for t in (layer.base_weight(), layer.bias))
+        ref = _slices_ref(c[0], W, b, ref_layer)
+        refs.append((ref, torch.autograd.grad(ref, c, g.to(torch.bfloat16).to(dt))))
+    assert_close(y, refs[0][0], refs[1][0], "y")
+    for i, p in enumerate(ps):
+        assert_close(p.grad, refs[0][1][i], refs[1][1][i], f"grad {i}")
 
 
 def _llama_and_phi3():

@@ -719,3 +719,139 @@ def test_multi_lora_delta_into_a_column_block_every_time(dtype):
         got = multi_lora_delta(x, A, B, [1.0, 2.0, 3.0], ids, wide[:, 16:16 + N], backend="torch")
         assert torch.equal(got, want), f"trial {trial}: max diff {(got.float() - want.float()).abs().max()}"
         assert not wide[:, :16].any() and not wide[:, 16 + N:].any()
+
+
+# ------------------------------------------------------------------------------------ autocast and call modes
+def _bf16_then(t, dtype):
+    return None if t is None else t.detach().to(torch.bfloat16).to(dtype)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["stacked", "split"])
+def test_under_autocast_like_the_separate_linears(split):
+    """Under CPU bf16 autocast the op casts its inputs as the separate layers' ``F.linear`` does: bf16 outputs
+    (as an ``nn.Linear`` beside it gives), equal to the fp64 reference of the bf16-rounded inputs within what bf16
+    torch gets, and fp32 gradients for the fp32 factors and x, against the same references. Before: backward
+    raised a dtype error (autocast had cast forward's GEMMs, not backward's)."""
+    ms = _members(torch.float32, ranks=(4, 1, 6), bias=(True, False, True))
+    W, b = _stack(ms)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 40, generator=g).requires_grad_()
+    As, Bs = [_leaf(m["A"]) for m in ms], [_leaf(m["B"]) for m in ms]
+    gys = [torch.randn(7, m["W"].shape[0], generator=g) for m in ms]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = siblings_op.lora_siblings(x, W, b, As, Bs, [m["s"] for m in ms], split=split)
+        lin = nn.Linear(40, 3)(x)
+    ys = out if split else out.split([m["W"].shape[0] for m in ms], dim=1)
+    assert lin.dtype == torch.bfloat16 and all(y.dtype == torch.bfloat16 for y in ys), [y.dtype for y in ys]
+    torch.autograd.backward([y.float() for y in ys], gys)
+    assert all(t.grad.dtype == torch.float32 for t in [x, *As, *Bs])
+    refs = {}
+    for dt in (torch.float64, torch.bfloat16):
+        xr = _bf16_then(x, dt).requires_grad_()
+        dx = 0
+        for i, (m, gy) in enumerate(zip(ms, gys)):
+            A, B = _bf16_then(m["A"], dt).requires_grad_(), _bf16_then(m["B"], dt).requires_grad_()
+            y = reference.lora_linear_ref(xr, _bf16_then(m["W"], dt), _bf16_then(m["b"], dt), A, B, m["s"])
+            gA, gB, gx = torch.autograd.grad(y, (A, B, xr), _bf16_then(gy, dt))
+            refs[dt, i] = (y, gA, gB)
+            dx = dx + gx
+        refs[dt, "dx"] = dx
+    for i, y in enumerate(ys):
+        for name, got, k in (("y", y, 0), ("dA", As[i].grad, 1), ("dB", Bs[i].grad, 2)):
+            assert_close(got, refs[torch.float64, i][k], refs[torch.bfloat16, i][k], f"member {i} {name}")
+    assert_close(x.grad, refs[torch.float64, "dx"], refs[torch.bfloat16, "dx"], "dx")
+
+
+def _qkv_pair(dropout=0.0):
+    torch.manual_seed(0)
+    base = _QKV(24, (24, 8, 8))
+    out = []
+    for fuse in (True, False):
+        m = copy.deepcopy(base)
+        torch.manual_seed(1)
+        pk.inject_lora(m, ["q_proj", "k_proj", "v_proj"], r=4, lora_alpha=8, lora_dropout=dropout,
+                       init_lora_weights=False, fuse_siblings=fuse)
+        out.append(m)
+    return out
+
+
+def _lora_grads(m, names):
+    return [p.grad for n, p in m.named_parameters() if "lora_" in n and n.split(".")[0] in names]
+
+
+def test_a_member_called_under_another_mode_runs_alone():
+    """A sibling's output left by the group's call is taken only under the mode it was computed in. Before, q
+    called under no_grad and k, v with grad got no-graph outputs (their LoRA silently without gradient); k under
+    no_grad after q with grad got a graph; k outside autocast after q inside it got bf16. Each such member now runs
+    alone, as a separate layer (equal to one), and the group stays on."""
+    fused, sep = _qkv_pair()
+    x = torch.randn(5, 24)
+    for m in (fused, sep):
+        with torch.no_grad():
+            m.q_proj(x)
+        (m.k_proj(x).square().sum() + m.v_proj(x).square().sum()).backward()
+    gf, gs = _lora_grads(fused, ("k_proj", "v_proj")), _lora_grads(sep, ("k_proj", "v_proj"))
+    assert len(gf) == 4 and all(g is not None for g in gf), "k's and v's LoRA got no gradient"
+    for a, b in zip(gf, gs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    fused.q_proj(x)
+    with torch.no_grad():
+        k = fused.k_proj(x)
+    assert not k.requires_grad
+    torch.testing.assert_close(k, sep.k_proj(x).detach(), rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused.q_proj(x).dtype == torch.bfloat16
+    v = fused.v_proj(x)
+    assert v.dtype == torch.float32
+    torch.testing.assert_close(v, sep.v_proj(x), rtol=0, atol=0)
+    g = fused.q_proj._siblings
+    assert g.enabled, g.why_off
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the same mode: taken from the group's call
+        ys = [getattr(fused, n)(x) for n in ("q_proj", "k_proj", "v_proj")]
+    assert [y.dtype for y in ys] == [torch.bfloat16] * 3 and len({y.untyped_storage().data_ptr() for y in ys}) == 1
+
+
+def test_fused_model_trains_under_autocast(monkeypatch):
+    """A Llama with fused q/k/v and gate/up, trained under CPU bf16 autocast (a PEFT user's usual setting): every
+    group runs its op, the loss's error against the fp32 model is within 4× the unfused model's under autocast, and
+    the gradients are fp32. Before: a dtype error in backward."""
+    import peft_kernels.nn.siblings as nn_siblings
+
+    plain, fused = _llama(False, dropout=0.1), _llama(True, dropout=0.1)
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(5))
+    plain.eval()
+    fused.eval()
+    l32 = plain(input_ids=ids, labels=ids).loss.item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, lf = (m(input_ids=ids, labels=ids).loss.item() for m in (plain, fused))
+    ulp = torch.finfo(torch.float32).eps * abs(l32)
+    assert abs(lf - l32) <= 4 * max(abs(lp - l32), ulp), (l32, lp, lf)
+    calls = []
+    monkeypatch.setattr(nn_siblings, "lora_siblings", lambda *a, **k: calls.append(1) or siblings_op.lora_siblings(
+        *a, **k))
+    fused.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused(input_ids=ids, labels=ids).loss
+    assert len(calls) == 4  # 2 layers × (q/k/v, gate/up)
+    loss.backward()
+    trained = [p for p in fused.parameters() if p.requires_grad]
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in trained)
+    attn = fused.model.layers[0].self_attn
+    assert attn.q_proj._siblings.enabled, attn.q_proj._siblings.why_off
+
+
+def test_multi_adapter_member_called_under_another_mode_runs_alone():
+    """The multi-adapter group's hand-off keys on the mode too: q called under no_grad, then k with grad, gives k an
+    output with a graph and k's slots the separate layer's gradients (before: none)."""
+    x = torch.randn(5, 40, generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([0, 1, 2, 0, 1])
+    grads = []
+    for m in (_multi_qkv(True), _multi_qkv(False)):
+        with pk.adapter_ids(m, ids):
+            with torch.no_grad():
+                m.q_proj(x)
+            m.k_proj(x).square().sum().backward()
+        grads.append((m.k_proj.lora_A.grad, m.k_proj.lora_B.grad))
+    assert all(g is not None for g in grads[0]), "k's slots got no gradient"
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)

@@ -155,10 +155,6 @@ MUTANTS = [
      "  TORCH_CHECK_VALUE(s.starts.front() == 0 && s.starts.back() == n_active,",
      "  TORCH_CHECK_VALUE(true || s.starts.back() == n_active,",
      ["tests/test_fuzz.py"], "C++ multi-adapter: seg_starts bounds unchecked"),
-    ("cpp-strided-y-threads", "csrc/cpu/multi_lora.cpp",
-     "  auto yw = y.is_contiguous() ? y : y.contiguous();",
-     "  auto yw = y;",
-     ["tests/test_multi_lora_op.py"], "C++ multi-adapter 16-bit path index_adds into a strided y from several threads"),
     ("cpp-overlapping-y", "csrc/cpu/multi_lora.cpp",
      '  check_disjoint_2d(y, "multi_lora: y");\n', "",
      ["tests/test_fuzz.py"], "C++ multi_lora_fwd writes into a y whose rows share memory (expanded)"),
@@ -619,6 +615,20 @@ MUTANTS = [
     ("bench-eager-rng-noop", "peft_kernels/bench/model.py",
      'EAGER_RNG = {"fallback_random": True}', "EAGER_RNG = {}",
      ["tests/test_compile.py"], "the compile options the bench and README advise do not put dropout on eager's RNG"),
+    ("siblings-pending-mode-ignored", "peft_kernels/nn/siblings.py",
+     "                    return out if pend.mode == _mode(x) else None", "                    return out",
+     ["tests/test_siblings.py"], "a sibling takes the group's output computed under another grad/autocast mode"),
+    ("siblings-no-autocast-cast", "peft_kernels/ops/siblings.py",
+     "    amp = _amp.autocast_dtype(x)", "    amp = None",
+     ["tests/test_siblings.py", "tests/test_packed.py"], "lora_siblings ignores autocast (backward dtype error)"),
+    ("cpp-multi-16bit-index-add-from-threads", "csrc/cpu/multi_lora.cpp",
+     "      at::mm_out(Zg, Sg.mul(segs.scal[it.slot]), B[it.slot].narrow(1, 0, r).t());  // scale the n×r side",
+     "      y.index_add_(0, idx.narrow(0, it.begin, n), at::mm(Sg.mul(segs.scal[it.slot]), "
+     "B[it.slot].narrow(1, 0, r).t()).to(y.scalar_type()));",
+     ["tests/test_multi_lora_op.py"], "C++ multi-adapter 16-bit forward: each item index_add_s into y from its thread"),
+    ("cpp-multi-bwd-duplicate-slot-unchecked", "csrc/cpu/multi_lora.cpp",
+     "      TORCH_CHECK_VALUE(!seen[segs.slots[g]], ", "      TORCH_CHECK_VALUE(true || !seen[segs.slots[g]], ",
+     ["tests/test_fuzz.py"], "C++ multi-adapter backward takes a slot in two segments (gradients overwritten)"),
 ]
 
 

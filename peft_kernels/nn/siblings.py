@@ -5,7 +5,8 @@ How: the members' frozen weights are packed once into one ``[Σ out, in]`` buffe
 ``bias``) Parameter is re-pointed at its block (``p.data = view``; the same Parameter objects, so the original
 layers ``unload`` puts back share them, and no second copy exists). The first member a model calls with some
 ``x`` computes every member's output in one call and leaves the others' outputs for them (per thread); a
-sibling called with the same ``x`` (the same tensor object, not modified since) takes its output. If a sibling is
+sibling called with the same ``x`` (the same tensor object, not modified since) takes its output, unless it is
+called under another grad, inference or autocast mode (then it runs alone, as its output would differ). If a sibling is
 called with another input instead, the group does not share its input (e.g. cross-attention): it turns itself
 off for good and every member runs alone. A member whose weight was re-bound (``load_state_dict(assign=True)``,
 ``p.data = …``, a deep copy) is packed again at the next call.
@@ -31,6 +32,7 @@ import torch.nn as nn
 
 import torch.nn.functional as F
 
+from ..ops._amp import autocast_dtype
 from ..ops.multi_lora import multi_lora_delta
 from ..ops.siblings import column_blocks, lora_siblings
 from ._disabled import adapters_disabled
@@ -41,10 +43,18 @@ KNOWN_GROUPS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("gat
 
 
 class _Pending:
-    __slots__ = ("x", "version", "left")
+    """The outputs left for the members not called yet, of the group's call on ``x`` (at ``version``) under
+    ``mode``."""
+    __slots__ = ("x", "version", "mode", "left")
 
-    def __init__(self, x, version, left):
-        self.x, self.version, self.left = x, version, left
+    def __init__(self, x, version, mode, left):
+        self.x, self.version, self.mode, self.left = x, version, mode, left
+
+
+def _mode(x: torch.Tensor) -> tuple:
+    """What a separate layer's output depends on besides its input and parameters: grad mode (a graph or not),
+    inference mode, and the autocast dtype on x's device."""
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast_dtype(x)
 
 
 class SiblingGroup:
@@ -171,7 +181,9 @@ class SiblingGroup:
                     out = pend.left.pop(id(member))
                     if pend.left:
                         tls.pending = pend
-                    return out
+                    # called under another grad, inference or autocast mode than the call that computed it: the
+                    # output would not be this call's (no graph, or another dtype), so the member runs alone
+                    return out if pend.mode == _mode(x) else None
                 # a sibling whose output is waiting was called with another input: they do not share it
                 self.turn_off(f"{type(member).__name__} siblings were called with different inputs")
                 return None
@@ -193,7 +205,7 @@ class SiblingGroup:
                                  [m.scaling for m in ms], [m.lora_dropout if m.training else 0.0 for m in ms],
                                  training=any(m.training for m in ms), split=True)
         left: Dict[int, torch.Tensor] = {id(m): o for m, o in zip(ms, outs) if m is not member}
-        tls.pending = _Pending(x, x._version, left)
+        tls.pending = _Pending(x, x._version, _mode(x), left)
         return outs[ms.index(member)]
 
     def _multi_outputs(self, x: torch.Tensor) -> List[torch.Tensor]:

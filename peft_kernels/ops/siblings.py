@@ -14,6 +14,8 @@ for every member in cache, and dx's tile takes every member's masked term while 
 (separate layers read x and write a dx per member, and add them). Each member keeps its own mask and its results
 equal the one-member kernels' bit for bit. Elsewhere each member with dropout is its own masked pass.
 
+Under ``torch.autocast`` the inputs are cast like the separate layers' ``F.linear``'s (``ops/_amp.py``).
+
 The reference is ``reference.lora_linear_ref`` per member (the separate projections).
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from . import _torch_dropout
+from . import _amp, _torch_dropout
 from ._autograd import unviewed
 from .lora import _use_ext, differentiable_lora_grads, scaled_mm, shrink, shrink_backward
 
@@ -257,6 +259,11 @@ def lora_siblings(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As: Se
     them as a tuple (those blocks, each a tensor of its own over the one output buffer: modifiable in place, as a
     separate layer's output), and backward then takes each member's dY as it comes (dX = Σ dY_i·W_i) instead of
     concatenating them."""
+    amp = _amp.autocast_dtype(x)
+    if amp is not None:  # like the separate layers' F.linear under autocast: every input in the autocast dtype
+        with _amp.disabled(x):
+            return lora_siblings(*_amp.cast(amp, x, weight, bias), _amp.cast(amp, *lora_As), _amp.cast(amp, *lora_Bs),
+                                 scalings, dropout_ps, training, split)
     n = len(lora_As)
     if n < 1 or len(lora_Bs) != n or len(scalings) != n:
         raise ValueError(f"lora_As, lora_Bs and scalings must have one entry per member, got {len(lora_As)}, "

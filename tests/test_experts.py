@@ -71,6 +71,39 @@ def test_experts_op_against_the_per_assignment_reference(dtype, ranks, ldt, back
         assert torch.count_nonzero(got_g[n][-1]) == 0
 
 
+def test_experts_op_under_autocast():
+    """Under CPU bf16 autocast the op computes as transformers' experts do there: each projection in bf16 (their
+    ``F.linear``'s casts), the routed outputs summed into hidden's fp32. Output and every gradient against the fp64
+    reference of the bf16-rounded inputs, within 4× the reference run in bf16; fp32 output and gradients. Before,
+    it ran every GEMM in fp32 under autocast."""
+    t, idx = _case(torch.float32)
+    t["w"] = t["w"].to(torch.bfloat16).float()  # transformers' routing weights are bf16 under autocast
+    gout = torch.randn(t["h"].shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    rounded = {k: v.to(torch.bfloat16) for k, v in t.items()}
+    ref_y, ref_g = _run(rounded, idx, torch.float64, reference.moe_experts_ref, gout)
+    same_y, same_g = _run(rounded, idx, torch.bfloat16, reference.moe_experts_ref, gout)
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    gemm_dtypes = set()
+
+    class Gemms(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+                gemm_dtypes.add(args[-2].dtype if func.overloadpacket is torch.ops.aten.addmm else args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    def amp(*a):
+        with torch.autocast("cpu", dtype=torch.bfloat16), Gemms():
+            return moe_experts_forward(*a[:5], act=a[5], gate_up_lora=a[6], down_lora=a[7], backend="torch")
+    got_y, got_g = _run(t, idx, torch.float32, amp, gout)
+    assert gemm_dtypes == {torch.bfloat16}, gemm_dtypes  # the forward's GEMMs (before: float32)
+    assert got_y.dtype == torch.float32 and all(g.dtype == torch.float32 for g in got_g.values())
+    assert_close(got_y, ref_y, same_y, "y")
+    for n in ref_g:
+        assert_close(got_g[n], ref_g[n], same_g[n], f"d{n}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_grouped_gemm_on_strided_operands(dtype):
     """The Triton grouped GEMM reads every operand through its strides: x a column slice of a wider buffer, the

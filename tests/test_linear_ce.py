@@ -98,6 +98,41 @@ def test_loss_and_gradients_against_fp64(dtype, cfg, loss_kw, reduction):
         assert_close(gout_o[k], gref[k], gsame[k], f"{cfg} d{k}")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_under_autocast_like_the_unfused_head(reduction):
+    """Under CPU bf16 autocast the fused loss computes the head (and its LoRA) in bf16, as the unfused head's
+    ``F.linear`` does there: loss and every gradient against the fp64 reference of the bf16-rounded inputs, within
+    4× the unfused computation in bf16; the loss fp32 and the gradients in the fp32 leaves' dtype. Before, it
+    computed the head in fp32 (a GPU's bf16 tensor cores unused, and not the unfused numerics)."""
+    h, args, labels = _case(torch.float32)
+
+    def rounded(dt):
+        return _leaves(h.to(torch.bfloat16).to(dt), {k: v.to(torch.bfloat16).to(dt) if isinstance(v, torch.Tensor)
+                                                     else v for k, v in args.items()})
+    h64, a64 = rounded(torch.float64)
+    ref = reference.linear_cross_entropy_ref(h64, labels=labels, reduction=reduction, **a64)
+    gout = torch.rand(ref.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64) + 0.5
+    gref = _grads(ref, h64, a64, gout)
+    hb, ab = rounded(torch.bfloat16)
+    same = _unfused(hb, ab, labels, reduction="none")
+    ho, ao = _leaves(h, args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pk.linear_cross_entropy(ho, labels=labels, chunk_size=5, reduction=reduction, **ao)
+    assert out.dtype == torch.float32
+    got = _grads(out, ho, ao, gout.float())
+    tok64 = reference.linear_cross_entropy_ref(h64, labels=labels, reduction="none", **a64)
+    if reduction == "none":
+        assert_close(out, ref, same, "loss")
+    else:  # bound: the unfused bf16 per-token errors, averaged (as in test_loss_and_gradients_against_fp64)
+        bound = 4.0 * (same.double() - tok64).abs().sum() / (labels != -100).sum()
+        assert (out.double() - ref).abs() <= bound, (out.item(), ref.item(), bound.item())
+    same_m = _unfused(hb, ab, labels, reduction=reduction)
+    gsame = _grads(same_m, hb, ab, gout.to(torch.bfloat16) if reduction == "none" else gout.float())
+    for k in gref:
+        assert got[k].dtype == torch.float32, k
+        assert_close(got[k], gref[k], gsame[k], f"d{k}")
+
+
 def test_dropout_on_the_lora_input_is_the_references():
     h, args, labels = _case(torch.float32)
     torch.manual_seed(5)

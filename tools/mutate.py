@@ -629,6 +629,13 @@ MUTANTS = [
     ("cpp-multi-bwd-duplicate-slot-unchecked", "csrc/cpu/multi_lora.cpp",
      "      TORCH_CHECK_VALUE(!seen[segs.slots[g]], ", "      TORCH_CHECK_VALUE(true || !seen[segs.slots[g]], ",
      ["tests/test_fuzz.py"], "C++ multi-adapter backward takes a slot in two segments (gradients overwritten)"),
+    ("moe-no-autocast", "peft_kernels/ops/moe.py", "    amp = _amp.autocast_dtype(hidden)", "    amp = None",
+     ["tests/test_experts.py"], "the experts op ignores autocast (GEMMs in fp32 where transformers' run in bf16)"),
+    ("moe-autocast-out-dtype", "peft_kernels/ops/moe.py",
+     "lora(down_lora), apply_gate, backend, out_dtype or hidden.dtype)", "lora(down_lora), apply_gate, backend)",
+     ["tests/test_experts.py"], "under autocast the experts' routed outputs are summed in bf16 and returned bf16"),
+    ("linear-ce-no-autocast", "peft_kernels/ops/linear_ce.py", "    amp = _amp.autocast_dtype(hidden)",
+     "    amp = None", ["tests/test_linear_ce.py"], "the fused head loss ignores autocast (a LoRA head: dtype error)"),
 ]
 
 

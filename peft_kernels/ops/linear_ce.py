@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _torch_dropout
+from . import _amp, _torch_dropout
 from ._autograd import first_order_only
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -212,7 +212,18 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias
         reduction: "mean" (over non-ignored tokens; NaN when there are none, as ``F.cross_entropy``), "sum", "none".
         chunk_size: tokens per chunk (default: a 256 MiB fp32 logits block).
     Returns the loss (fp32; per token ``labels.shape`` for "none").
+
+    Under ``torch.autocast`` the head (and its LoRA) computes in the autocast dtype, as the unfused head's
+    ``F.linear`` would; the loss is fp32 either way (the logits are fp32 inside each chunk).
     """
+    amp = _amp.autocast_dtype(hidden)
+    if amp is not None:
+        with _amp.disabled(hidden):
+            hidden, weight, bias, lora_A, lora_B = _amp.cast(amp, hidden, weight, bias, lora_A, lora_B)
+            return linear_cross_entropy(hidden, weight, labels, bias=bias, lora_A=lora_A, lora_B=lora_B,
+                                        scaling=scaling, dropout_p=dropout_p, training=training,
+                                        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                                        reduction=reduction, chunk_size=chunk_size, check_labels=check_labels)
     V = _validate(hidden, weight, labels, bias, lora_A, lora_B, scaling, ignore_index, label_smoothing, z_loss,
                   reduction, chunk_size, dropout_p)
     H = hidden.shape[-1]

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import _amp
 from ._autograd import first_order_only
 
 
@@ -190,13 +191,25 @@ def route(top_k_index: Tensor, num_experts: int):
 
 def moe_experts_forward(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up_proj: Tensor,
                         down_proj: Tensor, act=None, gate_up_lora=None, down_lora=None, apply_gate=None,
-                        backend: str = "auto") -> Tensor:
+                        backend: str = "auto", out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """transformers' fused experts with LoRA: ``hidden`` [T, H], ``top_k_index``/``top_k_weights`` [T, k],
     ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]; ``act`` the activation (``act(gate) * up``) or
     ``apply_gate`` (the experts module's own ``[.., 2I] -> [.., I]`` gate); ``*_lora``: (A, B, scaling) or None.
-    ``backend``: as in ``grouped_lora_linear``. Returns [T, H]."""
+    ``backend``: as in ``grouped_lora_linear``. Returns [T, H] in ``out_dtype`` (default hidden's), the routed
+    outputs summed in it.
+
+    Under ``torch.autocast`` it computes as transformers' experts do there: each projection in the autocast dtype
+    (the casts of their ``F.linear``), the routed outputs summed into hidden's own dtype."""
     if (act is None) == (apply_gate is None):
         raise ValueError("give exactly one of act and apply_gate")
+    amp = _amp.autocast_dtype(hidden)
+    if amp is not None:
+        with _amp.disabled(hidden):
+            def lora(t):
+                return None if t is None else (*_amp.cast(amp, t[0], t[1]), t[2])
+            return moe_experts_forward(*_amp.cast(amp, hidden), top_k_index, top_k_weights,
+                                       *_amp.cast(amp, gate_up_proj, down_proj), act, lora(gate_up_lora),
+                                       lora(down_lora), apply_gate, backend, out_dtype or hidden.dtype)
     if hidden.dim() != 2 or top_k_index.shape != top_k_weights.shape or top_k_index.dim() != 2 \
             or top_k_index.shape[0] != hidden.shape[0]:
         raise ValueError(f"hidden must be [T, H] and top_k_index/top_k_weights [T, k], got {tuple(hidden.shape)}, "
@@ -214,4 +227,5 @@ def moe_experts_forward(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tens
     out = grouped_lora_linear(h, starts, down_proj, *(down_lora or (None, None, 1.0)), backend=backend)
     w = top_k_weights.reshape(-1)[order]
     out = out * w[:, None].to(out.dtype)
-    return torch.zeros_like(hidden).index_add_(0, tok, out.to(hidden.dtype))
+    dt = out_dtype or hidden.dtype
+    return torch.zeros_like(hidden, dtype=dt).index_add_(0, tok, out.to(dt))

@@ -254,27 +254,81 @@ def _gpt2():
     return m
 
 
-@pytest.mark.parametrize("make", [lambda: _llama(True), lambda: _llama(False), _gpt2],
-                         ids=["llama lm_head LoRA", "llama frozen head", "gpt2 tied head"])
-def test_causal_lm_loss_is_the_models_loss(make):
-    m = make().train()
+def _batch():
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 120, (3, 11), generator=g)
     am = torch.ones_like(ids)
     am[2, 8:] = 0
     labels = ids.clone()
     labels[2, 8:] = -100
+    return ids, am, labels
+
+
+def _same_loss_and_grads(m, want_fn, got_fn):
     params = [p for p in m.parameters() if p.requires_grad]
-    want = m(input_ids=ids, attention_mask=am, labels=labels).loss
+    want = want_fn()
     gw = torch.autograd.grad(want, params)
-    got = pk.causal_lm_loss(m, ids, labels, attention_mask=am, chunk_size=7)
+    got = got_fn()
     gg = torch.autograd.grad(got, params)
     torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
     for a, b in zip(gg, gw):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda: _llama(True), lambda: _llama(False), _gpt2],
+                         ids=["llama lm_head LoRA", "llama frozen head", "gpt2 tied head"])
+def test_causal_lm_loss_is_the_models_loss(make):
+    m = make().train()
+    ids, am, labels = _batch()
+    _same_loss_and_grads(m, lambda: m(input_ids=ids, attention_mask=am, labels=labels).loss,
+                         lambda: pk.causal_lm_loss(m, ids, labels, attention_mask=am, chunk_size=7))
     # labels default to input_ids
     torch.testing.assert_close(pk.causal_lm_loss(m, ids, attention_mask=am),
                                m(input_ids=ids, attention_mask=am, labels=ids).loss, rtol=2e-6, atol=0)
+
+
+def test_causal_lm_loss_num_items_in_batch_and_shift_labels():
+    """transformers' loss options a Trainer uses: ``num_items_in_batch`` (gradient accumulation: the sum over this
+    micro-batch's counted tokens divided by the whole batch's count; a tensor or an int) and precomputed
+    ``shift_labels``. Before, both went to the decoder and were ignored: the mean of this micro-batch, silently."""
+    m = _llama(True).train()
+    ids, am, labels = _batch()
+    for n in (torch.tensor(57), 57):
+        _same_loss_and_grads(m, lambda: m(input_ids=ids, attention_mask=am, labels=labels, num_items_in_batch=n).loss,
+                             lambda: pk.causal_lm_loss(m, ids, labels, attention_mask=am, num_items_in_batch=n))
+    sl = torch.randint(0, 120, ids.shape, generator=torch.Generator().manual_seed(8))
+    sl[0, :4] = -100
+    _same_loss_and_grads(m, lambda: m(input_ids=ids, attention_mask=am, labels=labels, shift_labels=sl).loss,
+                         lambda: pk.causal_lm_loss(m, ids, attention_mask=am, shift_labels=sl))
+    with pytest.raises(ValueError, match="shift_labels must have"):
+        pk.causal_lm_loss(m, ids, shift_labels=sl[:, 1:])
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_causal_lm_loss_adds_the_moe_router_loss(kind):
+    """An MoE model with ``output_router_logits`` on adds ``router_aux_loss_coef`` × its load-balancing loss to
+    ``.loss``; so does ``causal_lm_loss`` (loss and every gradient, the routers' included; before, it left the
+    router loss out silently), and off when the call turns it off."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.3)
+    if kind == "mixtral":
+        m = transformers.MixtralForCausalLM(transformers.MixtralConfig(intermediate_size=24, num_local_experts=4,
+                                                                       **common))
+    else:
+        m = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            intermediate_size=48, moe_intermediate_size=16, num_experts=4, head_dim=8, decoder_sparse_step=1,
+            **common))
+    m.train()
+    ids, am, labels = _batch()
+    out = m(input_ids=ids, attention_mask=am, labels=labels)
+    assert out.aux_loss is not None and float(out.aux_loss.detach()) > 0
+    _same_loss_and_grads(m, lambda: m(input_ids=ids, attention_mask=am, labels=labels).loss,
+                         lambda: pk.causal_lm_loss(m, ids, labels, attention_mask=am))
+    _same_loss_and_grads(m, lambda: m(input_ids=ids, attention_mask=am, labels=labels,
+                                      output_router_logits=False).loss,
+                         lambda: pk.causal_lm_loss(m, ids, labels, attention_mask=am, output_router_logits=False))
 
 
 def test_causal_lm_loss_refuses_what_it_cannot_match():
@@ -284,6 +338,10 @@ def test_causal_lm_loss_refuses_what_it_cannot_match():
         pk.causal_lm_loss(m, torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(TypeError, match="transformers causal LM"):
         pk.causal_lm_loss(torch.nn.Linear(2, 2), torch.zeros(1, 4, dtype=torch.long))
+    m.config.final_logit_softcapping = None
+    m.config.output_router_logits = True  # a router loss this (dense) model cannot compute
+    with pytest.raises(ValueError, match="load_balancing_loss_func"):
+        pk.causal_lm_loss(m, torch.zeros(1, 4, dtype=torch.long))
     m = _llama(True)
     with pytest.raises(ValueError, match="labels must have"):
         pk.causal_lm_loss(m, torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))

@@ -636,6 +636,12 @@ MUTANTS = [
      ["tests/test_experts.py"], "under autocast the experts' routed outputs are summed in bf16 and returned bf16"),
     ("linear-ce-no-autocast", "peft_kernels/ops/linear_ce.py", "    amp = _amp.autocast_dtype(hidden)",
      "    amp = None", ["tests/test_linear_ce.py"], "the fused head loss ignores autocast (a LoRA head: dtype error)"),
+    ("causal-num-items-ignored", "peft_kernels/nn/lm_head.py",
+     'reduction="mean" if num_items_in_batch is None else "sum")', 'reduction="mean")',
+     ["tests/test_linear_ce.py"], "causal_lm_loss divides the micro-batch mean by num_items_in_batch"),
+    ("causal-router-loss-dropped", "peft_kernels/nn/lm_head.py",
+     "        loss = loss + model.router_aux_loss_coef * aux(", "        loss = loss + 0 * aux(",
+     ["tests/test_linear_ce.py"], "causal_lm_loss leaves an MoE model's router load-balancing loss out"),
 ]
 
 

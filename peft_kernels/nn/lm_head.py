@@ -44,11 +44,18 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tens
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
                    attention_mask: Optional[torch.Tensor] = None, ignore_index: int = -100,
                    label_smoothing: float = 0.0, z_loss: float = 0.0, chunk_size: Optional[int] = None,
+                   num_items_in_batch=None, shift_labels: Optional[torch.Tensor] = None,
                    **model_kwargs) -> torch.Tensor:
     """A transformers causal LM's training loss, ``model(input_ids, labels=labels).loss``, with the head and the
     loss fused: the decoder runs, then ``linear_cross_entropy`` on its last hidden states and the shifted labels
     (transformers' rule: position i predicts label i + 1; the last position and ``ignore_index`` count nowhere;
     the mean is over the counted tokens). ``labels`` defaults to ``input_ids``.
+
+    As transformers' loss: ``num_items_in_batch`` (an int or tensor; what its Trainer passes under gradient
+    accumulation) makes it the sum over the counted tokens divided by that number instead of the mean;
+    ``shift_labels`` (``input_ids``' shape) are used as given instead of shifting ``labels``; and an MoE model with
+    ``output_router_logits`` on (its config's, or passed here) adds ``router_aux_loss_coef`` times its router
+    load-balancing loss (the model module's own ``load_balancing_loss_func``; refused where there is none).
 
         loss = peft_kernels.causal_lm_loss(model, batch["input_ids"], batch["labels"],
                                            attention_mask=batch["attention_mask"])
@@ -75,8 +82,41 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: Optional[t
     if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
         raise ValueError(f"labels must have input_ids' shape {list(input_ids.shape)}, got "
                          f"{list(getattr(labels, 'shape', []))}")
+    if shift_labels is not None and (not isinstance(shift_labels, torch.Tensor) or
+                                     shift_labels.shape != input_ids.shape):
+        raise ValueError(f"shift_labels must have input_ids' shape {list(input_ids.shape)}, got "
+                         f"{list(getattr(shift_labels, 'shape', []))}")
+    aux = _router_aux_loss(model, cfg, model_kwargs.pop("output_router_logits", None))
+    if aux is not None:
+        model_kwargs["output_router_logits"] = True
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    shifted = F.pad(labels, (0, 1), value=ignore_index)[:, 1:]
-    return head_cross_entropy(hidden, head, shifted, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                              z_loss=z_loss, chunk_size=chunk_size)
+    shifted = F.pad(labels, (0, 1), value=ignore_index)[:, 1:] if shift_labels is None else shift_labels
+    loss = head_cross_entropy(hidden, head, shifted, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                              z_loss=z_loss, chunk_size=chunk_size,
+                              reduction="mean" if num_items_in_batch is None else "sum")
+    if num_items_in_batch is not None:
+        loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
+                       else num_items_in_batch)
+    if aux is not None:
+        loss = loss + model.router_aux_loss_coef * aux(out.router_logits, model.num_experts, model.num_experts_per_tok,
+                                                       attention_mask).to(loss.device)
+    return loss
+
+
+def _router_aux_loss(model: nn.Module, cfg, wanted: Optional[bool]):
+    """The model module's ``load_balancing_loss_func`` when an MoE model's router loss is on (``wanted``, else its
+    config's ``output_router_logits``), else None; ValueError when it is on and cannot be computed as the model
+    does."""
+    import sys
+
+    on = bool(getattr(cfg, "output_router_logits", False)) if wanted is None else bool(wanted)
+    if not on:
+        return None
+    fn = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
+    missing = [a for a in ("num_experts", "num_experts_per_tok", "router_aux_loss_coef") if not hasattr(model, a)]
+    if fn is None or missing:
+        raise ValueError(f"causal_lm_loss: output_router_logits is on, but {type(model).__name__} has no "
+                         f"{'load_balancing_loss_func in its module' if fn is None else ', '.join(missing)}: its "
+                         "router loss cannot be added as the model adds it (turn output_router_logits off)")
+    return fn

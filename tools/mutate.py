@@ -622,9 +622,8 @@ MUTANTS = [
      "    amp = _amp.autocast_dtype(x)", "    amp = None",
      ["tests/test_siblings.py", "tests/test_packed.py"], "lora_siblings ignores autocast (backward dtype error)"),
     ("cpp-multi-16bit-index-add-from-threads", "csrc/cpu/multi_lora.cpp",
-     "      at::mm_out(Zg, Sg.mul(segs.scal[it.slot]), B[it.slot].narrow(1, 0, r).t());  // scale the n×r side",
-     "      y.index_add_(0, idx.narrow(0, it.begin, n), at::mm(Sg.mul(segs.scal[it.slot]), "
-     "B[it.slot].narrow(1, 0, r).t()).to(y.scalar_type()));",
+     "      add_rows(y, ip + it.begin, n, Zg);",
+     "      y.index_add_(0, idx.narrow(0, it.begin, n), Zg.to(y.scalar_type()));",
      ["tests/test_multi_lora_op.py"], "C++ multi-adapter 16-bit forward: each item index_add_s into y from its thread"),
     ("cpp-multi-bwd-duplicate-slot-unchecked", "csrc/cpu/multi_lora.cpp",
      "      TORCH_CHECK_VALUE(!seen[segs.slots[g]], ", "      TORCH_CHECK_VALUE(true || !seen[segs.slots[g]], ",

@@ -641,6 +641,12 @@ MUTANTS = [
     ("causal-router-loss-dropped", "peft_kernels/nn/lm_head.py",
      "        loss = loss + model.router_aux_loss_coef * aux(", "        loss = loss + 0 * aux(",
      ["tests/test_linear_ce.py"], "causal_lm_loss leaves an MoE model's router load-balancing loss out"),
+    ("siblings-inference-tensor-version", "peft_kernels/nn/siblings.py",
+     "        if x.is_inference():  # no version counter", "        if False:  # no version counter",
+     ["tests/test_inference_mode.py"], "a fused sibling group reads an inference tensor's version counter (raises)"),
+    ("multi-ids-inference-version", "peft_kernels/nn/multi_lora.py",
+     "None if self.ids.is_inference() else self.ids._version)", "self.ids._version)",
+     ["tests/test_inference_mode.py"], "adapter_ids with ids made under inference_mode reads their version (raises)"),
 ]
 
 

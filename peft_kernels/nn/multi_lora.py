@@ -61,8 +61,10 @@ class AdapterIds:
         if self.prebuilt is not None:
             return self.prebuilt  # the op checks its token count, slot count and device against the layer
         # ids._version: an in-place write to the ids between two layers of one forward is seen too (writes
-        # through .data are seen at the model's next forward, when the cache is cleared)
-        key = (tuple(x_shape[:-1]), num_slots, torch.device(device), self.ids._version)
+        # through .data, and to ids created under inference_mode, which have no version counter, are seen at the
+        # model's next forward, when the cache is cleared)
+        key = (tuple(x_shape[:-1]), num_slots, torch.device(device),
+               None if self.ids.is_inference() else self.ids._version)
         m = self._cache.get(key)
         if m is None:
             ids = expand_adapter_ids(self.ids, x_shape)

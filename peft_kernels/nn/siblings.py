@@ -6,7 +6,8 @@ How: the members' frozen weights are packed once into one ``[Σ out, in]`` buffe
 layers ``unload`` puts back share them, and no second copy exists). The first member a model calls with some
 ``x`` computes every member's output in one call and leaves the others' outputs for them (per thread); a
 sibling called with the same ``x`` (the same tensor object, not modified since) takes its output, unless it is
-called under another grad, inference or autocast mode (then it runs alone, as its output would differ). If a sibling is
+called under another grad, inference or autocast mode (then it runs alone, as its output would differ). An inference
+tensor x (created under ``torch.inference_mode``) has no version counter, so its members run alone. If a sibling is
 called with another input instead, the group does not share its input (e.g. cross-attention): it turns itself
 off for good and every member runs alone. A member whose weight was re-bound (``load_state_dict(assign=True)``,
 ``p.data = …``, a deep copy) is packed again at the next call.
@@ -172,6 +173,8 @@ class SiblingGroup:
     def member_forward(self, member: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         """``member``'s output from the group (computing every member's, or taking the one left for it), or None
         when the member must run alone."""
+        if x.is_inference():  # no version counter: an in-place change to x between the members' calls (inside
+            return None  # inference_mode) could not be seen, so each member runs alone
         tls = self._tls
         pend: Optional[_Pending] = getattr(tls, "pending", None)
         if pend is not None:

@@ -352,3 +352,44 @@ def test_causal_lm_loss_refuses_what_it_cannot_match():
         lab = torch.tensor([1, 2, 3, 4])
         torch.testing.assert_close(pk.head_cross_entropy(x, m.lm_head, lab),
                                    F.cross_entropy(F.linear(x, m.lm_head.weight), lab))
+
+
+def test_trainer_with_the_fused_loss_trains_as_with_the_models_loss(tmp_path):
+    """transformers' Trainer with gradient accumulation (2 micro-batches of unequal token counts per step), its
+    ``compute_loss`` replaced by ``causal_lm_loss`` as the README shows (``num_items_in_batch`` passed on), trains a
+    LoRA'd Llama to the same weights as the model's own loss. Without ``num_items_in_batch`` each micro-batch's
+    mean would weigh its tokens differently, and the weights would differ (checked too)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    g = torch.Generator().manual_seed(4)
+    rows = []
+    for i in range(8):
+        ids = torch.randint(0, 120, (10,), generator=g)
+        labels = ids.clone()
+        labels[: 1 + 2 * (i % 4)] = -100  # unequal counted tokens per micro-batch
+        rows.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
+
+    class Fused(transformers.Trainer):
+        pass_count = True
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return pk.causal_lm_loss(model, inputs["input_ids"], inputs["labels"],
+                                     attention_mask=inputs["attention_mask"],
+                                     num_items_in_batch=num_items_in_batch if self.pass_count else None)
+
+    def train(cls, pass_count=True):
+        m = _llama(True)
+        args = transformers.TrainingArguments(str(tmp_path / cls.__name__), per_device_train_batch_size=2,
+                                              gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-2,
+                                              report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+                                              seed=0, dataloader_num_workers=0)
+        tr = cls(model=m, args=args, train_dataset=rows)
+        if cls is Fused:
+            tr.pass_count = pass_count
+        tr.train()
+        return {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    want, got, without = train(transformers.Trainer), train(Fused), train(Fused, pass_count=False)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert any(not torch.allclose(without[n], want[n], rtol=1e-4, atol=1e-6) for n in want)

@@ -855,3 +855,23 @@ def test_multi_adapter_member_called_under_another_mode_runs_alone():
     assert all(g is not None for g in grads[0]), "k's slots got no gradient"
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+def test_a_member_moved_to_another_dtype_runs_alone():
+    """One member moved to fp16 (``k_proj.half()``) cannot be packed with the others. Before, the next call packed
+    it anyway: its weight went back to fp32 (silently undoing the user's cast) and it then refused fp16 inputs.
+    Now the group turns itself off and every member runs alone, as a separate layer: the same error for an fp32
+    x, the same fp16 output for an fp16 one, its weight still fp16; q and v equal the separate layers'."""
+    fused, sep = _qkv_pair()
+    x = torch.randn(5, 24)
+    for m in (fused, sep):
+        m.k_proj.half()
+    for m in (fused, sep):
+        with pytest.raises(TypeError, match="weight dtype torch.float16 must match x dtype torch.float32"):
+            m.k_proj(x)
+    assert fused.k_proj.weight.dtype == torch.float16
+    g = fused.q_proj._siblings
+    assert not g.enabled and "cannot be packed" in g.why_off
+    torch.testing.assert_close(fused.k_proj(x.half()), sep.k_proj(x.half()), rtol=0, atol=0)
+    for n in ("q_proj", "v_proj"):
+        torch.testing.assert_close(getattr(fused, n)(x), getattr(sep, n)(x), rtol=0, atol=0)

@@ -647,6 +647,10 @@ MUTANTS = [
     ("multi-ids-inference-version", "peft_kernels/nn/multi_lora.py",
      "None if self.ids.is_inference() else self.ids._version)", "self.ids._version)",
      ["tests/test_inference_mode.py"], "adapter_ids with ids made under inference_mode reads their version (raises)"),
+    ("siblings-pack-mixed-dtypes", "peft_kernels/nn/siblings.py",
+     "                    if why is not None:  # e.g. one member moved",
+     "                    if False:  # e.g. one member moved",
+     ["tests/test_siblings.py"], "a group packs members of different dtypes (a .half() member cast back to fp32)"),
 ]
 
 

@@ -119,6 +119,18 @@ class SiblingGroup:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------ packing
+    def _unpackable(self) -> Optional[str]:
+        """Why the members' current weights cannot be packed into one buffer (None when they can): every weight
+        and bias must share the first member's dtype and device (packing would otherwise cast a member's weight,
+        e.g. back from the half precision one member was moved to)."""
+        first = self.members[0].weight
+        for n, m in zip(self.names, self.members):
+            for p in (m.weight, m.bias):
+                if p is not None and (p.dtype, p.device) != (first.dtype, first.device):
+                    return (f"sibling {n!r}'s weights are {p.dtype} on {p.device}, {self.names[0]!r}'s "
+                            f"{first.dtype} on {first.device}: they cannot be packed together")
+        return None
+
     def _pack(self) -> None:
         ms = self.members
         with torch.no_grad():
@@ -200,6 +212,10 @@ class SiblingGroup:
         if not self.packed():
             with self._lock:
                 if not self.packed():
+                    why = self._unpackable()
+                    if why is not None:  # e.g. one member moved to another dtype: each runs alone, as it is
+                        self.turn_off(why)
+                        return None
                     self._pack()
         if self.multi:
             outs = self._multi_outputs(x)

@@ -182,10 +182,16 @@ def _freeze_rest(model: nn.Module) -> None:
             p.requires_grad_(False)
 
 
-def _replace(model: nn.Module, names: List[str], make: Callable[[nn.Module], nn.Module]) -> List[str]:
-    """Swap in the new layers, then freeze every parameter that is not an adapter's."""
+def _replace(model: nn.Module, names: List[str], make: Callable[[nn.Module], nn.Module],
+             fuse_siblings=False) -> List[str]:
+    """Swap in the new layers, then freeze every parameter that is not an adapter's. ``fuse_siblings``: the sibling
+    groups to make among them (``inject_lora``'s argument), checked on the new layers before the model changes."""
     with frozen_by_us(model):
         new = {n: make(model.get_submodule(n)) for n in names}  # build all first: a failure changes nothing
+        if fuse_siblings is not False:
+            from .nn.siblings import plan_sibling_groups
+
+            plan_sibling_groups(new, fuse_siblings)  # raises here, before any layer is swapped in
         # a layer reachable under several names (aliased, e.g. tied) is replaced under every one of them by the
         # same new module, so the model stays tied
         paths = _module_paths(model)
@@ -293,9 +299,9 @@ def inject_lora(model: nn.Module, target_modules: Targets, r: int = 8, lora_alph
                                    init_lora_weights=init_lora_weights, lora_dtype=lora_dtype, backend=backend)
             return make(mod)
         name_of = {id(model.get_submodule(n)): n for n in list(names) + list(experts)}
-        out = _replace(model, list(names) + list(experts), make_any)
+        out = _replace(model, list(names) + list(experts), make_any, fuse_siblings)
     else:
-        out = _replace(model, names, make)
+        out = _replace(model, names, make, fuse_siblings)
     _finish_saved(model, saved, task_type)
     if fuse_siblings is not False:
         from .nn.siblings import group_siblings
@@ -344,7 +350,7 @@ def inject_multi_lora(model: nn.Module, target_modules: Targets, max_adapters: i
                                                      lora_dtype=lora_dtype)
         return MultiLoRALinear.from_linear(lin, max_adapters=max_adapters, max_rank=max_rank, backend=backend,
                                            lora_dtype=lora_dtype, lora_dropout=lora_dropout)
-    out = _replace(model, names, make)
+    out = _replace(model, names, make, fuse_siblings)
     if fuse_siblings is not False:
         from .nn.siblings import group_siblings
 

@@ -875,3 +875,55 @@ def test_a_member_moved_to_another_dtype_runs_alone():
     torch.testing.assert_close(fused.k_proj(x.half()), sep.k_proj(x.half()), rtol=0, atol=0)
     for n in ("q_proj", "v_proj"):
         torch.testing.assert_close(getattr(fused, n)(x), getattr(sep, n)(x), rtol=0, atol=0)
+
+
+class _WideKV(nn.Module):
+    """Cross-attention whose memory is wider than the queries: q reads 16 features, k and v 24."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(16, 16), nn.Linear(24, 16), nn.Linear(24, 16)
+
+    def forward(self, x, mem):
+        return self.q_proj(x), self.k_proj(mem), self.v_proj(mem)
+
+
+def test_structure_groups_keep_the_members_that_can_share_one_op():
+    """``fuse_siblings=True`` groups by name, then keeps the members that can share one op: here k and v (q reads
+    another width). Before, the whole ``inject_lora`` raised, after the model had already been injected. Outputs and
+    gradients equal the unfused layers'."""
+    torch.manual_seed(0)
+    fused = _WideKV()
+    plain = copy.deepcopy(fused)
+    for m, f in ((fused, True), (plain, False)):
+        torch.manual_seed(1)
+        pk.inject_lora(m, ["q_proj", "k_proj", "v_proj"], r=2, init_lora_weights=False, fuse_siblings=f)
+    g = fused.k_proj._siblings
+    assert g is not None and g is fused.v_proj._siblings and getattr(fused.q_proj, "_siblings", None) is None
+    x, mem = torch.randn(3, 16), torch.randn(3, 24)
+    outs = [m(x, mem) for m in (fused, plain)]
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    grads = [torch.autograd.grad(sum(o.square().sum() for o in out), [p for p in m.parameters() if p.requires_grad])
+             for out, m in zip(outs, (fused, plain))]
+    for a, b in zip(*grads):  # (as test_fused_model_equals_unfused_and_keeps_one_copy: stacked vs separate GEMMs)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert g.enabled, g.why_off
+
+
+def test_named_groups_that_cannot_be_made_change_nothing():
+    """Groups the caller names must be valid as named; the first that is not raises before anything changes:
+    ``inject_lora`` leaves the model as it was (before: injected, and the groups before the bad one made), and
+    ``fuse_siblings`` makes no group at all. A layer named in two groups is refused too."""
+    m = _WideKV()
+    with pytest.raises(ValueError, match="in_features, dtype and device must equal"):
+        pk.inject_lora(m, ["q_proj", "k_proj", "v_proj"], r=2, fuse_siblings=[["q_proj", "k_proj", "v_proj"]])
+    assert all(type(getattr(m, n)) is nn.Linear for n in ("q_proj", "k_proj", "v_proj"))
+    assert all(p.requires_grad for p in m.parameters())  # nothing frozen either
+    pk.inject_lora(m, ["q_proj", "k_proj", "v_proj"], r=2)
+    with pytest.raises(ValueError, match="in_features"):
+        pk.fuse_siblings(m, [["k_proj", "v_proj"], ["q_proj", "k_proj"]])
+    assert all(getattr(getattr(m, n), "_siblings", None) is None for n in ("q_proj", "k_proj", "v_proj"))
+    with pytest.raises(ValueError, match="named in two groups"):
+        pk.fuse_siblings(m, [["k_proj", "v_proj"], ["v_proj", "k_proj"]])
+    assert pk.fuse_siblings(m, [["k_proj", "v_proj"]]) == [["k_proj", "v_proj"]]

@@ -651,6 +651,12 @@ MUTANTS = [
      "                    if why is not None:  # e.g. one member moved",
      "                    if False:  # e.g. one member moved",
      ["tests/test_siblings.py"], "a group packs members of different dtypes (a .half() member cast back to fp32)"),
+    ("siblings-structure-groups-unsplit", "peft_kernels/nn/siblings.py",
+     'key = (m.in_features, m.weight.dtype, m.weight.device, getattr(m, "max_adapters", None))', "key = 0",
+     ["tests/test_siblings.py"], "fuse_siblings=True groups name-matched layers of other widths (inject raises)"),
+    ("inject-groups-checked-after-swap", "peft_kernels/inject.py",
+     "            plan_sibling_groups(new, fuse_siblings)  # raises here", "            pass  # raises here",
+     ["tests/test_siblings.py"], "inject_lora checks named groups only after swapping the layers in"),
 ]
 
 

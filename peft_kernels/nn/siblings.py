@@ -58,41 +58,43 @@ def _mode(x: torch.Tensor) -> tuple:
     return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast_dtype(x)
 
 
+def _member_problem(n: str, m: nn.Module, first: nn.Module, first_name: str) -> Optional[Exception]:
+    """Why ``m`` (named ``n``) cannot be in a group whose first member is ``first``, or None."""
+    from .lora import LoRALinear
+    from .multi_lora import MultiLoRALinear
+
+    multi = type(first) is MultiLoRALinear
+    kind = MultiLoRALinear if multi else LoRALinear
+    if (type(m) is not MultiLoRALinear) if multi else not isinstance(m, LoRALinear):
+        return TypeError(f"sibling {n!r} must be a {kind.__name__} (all members of one kind; a quantized "
+                         f"multi-adapter base is not fused), got {type(m).__name__}")
+    if multi:
+        if m.fan_in_fan_out:
+            return ValueError(f"sibling {n!r}: Conv1D bases are not fused")
+        if m.max_adapters != first.max_adapters:
+            return ValueError(f"sibling {n!r}: max_adapters {m.max_adapters} differs from {first_name!r}'s "
+                              f"{first.max_adapters} (the members share the token grouping)")
+    elif m.use_dora or m.lora_bias or m.fan_in_fan_out or m.merged:
+        return ValueError(f"sibling {n!r}: DoRA, lora_bias, Conv1D bases and merged layers are not fused")
+    if type(m.weight) is not nn.Parameter or not m.weight.is_floating_point():
+        return TypeError(f"sibling {n!r}: a quantized base is not fused")
+    if getattr(m, "_siblings", None) is not None:
+        return ValueError(f"sibling {n!r} is already in a group")
+    return None
+
+
 class SiblingGroup:
     """Members (all ``LoRALinear`` or all ``MultiLoRALinear``) that share their input; see the module docstring."""
 
     def __init__(self, members: Sequence[nn.Module], names: Sequence[str] = ()):
-        from .lora import LoRALinear
         from .multi_lora import MultiLoRALinear
 
         members = list(members)
         self.names = list(names) or [f"member{i}" for i in range(len(members))]
-        if len(members) < 2:
-            raise ValueError(f"a sibling group needs at least 2 members, got {len(members)}")
+        err = SiblingGroup.problem(members, self.names)
+        if err is not None:
+            raise err
         self.multi = type(members[0]) is MultiLoRALinear
-        kind = MultiLoRALinear if self.multi else LoRALinear
-        for n, m in zip(self.names, members):
-            if (type(m) is not MultiLoRALinear) if self.multi else not isinstance(m, LoRALinear):
-                raise TypeError(f"sibling {n!r} must be a {kind.__name__} (all members of one kind; a quantized "
-                                f"multi-adapter base is not fused), got {type(m).__name__}")
-            if self.multi:
-                if m.fan_in_fan_out:
-                    raise ValueError(f"sibling {n!r}: Conv1D bases are not fused")
-                if m.max_adapters != members[0].max_adapters:
-                    raise ValueError(f"sibling {n!r}: max_adapters {m.max_adapters} differs from "
-                                     f"{self.names[0]!r}'s {members[0].max_adapters} (the members share the token "
-                                     f"grouping)")
-            elif m.use_dora or m.lora_bias or m.fan_in_fan_out or m.merged:
-                raise ValueError(f"sibling {n!r}: DoRA, lora_bias, Conv1D bases and merged layers are not fused")
-            if type(m.weight) is not nn.Parameter or not m.weight.is_floating_point():
-                raise TypeError(f"sibling {n!r}: a quantized base is not fused")
-            if getattr(m, "_siblings", None) is not None:
-                raise ValueError(f"sibling {n!r} is already in a group")
-        first = members[0]
-        for n, m in zip(self.names[1:], members[1:]):
-            if (m.in_features, m.weight.dtype, m.weight.device) != (first.in_features, first.weight.dtype,
-                                                                    first.weight.device):
-                raise ValueError(f"sibling {n!r}: in_features, dtype and device must equal {self.names[0]!r}'s")
         self.members = members
         self.enabled = True
         self.why_off: Optional[str] = None
@@ -101,6 +103,23 @@ class SiblingGroup:
         self._pack()
         for m in members:
             object.__setattr__(m, "_siblings", self)
+
+    @staticmethod
+    def problem(members: Sequence[nn.Module], names: Sequence[str]) -> Optional[Exception]:
+        """Why ``members`` cannot form a group (the ValueError / TypeError the constructor raises), or None. Changes
+        nothing: callers check every group before making any."""
+        if len(members) < 2:
+            return ValueError(f"a sibling group needs at least 2 members, got {len(members)}")
+        for n, m in zip(names, members):
+            err = _member_problem(n, m, members[0], names[0])
+            if err is not None:
+                return err
+        first = members[0]
+        for n, m in zip(names[1:], members[1:]):
+            if (m.in_features, m.weight.dtype, m.weight.device) != (first.in_features, first.weight.dtype,
+                                                                    first.weight.device):
+                return ValueError(f"sibling {n!r}: in_features, dtype and device must equal {names[0]!r}'s")
+        return None
 
     def __deepcopy__(self, memo):
         import copy
@@ -244,10 +263,10 @@ class SiblingGroup:
         return outs
 
 
-def find_sibling_groups(model: nn.Module, names: Sequence[str], groups=True) -> List[List[str]]:
-    """Qualified names of the LoRA'd layers (``names``) that form sibling groups: children of one module named as one
-    of ``KNOWN_GROUPS`` (``groups=True``) or of the given groups of child names; groups of fewer than 2 LoRA'd
-    members are dropped."""
+def find_sibling_groups(model: Optional[nn.Module], names: Sequence[str], groups=True) -> List[List[str]]:
+    """Qualified names of the LoRA'd layers (``names``) that form sibling groups by name: children of one module
+    named as one of ``KNOWN_GROUPS`` (``groups=True``) or of the given groups of child names; groups of fewer than 2
+    LoRA'd members are dropped. (Names only: ``model`` is not read.)"""
     spec = KNOWN_GROUPS if groups is True else tuple(tuple(g) for g in groups)
     chosen = set(names)
     by_parent: Dict[str, List[str]] = {}
@@ -285,21 +304,52 @@ def fuse_siblings(model: nn.Module, groups=True) -> List[List[str]]:
     return group_siblings(model, [n for n, _ in model.named_modules()], groups)
 
 
-def group_siblings(model: nn.Module, names: Sequence[str], groups=True) -> List[List[str]]:
-    """Make the sibling groups among the layers ``names`` (qualified names in ``model``) that are not in one yet:
-    ``LoRALinear`` (no DoRA, no ``lora_bias``) and ``MultiLoRALinear``, each kind among its own; returns them.
-    The one place ``fuse_siblings``, ``inject_lora`` and ``inject_multi_lora`` group layers."""
+def plan_sibling_groups(layers: Dict[str, nn.Module], groups=True) -> List[List[str]]:
+    """The groups ``group_siblings`` makes among ``layers`` (qualified name → layer, not in a group yet:
+    ``LoRALinear`` without DoRA or ``lora_bias``, and ``MultiLoRALinear``, each kind among its own), all checked and
+    nothing changed. With ``groups=True`` (names from the model's structure) each set of siblings by name keeps the
+    members that can share one op (same in_features, dtype and device; not quantized, merged or Conv1D), and a set
+    with fewer than 2 of them is left out: grouping by structure never fails (e.g. cross-attention's q reads another
+    width than k and v: k and v form the group). Groups the caller names must be valid as named: the first that is
+    not raises its ValueError / TypeError, before anything is grouped."""
     from .lora import LoRALinear
     from .multi_lora import MultiLoRALinear
 
-    made = []
+    out: List[List[str]] = []
     for ok in (lambda m: isinstance(m, LoRALinear) and not m.use_dora and not m.lora_bias,
                lambda m: type(m) is MultiLoRALinear):
-        kind = [n for n in names if ok(model.get_submodule(n))
-                and getattr(model.get_submodule(n), "_siblings", None) is None]
-        for g in find_sibling_groups(model, kind, groups):
-            SiblingGroup([model.get_submodule(n) for n in g], g)
-            made.append(g)
+        kind = [n for n, m in layers.items() if ok(m) and getattr(m, "_siblings", None) is None]
+        for g in find_sibling_groups(None, kind, groups):
+            if groups is True:
+                buckets: Dict[tuple, List[str]] = {}
+                for n in g:
+                    m = layers[n]
+                    if _member_problem(n, m, m, n) is None:
+                        key = (m.in_features, m.weight.dtype, m.weight.device, getattr(m, "max_adapters", None))
+                        buckets.setdefault(key, []).append(n)
+                out += [b for b in buckets.values() if len(b) >= 2]
+                continue
+            err = SiblingGroup.problem([layers[n] for n in g], g)
+            if err is not None:
+                raise err
+            out.append(g)
+    seen: Dict[str, int] = {}
+    for i, g in enumerate(out):
+        for n in g:
+            if n in seen:
+                raise ValueError(f"fuse_siblings: {n!r} is named in two groups ({out[seen[n]]} and {g})")
+            seen[n] = i
+    return out
+
+
+def group_siblings(model: nn.Module, names: Sequence[str], groups=True) -> List[List[str]]:
+    """Make the sibling groups among the layers ``names`` (qualified names in ``model``) that are not in one yet
+    (``plan_sibling_groups``: every group is checked before any is made); returns them. The one place
+    ``fuse_siblings``, ``inject_lora`` and ``inject_multi_lora`` group layers."""
+    layers = {n: model.get_submodule(n) for n in names}
+    made = plan_sibling_groups(layers, groups)
+    for g in made:
+        SiblingGroup([layers[n] for n in g], g)
     return made
 
 

@@ -185,22 +185,27 @@ def _freeze_rest(model: nn.Module) -> None:
 def _replace(model: nn.Module, names: List[str], make: Callable[[nn.Module], nn.Module],
              fuse_siblings=False) -> List[str]:
     """Swap in the new layers, then freeze every parameter that is not an adapter's. ``fuse_siblings``: the sibling
-    groups to make among them (``inject_lora``'s argument), checked on the new layers before the model changes."""
+    groups to make among them (``inject_lora``'s argument), planned and checked on the new layers before the model
+    changes, and made once they are in."""
+    from .nn import siblings
+
     with frozen_by_us(model):
         new = {n: make(model.get_submodule(n)) for n in names}  # build all first: a failure changes nothing
-        if fuse_siblings is not False:
-            from .nn.siblings import plan_sibling_groups
-
-            plan_sibling_groups(new, fuse_siblings)  # raises here, before any layer is swapped in
-        # a layer reachable under several names (aliased, e.g. tied) is replaced under every one of them by the
-        # same new module, so the model stays tied
-        paths = _module_paths(model)
-        ids = {n: id(model.get_submodule(n)) for n in new}
-        for n, m in new.items():
-            for alias in paths.get(ids[n], [n]):
-                _set_module(model, alias, m)
+        plan = siblings.plan_sibling_groups(new, fuse_siblings) if fuse_siblings is not False else []  # (may raise)
+        _swap_in(model, new)
         _freeze_rest(model)
+    siblings.make_sibling_groups(new, plan)
     return names
+
+
+def _swap_in(model: nn.Module, new: Dict[str, nn.Module]) -> None:
+    """Put each new layer at its name. A layer reachable under several names (aliased, e.g. tied) is replaced under
+    every one of them by the same new module, so the model stays tied."""
+    paths = _module_paths(model)
+    ids = {n: id(model.get_submodule(n)) for n in new}
+    for n, m in new.items():
+        for alias in paths.get(ids[n], [n]):
+            _set_module(model, alias, m)
 
 
 def _with_saved(model: nn.Module, target_modules, exclude_modules, modules_to_save, task_type, find=None):
@@ -303,10 +308,6 @@ def inject_lora(model: nn.Module, target_modules: Targets, r: int = 8, lora_alph
     else:
         out = _replace(model, names, make, fuse_siblings)
     _finish_saved(model, saved, task_type)
-    if fuse_siblings is not False:
-        from .nn.siblings import group_siblings
-
-        group_siblings(model, out, fuse_siblings)
     return out
 
 
@@ -350,12 +351,7 @@ def inject_multi_lora(model: nn.Module, target_modules: Targets, max_adapters: i
                                                      lora_dtype=lora_dtype)
         return MultiLoRALinear.from_linear(lin, max_adapters=max_adapters, max_rank=max_rank, backend=backend,
                                            lora_dtype=lora_dtype, lora_dropout=lora_dropout)
-    out = _replace(model, names, make, fuse_siblings)
-    if fuse_siblings is not False:
-        from .nn.siblings import group_siblings
-
-        group_siblings(model, out, fuse_siblings)
-    return out
+    return _replace(model, names, make, fuse_siblings)
 
 
 def _lora_layers(model: nn.Module):

@@ -655,7 +655,10 @@ MUTANTS = [
      'key = (m.in_features, m.weight.dtype, m.weight.device, getattr(m, "max_adapters", None))', "key = 0",
      ["tests/test_siblings.py"], "fuse_siblings=True groups name-matched layers of other widths (inject raises)"),
     ("inject-groups-checked-after-swap", "peft_kernels/inject.py",
-     "            plan_sibling_groups(new, fuse_siblings)  # raises here", "            pass  # raises here",
+     "        plan = siblings.plan_sibling_groups(new, fuse_siblings) if fuse_siblings is not False else []  # (may "
+     "raise)\n        _swap_in(model, new)\n",
+     "        _swap_in(model, new)\n        plan = siblings.plan_sibling_groups(new, fuse_siblings) if fuse_siblings "
+     "is not False else []  # (may raise)\n",
      ["tests/test_siblings.py"], "inject_lora checks named groups only after swapping the layers in"),
 ]
 

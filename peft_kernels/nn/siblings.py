@@ -263,10 +263,10 @@ class SiblingGroup:
         return outs
 
 
-def find_sibling_groups(model: Optional[nn.Module], names: Sequence[str], groups=True) -> List[List[str]]:
+def find_sibling_groups(names: Sequence[str], groups=True) -> List[List[str]]:
     """Qualified names of the LoRA'd layers (``names``) that form sibling groups by name: children of one module
     named as one of ``KNOWN_GROUPS`` (``groups=True``) or of the given groups of child names; groups of fewer than 2
-    LoRA'd members are dropped. (Names only: ``model`` is not read.)"""
+    LoRA'd members are dropped."""
     spec = KNOWN_GROUPS if groups is True else tuple(tuple(g) for g in groups)
     chosen = set(names)
     by_parent: Dict[str, List[str]] = {}
@@ -319,7 +319,7 @@ def plan_sibling_groups(layers: Dict[str, nn.Module], groups=True) -> List[List[
     for ok in (lambda m: isinstance(m, LoRALinear) and not m.use_dora and not m.lora_bias,
                lambda m: type(m) is MultiLoRALinear):
         kind = [n for n, m in layers.items() if ok(m) and getattr(m, "_siblings", None) is None]
-        for g in find_sibling_groups(None, kind, groups):
+        for g in find_sibling_groups(kind, groups):
             if groups is True:
                 buckets: Dict[tuple, List[str]] = {}
                 for n in g:
@@ -342,15 +342,19 @@ def plan_sibling_groups(layers: Dict[str, nn.Module], groups=True) -> List[List[
     return out
 
 
+def make_sibling_groups(layers: Dict[str, nn.Module], plan: List[List[str]]) -> List[List[str]]:
+    """Make the groups ``plan_sibling_groups`` planned among ``layers``; returns the plan. With it, the one place
+    ``fuse_siblings``, ``inject_lora`` and ``inject_multi_lora`` group layers."""
+    for g in plan:
+        SiblingGroup([layers[n] for n in g], g)
+    return plan
+
+
 def group_siblings(model: nn.Module, names: Sequence[str], groups=True) -> List[List[str]]:
     """Make the sibling groups among the layers ``names`` (qualified names in ``model``) that are not in one yet
-    (``plan_sibling_groups``: every group is checked before any is made); returns them. The one place
-    ``fuse_siblings``, ``inject_lora`` and ``inject_multi_lora`` group layers."""
+    (``plan_sibling_groups``: every group is checked before any is made); returns them."""
     layers = {n: model.get_submodule(n) for n in names}
-    made = plan_sibling_groups(layers, groups)
-    for g in made:
-        SiblingGroup([layers[n] for n in g], g)
-    return made
+    return make_sibling_groups(layers, plan_sibling_groups(layers, groups))
 
 
 def unfuse_siblings(model: nn.Module) -> int:
